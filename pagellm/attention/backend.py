@@ -1,0 +1,81 @@
+"""The attention backend protocol and the per-step metadata every backend reads.
+
+    ModelRunner builds AttentionMetadata once per step
+        -> model.forward(..., meta) -> each layer's Attention -> backend.forward(q, k, v, kv_cache, meta)
+
+Worked example, three sequences scheduled with 2, 5 and 3 new tokens whose
+contexts (cached + new) are 9, 5 and 40 tokens:
+
+    query_start_loc [0, 2, 7, 10]      seq_lens [9, 5, 40]
+    sequence 0 queries positions 7, 8; sequence 1 is a fresh prompt (positions 0..4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: K and V, each (num_blocks, block_size, kv_heads, head_dim)
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int  # real tokens in the batch; rows past this are padding and are not attended or cached
+    slot_mapping: torch.Tensor  # (num_tokens,) int64 cache slot of each new token
+    query_start_loc: torch.Tensor  # (num_seqs + 1,) int32 offsets of each sequence's tokens in the batch
+    seq_lens: torch.Tensor  # (num_seqs,) int32 context length after this step
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32 block ids, padded with 0
+    query_start_loc_cpu: list[int]  # host copies for loops over sequences
+    seq_lens_cpu: list[int]
+    fresh_seqs: list[int]  # sequences with no cached context: attend over this step's own K/V
+    paged_seqs: list[int]  # sequences that read (part of) their context from the cache
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q (T, H, D), k/v (T, KVH, D) -> out (T, H, D); writes k/v of the first meta.num_tokens rows to the cache."""
+        ...
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
+    """Store this step's K/V at their slots (block * block_size + offset)."""
+    k_cache, v_cache = kv_cache
+    n = meta.num_tokens
+    kvh, d = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k[:n].to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v[:n].to(v_cache.dtype))
+
+
+def fresh_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> None:
+    """Causal attention of sequences whose whole context is in this step (a fresh prompt)."""
+    qsl = meta.query_start_loc_cpu
+    groups = q.shape[1] // k.shape[1]
+    for i in meta.fresh_seqs:
+        s, e = qsl[i], qsl[i + 1]
+        qi = q[s:e].transpose(0, 1)  # (H, L, D)
+        ki = expand_kv(k[s:e], groups).transpose(0, 1)  # (H, L, D)
+        vi = expand_kv(v[s:e], groups).transpose(0, 1)
+        oi = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=e - s > 1, scale=scale)
+        out[s:e] = oi.transpose(0, 1)
+
+
+def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(L, KVH, D) -> (L, KVH * groups, D): each K/V head serves `groups` query heads."""
+    if groups == 1:
+        return x
+    n, kvh, d = x.shape
+    return x[:, :, None, :].expand(n, kvh, groups, d).reshape(n, kvh * groups, d)
+
+

@@ -1,0 +1,73 @@
+"""Engine configuration: frozen dataclasses, built once by `EngineArgs.create_engine_config()`.
+
+Pure Python (the scheduler imports it): dtypes are strings here and become
+torch dtypes in the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The checkpoint and how to run it."""
+
+    model: str  # local directory with config.json, weights and tokenizer
+    tokenizer: str  # tokenizer directory (defaults to model)
+    architecture: str  # the HF architecture name served (config.architectures[0])
+    hf_config: Any = field(compare=False, repr=False)  # transformers.PretrainedConfig
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    max_model_len: int = 1024  # prompt + output tokens per sequence
+    vocab_size: int = 0
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json, config.json and the tokenizer
+    load_format: str = "auto"  # auto | safetensors | pt | dummy
+    seed: int = 0  # engine seed: dummy weights and the seeds of requests that give none
+    served_model_name: str = ""  # the name the server answers to
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # token slots per block
+    kv_cache_memory: int | None = None  # bytes for K and V of all layers; None = a fraction of free memory
+    kv_cache_memory_fraction: float = 0.25  # of available memory, when kv_cache_memory is None
+    kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16 | float16
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # fixed block count (tests); overrides the memory budget
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens computed in one step (prefill chunks + decodes)
+    max_model_len: int = 1024
+    max_waiting_requests: int | None = None  # the server answers 429 beyond this queue length
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"  # cpu | cuda
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = leave torch's default
+    attention_backend: str = "auto"  # auto | torch_ref | cpu_paged (C++ kernel)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig

@@ -1,0 +1,220 @@
+"""Block tables per sequence: allocation, prefix-cache lookup, fork and copy-on-write.
+
+    find_prefix(seq)            -> PrefixMatch      (longest cached run of full blocks)
+    allocate_slots(seq, n, pm)  -> SlotAllocation   (or None when the pool is short; nothing changed then)
+    fork(parent, child)                            (child shares every block; ref counts + 1)
+    free(seq)                                      (tail first, see block_pool's eviction order)
+
+Slot of the token at position p (block_size 4, table [7, 2, 9]):
+
+    position:  0 1 2 3 | 4 5 6 7 | 8 9
+    block:        7    |    2    |  9
+    slot(p) = table[p // 4] * 4 + p % 4      slot(5) = 2 * 4 + 1 = 9
+
+Copy-on-write: a sequence only ever writes at positions >= num_computed_tokens.
+If the block holding that position is shared (ref_cnt > 1, e.g. after a fork),
+a fresh block replaces it in this sequence's table and (src, dst) is returned
+so that the worker copies the contents before the forward pass.
+
+Prefix caching: a full block is keyed by a hash chained over its parent's
+hash, its token ids and the request's cache salt, so equal keys mean equal
+prefixes. Blocks are indexed when they are scheduled to become full: the
+forward pass writes every layer's new K/V before that layer's attention reads
+the cache, so even a sequence in the same batch may reuse them.
+
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass, field
+
+from pagellm.core.block_pool import BlockHash, BlockPool, KVBlock
+from pagellm.core.request import Sequence
+
+_ROOT_HASH = b"pagellm-prefix-root"
+
+
+def hash_block_tokens(parent: BlockHash | None, token_ids: list[int], extra: str | None = None) -> BlockHash:
+    """Hash of a full block, chained over every block before it."""
+    h = hashlib.sha256(parent or _ROOT_HASH)
+    h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(extra.encode())
+    return h.digest()
+
+
+@dataclass
+class PrefixMatch:
+    """Cached full blocks that cover the first `num_tokens` tokens of a sequence."""
+
+    blocks: list[KVBlock] = field(default_factory=list)
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size
+
+
+@dataclass
+class SlotAllocation:
+    """What changed in one sequence's block table; the worker applies it as is.
+
+    `block_ids` replace the table from index `start` on (an append when `start`
+    is the old length; a copy-on-write replaces the block at `start`).
+    """
+
+    start: int  # first table index that changed
+    block_ids: list[int]  # new ids for table[start:start + len(block_ids)]
+    copies: list[tuple[int, int]]  # (src, dst) block copies to run before the forward pass
+
+
+class KVCacheManager:
+    """Owns every sequence's block table."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self.tables: dict[int, list[KVBlock]] = {}  # seq_id -> blocks, in position order
+        self._hashes: dict[int, list[BlockHash]] = {}  # seq_id -> chained hashes of its full blocks
+        self.num_cached_blocks: dict[int, int] = {}  # seq_id -> leading blocks already indexed
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, seq_id: int) -> list[int]:
+        return [b.block_id for b in self.tables.get(seq_id, ())]
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -------------------------------------------------------------
+
+    def _seq_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
+        """Chained hashes of the first `num_full_blocks` blocks of seq, computed once."""
+        hashes = self._hashes.setdefault(seq.seq_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            extra = seq.request.cache_salt if i == 0 else None
+            hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs:(i + 1) * bs], extra))
+        return hashes
+
+    def find_prefix(self, seq: Sequence) -> PrefixMatch:
+        """Longest run of cached blocks for a sequence with nothing computed.
+
+        At most num_tokens - 1 tokens come from the cache: the last token is
+        always computed so that the step produces logits for it.
+        """
+        if not self.enable_caching or seq.request.sampling_params.prompt_logprobs is not None:
+            return PrefixMatch()
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        blocks = []
+        for h in self._seq_hashes(seq, max_blocks):
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            blocks.append(block)
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += len(blocks) * self.block_size
+        return PrefixMatch(blocks)
+
+    def _cache_full_blocks(self, seq: Sequence, table: list[KVBlock], num_tokens: int) -> None:
+        if not self.enable_caching:
+            return
+        num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        start = self.num_cached_blocks.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._seq_hashes(seq, num_full)
+        for i in range(start, num_full):
+            self.pool.cache_full_block(table[i], hashes[i])
+        self.num_cached_blocks[seq.seq_id] = num_full
+
+    def uncache_unwritten(self, seq: Sequence) -> None:
+        """Forget hashes of blocks whose contents were never written (the step that fills them failed)."""
+        table = self.tables.get(seq.seq_id, [])
+        first = seq.num_computed_tokens // self.block_size
+        for block in table[first:]:
+            if block.block_hash is not None and self.pool.cached.get(block.block_hash) is block:
+                del self.pool.cached[block.block_hash]
+            block.block_hash = None
+        self.num_cached_blocks[seq.seq_id] = min(self.num_cached_blocks.get(seq.seq_id, 0), first)
+
+    # ---- allocation ---------------------------------------------------------------
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       prefix: PrefixMatch | None = None) -> SlotAllocation | None:
+        """Grow seq's table to hold num_computed_tokens + num_new_tokens tokens.
+
+        `prefix` (only for a sequence with no table yet) is adopted as the head
+        of the table. Returns None, changing nothing, when the pool is short.
+        """
+        bs = self.block_size
+        table = self.tables.get(seq.seq_id, [])
+        prefix_blocks = prefix.blocks if prefix is not None else []
+        assert not (prefix_blocks and table), "a prefix is only adopted by an empty table"
+        num_computed = seq.num_computed_tokens + len(prefix_blocks) * bs
+        total = num_computed + num_new_tokens
+        have = len(table) + len(prefix_blocks)
+        num_new_blocks = max(0, self.num_blocks_for(total) - have)
+        first_write = num_computed // bs
+        cow = [i for i in range(first_write, len(table)) if table[i].ref_cnt > 1]
+        # Cached blocks sitting in the free queue stop being free once adopted.
+        revived = sum(1 for b in prefix_blocks if b.ref_cnt == 0)
+        if num_new_blocks + len(cow) + revived > self.pool.num_free_blocks:
+            return None
+
+        if prefix_blocks:
+            self.pool.touch(prefix_blocks)
+            table = list(prefix_blocks)
+            self.num_cached_blocks[seq.seq_id] = len(prefix_blocks)
+        start = len(table) if not cow else cow[0]
+        copies = []
+        for i in cow:
+            (dst,) = self.pool.get_new_blocks(1)
+            src = table[i]
+            self.pool.free_blocks([src])
+            table[i] = dst
+            copies.append((src.block_id, dst.block_id))
+        table.extend(self.pool.get_new_blocks(num_new_blocks))
+        self.tables[seq.seq_id] = table
+        self._cache_full_blocks(seq, table, total)
+        if prefix_blocks:
+            start = 0
+        return SlotAllocation(start, [b.block_id for b in table[start:]], copies)
+
+    def can_fit(self, num_blocks: int) -> bool:
+        return num_blocks <= self.pool.num_blocks
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent."""
+        table = self.tables.get(parent.seq_id, [])
+        self.pool.touch(table)
+        self.tables[child.seq_id] = list(table)
+        if parent.seq_id in self._hashes:
+            self._hashes[child.seq_id] = list(self._hashes[parent.seq_id])
+        self.num_cached_blocks[child.seq_id] = self.num_cached_blocks.get(parent.seq_id, 0)
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks, last block first (evicted first)."""
+        table = self.tables.pop(seq.seq_id, None)
+        if table:
+            self.pool.free_blocks(reversed(table))
+        self.num_cached_blocks.pop(seq.seq_id, None)
+
+    def forget_hashes(self, seq: Sequence) -> None:
+        """Drop the per-sequence hash memo (the sequence is gone for good)."""
+        self._hashes.pop(seq.seq_id, None)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

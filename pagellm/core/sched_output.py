@@ -1,0 +1,113 @@
+"""The contract between the scheduler and the worker, one step at a time.
+
+    Scheduler.schedule() -> SchedulerOutput -> ModelRunner.execute_model()
+        -> ModelRunnerOutput -> Scheduler.update_from_output()
+
+Sequences the worker has not seen (new, forked, resumed after preemption) are
+sent in full (`NewSeqData`); sequences it holds are sent as diffs
+(`CachedSeqData`). The worker samples a sequence when this step's tokens reach
+the end of what is known (num_computed + num_scheduled == num_tokens).
+
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagellm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewSeqData:
+    """A sequence the worker does not hold yet."""
+
+    seq_id: int  # engine-unique sequence id
+    req_id: str  # owning request (for logs)
+    token_ids: list[int]  # every known token: prompt + output so far
+    num_prompt_tokens: int  # the first num_prompt_tokens of token_ids are the prompt
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # tokens whose K/V are already cached (prefix hits)
+    sampling_params: SamplingParams  # the request's parameters
+    seed: int  # sampling seed of this sequence
+
+
+@dataclass
+class CachedSeqData:
+    """Diffs for sequences the worker holds (parallel lists, one entry per sequence)."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)  # tokens appended since the last step
+    table_starts: list[int] = field(default_factory=list)  # block_ids below replace the table from here on
+    new_block_ids: list[list[int]] = field(default_factory=list)  # appended blocks and copy-on-write targets
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step's tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything the worker needs for one forward pass."""
+
+    new_seqs: list[NewSeqData]  # sequences sent in full
+    cached_seqs: CachedSeqData  # diffs for the others
+    num_scheduled_tokens: dict[int, int]  # seq_id -> tokens to compute this step, in batch order
+    total_num_scheduled_tokens: int  # sum of the above, <= max_num_batched_tokens
+    blocks_to_copy: list[tuple[int, int]]  # (src, dst) copy-on-write, applied before the forward pass
+    finished_seq_ids: set[int]  # sequences the worker must forget (finished, aborted, preempted, dropped)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class SampleResult:
+    """What the worker sampled for one sequence."""
+
+    token_id: int  # the sampled token
+    logprob: float  # its logprob (raw or processed per logprobs_mode)
+    top_ids: list[int] | None = None  # top-k token ids (k = SamplingParams.logprobs), best first
+    top_logprobs: list[float] | None = None  # their logprobs
+    rank: int | None = None  # 1-based rank of the sampled token in the distribution
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens computed in one step's chunk, for positions start .. start+len-1."""
+
+    start: int  # prompt position of the first entry (>= 1: position 0 has no logprob)
+    token_logprobs: list[float]  # logprob of the actual prompt token
+    ranks: list[int]  # its rank
+    top_ids: list[list[int]]  # top-k ids per position
+    top_logprobs: list[list[float]]  # top-k logprobs per position
+
+
+@dataclass
+class ModelRunnerOutput:
+    """The worker's answer to one SchedulerOutput."""
+
+    samples: dict[int, SampleResult] = field(default_factory=dict)  # seq_id -> sampled token
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> this chunk's
+
+
+@dataclass
+class SeqDelta:
+    """What changed for one sequence in one step (scheduler -> output processor)."""
+
+    index: int  # CompletionOutput.index
+    new_token_ids: list[int]  # tokens appended this step
+    new_logprobs: list[SampleResult]  # their sample results (for logprobs output)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None = None  # matched stop token id / string
+
+
+@dataclass
+class RequestUpdate:
+    """One request's changes in one step."""
+
+    request_id: str
+    deltas: list[SeqDelta]  # per changed sequence
+    finished: bool  # every sequence of the request is finished
+    prompt_logprobs: PromptLogprobs | None = None  # new prompt logprobs (first sequence only)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

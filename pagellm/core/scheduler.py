@@ -1,0 +1,342 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+    add_request(Request)                       -> waiting queue
+    schedule()                  -> SchedulerOutput (to the worker)
+    update_from_output(SchedulerOutput, ModelRunnerOutput) -> [RequestUpdate] (to the output processor)
+    finish_by_stop_string / abort_requests     (from the engine)
+
+Requests are served first come, first served. Every step, running requests
+are scheduled first (in arrival order), then waiting ones are admitted while
+the token budget, the sequence limit and the free blocks allow. When the pool
+runs dry for a running request, the request that arrived last is preempted:
+its blocks are freed, it goes back to the front of the queue, and it is
+recomputed later from its tokens (prompt + output so far), which gives the
+same results. What differs between kinds of requests (n / best_of forks, beam
+search) lives in core/policies.py, not here.
+
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagellm.config import SchedulerConfig
+from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation
+from pagellm.core.policies import make_policy
+from pagellm.core.request import Request, RequestStatus, Sequence
+from pagellm.core.sched_output import (
+    CachedSeqData,
+    ModelRunnerOutput,
+    NewSeqData,
+    RequestUpdate,
+    SampleResult,
+    SchedulerOutput,
+    SeqDelta,
+)
+
+
+@dataclass
+class _StepPlan:
+    """Sequences chosen for this step, in batch order."""
+
+    entries: dict[Sequence, tuple[int, SlotAllocation]] = field(default_factory=dict)
+    budget: int = 0  # tokens left
+
+    def add(self, seq: Sequence, num_tokens: int, alloc: SlotAllocation) -> None:
+        self.entries[seq] = (num_tokens, alloc)
+        self.budget -= num_tokens
+
+    def drop_request(self, req: Request) -> None:
+        for seq in [s for s in self.entries if s.request is req]:
+            self.budget += self.entries.pop(seq)[0]
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float  # fraction of blocks held by live sequences
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int  # since start
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
+                 enable_prefix_caching: bool) -> None:
+        self.config = config
+        self.max_model_len = config.max_model_len
+        self.block_size = block_size
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival time
+        self.requests: dict[str, Request] = {}
+        self._seqs: dict[int, Sequence] = {}  # live sequences by id
+        self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
+        self.num_preemptions = 0
+
+    # ---- requests in and out ------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request. Raises ValueError if it could never fit, before queueing it."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use.")
+        if req.policy is None:
+            req.policy = make_policy(req)
+        max_seqs = req.policy.max_seqs
+        if max_seqs > self.config.max_num_seqs:
+            raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
+                             f"max_num_seqs={self.config.max_num_seqs}.")
+        max_tokens = req.sampling_params.max_tokens or 0
+        need = self.kv.num_blocks_for(min(req.num_prompt_tokens + max_tokens, self.max_model_len)) * max_seqs
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
+                f"{req.num_prompt_tokens + max_tokens} tokens, block_size={self.block_size}) but the cache "
+                f"has {self.kv.pool.num_blocks}; lower max_tokens or raise kv_cache_memory.")
+        if not req.seqs:
+            req.seqs = [req.new_sequence(0, list(req.prompt_token_ids))]
+        for seq in req.seqs:
+            self._seqs[seq.seq_id] = seq
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_requests(self, request_ids: list[str]) -> list[Request]:
+        """Finish requests now, freeing every block. Unknown ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            for seq in req.live_seqs():
+                self.finish_seq(seq, RequestStatus.FINISHED_ABORTED)
+            self._finish_request(req, RequestStatus.FINISHED_ABORTED)
+            aborted.append(req)
+        return aborted
+
+    def finish_by_stop_string(self, request_id: str, index: int, stop: str) -> bool:
+        """The output processor matched a stop string. Returns True if the request is now finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return True
+        for seq in req.live_seqs():
+            if seq.index == index:
+                self.finish_seq(seq, RequestStatus.FINISHED_STOPPED, stop)
+        if not req.live_seqs():
+            self._finish_request(req, RequestStatus.FINISHED_STOPPED)
+            return True
+        return False
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(r.policy.max_seqs for r in self.running)
+
+    # ---- PolicyContext ------------------------------------------------------------
+
+    def fork_seq(self, parent: Sequence, index: int) -> Sequence:
+        req = parent.request
+        child = req.new_sequence(index, list(parent.token_ids))
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.cumulative_logprob = parent.cumulative_logprob
+        child.status = parent.status
+        if parent.logprobs is not None:
+            child.logprobs = list(parent.logprobs)
+        self.kv.fork(parent, child)
+        req.seqs.append(child)
+        self._seqs[child.seq_id] = child
+        return child
+
+    def finish_seq(self, seq: Sequence, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        seq.status = status
+        seq.stop_reason = stop_reason
+        self.kv.free(seq)
+        self.kv.forget_hashes(seq)
+        self._seqs.pop(seq.seq_id, None)
+        if seq.in_worker:
+            self._forget.add(seq.seq_id)
+            seq.in_worker = False
+
+    def _finish_request(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.requests.pop(req.request_id, None)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    # ---- scheduling ---------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        # There is no prefill phase and no decode phase. Every sequence has
+        # num_computed_tokens catching up with num_tokens (prompt + output); a step
+        # gives each scheduled sequence some tokens within the token budget. A
+        # prompt, a chunk of a long prompt, one decode token and the recompute of
+        # a preempted sequence are all the same thing.
+        plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        preempted = self._schedule_running(plan)
+        if not preempted:
+            self._admit_waiting(plan)
+        return self._build_output(plan)
+
+    def _schedule_running(self, plan: _StepPlan) -> bool:
+        preempted = False
+        i = 0
+        while i < len(self.running) and plan.budget > 0:
+            req = self.running[i]
+            if self._schedule_request(req, plan):
+                i += 1
+                continue
+            # Out of blocks: the latest arrival makes room, then this request tries again.
+            victim = self.running.pop()
+            plan.drop_request(victim)
+            self._preempt(victim)
+            preempted = True
+            if victim is req:
+                break
+        return preempted
+
+    def _admit_waiting(self, plan: _StepPlan) -> None:
+        num_seqs = self.num_running_seqs
+        while self.waiting and plan.budget > 0:
+            req = self.waiting[0]
+            if num_seqs + req.policy.max_seqs > self.config.max_num_seqs:
+                break
+            before = len(plan.entries)
+            fits = self._schedule_request(req, plan)
+            if not fits and len(plan.entries) == before:
+                break  # not even its first sequence fits: wait for blocks to free up
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            for seq in req.live_seqs():
+                seq.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.arrival_time)
+            num_seqs += req.policy.max_seqs
+            if not fits:
+                break
+
+    def _schedule_request(self, req: Request, plan: _StepPlan) -> bool:
+        """Schedule the request's live sequences. False when the pool ran dry."""
+        req.policy.before_schedule(req, self)
+        for seq in req.live_seqs():
+            if plan.budget <= 0:
+                return True
+            if seq in plan.entries:
+                continue
+            if not self._schedule_seq(req, seq, plan):
+                return False
+        return True
+
+    def _schedule_seq(self, req: Request, seq: Sequence, plan: _StepPlan) -> bool:
+        target = req.policy.compute_target(req, seq)
+        prefix: PrefixMatch | None = None
+        cached = 0
+        if seq.num_computed_tokens == 0 and seq.seq_id not in self.kv.tables:
+            prefix = self.kv.find_prefix(seq)
+            cached = prefix.num_tokens(self.block_size)
+        num_new = min(target - seq.num_computed_tokens - cached, plan.budget)
+        if num_new <= 0 and not cached:
+            return True
+        alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)
+        if alloc is None:
+            return False
+        if cached:
+            seq.num_computed_tokens += cached
+            seq.num_cached_tokens = cached
+        if num_new > 0:
+            plan.add(seq, num_new, alloc)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        for seq in req.live_seqs():
+            self.kv.uncache_unwritten(seq)
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = RequestStatus.PREEMPTED
+            if seq.in_worker:
+                self._forget.add(seq.seq_id)
+                seq.in_worker = False
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
+        new_seqs: list[NewSeqData] = []
+        cached = CachedSeqData()
+        copies: list[tuple[int, int]] = []
+        num_scheduled: dict[int, int] = {}
+        for seq, (n, alloc) in plan.entries.items():
+            num_scheduled[seq.seq_id] = n
+            copies.extend(alloc.copies)
+            if not seq.in_worker:
+                req = seq.request
+                new_seqs.append(NewSeqData(
+                    seq.seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
+                    self.kv.block_ids(seq.seq_id), seq.num_computed_tokens, req.sampling_params, seq.seed))
+                seq.in_worker = True
+            else:
+                cached.seq_ids.append(seq.seq_id)
+                cached.new_token_ids.append(seq.token_ids[seq.num_synced_tokens:])
+                cached.table_starts.append(alloc.start)
+                cached.new_block_ids.append(alloc.block_ids)
+                cached.num_computed_tokens.append(seq.num_computed_tokens)
+            seq.num_synced_tokens = seq.num_tokens
+        forget, self._forget = self._forget, set()
+        return SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget)
+
+    # ---- results ------------------------------------------------------------------
+
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestUpdate]:
+        for seq_id, n in sched.num_scheduled_tokens.items():
+            seq = self._seqs.get(seq_id)
+            if seq is not None:
+                seq.num_computed_tokens += n
+        results: dict[Request, dict[Sequence, SampleResult]] = {}
+        for seq_id, res in out.samples.items():
+            seq = self._seqs.get(seq_id)
+            if seq is not None and not seq.is_finished():
+                results.setdefault(seq.request, {})[seq] = res
+        for seq_id in out.prompt_logprobs:
+            seq = self._seqs.get(seq_id)
+            if seq is not None:
+                results.setdefault(seq.request, {})
+        updates = []
+        for req, seq_results in results.items():
+            deltas: list[SeqDelta] = req.policy.process(req, seq_results, self) if seq_results else []
+            prompt_lp = None
+            for seq in req.seqs:
+                prompt_lp = prompt_lp or out.prompt_logprobs.get(seq.seq_id)
+            finished = not req.live_seqs()
+            if finished:
+                self._finish_request(req, RequestStatus.FINISHED_STOPPED)
+            updates.append(RequestUpdate(req.request_id, deltas, finished, prompt_lp, req.seqs[0].num_cached_tokens))
+        return updates
+
+    def fail_step(self, sched: SchedulerOutput) -> list[Request]:
+        """The forward pass raised: abort the requests in that batch (and forget their unwritten hashes)."""
+        reqs = {self._seqs[s].request for s in sched.num_scheduled_tokens if s in self._seqs}
+        for req in reqs:
+            for seq in req.live_seqs():
+                self.kv.uncache_unwritten(seq)
+        return self.abort_requests([r.request_id for r in reqs])
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.pool.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,0 +1,181 @@
+"""EngineArgs: every engine flag in one place, shared by `LLM(...)` and the command line.
+
+    LLM(model, **kwargs) / `pagellm serve --flags`  -> EngineArgs -> create_engine_config() -> EngineConfig
+
+Each field's `help` metadata becomes its `--flag` help text, so the Python
+keyword and the CLI flag (underscores -> dashes) can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagellm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineArgs:
+    model: str = _f("", "Local directory of a Hugging Face checkpoint.", positional=True)
+    tokenizer: str | None = _f(None, "Tokenizer directory (default: the model directory).")
+    dtype: str = _f("auto", "Compute dtype; auto = the checkpoint's (float16 becomes bfloat16 on CPU).",
+                    choices=DTYPES)
+    kv_cache_dtype: str = _f("auto", "KV cache dtype; auto = the compute dtype.", choices=DTYPES)
+    block_size: int = _f(16, "Tokens per KV cache block.")
+    max_model_len: int | None = _f(None, "Maximum prompt + output tokens per sequence (default: the model's).")
+    max_num_seqs: int = _f(256, "Maximum sequences in one step.")
+    max_num_batched_tokens: int | None = _f(None, "Maximum tokens computed in one step (default: max(2048, max_model_len)).")
+    kv_cache_memory: int | None = _f(None, "Bytes for the KV cache (default: a fraction of free memory).")
+    gpu_memory_utilization: float = _f(0.25, "Fraction of free memory (RAM on CPU) for the KV cache when "
+                                             "--kv-cache-memory is not given.")
+    num_gpu_blocks_override: int | None = _f(None, "Exact number of KV cache blocks (testing).")
+    enable_prefix_caching: bool = _f(True, "Reuse the KV blocks of identical prompt prefixes.")
+    load_format: str = _f("auto", "Weights format; dummy = random weights (benchmarks).",
+                          choices=("auto", "safetensors", "pt", "dummy"))
+    seed: int = _f(0, "Engine seed: dummy weights and requests that give no seed.")
+    device: str = _f("cpu", "Device: cpu or cuda.")
+    num_threads: int | None = _f(None, "Torch threads on CPU (default: torch's choice, usually the core count).")
+    attention_backend: str = _f("auto", "Attention backend: auto, torch_ref or cpu_paged.")
+    served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
+    max_waiting_requests: int | None = _f(None, "Queue limit; the server answers 429 beyond it.")
+    tensor_parallel_size: int = _f(1, "Tensor parallel workers (only 1 for now).")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, model_optional: bool = True) -> argparse.ArgumentParser:
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if meta.pop("positional", False):
+                parser.add_argument(f.name, nargs="?" if model_optional else None, default=None, help=help_text)
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            else:
+                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+                parser.add_argument(flag, type=kind, default=f.default, help=help_text, **meta)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    def create_engine_config(self) -> EngineConfig:
+        model_cfg = self._model_config()
+        max_len = model_cfg.max_model_len
+        _positive("block_size", self.block_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        batched = self.max_num_batched_tokens or max(2048, max_len)
+        _positive("max_num_batched_tokens", batched)
+        if self.kv_cache_memory is not None:
+            _positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.kv_cache_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}.")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size must be 1: tensor parallelism is not implemented yet.")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}.")
+        return EngineConfig(
+            model=model_cfg,
+            cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
+                              self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
+            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests),
+            parallel=ParallelConfig(self.tensor_parallel_size),
+            device=DeviceConfig(self.device, self.num_threads, self.attention_backend),
+        )
+
+    def _model_config(self) -> ModelConfig:
+        from transformers import AutoConfig
+
+        from pagellm.models.registry import resolve_architecture
+
+        path = self.model
+        if not path:
+            raise ValueError("model must be the path of a local Hugging Face checkpoint directory.")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory {path!r} does not exist (pagellm loads local checkpoints "
+                                    "only: a directory with config.json, weights and tokenizer files).")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model directory {path!r} has no config.json.")
+        hf = AutoConfig.from_pretrained(path)
+        arch = resolve_architecture(getattr(hf, "architectures", None))
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or (1 if getattr(hf, "multi_query", False) else heads)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        derived = _derived_max_len(hf)
+        max_len = self.max_model_len or derived
+        if max_len > derived:
+            raise ValueError(f"max_model_len ({max_len}) is larger than the model's maximum ({derived}).")
+        _positive("max_model_len", max_len)
+        return ModelConfig(
+            model=path,
+            tokenizer=self.tokenizer or path,
+            architecture=arch,
+            hf_config=hf,
+            dtype=_resolve_dtype(self.dtype, hf, self.device),
+            max_model_len=max_len,
+            vocab_size=hf.vocab_size,
+            num_layers=hf.num_hidden_layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            eos_token_ids=_eos_ids(path, hf),
+            load_format=self.load_format,
+            seed=self.seed,
+            served_model_name=self.served_model_name or path,
+        )
+
+
+def _positive(name: str, v: int) -> None:
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+
+
+def _derived_max_len(hf) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(hf, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
+
+
+def _resolve_dtype(dtype: str, hf, device: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
+    if dtype != "auto":
+        return dtype
+    ckpt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    name = str(ckpt).replace("torch.", "") if ckpt is not None else "float32"
+    if name not in DTYPES:
+        name = "float32"
+    if name == "float16" and device == "cpu":
+        name = "bfloat16"
+    return name
+
+
+def _eos_ids(path: str, hf) -> frozenset[int]:
+    ids: set[int] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(x for x in v if isinstance(x, int))
+
+    add(getattr(hf, "eos_token_id", None))
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            add(json.load(f).get("eos_token_id"))
+    return frozenset(ids)

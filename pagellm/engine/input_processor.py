@@ -1,0 +1,102 @@
+"""Prompt + SamplingParams -> validated token ids and per-request parameters.
+
+    "text" | {"prompt": "text"} | {"prompt_token_ids": [...]} -> ProcessedInput
+
+Every check that needs the model happens here, before the request reaches the
+scheduler, so a bad request fails alone with a ValueError naming the field and
+the limit, and nothing is allocated for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pagellm.config import ModelConfig
+from pagellm.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+
+
+@dataclass
+class ProcessedInput:
+    prompt: str | None  # text, when the prompt was given as text
+    prompt_token_ids: list[int]
+    params: SamplingParams  # a private copy with max_tokens resolved and bad words tokenized
+    cache_salt: str | None = None
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.vocab_size
+
+    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}.")
+        text, ids, salt = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if not ids:
+            raise ValueError("prompt must not be empty (it has 0 tokens).")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
+                             f"got {bad[:5]}.")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
+                             f"the prompt must be shorter than max_model_len to leave room for output.")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
+                             f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
+                             f"{self.max_model_len - n}.")
+        self._check_token_ids(params)
+        params = params.clone(max_tokens=max_tokens, best_of=params.best_of)
+        if params.bad_words:
+            params._bad_words_token_ids = self._bad_words(params.bad_words)
+        return ProcessedInput(text, list(ids), params, salt)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int], str | None]:
+        if isinstance(prompt, str):
+            return prompt, self.encode(prompt), None
+        if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                                  for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers.")
+                return prompt.get("prompt"), list(ids), salt
+            if isinstance(prompt.get("prompt"), str):
+                return prompt["prompt"], self.encode(prompt["prompt"]), salt
+        raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': list[int]}; "
+                         f"got {type(prompt).__name__}.")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        v = self.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                          ("logit_bias", list(params.logit_bias or {}))):
+            bad = [t for t in ids or [] if not 0 <= t < v]
+            if bad:
+                raise ValueError(f"{name} must hold token ids in [0, {v}) (the vocabulary size); got {bad[:5]}.")
+        if params.logprobs is not None and params.logprobs > v:
+            raise ValueError(f"logprobs must be <= the vocabulary size ({v}), got {params.logprobs}.")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > v:
+            raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({v}), got {params.prompt_logprobs}.")
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each word as tokenized alone and after a space (vLLM's rule: both forms are banned)."""
+        out: list[list[int]] = []
+        for word in words:
+            for form in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(form, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out

@@ -1,0 +1,117 @@
+"""The offline API: `LLM(model).generate(prompts, params)` and `LLM.chat(messages, params)`.
+
+    prompts -> validate all (nothing runs if one is bad) -> engine.add_request each
+            -> engine.step() until done (tqdm progress bar) -> RequestOutputs in input order
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.input_processor import PromptType
+from pagellm.engine.llm_engine import LLMEngine
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import RequestOutputKind, SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine for offline batch generation.
+
+    Keyword arguments are EngineArgs fields (vLLM's names): dtype, block_size,
+    max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+    enable_prefix_caching, load_format, seed, ...
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        valid = set(EngineArgs.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise TypeError(f"unknown LLM arguments {unknown}; valid: {sorted(valid - {'model'})}")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_per_prompt(len(prompts), sampling_params)
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: ChatMessages | list[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, with the tokenizer's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt,
+                                                                 continue_final_message)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: ChatMessages, chat_template: str | None = None,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        tok = self.get_tokenizer()
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template; pass chat_template=... "
+                             "(a Jinja template) to chat().")
+        ids = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=True,
+                                      add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                      continue_final_message=continue_final_message)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ---- internals ------------------------------------------------------------------
+
+    @staticmethod
+    def _params_per_prompt(n: int, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts; pass one, or one per prompt.")
+        return params
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        inputs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                inputs.append(engine.process_input(prompt, p))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") if len(prompts) > 1 else e
+        ids = []
+        for inp in inputs:
+            inp.params.output_kind = RequestOutputKind.FINAL_ONLY
+            rid = str(next(self._ids))
+            engine.add_request(rid, inp)
+            ids.append(rid)
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2, dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in ids if r not in finals])
+            raise
+        finally:
+            bar.close()
+        return [finals[r] for r in ids]

@@ -1,0 +1,124 @@
+"""Building blocks shared by the model files: norms, rotary embedding, packed linears, attention.
+
+Every model works on a flat batch: `(num_tokens, hidden)` activations, no
+padding, no batch dimension. Attention reads and writes the paged KV cache
+through the backend chosen at start-up, with the step's `AttentionMetadata`
+passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm, computed in float32 like Hugging Face's."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class PackedLinear(nn.Linear):
+    """One matmul for several projections of the same input (q/k/v, gate/up).
+
+    Hugging Face checkpoints store the parts separately; `load_shard` copies
+    part `shard` into its rows.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(out_sizes), bias=bias)
+        self.out_sizes = out_sizes
+        self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
+
+    def load_shard(self, shard: int, param_name: str, tensor: torch.Tensor) -> None:
+        target = self.weight if param_name == "weight" else self.bias
+        start, size = self.offsets[shard], self.out_sizes[shard]
+        if tensor.shape[0] != size:
+            raise ValueError(f"packed shard {shard} expects {size} rows, checkpoint has {tuple(tensor.shape)}")
+        with torch.no_grad():
+            target[start:start + size].copy_(tensor)
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return out.split(self.out_sizes, dim=-1)
+
+
+def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, from Hugging Face's own RoPE initialisers."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"rope_scaling type {rope_type!r} depends on the batch's sequence length and is not "
+                         "supported; supported: default, linear, llama3, yarn.")
+    if rope_type == "default":
+        base = params.get("rope_theta") or getattr(hf_config, "rope_theta", 10000.0)
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        dim = int(dim * params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fn = ROPE_INIT_FUNCTIONS[rope_type]
+    try:
+        inv_freq, attn_scaling = fn(hf_config)
+    except TypeError:  # transformers 4.x signature
+        inv_freq, attn_scaling = fn(hf_config, None)
+    return inv_freq.float(), float(attn_scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style (rotate-half) RoPE with a cos/sin table for every position up to max_len."""
+
+    def __init__(self, hf_config, max_len: int) -> None:
+        super().__init__()
+        inv_freq, attn_scaling = rope_inv_freq(hf_config)
+        freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, rotary_dim)
+        self.register_buffer("cos", emb.cos() * attn_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * attn_scaling, persistent=False)
+        self.rotary_dim = emb.shape[-1]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)
+        cos = self.cos[positions].to(q.dtype)[:, None, :]  # (num_tokens, 1, rotary_dim)
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    rot, rest = (x, None) if rotary_dim == x.shape[-1] else (x[..., :rotary_dim], x[..., rotary_dim:])
+    half = rot.shape[-1] // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """Paged attention of one layer: store new K/V in the cache, attend over the sequence's context."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        # q: (num_tokens, num_heads * head_dim) -> out: (num_tokens, num_heads * head_dim)
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return out.reshape(t, self.num_heads * self.head_dim)

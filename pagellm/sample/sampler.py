@@ -1,0 +1,144 @@
+"""Logits -> sampled tokens and logprobs, for the whole batch at once.
+
+No Python loop over the vocabulary and none over rows, except the rows that
+ask for top-k logprobs when results are turned into lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.sample.metadata import SamplingMetadata
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor  # (B,) float32: logprob of the sampled token (raw or processed per row)
+    ranks: torch.Tensor | None  # (B,) int64: 1-based rank of the sampled token, rows asking for logprobs
+    top_ids: torch.Tensor | None  # (B, max_num_logprobs) int64
+    top_logprobs: torch.Tensor | None  # (B, max_num_logprobs) float32
+
+
+class Sampler:
+    """Samples one token per row. The steps, in order:
+
+    1. keep the raw logits' log-softmax for rows reporting raw logprobs
+    2. logit bias, allowed token ids, banned tokens (bad words; EOS and stop ids below min_tokens)
+    3. penalties: repetition (over prompt and output tokens), frequency and presence (output tokens)
+    4. greedy rows: argmax of the logits so far (ties go to the lowest id)
+    5. temperature
+    6. min_p, then top_k, then top_p (each over what the previous left)
+    7. random rows: inverse-CDF sampling with one counter-based uniform per row, so a seeded
+       row's token depends only on its own logits, its seed and its position
+    8. logprob of the sampled token, its rank and the top-k, from the raw or processed distribution
+    """
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw = logits
+        logits = apply_processors(logits.clone(), md)
+        logits = apply_penalties(logits, md)
+        greedy_tokens = logits.argmax(dim=-1)
+        if md.all_greedy:
+            tokens = greedy_tokens
+            final = logits
+        else:
+            final = apply_filters(logits / md.temperature[:, None], md)
+            tokens = sample_inverse_cdf(final, md.uniforms)
+            tokens = torch.where(md.greedy, greedy_tokens, tokens)
+        return gather_logprobs(raw, final, tokens, md)
+
+
+def apply_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    if md.logit_bias is not None:
+        rows, ids, bias = md.logit_bias
+        logits.index_put_((rows, ids), bias, accumulate=True)
+    if md.allowed_mask is not None:
+        logits.masked_fill_(~md.allowed_mask, float("-inf"))
+    if md.banned is not None:
+        rows, ids = md.banned
+        logits[rows, ids] = float("-inf")
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """vLLM / HF semantics: repetition divides positive and multiplies negative logits of seen tokens."""
+    if md.repetition_penalties is not None:
+        seen = md.prompt_mask | (md.output_counts > 0)
+        rep = md.repetition_penalties[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    if md.frequency_penalties is not None:
+        logits = logits - md.frequency_penalties[:, None] * md.output_counts
+    if md.presence_penalties is not None:
+        logits = logits - md.presence_penalties[:, None] * (md.output_counts > 0).float()
+    return logits
+
+
+def apply_filters(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """min_p, top_k, top_p, with Hugging Face's tie and minimum-keep rules."""
+    neg_inf = float("-inf")
+    if md.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * md.min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, neg_inf)
+    if not md.needs_sort:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if md.top_k is not None:
+        # Tokens below the k-th largest value go; ties with it stay (as HF's TopKLogitsWarper).
+        kth = sorted_logits.gather(1, (vocab - md.top_k.clamp(1, vocab))[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
+    if md.top_p is not None:
+        # Drop the low tail whose mass is <= 1 - top_p: the smallest set with mass >= top_p stays.
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - md.top_p)[:, None]
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, neg_inf)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token i with probability p_i: the first index whose cumulative mass exceeds u * total.
+
+    Zero-probability tokens are never chosen (their CDF step is empty).
+    """
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    x = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+
+
+def gather_logprobs(raw: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor,
+                    md: SamplingMetadata) -> SamplerOutput:
+    idx = tokens[:, None]
+    raw_lp = raw.gather(1, idx).squeeze(1) - raw.logsumexp(dim=-1)
+    lp_of_token = raw_lp
+    full = None
+    if md.processed_logprobs is not None and bool(md.processed_logprobs.any()):
+        processed = final.log_softmax(dim=-1)
+        lp_of_token = torch.where(md.processed_logprobs, processed.gather(1, idx).squeeze(1), raw_lp)
+        full = torch.where(md.processed_logprobs[:, None], processed, raw.log_softmax(dim=-1))
+    if md.max_num_logprobs is None:
+        return SamplerOutput(tokens, lp_of_token, None, None, None)
+    if full is None:
+        full = raw.log_softmax(dim=-1)
+    ranks = (full > lp_of_token[:, None]).sum(dim=-1) + 1
+    top_lp, top_ids = full.topk(md.max_num_logprobs, dim=-1) if md.max_num_logprobs > 0 else (None, None)
+    return SamplerOutput(tokens, lp_of_token, ranks, top_ids, top_lp)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """For logits at positions p and the prompt tokens at p + 1: (logprob, rank, top-k ids, top-k logprobs)."""
+    lp = logits.float().log_softmax(dim=-1)
+    tok_lp = lp.gather(1, targets[:, None]).squeeze(1)
+    ranks = (lp > tok_lp[:, None]).sum(dim=-1) + 1
+    if k > 0:
+        top_lp, top_ids = lp.topk(k, dim=-1)
+    else:
+        top_lp = torch.empty(len(targets), 0)
+        top_ids = torch.empty(len(targets), 0, dtype=torch.long)
+    return tok_lp, ranks, top_ids, top_lp

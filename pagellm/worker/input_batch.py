@@ -1,0 +1,202 @@
+"""Persistent per-sequence state in the worker: one row per live sequence.
+
+    SchedulerOutput.new_seqs      -> add()      (fills a free row)
+    SchedulerOutput.cached_seqs   -> update()   (appends tokens, patches the block table)
+    SchedulerOutput.finished_seq_ids -> remove() (frees the row)
+    rows of this step's sampled sequences -> sampling_metadata() -> SamplingMetadata
+
+Arrays are allocated once (numpy, filled lazily by the OS) and indexed by row,
+so building a step's inputs is a handful of vectorised numpy operations,
+whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pagellm.core.sched_output import CachedSeqData, NewSeqData
+from pagellm.sample.metadata import SamplingMetadata
+from pagellm.sampling_params import LogprobsMode, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def counter_uniform(seed: int, counter: int) -> float:
+    """A uniform in [0, 1) from (seed, counter) alone (SplitMix64 over the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) / float(1 << 53)
+
+
+class InputBatch:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, vocab_size: int,
+                 eos_token_ids: frozenset[int], device: torch.device) -> None:
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.device = device
+        max_blocks = -(-max_model_len // block_size)
+        self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
+        self.num_computed = np.zeros(max_num_seqs, dtype=np.int64)
+        self.block_table = np.zeros((max_num_seqs, max_blocks), dtype=np.int32)
+        self.temperature = np.ones(max_num_seqs, dtype=np.float32)
+        self.top_k = np.zeros(max_num_seqs, dtype=np.int64)
+        self.top_p = np.ones(max_num_seqs, dtype=np.float32)
+        self.min_p = np.zeros(max_num_seqs, dtype=np.float32)
+        self.params: list[SamplingParams | None] = [None] * max_num_seqs
+        self.seeds: list[int] = [0] * max_num_seqs
+        self.row_of: dict[int, int] = {}
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    # ---- state updates --------------------------------------------------------------
+
+    def add(self, d: NewSeqData) -> None:
+        if not self._free_rows:
+            raise RuntimeError("more live sequences than max_num_seqs rows")
+        row = self._free_rows.pop()
+        self.row_of[d.seq_id] = row
+        n = len(d.token_ids)
+        self.token_ids[row, :n] = d.token_ids
+        self.num_tokens[row] = n
+        self.num_prompt[row] = d.num_prompt_tokens
+        self.num_computed[row] = d.num_computed_tokens
+        self.block_table[row, :len(d.block_ids)] = d.block_ids
+        p = d.sampling_params
+        self.params[row] = p
+        self.seeds[row] = d.seed
+        self.temperature[row] = p.temperature
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.min_p[row] = p.min_p
+
+    def remove(self, seq_id: int) -> None:
+        row = self.row_of.pop(seq_id, None)
+        if row is not None:
+            self.params[row] = None
+            self._free_rows.append(row)
+
+    def update(self, c: CachedSeqData) -> None:
+        for seq_id, new_tokens, start, blocks, computed in zip(
+                c.seq_ids, c.new_token_ids, c.table_starts, c.new_block_ids, c.num_computed_tokens):
+            row = self.row_of[seq_id]
+            if new_tokens:
+                n = self.num_tokens[row]
+                self.token_ids[row, n:n + len(new_tokens)] = new_tokens
+                self.num_tokens[row] = n + len(new_tokens)
+            if blocks:
+                self.block_table[row, start:start + len(blocks)] = blocks
+            self.num_computed[row] = computed
+
+    # ---- sampling metadata ----------------------------------------------------------
+
+    def sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+        b = len(rows)
+        dev = self.device
+        params = [self.params[r] for r in rows]
+        temp = self.temperature[rows]
+        greedy_np = temp < 1e-5
+        uniforms = [0.0 if g else counter_uniform(self.seeds[r], int(self.num_tokens[r] - self.num_prompt[r]))
+                    for r, g in zip(rows, greedy_np)]
+        top_k = self.top_k[rows]
+        top_p = self.top_p[rows]
+        min_p = self.min_p[rows]
+        num_logprobs = [p.logprobs for p in params]
+        asked = [k for k in num_logprobs if k is not None]
+        processed = [p.logprobs_mode == LogprobsMode.PROCESSED_LOGPROBS for p in params]
+        return SamplingMetadata(
+            num_rows=b,
+            temperature=torch.from_numpy(np.where(greedy_np, 1.0, temp).astype(np.float32)).to(dev),
+            greedy=torch.from_numpy(greedy_np).to(dev),
+            all_greedy=bool(greedy_np.all()),
+            all_random=not greedy_np.any(),
+            uniforms=torch.tensor(uniforms, dtype=torch.float64, device=dev),
+            top_k=torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(dev) if (top_k > 0).any() else None,
+            top_p=torch.from_numpy(top_p).to(dev) if (top_p < 1.0).any() else None,
+            min_p=torch.from_numpy(min_p).to(dev) if (min_p > 0).any() else None,
+            **self._penalties(rows, params),
+            logit_bias=self._logit_bias(params),
+            allowed_mask=self._allowed_mask(params),
+            banned=self._banned(rows, params),
+            num_logprobs=num_logprobs,
+            max_num_logprobs=max(asked) if asked else None,
+            processed_logprobs=torch.tensor(processed, device=dev) if any(processed) else None,
+        )
+
+    def _penalties(self, rows: np.ndarray, params: list[SamplingParams]) -> dict:
+        pres = [p.presence_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        rep = [p.repetition_penalty for p in params]
+        use_rep, use_pres, use_freq = any(r != 1.0 for r in rep), any(pres), any(freq)
+        out = dict(presence_penalties=None, frequency_penalties=None, repetition_penalties=None,
+                   prompt_mask=None, output_counts=None)
+        if not (use_rep or use_pres or use_freq):
+            return out
+        b, v, dev = len(rows), self.vocab_size, self.device
+        counts = torch.zeros(b, v, dtype=torch.float32)
+        prompt_mask = torch.zeros(b, v, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            np_, nt = int(self.num_prompt[r]), int(self.num_tokens[r])
+            prompt_mask[i, torch.from_numpy(self.token_ids[r, :np_])] = True
+            if nt > np_:
+                counts[i].index_add_(0, torch.from_numpy(self.token_ids[r, np_:nt]), torch.ones(nt - np_))
+        out["output_counts"] = counts.to(dev)
+        out["prompt_mask"] = prompt_mask.to(dev)
+        t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)  # noqa: E731
+        if use_rep:
+            out["repetition_penalties"] = t(rep)
+        if use_pres:
+            out["presence_penalties"] = t(pres)
+        if use_freq:
+            out["frequency_penalties"] = t(freq)
+        return out
+
+    def _logit_bias(self, params: list[SamplingParams]):
+        rows, ids, vals = [], [], []
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                for tok, bias in p.logit_bias.items():
+                    rows.append(i)
+                    ids.append(tok)
+                    vals.append(bias)
+        if not rows:
+            return None
+        dev = self.device
+        return (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev),
+                torch.tensor(vals, dtype=torch.float32, device=dev))
+
+    def _allowed_mask(self, params: list[SamplingParams]) -> torch.Tensor | None:
+        if all(p.allowed_token_ids is None for p in params):
+            return None
+        mask = torch.ones(len(params), self.vocab_size, dtype=torch.bool)
+        for i, p in enumerate(params):
+            if p.allowed_token_ids is not None:
+                mask[i] = False
+                mask[i, p.allowed_token_ids] = True
+        return mask.to(self.device)
+
+    def _banned(self, rows: np.ndarray, params: list[SamplingParams]):
+        """Tokens forced to -inf: EOS/stop ids before min_tokens, the last token of a bad word whose prefix was just generated."""
+        b_rows: list[int] = []
+        b_ids: list[int] = []
+        for i, (r, p) in enumerate(zip(rows, params)):
+            num_out = int(self.num_tokens[r] - self.num_prompt[r])
+            if num_out < p.min_tokens:
+                stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                b_rows += [i] * len(stop_ids)
+                b_ids += stop_ids
+            for word in p._bad_words_token_ids or ():
+                prefix = word[:-1]
+                if len(prefix) > num_out:
+                    continue
+                nt = int(self.num_tokens[r])
+                if not prefix or list(self.token_ids[r, nt - len(prefix):nt]) == prefix:
+                    b_rows.append(i)
+                    b_ids.append(word[-1])
+        if not b_rows:
+            return None
+        return torch.tensor(b_rows, device=self.device), torch.tensor(b_ids, device=self.device)

@@ -1,0 +1,87 @@
+"""The paged KV cache tensors: sizing from a memory budget, allocation, block copies.
+
+Layout per layer, for K and for V:
+
+    (num_blocks, block_size, num_kv_heads, head_dim)
+        block b, slot o  <->  token at position p of a sequence with table[p // block_size] == b,
+                              o == p % block_size
+
+Viewed as (num_blocks * block_size, kv_heads, head_dim), a token's K/V is one
+row at index `slot = b * block_size + o`, which makes the per-step write a
+single index_copy_ and a sequence's context a gather of whole blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+from pagellm.attention.backend import KVCache
+from pagellm.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
+    name = config.cache.kv_cache_dtype
+    return torch_dtype(config.model.dtype if name == "auto" else name)
+
+
+def bytes_per_block(config: EngineConfig) -> int:
+    m = config.model
+    elem = torch.empty((), dtype=kv_cache_dtype(config)).element_size()
+    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+
+
+def determine_num_blocks(config: EngineConfig) -> int:
+    """Blocks that fit the memory budget (explicit bytes, or a fraction of what is free now)."""
+    if config.cache.num_blocks is not None:
+        return config.cache.num_blocks
+    per_block = bytes_per_block(config)
+    budget = config.cache.kv_cache_memory
+    if budget is None:
+        if config.device.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+        else:
+            free = psutil.virtual_memory().available
+        budget = int(free * config.cache.kv_cache_memory_fraction)
+        # No use holding more than every sequence at full length, plus as much again for the prefix cache.
+        blocks_per_seq = -(-config.scheduler.max_model_len // config.cache.block_size)
+        budget = min(budget, 2 * config.scheduler.max_num_seqs * blocks_per_seq * per_block)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory={budget} bytes holds no KV block; one block needs {per_block} bytes "
+                         f"(block_size={config.cache.block_size}).")
+    return int(num_blocks)
+
+
+def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
+    m = config.model
+    shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
+    dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
+    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+              for _ in range(m.num_layers)]
+    gib = num_blocks * bytes_per_block(config) / 2**30
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,
+                config.cache.block_size, num_blocks * config.cache.block_size, gib, dtype)
+    return caches
+
+
+def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: copy each (src, dst) block in every layer, before the forward pass."""
+    if not copies:
+        return
+    device = kv_caches[0][0].device
+    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    for k, v in kv_caches:
+        k.index_copy_(0, dst, k.index_select(0, src))
+        v.index_copy_(0, dst, v.index_select(0, src))

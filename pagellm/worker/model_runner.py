@@ -1,0 +1,204 @@
+"""SchedulerOutput -> model inputs -> forward -> sample -> ModelRunnerOutput.
+
+    execute_model(sched):
+      1. InputBatch absorbs the step's diffs (new rows, appended tokens, table patches, removed rows)
+      2. copy-on-write block copies
+      3. flat inputs: input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables
+      4. model.forward -> hidden (T, hidden); only the last position of each sampled sequence
+         (and the prompt positions of prompt_logprobs requests) go through the LM head
+      5. Sampler -> tokens, logprobs -> ModelRunnerOutput
+
+Worked example for step 3, two sequences with rows 4 and 1, computing 3 and 1 tokens
+from positions 0 and 7 (block_size 4, row 1's table [5, 9]):
+
+    tok_rows  [4, 4, 4, 1]    positions [0, 1, 2, 7]
+    slots     [t4[0]*4+0, t4[0]*4+1, t4[0]*4+2, 9*4+3]
+    query_start_loc [0, 3, 4]   seq_lens [3, 8]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from pagellm.attention.backend import AttentionMetadata
+from pagellm.attention.registry import get_attention_backend
+from pagellm.config import EngineConfig
+from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
+from pagellm.models.loader import init_dummy_weights, iterate_weights, load_weights
+from pagellm.models.registry import get_model_class
+from pagellm.sample.sampler import Sampler, prompt_logprobs
+from pagellm.worker.input_batch import InputBatch
+from pagellm.worker.kv_cache import allocate_kv_cache, copy_blocks, determine_num_blocks, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+# Pad the batch to at least this many rows: this CPU's GEMM picks a different
+# reduction order for very small row counts, and padding keeps a row's result
+# independent of how many other rows share the step (M >= 12 measured invariant).
+MIN_BATCH_ROWS = 16
+
+
+def load_model(config: EngineConfig) -> torch.nn.Module:
+    m = config.model
+    cls = get_model_class(m.architecture)
+    t0 = time.perf_counter()
+    with torch.device("cpu"):
+        model = cls(m.hf_config, config.scheduler.max_model_len)
+    if m.load_format == "dummy":
+        init_dummy_weights(model, m.seed)
+    else:
+        load_weights(model, iterate_weights(m.model, m.load_format))
+    model = model.to(device=config.device.device, dtype=torch_dtype(m.dtype)).eval()
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("loaded %s (%.1fM parameters, %s) in %.1fs", m.architecture, n / 1e6, m.dtype,
+                time.perf_counter() - t0)
+    return model
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.device.num_threads:
+            torch.set_num_threads(config.device.num_threads)
+        self.device = torch.device(config.device.device)
+        self.block_size = config.cache.block_size
+        self.model = load_model(config)
+        self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
+        self.sampler = Sampler()
+        self.kv_caches: list = []
+        self.batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len, self.block_size,
+                                config.model.vocab_size, config.model.eos_token_ids, self.device)
+
+    def determine_num_blocks(self) -> int:
+        return determine_num_blocks(self.config)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks)
+
+    # ---- one step -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_state(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        copy_blocks(self.kv_caches, sched.blocks_to_copy)
+        inputs = self._prepare_inputs(sched)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        out = ModelRunnerOutput()
+        if len(inputs.sample_rows):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            md = self.batch.sampling_metadata(inputs.sample_rows)
+            so = self.sampler(logits, md)
+            out.samples = _to_results(inputs.sample_seq_ids, so, md)
+        for seq_id, row, idx, targets, start in inputs.prompt_lp:
+            logits = self.model.compute_logits(hidden[idx])
+            k = self.batch.params[row].prompt_logprobs
+            lp, ranks, top_ids, top_lp = prompt_logprobs(logits, targets, k)
+            out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
+                                                          top_lp.tolist())
+        return out
+
+    def _update_state(self, sched: SchedulerOutput) -> None:
+        for seq_id in sched.finished_seq_ids:
+            self.batch.remove(seq_id)
+        for d in sched.new_seqs:
+            self.batch.add(d)
+        self.batch.update(sched.cached_seqs)
+
+    def _prepare_inputs(self, sched: SchedulerOutput) -> _StepInputs:
+        b = self.batch
+        seq_ids = list(sched.num_scheduled_tokens)
+        rows = np.fromiter((b.row_of[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        counts = np.fromiter(sched.num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
+        starts = b.num_computed[rows]
+        total = int(counts.sum())
+        cu = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=cu[1:])
+        # seq_lens [2, 5, 3] -> query_start_loc [0, 2, 7, 10]; token t of seq i sits at starts[i] + t - cu[i]
+        tok_rows = np.repeat(rows, counts)
+        positions = np.arange(total) - np.repeat(cu[:-1] - starts, counts)
+        input_ids = b.token_ids[tok_rows, positions]
+        bs = self.block_size
+        slots = b.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = starts + counts
+        ends_known = seq_lens == b.num_tokens[rows]  # the chunk reaches the last known token: sample
+
+        padded = max(total, MIN_BATCH_ROWS)
+        ids_t = torch.zeros(padded, dtype=torch.long)
+        pos_t = torch.zeros(padded, dtype=torch.long)
+        ids_t[:total] = torch.from_numpy(input_ids)
+        pos_t[:total] = torch.from_numpy(positions)
+        max_blocks = int(-(-seq_lens.max() // bs))
+        dev = self.device
+        fresh = starts == 0
+        meta = AttentionMetadata(
+            num_tokens=total,
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(b.block_table[rows, :max_blocks]).to(dev),
+            query_start_loc_cpu=cu.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            fresh_seqs=np.flatnonzero(fresh).tolist(),
+            paged_seqs=np.flatnonzero(~fresh).tolist(),
+            max_seq_len=int(seq_lens.max()),
+            block_size=bs,
+        )
+        sample_idx = np.flatnonzero(ends_known)
+        prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
+        return _StepInputs(ids_t.to(dev), pos_t.to(dev), meta,
+                           torch.from_numpy(cu[1:][sample_idx] - 1).to(dev), rows[sample_idx],
+                           [seq_ids[i] for i in sample_idx], prompt_lp)
+
+    def _prompt_logprob_inputs(self, seq_ids, rows, starts, counts, cu) -> list:
+        """For prompt_logprobs requests: batch indices of prompt positions p whose next token p+1 is a prompt token."""
+        out = []
+        b = self.batch
+        for i, row in enumerate(rows):
+            p = b.params[row]
+            if p.prompt_logprobs is None:
+                continue
+            n_prompt = int(b.num_prompt[row])
+            first, last = int(starts[i]), min(int(starts[i] + counts[i]), n_prompt - 1)
+            if last <= first:
+                continue
+            idx = torch.arange(int(cu[i]), int(cu[i]) + last - first, device=self.device)
+            targets = torch.from_numpy(b.token_ids[row, first + 1:last + 1].copy()).to(self.device)
+            out.append((seq_ids[i], row, idx, targets, first + 1))
+        return out
+
+
+class _StepInputs:
+    __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp")
+
+    def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp):
+        self.input_ids = input_ids  # (T_padded,) int64
+        self.positions = positions  # (T_padded,) int64
+        self.meta = meta  # AttentionMetadata
+        self.logits_indices = logits_indices  # (B,) batch index of each sampled sequence's last token
+        self.sample_rows = sample_rows  # (B,) InputBatch rows of the sampled sequences
+        self.sample_seq_ids = sample_seq_ids  # B sequence ids
+        self.prompt_lp = prompt_lp  # [(seq_id, row, batch indices, target ids, first position)]
+
+
+def _to_results(seq_ids: list[int], so, md) -> dict[int, SampleResult]:
+    tokens = so.token_ids.tolist()
+    lps = so.logprobs.tolist()
+    ranks = so.ranks.tolist() if so.ranks is not None else None
+    top_ids = so.top_ids.tolist() if so.top_ids is not None else None
+    top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
+    out = {}
+    for i, seq_id in enumerate(seq_ids):
+        res = SampleResult(tokens[i], lps[i])
+        k = md.num_logprobs[i]
+        if k is not None:
+            res.rank = ranks[i]
+            res.top_ids = top_ids[i][:k] if k and top_ids else []
+            res.top_logprobs = top_lps[i][:k] if k and top_lps else []
+        out[seq_id] = res
+    return out
