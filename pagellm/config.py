@@ -15,7 +15,7 @@ class ModelConfig:
     """The checkpoint and how to run it."""
 
     model: str  # local directory with config.json, weights and tokenizer
-    tokenizer: str  # tokenizer directory (defaults to model)
+    tokenizer: str | None  # tokenizer directory (defaults to model); None = run on token ids only
     architecture: str  # the HF architecture name served (config.architectures[0])
     hf_config: Any = field(compare=False, repr=False)  # transformers.PretrainedConfig
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16

@@ -28,6 +28,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class EngineArgs:
     model: str = _f("", "Local directory of a Hugging Face checkpoint.", positional=True)
     tokenizer: str | None = _f(None, "Tokenizer directory (default: the model directory).")
+    skip_tokenizer_init: bool = _f(False, "Run without a tokenizer: token-id prompts only, no output text.")
     dtype: str = _f("auto", "Compute dtype; auto = the checkpoint's (float16 becomes bfloat16 on CPU).",
                     choices=DTYPES)
     kv_cache_dtype: str = _f("auto", "KV cache dtype; auto = the compute dtype.", choices=DTYPES)
@@ -121,7 +122,7 @@ class EngineArgs:
         _positive("max_model_len", max_len)
         return ModelConfig(
             model=path,
-            tokenizer=self.tokenizer or path,
+            tokenizer=None if self.skip_tokenizer_init else (self.tokenizer or path),
             architecture=arch,
             hf_config=hf,
             dtype=_resolve_dtype(self.dtype, hf, self.device),

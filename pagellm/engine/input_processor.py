@@ -55,7 +55,11 @@ class InputProcessor:
                              f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
                              f"{self.max_model_len - n}.")
         self._check_token_ids(params)
+        if self.tokenizer is None and (params.stop or params.bad_words):
+            raise ValueError("stop strings and bad_words need a tokenizer (the engine runs with skip_tokenizer_init).")
         params = params.clone(max_tokens=max_tokens, best_of=params.best_of)
+        if self.tokenizer is None:
+            params.detokenize = False
         if params.bad_words:
             params._bad_words_token_ids = self._bad_words(params.bad_words)
         return ProcessedInput(text, list(ids), params, salt)
@@ -77,6 +81,9 @@ class InputProcessor:
                          f"got {type(prompt).__name__}.")
 
     def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (the engine runs with skip_tokenizer_init); "
+                             "pass {'prompt_token_ids': [...]}.")
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def _check_token_ids(self, params: SamplingParams) -> None:

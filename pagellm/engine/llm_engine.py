@@ -42,7 +42,7 @@ def load_tokenizer(path: str) -> Any:
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
         self.executor = executor or make_executor(config)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)

@@ -130,7 +130,8 @@ class OutputProcessor:
         if seq is None:
             p = st.params
             detok = (IncrementalDetokenizer(self.tokenizer, st.prompt_token_ids, p.skip_special_tokens,
-                                            p.spaces_between_special_tokens) if p.detokenize else None)
+                                            p.spaces_between_special_tokens)
+                     if p.detokenize and self.tokenizer is not None else None)
             seq = _SeqState(index, detok, logprobs=[] if p.logprobs is not None else None)
             st.seqs[index] = seq
         return seq
@@ -173,7 +174,9 @@ class OutputProcessor:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.changed = True
 
-    def _token_str(self, token_id: int) -> str:
+    def _token_str(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
         text = self._token_text.get(token_id)
         if text is None:
             text = self.tokenizer.decode([token_id])

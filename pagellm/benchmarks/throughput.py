@@ -1,0 +1,263 @@
+"""Offline throughput, side by side in one run: pagellm vs Hugging Face transformers.
+
+    pagellm bench throughput [--model DIR] [--load-format dummy] [--compare hf] [--output-json F]
+
+Each engine runs in its own fresh process (same threads, same workload, same
+token ids, every request generating exactly its output length), so peak
+memory is per engine and one engine's caches never help another. Timing
+covers generation only, after a short warm-up; model loading is excluded.
+
+Engines:
+    pagellm      continuous batching over the paged KV cache
+    hf-static    transformers generate, batches of 16 with left padding, each batch runs to its
+                 longest output (static batching, as users run it)
+    hf-single    transformers generate, one request at a time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+from pagellm.benchmarks.workload import (
+    BenchRequest,
+    WorkloadSpec,
+    dataset_workload,
+    synthetic_workload,
+    workload_totals,
+)
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    elapsed_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    peak_rss_mb: float
+    note: str = ""
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(requests_per_s=self.requests_per_s, output_tokens_per_s=self.output_tokens_per_s,
+                 total_tokens_per_s=self.total_tokens_per_s)
+        return d
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threads: int | None) -> EngineResult:
+    from pagellm import LLM, SamplingParams
+
+    _set_threads(threads)
+    llm = LLM(model, **engine_kwargs)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    params = [SamplingParams(temperature=1.0, top_p=1.0, seed=i, max_tokens=r.output_len, ignore_eos=True)
+              for i, r in enumerate(reqs)]
+    llm.generate(prompts[:2], [p.clone(max_tokens=4) for p in params[:2]], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    p_tok, o_tok = workload_totals(reqs)
+    assert produced == o_tok, f"pagellm produced {produced} tokens, workload asks {o_tok}"
+    stats = llm.llm_engine.get_stats()
+    note = f"{stats.num_total_blocks} KV blocks, {stats.num_preemptions} preemptions"
+    return EngineResult("pagellm", elapsed, len(reqs), p_tok, o_tok, _peak_rss_mb(), note)
+
+
+def _hf_model(model: str, load_format: str, dtype: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    if load_format == "dummy":
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=torch_dtype)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    m.eval()
+    m.generation_config.eos_token_id = None  # run every request to its length
+    return m
+
+
+def _hf_generate(m, batch: list[BenchRequest]) -> int:
+    import torch
+
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, r in enumerate(batch):  # left padding
+        ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+        mask[i, width - len(r.prompt_token_ids):] = 1
+    new = max(r.output_len for r in batch)
+    with torch.inference_mode():
+        out = m.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0,
+                         top_k=0, pad_token_id=0)
+    return (out.shape[1] - width) * len(batch)
+
+
+def run_hf(model: str, load_format: str, dtype: str, reqs: list[BenchRequest], batch_size: int,
+           threads: int | None) -> EngineResult:
+    _set_threads(threads)
+    m = _hf_model(model, load_format, dtype)
+    _hf_generate(m, [BenchRequest(reqs[0].prompt_token_ids[:8], 4)])  # warm-up
+    t0 = time.perf_counter()
+    computed = 0
+    for i in range(0, len(reqs), batch_size):
+        computed += _hf_generate(m, reqs[i:i + batch_size])
+    elapsed = time.perf_counter() - t0
+    p_tok, o_tok = workload_totals(reqs)
+    name = "hf-single" if batch_size == 1 else f"hf-static({batch_size})"
+    return EngineResult(name, elapsed, len(reqs), p_tok, o_tok, _peak_rss_mb(),
+                        f"{computed - o_tok} padded tokens generated beyond the workload")
+
+
+def _child(queue, fn, args) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as e:  # report, don't hang the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(fn, *args) -> EngineResult:
+    """Run one engine in a fresh process (spawn) and return its result."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, args))
+    p.start()
+    status, value = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"{fn.__name__} failed: {value}")
+    return value
+
+
+def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(ns.model)
+    max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    if ns.dataset:
+        tok = AutoTokenizer.from_pretrained(ns.model)
+        reqs = dataset_workload(ns.dataset, tok, ns.num_prompts, ns.output_len or 100, ns.seed)
+    else:
+        spec = WorkloadSpec(num_requests=ns.num_prompts or 64, seed=ns.seed)
+        if ns.output_len:
+            spec = WorkloadSpec(**{**asdict(spec), "output_median": ns.output_len, "output_min": ns.output_len,
+                                   "output_max": ns.output_len})
+        if ns.input_len:
+            spec = WorkloadSpec(**{**asdict(spec), "prompt_median": ns.input_len, "prompt_min": ns.input_len,
+                                   "prompt_max": ns.input_len})
+        specials = set(AutoTokenizer.from_pretrained(ns.model).all_special_ids) if has_tokenizer(ns.model) else set()
+        reqs = synthetic_workload(spec, cfg.vocab_size, specials, max_len)
+    p, o = workload_totals(reqs)
+    return reqs, {"num_requests": len(reqs), "prompt_tokens": p, "output_tokens": o}
+
+
+def has_tokenizer(model: str) -> bool:
+    return any(os.path.isfile(os.path.join(model, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def engine_kwargs(ns: argparse.Namespace) -> dict:
+    kw = dict(load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
+              max_num_seqs=ns.max_num_seqs, block_size=ns.block_size, seed=ns.seed,
+              attention_backend=ns.attention_backend)
+    if not has_tokenizer(ns.model):
+        kw["skip_tokenizer_init"] = True
+    if ns.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = ns.max_num_batched_tokens
+    if ns.kv_cache_memory:
+        kw["kv_cache_memory"] = ns.kv_cache_memory
+    return kw
+
+
+def format_table(results: list[EngineResult]) -> str:
+    lines = [f"{'engine':<16}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}{'peak RSS MB':>13}{'time s':>9}  note"]
+    for r in results:
+        lines.append(f"{r.engine:<16}{r.requests_per_s:>9.3f}{r.output_tokens_per_s:>11.1f}"
+                     f"{r.total_tokens_per_s:>13.1f}{r.peak_rss_mb:>13.0f}{r.elapsed_s:>9.1f}  {r.note}")
+    base = results[0]
+    for r in results[1:]:
+        lines.append(f"ratio {base.engine} / {r.engine}: {base.output_tokens_per_s / r.output_tokens_per_s:.2f}x "
+                     "output tokens/s")
+    return "\n".join(lines)
+
+
+def main(ns: argparse.Namespace) -> dict:
+    reqs, workload = build_workload(ns)
+    print(f"workload: {workload['num_requests']} requests, {workload['prompt_tokens']} prompt + "
+          f"{workload['output_tokens']} output tokens; model {ns.model} ({ns.load_format}, {ns.dtype}); "
+          f"threads {ns.threads or os.cpu_count()}", flush=True)
+    results = [run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads)]
+    print(format_table(results), flush=True)
+    for name in ns.compare or []:
+        if name != "hf":
+            raise ValueError(f"--compare takes 'hf', got {name!r}")
+        results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, reqs, ns.hf_batch_size, ns.threads))
+        print(format_table(results), flush=True)
+        if not ns.skip_hf_single:
+            sub = reqs[:ns.hf_single_requests] if ns.hf_single_requests else reqs
+            results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, sub, 1, ns.threads))
+            if len(sub) < len(reqs):
+                results[-1].note += f"; first {len(sub)} requests only"
+            print(format_table(results), flush=True)
+    report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
+              "threads": ns.threads or os.cpu_count(), "results": [r.as_dict() for r in results]}
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from pagellm.entrypoints.cli import DEMO_MODEL
+
+    p.add_argument("--model", default=DEMO_MODEL, help="HF checkpoint directory (default: the demo model).")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--num-prompts", type=int, default=None, help="Requests (default 64, or the whole dataset).")
+    p.add_argument("--input-len", type=int, default=None, help="Fixed prompt length instead of the distribution.")
+    p.add_argument("--output-len", type=int, default=None, help="Fixed output length instead of the distribution.")
+    p.add_argument("--dataset", default=None, help="JSONL of {'prompt': ..., 'output_len': ...}.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for every engine.")
+    p.add_argument("--compare", action="append", choices=["hf"], help="Also run Hugging Face transformers.")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--skip-hf-single", action="store_true", help="Skip the one-at-a-time baseline.")
+    p.add_argument("--hf-single-requests", type=int, default=None,
+                   help="Run the one-at-a-time baseline on the first N requests only (it is slow).")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", type=int, default=None)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--output-json", default=None)

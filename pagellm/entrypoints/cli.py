@@ -1,0 +1,167 @@
+"""The `pagellm` command: generate, chat, serve, bench.
+
+    pagellm generate [MODEL] --prompt TEXT [--max-tokens N --temperature T ...]
+    pagellm chat [MODEL]
+    pagellm serve [MODEL] [--host --port --api-key ...]
+    pagellm bench {throughput,latency,serve,kv} ...
+
+MODEL defaults to the demo model shipped inside the package. Every engine flag
+of `LLM(...)` is a flag here (EngineArgs). Errors print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shakespeare-llama")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _engine_args(ns: argparse.Namespace):
+    from pagellm.engine.arg_utils import EngineArgs
+
+    ns.model = ns.model or DEMO_MODEL
+    return EngineArgs.from_cli_args(ns)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate per completion.")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy.")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off.")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
+    g.add_argument("--n", type=int, default=1, help="Completions per prompt.")
+    g.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
+
+
+def _sampling_params(ns: argparse.Namespace, **extra):
+    from pagellm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                          min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, seed=ns.seed, n=ns.n,
+                          stop=ns.stop, **extra)
+
+
+def cmd_generate(ns: argparse.Namespace) -> None:
+    from pagellm.entrypoints.llm import LLM
+
+    params = _sampling_params(ns)  # validate before loading the model
+    llm = LLM(**vars(_engine_args(ns)))
+    prompts = ns.prompt or [sys.stdin.read()]
+    outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    for out in outs:
+        for c in out.outputs:
+            header = f"--- completion {c.index}" if len(out.outputs) > 1 else "---"
+            print(f"{header} (prompt: {out.prompt!r}, {len(c.token_ids)} tokens, finish: {c.finish_reason})")
+            print(out.prompt + c.text if ns.echo else c.text)
+
+
+def cmd_chat(ns: argparse.Namespace) -> None:
+    from pagellm.engine.llm_engine import LLMEngine
+    from pagellm.entrypoints.llm import LLM
+    from pagellm.sampling_params import RequestOutputKind
+
+    ns.n = 1
+    params = _sampling_params(ns, output_kind=RequestOutputKind.DELTA)
+    llm = LLM(**vars(_engine_args(ns)))
+    engine: LLMEngine = llm.llm_engine
+    history: list[dict[str, str]] = []
+    if ns.system:
+        history.append({"role": "system", "content": ns.system})
+    print("Chat with the model; an empty line or Ctrl-D ends the session.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        history.append({"role": "user", "content": user})
+        ids = llm.apply_chat_template(history, ns.chat_template)
+        rid = f"chat-{turn}"
+        turn += 1
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+        print("model> ", end="", flush=True)
+        reply = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                piece = out.outputs[0].text if out.outputs else ""
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    from pagellm.entrypoints.openai.api_server import run_server
+
+    run_server(ns, _engine_args(ns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pagellm import __version__
+    from pagellm.engine.arg_utils import EngineArgs
+
+    parser = argparse.ArgumentParser(prog="pagellm", description="High-throughput LLM inference with a paged KV cache.")
+    parser.add_argument("--version", action="version", version=f"pagellm {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
+
+    gen = sub.add_parser("generate", help="Generate completions for prompts.",
+                         description="Generate completions (MODEL defaults to the shipped demo model).")
+    gen.add_argument("--prompt", action="append", help="Prompt text (repeatable; default: read stdin).")
+    gen.add_argument("--echo", action="store_true", help="Print the prompt before each completion.")
+    _sampling_args(gen)
+    EngineArgs.add_cli_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="Interactive chat in the terminal, streaming tokens.",
+                          description="Chat using the tokenizer's chat template (MODEL defaults to the demo model).")
+    chat.add_argument("--system", default=None, help="System message.")
+    chat.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
+    _sampling_args(chat)
+    EngineArgs.add_cli_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server.",
+                           description="Serve MODEL over an OpenAI-compatible API (MODEL defaults to the demo model).")
+    from pagellm.entrypoints.openai.cli_args import add_server_args
+
+    add_server_args(serve)
+    EngineArgs.add_cli_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from pagellm.benchmarks.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, ns.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], None] = ns.func
+    try:
+        func(ns)
+    except KeyboardInterrupt:
+        return 130
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"pagellm {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Flags of `pagellm serve` beyond the engine's (EngineArgs)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="Address to bind.")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 and /tokenize routes.")
+    g.add_argument("--max-n", type=int, default=16, help="Largest n / best_of a request may ask for.")
+    g.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
+    g.add_argument("--uvicorn-log-level", default="warning")

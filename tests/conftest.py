@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny checkpoints built once per session, HF reference helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS_DIR = os.path.join(ROOT, "tests", ".models")
+DEMO_MODEL = os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama")
+sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+
+ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, str]:
+    from make_models import build
+
+    return build(MODELS_DIR)
+
+
+@pytest.fixture(scope="session")
+def llama_path(tiny_models) -> str:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def gpt2_path(tiny_models) -> str:
+    return tiny_models["gpt2"]

@@ -1,0 +1,155 @@
+"""Block tables: allocation, copy-on-write after fork, prefix cache hits, tail-first freeing."""
+
+from pagellm.core.kv_cache_manager import KVCacheManager, hash_block_tokens
+from tests.core.helpers import check_block_invariants, make_request
+
+
+def seq_of(tokens, **kw):
+    return make_request(tokens, **kw).seqs[0]
+
+
+def test_allocate_covers_exactly_the_tokens_asked_for():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
+    seq = seq_of(list(range(1, 10)))  # 9 tokens
+    alloc = kv.allocate_slots(seq, 9)
+    assert alloc.start == 0 and alloc.block_ids == [0, 1, 2] and alloc.copies == []
+    seq.num_computed_tokens = 9
+    seq.append_token(5, 0.0)
+    alloc = kv.allocate_slots(seq, 1)  # position 9 still fits block 2
+    assert alloc.block_ids == [] and alloc.start == 3
+    seq.num_computed_tokens = 10
+    for t in range(2):
+        seq.append_token(5, 0.0)
+    alloc = kv.allocate_slots(seq, 2)  # positions 10, 11 fill block 2
+    assert alloc.block_ids == []
+    seq.num_computed_tokens = 12
+    seq.append_token(5, 0.0)
+    alloc = kv.allocate_slots(seq, 1)  # position 12 opens block 3
+    assert alloc.start == 3 and alloc.block_ids == [3]
+    check_block_invariants(kv)
+
+
+def test_allocation_fails_without_side_effects_when_short():
+    kv = KVCacheManager(num_blocks=2, block_size=4, enable_caching=False)
+    seq = seq_of(list(range(1, 10)))
+    assert kv.allocate_slots(seq, 9) is None
+    assert kv.num_free_blocks == 2 and seq.seq_id not in kv.tables
+
+
+def test_fork_shares_every_block_and_append_copies_only_the_partial_last_block():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
+    req = make_request(list(range(1, 7)))  # 6 tokens: blocks [0 full, 1 half]
+    parent = req.seqs[0]
+    kv.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6
+    child = req.new_sequence(1, list(parent.token_ids))
+    child.num_computed_tokens = 6
+    kv.fork(parent, child)
+    assert kv.block_ids(child.seq_id) == [0, 1]
+    assert [b.ref_cnt for b in kv.tables[parent.seq_id]] == [2, 2]
+    check_block_invariants(kv)
+
+    child.append_token(9, 0.0)
+    alloc = kv.allocate_slots(child, 1)  # writes position 6 in shared block 1 -> copy
+    assert alloc.copies == [(1, 2)]
+    assert alloc.start == 1 and alloc.block_ids == [2]
+    assert kv.block_ids(child.seq_id) == [0, 2]
+    assert kv.tables[parent.seq_id][1].ref_cnt == 1  # parent owns block 1 alone now
+    parent.append_token(8, 0.0)
+    alloc = kv.allocate_slots(parent, 1)  # no longer shared: no copy
+    assert alloc.copies == []
+    check_block_invariants(kv)
+
+    kv.free(child)
+    kv.free(parent)
+    assert kv.num_free_blocks == 8
+    check_block_invariants(kv)
+
+
+def test_fork_at_a_block_boundary_needs_no_copy():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
+    req = make_request(list(range(1, 9)))  # 8 tokens = 2 full blocks
+    parent = req.seqs[0]
+    kv.allocate_slots(parent, 8)
+    parent.num_computed_tokens = 8
+    child = req.new_sequence(1, list(parent.token_ids))
+    child.num_computed_tokens = 8
+    kv.fork(parent, child)
+    child.append_token(3, 0.0)
+    alloc = kv.allocate_slots(child, 1)
+    assert alloc.copies == [] and alloc.block_ids == [2]
+
+
+def test_free_releases_tail_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_caching=True)
+    seq = seq_of([1, 2, 3, 4, 5, 6, 7])  # blocks 0, 1, 2, 3
+    kv.allocate_slots(seq, 7)
+    kv.free(seq)
+    assert kv.pool.free_queue.block_ids() == [3, 2, 1, 0]
+
+
+def test_prefix_cache_hit_reuses_full_blocks_and_always_computes_the_last_token():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True)
+    a = seq_of(list(range(1, 13)))  # 12 tokens = 3 full blocks
+    kv.allocate_slots(a, 12)
+    a.num_computed_tokens = 12
+    b = seq_of(list(range(1, 13)))  # same prompt
+    match = kv.find_prefix(b)
+    # At most num_tokens - 1 = 11 tokens from the cache: 2 full blocks.
+    assert [blk.block_id for blk in match.blocks] == [0, 1]
+    alloc = kv.allocate_slots(b, 12 - 8, match)
+    assert alloc.start == 0 and alloc.block_ids == [0, 1, 3]
+    assert [blk.ref_cnt for blk in kv.tables[a.seq_id]] == [2, 2, 1]
+    check_block_invariants(kv)
+    assert kv.prefix_hits == 8 and kv.prefix_queries == 12
+
+
+def test_prefix_cache_distinguishes_different_prefixes_and_salts():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True)
+    a = seq_of([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    kv.allocate_slots(a, 9)
+    assert kv.find_prefix(seq_of([1, 2, 3, 4, 5, 6, 7, 0, 9])).blocks[0].block_id == 0
+    assert len(kv.find_prefix(seq_of([1, 2, 3, 4, 5, 6, 7, 0, 9])).blocks) == 1
+    assert kv.find_prefix(seq_of([9, 2, 3, 4, 5, 6, 7, 8, 9])).blocks == []
+    salted = make_request([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    salted.cache_salt = "tenant-b"
+    assert kv.find_prefix(salted.seqs[0]).blocks == []
+
+
+def test_freed_cached_blocks_stay_hits_until_evicted_in_lru_order():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_caching=True)
+    a = seq_of([1, 2, 3, 4, 5])  # blocks 0 [1,2] 1 [3,4] 2 [5]
+    kv.allocate_slots(a, 5)
+    kv.free(a)  # queue: 3, 2, 1, 0 (tail first)
+    assert kv.pool.free_queue.block_ids() == [3, 2, 1, 0]
+    b = seq_of([1, 2, 3, 4, 9])
+    match = kv.find_prefix(b)
+    assert [blk.block_id for blk in match.blocks] == [0, 1]
+    # A request with different tokens takes blocks 3 and 2 first: 0 and 1 survive.
+    c = seq_of([7, 7, 7, 7])
+    kv.allocate_slots(c, 4)
+    assert kv.block_ids(c.seq_id) == [3, 2]
+    assert [blk.block_id for blk in kv.find_prefix(b).blocks] == [0, 1]
+
+
+def test_prompt_logprobs_requests_skip_the_cache():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True)
+    a = seq_of(list(range(1, 10)))
+    kv.allocate_slots(a, 9)
+    b = seq_of(list(range(1, 10)), prompt_logprobs=1)
+    assert kv.find_prefix(b).blocks == []
+
+
+def test_uncache_unwritten_forgets_hashes_of_blocks_a_failed_step_would_have_filled():
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_caching=True)
+    a = seq_of([1, 2, 3, 4, 5])
+    kv.allocate_slots(a, 5)  # hashes for blocks 0 and 1 registered at schedule time
+    assert len(kv.pool.cached) == 2
+    kv.uncache_unwritten(a)  # num_computed is still 0: nothing was written
+    assert kv.pool.cached == {}
+
+
+def test_hash_chain_depends_on_parent():
+    h1 = hash_block_tokens(None, [1, 2])
+    assert hash_block_tokens(h1, [3, 4]) != hash_block_tokens(None, [3, 4])
+    assert hash_block_tokens(None, [1, 2]) == h1

@@ -1,0 +1,37 @@
+"""Hugging Face transformers as the oracle: greedy continuations and their logprobs."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=8)
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens from HF generate and the log-softmax of HF's logits at each chosen token."""
+    model = hf_model(path)
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+    return tokens, lps
+
+
+@torch.inference_mode()
+def hf_prompt_logprobs(path: str, prompt_ids: list[int]) -> list[float]:
+    """logprob of prompt token i+1 given tokens 0..i, from one HF forward pass."""
+    model = hf_model(path)
+    logits = model(torch.tensor([prompt_ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
