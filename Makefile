@@ -12,7 +12,7 @@ install:
 	$(PIP) install -q -e ".[test]"
 
 demo: install
-	pagellm generate --prompt "$(PROMPT)" --max-tokens 80 --temperature 0.8 --seed 0
+	pagellm generate --echo --prompt "$(PROMPT)" --max-tokens 80 --temperature 0.8 --seed 0
 
 fixtures:
 	$(PYTHON) tests/fixtures/make_models.py

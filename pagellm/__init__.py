@@ -31,11 +31,11 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from pagellm.engine.arg_utils import EngineArgs
-    from pagellm.engine.llm_engine import LLMEngine
-    from pagellm.entrypoints.llm import LLM
-    from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
+    from pagellm.engine.arg_utils import EngineArgs  # noqa: F401
+    from pagellm.engine.llm_engine import LLMEngine  # noqa: F401
+    from pagellm.entrypoints.llm import LLM  # noqa: F401
+    from pagellm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: F401
+    from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,8 @@ class EngineArgs:
     block_size: int = _f(16, "Tokens per KV cache block.")
     max_model_len: int | None = _f(None, "Maximum prompt + output tokens per sequence (default: the model's).")
     max_num_seqs: int = _f(256, "Maximum sequences in one step.")
-    max_num_batched_tokens: int | None = _f(None, "Maximum tokens computed in one step (default: max(2048, max_model_len)).")
+    max_num_batched_tokens: int | None = _f(
+        None, "Maximum tokens computed in one step (default: max(2048, max_model_len)).")
     kv_cache_memory: int | None = _f(None, "Bytes for the KV cache (default: a fraction of free memory).")
     gpu_memory_utilization: float = _f(0.25, "Fraction of free memory (RAM on CPU) for the KV cache when "
                                              "--kv-cache-memory is not given.")
@@ -52,8 +53,12 @@ class EngineArgs:
     tensor_parallel_size: int = _f(1, "Tensor parallel workers (only 1 for now).")
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, model_optional: bool = True) -> argparse.ArgumentParser:
+    def add_cli_args(cls, parser: argparse.ArgumentParser, model_optional: bool = True,
+                     skip: frozenset[str] = frozenset()) -> argparse.ArgumentParser:
+        """Add a flag per field; fields in `skip` are left to the command (e.g. `generate` owns --seed)."""
         for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
             meta = dict(f.metadata)
             help_text = meta.pop("help")
             if meta.pop("positional", False):
@@ -68,8 +73,9 @@ class EngineArgs:
         return parser
 
     @classmethod
-    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+    def from_cli_args(cls, ns: argparse.Namespace, skip: frozenset[str] = frozenset()) -> EngineArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(ns, f.name) and f.name not in skip})
 
     def create_engine_config(self) -> EngineConfig:
         model_cfg = self._model_config()

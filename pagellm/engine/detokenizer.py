@@ -27,6 +27,8 @@ class IncrementalDetokenizer:
         self.output_ids: list[int] = []
         self.text = ""  # everything released so far
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        if context and self._decode(context).endswith("\ufffd"):
+            context = []  # the prompt ends mid-character: its bytes would leak into the output text
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream = None
         if backend is not None:

@@ -24,11 +24,25 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
-def _engine_args(ns: argparse.Namespace):
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+# `generate` and `chat` own --seed (the sampling seed); the engine keeps its default seed there.
+SAMPLING_OWNED = frozenset({"seed"})
+
+
+def _engine_args(ns: argparse.Namespace, skip: frozenset[str] = frozenset()):
     from pagellm.engine.arg_utils import EngineArgs
 
     ns.model = ns.model or DEMO_MODEL
-    return EngineArgs.from_cli_args(ns)
+    if not os.path.isdir(ns.model):
+        raise CLIError(f"model directory {ns.model!r} does not exist")
+    return EngineArgs.from_cli_args(ns, skip)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +70,7 @@ def cmd_generate(ns: argparse.Namespace) -> None:
     from pagellm.entrypoints.llm import LLM
 
     params = _sampling_params(ns)  # validate before loading the model
-    llm = LLM(**vars(_engine_args(ns)))
+    llm = LLM(**vars(_engine_args(ns, SAMPLING_OWNED)))
     prompts = ns.prompt or [sys.stdin.read()]
     outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for out in outs:
@@ -73,7 +87,7 @@ def cmd_chat(ns: argparse.Namespace) -> None:
 
     ns.n = 1
     params = _sampling_params(ns, output_kind=RequestOutputKind.DELTA)
-    llm = LLM(**vars(_engine_args(ns)))
+    llm = LLM(**vars(_engine_args(ns, SAMPLING_OWNED)))
     engine: LLMEngine = llm.llm_engine
     history: list[dict[str, str]] = []
     if ns.system:
@@ -113,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm import __version__
     from pagellm.engine.arg_utils import EngineArgs
 
-    parser = argparse.ArgumentParser(prog="pagellm", description="High-throughput LLM inference with a paged KV cache.")
+    parser = _Parser(prog="pagellm", description="High-throughput LLM inference with a paged KV cache.")
     parser.add_argument("--version", action="version", version=f"pagellm {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
@@ -123,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="Prompt text (repeatable; default: read stdin).")
     gen.add_argument("--echo", action="store_true", help="Print the prompt before each completion.")
     _sampling_args(gen)
-    EngineArgs.add_cli_args(gen)
+    EngineArgs.add_cli_args(gen, skip=SAMPLING_OWNED)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="Interactive chat in the terminal, streaming tokens.",
@@ -131,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="System message.")
     chat.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
     _sampling_args(chat)
-    EngineArgs.add_cli_args(chat)
+    EngineArgs.add_cli_args(chat, skip=SAMPLING_OWNED)
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server.",

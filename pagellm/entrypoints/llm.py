@@ -94,7 +94,9 @@ class LLM:
             try:
                 inputs.append(engine.process_input(prompt, p))
             except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") if len(prompts) > 1 else e
+                if len(prompts) > 1:
+                    raise ValueError(f"prompt {i}: {e}") from e
+                raise
         ids = []
         for inp in inputs:
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY

@@ -53,7 +53,8 @@ def weight_files(model_dir: str, load_format: str = "auto") -> tuple[str, list[s
         "pytorch_model.bin(.index.json); use load_format='dummy' for random weights")
 
 
-def iterate_weights(model_dir: str, load_format: str = "auto", progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_dir: str, load_format: str = "auto",
+                    progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     kind, files = weight_files(model_dir, load_format)
     for path in tqdm(files, desc="Loading weights", disable=not progress or len(files) < 2):
         if kind == "safetensors":

@@ -126,6 +126,7 @@ def gather_logprobs(raw: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor
         return SamplerOutput(tokens, lp_of_token, None, None, None)
     if full is None:
         full = raw.log_softmax(dim=-1)
+    lp_of_token = full.gather(1, idx).squeeze(1)  # same rounding as the top-k values below
     ranks = (full > lp_of_token[:, None]).sum(dim=-1) + 1
     top_lp, top_ids = full.topk(md.max_num_logprobs, dim=-1) if md.max_num_logprobs > 0 else (None, None)
     return SamplerOutput(tokens, lp_of_token, ranks, top_ids, top_lp)

@@ -180,7 +180,8 @@ class InputBatch:
         return mask.to(self.device)
 
     def _banned(self, rows: np.ndarray, params: list[SamplingParams]):
-        """Tokens forced to -inf: EOS/stop ids before min_tokens, the last token of a bad word whose prefix was just generated."""
+        """Tokens forced to -inf: EOS and stop ids before min_tokens; the last token of a bad word
+        whose prefix was just generated."""
         b_rows: list[int] = []
         b_ids: list[int] = []
         for i, (r, p) in enumerate(zip(rows, params)):

@@ -18,7 +18,7 @@ def test_allocate_covers_exactly_the_tokens_asked_for():
     alloc = kv.allocate_slots(seq, 1)  # position 9 still fits block 2
     assert alloc.block_ids == [] and alloc.start == 3
     seq.num_computed_tokens = 10
-    for t in range(2):
+    for _ in range(2):
         seq.append_token(5, 0.0)
     alloc = kv.allocate_slots(seq, 2)  # positions 10, 11 fill block 2
     assert alloc.block_ids == []

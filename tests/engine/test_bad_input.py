@@ -36,7 +36,8 @@ def test_prompt_longer_than_max_model_len(llm):
 
 
 def test_prompt_plus_max_tokens_over_max_model_len(llm):
-    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) = 70 exceeds max_model_len \(64\)"):
+    with pytest.raises(ValueError,
+                       match=r"prompt \(60 tokens\) \+ max_tokens \(10\) = 70 exceeds max_model_len \(64\)"):
         llm.generate({"prompt_token_ids": [5] * 60}, SamplingParams(max_tokens=10), use_tqdm=False)
     assert_still_works(llm)
 
