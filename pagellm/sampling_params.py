@@ -31,8 +31,17 @@ class LogprobsMode(str, enum.Enum):
     PROCESSED_LOGPROBS = "processed_logprobs"  # after bias, penalties, temperature and top-k/top-p/min-p
 
 
-def _err(name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"{name} must be {expected}, got {got!r}.")
+class ParamError(ValueError):
+    """A ValueError about one request field; `param` names it (the server reports it as OpenAI's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def _err(name: str, expected: str, got: object) -> ParamError:
+    return ParamError(f"{name} must be {expected}, got {got!r}.", param=name)
 
 
 @dataclass
@@ -131,7 +140,7 @@ class SamplingParams:
         if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             raise _err("bad_words", "a list of non-empty strings", self.bad_words)
         if not self.detokenize and self.stop:
-            raise ValueError("stop strings are matched on text: stop needs detokenize=True.")
+            raise ParamError("stop strings are matched on text: stop needs detokenize=True.", param="stop")
 
     @property
     def sampling_type_greedy(self) -> bool:

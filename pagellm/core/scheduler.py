@@ -82,23 +82,25 @@ class Scheduler:
 
     # ---- requests in and out ------------------------------------------------------
 
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
+        """ValueError if a request of this shape could never run, however empty the engine."""
+        if max_seqs > self.config.max_num_seqs:
+            raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
+                             f"max_num_seqs={self.config.max_num_seqs}.")
+        need = self.kv.num_blocks_for(min(num_prompt_tokens + max_tokens, self.max_model_len)) * max_seqs
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
+                f"{num_prompt_tokens + max_tokens} tokens, block_size={self.block_size}) but the cache "
+                f"has {self.kv.pool.num_blocks}; lower max_tokens or raise kv_cache_memory.")
+
     def add_request(self, req: Request) -> None:
         """Queue a request. Raises ValueError if it could never fit, before queueing it."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use.")
         if req.policy is None:
             req.policy = make_policy(req)
-        max_seqs = req.policy.max_seqs
-        if max_seqs > self.config.max_num_seqs:
-            raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
-                             f"max_num_seqs={self.config.max_num_seqs}.")
-        max_tokens = req.sampling_params.max_tokens or 0
-        need = self.kv.num_blocks_for(min(req.num_prompt_tokens + max_tokens, self.max_model_len)) * max_seqs
-        if need > self.kv.pool.num_blocks:
-            raise ValueError(
-                f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
-                f"{req.num_prompt_tokens + max_tokens} tokens, block_size={self.block_size}) but the cache "
-                f"has {self.kv.pool.num_blocks}; lower max_tokens or raise kv_cache_memory.")
+        self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
         if not req.seqs:
             req.seqs = [req.new_sequence(0, list(req.prompt_token_ids))]
         for seq in req.seqs:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagellm.config import ModelConfig
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import ParamError, SamplingParams
 
 PromptType = str | dict[str, Any]
 
@@ -40,20 +40,21 @@ class InputProcessor:
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             ids = ids[-params.truncate_prompt_tokens:]
         if not ids:
-            raise ValueError("prompt must not be empty (it has 0 tokens).")
+            raise ParamError("prompt must not be empty (it has 0 tokens).", param="prompt")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
-                             f"got {bad[:5]}.")
+            raise ParamError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
+                             f"got {bad[:5]}.", param="prompt")
         n = len(ids)
         if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
-                             f"the prompt must be shorter than max_model_len to leave room for output.")
+            raise ParamError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
+                             f"the prompt must be shorter than max_model_len to leave room for output.",
+                             param="prompt", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
+            raise ParamError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
                              f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
-                             f"{self.max_model_len - n}.")
+                             f"{self.max_model_len - n}.", param="max_tokens", code="context_length_exceeded")
         self._check_token_ids(params)
         if self.tokenizer is None and (params.stop or params.bad_words):
             raise ValueError("stop strings and bad_words need a tokenizer (the engine runs with skip_tokenizer_init).")
@@ -92,11 +93,12 @@ class InputProcessor:
                           ("logit_bias", list(params.logit_bias or {}))):
             bad = [t for t in ids or [] if not 0 <= t < v]
             if bad:
-                raise ValueError(f"{name} must hold token ids in [0, {v}) (the vocabulary size); got {bad[:5]}.")
-        if params.logprobs is not None and params.logprobs > v:
-            raise ValueError(f"logprobs must be <= the vocabulary size ({v}), got {params.logprobs}.")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > v:
-            raise ValueError(f"prompt_logprobs must be <= the vocabulary size ({v}), got {params.prompt_logprobs}.")
+                raise ParamError(f"{name} must hold token ids in [0, {v}) (the vocabulary size); got {bad[:5]}.",
+                                 param=name)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > v:
+                raise ParamError(f"{name} must be <= the vocabulary size ({v}), got {k}.", param=name)
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
         """Each word as tokenized alone and after a space (vLLM's rule: both forms are banned)."""

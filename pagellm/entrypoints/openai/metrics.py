@@ -1,0 +1,73 @@
+"""Prometheus metrics (prometheus-client), named like vLLM's with the `pagellm:` prefix.
+
+Request-level histograms and counters are recorded by the serving layer;
+engine gauges (running/waiting requests, KV cache usage, prefix cache
+counters, preemptions) are read from the engine's latest stats snapshot at
+scrape time. Each server has its own registry: no global state.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class _EngineCollector:
+    def __init__(self) -> None:
+        self.engine = None
+
+    def collect(self):
+        if self.engine is None:
+            return
+        s = self.engine.stats
+        c = self.engine.counters
+        yield GaugeMetricFamily("pagellm:num_requests_running", "Requests in the running batch.",
+                                value=s.num_running_reqs)
+        yield GaugeMetricFamily("pagellm:num_requests_waiting", "Requests waiting to be scheduled.",
+                                value=s.num_waiting_reqs)
+        yield GaugeMetricFamily("pagellm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
+                                value=s.kv_cache_usage)
+        yield GaugeMetricFamily("pagellm:kv_cache_free_blocks", "Free KV cache blocks.", value=s.num_free_blocks)
+        yield GaugeMetricFamily("pagellm:kv_cache_total_blocks", "KV cache blocks.", value=s.num_total_blocks)
+        yield CounterMetricFamily("pagellm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries)
+        yield CounterMetricFamily("pagellm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.prefix_cache_hits)
+        yield CounterMetricFamily("pagellm:num_preemptions", "Preemptions since start.", value=s.num_preemptions)
+        yield CounterMetricFamily("pagellm:engine_steps", "Engine steps since start.", value=c.num_steps)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._engine = _EngineCollector()
+        self.registry.register(self._engine)
+        r = self.registry
+        self.prompt_tokens = Counter("pagellm:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("pagellm:generation_tokens", "Generated tokens of finished requests.",
+                                         registry=r)
+        self.request_success = Counter("pagellm:request_success", "Finished requests by finish reason.",
+                                       ["finished_reason"], registry=r)
+        self.ttft = Histogram("pagellm:time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pagellm:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pagellm:e2e_request_latency_seconds", "End-to-end request latency.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    def attach_engine(self, engine) -> None:
+        self._engine.engine = engine
+
+    def request_finished(self, out, start: float, first: float | None, num_tokens: int, now: float) -> None:
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(num_tokens)
+        for c in out.outputs:
+            self.request_success.labels(finished_reason=c.finish_reason or "unknown").inc()
+        self.e2e.observe(now - start)
+        if first is not None and num_tokens > 1:
+            self.tpot.observe((now - first) / (num_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,173 @@
+"""What the completion and chat handlers share: errors, validation, running requests, metrics.
+
+The handlers are plain async functions over a `ServingState`; they know
+nothing of HTTP beyond returning a body or an async iterator of SSE lines, so
+they are testable without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
+from pagellm.engine.input_processor import ProcessedInput
+from pagellm.entrypoints.openai.metrics import ServerMetrics
+from pagellm.entrypoints.openai.protocol import OpenAIBaseModel
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import ParamError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with OpenAI's body shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_from(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ParamError):
+        return APIError(400, str(e), param=e.param, code=e.code or "invalid_value")
+    if isinstance(e, ValueError):
+        return APIError(400, str(e), code="invalid_value")
+    if isinstance(e, QueueFullError):
+        return APIError(429, str(e), type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type="server_error", code="service_unavailable")
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e), type="server_error", code="internal_error")
+    return APIError(500, f"{type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+@dataclass
+class ServingState:
+    engine: AsyncLLMEngine
+    model_name: str
+    max_model_len: int
+    max_n: int = 16
+    chat_template: str | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+
+def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None:
+    model = getattr(req, "model", None)
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
+                       param="model", code="model_not_found")
+    ignored = req.ignored_fields()
+    if ignored:
+        logger.warning("%s: ignoring unknown fields %s", route, ignored)
+    n = getattr(req, "n", 1)
+    best_of = getattr(req, "best_of", None) or n
+    for name, v in (("n", n), ("best_of", best_of)):
+        if isinstance(v, int) and v > state.max_n:
+            raise APIError(400, f"{name} must be <= {state.max_n} (the server's --max-n), got {v}.", param=name,
+                           code="invalid_value")
+    if getattr(req, "stream", False) and best_of != n:
+        raise APIError(400, "best_of > n cannot be streamed: the n best are known only at the end.",
+                       param="best_of", code="invalid_value")
+
+
+def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams,
+                    prompt_param: str) -> list[ProcessedInput]:
+    out = []
+    for p in prompts:
+        try:
+            out.append(state.engine.process_input(p, params))
+        except ParamError as e:
+            if e.code == "context_length_exceeded":
+                raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. {e}",
+                               param=prompt_param, code="context_length_exceeded") from e
+            raise
+    return out
+
+
+@dataclass
+class _Timing:
+    start: float
+    first: float | None = None
+    tokens: int = 0
+
+
+async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: str) -> AsyncIterator[
+        tuple[int, RequestOutput]]:
+    """Run one engine request per input concurrently; yield (input index, output) as they come.
+
+    Leaving early (a disconnect, an error) cancels every request, which aborts it in the engine.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    timings = [_Timing(time.monotonic()) for _ in inputs]
+
+    async def pump(i: int, inp: ProcessedInput) -> None:
+        try:
+            async for out in state.engine.generate(inp, None, f"{base_id}-{i}"):
+                t = timings[i]
+                now = time.monotonic()
+                new = sum(len(c.token_ids) for c in out.outputs)
+                if new and t.first is None:
+                    t.first = now
+                    state.metrics.ttft.observe(now - t.start)
+                t.tokens += new
+                await queue.put((i, out))
+                if out.finished:
+                    state.metrics.request_finished(out, t.start, t.first, t.tokens, now)
+            await queue.put((i, None))
+        except BaseException as e:  # noqa: BLE001 - delivered to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, inp)) for i, inp in enumerate(inputs)]
+    done = 0
+    try:
+        while done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def guarded_stream(gen: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE stream that fails after it started ends with an error event and [DONE]."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        err = api_error_from(e)
+        logger.warning("stream failed: %s", err.message)
+        yield sse(err.body())
+    yield SSE_DONE

@@ -1,0 +1,134 @@
+"""POST /v1/completions: CompletionRequest -> engine requests (one per prompt) -> response or SSE chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pagellm.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+    random_id,
+)
+from pagellm.entrypoints.openai.serving_common import (
+    APIError,
+    ServingState,
+    check_request,
+    guarded_stream,
+    run_all,
+    sse,
+    validate_inputs,
+)
+from pagellm.outputs import CompletionOutput, Logprob
+from pagellm.sampling_params import RequestOutputKind
+
+
+def normalize_prompts(prompt: Any) -> list[Any]:
+    """str | [str] | [int] | [[int]] -> engine prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [{"prompt_token_ids": list(prompt)}]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        return [{"prompt_token_ids": p} for p in prompt]
+    raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                   "of token ids.", param="prompt")
+
+
+def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[int], k: int,
+                    text_start: int, tokenizer) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    offset = text_start
+    for entry, tok in zip(entries, token_ids):
+        text = (entry[tok].decoded_token if entry and tok in entry else None) or tokenizer.decode([tok])
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(entry[tok].logprob)
+        top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+        out.top_logprobs.append({(lp.decoded_token or str(t)): lp.logprob for t, lp in top if lp.rank and lp.rank <= k}
+                                if k else {})
+    return out
+
+
+async def create_completion(state: ServingState, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    check_request(state, req, "/v1/completions")
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported by this server.", param="suffix", code="unsupported_parameter")
+    prompts = normalize_prompts(req.prompt)
+    params = req.sampling_params(req.max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
+        params.prompt_logprobs = req.logprobs
+    params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+    inputs = validate_inputs(state, prompts, params, "prompt")
+    rid = random_id("cmpl")
+    if req.stream:
+        return guarded_stream(_stream(state, req, inputs, rid))
+    choices: list[CompletionChoice] = []
+    usage = UsageInfo()
+    async for i, out in run_all(state, inputs, rid):
+        usage.prompt_tokens += len(out.prompt_token_ids)
+        for c in out.outputs:
+            usage.completion_tokens += len(c.token_ids)
+            choices.append(_choice(state, req, i, out, c))
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    choices.sort(key=lambda ch: ch.index)
+    return CompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage)
+
+
+def _choice(state: ServingState, req: CompletionRequest, i: int, out, c: CompletionOutput) -> CompletionChoice:
+    prompt_text = ""
+    if req.echo:
+        prompt_text = out.prompt if out.prompt is not None else state.tokenizer.decode(out.prompt_token_ids)
+    lp = None
+    if req.logprobs is not None:
+        entries, ids, start = list(c.logprobs or []), list(c.token_ids), len(prompt_text)
+        if req.echo:
+            entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+            ids = list(out.prompt_token_ids) + ids
+            start = 0
+        lp = legacy_logprobs(entries, ids, req.logprobs, start, state.tokenizer)
+    return CompletionChoice(index=i * req.n + c.index, text=prompt_text + c.text, logprobs=lp,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+
+async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    usage = UsageInfo()
+    echoed: set[int] = set()
+    text_pos: dict[int, int] = {}
+    async for i, out in run_all(state, inputs, rid):
+        if out.finished:
+            usage.prompt_tokens += len(out.prompt_token_ids)
+        for c in out.outputs:
+            index = i * req.n + c.index
+            usage.completion_tokens += len(c.token_ids)
+            prefix = ""
+            if req.echo and index not in echoed:
+                echoed.add(index)
+                prefix = out.prompt if out.prompt is not None else state.tokenizer.decode(out.prompt_token_ids)
+            lp = None
+            if req.logprobs is not None:
+                start = text_pos.get(index, len(prefix))
+                lp = legacy_logprobs(list(c.logprobs or []), list(c.token_ids), req.logprobs, start, state.tokenizer)
+                text_pos[index] = start + len(c.text)
+            choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason,
+                                      stop_reason=c.stop_reason)
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                       "choices": [choice.model_dump()]})
+    if req.stream_options is not None and req.stream_options.include_usage:
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                   "choices": [], "usage": usage.model_dump()})

@@ -1,0 +1,316 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real subprocess."""
+
+import asyncio
+import json
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.server_utils import RemoteServer
+
+MODEL = "demo"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RemoteServer(["--served-model-name", MODEL, "--max-n", "4", "--num-gpu-blocks-override", "512"])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+@pytest.fixture
+def aclient(server):
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def test_models_health_version(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert "version" in httpx.get(server.url + "/version").json()
+
+
+def test_completion_and_its_stream_agree(client):
+    kw = dict(model=MODEL, prompt="ROMEO.", max_tokens=24, temperature=0)
+    full = client.completions.create(**kw)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    pieces = [c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(pieces) == full.choices[0].text
+    assert full.usage.prompt_tokens == len(httpx.post(str(client.base_url).replace("/v1/", "/tokenize"),
+                                                      json={"prompt": "ROMEO."}).json()["tokens"])
+
+
+def test_chat_and_its_stream_agree(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "What say you?"}], max_tokens=30, temperature=0)
+    full = client.chat.completions.create(**kw)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_chat_text_parts_and_max_completion_tokens(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Good"}, {"type": "text", "text": " morrow"}]}], max_completion_tokens=5,
+        temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_n_and_best_of(client):
+    r = client.completions.create(model=MODEL, prompt="KING.", n=3, max_tokens=8, seed=1, temperature=1.0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    r = client.completions.create(model=MODEL, prompt="KING.", n=2, best_of=4, max_tokens=8, seed=1)
+    assert len(r.choices) == 2
+    r = client.completions.create(model=MODEL, prompt=["KING.", "QUEEN."], n=2, max_tokens=4)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+
+
+def test_token_prompts(client):
+    ids = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": "ROMEO."}).json()["tokens"]
+    a = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    b = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=6, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    c = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [ch.text for ch in c.choices] == [b.choices[0].text] * 2
+
+
+def test_logprobs_both_formats(client):
+    r = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5 and all(len(t) == 3 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    e = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=2, temperature=0, logprobs=1, echo=True)
+    assert e.choices[0].text.startswith("ROMEO.") and e.choices[0].logprobs.token_logprobs[0] is None
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hail"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_stop_strings(client):
+    base = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=30, temperature=0).choices[0].text
+    stop = base[8:12]
+    r = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == base[:base.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_detokenize_round_trip(server):
+    toks = httpx.post(server.url + "/tokenize", json={"prompt": "To be, or not to be"}).json()
+    assert toks["count"] == len(toks["tokens"])
+    text = httpx.post(server.url + "/detokenize", json={"tokens": toks["tokens"]}).json()["prompt"]
+    assert text == "To be, or not to be"
+    chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 2
+
+
+def test_metrics_change_after_a_request(server, client):
+    before = server.metric("pagellm:generation_tokens_total")
+    client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=7, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert server.metric("pagellm:generation_tokens_total") == before + 7
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("pagellm:num_requests_running", "pagellm:num_requests_waiting", "pagellm:kv_cache_usage_perc",
+                 "pagellm:prefix_cache_hits_total", "pagellm:prompt_tokens_total",
+                 "pagellm:time_to_first_token_seconds_bucket", "pagellm:time_per_output_token_seconds_bucket",
+                 "pagellm:e2e_request_latency_seconds_bucket"):
+        assert name in text
+
+
+def test_prefix_cache_hits_show_in_metrics(server, client):
+    prompt = "HAMLET. " * 12
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    hits = server.metric("pagellm:prefix_cache_hits_total")
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert server.metric("pagellm:prefix_cache_hits_total") > hits
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def post(server, path, body=None, content=None, headers=None):
+    return httpx.post(server.url + path, json=body, content=content,
+                      headers={"content-type": "application/json", **(headers or {})}, timeout=60)
+
+
+def assert_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+def test_invalid_json(server):
+    assert_error(post(server, "/v1/completions", content=b"{not json"), 400, "invalid_json")
+
+
+def test_json_that_is_not_an_object(server):
+    assert_error(post(server, "/v1/completions", content=b"[1, 2]"), 400)
+    assert_error(post(server, "/v1/chat/completions", content=b'"hello"'), 400)
+
+
+def test_wrong_types(server):
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "max_tokens": "many"}), 400, param="max_tokens")
+    assert_error(post(server, "/v1/chat/completions", {"messages": "hi"}), 400, param="messages")
+    assert_error(post(server, "/v1/completions", {"max_tokens": 3}), 400, param="prompt")
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1), ("top_p", 0), ("top_p", 2), ("top_k", -5),
+                                          ("max_tokens", 0), ("presence_penalty", 3), ("min_p", 1.5)])
+def test_out_of_range_sampling_values(server, field, value):
+    assert_error(post(server, "/v1/completions", {"prompt": "x", field: value}), 400, "invalid_value", field)
+
+
+def test_context_length_exceeded_says_both_numbers(server):
+    err = assert_error(post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5000}), 400,
+                       "context_length_exceeded")
+    assert "512" in err["message"] and "5000" in err["message"]
+    err = assert_error(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 600}]}),
+                       400, "context_length_exceeded", "messages")
+
+
+def test_n_over_the_cap(server):
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "n": 5}), 400, "invalid_value", "n")
+
+
+def test_unknown_fields_are_accepted(server):
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, "frobnicate": True})
+    assert r.status_code == 200
+
+
+def test_unknown_model_is_404(server):
+    assert_error(post(server, "/v1/completions", {"model": "gpt-9", "prompt": "x"}), 404, "model_not_found", "model")
+
+
+def test_suffix_is_rejected(server):
+    assert_error(post(server, "/v1/completions", {"prompt": "x", "suffix": "y"}), 400, "unsupported_parameter",
+                 "suffix")
+
+
+def test_official_client_raises_its_error_types(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", temperature=-2)
+    assert e.value.body["param"] == "temperature"
+
+
+# ---- concurrency, disconnects ---------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_aborts_and_frees_the_pool(server):
+    with httpx.stream("POST", server.url + "/v1/completions", json={
+            "prompt": "ROMEO.", "max_tokens": 400, "stream": True, "ignore_eos": True}, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 3:
+                break  # closing the connection mid-stream
+    assert server.wait_pool_free()
+
+
+def test_many_concurrent_streams_complete(aclient, server):
+    async def one(i):
+        stream = await aclient.completions.create(model=MODEL, prompt=f"KING {i}.", max_tokens=10 + i % 7,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.text
+                finish = c.finish_reason or finish
+        return finish
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(36)))
+
+    finishes = asyncio.run(main())
+    assert finishes == ["length"] * 36
+    assert server.wait_pool_free()
+
+
+def test_concurrent_streams_have_the_right_lengths(server):
+    lengths = {}
+
+    def one(i):
+        n = 5 + i % 9
+        with httpx.stream("POST", server.url + "/v1/completions", json={
+                "prompt": "QUEEN.", "max_tokens": n, "stream": True, "ignore_eos": True, "logprobs": 0},
+                timeout=120) as r:
+            toks = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    toks += sum(len(c["logprobs"]["tokens"]) for c in json.loads(line[6:])["choices"])
+        lengths[i] = (toks, n)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got == want for got, want in lengths.values())
+
+
+def test_api_key_and_queue_limit_and_graceful_shutdown():
+    s = RemoteServer(["--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting-requests", "1",
+                      "--num-gpu-blocks-override", "256"])
+    try:
+        r = post(s, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        assert_error(r, 401, "invalid_api_key")
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret")
+        assert ok.completions.create(model=ok.models.list().data[0].id, prompt="x", max_tokens=1).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong").models.list()
+        assert httpx.get(s.url + "/health").status_code == 200  # probes stay open
+        assert httpx.get(s.url + "/metrics").status_code == 200
+
+        # One running, one waiting; the rest get 429 with Retry-After.
+        auth = {"authorization": "Bearer sekret"}
+        results = []
+
+        def fire():
+            results.append(httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 60,
+                                      "ignore_eos": True}, headers=auth, timeout=120))
+
+        threads = [threading.Thread(target=fire) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 429 in codes
+        limited = next(r for r in results if r.status_code == 429)
+        assert_error(limited, 429, "rate_limit_exceeded")
+        assert limited.headers["retry-after"] == "1"
+
+        # SIGTERM mid-stream: the stream ends with a final chunk and [DONE]; the server exits 0.
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/completions", headers=auth, json={
+                "prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 3:
+                    s.proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2][6:])
+        assert last["choices"][0]["finish_reason"] == "abort"
+        assert s.proc.wait(30) == 0
+    finally:
+        s.stop()
