@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.outputs import RequestOutput
@@ -63,16 +64,8 @@ class LLM:
 
     def apply_chat_template(self, conversation: ChatMessages, chat_template: str | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
-        tok = self.get_tokenizer()
-        if chat_template is None and not getattr(tok, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template; pass chat_template=... "
-                             "(a Jinja template) to chat().")
-        ids = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=True,
-                                      add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                      continue_final_message=continue_final_message)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return apply_chat_template(self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
+                                   continue_final_message)
 
     # ---- internals ------------------------------------------------------------------
 

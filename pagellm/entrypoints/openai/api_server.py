@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_engine import AsyncLLMEngine
+from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -121,9 +122,7 @@ def build_app(state: ServingState, api_key: str | None = None) -> FastAPI:
         tok = state.tokenizer
         if body.messages is not None:
             conv = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = tok.apply_chat_template(conv, chat_template=state.chat_template, tokenize=True,
-                                          add_generation_prompt=body.add_generation_prompt)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+            ids = apply_chat_template(tok, conv, state.chat_template, body.add_generation_prompt)
         elif body.prompt is not None:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:

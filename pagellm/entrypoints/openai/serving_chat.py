@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -27,27 +28,20 @@ from pagellm.entrypoints.openai.serving_common import (
     validate_inputs,
 )
 from pagellm.outputs import Logprob
-from pagellm.sampling_params import RequestOutputKind
+from pagellm.sampling_params import ParamError, RequestOutputKind
 
 
 def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int]:
-    tok = state.tokenizer
-    template = req.chat_template or state.chat_template
-    if template is None and not getattr(tok, "chat_template", None):
-        raise APIError(400, "the model's tokenizer has no chat template; start the server with --chat-template "
-                       "or pass chat_template in the request.", param="messages")
     if not req.messages:
         raise APIError(400, "messages must not be empty.", param="messages")
     conv = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
-        ids = tok.apply_chat_template(conv, chat_template=template, tokenize=True,
-                                      add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                                      continue_final_message=req.continue_final_message)
+        return apply_chat_template(state.tokenizer, conv, req.chat_template or state.chat_template,
+                                   req.add_generation_prompt, req.continue_final_message)
+    except ParamError:
+        raise
     except Exception as e:  # template errors are the request's fault
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from e
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> ChatLogprobs:
