@@ -165,6 +165,13 @@ class BeamSearchParams:
     length_penalty: float = 1.0  # score = sum logprobs / len ** length_penalty (HF's definition)
     include_stop_str_in_output: bool = False
     early_stopping: bool | str = False  # HF semantics: True, False or "never"
+    # Logits processors beams honour (applied before each step's log-softmax):
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("beam_width", self.beam_width, 1)
@@ -175,6 +182,16 @@ class BeamSearchParams:
             raise _err("length_penalty", "a number", self.length_penalty)
         if self.early_stopping not in (True, False, "never"):
             raise _err("early_stopping", "True, False or 'never'", self.early_stopping)
+        self.sampling_params(0)  # validates the processor fields with SamplingParams' rules
+
+    def sampling_params(self, num_candidates: int) -> SamplingParams:
+        """What each beam samples with: greedy, top-`num_candidates` processed logprobs, the processors."""
+        return SamplingParams(
+            temperature=0.0, max_tokens=self.max_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            logprobs=num_candidates, logprobs_mode=LogprobsMode.PROCESSED_LOGPROBS, logit_bias=self.logit_bias,
+            bad_words=self.bad_words, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output)
 
 
 def _is_number(v: object) -> bool:

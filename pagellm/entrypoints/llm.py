@@ -12,12 +12,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
 
@@ -52,6 +53,24 @@ class LLM:
         params = self._params_per_prompt(len(prompts), sampling_params)
         return self._run(prompts, params, use_tqdm)
 
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = True) -> list[RequestOutput]:
+        """Beam search per prompt; each RequestOutput holds the beam_width best hypotheses, best first.
+
+        Matches Hugging Face `generate(num_beams=beam_width, do_sample=False, length_penalty=...,
+        early_stopping=...)`; beams honour logit_bias, bad_words, min_tokens and the penalties.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        eos = self.llm_engine.config.model.eos_token_ids
+        num_eos = 0 if params.ignore_eos else len(eos)
+        policy_args = dict(beam_width=params.beam_width, length_penalty=params.length_penalty,
+                           early_stopping=params.early_stopping, num_eos=num_eos)
+        k = max(2, 1 + num_eos) * params.beam_width
+        sp = params.sampling_params(k)
+        return self._run(list(prompts), [sp] * len(prompts), use_tqdm,
+                         policy_factory=lambda: BeamSearchPolicy(**policy_args))
+
     def chat(self, messages: ChatMessages | list[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
@@ -80,7 +99,8 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts; pass one, or one per prompt.")
         return params
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
+             policy_factory=None) -> list[RequestOutput]:
         engine = self.llm_engine
         inputs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -94,7 +114,7 @@ class LLM:
         for inp in inputs:
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY
             rid = str(next(self._ids))
-            engine.add_request(rid, inp)
+            engine.add_request(rid, inp, policy=policy_factory() if policy_factory else None)
             ids.append(rid)
         finals: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2, dynamic_ncols=True)

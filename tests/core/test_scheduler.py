@@ -167,3 +167,18 @@ def test_parallel_sampling_forks_before_the_last_prompt_token():
     assert len(a.seqs) == 3 and all(n == 1 for n in out.num_scheduled_tokens.values())
     assert sorted(dst for _, dst in out.blocks_to_copy) == [2, 3] and all(src == 1 for src, _ in out.blocks_to_copy)
     assert [d.index for d in ups[0].deltas] == [0, 1, 2]
+
+
+def test_abort_of_a_forked_request_leaks_nothing():
+    s = make_scheduler(caching=True)
+    a = make_request([1, 2, 3, 4, 5, 6], max_tokens=8, n=4, temperature=1.0)
+    s.add_request(a)
+    known = {}
+    for _ in range(4):
+        run_step(s, known=known)
+    assert len(a.seqs) == 4 and any(b.ref_cnt > 1 for t in s.kv.tables.values() for b in t)
+    s.abort_requests([a.request_id])
+    check_block_invariants(s.kv)
+    assert s.kv.num_free_blocks == 32 and not s.kv.tables
+    out = s.schedule()
+    assert {q.seq_id for q in a.seqs} <= out.finished_seq_ids
