@@ -16,3 +16,10 @@ def add_bench_parser(sub) -> None:
                         description=throughput.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     throughput.add_args(p)
     p.set_defaults(func=lambda ns: throughput.main(ns))
+
+    from pagellm.benchmarks import sharing
+
+    p = bsub.add_parser("sharing", help="KV blocks saved by sharing (n, best_of, beams) and by prefix caching.",
+                        description=sharing.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sharing.add_args(p)
+    p.set_defaults(func=lambda ns: sharing.main(ns))
