@@ -31,6 +31,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     fresh_seqs: list[int]  # sequences with no cached context: attend over this step's own K/V
     paged_seqs: list[int]  # sequences that read (part of) their context from the cache
+    paged_seq_ids: torch.Tensor  # (len(paged_seqs),) int64, the same on the device (for kernels)
     max_seq_len: int
     block_size: int
 

@@ -11,13 +11,23 @@ logger = logging.getLogger(__name__)
 
 BACKENDS: dict[str, str] = {
     "torch_ref": "pagellm.attention.torch_ref:TorchRefBackend",
+    "cpu_paged": "pagellm.attention.cpu_paged:CpuPagedBackend",
 }
 
 
 def get_attention_backend(name: str, device: str) -> AttentionBackend:
-    """`auto` picks the fastest backend that works on this device."""
+    """`auto` picks the fastest backend that works on this device (the C++ kernel on CPU)."""
     if name == "auto":
-        name = "torch_ref"
+        if device == "cpu":
+            try:
+                return _make("cpu_paged")
+            except Exception as e:  # no compiler, no ninja, ...: stay correct, just slower
+                logger.warning("the C++ paged-attention kernel is unavailable (%s); using torch_ref", e)
+        return _make("torch_ref")
+    return _make(name)
+
+
+def _make(name: str) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {['auto', *BACKENDS]}, got {name!r}.")
     module, cls = BACKENDS[name].split(":")

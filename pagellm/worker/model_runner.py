@@ -146,6 +146,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
             fresh_seqs=np.flatnonzero(fresh).tolist(),
             paged_seqs=np.flatnonzero(~fresh).tolist(),
+            paged_seq_ids=torch.from_numpy(np.flatnonzero(~fresh)).to(dev),
             max_seq_len=int(seq_lens.max()),
             block_size=bs,
         )
