@@ -27,30 +27,171 @@
 
 namespace {
 
+// Portable SIMD through GCC/Clang vector extensions: 16 floats, one AVX-512 register (two on AVX2).
+typedef float vf16 __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+typedef int32_t vi32 __attribute__((vector_size(64)));
+
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
+template <typename T>
+inline vf16 load16(const T* p) {  // float16 and anything else: element by element
+  vf16 v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+template <>
+inline vf16 load16<float>(const float* p) {
+  vf16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <>
+inline vf16 load16<c10::BFloat16>(const c10::BFloat16* p) {  // bf16 -> f32 is a 16-bit shift
+  vu16 u;
+  __builtin_memcpy(&u, p, sizeof(u));
+  vu32 w = __builtin_convertvector(u, vu32) << 16;
+  vf16 v;
+  __builtin_memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float hsum(vf16 v) {  // tree reduction: 4 shuffle + add steps
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// exp for x <= 0 (softmax after max subtraction): 2^(x log2 e) = 2^n * 2^f, degree-6 polynomial for 2^f.
+inline vf16 vexp(vf16 x) {
+  const vf16 lo = vf16{} - 87.0f;
+  x = x < lo ? lo : x;
+  vf16 t = x * 1.44269504088896341f;
+  vf16 n = __builtin_convertvector(__builtin_convertvector(t - 0.5f, vi32), vf16);  // floor for t <= 0.5
+  n = n > t ? n - 1.0f : n;
+  vf16 f = t - n;  // [0, 1)
+  vf16 p = vf16{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  vi32 e = (__builtin_convertvector(n, vi32) + 127) << 23;
+  vf16 scale;
+  __builtin_memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// Ask for the next block's rows of this head while the current block is being used: blocks are
+// scattered in memory, so the hardware prefetcher cannot guess where the next one starts.
 template <typename cache_t>
-void attend_one(const float* __restrict q,        // (G, D) already scaled
-                const cache_t* __restrict kc, const cache_t* __restrict vc,
-                const int32_t* __restrict table, int64_t ctx, int64_t bs, int64_t kvh_stride,
-                int64_t token_stride, int64_t block_stride, int64_t G, int64_t D,
-                float* __restrict scores,               // (G, ctx) scratch
-                float* __restrict acc,                  // (G, D) scratch
-                float* __restrict out_f) {              // (G, D) result
-  // 1. scores[g][j] = q_g . k_j
+inline void prefetch_block(const cache_t* base, int64_t n, int64_t token_stride, int64_t row_bytes) {
+  for (int64_t t = 0; t < n; ++t) {
+    const char* row = reinterpret_cast<const char*>(base + t * token_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
+}
+
+// One (sequence, query token) against `nh` consecutive K/V heads starting at `h0`, each shared by G
+// query heads (QH = nh * G query heads in all), head_dim D = 16 * C. Taking several heads of a token
+// at once reads each token's K/V row contiguously; the caller splits heads only when there are
+// too few (sequence, token) items to keep every thread busy.
+template <typename cache_t>
+void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
+                const int32_t* __restrict table, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
+                int64_t token_stride, int64_t block_stride, int64_t G, int64_t C, float* __restrict scores,
+                vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
+  const int64_t QH = nh * G, D = C * 16;
+  for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
+  const int64_t head_off = h0 * D;
+  const int64_t row_bytes = nh * D * sizeof(cache_t);
+  // 1. scores[qh][j] = q_qh . k_j
+  for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
+    const cache_t* kb = kc + table[b0 / bs] * block_stride + head_off;
+    const int64_t n = std::min(bs, ctx - b0);
+    if (b0 + bs < ctx)
+      prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
+                     row_bytes);
+    for (int64_t t = 0; t < n; ++t) {
+      const cache_t* row = kb + t * token_stride;
+      for (int64_t h = 0; h < nh; ++h) {
+        const cache_t* k = row + h * D;
+        for (int64_t g = 0; g < G; ++g) acc[g] = vf16{};
+        for (int64_t c = 0; c < C; ++c) {
+          const vf16 kv = load16(k + c * 16);
+          for (int64_t g = 0; g < G; ++g) acc[g] += qv[(h * G + g) * C + c] * kv;
+        }
+        for (int64_t g = 0; g < G; ++g) scores[(h * G + g) * ctx + b0 + t] = hsum(acc[g]);
+      }
+    }
+  }
+  // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
+  std::vector<float> inv_sum(QH);
+  for (int64_t qh = 0; qh < QH; ++qh) {
+    float* sg = scores + qh * ctx;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < ctx; ++j) m = sg[j] > m ? sg[j] : m;
+    vf16 vsum = vf16{};
+    int64_t j = 0;
+    for (; j + 16 <= ctx; j += 16) {
+      vf16 e = vexp(load16(sg + j) - m);
+      __builtin_memcpy(sg + j, &e, sizeof(e));
+      vsum += e;
+    }
+    float sum = hsum(vsum);
+    for (; j < ctx; ++j) {
+      sg[j] = std::exp(sg[j] - m);
+      sum += sg[j];
+    }
+    inv_sum[qh] = 1.f / sum;
+  }
+  // 3. out[qh] = sum_j p[qh][j] v_j
+  for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
+  for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
+    const cache_t* vb = vc + table[b0 / bs] * block_stride + head_off;
+    const int64_t n = std::min(bs, ctx - b0);
+    if (b0 + bs < ctx)
+      prefetch_block(vc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
+                     row_bytes);
+    for (int64_t t = 0; t < n; ++t) {
+      const cache_t* row = vb + t * token_stride;
+      for (int64_t h = 0; h < nh; ++h) {
+        const cache_t* v = row + h * D;
+        for (int64_t c = 0; c < C; ++c) {
+          const vf16 vv = load16(v + c * 16);
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t qh = h * G + g;
+            acc[qh * C + c] += scores[qh * ctx + b0 + t] * vv;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t qh = 0; qh < QH; ++qh)
+    for (int64_t c = 0; c < C; ++c) {
+      const vf16 r = acc[qh * C + c] * inv_sum[qh];
+      __builtin_memcpy(out + (qh * C + c) * 16, &r, sizeof(r));
+    }
+}
+
+// Any head_dim, any G: plain loops (the compiler vectorizes what it can).
+template <typename cache_t>
+void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
+                   const int32_t* __restrict table, int64_t ctx, int64_t bs, int64_t head_off, int64_t token_stride,
+                   int64_t block_stride, int64_t G, int64_t D, float* __restrict scores, float* __restrict out) {
   for (int64_t j = 0; j < ctx; ++j) {
-    const int64_t blk = table[j / bs];
-    const cache_t* k = kc + blk * block_stride + (j % bs) * token_stride + kvh_stride;
+    const cache_t* k = kc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
       float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qg[d] * to_f(k[d]);
+      for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * to_f(k[d]);
       scores[g * ctx + j] = s;
     }
   }
-  // 2. softmax per head
   std::vector<float> inv_sum(G);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores + g * ctx;
@@ -63,20 +204,16 @@ void attend_one(const float* __restrict q,        // (G, D) already scaled
     }
     inv_sum[g] = 1.f / sum;
   }
-  // 3. acc[g] = sum_j p[g][j] v_j
-  std::fill(acc, acc + G * D, 0.f);
+  std::fill(out, out + G * D, 0.f);
   for (int64_t j = 0; j < ctx; ++j) {
-    const int64_t blk = table[j / bs];
-    const cache_t* v = vc + blk * block_stride + (j % bs) * token_stride + kvh_stride;
+    const cache_t* v = vc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
     for (int64_t g = 0; g < G; ++g) {
       const float p = scores[g * ctx + j];
-      float* ag = acc + g * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ag[d] += p * to_f(v[d]);
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += p * to_f(v[d]);
     }
   }
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < D; ++d) out_f[g * D + d] = acc[g * D + d] * inv_sum[g];
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] *= inv_sum[g];
 }
 
 template <typename q_t, typename cache_t>
@@ -98,33 +235,53 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
   const auto* ids = seq_ids.data_ptr<int64_t>();
   const int64_t n = seq_ids.size(0);
 
-  // Work items: (sequence, query token, kv head), flattened through a prefix sum over query lengths.
+  // Work items: (sequence, query token, group of kv heads), flattened through a prefix sum.
+  // Heads are split into groups only when (sequence, token) pairs alone would leave threads idle.
+  int64_t num_q = 0;
+  for (int64_t i = 0; i < n; ++i) num_q += qsl[ids[i] + 1] - qsl[ids[i]];
+  int64_t splits = 1;
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  while (num_q * splits < want && splits < KVH) {
+    ++splits;
+    while (KVH % splits) ++splits;
+  }
+  const int64_t nh = KVH / splits;
   std::vector<int64_t> item_start(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t s = ids[i];
-    item_start[i + 1] = item_start[i] + (qsl[s + 1] - qsl[s]) * KVH;
+    item_start[i + 1] = item_start[i] + (qsl[s + 1] - qsl[s]) * splits;
   }
   int64_t max_ctx = 1;
   for (int64_t i = 0; i < n; ++i) max_ctx = std::max<int64_t>(max_ctx, sl[ids[i]]);
   const float fscale = static_cast<float>(scale);
+  const bool vectorized = D % 16 == 0;
+  const int64_t QH = nh * G;
 
   at::parallel_for(0, item_start[n], 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(G * D), scores(G * max_ctx), acc(G * D), res(G * D);
+    std::vector<float> qbuf(QH * D), scores(QH * max_ctx + 16), res(QH * D);
+    std::vector<vf16> qv(vectorized ? QH * D / 16 : 0), acc(vectorized ? std::max(QH, G) * D / 16 : 0);
     int64_t i = std::upper_bound(item_start.begin(), item_start.end(), begin) - item_start.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
       while (item >= item_start[i + 1]) ++i;
       const int64_t s = ids[i];
       const int64_t local = item - item_start[i];
-      const int64_t qi = local / KVH, kvh = local % KVH;
+      const int64_t qi = local / splits, h0 = (local % splits) * nh;
       const int64_t q_len = qsl[s + 1] - qsl[s];
       const int64_t ctx = sl[s] - q_len + qi + 1;
       const int64_t tok = qsl[s] + qi;
-      const q_t* qsrc = qp + tok * H * D + kvh * G * D;
-      for (int64_t x = 0; x < G * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
-      attend_one<cache_t>(qbuf.data(), kc, vc, bt + s * max_blocks, ctx, bs, kvh * D, token_stride,
-                          block_stride, G, D, scores.data(), acc.data(), res.data());
-      q_t* dst = op + tok * H * D + kvh * G * D;
-      for (int64_t x = 0; x < G * D; ++x) dst[x] = static_cast<q_t>(res[x]);
+      const q_t* qsrc = qp + tok * H * D + h0 * G * D;
+      for (int64_t x = 0; x < QH * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
+      const int32_t* table = bt + s * max_blocks;
+      if (vectorized) {
+        attend_vec<cache_t>(qbuf.data(), kc, vc, table, ctx, bs, h0, nh, token_stride, block_stride, G, D / 16,
+                            scores.data(), qv.data(), acc.data(), res.data());
+      } else {
+        for (int64_t h = 0; h < nh; ++h)
+          attend_scalar<cache_t>(qbuf.data() + h * G * D, kc, vc, table, ctx, bs, (h0 + h) * D, token_stride,
+                                 block_stride, G, D, scores.data(), res.data() + h * G * D);
+      }
+      q_t* dst = op + tok * H * D + h0 * G * D;
+      for (int64_t x = 0; x < QH * D; ++x) dst[x] = static_cast<q_t>(res[x]);
     }
   });
 }
