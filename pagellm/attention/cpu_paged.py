@@ -62,9 +62,12 @@ class CpuPagedBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta)
-        out = torch.zeros_like(q) if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty_like(q)
+        q = q.contiguous()
+        alloc = torch.zeros if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty
+        out = alloc(q.shape, dtype=q.dtype, device=q.device)
         fresh_attention(out, q, k, v, meta, scale)
         if meta.paged_seqs:
-            self.ops.paged_attention(out, q.contiguous(), kv_cache[0], kv_cache[1], meta.block_tables,
-                                     meta.seq_lens, meta.query_start_loc, meta.paged_seq_ids, scale)
+            with torch.profiler.record_function("pagellm::paged_attention"):
+                self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables,
+                                         meta.seq_lens, meta.query_start_loc, meta.paged_seq_ids, scale)
         return out

@@ -17,6 +17,13 @@ def add_bench_parser(sub) -> None:
     throughput.add_args(p)
     p.set_defaults(func=lambda ns: throughput.main(ns))
 
+    from pagellm.benchmarks import peak
+
+    p = bsub.add_parser("peak", help="GEMM rate, memory bandwidth and the workload's throughput bound.",
+                        description=peak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    peak.add_args(p)
+    p.set_defaults(func=lambda ns: peak.main(ns))
+
     from pagellm.benchmarks import sharing
 
     p = bsub.add_parser("sharing", help="KV blocks saved by sharing (n, best_of, beams) and by prefix caching.",

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.models.layers import Attention
+from pagellm.models.layers import Attention, Linear, lm_head_logits
 
 
 class GPT2Attention(nn.Module):
@@ -26,8 +26,8 @@ class GPT2Attention(nn.Module):
         d = hidden // h
         kvh = num_kv_heads or h
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.c_attn = nn.Linear(hidden, (h + 2 * kvh) * d)
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.c_attn = Linear(hidden, (h + 2 * kvh) * d)
+        self.c_proj = Linear(hidden, hidden)
         scale = d ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
@@ -43,8 +43,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner)
+        self.c_proj = Linear(inner, config.n_embd)
         self.act = ACT2FN[config.activation_function]
 
     def forward(self, x):
@@ -99,4 +99,4 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.transformer.wte.weight).float()  # (N, vocab)
+        return lm_head_logits(hidden, self.transformer.wte.weight)  # (N, vocab) tied to wte

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.models.layers import Attention, PackedLinear, RMSNorm, RotaryEmbedding
+from pagellm.models.layers import Attention, Linear, PackedLinear, RMSNorm, RotaryEmbedding, lm_head_logits
 
 
 class LlamaAttention(nn.Module):
@@ -24,7 +24,7 @@ class LlamaAttention(nn.Module):
         bias = getattr(config, "attention_bias", False)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.qkv_proj = PackedLinear(config.hidden_size, [h * d, kvh * d, kvh * d], bias=bias)
-        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=bias)
+        self.o_proj = Linear(h * d, config.hidden_size, bias=bias)
         self.attn = Attention(h, d, kvh, d ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
@@ -40,7 +40,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = PackedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,4 +96,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (N, vocab)
+        return lm_head_logits(hidden, self.lm_head.weight)  # (N, vocab)
