@@ -1,32 +1,27 @@
-"""`pagellm bench ...` subcommands."""
+"""`pagellm bench ...` subcommands: each module exposes `add_args(parser)` and `main(namespace)`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+
+SUBCOMMANDS = {
+    "throughput": ("throughput", "Offline throughput, optionally side by side with Hugging Face transformers."),
+    "latency": ("latency", "Prefill and decode latency of one batch (median, p90)."),
+    "serve": ("serve", "Streaming client for any OpenAI-compatible server: TTFT, TPOT, ITL, goodput."),
+    "kv": ("kv", "KV utilization and concurrency vs a contiguous allocator under the same budget."),
+    "sharing": ("sharing", "KV blocks saved by forks and beams, and by prefix caching."),
+    "peak": ("peak", "GEMM rate, memory bandwidth and the workload's throughput bound."),
+}
 
 
 def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="Benchmarks: throughput, latency, serve, kv.",
+    bench = sub.add_parser("bench", help="Benchmarks: " + ", ".join(SUBCOMMANDS) + ".",
                            description="Benchmarks that print ratios measured side by side in one run.")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-
-    from pagellm.benchmarks import throughput
-
-    p = bsub.add_parser("throughput", help="Offline throughput, optionally vs Hugging Face transformers.",
-                        description=throughput.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    throughput.add_args(p)
-    p.set_defaults(func=lambda ns: throughput.main(ns))
-
-    from pagellm.benchmarks import peak
-
-    p = bsub.add_parser("peak", help="GEMM rate, memory bandwidth and the workload's throughput bound.",
-                        description=peak.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    peak.add_args(p)
-    p.set_defaults(func=lambda ns: peak.main(ns))
-
-    from pagellm.benchmarks import sharing
-
-    p = bsub.add_parser("sharing", help="KV blocks saved by sharing (n, best_of, beams) and by prefix caching.",
-                        description=sharing.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sharing.add_args(p)
-    p.set_defaults(func=lambda ns: sharing.main(ns))
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(f"pagellm.benchmarks.{module_name}")
+        p = bsub.add_parser(name, help=help_text, description=module.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+        p.set_defaults(func=module.main)

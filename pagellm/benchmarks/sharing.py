@@ -22,6 +22,7 @@ import random
 import statistics
 import time
 
+
 def _blocks(engine) -> tuple[int, int]:
     tables = engine.scheduler.kv.tables.values()
     return sum(len(t) for t in tables), len({b.block_id for t in tables for b in t})
@@ -57,9 +58,9 @@ def measure_sharing(model: str, prompts: list, kind: str, width: int, max_tokens
 
 
 def measure_prefix_caching(model: str, num_requests: int, system_tokens: int, seed: int) -> dict:
-    from pagellm import LLM, SamplingParams
-
     from transformers import AutoTokenizer
+
+    from pagellm import LLM, SamplingParams
 
     rng = random.Random(seed)
     tok = AutoTokenizer.from_pretrained(model)
@@ -96,7 +97,8 @@ def main(ns: argparse.Namespace) -> dict:
     # A fixed, seeded prompt set: prompt lengths lognormal around 160 tokens (the throughput workload's).
     tok = AutoTokenizer.from_pretrained(ns.model)
     cfg = AutoConfig.from_pretrained(ns.model)
-    spec = WorkloadSpec(num_requests=ns.num_prompts, prompt_max=300, seed=ns.seed)
+    max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+    spec = WorkloadSpec(num_requests=ns.num_prompts, prompt_max=min(300, max_len - ns.max_tokens), seed=ns.seed)
     prompts = [{"prompt_token_ids": r.prompt_token_ids}
                for r in synthetic_workload(spec, cfg.vocab_size, set(tok.all_special_ids))]
     rows = []

@@ -46,8 +46,9 @@ def synthetic_workload(spec: WorkloadSpec, vocab_size: int, special_ids: set[int
     for _ in range(spec.num_requests):
         p = _lognormal(rng, spec.prompt_median, spec.sigma, spec.prompt_min, spec.prompt_max)
         o = _lognormal(rng, spec.output_median, spec.sigma, spec.output_min, spec.output_max)
-        if max_model_len is not None and p + o > max_model_len:
-            p = max(1, max_model_len - o)
+        if max_model_len is not None and p + o > max_model_len:  # fit the model: shorten output, then prompt
+            o = min(o, max_model_len // 2)
+            p = min(p, max_model_len - o)
         ids = []
         while len(ids) < p:
             t = rng.randrange(vocab_size)

@@ -19,6 +19,7 @@ class SamplingMetadata:
     greedy: torch.Tensor  # (B,) bool
     all_greedy: bool
     all_random: bool
+    all_temperature_one: bool  # no row needs dividing by its temperature
     uniforms: torch.Tensor  # (B,) float64 in [0, 1): one counter-based draw per row (seed, output index)
     top_k: torch.Tensor | None  # (B,) int64; vocab size where top-k is off
     top_p: torch.Tensor | None  # (B,) float32; 1.0 where off

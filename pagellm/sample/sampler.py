@@ -37,18 +37,19 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw = logits
-        logits = apply_processors(logits.clone(), md)
+        raw = logits.float()
+        has_processors = md.logit_bias is not None or md.allowed_mask is not None or md.banned is not None
+        logits = apply_processors(raw.clone(), md) if has_processors else raw
         logits = apply_penalties(logits, md)
-        greedy_tokens = logits.argmax(dim=-1)
         if md.all_greedy:
-            tokens = greedy_tokens
+            tokens = logits.argmax(dim=-1)
             final = logits
         else:
-            final = apply_filters(logits / md.temperature[:, None], md)
+            scaled = logits if md.all_temperature_one else logits / md.temperature[:, None]
+            final = apply_filters(scaled, md)
             tokens = sample_inverse_cdf(final, md.uniforms)
-            tokens = torch.where(md.greedy, greedy_tokens, tokens)
+            if not md.all_random:
+                tokens = torch.where(md.greedy, logits.argmax(dim=-1), tokens)
         return gather_logprobs(raw, final, tokens, md)
 
 

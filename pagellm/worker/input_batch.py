@@ -114,6 +114,7 @@ class InputBatch:
             greedy=torch.from_numpy(greedy_np).to(dev),
             all_greedy=bool(greedy_np.all()),
             all_random=not greedy_np.any(),
+            all_temperature_one=bool(np.all(greedy_np | (temp == 1.0))),
             uniforms=torch.tensor(uniforms, dtype=torch.float64, device=dev),
             top_k=torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(dev) if (top_k > 0).any() else None,
             top_p=torch.from_numpy(top_p).to(dev) if (top_p < 1.0).any() else None,

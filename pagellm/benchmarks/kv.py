@@ -1,0 +1,126 @@
+"""The paged KV cache's memory argument, measured: utilization and concurrency under a fixed budget.
+
+    pagellm bench kv [--model DIR] [--kv-tokens 8192] [--block-size 16]
+
+The throughput workload runs through pagellm with a KV cache of exactly
+--kv-tokens token slots. After every step: sequences running, tokens stored in
+the cache, slots allocated (blocks in use x block size). Next to it, the same
+requests (same order, same lengths) through a contiguous allocator that
+reserves, per request, either max_model_len slots or prompt + max output
+slots (what pre-paging servers do), simulated with the same budget and one
+token per step. Utilization = tokens stored / slots allocated or reserved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass
+class KVRun:
+    name: str
+    steps: int
+    mean_running: float
+    max_running: int
+    mean_utilization: float  # tokens stored / slots held, averaged over steps
+
+    def row(self) -> str:
+        return (f"{self.name:<40}{self.mean_running:>10.1f}{self.max_running:>8d}"
+                f"{100 * self.mean_utilization:>11.1f}%{self.steps:>8d}")
+
+
+def simulate_contiguous(prompt_lens: list[int], output_lens: list[int], budget: int, reserve: list[int],
+                        name: str) -> KVRun:
+    """FCFS, no preemption: a request is admitted when its reservation fits; it then stores its prompt
+    and one more token per step until its output is complete."""
+    waiting = list(range(len(prompt_lens)))
+    running: dict[int, int] = {}  # request -> tokens stored
+    used = steps = 0
+    counts, utils = [], []
+    while waiting or running:
+        while waiting and used + reserve[waiting[0]] <= budget:
+            r = waiting.pop(0)
+            if reserve[r] > budget:
+                raise ValueError(f"request {r} needs {reserve[r]} slots, budget {budget}")
+            running[r] = prompt_lens[r]
+            used += reserve[r]
+        if not running:
+            raise ValueError("budget too small for the first request")
+        steps += 1
+        for r in list(running):
+            running[r] += 1
+        counts.append(len(running))
+        utils.append(sum(running.values()) / used)
+        for r in [r for r, n in running.items() if n >= prompt_lens[r] + output_lens[r]]:
+            del running[r]
+            used -= reserve[r]
+    return KVRun(name, steps, statistics.fmean(counts), max(counts), statistics.fmean(utils))
+
+
+def run_paged(model: str, reqs, kv_tokens: int, block_size: int, load_format: str) -> KVRun:
+    from pagellm import LLM, SamplingParams
+
+    num_blocks = kv_tokens // block_size
+    kw = dict(num_gpu_blocks_override=num_blocks, block_size=block_size, enable_prefix_caching=False,
+              load_format=load_format)
+    from pagellm.benchmarks.throughput import has_tokenizer
+
+    if not has_tokenizer(model):
+        kw["skip_tokenizer_init"] = True
+    llm = LLM(model, **kw)
+    engine = llm.llm_engine
+    for i, r in enumerate(reqs):
+        engine.add_request(str(i), {"prompt_token_ids": r.prompt_token_ids},
+                           SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=1.0, seed=i))
+    counts, utils = [], []
+    while engine.has_unfinished_requests():
+        engine.step()
+        sched = engine.scheduler
+        seqs = [s for req in sched.running for s in req.live_seqs()]
+        held = (num_blocks - sched.kv.num_free_blocks) * block_size
+        if seqs and held:
+            counts.append(len(seqs))
+            utils.append(sum(s.num_computed_tokens for s in seqs) / held)
+    return KVRun(f"pagellm (block {block_size})", len(counts), statistics.fmean(counts), max(counts),
+                 statistics.fmean(utils))
+
+
+def main(ns: argparse.Namespace) -> dict:
+    from transformers import AutoConfig
+
+    from pagellm.benchmarks.workload import WorkloadSpec, synthetic_workload
+
+    cfg = AutoConfig.from_pretrained(ns.model)
+    max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+    spec = WorkloadSpec(num_requests=ns.num_prompts, seed=ns.seed)
+    reqs = synthetic_workload(spec, cfg.vocab_size, set(range(8)), max_len)
+    p = [len(r.prompt_token_ids) for r in reqs]
+    o = [r.output_len for r in reqs]
+    runs = [run_paged(ns.model, reqs, ns.kv_tokens, ns.block_size, ns.load_format),
+            simulate_contiguous(p, o, ns.kv_tokens, [pi + spec.output_max for pi in p],
+                                f"contiguous, prompt + max output ({spec.output_max})"),
+            simulate_contiguous(p, o, ns.kv_tokens, [max_len] * len(p), f"contiguous, max_model_len ({max_len})")]
+    print(f"KV budget {ns.kv_tokens} token slots; {len(reqs)} requests, {sum(p)} prompt + {sum(o)} output tokens")
+    print(f"{'allocator':<40}{'running':>10}{'peak':>8}{'KV util':>12}{'steps':>8}")
+    for r in runs:
+        print(r.row())
+    report = {"kv_tokens": ns.kv_tokens, "block_size": ns.block_size, "runs": [vars(r) for r in runs]}
+    if ns.output_json:
+        with open(ns.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from pagellm.entrypoints.cli import DEMO_MODEL
+
+    p.add_argument("--model", default=DEMO_MODEL)
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    p.add_argument("--kv-tokens", type=int, default=8192, help="KV cache size in token slots.")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)

@@ -1,0 +1,132 @@
+"""Benchmark building blocks (workloads, metrics, simulations) and a smoke run of every `pagellm bench` subcommand."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pagellm.benchmarks.kv import simulate_contiguous
+from pagellm.benchmarks.latency import percentile
+from pagellm.benchmarks.peak import ModelShape, workload_bound
+from pagellm.benchmarks.serve import RequestRecord, compute_metrics, poisson_arrivals
+from pagellm.benchmarks.workload import WorkloadSpec, dataset_workload, synthetic_workload, workload_totals
+
+
+def test_synthetic_workload_is_seeded_and_within_bounds():
+    spec = WorkloadSpec()
+    a = synthetic_workload(spec, 50257, {50256})
+    b = synthetic_workload(spec, 50257, {50256})
+    assert a == b and len(a) == 64
+    assert a != synthetic_workload(WorkloadSpec(seed=1), 50257, {50256})
+    assert all(16 <= len(r.prompt_token_ids) <= 512 and 8 <= r.output_len <= 256 for r in a)
+    assert all(50256 not in r.prompt_token_ids for r in a)
+    p, o = workload_totals(a)
+    assert 8000 < p < 16000 and 5000 < o < 10000  # medians 160 / 100, sigma 0.6
+
+
+def test_synthetic_workload_respects_max_model_len():
+    reqs = synthetic_workload(WorkloadSpec(num_requests=200), 100, set(), max_model_len=300)
+    assert all(len(r.prompt_token_ids) + r.output_len <= 300 for r in reqs)
+
+
+def test_dataset_workload(tmp_path, llama_path):
+    from transformers import AutoTokenizer
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "hello there", "output_len": 7}\n{"prompt": "general kenobi"}\n')
+    tok = AutoTokenizer.from_pretrained(llama_path)
+    reqs = dataset_workload(str(f), tok, None, 5)
+    assert [r.output_len for r in reqs] == [7, 5] and reqs[0].prompt_token_ids == tok.encode("hello there")
+    f.write_text('["not", "an object"]\n')
+    with pytest.raises(ValueError, match="must be an object"):
+        dataset_workload(str(f), tok, None, 5)
+
+
+def test_serving_metrics_on_synthetic_timestamps():
+    a = RequestRecord(start=0.0, chunk_times=[0.5, 0.6, 0.8, 1.0], end=1.0, output_tokens=4, ok=True)
+    b = RequestRecord(start=1.0, chunk_times=[1.2, 1.3], end=1.3, output_tokens=2, ok=True)
+    c = RequestRecord(start=2.0, ok=False, error="boom")
+    assert a.ttft == 0.5 and a.latency == 1.0
+    assert a.tpot == pytest.approx((1.0 - 0.5) / 3)
+    assert a.itls == pytest.approx([0.1, 0.2, 0.2])
+    m = compute_metrics([a, b, c], duration=2.0, slo={"ttft": 300})
+    assert m["completed"] == 2 and m["failed"] == 1
+    assert m["request_throughput"] == 1.0 and m["output_token_throughput"] == 3.0
+    assert m["ttft_s"]["mean"] == pytest.approx(0.35) and m["ttft_s"]["median"] == pytest.approx(0.35)
+    assert m["itl_s"]["median"] == pytest.approx(0.15)  # [0.1, 0.2, 0.2] and [0.1]
+    assert m["tpot_s"]["mean"] == pytest.approx((1 / 6 + 0.1) / 2)
+    assert m["goodput"] == 0.5  # only b has TTFT <= 300 ms
+
+
+def test_percentile_interpolates_like_numpy():
+    xs = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(xs, 50) == 2.5 and percentile(xs, 0) == 1.0 and percentile(xs, 100) == 4.0
+    assert percentile(xs, 90) == pytest.approx(3.7)
+
+
+def test_poisson_arrivals():
+    assert poisson_arrivals(3, float("inf"), 0) == [0.0, 0.0, 0.0]
+    t = poisson_arrivals(2000, 4.0, 0)
+    assert t == sorted(t) and t == poisson_arrivals(2000, 4.0, 0)
+    assert 1 / 4.6 < t[-1] / 1999 < 1 / 3.5
+
+
+def test_contiguous_allocator_simulation():
+    # budget 10 slots, reservations of 6: one request at a time.
+    run = simulate_contiguous([2, 2], [2, 2], budget=10, reserve=[6, 6], name="c")
+    assert run.max_running == 1 and run.steps == 4
+    assert run.mean_utilization == pytest.approx((3 / 6 + 4 / 6 + 3 / 6 + 4 / 6) / 4)
+
+
+def test_workload_bound_counts_flops_and_bytes():
+    shape = ModelShape(layers=1, hidden=2, kv_dim=2, non_embedding_params=10, lm_head_params=5)
+    b = workload_bound(shape, [2], [2], gflops=1e-9, gbs=1e-9, elem_bytes=1, kv_elem_bytes=1)
+    # flops: 2*10*(2+2) + 2*5*2 + 4*1*2*(prompt 1+2 + decode contexts 2+3) = 80 + 20 + 64
+    assert b["flops"] == 164
+    # bytes: 2 steps * 15 weights + (contexts 2 + 3) * 2 (K and V) * 1 layer * 2
+    assert b["bytes"] == 30 + 20
+    assert b["seconds"] == pytest.approx(214) and b["output_tokens_per_s"] == pytest.approx(2 / 214)
+
+
+def bench(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "pagellm.entrypoints.cli", "bench", *args], capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_smoke_throughput_with_hf(llama_path, tmp_path):
+    out = tmp_path / "t.json"
+    text = bench("throughput", "--model", llama_path, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                 "--compare", "hf", "--hf-single-requests", "1", "--output-json", str(out))
+    assert "ratio pagellm / hf-static(16)" in text
+    report = json.loads(out.read_text())
+    assert [r["engine"] for r in report["results"]] == ["pagellm", "hf-static(16)", "hf-single"]
+    assert report["workload"]["output_tokens"] == 12
+
+
+def test_smoke_latency_kv_sharing_peak(llama_path):
+    assert "decode step median" in bench("latency", "--model", llama_path, "--batch-size", "2", "--input-len", "8",
+                                         "--output-len", "3", "--num-iters", "1")
+    assert "pagellm (block 16)" in bench("kv", "--model", llama_path, "--num-prompts", "4", "--kv-tokens", "1024")
+    text = bench("sharing", "--model", llama_path, "--num-prompts", "2", "--max-tokens", "6",
+                 "--prefix-requests", "2", "--system-tokens", "40")
+    assert "beam 4" in text and "prefix caching" in text
+    assert "workload bound" in bench("peak", "--model", llama_path)
+
+
+def test_smoke_serve_against_a_running_server(tmp_path):
+    from tests.entrypoints.server_utils import RemoteServer
+
+    server = RemoteServer(["--num-gpu-blocks-override", "256"])
+    try:
+        out = tmp_path / "s.json"
+        text = bench("serve", "--base-url", server.url, "--num-prompts", "4", "--output-len", "5",
+                     "--max-input-len", "40", "--request-rate", "20", "--goodput", "ttft:60000",
+                     "--output-json", str(out))
+        assert "TTFT" in text and "ITL" in text
+        m = json.loads(out.read_text())
+        assert m["completed"] == 4 and m["output_token_throughput"] > 0 and m["goodput"] > 0
+    finally:
+        server.stop()
