@@ -76,10 +76,11 @@ def main(ns: argparse.Namespace) -> dict:
                           "p90": percentile(decodes, 90)},
         "total_s": {"median": statistics.median(totals), "p90": percentile(totals, 90)},
     }
+    pre, dec = report["prefill_s"], report["decode_step_s"]
     print(f"batch {ns.batch_size} x ({ns.input_len} in, {ns.output_len} out), {ns.num_iters} iterations: "
-          f"prefill median {1000 * report['prefill_s']['median']:.1f} ms (p90 {1000 * report['prefill_s']['p90']:.1f}), "
-          f"decode step median {1000 * report['decode_step_s']['median']:.1f} ms "
-          f"(p90 {1000 * report['decode_step_s']['p90']:.1f}), whole batch median {report['total_s']['median']:.2f} s")
+          f"prefill median {1000 * pre['median']:.1f} ms (p90 {1000 * pre['p90']:.1f}), "
+          f"decode step median {1000 * dec['median']:.1f} ms (p90 {1000 * dec['p90']:.1f}), "
+          f"whole batch median {report['total_s']['median']:.2f} s")
     if ns.output_json:
         with open(ns.output_json, "w") as f:
             json.dump(report, f, indent=2)

@@ -92,7 +92,8 @@ def workload_bound(shape: ModelShape, prompt_lens: list[int], output_lens: list[
         kv_read += sum(p + t for t in range(o))
     flops += 4 * shape.layers * shape.hidden * attn_tokens
     steps = max(output_lens)
-    bytes_ = steps * shape.weights_read_per_step * elem_bytes + kv_read * 2 * shape.layers * shape.kv_dim * kv_elem_bytes
+    bytes_ = steps * shape.weights_read_per_step * elem_bytes
+    bytes_ += kv_read * 2 * shape.layers * shape.kv_dim * kv_elem_bytes
     seconds = flops / (gflops * 1e9) + bytes_ / (gbs * 1e9)
     return {"flops": flops, "bytes": bytes_, "seconds": seconds, "output_tokens_per_s": sum(output_lens) / seconds}
 
