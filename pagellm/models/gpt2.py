@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.models.layers import Attention, Linear, lm_head_logits
+from pagellm.models.layers import Attention, Linear, activation, lm_head_logits
 
 
 class GPT2Attention(nn.Module):
@@ -45,7 +44,7 @@ class GPT2MLP(nn.Module):
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc = Linear(config.n_embd, inner)
         self.c_proj = Linear(inner, config.n_embd)
-        self.act = ACT2FN[config.activation_function]
+        self.act = activation(config.activation_function)
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))

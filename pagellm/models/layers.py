@@ -8,10 +8,25 @@ passed down explicitly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+
+
+def activation(name: str):
+    """Hugging Face activation by name; the tanh-approximated GELUs use torch's fused kernel.
+
+    `gelu_new` (GPT-2) is the same formula as torch's tanh GELU; Hugging Face computes it in
+    several elementwise steps (10x slower here, results within 2.4e-7).
+    """
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 class RMSNorm(nn.Module):

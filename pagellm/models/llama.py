@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.models.layers import Attention, Linear, PackedLinear, RMSNorm, RotaryEmbedding, lm_head_logits
+from pagellm.models.layers import (
+    Attention,
+    Linear,
+    PackedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    activation,
+    lm_head_logits,
+)
 
 
 class LlamaAttention(nn.Module):
@@ -41,7 +48,7 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = PackedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))

@@ -314,3 +314,9 @@ def test_api_key_and_queue_limit_and_graceful_shutdown():
         assert s.proc.wait(30) == 0
     finally:
         s.stop()
+
+
+def test_openapi_docs_are_served(server):
+    assert httpx.get(server.url + "/docs").status_code == 200
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"] and "/v1/completions" in schema["paths"]
