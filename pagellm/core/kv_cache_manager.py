@@ -193,9 +193,6 @@ class KVCacheManager:
             start = 0
         return SlotAllocation(start, [b.block_id for b in table[start:]], copies)
 
-    def can_fit(self, num_blocks: int) -> bool:
-        return num_blocks <= self.pool.num_blocks
-
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         table = self.tables.get(parent.seq_id, [])

@@ -74,7 +74,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "status", "stop_reason", "cumulative_logprob", "num_cached_tokens", "seed",
-        "logprobs", "in_worker", "num_synced_tokens",
+        "in_worker", "num_synced_tokens",
     )
 
     def __init__(self, request: Request, index: int, token_ids: list[int], num_prompt_tokens: int,
@@ -90,7 +90,6 @@ class Sequence:
         self.cumulative_logprob = 0.0  # sum of the chosen tokens' logprobs
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.seed = seed  # sampling seed of this sequence (request seed + index)
-        self.logprobs: list[Any] | None = [] if request.sampling_params.logprobs is not None else None
         self.in_worker = False  # the worker holds this sequence's state (sent as a diff, not in full)
         self.num_synced_tokens = 0  # tokens the worker has seen (the rest are sent with the next step)
 
@@ -142,8 +141,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times this request was preempted (recomputed)
     policy: Any = None  # the SequenceGroupPolicy deciding forks and what to do with sampled tokens
-    first_scheduled_time: float | None = None  # for time-in-queue metrics
-    extra: dict[str, Any] = field(default_factory=dict)  # policy-private state (beam candidates, ...)
 
     @property
     def num_prompt_tokens(self) -> int:

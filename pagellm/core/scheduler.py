@@ -150,8 +150,6 @@ class Scheduler:
         child.num_cached_tokens = parent.num_cached_tokens
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = parent.status
-        if parent.logprobs is not None:
-            child.logprobs = list(parent.logprobs)
         self.kv.fork(parent, child)
         req.seqs.append(child)
         self._seqs[child.seq_id] = child

@@ -31,7 +31,7 @@ from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import ProcessedInput, PromptType
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,3 @@ class AsyncLLMEngine:
                 else:
                     self._deliver(out.request_id, out)
 
-
-def delta_params(params: SamplingParams) -> SamplingParams:
-    return params.clone(output_kind=RequestOutputKind.DELTA, best_of=params.best_of)
