@@ -14,9 +14,10 @@ token per step. Utilization = tokens stored / slots allocated or reserved.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import dataclass
+
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
 
 
 @dataclass
@@ -64,13 +65,8 @@ def run_paged(model: str, reqs, kv_tokens: int, block_size: int, load_format: st
     from pagellm import LLM, SamplingParams
 
     num_blocks = kv_tokens // block_size
-    kw = dict(num_gpu_blocks_override=num_blocks, block_size=block_size, enable_prefix_caching=False,
-              load_format=load_format)
-    from pagellm.benchmarks.throughput import has_tokenizer
-
-    if not has_tokenizer(model):
-        kw["skip_tokenizer_init"] = True
-    llm = LLM(model, **kw)
+    llm = LLM(model, **llm_kwargs(model, num_gpu_blocks_override=num_blocks, block_size=block_size,
+                                   enable_prefix_caching=False, load_format=load_format))
     engine = llm.llm_engine
     for i, r in enumerate(reqs):
         engine.add_request(str(i), {"prompt_token_ids": r.prompt_token_ids},
@@ -108,17 +104,11 @@ def main(ns: argparse.Namespace) -> dict:
     for r in runs:
         print(r.row())
     report = {"kv_tokens": ns.kv_tokens, "block_size": ns.block_size, "runs": [vars(r) for r in runs]}
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return write_report(report, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from pagellm.entrypoints.cli import DEMO_MODEL
-
-    p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    add_model_args(p, dtypes=False)
     p.add_argument("--kv-tokens", type=int, default=8192, help="KV cache size in token slots.")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-prompts", type=int, default=64)

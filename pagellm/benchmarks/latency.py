@@ -10,10 +10,11 @@ step when the token budget allows) and every decode step after it.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
+
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -51,13 +52,9 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int, r
 def main(ns: argparse.Namespace) -> dict:
     from pagellm import LLM
 
-    kw = dict(load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
-              max_num_batched_tokens=max(ns.batch_size * ns.input_len, 2048), enable_prefix_caching=False)
-    from pagellm.benchmarks.throughput import has_tokenizer
-
-    if not has_tokenizer(ns.model):
-        kw["skip_tokenizer_init"] = True
-    llm = LLM(ns.model, **kw)
+    llm = LLM(ns.model, **llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype,
+                                      kv_cache_dtype=ns.kv_cache_dtype, enable_prefix_caching=False,
+                                      max_num_batched_tokens=max(ns.batch_size * ns.input_len, 2048)))
     engine = llm.llm_engine
     vocab = engine.config.model.vocab_size
     rng = random.Random(ns.seed)
@@ -81,19 +78,11 @@ def main(ns: argparse.Namespace) -> dict:
           f"prefill median {1000 * pre['median']:.1f} ms (p90 {1000 * pre['p90']:.1f}), "
           f"decode step median {1000 * dec['median']:.1f} ms (p90 {1000 * dec['p90']:.1f}), "
           f"whole batch median {report['total_s']['median']:.2f} s")
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return write_report(report, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from pagellm.entrypoints.cli import DEMO_MODEL
-
-    p.add_argument("--model", default=DEMO_MODEL)
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)

@@ -20,11 +20,12 @@ bound in output tokens/s is output tokens / that time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 
 import torch
+
+from pagellm.benchmarks.common import write_report
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,10 +116,7 @@ def main(ns: argparse.Namespace) -> dict:
     print(f"{ns.dtype} GEMM {g:.0f} GFLOP/s, memory read {bw:.1f} GB/s ({torch.get_num_threads()} threads); "
           f"workload bound on {ns.model}: {bound['output_tokens_per_s']:.0f} output tok/s "
           f"({bound['flops'] / 1e12:.2f} TFLOP, {bound['bytes'] / 1e9:.0f} GB, {bound['seconds']:.1f} s)")
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return write_report(report, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from pagellm.benchmarks.common import write_report
 from pagellm.benchmarks.latency import percentile
 
 
@@ -179,10 +180,7 @@ def main(ns: argparse.Namespace) -> dict:
         print(f"{name:>5}: {ms(m[key])}")
     if "first_error" in m:
         print(f"first error: {m['first_error']}")
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(m, f, indent=2)
-    return m
+    return write_report(m, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

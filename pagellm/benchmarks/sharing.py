@@ -17,10 +17,11 @@ to first token (median) with caching on vs off, in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
+
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
 
 
 def _blocks(engine) -> tuple[int, int]:
@@ -28,12 +29,13 @@ def _blocks(engine) -> tuple[int, int]:
     return sum(len(t) for t in tables), len({b.block_id for t in tables for b in t})
 
 
-def measure_sharing(model: str, prompts: list, kind: str, width: int, max_tokens: int, seed: int) -> dict:
+def measure_sharing(model: str, prompts: list, kind: str, width: int, max_tokens: int, seed: int,
+                    load_format: str = "auto") -> dict:
     from pagellm import LLM, SamplingParams
     from pagellm.core.beam_search import BeamSearchPolicy
     from pagellm.sampling_params import BeamSearchParams
 
-    llm = LLM(model, enable_prefix_caching=False, seed=seed)
+    llm = LLM(model, **llm_kwargs(model, enable_prefix_caching=False, seed=seed, load_format=load_format))
     engine = llm.llm_engine
     for i, p in enumerate(prompts):
         if kind == "beam":
@@ -103,7 +105,7 @@ def main(ns: argparse.Namespace) -> dict:
                for r in synthetic_workload(spec, cfg.vocab_size, set(tok.all_special_ids))]
     rows = []
     for kind, width in [("parallel", 2), ("parallel", 4), ("parallel", 8), ("beam", 4)]:
-        r = measure_sharing(ns.model, prompts, kind, width, ns.max_tokens, ns.seed)
+        r = measure_sharing(ns.model, prompts, kind, width, ns.max_tokens, ns.seed, ns.load_format)
         rows.append(r)
         print(f"{kind:>9} {width}: KV blocks saved {100 * r['mean_saving']:5.1f}% on average over "
               f"{r['steps']} steps, {100 * r['peak_saving']:5.1f}% at the peak ({r['peak_physical_blocks']} "
@@ -115,16 +117,11 @@ def main(ns: argparse.Namespace) -> dict:
           f"{1000 * pc['off']['median_ttft_s']:.1f} ms -> {1000 * pc['on']['median_ttft_s']:.1f} ms "
           f"({pc['ttft_speedup']:.2f}x), hit rate {100 * pc['on']['hit_rate']:.1f}%", flush=True)
     report = {"model": ns.model, "sharing": rows, "prefix_caching": pc}
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return write_report(report, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from pagellm.entrypoints.cli import DEMO_MODEL
-
-    p.add_argument("--model", default=DEMO_MODEL)
+    add_model_args(p, dtypes=False)
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prefix-requests", type=int, default=16)

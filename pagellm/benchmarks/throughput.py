@@ -17,13 +17,13 @@ Engines:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
 import time
 from dataclasses import asdict, dataclass
 
+from pagellm.benchmarks.common import add_model_args, has_tokenizer, llm_kwargs, write_report
 from pagellm.benchmarks.workload import (
     BenchRequest,
     WorkloadSpec,
@@ -182,16 +182,11 @@ def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
     return reqs, {"num_requests": len(reqs), "prompt_tokens": p, "output_tokens": o}
 
 
-def has_tokenizer(model: str) -> bool:
-    return any(os.path.isfile(os.path.join(model, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
 def engine_kwargs(ns: argparse.Namespace) -> dict:
     kw = dict(load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
               max_num_seqs=ns.max_num_seqs, block_size=ns.block_size, seed=ns.seed,
               attention_backend=ns.attention_backend)
-    if not has_tokenizer(ns.model):
-        kw["skip_tokenizer_init"] = True
+    kw = llm_kwargs(ns.model, **kw)
     if ns.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = ns.max_num_batched_tokens
     if ns.kv_cache_memory:
@@ -231,19 +226,11 @@ def main(ns: argparse.Namespace) -> dict:
             print(format_table(results), flush=True)
     report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
               "threads": ns.threads or os.cpu_count(), "results": [r.as_dict() for r in results]}
-    if ns.output_json:
-        with open(ns.output_json, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+    return write_report(report, ns.output_json)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from pagellm.entrypoints.cli import DEMO_MODEL
-
-    p.add_argument("--model", default=DEMO_MODEL, help="HF checkpoint directory (default: the demo model).")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_model_args(p)
     p.add_argument("--num-prompts", type=int, default=None, help="Requests (default 64, or the whole dataset).")
     p.add_argument("--input-len", type=int, default=None, help="Fixed prompt length instead of the distribution.")
     p.add_argument("--output-len", type=int, default=None, help="Fixed output length instead of the distribution.")

@@ -103,14 +103,35 @@ def apply_filters(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Token i with probability p_i: the first index whose cumulative mass exceeds u * total.
+_CDF_BLOCK = 256
 
-    Zero-probability tokens are never chosen (their CDF step is empty).
+
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token i with probability p_i: the first index whose cumulative weight exceeds u * total.
+
+    Two levels, so the vocabulary is read twice, not cumulated: weights w = exp(x - max) summed in
+    blocks of 256, the block found on the (short) cumulative block sums, then the token inside that
+    block. Zero-weight tokens are never chosen (their step of the CDF is empty; rounding at the very
+    end falls back to the last token with weight). Every operation is per row.
     """
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-    x = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    b, v = logits.shape
+    w = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # (B, V), 0 for -inf
+    pad = (-v) % _CDF_BLOCK
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    wb = w.view(b, -1, _CDF_BLOCK)  # (B, nblk, 256)
+    bcdf = wb.sum(dim=-1).cumsum(dim=-1)  # (B, nblk)
+    x = uniforms.to(w.dtype)[:, None] * bcdf[:, -1:]  # (B, 1)
+    blk = torch.minimum(torch.searchsorted(bcdf, x, right=True), _first_at_max(bcdf))
+    before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_(min=0)), torch.zeros_like(x))
+    inner = wb.gather(1, blk[:, :, None].expand(b, 1, _CDF_BLOCK)).squeeze(1).cumsum(dim=-1)  # (B, 256)
+    pos = torch.minimum(torch.searchsorted(inner, x - before, right=True), _first_at_max(inner))
+    return (blk * _CDF_BLOCK + pos).squeeze(1)
+
+
+def _first_at_max(cdf: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index of the first entry equal to the row's last (largest) value: the last positive step."""
+    return (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)
 
 
 def gather_logprobs(raw: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor,

@@ -67,8 +67,8 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     m = config.model
     shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
-    # torch.empty: pages are only touched when written (a slot is always written before it is read)
-    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+    # zeros, not empty: the pages are faulted in now rather than one block at a time during decoding
+    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
               for _ in range(m.num_layers)]
     gib = num_blocks * bytes_per_block(config) / 2**30
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,

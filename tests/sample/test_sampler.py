@@ -202,3 +202,18 @@ def test_processed_logprobs_reflect_temperature_and_filters():
     tok = out.token_ids.item()
     assert tok in (0, 2)
     assert out.logprobs.item() == pytest.approx(expected[0 if tok == 0 else 1].item(), abs=1e-5)
+
+
+def test_inverse_cdf_edges_never_pick_zero_weight_tokens():
+    from pagellm.sample.sampler import sample_inverse_cdf
+
+    logits = torch.full((4, 1000), float("-inf"))
+    logits[:, [3, 500, 700]] = torch.tensor([0.0, 1.0, 2.0])
+    u = torch.tensor([0.0, 1 - 1e-12, 0.5, 0.999999], dtype=torch.float64)
+    toks = sample_inverse_cdf(logits, u).tolist()
+    assert toks[0] == 3 and toks[1] == 700 and all(t in (3, 500, 700) for t in toks)
+    # u splits the mass: weights e^0, e^1, e^2 -> cumulative 1, 3.72, 11.1 of 11.1
+    probs = torch.tensor([1.0, 2.718281828, 7.389056099])
+    edges = (probs.cumsum(0) / probs.sum()).tolist()
+    u2 = torch.tensor([edges[0] - 1e-6, edges[0] + 1e-6, edges[1] + 1e-6, 0.0], dtype=torch.float64)
+    assert sample_inverse_cdf(logits, u2).tolist() == [3, 500, 700, 3]

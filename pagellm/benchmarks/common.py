@@ -1,0 +1,39 @@
+"""Pieces every `pagellm bench` subcommand shares: model flags, tokenizer detection, the JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_model_args(p: argparse.ArgumentParser, dtypes: bool = True) -> None:
+    """--model (default: the demo model), --load-format and, with dtypes, --dtype / --kv-cache-dtype."""
+    from pagellm.entrypoints.cli import DEMO_MODEL
+
+    p.add_argument("--model", default=DEMO_MODEL, help="HF checkpoint directory (default: the demo model).")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
+    if dtypes:
+        p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+        p.add_argument("--kv-cache-dtype", default="auto", choices=DTYPE_CHOICES)
+
+
+def has_tokenizer(model: str) -> bool:
+    return any(os.path.isfile(os.path.join(model, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def llm_kwargs(model: str, **kwargs: Any) -> dict[str, Any]:
+    """LLM(...) keywords for a benchmark: a config-only directory (dummy weights) runs without a tokenizer."""
+    if not has_tokenizer(model):
+        kwargs["skip_tokenizer_init"] = True
+    return kwargs
+
+
+def write_report(report: dict, path: str | None) -> dict:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
