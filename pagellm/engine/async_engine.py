@@ -95,14 +95,16 @@ class AsyncLLMEngine:
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
-        if self.max_waiting_requests is not None and self.stats.num_waiting_reqs + self._commands.qsize() \
-                >= self.max_waiting_requests:
-            raise QueueFullError(f"the queue holds {self.max_waiting_requests} waiting requests "
-                                 "(max_waiting_requests); try again later")
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use.")
+            # Live requests not known to be running are waiting (the running count is the engine's last
+            # snapshot, so in doubt this counts more as waiting, never fewer).
+            waiting = len(self._streams) - self.stats.num_running_reqs
+            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests="
+                                     f"{self.max_waiting_requests}); try again later")
             self._streams[request_id] = stream
         self._submit(("add", request_id, inp, policy))
         finished = False

@@ -13,7 +13,9 @@ single index_copy_ and a sequence's context a gather of whole blocks.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 
 import psutil
 import torch
@@ -63,13 +65,36 @@ def determine_num_blocks(config: EngineConfig) -> int:
     return int(num_blocks)
 
 
+def _advise_huge_pages(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under a CPU cache tensor (no-op elsewhere).
+
+    The cache is allocated lazily (memory is used as blocks fill); with 2 MiB pages a growing
+    cache takes 512x fewer page faults, and the attention kernel's scattered block reads miss the
+    TLB far less often.
+    """
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        huge = 2 << 20
+        start = (t.data_ptr() + huge - 1) // huge * huge
+        end = (t.data_ptr() + t.numel() * t.element_size()) // huge * huge
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
+
+
 def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     m = config.model
     shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
-    # zeros, not empty: the pages are faulted in now rather than one block at a time during decoding
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+    # empty: a slot is always written before it is read, and untouched pages cost no memory
+    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
               for _ in range(m.num_layers)]
+    for k, v in caches:
+        _advise_huge_pages(k)
+        _advise_huge_pages(v)
     gib = num_blocks * bytes_per_block(config) / 2**30
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks,
                 config.cache.block_size, num_blocks * config.cache.block_size, gib, dtype)
