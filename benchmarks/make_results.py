@@ -63,6 +63,7 @@ def _throughput_rows(name: str, label: str, bound: dict | None) -> list[str]:
     r = _load(name)
     if r is None:
         return []
+    label = label.format(device=r.get("device", "?"))
     res = {x["engine"]: x for x in r["results"]}
     ours = res["pagellm"]
     rows = []
@@ -88,10 +89,12 @@ def render() -> str:
     lines += ["| workload | engine | output tok/s | total tok/s | req/s | peak RSS MB | pagellm / engine | "
               "% of bound |", "|---|---|---|---|---|---|---|---|"]
     lines += _throughput_rows("throughput_gpt2_fp32", "GPT-2 124M fp32 (dummy)", p32)
-    lines += _throughput_rows("throughput_gpt2_fp32_kvbf16", "GPT-2 124M fp32, bf16 KV", p32)
+    lines += _throughput_rows("throughput_gpt2_fp32_kvbf16", "GPT-2 124M fp32, bf16 KV", None)
     lines += _throughput_rows("throughput_gpt2_bf16", "GPT-2 124M bf16 (dummy)", p16)
     lines += _throughput_rows("throughput_llama_fp32", "LLaMA ~100M fp32 (dummy)", None)
     lines += _throughput_rows("throughput_demo", "demo model (shipped)", None)
+    # Written on a GPU machine (not part of RUNS): see benchmarks/README.md.
+    lines += _throughput_rows("throughput_gpt2_fp32_cuda", "GPT-2 124M fp32 (dummy) on {device}", None)
     lat = _load("latency_gpt2")
     if lat:
         lines += ["", f"Latency, GPT-2 124M fp32, batch {lat['batch_size']} x ({lat['input_len']} in, "

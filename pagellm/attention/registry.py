@@ -12,17 +12,19 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, str] = {
     "torch_ref": "pagellm.attention.torch_ref:TorchRefBackend",
     "cpu_paged": "pagellm.attention.cpu_paged:CpuPagedBackend",
+    "triton_paged": "pagellm.attention.triton_paged:TritonPagedBackend",
 }
 
 
 def get_attention_backend(name: str, device: str) -> AttentionBackend:
-    """`auto` picks the fastest backend that works on this device (the C++ kernel on CPU)."""
+    """`auto` picks the fastest backend that works on this device: the C++ kernel on CPU, Triton on CUDA."""
     if name == "auto":
-        if device == "cpu":
+        fast = "cpu_paged" if device == "cpu" else "triton_paged" if device.startswith("cuda") else None
+        if fast is not None:
             try:
-                return _make("cpu_paged")
-            except Exception as e:  # no compiler, no ninja, ...: stay correct, just slower
-                logger.warning("the C++ paged-attention kernel is unavailable (%s); using torch_ref", e)
+                return _make(fast)
+            except Exception as e:  # no compiler, no Triton, ...: stay correct, just slower
+                logger.warning("attention backend %s is unavailable (%s); using torch_ref", fast, e)
         return _make("torch_ref")
     return _make(name)
 

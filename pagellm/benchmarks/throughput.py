@@ -62,6 +62,13 @@ class EngineResult:
         return d
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -93,7 +100,7 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
     return EngineResult("pagellm", elapsed, len(reqs), p_tok, o_tok, _peak_rss_mb(), note)
 
 
-def _hf_model(model: str, load_format: str, dtype: str):
+def _hf_model(model: str, load_format: str, dtype: str, device: str = "cpu"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,7 +110,7 @@ def _hf_model(model: str, load_format: str, dtype: str):
         m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=torch_dtype)
     else:
         m = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
-    m.eval()
+    m.to(device).eval()
     m.generation_config.eos_token_id = None  # run every request to its length
     return m
 
@@ -118,6 +125,7 @@ def _hf_generate(m, batch: list[BenchRequest]) -> int:
         ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
         mask[i, width - len(r.prompt_token_ids):] = 1
     new = max(r.output_len for r in batch)
+    ids, mask = ids.to(m.device), mask.to(m.device)
     with torch.inference_mode():
         out = m.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0,
                          top_k=0, pad_token_id=0)
@@ -125,14 +133,15 @@ def _hf_generate(m, batch: list[BenchRequest]) -> int:
 
 
 def run_hf(model: str, load_format: str, dtype: str, reqs: list[BenchRequest], batch_size: int,
-           threads: int | None) -> EngineResult:
+           threads: int | None, device: str = "cpu") -> EngineResult:
     _set_threads(threads)
-    m = _hf_model(model, load_format, dtype)
+    m = _hf_model(model, load_format, dtype, device)
     _hf_generate(m, [BenchRequest(reqs[0].prompt_token_ids[:8], 4)])  # warm-up
     t0 = time.perf_counter()
     computed = 0
     for i in range(0, len(reqs), batch_size):
         computed += _hf_generate(m, reqs[i:i + batch_size])
+    _sync(device)
     elapsed = time.perf_counter() - t0
     p_tok, o_tok = workload_totals(reqs)
     name = "hf-single" if batch_size == 1 else f"hf-static({batch_size})"
@@ -160,6 +169,16 @@ def run_isolated(fn, *args) -> EngineResult:
     return value
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.machine()})"
+
+
 def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -185,7 +204,7 @@ def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
 def engine_kwargs(ns: argparse.Namespace) -> dict:
     kw = dict(load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
               max_num_seqs=ns.max_num_seqs, block_size=ns.block_size, seed=ns.seed,
-              attention_backend=ns.attention_backend)
+              attention_backend=ns.attention_backend, device=ns.device)
     kw = llm_kwargs(ns.model, **kw)
     if ns.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = ns.max_num_batched_tokens
@@ -216,16 +235,18 @@ def main(ns: argparse.Namespace) -> dict:
     for name in ns.compare or []:
         if name != "hf":
             raise ValueError(f"--compare takes 'hf', got {name!r}")
-        results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, reqs, ns.hf_batch_size, ns.threads))
+        results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, reqs, ns.hf_batch_size, ns.threads,
+                                    ns.device))
         print(format_table(results), flush=True)
         if not ns.skip_hf_single:
             sub = reqs[:ns.hf_single_requests] if ns.hf_single_requests else reqs
-            results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, sub, 1, ns.threads))
+            results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, sub, 1, ns.threads, ns.device))
             if len(sub) < len(reqs):
                 results[-1].note += f"; first {len(sub)} requests only"
             print(format_table(results), flush=True)
     report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
-              "threads": ns.threads or os.cpu_count(), "results": [r.as_dict() for r in results]}
+              "threads": ns.threads or os.cpu_count(), "device": device_name(ns.device),
+              "results": [r.as_dict() for r in results]}
     return write_report(report, ns.output_json)
 
 
@@ -247,4 +268,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (for every engine).")
     p.add_argument("--output-json", default=None)

@@ -72,3 +72,26 @@ def test_auto_picks_the_kernel_on_cpu():
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         get_attention_backend("flash9", "cpu")
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="the Triton backend needs a CUDA GPU (run on a GPU machine)")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype, cache_dtype, tol", [(torch.float32, torch.float32, 1e-4),
+                                                     (torch.bfloat16, torch.bfloat16, 2e-2),
+                                                     (torch.float16, torch.float16, 5e-3)])
+def test_triton_paged_matches_torch_ref_on_cuda(case, dtype, cache_dtype, tol):
+    backend = get_attention_backend("triton_paged", "cuda")
+    h, kvh, d, bs, specs = case
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, cache_dtype)
+    to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    q, k, v = to(q), to(k), to(v)
+    cache = (to(cache[0]), to(cache[1]))
+    for field in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables", "paged_seq_ids"):
+        setattr(meta, field, to(getattr(meta, field)))
+    ref_cache = (cache[0].clone(), cache[1].clone())
+    got = backend.forward(q, k, v, cache, meta, d ** -0.5)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, d ** -0.5)
+    assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)

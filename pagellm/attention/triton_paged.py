@@ -1,0 +1,95 @@
+"""Paged attention on CUDA GPUs with a Triton kernel for decode tokens.
+
+One program per (sequence, K/V head): it walks the sequence's block table a
+block at a time, scores the block's keys against the G query heads that share
+the K/V head, and keeps an online softmax (running max and sum) in float32,
+so K/V are read once, straight from the paged cache. Fresh prompts use SDPA on
+their own K/V; prefill chunks over cached context (several query tokens) use
+the torch_ref path. Triton is imported only when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagellm.attention.backend import AttentionMetadata, KVCache, fresh_attention, write_kv
+from pagellm.attention.torch_ref import paged_attention_ref
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qstart_ptr, ids_ptr, scale,
+                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
+                     BLOCK: tl.constexpr, D: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        s = tl.load(ids_ptr + pid)
+        tok = tl.load(qstart_ptr + s)
+        n = tl.load(lens_ptr + s)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, D)
+        t = tl.arange(0, BLOCK)
+        g_ok = g < G
+        q = tl.load(q_ptr + tok * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None], other=0.0).to(tl.float32) * scale  # (GP, D)
+        m = tl.full((GP,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for b0 in range(0, n, BLOCK):
+            blk = tl.load(tables_ptr + s * stride_tab + b0 // BLOCK)
+            t_ok = (b0 + t) < n
+            off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + off, mask=t_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK, D)
+            v = tl.load(v_ptr + off, mask=t_ok[:, None], other=0.0).to(tl.float32)
+            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (GP, BLOCK)
+            qk = tl.where(t_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        res = acc / l_sum[:, None]
+        tl.store(out_ptr + tok * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
+                 res.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+    return paged_decode
+
+
+class TritonPagedBackend:
+    name = "triton_paged"
+
+    def __init__(self) -> None:
+        self.kernel = _kernel()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta)
+        q = q.contiguous()
+        out = torch.zeros_like(q)
+        fresh_attention(out, q, k, v, meta, scale)
+        if not meta.paged_seqs:
+            return out
+        qsl = meta.query_start_loc_cpu
+        decode = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] == 1]
+        chunks = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] > 1]
+        if chunks:
+            paged_attention_ref(out, q, kv_cache, meta, scale, chunks)
+        if decode:
+            self.decode(out, q, kv_cache, meta, scale, torch.tensor(decode, device=q.device))
+        return out
+
+    def decode(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+               scale: float, seq_ids: torch.Tensor) -> None:
+        k_cache, v_cache = kv_cache
+        bs, kvh, d = k_cache.shape[1:]
+        g = q.shape[1] // kvh
+        gp = max(1, 1 << (g - 1).bit_length())
+        tables = meta.block_tables.contiguous()
+        self.kernel[(len(seq_ids), kvh)](
+            out, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, seq_ids, scale,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+            BLOCK=bs, D=d, G=g, GP=gp)
