@@ -110,7 +110,8 @@ def render() -> str:
     sh = _load("sharing_demo")
     if sh:
         lines += ["", "Memory sharing (demo model; saving = 1 - physical / logical blocks):", "",
-                  "| kind | width | mean saving | peak saving | peak blocks (shared / unshared) |", "|---|---|---|---|---|"]
+                  "| kind | width | mean saving | peak saving | peak blocks (shared / unshared) |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r['kind']} | {r['width']} | {100 * r['mean_saving']:.1f}% | {100 * r['peak_saving']:.1f}% | "
                   f"{r['peak_physical_blocks']} / {r['peak_logical_blocks']} |" for r in sh["sharing"]]
         pc = sh["prefix_caching"]
