@@ -49,6 +49,29 @@ class AttentionBackend(Protocol):
         ...
 
 
+class PagedBackendBase:
+    """The forward every backend shares: store this step's K/V, SDPA for fresh prompts, then the
+    backend's own `paged()` for the sequences that read context from the cache."""
+
+    name = "base"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta)
+        q = q.contiguous()
+        # Rows no kernel writes (batch padding, before SDPA fills fresh prompts) must not hold garbage.
+        alloc = torch.zeros if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty
+        out = alloc(q.shape, dtype=q.dtype, device=q.device)
+        fresh_attention(out, q, k, v, meta, scale)
+        if meta.paged_seqs:
+            self.paged(out, q, kv_cache, meta, scale)
+        return out
+
+    def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+              scale: float) -> None:
+        raise NotImplementedError
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
     """Store this step's K/V at their slots (block * block_size + offset)."""
     k_cache, v_cache = kv_cache

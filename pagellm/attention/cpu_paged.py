@@ -21,7 +21,7 @@ import platform
 
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, KVCache, fresh_attention, write_kv
+from pagellm.attention.backend import AttentionMetadata, KVCache, PagedBackendBase
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +53,14 @@ def load_extension():
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
-class CpuPagedBackend:
+class CpuPagedBackend(PagedBackendBase):
     name = "cpu_paged"
 
     def __init__(self) -> None:
         self.ops = load_extension()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta)
-        q = q.contiguous()
-        alloc = torch.zeros if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty
-        out = alloc(q.shape, dtype=q.dtype, device=q.device)
-        fresh_attention(out, q, k, v, meta, scale)
-        if meta.paged_seqs:
-            with torch.profiler.record_function("pagellm::paged_attention"):
-                self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables,
-                                         meta.seq_lens, meta.query_start_loc, meta.paged_seq_ids, scale)
-        return out
+    def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+              scale: float) -> None:
+        with torch.profiler.record_function("pagellm::paged_attention"):
+            self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, meta.paged_seq_ids, scale)

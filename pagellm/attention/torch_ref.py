@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, KVCache, expand_kv, fresh_attention, write_kv
+from pagellm.attention.backend import AttentionMetadata, KVCache, PagedBackendBase, expand_kv
 
 
-class TorchRefBackend:
+class TorchRefBackend(PagedBackendBase):
     name = "torch_ref"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta)
-        out = torch.zeros_like(q)
-        fresh_attention(out, q, k, v, meta, scale)
+    def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+              scale: float) -> None:
         paged_attention_ref(out, q, kv_cache, meta, scale, meta.paged_seqs)
-        return out
 
 
 def gather_context(kv_cache: KVCache, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

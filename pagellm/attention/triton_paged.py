@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, KVCache, fresh_attention, write_kv
+from pagellm.attention.backend import AttentionMetadata, KVCache, PagedBackendBase
 from pagellm.attention.torch_ref import paged_attention_ref
 
 
@@ -59,20 +59,14 @@ def _kernel():
     return paged_decode
 
 
-class TritonPagedBackend:
+class TritonPagedBackend(PagedBackendBase):
     name = "triton_paged"
 
     def __init__(self) -> None:
         self.kernel = _kernel()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta)
-        q = q.contiguous()
-        out = torch.zeros_like(q)
-        fresh_attention(out, q, k, v, meta, scale)
-        if not meta.paged_seqs:
-            return out
+    def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+              scale: float) -> None:
         qsl = meta.query_start_loc_cpu
         decode = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] == 1]
         chunks = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] > 1]
@@ -80,7 +74,6 @@ class TritonPagedBackend:
             paged_attention_ref(out, q, kv_cache, meta, scale, chunks)
         if decode:
             self.decode(out, q, kv_cache, meta, scale, torch.tensor(decode, device=q.device))
-        return out
 
     def decode(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
                scale: float, seq_ids: torch.Tensor) -> None:
