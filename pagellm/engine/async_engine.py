@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pagellm.core.policies import SamplingPolicy
 from pagellm.core.scheduler import SchedulerStats
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import ProcessedInput, PromptType
@@ -168,7 +167,7 @@ class AsyncLLMEngine:
             if cmd[0] == "add":
                 _, rid, inp, policy = cmd
                 try:
-                    self.engine.add_request(rid, inp, policy=policy or SamplingPolicy(inp.params.best_of))
+                    self.engine.add_request(rid, inp, policy=policy)
                 except ValueError as e:
                     self._deliver(rid, e)
             else:

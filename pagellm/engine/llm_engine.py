@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 from pagellm.config import EngineConfig
-from pagellm.core.policies import SamplingPolicy
 from pagellm.core.request import Request
 from pagellm.core.scheduler import Scheduler, SchedulerStats
 from pagellm.engine.arg_utils import EngineArgs
@@ -73,7 +72,7 @@ class LLMEngine:
         req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
                       eos_token_ids=self.config.model.eos_token_ids,
                       base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
-                      cache_salt=inp.cache_salt, policy=policy or SamplingPolicy(p.best_of))
+                      cache_salt=inp.cache_salt, policy=policy)
         self.scheduler.add_request(req)
         self.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, p, arrival)
 

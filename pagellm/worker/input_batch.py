@@ -48,6 +48,7 @@ class InputBatch:
         self.top_k = np.zeros(max_num_seqs, dtype=np.int64)
         self.top_p = np.ones(max_num_seqs, dtype=np.float32)
         self.min_p = np.zeros(max_num_seqs, dtype=np.float32)
+        self.wants_prompt_logprobs = np.zeros(max_num_seqs, dtype=bool)
         self.params: list[SamplingParams | None] = [None] * max_num_seqs
         self.seeds: list[int] = [0] * max_num_seqs
         self.row_of: dict[int, int] = {}
@@ -73,11 +74,13 @@ class InputBatch:
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p
         self.min_p[row] = p.min_p
+        self.wants_prompt_logprobs[row] = p.prompt_logprobs is not None
 
     def remove(self, seq_id: int) -> None:
         row = self.row_of.pop(seq_id, None)
         if row is not None:
             self.params[row] = None
+            self.wants_prompt_logprobs[row] = False
             self._free_rows.append(row)
 
     def update(self, c: CachedSeqData) -> None:

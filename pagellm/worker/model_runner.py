@@ -160,10 +160,8 @@ class ModelRunner:
         """For prompt_logprobs requests: batch indices of prompt positions p whose next token p+1 is a prompt token."""
         out = []
         b = self.batch
-        for i, row in enumerate(rows):
-            p = b.params[row]
-            if p.prompt_logprobs is None:
-                continue
+        for i in np.flatnonzero(b.wants_prompt_logprobs[rows]):
+            row = rows[i]
             n_prompt = int(b.num_prompt[row])
             first, last = int(starts[i]), min(int(starts[i] + counts[i]), n_prompt - 1)
             if last <= first:

@@ -162,15 +162,13 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
         with open(ns.chat_template) as f:
             chat_template = f.read()
     cfg = engine.config
-    state = ServingState(engine, engine_args.served_model_name or cfg.model.served_model_name,
+    state = ServingState(engine, cfg.model.served_model_name,
                          cfg.model.max_model_len, max_n=ns.max_n, chat_template=chat_template)
     state.metrics.attach_engine(engine)
     return state
 
 
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
-    if engine_args.served_model_name is None and engine_args.model:
-        engine_args.served_model_name = engine_args.model
     state = make_state(ns, engine_args)
     app = build_app(state, ns.api_key)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
