@@ -11,6 +11,24 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ModelGeometry:
+    """The shape of a model's KV cache, as the model class reports it (`cls.geometry(hf_config)`)."""
+
+    num_layers: int
+    num_kv_heads: int  # K/V heads per layer (1 for multi-query attention)
+    head_dim: int
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: keys a query sees, None = the whole context
+
+    def kv_sliding_window(self, max_model_len: int) -> int | None:
+        """The window after which a token's K/V is dead in every layer (blocks may be freed), else None."""
+        windows = self.sliding_windows
+        if not windows or any(w is None for w in windows):
+            return None
+        window = max(windows)
+        return window if window < max_model_len else None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The checkpoint and how to run it."""
 
@@ -24,6 +42,7 @@ class ModelConfig:
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    sliding_window: int | None = None  # every layer's window is at most this: older K/V blocks are freed
     eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json, config.json and the tokenizer
     load_format: str = "auto"  # auto | safetensors | pt | dummy
     seed: int = 0  # engine seed: dummy weights and the seeds of requests that give none

@@ -12,7 +12,9 @@ MODELS_DIR = os.path.join(ROOT, "tests", ".models")
 DEMO_MODEL = os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama")
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 
-ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope"]
+ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
+         "gpt_neox", "opt", "opt_post_ln", "mixtral", "qwen2_moe"]
+FALLBACK_ARCHS = ["stablelm", "granite"]  # no native implementation: the transformers fallback
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,27 @@ import torch
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: K and V, each (num_blocks, block_size, kv_heads, head_dim)
 
 
+@dataclass(frozen=True)
+class AttentionParams:
+    """What one layer's attention computes, beyond q, k and v.
+
+    A query at position p sees the keys at positions j with
+
+        p - sliding_window < j <= p        (sliding_window None: 0 <= j <= p)
+
+    and its scores s = scale * q.k become cap * tanh(s / cap) before the softmax when
+    logits_soft_cap is set (Gemma 2).
+    """
+
+    scale: float
+    sliding_window: int | None = None  # keys the query sees, itself included; None = the whole context
+    logits_soft_cap: float | None = None
+
+    def first_key(self, query_pos: int) -> int:
+        """The first key position a query at query_pos sees."""
+        return 0 if self.sliding_window is None else max(0, query_pos - self.sliding_window + 1)
+
+
 @dataclass
 class AttentionMetadata:
     num_tokens: int  # real tokens in the batch; rows past this are padding and are not attended or cached
@@ -44,7 +65,7 @@ class AttentionBackend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         """q (T, H, D), k/v (T, KVH, D) -> out (T, H, D); writes k/v of the first meta.num_tokens rows to the cache."""
         ...
 
@@ -56,19 +77,24 @@ class PagedBackendBase:
     name = "base"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta)
         q = q.contiguous()
         # Rows no kernel writes (batch padding, before SDPA fills fresh prompts) must not hold garbage.
         alloc = torch.zeros if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty
         out = alloc(q.shape, dtype=q.dtype, device=q.device)
-        fresh_attention(out, q, k, v, meta, scale)
+        fresh_attention(out, q, k, v, meta, params)
         if meta.paged_seqs:
-            self.paged(out, q, kv_cache, meta, scale)
+            self.paged(out, q, kv_cache, meta, params)
         return out
 
     def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-              scale: float) -> None:
+              params: AttentionParams) -> None:
+        """Attention of the sequences in meta.paged_seqs, reading their context from the cache.
+
+        Keys before params.first_key(query position) may sit in blocks already handed back
+        (sliding window): a backend must not read them.
+        """
         raise NotImplementedError
 
 
@@ -82,17 +108,45 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: Attentio
 
 
 def fresh_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> None:
+                    meta: AttentionMetadata, params: AttentionParams) -> None:
     """Causal attention of sequences whose whole context is in this step (a fresh prompt)."""
     qsl = meta.query_start_loc_cpu
-    groups = q.shape[1] // k.shape[1]
     for i in meta.fresh_seqs:
         s, e = qsl[i], qsl[i + 1]
-        qi = q[s:e].transpose(0, 1)  # (H, L, D)
-        ki = expand_kv(k[s:e], groups).transpose(0, 1)  # (H, L, D)
-        vi = expand_kv(v[s:e], groups).transpose(0, 1)
-        oi = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=e - s > 1, scale=scale)
-        out[s:e] = oi.transpose(0, 1)
+        out[s:e] = dense_attention(q[s:e], k[s:e], v[s:e], 0, params)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: int,
+                    params: AttentionParams) -> torch.Tensor:
+    """q (L, H, D) for the last L positions of a context whose keys k, v (n, KVH, D) start at
+    position k_start -> out (L, H, D). Causal, with the layer's window and soft-cap.
+
+    n = 6, L = 2, k_start = 0: queries sit at positions 4, 5; query 4 sees keys 0..4.
+    """
+    n, q_len = k.shape[0], q.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    qi = q.transpose(0, 1)  # (H, L, D)
+    ki = expand_kv(k.to(q.dtype), groups).transpose(0, 1)  # (H, n, D)
+    vi = expand_kv(v.to(q.dtype), groups).transpose(0, 1)
+    plain = params.sliding_window is None and params.logits_soft_cap is None
+    if plain and (n == q_len or q_len == 1):  # causal from the start, or one query that sees every key
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=n == q_len > 1,
+                                                               scale=params.scale)
+        return out.transpose(0, 1)
+    q_pos = torch.arange(k_start + n - q_len, k_start + n, device=q.device)[:, None]  # (L, 1)
+    k_pos = torch.arange(k_start, k_start + n, device=q.device)[None, :]  # (1, n)
+    mask = k_pos <= q_pos
+    if params.sliding_window is not None:
+        mask &= k_pos > q_pos - params.sliding_window
+    if params.logits_soft_cap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=params.scale)
+        return out.transpose(0, 1)
+    # Soft-capping has no SDPA kernel: the eager formula (as Hugging Face's Gemma 2), softmax in float32.
+    cap = params.logits_soft_cap
+    scores = torch.tanh(torch.matmul(qi, ki.transpose(1, 2)) * params.scale / cap) * cap  # (H, L, n)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, vi).transpose(0, 1)
 
 
 def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

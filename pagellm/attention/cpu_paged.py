@@ -21,7 +21,7 @@ import platform
 
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, KVCache, PagedBackendBase
+from pagellm.attention.backend import AttentionMetadata, AttentionParams, KVCache, PagedBackendBase
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class CpuPagedBackend(PagedBackendBase):
         self.ops = load_extension()
 
     def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-              scale: float) -> None:
+              params: AttentionParams) -> None:
         with torch.profiler.record_function("pagellm::paged_attention"):
             self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc, meta.paged_seq_ids, scale)
+                                     meta.query_start_loc, meta.paged_seq_ids, params.scale,
+                                     params.sliding_window or 0, params.logits_soft_cap or 0.0)

@@ -75,11 +75,11 @@ class ModelShape:
         lm_head = m.get_output_embeddings().weight.numel()
         tied = m.get_output_embeddings().weight is m.get_input_embeddings().weight
         pos = sum(p.numel() for n, p in m.named_parameters() if n.endswith("wpe.weight"))
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or (1 if getattr(cfg, "multi_query", False) else heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        from pagellm.models.registry import get_model_class, resolve_architecture
+
+        geo = get_model_class(resolve_architecture(getattr(cfg, "architectures", None), cfg)).geometry(cfg)
         non_emb = total - emb - pos - (0 if tied else lm_head)
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim, non_emb, lm_head)
+        return cls(geo.num_layers, cfg.hidden_size, geo.num_kv_heads * geo.head_dim, non_emb, lm_head)
 
 
 def workload_bound(shape: ModelShape, prompt_lens: list[int], output_lens: list[int], gflops: float, gbs: float,

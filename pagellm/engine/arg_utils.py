@@ -106,7 +106,7 @@ class EngineArgs:
     def _model_config(self) -> ModelConfig:
         from transformers import AutoConfig
 
-        from pagellm.models.registry import resolve_architecture
+        from pagellm.models.registry import get_model_class, resolve_architecture
 
         path = self.model
         if not path:
@@ -116,11 +116,15 @@ class EngineArgs:
                                     "only: a directory with config.json, weights and tokenizer files).")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"model directory {path!r} has no config.json.")
-        hf = AutoConfig.from_pretrained(path)
-        arch = resolve_architecture(getattr(hf, "architectures", None))
-        heads = hf.num_attention_heads
-        kv_heads = getattr(hf, "num_key_value_heads", None) or (1 if getattr(hf, "multi_query", False) else heads)
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        try:
+            hf = AutoConfig.from_pretrained(path)
+        except ValueError as e:  # a model_type this transformers does not know
+            from pagellm.models.registry import supported_architectures
+
+            raise ValueError(f"cannot read {path}/config.json: {e} Natively supported architectures: "
+                             f"{', '.join(supported_architectures())}.") from None
+        arch = resolve_architecture(getattr(hf, "architectures", None), hf)
+        geometry = get_model_class(arch).geometry(hf)  # the model owns its KV-cache shape
         derived = _derived_max_len(hf)
         max_len = self.max_model_len or derived
         if max_len > derived:
@@ -134,9 +138,10 @@ class EngineArgs:
             dtype=_resolve_dtype(self.dtype, hf, self.device),
             max_model_len=max_len,
             vocab_size=hf.vocab_size,
-            num_layers=hf.num_hidden_layers,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
+            num_layers=geometry.num_layers,
+            num_kv_heads=geometry.num_kv_heads,
+            head_dim=geometry.head_dim,
+            sliding_window=geometry.kv_sliding_window(max_len),
             eos_token_ids=_eos_ids(path, hf),
             load_format=self.load_format,
             seed=self.seed,

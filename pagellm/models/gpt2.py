@@ -4,9 +4,9 @@
                                                LN -> c_fc -> gelu -> c_proj -> + residual] x L
                    -> ln_f -> hidden (T, hidden);   compute_logits: hidden @ wte^T (tied)
 
-GPT-2 checkpoints store their projections as Conv1D, (in, out): the loader
-transposes them (`transposed_weights`). GPT BigCode (gpt_bigcode.py) reuses
-this file with nn.Linear weights and multi-query attention.
+GPT-2 checkpoints store their projections as Conv1D, (in, out): those weights
+carry a transposing weight loader (`transposed_weights`). GPT BigCode
+(gpt_bigcode.py) reuses this file with nn.Linear weights and multi-query attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.models.layers import Attention, Linear, activation, lm_head_logits
+from pagellm.config import ModelGeometry
+from pagellm.models.base import CausalLM
+from pagellm.models.layers import Attention, Linear, activation, lm_head_logits, set_weight_loader, transposed_loader
 
 
 class GPT2Attention(nn.Module):
@@ -72,18 +74,25 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2LMHeadModel(nn.Module):
-    transposed_weights = ("c_attn", "c_proj", "c_fc")
-    num_kv_heads: int | None = None  # None: one K/V head per query head
+class GPT2LMHeadModel(CausalLM):
+    transposed_weights = ("c_attn", "c_proj", "c_fc")  # Conv1D modules: weights stored (in, out)
 
     def __init__(self, config, max_model_len: int) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config, self.kv_heads(config))
+        for name, p in self.named_parameters():
+            if name.endswith(".weight") and name.split(".")[-2] in self.transposed_weights:
+                set_weight_loader(p, transposed_loader)
 
     @classmethod
     def kv_heads(cls, config) -> int | None:
-        return None
+        return None  # one K/V head per query head
+
+    @classmethod
+    def geometry(cls, config) -> ModelGeometry:
+        return ModelGeometry(config.n_layer, cls.kv_heads(config) or config.n_head, config.n_embd // config.n_head,
+                             (None,) * config.n_layer)
 
     def hf_name(self, name: str) -> str | None:
         if name.startswith("lm_head.") or name.endswith((".attn.bias", ".attn.masked_bias")):

@@ -1,9 +1,16 @@
-"""Building blocks shared by the model files: norms, rotary embedding, packed linears, attention.
+"""Building blocks shared by the model files: norms, rotary embedding, packed linears, gated MLP,
+mixture of experts, attention, and the per-parameter weight loaders behind them.
 
 Every model works on a flat batch: `(num_tokens, hidden)` activations, no
 padding, no batch dimension. Attention reads and writes the paged KV cache
 through the backend chosen at start-up, with the step's `AttentionMetadata`
 passed down explicitly.
+
+Weight loading is declared on the parameters themselves: a parameter may carry
+`weight_loader(param, tensor, shard_id)` (how a checkpoint tensor lands in it:
+a part of a packed q/k/v, one expert of a mixture, a transposed Conv1D) and
+`shard_ids` (the parts a checkpoint must provide; a whole tensor, shard None,
+covers all of them). The loader (models/loader.py) only routes names.
 """
 
 from __future__ import annotations
@@ -13,7 +20,40 @@ import functools
 import torch
 from torch import nn
 
-from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.attention.backend import AttentionBackend, AttentionMetadata, AttentionParams, KVCache
+
+# ---- weight loaders -------------------------------------------------------------------
+
+
+def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
+    """The checkpoint tensor is the whole parameter."""
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)
+
+
+def set_weight_loader(param: torch.Tensor, loader, shard_ids=None) -> None:
+    param.weight_loader = loader  # (param, tensor, shard_id) -> None
+    param.shard_ids = shard_ids  # every shard a checkpoint must provide; None: one whole tensor
+
+
+def transposed_loader(param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
+    """GPT-2's Conv1D stores (in, out); nn.Linear holds (out, in)."""
+    default_weight_loader(param, tensor.t() if tensor.dim() == 2 else tensor)
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of one layer, from a Hugging Face config (None: full attention).
+
+    Configs with `layer_types` (Gemma 2, Qwen2/3, recent transformers) name each layer's kind;
+    older ones (Mistral, Mixtral, Phi-3) apply `sliding_window` to every layer.
+    """
+    window = getattr(config, "sliding_window", None) or None
+    types = getattr(config, "layer_types", None)
+    if window is None or types is None:
+        return window
+    return window if types[layer_idx] == "sliding_attention" else None
 
 
 def activation(name: str):
@@ -42,6 +82,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w, the scale is (1 + w), all in float32, cast at the end."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -84,25 +133,105 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 2048
 class PackedLinear(Linear):
     """One matmul for several projections of the same input (q/k/v, gate/up).
 
-    Hugging Face checkpoints store the parts separately; `load_shard` copies
-    part `shard` into its rows.
+    Most checkpoints store the parts separately (shard i lands in rows offsets[i] ..);
+    some store them packed already (Phi-3's qkv_proj, gate_up_proj: shard None).
+
+        out_sizes [h*d, kvh*d, kvh*d]  ->  rows [0, h*d) q | [h*d, (h+kvh)*d) k | ... v
     """
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:
         super().__init__(in_features, sum(out_sizes), bias=bias)
         self.out_sizes = out_sizes
         self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
+        for p in self.parameters(recurse=False):
+            set_weight_loader(p, self.load_part, frozenset(range(len(out_sizes))))
 
-    def load_shard(self, shard: int, param_name: str, tensor: torch.Tensor) -> None:
-        target = self.weight if param_name == "weight" else self.bias
-        start, size = self.offsets[shard], self.out_sizes[shard]
-        if tensor.shape[0] != size:
-            raise ValueError(f"packed shard {shard} expects {size} rows, checkpoint has {tuple(tensor.shape)}")
+    def load_part(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is None:
+            default_weight_loader(param, tensor)
+            return
+        start, size = self.offsets[shard_id], self.out_sizes[shard_id]
+        if tuple(tensor.shape) != (size, *param.shape[1:]):
+            raise ValueError(f"packed part {shard_id} expects {(size, *param.shape[1:])}, "
+                             f"checkpoint has {tuple(tensor.shape)}")
         with torch.no_grad():
-            target[start:start + size].copy_(tensor)
+            param[start:start + size].copy_(tensor)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split(self.out_sizes, dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul (LLaMA's SwiGLU, Gemma's GeGLU)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = PackedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(self.act(gate) * up)
+
+
+class FusedMoE(nn.Module):
+    """Mixture of gated-MLP experts with top-k routing (Mixtral, Qwen2-MoE).
+
+        router logits (T, E) -> softmax (float32) -> top-k weights (renormalised if asked)
+        token-expert pairs sorted by expert -> one matmul pair per expert over its rows
+        -> weighted rows added back to their tokens, in expert order (as Hugging Face adds them)
+
+    Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down
+    projection. Checkpoints give one expert part at a time (shard (e, 0 | 1) for w13, e for w2)
+    or the whole stacked tensor (shard None).
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str,
+                 renormalize: bool) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        set_weight_loader(self.w13, self.load_expert, frozenset((e, j) for e in range(num_experts) for j in (0, 1)))
+        set_weight_loader(self.w2, self.load_expert, frozenset(range(num_experts)))
+        self.act = activation(act)
+
+    def load_expert(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            default_weight_loader(param, tensor)
+            return
+        if isinstance(shard_id, tuple):  # (expert, 0 gate | 1 up)
+            e, part = shard_id
+            target = param[e, part * self.intermediate_size:(part + 1) * self.intermediate_size]
+        else:
+            target = param[shard_id]
+        default_weight_loader(target, tensor)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        # x (T, H), router_logits (T, E) -> (T, H)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        flat = experts.flatten()  # pair p = (token p // k, expert flat[p])
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
+        tokens = order // self.top_k
+        rows = x[tokens]  # (T * k, H), grouped by expert
+        pair_weights = weights.flatten()[order, None]
+        out_rows = torch.empty_like(rows)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = slice(start, start + n)
+            gate, up = torch.nn.functional.linear(rows[seg], self.w13[e]).chunk(2, dim=-1)
+            out_rows[seg] = torch.nn.functional.linear(self.act(gate) * up, self.w2[e]) * pair_weights[seg]
+            start += n
+        return torch.zeros_like(x).index_add_(0, tokens, out_rows)
 
 
 def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
@@ -158,12 +287,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
 class Attention(nn.Module):
     """Paged attention of one layer: store new K/V in the cache, attend over the sequence's context."""
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
-        self.scale = scale
+        self.params = AttentionParams(scale, sliding_window, logits_soft_cap)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -172,5 +302,5 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale)
+        out = backend.forward(q, k, v, kv_cache, meta, self.params)
         return out.reshape(t, self.num_heads * self.head_dim)

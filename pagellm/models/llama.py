@@ -1,65 +1,80 @@
-"""LLaMA (LlamaForCausalLM): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""LLaMA (LlamaForCausalLM): RMSNorm, RoPE, grouped-query attention, SwiGLU; and the families that
+differ from it only in declared details (Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen2-MoE).
 
-    input_ids (T,) -> embed_tokens -> [RMSNorm -> q,k,v -> RoPE -> paged attention -> o_proj -> + residual
-                                       RMSNorm -> gate,up -> silu(gate) * up -> down_proj -> + residual] x L
+    input_ids (T,) -> embed_tokens -> [RMSNorm -> q,k,v -> (q/k norm) -> RoPE -> paged attention -> o_proj
+                                          -> + residual
+                                       RMSNorm -> mlp (gated MLP, or a mixture of experts) -> + residual] x L
                    -> norm -> hidden (T, hidden);   compute_logits(hidden[last positions]) -> (N, vocab)
+
+A family subclass overrides `attention_options` (projection biases, q/k norm) and `make_mlp`
+(dense or mixture of experts per layer); each layer's sliding window comes from the config.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.models.base import CausalLM
 from pagellm.models.layers import (
     Attention,
+    GatedMLP,
     Linear,
     PackedLinear,
     RMSNorm,
     RotaryEmbedding,
-    activation,
+    layer_sliding_window,
     lm_head_logits,
 )
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How a LLaMA-like family's attention block differs from LLaMA's."""
+
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False  # the output projection carries a bias
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    scale: float | None = None  # None: head_dim ** -0.5
+    logits_soft_cap: float | None = None  # Gemma 2
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, opts: AttentionOptions) -> None:
         super().__init__()
         h = config.num_attention_heads
         kvh = getattr(config, "num_key_value_heads", None) or h
         d = getattr(config, "head_dim", None) or config.hidden_size // h
-        bias = getattr(config, "attention_bias", False)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.qkv_proj = PackedLinear(config.hidden_size, [h * d, kvh * d, kvh * d], bias=bias)
-        self.o_proj = Linear(h * d, config.hidden_size, bias=bias)
-        self.attn = Attention(h, d, kvh, d ** -0.5)
+        self.qkv_proj = PackedLinear(config.hidden_size, [h * d, kvh * d, kvh * d], bias=opts.qkv_bias)
+        self.o_proj = Linear(h * d, config.hidden_size, bias=opts.o_bias)
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = opts.qk_norm
+        scale = opts.scale if opts.scale is not None else d ** -0.5
+        self.attn = Attention(h, d, kvh, scale, layer_sliding_window(config, layer_idx), opts.logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q, k = rotary(positions, q.view(t, self.num_heads, self.head_dim), k.view(t, self.num_kv_heads, self.head_dim))
+        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, backend))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
-        super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = PackedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act = activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(self.act(gate) * up)
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM]) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config))
+        self.mlp = family.make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -69,38 +84,81 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, family: type[LlamaForCausalLM]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(family.decoder_layer(config, i, family) for i in range(config.num_hidden_layers))
+        self.norm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_model_len)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    norm_cls: type[nn.Module] = RMSNorm
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                        bias=bool(getattr(config, "mlp_bias", False)))
 
     def __init__(self, config, max_model_len: int) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_model_len)
+        self.model = LlamaModel(config, max_model_len, type(self))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hf_name(self, name: str) -> str | None:
-        if "rotary_emb." in name or (self.tied and name == "lm_head.weight"):
+        if self.tied and name == "lm_head.weight":
             return None
         return name
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # (T, hidden)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # (T, hidden)
+        x = self.embed(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(positions, x, self.model.rotary, kv_cache, meta, backend)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head_logits(hidden, self.lm_head.weight)  # (N, vocab)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: LLaMA with a sliding window (config.sliding_window) in every layer."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: biases on q/k/v, none on o_proj; sliding windows per config.layer_types."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=True, o_bias=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: per-head RMSNorm on q and k before RoPE; projection biases from config.attention_bias."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: checkpoints store q/k/v and gate/up packed already (qkv_proj, gate_up_proj): the
+    packed parameters take them whole. Partial rotary comes from the config."""
+
+    packed_modules = {}

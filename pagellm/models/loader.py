@@ -4,11 +4,10 @@
     load_weights(model, weights)                                 (HF names, packed parts, Conv1D transposes)
     init_dummy_weights(model, seed)                              (load_format="dummy", for benchmarks)
 
-Models keep Hugging Face's module names. What differs is declared on the
-model class, not coded in the loader:
-    packed_modules = {"q_proj": ("qkv_proj", 0), ...}   HF part -> (our packed module, shard index)
-    transposed_weights = ("c_attn", ...)                  GPT-2 Conv1D weights stored (in, out)
-    def hf_name(name) -> str | None                        rename or skip (None) a checkpoint name
+Models keep Hugging Face's module names. The model routes a checkpoint name to
+(parameter, shard) with `map_weight` (models/base.py); the parameter's own
+`weight_loader` puts the tensor in place (models/layers.py): a packed part, an
+expert, a transposed Conv1D.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from pagellm.models.layers import default_weight_loader
 
 logger = logging.getLogger(__name__)
 
@@ -70,47 +71,40 @@ def iterate_weights(model_dir: str, load_format: str = "auto",
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model; every parameter must be covered."""
-    packed: dict[str, tuple[str, int]] = getattr(model, "packed_modules", {})
-    transposed: tuple[str, ...] = getattr(model, "transposed_weights", ())
+    """Copy checkpoint tensors into the model through each parameter's weight loader.
+
+    Every parameter must be covered: by one whole tensor, or by every shard it lists in `shard_ids`.
+    """
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    shards_loaded: dict[str, set[int]] = {}
+    loaded: dict[str, set] = {}
     skipped = []
     for ckpt_name, tensor in weights:
-        name = model.hf_name(ckpt_name)
-        if name is None:
+        target = model.map_weight(ckpt_name)
+        if target is None:
             continue
-        parts = name.split(".")
-        module_name = parts[-2] if len(parts) >= 2 else ""
-        if module_name in packed:
-            target, shard = packed[module_name]
-            path = ".".join(parts[:-2] + [target])
-            module = model.get_submodule(path)
-            module.load_shard(shard, parts[-1], tensor)
-            shards_loaded.setdefault(f"{path}.{parts[-1]}", set()).add(shard)
-            continue
+        name, shard = target
         param = params.get(name)
         if param is None:
             skipped.append(ckpt_name)
             continue
-        if module_name in transposed and tensor.dim() == 2:
-            tensor = tensor.t()
-        if tuple(param.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {ckpt_name}: checkpoint shape {tuple(tensor.shape)}, "
-                             f"model expects {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
-        loaded.add(name)
-    for pname, shards in shards_loaded.items():
-        module = model.get_submodule(pname.rsplit(".", 1)[0])
-        if len(shards) == len(module.out_sizes):
-            loaded.add(pname)
-    missing = sorted(set(params) - loaded)
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"weight {ckpt_name}: {e}") from None
+        loaded.setdefault(name, set()).add(shard)
+    missing = sorted(n for n, p in params.items() if not _covered(p, loaded.get(n, set())))
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if skipped:
         logger.warning("ignored %d checkpoint tensors with no matching parameter: %s", len(skipped), skipped[:5])
+
+
+def _covered(param: torch.Tensor, shards: set) -> bool:
+    if None in shards:
+        return True
+    need = getattr(param, "shard_ids", None)
+    return need is not None and need <= shards
 
 
 def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:

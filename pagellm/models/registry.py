@@ -1,29 +1,94 @@
-"""Hugging Face architecture name -> pagellm model class, imported lazily."""
+"""Hugging Face architecture name -> pagellm model class, imported lazily, with what each one uses.
+
+    resolve_architecture(config.architectures) -> the first name pagellm runs natively, else
+        the transformers fallback (models/transformers_fallback.py) when transformers can build it
+    get_model_class(name) -> the class (imported only now)
+    model_table() -> rows for `pagellm list-models`
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
-MODELS: dict[str, str] = {
-    "GPT2LMHeadModel": "pagellm.models.gpt2:GPT2LMHeadModel",
-    "GPTBigCodeForCausalLM": "pagellm.models.gpt_bigcode:GPTBigCodeForCausalLM",
-    "LlamaForCausalLM": "pagellm.models.llama:LlamaForCausalLM",
+FALLBACK = "TransformersForCausalLM"  # pseudo-architecture: any causal LM transformers builds
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    target: str  # "module:Class"
+    features: tuple[str, ...]  # what the implementation covers, for the model table
+    example: str = ""  # a checkpoint family users know
+
+
+MODELS: dict[str, ModelEntry] = {
+    "GPT2LMHeadModel": ModelEntry("pagellm.models.gpt2:GPT2LMHeadModel", ("learned positions",), "GPT-2"),
+    "GPTBigCodeForCausalLM": ModelEntry("pagellm.models.gpt_bigcode:GPTBigCodeForCausalLM",
+                                        ("multi-query attention",), "SantaCoder, StarCoder"),
+    "LlamaForCausalLM": ModelEntry("pagellm.models.llama:LlamaForCausalLM",
+                                   ("GQA", "RoPE scaling (linear, llama3, yarn)", "tied embeddings"),
+                                   "Llama 2/3.x, TinyLlama"),
+    "MistralForCausalLM": ModelEntry("pagellm.models.llama:MistralForCausalLM", ("GQA", "sliding window"),
+                                     "Mistral 7B"),
+    "Qwen2ForCausalLM": ModelEntry("pagellm.models.llama:Qwen2ForCausalLM",
+                                   ("GQA", "q/k/v bias", "sliding window (per layer)"), "Qwen2, Qwen2.5"),
+    "Qwen3ForCausalLM": ModelEntry("pagellm.models.llama:Qwen3ForCausalLM",
+                                   ("GQA", "q/k RMSNorm", "sliding window (per layer)"), "Qwen3"),
+    "Phi3ForCausalLM": ModelEntry("pagellm.models.llama:Phi3ForCausalLM",
+                                  ("packed qkv and gate_up weights", "partial rotary", "sliding window"),
+                                  "Phi-3 mini/medium"),
+    "Gemma2ForCausalLM": ModelEntry("pagellm.models.gemma2:Gemma2ForCausalLM",
+                                    ("soft-capping (attention, logits)", "alternating sliding/global layers",
+                                     "(1 + w) RMSNorm", "scaled embeddings"), "Gemma 2"),
+    "GPTNeoXForCausalLM": ModelEntry("pagellm.models.gpt_neox:GPTNeoXForCausalLM",
+                                     ("parallel residual", "partial rotary"), "Pythia, GPT-NeoX"),
+    "OPTForCausalLM": ModelEntry("pagellm.models.opt:OPTForCausalLM",
+                                 ("learned positions (offset 2)", "pre/post LayerNorm"), "OPT"),
+    "MixtralForCausalLM": ModelEntry("pagellm.models.moe:MixtralForCausalLM",
+                                     ("mixture of experts (top-k)", "GQA", "sliding window"), "Mixtral 8x7B"),
+    "Qwen2MoeForCausalLM": ModelEntry("pagellm.models.moe:Qwen2MoeForCausalLM",
+                                      ("mixture of experts + shared expert", "q/k/v bias"), "Qwen1.5-MoE, Qwen2-MoE"),
+    FALLBACK: ModelEntry("pagellm.models.transformers_fallback:TransformersForCausalLM",
+                         ("any decoder-only causal LM whose attention uses transformers' attention interface",),
+                         "StableLM, OLMo, Granite, Starcoder2, ..."),
 }
 
 
 def supported_architectures() -> list[str]:
-    return sorted(MODELS)
+    return sorted(a for a in MODELS if a != FALLBACK)
 
 
-def resolve_architecture(architectures: list[str] | None) -> str:
-    """The first architecture of config.json that pagellm serves; ValueError naming the supported ones otherwise."""
+def resolve_architecture(architectures: list[str] | None, hf_config=None) -> str:
+    """The first architecture of config.json that pagellm runs natively; else the transformers
+    fallback if transformers can build it; ValueError naming the supported ones otherwise."""
     for arch in architectures or []:
-        if arch in MODELS:
+        if arch in MODELS and arch != FALLBACK:
             return arch
+    if hf_config is not None:
+        from pagellm.models.transformers_fallback import fallback_unsupported_reason, hf_causal_lm_class
+
+        hf_cls = hf_causal_lm_class(hf_config)  # what transformers would build for config.model_type
+        if hf_cls is not None and hf_cls.__name__ in MODELS:
+            return hf_cls.__name__
+        reason = fallback_unsupported_reason(hf_config)
+        if reason is None:
+            return FALLBACK
+        raise ValueError(f"model architecture {architectures} has no native implementation in pagellm and cannot "
+                         f"run on the transformers fallback: {reason}. Natively supported architectures: "
+                         f"{', '.join(supported_architectures())}.")
     raise ValueError(f"model architecture {architectures} is not supported; supported architectures: "
                      f"{', '.join(supported_architectures())}.")
 
 
 def get_model_class(architecture: str):
-    module, cls = MODELS[resolve_architecture([architecture])].split(":")
+    if architecture not in MODELS:
+        resolve_architecture([architecture])  # raises the error naming what is supported
+    module, cls = MODELS[architecture].target.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def model_table() -> list[tuple[str, str, str]]:
+    """(architecture, example checkpoints, features) per entry, natively supported first."""
+    rows = [(a, MODELS[a].example, ", ".join(MODELS[a].features)) for a in supported_architectures()]
+    fb = MODELS[FALLBACK]
+    return rows + [(f"other ({FALLBACK})", fb.example, ", ".join(fb.features))]

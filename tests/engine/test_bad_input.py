@@ -100,15 +100,38 @@ def test_missing_weights(tmp_path, llama_path):
         LLM(str(d))
 
 
-def test_unknown_architecture(tmp_path, llama_path):
-    d = tmp_path / "unknown"
-    shutil.copytree(llama_path, d)
+def _with_config(tmp_path, src, **changes):
+    d = tmp_path / "changed"
+    shutil.copytree(src, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["architectures"] = ["FancyNewForCausalLM"]
+    cfg.update(changes)
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"not supported; supported architectures: GPT2LMHeadModel, "
-                                         r"GPTBigCodeForCausalLM, LlamaForCausalLM"):
-        LLM(str(d))
+    return str(d)
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path, llama_path):
+    path = _with_config(tmp_path, llama_path, model_type="fancy_new", architectures=["FancyNewForCausalLM"])
+    with pytest.raises(ValueError, match=r"(?s)fancy_new.*Natively supported architectures: GPT2LMHeadModel, "
+                                         r"GPTBigCodeForCausalLM, GPTNeoXForCausalLM"):
+        LLM(path)
+
+
+def test_unknown_architecture_name_runs_natively_by_model_type(tmp_path, llama_path):
+    path = _with_config(tmp_path, llama_path, architectures=["FancyNewForCausalLM"])
+    llm = LLM(path)
+    assert llm.llm_engine.config.model.architecture == "LlamaForCausalLM"
+
+
+def test_model_without_the_attention_interface_is_refused_with_the_reason():
+    from transformers import FalconConfig, T5Config
+
+    from pagellm.models.registry import resolve_architecture
+
+    with pytest.raises(ValueError, match=r"FalconForCausalLM's attention does not go through transformers' "
+                                         r"attention interface.*Natively supported architectures: GPT2LMHeadModel"):
+        resolve_architecture(["FalconForCausalLM"], FalconConfig())
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        resolve_architecture(["T5ForConditionalGeneration"], T5Config())
 
 
 def test_max_model_len_over_the_models(llama_path):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pagellm.attention.backend import AttentionMetadata
+from pagellm.attention.backend import AttentionMetadata, AttentionParams, dense_attention
 from pagellm.attention.registry import get_attention_backend
 from pagellm.attention.torch_ref import TorchRefBackend
 
@@ -46,23 +46,67 @@ CASES = [
     (8, 2, 32, 16, [(0, 9), (20, 1), (31, 7), (64, 3)]),  # GQA, fresh prompt + chunks
     (4, 1, 16, 4, [(1, 1), (0, 1), (7, 13), (100, 2)]),  # MQA, tiny blocks
     (6, 3, 128, 8, [(250, 1), (3, 4)]),  # head_dim 128
+    (4, 2, 80, 16, [(40, 1), (0, 5), (17, 3)]),  # head_dim 80 (Phi-2, StableLM)
+    (6, 1, 96, 8, [(70, 1), (9, 2)]),  # head_dim 96 (Phi-3)
+    (8, 4, 256, 16, [(33, 1), (0, 6), (50, 4)]),  # head_dim 256 (Gemma 2)
+    (7, 7, 20, 4, [(13, 1), (6, 3)]),  # head_dim 20: the kernel's scalar path
 ]
+# Plain attention, a sliding window (shorter than most contexts, and one not a multiple of the block
+# size), soft-capping, and both together.
+PARAMS = [(None, None), (24, None), (7, None), (None, 5.0), (11, 2.0)]
+
+
+def poison_outside_window(cache, meta, window, block_size):
+    """Fill every block wholly before a sequence's first visible key with NaN: a backend that reads
+    a block the sliding window has handed back produces NaN."""
+    if window is None:
+        return
+    for i in meta.paged_seqs:
+        q_len = meta.query_start_loc_cpu[i + 1] - meta.query_start_loc_cpu[i]
+        first_key = max(0, meta.seq_lens_cpu[i] - q_len - window + 1)
+        for b in meta.block_tables[i][:first_key // block_size].tolist():
+            cache[0][b] = float("nan")
+            cache[1][b] = float("nan")
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window, cap", PARAMS)
 @pytest.mark.parametrize("dtype, cache_dtype, tol", [
     (torch.float32, torch.float32, 1e-5), (torch.float32, torch.bfloat16, 1e-5),
     (torch.bfloat16, torch.bfloat16, 2e-2), (torch.float32, torch.float16, 1e-5)])
-def test_cpu_paged_matches_torch_ref(case, dtype, cache_dtype, tol):
+def test_cpu_paged_matches_torch_ref(case, window, cap, dtype, cache_dtype, tol):
     backend = get_attention_backend("cpu_paged", "cpu")
     h, kvh, d, bs, specs = case
     q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, cache_dtype)
+    poison_outside_window(cache, meta, window, bs)
     ref_cache = (cache[0].clone(), cache[1].clone())
-    scale = d ** -0.5
-    got = backend.forward(q, k, v, cache, meta, scale)
-    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, scale)
-    assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])  # same cache writes
+    params = AttentionParams(d ** -0.5, window, cap)
+    got = backend.forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    assert torch.equal(cache[0].nan_to_num(), ref_cache[0].nan_to_num())  # same cache writes
+    assert torch.equal(cache[1].nan_to_num(), ref_cache[1].nan_to_num())
+    assert not ref.isnan().any() and not got.isnan().any()
     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window, cap", PARAMS)
+def test_dense_attention_follows_the_definition(window, cap):
+    """torch_ref's building block against a loop that applies the window and cap per query."""
+    g = torch.Generator().manual_seed(1)
+    n, q_len, h, kvh, d, start = 19, 5, 4, 2, 8, 3
+    q, k, v = (torch.randn(x, heads, d, generator=g, dtype=torch.float64)
+               for x, heads in ((q_len, h), (n, kvh), (n, kvh)))
+    params = AttentionParams(0.3, window, cap)
+    got = dense_attention(q, k, v, start, params)
+    for i in range(q_len):
+        pos = start + n - q_len + i
+        for head in range(h):
+            keys = [j for j in range(n) if start + j <= pos and (window is None or start + j > pos - window)]
+            s = (k[keys, head // 2] @ q[i, head]) * 0.3
+            if cap is not None:
+                s = torch.tanh(s / cap) * cap
+            want = torch.softmax(s, 0) @ v[keys, head // 2]
+            assert torch.allclose(got[i, head], want, atol=1e-10)
 
 
 def test_auto_picks_the_kernel_on_cpu():
@@ -79,19 +123,58 @@ CUDA = torch.cuda.is_available()
 
 @pytest.mark.skipif(not CUDA, reason="the Triton backend needs a CUDA GPU (run on a GPU machine)")
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window, cap", PARAMS)
 @pytest.mark.parametrize("dtype, cache_dtype, tol", [(torch.float32, torch.float32, 1e-4),
                                                      (torch.bfloat16, torch.bfloat16, 2e-2),
                                                      (torch.float16, torch.float16, 5e-3)])
-def test_triton_paged_matches_torch_ref_on_cuda(case, dtype, cache_dtype, tol):
+def test_triton_paged_matches_torch_ref_on_cuda(case, window, cap, dtype, cache_dtype, tol):
     backend = get_attention_backend("triton_paged", "cuda")
     h, kvh, d, bs, specs = case
     q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, cache_dtype)
+    poison_outside_window(cache, meta, window, bs)
     to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
     q, k, v = to(q), to(k), to(v)
     cache = (to(cache[0]), to(cache[1]))
     for field in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables", "paged_seq_ids"):
         setattr(meta, field, to(getattr(meta, field)))
     ref_cache = (cache[0].clone(), cache[1].clone())
-    got = backend.forward(q, k, v, cache, meta, d ** -0.5)
-    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, d ** -0.5)
+    params = AttentionParams(d ** -0.5, window, cap)
+    got = backend.forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+TRITON_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.worker.test_attention_backends import CASES, PARAMS, make_case, poison_outside_window
+from pagellm.attention.backend import AttentionParams
+from pagellm.attention.torch_ref import TorchRefBackend
+from pagellm.attention.triton_paged import TritonPagedBackend
+backend = TritonPagedBackend()
+for h, kvh, d, bs, specs in CASES:
+    for window, cap in PARAMS:
+        q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float32)
+        poison_outside_window(cache, meta, window, bs)
+        ref_cache = (cache[0].clone(), cache[1].clone())
+        params = AttentionParams(d ** -0.5, window, cap)
+        got = backend.forward(q, k, v, cache, meta, params)
+        ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, kvh, d, bs, specs, window, cap)
+print("ok")
+"""
+
+
+def test_triton_kernel_matches_torch_ref_in_the_interpreter():
+    """The Triton kernel's logic (windows, soft-cap, head sizes that are not a power of two) checked on
+    CPU with Triton's interpreter (TRITON_INTERPRET=1); the GPU test above checks the compiled kernel."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(root=root)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

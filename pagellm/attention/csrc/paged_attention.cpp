@@ -15,7 +15,9 @@
 //   seq_lens      (num_seqs,) int32            context length after this step
 //   query_start   (num_seqs + 1,) int32        query token offsets
 //   seq_ids       (n,) int64                   which sequences to process
-// Query token i of a q_len-token chunk sits at position seq_len - q_len + i and sees keys 0..that position.
+//   window        keys a query sees, itself included (0: all); soft_cap: s -> cap * tanh(s / cap) (0: off)
+// Query token i of a q_len-token chunk sits at position seq_len - q_len + i and sees keys 0..that position
+// (the last `window` of them under a sliding window).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -97,27 +99,56 @@ inline void prefetch_block(const cache_t* base, int64_t n, int64_t token_stride,
   }
 }
 
+// Scores -> unnormalised softmax weights in place; returns 1 / sum. Soft-capping (Gemma 2) first:
+// s -> cap * tanh(s / cap).
+inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
+  if (soft_cap > 0.f)
+    for (int64_t j = 0; j < m; ++j) sg[j] = soft_cap * std::tanh(sg[j] / soft_cap);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < m; ++j) mx = sg[j] > mx ? sg[j] : mx;
+  vf16 vsum = vf16{};
+  int64_t j = 0;
+  for (; j + 16 <= m; j += 16) {
+    vf16 e = vexp(load16(sg + j) - mx);
+    __builtin_memcpy(sg + j, &e, sizeof(e));
+    vsum += e;
+  }
+  float sum = hsum(vsum);
+  for (; j < m; ++j) {
+    sg[j] = std::exp(sg[j] - mx);
+    sum += sg[j];
+  }
+  return 1.f / sum;
+}
+
+// The keys one query sees are positions lo .. ctx-1 (lo > 0 under a sliding window). Blocks are
+// walked from the one holding lo; rows before lo in that block are skipped, and blocks wholly
+// before it are never touched (they may already hold another sequence's tokens).
+//
+//   block_size 4, lo 6, ctx 11:   block 1: rows 2, 3 | block 2: rows 0..3 | block 3: rows 0..2
+//   scores index = position - lo
+
 // One (sequence, query token) against `nh` consecutive K/V heads starting at `h0`, each shared by G
 // query heads (QH = nh * G query heads in all), head_dim D = 16 * C. Taking several heads of a token
 // at once reads each token's K/V row contiguously; the caller splits heads only when there are
 // too few (sequence, token) items to keep every thread busy.
 template <typename cache_t>
 void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
-                const int32_t* __restrict table, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
-                int64_t token_stride, int64_t block_stride, int64_t G, int64_t C, float* __restrict scores,
-                vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
-  const int64_t QH = nh * G, D = C * 16;
+                const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
+                int64_t token_stride, int64_t block_stride, int64_t G, int64_t C, float soft_cap,
+                float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
+  const int64_t QH = nh * G, D = C * 16, m = ctx - lo;
   for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
   const int64_t head_off = h0 * D;
   const int64_t row_bytes = nh * D * sizeof(cache_t);
-  // 1. scores[qh][j] = q_qh . k_j
-  for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
+  // 1. scores[qh][j - lo] = q_qh . k_j
+  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
     const cache_t* kb = kc + table[b0 / bs] * block_stride + head_off;
-    const int64_t n = std::min(bs, ctx - b0);
+    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
     if (b0 + bs < ctx)
       prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
                      row_bytes);
-    for (int64_t t = 0; t < n; ++t) {
+    for (int64_t t = t0; t < n; ++t) {
       const cache_t* row = kb + t * token_stride;
       for (int64_t h = 0; h < nh; ++h) {
         const cache_t* k = row + h * D;
@@ -126,39 +157,22 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
           const vf16 kv = load16(k + c * 16);
           for (int64_t g = 0; g < G; ++g) acc[g] += qv[(h * G + g) * C + c] * kv;
         }
-        for (int64_t g = 0; g < G; ++g) scores[(h * G + g) * ctx + b0 + t] = hsum(acc[g]);
+        for (int64_t g = 0; g < G; ++g) scores[(h * G + g) * m + b0 + t - lo] = hsum(acc[g]);
       }
     }
   }
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
   std::vector<float> inv_sum(QH);
-  for (int64_t qh = 0; qh < QH; ++qh) {
-    float* sg = scores + qh * ctx;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < ctx; ++j) m = sg[j] > m ? sg[j] : m;
-    vf16 vsum = vf16{};
-    int64_t j = 0;
-    for (; j + 16 <= ctx; j += 16) {
-      vf16 e = vexp(load16(sg + j) - m);
-      __builtin_memcpy(sg + j, &e, sizeof(e));
-      vsum += e;
-    }
-    float sum = hsum(vsum);
-    for (; j < ctx; ++j) {
-      sg[j] = std::exp(sg[j] - m);
-      sum += sg[j];
-    }
-    inv_sum[qh] = 1.f / sum;
-  }
+  for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
-  for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
+  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
     const cache_t* vb = vc + table[b0 / bs] * block_stride + head_off;
-    const int64_t n = std::min(bs, ctx - b0);
+    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
     if (b0 + bs < ctx)
       prefetch_block(vc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
                      row_bytes);
-    for (int64_t t = 0; t < n; ++t) {
+    for (int64_t t = t0; t < n; ++t) {
       const cache_t* row = vb + t * token_stride;
       for (int64_t h = 0; h < nh; ++h) {
         const cache_t* v = row + h * D;
@@ -166,7 +180,7 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
           const vf16 vv = load16(v + c * 16);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t qh = h * G + g;
-            acc[qh * C + c] += scores[qh * ctx + b0 + t] * vv;
+            acc[qh * C + c] += scores[qh * m + b0 + t - lo] * vv;
           }
         }
       }
@@ -182,33 +196,25 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
 // Any head_dim, any G: plain loops (the compiler vectorizes what it can).
 template <typename cache_t>
 void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
-                   const int32_t* __restrict table, int64_t ctx, int64_t bs, int64_t head_off, int64_t token_stride,
-                   int64_t block_stride, int64_t G, int64_t D, float* __restrict scores, float* __restrict out) {
-  for (int64_t j = 0; j < ctx; ++j) {
+                   const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t head_off,
+                   int64_t token_stride, int64_t block_stride, int64_t G, int64_t D, float soft_cap,
+                   float* __restrict scores, float* __restrict out) {
+  const int64_t m = ctx - lo;
+  for (int64_t j = lo; j < ctx; ++j) {
     const cache_t* k = kc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
       for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * to_f(k[d]);
-      scores[g * ctx + j] = s;
+      scores[g * m + j - lo] = s;
     }
   }
   std::vector<float> inv_sum(G);
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * ctx;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < ctx; ++j) m = sg[j] > m ? sg[j] : m;
-    float sum = 0.f;
-    for (int64_t j = 0; j < ctx; ++j) {
-      sg[j] = std::exp(sg[j] - m);
-      sum += sg[j];
-    }
-    inv_sum[g] = 1.f / sum;
-  }
+  for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_weights(scores + g * m, m, soft_cap);
   std::fill(out, out + G * D, 0.f);
-  for (int64_t j = 0; j < ctx; ++j) {
+  for (int64_t j = lo; j < ctx; ++j) {
     const cache_t* v = vc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
     for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * ctx + j];
+      const float p = scores[g * m + j - lo];
       for (int64_t d = 0; d < D; ++d) out[g * D + d] += p * to_f(v[d]);
     }
   }
@@ -219,7 +225,7 @@ void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, cons
 template <typename q_t, typename cache_t>
 void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
          const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& query_start,
-         const torch::Tensor& seq_ids, double scale) {
+         const torch::Tensor& seq_ids, double scale, int64_t window, double soft_cap) {
   const int64_t H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
   const int64_t G = H / KVH;
@@ -253,7 +259,7 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
   }
   int64_t max_ctx = 1;
   for (int64_t i = 0; i < n; ++i) max_ctx = std::max<int64_t>(max_ctx, sl[ids[i]]);
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(soft_cap);
   const bool vectorized = D % 16 == 0;
   const int64_t QH = nh * G;
 
@@ -268,17 +274,18 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
       const int64_t qi = local / splits, h0 = (local % splits) * nh;
       const int64_t q_len = qsl[s + 1] - qsl[s];
       const int64_t ctx = sl[s] - q_len + qi + 1;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t tok = qsl[s] + qi;
       const q_t* qsrc = qp + tok * H * D + h0 * G * D;
       for (int64_t x = 0; x < QH * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
       const int32_t* table = bt + s * max_blocks;
       if (vectorized) {
-        attend_vec<cache_t>(qbuf.data(), kc, vc, table, ctx, bs, h0, nh, token_stride, block_stride, G, D / 16,
-                            scores.data(), qv.data(), acc.data(), res.data());
+        attend_vec<cache_t>(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, G, D / 16,
+                            fcap, scores.data(), qv.data(), acc.data(), res.data());
       } else {
         for (int64_t h = 0; h < nh; ++h)
-          attend_scalar<cache_t>(qbuf.data() + h * G * D, kc, vc, table, ctx, bs, (h0 + h) * D, token_stride,
-                                 block_stride, G, D, scores.data(), res.data() + h * G * D);
+          attend_scalar<cache_t>(qbuf.data() + h * G * D, kc, vc, table, lo, ctx, bs, (h0 + h) * D, token_stride,
+                                 block_stride, G, D, fcap, scores.data(), res.data() + h * G * D);
       }
       q_t* dst = op + tok * H * D + h0 * G * D;
       for (int64_t x = 0; x < QH * D; ++x) dst[x] = static_cast<q_t>(res[x]);
@@ -290,7 +297,7 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start,
-                     torch::Tensor seq_ids, double scale) {
+                     torch::Tensor seq_ids, double scale, int64_t window, double soft_cap) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32 &&
@@ -298,7 +305,7 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
               "index tensors: int32 tables/lens/offsets, int64 seq_ids");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   auto bt = block_tables.contiguous();
-#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale)
+#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, soft_cap)
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   if (qt == torch::kFloat32 && ct == torch::kFloat32) PAGELLM_RUN(float, float);
   else if (qt == torch::kFloat32 && ct == torch::kBFloat16) PAGELLM_RUN(float, c10::BFloat16);

@@ -1,0 +1,64 @@
+"""What every pagellm model class declares; the loader, the KV cache and the registry read it.
+
+    cls.geometry(hf_config) -> ModelGeometry    layers, K/V heads, head_dim, each layer's sliding window
+    model.map_weight(checkpoint name) -> (parameter name, shard id) | None
+    model.forward(input_ids, positions, kv_caches, meta, backend) -> hidden (T, hidden)
+    model.compute_logits(hidden (N, hidden)) -> (N, vocab) float32
+
+A model keeps Hugging Face's module names, so most checkpoint names are its own
+parameter names. What differs is declared, not coded in the loader:
+    packed_modules = {"q_proj": ("qkv_proj", 0), ...}   HF part -> (our packed module, shard id)
+    skip_weights = ("rotary_emb.inv_freq", ...)           checkpoint tensors that are not parameters
+    hf_name(name) -> str | None                           a rename, or None to skip
+How a tensor lands in its parameter (a part of a packed matrix, an expert, a transpose)
+is the parameter's own `weight_loader` (layers.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagellm.config import ModelGeometry
+from pagellm.models.layers import layer_sliding_window
+
+
+class CausalLM(nn.Module):
+    packed_modules: dict[str, tuple[str, Any]] = {}
+    skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+    @classmethod
+    def geometry(cls, config) -> ModelGeometry:
+        """K/V cache geometry from the config; models whose attention differs override it."""
+        heads = config.num_attention_heads
+        layers = config.num_hidden_layers
+        return ModelGeometry(
+            num_layers=layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            sliding_windows=tuple(layer_sliding_window(config, i) for i in range(layers)),
+        )
+
+    def hf_name(self, name: str) -> str | None:
+        return name
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        """Checkpoint tensor name -> (parameter name, shard id), or None to skip it."""
+        if any(s in name for s in self.skip_weights):
+            return None
+        renamed = self.hf_name(name)
+        if renamed is None:
+            return None
+        parts = renamed.split(".")
+        if len(parts) >= 2 and parts[-2] in self.packed_modules:
+            target, shard = self.packed_modules[parts[-2]]
+            return ".".join(parts[:-2] + [target, parts[-1]]), shard
+        return renamed, None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

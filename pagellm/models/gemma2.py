@@ -1,0 +1,63 @@
+"""Gemma 2 (Gemma2ForCausalLM): LLaMA's blocks with Gemma's details.
+
+    input_ids -> embed_tokens * sqrt(hidden) -> [GemmaRMSNorm -> attention (soft-capped scores, scale
+        query_pre_attn_scalar ** -0.5, sliding window on alternate layers) -> GemmaRMSNorm -> + residual
+        GemmaRMSNorm -> GeGLU MLP -> GemmaRMSNorm -> + residual] x L -> GemmaRMSNorm
+    compute_logits: tied LM head, then cap * tanh(logits / cap) (final_logit_softcapping)
+
+GemmaRMSNorm scales by (1 + w). Sliding and global layers alternate (config.layer_types), so no
+KV block can be freed early: the global layers still read every token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.models.layers import GatedMLP, GemmaRMSNorm, lm_head_logits
+from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
+
+
+class Gemma2DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM]) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config))
+        self.mlp = family.make_mlp(config, layer_idx)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(self, positions, x, rotary, kv_cache, meta, backend):
+        h = self.self_attn(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    decoder_layer = Gemma2DecoderLayer
+    norm_cls = GemmaRMSNorm
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, scale=config.query_pre_attn_scalar ** -0.5,
+                                logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_activation)
+
+    def __init__(self, config, max_model_len: int) -> None:
+        super().__init__(config, max_model_len)
+        self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # normaliser in the model's dtype
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head_logits(hidden, self.lm_head.weight)
+        cap = self.final_soft_cap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

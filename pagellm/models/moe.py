@@ -1,0 +1,101 @@
+"""Mixture-of-experts LLaMA families: Mixtral and Qwen2-MoE.
+
+    x (T, H) -> gate (router, T x E logits) -> FusedMoE: top-k experts per token, each a gated MLP
+             (+ Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)) -> (T, H)
+
+Checkpoints store one tensor per expert and projection
+(`...experts.3.w1.weight`, `...experts.3.gate_proj.weight`); transformers 5 may store them stacked
+(`...experts.gate_up_proj`, `...experts.down_proj`). Both land in FusedMoE's w13 / w2 through
+their weight loader.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagellm.models.layers import FusedMoE, GatedMLP, Linear
+from pagellm.models.llama import AttentionOptions, LlamaForCausalLM
+
+# experts.<e>.<projection>.weight -> (FusedMoE parameter, shard id)
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PART = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
+         "w2": ("w2", None), "down_proj": ("w2", None)}
+_STACKED = {"experts.gate_up_proj": "experts.w13", "experts.down_proj": "experts.w2"}
+
+
+def map_expert_weight(name: str) -> tuple[str, Any] | None:
+    """An expert tensor's (parameter, shard), or None if `name` is not an expert tensor."""
+    m = _EXPERT.match(name)
+    if m:
+        prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+        param, part = _PART[proj]
+        return f"{prefix}.experts.{param}", (expert, part) if part is not None else expert
+    for stacked, ours in _STACKED.items():
+        if name.endswith("." + stacked):
+            return name[: -len(stacked)] + ours, None
+    return None
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ an optional gated shared expert, Qwen2-MoE)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, act: str,
+                 renormalize: bool, shared_intermediate_size: int = 0) -> None:
+        super().__init__()
+        self.gate = Linear(hidden_size, num_experts, bias=False)
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, act, renormalize)
+        if shared_intermediate_size:
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act)
+            self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
+        self.has_shared = bool(shared_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.has_shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class _MoEWeights:
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        renamed = self.hf_name(name)
+        if renamed is None:
+            return None
+        expert = map_expert_weight(renamed)
+        return expert if expert is not None else LlamaForCausalLM.map_weight(self, renamed)
+
+
+class MixtralForCausalLM(_MoEWeights, LlamaForCausalLM):
+    """Mixtral: every layer's MLP is a top-k (renormalised) mixture of SwiGLU experts."""
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        return SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+                              config.intermediate_size, config.hidden_act, renormalize=True)
+
+    def hf_name(self, name: str) -> str | None:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        return LlamaForCausalLM.hf_name(self, name)
+
+
+class Qwen2MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
+    """Qwen2-MoE: q/k/v biases; sparse layers every `decoder_sparse_step` (except `mlp_only_layers`) with
+    a gated shared expert beside the routed ones; dense gated MLPs elsewhere."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
+                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
+        if not sparse:
+            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
+                              config.shared_expert_intermediate_size)
