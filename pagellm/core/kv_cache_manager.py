@@ -22,6 +22,18 @@ prefixes. Blocks are indexed when they are scheduled to become full: the
 forward pass writes every layer's new K/V before that layer's attention reads
 the cache, so even a sequence in the same batch may reuse them.
 
+Sliding window (every layer's window <= W): the query at position p sees keys
+p - W + 1 .. p, so once num_computed_tokens = c, no future query reads a key
+before c - W + 1, and every block wholly before that position is handed back (NULL_BLOCK takes its
+place in the table; backends never read it). A sequence then holds at most
+ceil((W - 1 + chunk) / block_size) + 1 blocks, however long it grows.
+
+    W = 6, block_size 4, c = 13 (next query at 13 sees keys 8..13):
+    table  [ NULL | NULL | b9 | b4 ]     positions 0-7 released, 8-11 in b9, 12-15 in b4
+
+A prefix-cache hit of k blocks then needs only the blocks the next query sees
+(those from position k * block_size - W + 1 on) to be cached, not the whole prefix.
+
 Pure Python: no torch import.
 """
 
@@ -35,6 +47,9 @@ from pagellm.core.block_pool import BlockHash, BlockPool, KVBlock
 from pagellm.core.request import Sequence
 
 _ROOT_HASH = b"pagellm-prefix-root"
+
+# Stands in a block table for a block the sliding window handed back; never read, never freed.
+NULL_BLOCK = KVBlock(-1)
 
 
 def hash_block_tokens(parent: BlockHash | None, token_ids: list[int], extra: str | None = None) -> BlockHash:
@@ -72,11 +87,14 @@ class SlotAllocation:
 class KVCacheManager:
     """Owns every sequence's block table."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self.enable_caching = enable_caching
-        self.tables: dict[int, list[KVBlock]] = {}  # seq_id -> blocks, in position order
+        self.sliding_window = sliding_window  # every layer's window is at most this (None: full attention)
+        self.tables: dict[int, list[KVBlock]] = {}  # seq_id -> blocks, in position order (NULL_BLOCK: released)
+        self._first_live: dict[int, int] = {}  # seq_id -> index of its first block not released
         self._hashes: dict[int, list[BlockHash]] = {}  # seq_id -> chained hashes of its full blocks
         self.num_cached_blocks: dict[int, int] = {}  # seq_id -> leading blocks already indexed
         self.prefix_queries = 0  # tokens looked up in the prefix cache
@@ -90,11 +108,30 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def has_table(self, seq_id: int) -> bool:
+        return seq_id in self.tables
+
     def block_ids(self, seq_id: int) -> list[int]:
         return [b.block_id for b in self.tables.get(seq_id, ())]
 
+    def num_live_blocks(self, seq_id: int) -> int:
+        """Blocks the sequence holds (released ones not counted)."""
+        return sum(1 for b in self.tables.get(seq_id, ()) if b is not NULL_BLOCK)
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def max_blocks_per_seq(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks one sequence of up to num_tokens tokens holds at once, computing at most
+        max_chunk tokens per step."""
+        full = self.num_blocks_for(num_tokens)
+        if self.sliding_window is None:
+            return full
+        return min(full, (self.sliding_window - 1 + max_chunk) // self.block_size + 2)
 
     # ---- prefix cache -------------------------------------------------------------
 
@@ -118,15 +155,39 @@ class KVCacheManager:
         if not self.enable_caching or seq.request.sampling_params.prompt_logprobs is not None:
             return PrefixMatch()
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        hashes = self._seq_hashes(seq, max_blocks)
+        blocks = self._windowed_prefix(hashes) if self.sliding_window is not None else self._full_prefix(hashes)
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += len(blocks) * self.block_size
+        return PrefixMatch(blocks)
+
+    def _full_prefix(self, hashes: list[BlockHash]) -> list[KVBlock]:
         blocks = []
-        for h in self._seq_hashes(seq, max_blocks):
+        for h in hashes:
             block = self.pool.get_cached_block(h)
             if block is None:
                 break
             blocks.append(block)
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(blocks) * self.block_size
-        return PrefixMatch(blocks)
+        return blocks
+
+    def _windowed_prefix(self, hashes: list[BlockHash]) -> list[KVBlock]:
+        """The longest hit whose last blocks, those the next query sees, are cached; blocks before them
+        may have been evicted (NULL_BLOCK in the match). The chained hash of block k - 1 vouches for
+        every token before it."""
+        hits = [self.pool.get_cached_block(h) for h in hashes]
+        best, run = 0, 0  # run: cached blocks ending at index k - 1
+        for k in range(1, len(hits) + 1):
+            run = run + 1 if hits[k - 1] is not None else 0
+            if run >= k - self._first_needed_block(k * self.block_size):
+                best = k
+        first = self._first_needed_block(best * self.block_size)
+        return [NULL_BLOCK] * first + hits[first:best]
+
+    def _first_needed_block(self, num_computed: int) -> int:
+        """Index of the first block a query at position num_computed (or later) still reads."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_computed - self.sliding_window + 1) // self.block_size
 
     def _cache_full_blocks(self, seq: Sequence, table: list[KVBlock], num_tokens: int) -> None:
         if not self.enable_caching:
@@ -137,7 +198,8 @@ class KVCacheManager:
             return
         hashes = self._seq_hashes(seq, num_full)
         for i in range(start, num_full):
-            self.pool.cache_full_block(table[i], hashes[i])
+            if table[i] is not NULL_BLOCK:
+                self.pool.cache_full_block(table[i], hashes[i])
         self.num_cached_blocks[seq.seq_id] = num_full
 
     def uncache_unwritten(self, seq: Sequence) -> None:
@@ -157,10 +219,13 @@ class KVCacheManager:
         """Grow seq's table to hold num_computed_tokens + num_new_tokens tokens.
 
         `prefix` (only for a sequence with no table yet) is adopted as the head
-        of the table. Returns None, changing nothing, when the pool is short.
+        of the table. Returns None when the pool is short, having changed nothing
+        but the release of blocks that fell out of the sliding window (dead either way).
         """
         bs = self.block_size
         table = self.tables.get(seq.seq_id, [])
+        if table:
+            self._release_outside_window(seq.seq_id, table, seq.num_computed_tokens)
         prefix_blocks = prefix.blocks if prefix is not None else []
         assert not (prefix_blocks and table), "a prefix is only adopted by an empty table"
         num_computed = seq.num_computed_tokens + len(prefix_blocks) * bs
@@ -170,14 +235,15 @@ class KVCacheManager:
         first_write = num_computed // bs
         cow = [i for i in range(first_write, len(table)) if table[i].ref_cnt > 1]
         # Cached blocks sitting in the free queue stop being free once adopted.
-        revived = sum(1 for b in prefix_blocks if b.ref_cnt == 0)
+        revived = sum(1 for b in prefix_blocks if b.ref_cnt == 0 and b is not NULL_BLOCK)
         if num_new_blocks + len(cow) + revived > self.pool.num_free_blocks:
             return None
 
         if prefix_blocks:
-            self.pool.touch(prefix_blocks)
+            self.pool.touch(b for b in prefix_blocks if b is not NULL_BLOCK)
             table = list(prefix_blocks)
             self.num_cached_blocks[seq.seq_id] = len(prefix_blocks)
+            self._first_live[seq.seq_id] = self._first_needed_block(num_computed)
         start = len(table) if not cow else cow[0]
         copies = []
         for i in cow:
@@ -193,11 +259,25 @@ class KVCacheManager:
             start = 0
         return SlotAllocation(start, [b.block_id for b in table[start:]], copies)
 
+    def _release_outside_window(self, seq_id: int, table: list[KVBlock], num_computed: int) -> None:
+        """Hand back the blocks no future query of this sequence reads (sliding window)."""
+        first_live = self._first_live.get(seq_id, 0)
+        dead = min(self._first_needed_block(num_computed), len(table))
+        if dead <= first_live:
+            return
+        released = [b for b in table[first_live:dead] if b is not NULL_BLOCK]
+        table[first_live:dead] = [NULL_BLOCK] * (dead - first_live)
+        self._first_live[seq_id] = dead
+        # Oldest first, so evicted first: under a window a prefix hit needs only the last blocks before it.
+        self.pool.free_blocks(released)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent."""
         table = self.tables.get(parent.seq_id, [])
-        self.pool.touch(table)
+        self.pool.touch(b for b in table if b is not NULL_BLOCK)
         self.tables[child.seq_id] = list(table)
+        if parent.seq_id in self._first_live:
+            self._first_live[child.seq_id] = self._first_live[parent.seq_id]
         if parent.seq_id in self._hashes:
             self._hashes[child.seq_id] = list(self._hashes[parent.seq_id])
         self.num_cached_blocks[child.seq_id] = self.num_cached_blocks.get(parent.seq_id, 0)
@@ -206,8 +286,9 @@ class KVCacheManager:
         """Release the sequence's blocks, last block first (evicted first)."""
         table = self.tables.pop(seq.seq_id, None)
         if table:
-            self.pool.free_blocks(reversed(table))
+            self.pool.free_blocks(b for b in reversed(table) if b is not NULL_BLOCK)
         self.num_cached_blocks.pop(seq.seq_id, None)
+        self._first_live.pop(seq.seq_id, None)
 
     def forget_hashes(self, seq: Sequence) -> None:
         """Drop the per-sequence hash memo (the sequence is gone for good)."""

@@ -68,11 +68,11 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
-                 enable_prefix_caching: bool) -> None:
+                 enable_prefix_caching: bool, sliding_window: int | None = None) -> None:
         self.config = config
         self.max_model_len = config.max_model_len
         self.block_size = block_size
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # sorted by arrival time
         self.requests: dict[str, Request] = {}
@@ -87,12 +87,13 @@ class Scheduler:
         if max_seqs > self.config.max_num_seqs:
             raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
                              f"max_num_seqs={self.config.max_num_seqs}.")
-        need = self.kv.num_blocks_for(min(num_prompt_tokens + max_tokens, self.max_model_len)) * max_seqs
-        if need > self.kv.pool.num_blocks:
+        num_tokens = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        need = self.kv.max_blocks_per_seq(num_tokens, self.config.max_num_batched_tokens) * max_seqs
+        if need > self.kv.num_total_blocks:
             raise ValueError(
                 f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
                 f"{num_prompt_tokens + max_tokens} tokens, block_size={self.block_size}) but the cache "
-                f"has {self.kv.pool.num_blocks}; lower max_tokens or raise kv_cache_memory.")
+                f"has {self.kv.num_total_blocks}; lower max_tokens or raise kv_cache_memory.")
 
     def add_request(self, req: Request) -> None:
         """Queue a request. Raises ValueError if it could never fit, before queueing it."""
@@ -239,7 +240,7 @@ class Scheduler:
         target = req.policy.compute_target(req, seq)
         prefix: PrefixMatch | None = None
         cached = 0
-        if seq.num_computed_tokens == 0 and seq.seq_id not in self.kv.tables:
+        if seq.num_computed_tokens == 0 and not self.kv.has_table(seq.seq_id):
             prefix = self.kv.find_prefix(seq)
             cached = prefix.num_tokens(self.block_size)
         num_new = min(target - seq.num_computed_tokens - cached, plan.budget)
@@ -335,7 +336,7 @@ class Scheduler:
             num_waiting_reqs=len(self.waiting),
             kv_cache_usage=self.kv.usage,
             num_free_blocks=self.kv.num_free_blocks,
-            num_total_blocks=self.kv.pool.num_blocks,
+            num_total_blocks=self.kv.num_total_blocks,
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions,

@@ -46,7 +46,7 @@ class LLMEngine:
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
-                                   config.cache.enable_prefix_caching)
+                                   config.cache.enable_prefix_caching, config.model.sliding_window)
         self.input_processor = InputProcessor(config.model, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.model.seed)

@@ -4,6 +4,7 @@
     pagellm chat [MODEL]
     pagellm serve [MODEL] [--host --port --api-key ...]
     pagellm bench {throughput,latency,serve,kv} ...
+    pagellm list-models                       (architectures and what each implementation covers)
 
 MODEL defaults to the demo model shipped inside the package. Every engine flag
 of `LLM(...)` is a flag here (EngineArgs). Errors print one line and exit 1.
@@ -123,6 +124,16 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     run_server(ns, _engine_args(ns))
 
 
+def cmd_list_models(ns: argparse.Namespace) -> None:
+    from pagellm.models.registry import model_table
+
+    rows = model_table()
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    print(f"{'architecture':<{widths[0]}}  {'checkpoints':<{widths[1]}}  features")
+    for arch, example, features in rows:
+        print(f"{arch:<{widths[0]}}  {example:<{widths[1]}}  {features}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pagellm import __version__
     from pagellm.engine.arg_utils import EngineArgs
@@ -130,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pagellm", description="High-throughput LLM inference with a paged KV cache.")
     parser.add_argument("--version", action="version", version=f"pagellm {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench,list-models}")
 
     gen = sub.add_parser("generate", help="Generate completions for prompts.",
                          description="Generate completions (MODEL defaults to the shipped demo model).")
@@ -159,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.benchmarks.cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    models = sub.add_parser("list-models", help="Architectures pagellm runs, with their features.",
+                            description="Every natively implemented architecture, then the transformers fallback.")
+    models.set_defaults(func=cmd_list_models)
     return parser
 
 

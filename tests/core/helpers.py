@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from pagellm.core.block_pool import BlockPool
-from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.kv_cache_manager import NULL_BLOCK, KVCacheManager
 from pagellm.core.request import Request
 from pagellm.core.sched_output import ModelRunnerOutput, SampleResult, SchedulerOutput
 from pagellm.sampling_params import SamplingParams
@@ -44,6 +44,8 @@ def check_block_invariants(kv: KVCacheManager) -> None:
     holders: dict[int, int] = {}
     for table in kv.tables.values():
         for b in table:
+            if b is NULL_BLOCK:
+                continue  # released by the sliding window
             holders[b.block_id] = holders.get(b.block_id, 0) + 1
     for b in pool.blocks:
         assert b.ref_cnt == holders.get(b.block_id, 0), (b, holders.get(b.block_id))

@@ -153,3 +153,91 @@ def test_hash_chain_depends_on_parent():
     h1 = hash_block_tokens(None, [1, 2])
     assert hash_block_tokens(h1, [3, 4]) != hash_block_tokens(None, [3, 4])
     assert hash_block_tokens(None, [1, 2]) == h1
+
+
+# ---- sliding window ---------------------------------------------------------------------
+
+def decode_to(kv, seq, total):
+    """Computed so far -> one token per step until the sequence has `total` tokens; returns live counts."""
+    live = []
+    while seq.num_tokens < total:
+        seq.append_token(5, 0.0)
+        assert kv.allocate_slots(seq, 1) is not None
+        seq.num_computed_tokens += 1
+        live.append(kv.num_live_blocks(seq.seq_id))
+        check_block_invariants(kv)
+    return live
+
+
+def test_sliding_window_releases_blocks_no_query_can_see():
+    from pagellm.core.kv_cache_manager import NULL_BLOCK
+
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False, sliding_window=6)
+    seq = seq_of(list(range(1, 11)))  # 10 tokens: blocks 0, 1, 2
+    kv.allocate_slots(seq, 10)
+    seq.num_computed_tokens = 10
+    seq.append_token(5, 0.0)
+    kv.allocate_slots(seq, 1)  # the query at position 10 sees keys 5..10: block 0 (positions 0-3) is dead
+    assert kv.tables[seq.seq_id][0] is NULL_BLOCK and kv.block_ids(seq.seq_id) == [-1, 1, 2]
+    assert kv.num_free_blocks == 6
+    seq.num_computed_tokens = 11
+    live = decode_to(kv, seq, 200)  # 200 tokens would need 50 blocks; the pool has 8
+    assert max(live) <= kv.max_blocks_per_seq(200, 1) == 3
+    kv.free(seq)
+    assert kv.num_free_blocks == 8
+    check_block_invariants(kv)
+
+
+def test_without_a_window_nothing_is_released():
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_caching=False)
+    seq = seq_of(list(range(1, 11)))
+    kv.allocate_slots(seq, 10)
+    seq.num_computed_tokens = 10
+    decode_to(kv, seq, 40)
+    assert kv.num_live_blocks(seq.seq_id) == 10 and -1 not in kv.block_ids(seq.seq_id)
+
+
+def test_windowed_prefix_hit_needs_only_the_blocks_the_next_query_sees():
+    from pagellm.core.kv_cache_manager import NULL_BLOCK
+
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True, sliding_window=6)
+    prompt = list(range(100, 121))  # 21 tokens: blocks b0..b5
+    a = seq_of(prompt)
+    kv.allocate_slots(a, 21)
+    a.num_computed_tokens = 21
+    a.append_token(5, 0.0)
+    kv.allocate_slots(a, 1)  # query at 21 sees 16..21: blocks 0-3 (positions 0-15) released, oldest first
+    held = kv.block_ids(a.seq_id)
+    assert held[:4] == [-1] * 4
+    # Another sequence takes the 2 never-used blocks and then the 2 oldest released ones (blocks 0 and 1).
+    other = seq_of(list(range(500, 516)))
+    kv.allocate_slots(other, 16)
+    assert kv.pool.num_evictions == 2
+    # The same 20-token prefix: blocks 0 and 1 are gone, but 2, 3 (free, cached) and 4 (held by a) are
+    # what a query at position 20 sees (keys 15..20), so all 20 tokens are a hit.
+    b = seq_of(prompt[:20] + [7, 8, 9])
+    match = kv.find_prefix(b)
+    assert match.num_tokens(4) == 20
+    assert match.blocks[:3] == [NULL_BLOCK] * 3 and match.blocks[4].block_id == held[4]
+    alloc = kv.allocate_slots(b, 3, match)
+    assert alloc is not None and kv.block_ids(b.seq_id)[:3] == [-1, -1, -1]
+    check_block_invariants(kv)
+    for s in (a, other, b):
+        kv.free(s)
+    assert kv.num_free_blocks == 8
+    check_block_invariants(kv)
+
+
+def test_fork_under_a_window_shares_live_blocks_only():
+    kv = KVCacheManager(num_blocks=12, block_size=4, enable_caching=False, sliding_window=5)
+    parent = seq_of(list(range(1, 17)))
+    kv.allocate_slots(parent, 16)
+    parent.num_computed_tokens = 16
+    parent.append_token(5, 0.0)
+    kv.allocate_slots(parent, 1)  # keys 12..16 visible: blocks 0-2 released
+    child = make_request([1]).seqs[0]
+    kv.fork(parent, child)
+    check_block_invariants(kv)
+    kv.free(parent)
+    kv.free(child)
+    assert kv.num_free_blocks == 12
