@@ -47,7 +47,8 @@ class EngineArgs:
     seed: int = _f(0, "Engine seed: dummy weights and requests that give no seed.")
     device: str = _f("cpu", "Device: cpu or cuda.")
     num_threads: int | None = _f(None, "Torch threads on CPU (default: torch's choice, usually the core count).")
-    attention_backend: str = _f("auto", "Attention backend: auto, torch_ref or cpu_paged.")
+    attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
+                                        "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
     max_waiting_requests: int | None = _f(None, "Queue limit; the server answers 429 beyond it.")
     tensor_parallel_size: int = _f(1, "Tensor parallel workers (only 1 for now).")
