@@ -47,6 +47,7 @@ class ModelConfig:
     load_format: str = "auto"  # auto | safetensors | pt | dummy
     seed: int = 0  # engine seed: dummy weights and the seeds of requests that give none
     served_model_name: str = ""  # the name the server answers to
+    max_logprobs: int = 20  # largest logprobs / prompt_logprobs a request may ask for (-1: no cap)
 
 
 @dataclass(frozen=True)

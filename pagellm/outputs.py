@@ -41,3 +41,22 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first token, finish times (monotonic s)
     error: str | None = None  # set when the request failed inside the engine
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam (vLLM's shape): tokens and text include the prompt."""
+
+    tokens: list[int]  # prompt + generated token ids
+    logprobs: SampleLogprobs | None  # per generated position, when asked for
+    cum_logprob: float  # sum of the generated tokens' logprobs
+    text: str | None  # decoded prompt + output (None without a tokenizer)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """`LLM.beam_search` result for one prompt: the beam_width best beams, best first."""
+
+    sequences: list[BeamSearchSequence]

@@ -66,6 +66,7 @@ class PrefixMatch:
     """Cached full blocks that cover the first `num_tokens` tokens of a sequence."""
 
     blocks: list[KVBlock] = field(default_factory=list)
+    counted: bool = True  # a real lookup: counts in the hit-rate stats once the sequence is admitted
 
     def num_tokens(self, block_size: int) -> int:
         return len(self.blocks) * block_size
@@ -153,12 +154,10 @@ class KVCacheManager:
         always computed so that the step produces logits for it.
         """
         if not self.enable_caching or seq.request.sampling_params.prompt_logprobs is not None:
-            return PrefixMatch()
+            return PrefixMatch(counted=False)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hashes = self._seq_hashes(seq, max_blocks)
         blocks = self._windowed_prefix(hashes) if self.sliding_window is not None else self._full_prefix(hashes)
-        self.prefix_queries += seq.num_tokens
-        self.prefix_hits += len(blocks) * self.block_size
         return PrefixMatch(blocks)
 
     def _full_prefix(self, hashes: list[BlockHash]) -> list[KVBlock]:
@@ -257,6 +256,9 @@ class KVCacheManager:
         self._cache_full_blocks(seq, table, total)
         if prefix_blocks:
             start = 0
+        if prefix is not None and prefix.counted:  # once per admitted sequence, not per admission attempt
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += len(prefix_blocks) * bs
         return SlotAllocation(start, [b.block_id for b in table[start:]], copies)
 
     def _release_outside_window(self, seq_id: int, table: list[KVBlock], num_computed: int) -> None:

@@ -140,6 +140,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)  # live and finished sequences, by index
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times this request was preempted (recomputed)
+    first_scheduled_time: float | None = None  # time.monotonic() when first admitted to the running batch
     policy: Any = None  # the SequenceGroupPolicy deciding forks and what to do with sampled tokens
 
     @property

@@ -111,3 +111,4 @@ class RequestUpdate:
     finished: bool  # every sequence of the request is finished
     prompt_logprobs: PromptLogprobs | None = None  # new prompt logprobs (first sequence only)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    first_scheduled_time: float | None = None  # time.monotonic() when the request first joined the batch

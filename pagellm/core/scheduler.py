@@ -20,6 +20,7 @@ Pure Python: no torch import.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -217,6 +218,8 @@ class Scheduler:
                 break  # not even its first sequence fits: wait for blocks to free up
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             for seq in req.live_seqs():
                 seq.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.arrival_time)
@@ -319,7 +322,8 @@ class Scheduler:
             finished = not req.live_seqs()
             if finished:
                 self._finish_request(req, RequestStatus.FINISHED_STOPPED)
-            updates.append(RequestUpdate(req.request_id, deltas, finished, prompt_lp, req.seqs[0].num_cached_tokens))
+            updates.append(RequestUpdate(req.request_id, deltas, finished, prompt_lp, req.seqs[0].num_cached_tokens,
+                                         req.first_scheduled_time))
         return updates
 
     def fail_step(self, sched: SchedulerOutput) -> list[Request]:

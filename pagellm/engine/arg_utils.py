@@ -51,6 +51,8 @@ class EngineArgs:
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
     max_waiting_requests: int | None = _f(None, "Queue limit; the server answers 429 beyond it.")
+    max_logprobs: int = _f(20, "Largest logprobs / top_logprobs / prompt_logprobs a request may ask for "
+                               "(-1: the vocabulary size).")
     tensor_parallel_size: int = _f(1, "Tensor parallel workers (only 1 for now).")
 
     @classmethod
@@ -147,6 +149,7 @@ class EngineArgs:
             load_format=self.load_format,
             seed=self.seed,
             served_model_name=self.served_model_name or path,
+            max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else hf.vocab_size,
         )
 
 

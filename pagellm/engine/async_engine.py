@@ -30,7 +30,7 @@ from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import ProcessedInput, PromptType
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import SamplingParams
+from pagellm.sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,21 @@ class AsyncLLMEngine:
 
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
         """Validate now (ValueError), so a server can answer 400 before streaming anything."""
-        inp = self.engine.process_input(prompt, params)
-        self.engine.scheduler.check_fits(len(inp.prompt_token_ids), inp.params.max_tokens or 0, inp.params.best_of)
-        return inp
+        return self.engine.process_input(prompt, params)
+
+    def check_capacity(self, num_requests: int) -> None:
+        """Before any work: ParamError if num_requests could never be queued at once, QueueFullError (429)
+        if the queue has no room for them now."""
+        limit = self.max_waiting_requests
+        if limit is None:
+            return
+        if num_requests > limit:
+            raise ParamError(f"the request holds {num_requests} prompts, but the server queues at most {limit} "
+                             "requests (--max-waiting-requests); send fewer prompts per request.", param="prompt")
+        with self._lock:
+            waiting = len(self._streams) - self.stats.num_running_reqs
+        if waiting + num_requests > limit:
+            raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests={limit}); try again later")
 
     @property
     def num_pending(self) -> int:

@@ -33,7 +33,8 @@ class InputProcessor:
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
 
-    def process(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
+    def process(self, prompt: PromptType, params: SamplingParams, logprobs_cap: bool = True) -> ProcessedInput:
+        """`logprobs_cap=False` for internal candidates (beam search asks for 2 x beam_width of them)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}.")
         text, ids, salt = self._tokenize(prompt)
@@ -55,7 +56,7 @@ class InputProcessor:
             raise ParamError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
                              f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
                              f"{self.max_model_len - n}.", param="max_tokens", code="context_length_exceeded")
-        self._check_token_ids(params)
+        self._check_token_ids(params, logprobs_cap)
         if self.tokenizer is None and (params.stop or params.bad_words):
             raise ValueError("stop strings and bad_words need a tokenizer (the engine runs with skip_tokenizer_init).")
         params = params.clone(max_tokens=max_tokens, best_of=params.best_of)
@@ -87,7 +88,7 @@ class InputProcessor:
                              "pass {'prompt_token_ids': [...]}.")
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def _check_token_ids(self, params: SamplingParams) -> None:
+    def _check_token_ids(self, params: SamplingParams, logprobs_cap: bool) -> None:
         v = self.vocab_size
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
                           ("logit_bias", list(params.logit_bias or {}))):
@@ -95,10 +96,12 @@ class InputProcessor:
             if bad:
                 raise ParamError(f"{name} must hold token ids in [0, {v}) (the vocabulary size); got {bad[:5]}.",
                                  param=name)
+        cap = min(v, self.model_config.max_logprobs) if logprobs_cap else v
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and k > v:
-                raise ParamError(f"{name} must be <= the vocabulary size ({v}), got {k}.", param=name)
+            if k is not None and k > cap:
+                raise ParamError(f"{name} must be <= {cap} (max_logprobs={self.model_config.max_logprobs}, "
+                                 f"vocabulary size {v}), got {k}.", param=name)
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
         """Each word as tokenized alone and after a space (vLLM's rule: both forms are banned)."""

@@ -58,9 +58,15 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------
 
-    def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
-        """Validate and tokenize without queueing (raises ValueError on bad input)."""
-        return self.input_processor.process(prompt, params)
+    def process_input(self, prompt: PromptType, params: SamplingParams, max_seqs: int | None = None,
+                      logprobs_cap: bool = True) -> ProcessedInput:
+        """Validate and tokenize without queueing (raises ValueError on bad input), including whether
+        the request could ever fit the KV cache (`max_seqs`: sequences it runs at once, default best_of).
+        `logprobs_cap=False` exempts internal logprobs (beam-search candidates) from max_logprobs."""
+        inp = self.input_processor.process(prompt, params, logprobs_cap)
+        self.scheduler.check_fits(len(inp.prompt_token_ids), inp.params.max_tokens or 0,
+                                  max_seqs if max_seqs is not None else inp.params.best_of)
+        return inp
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedInput, params: SamplingParams | None = None,
                     arrival_time: float | None = None, policy: Any = None) -> None:

@@ -51,6 +51,7 @@ class _RequestState:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     prompt_logprobs_sent: int = 0
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished: bool = False
 
@@ -81,6 +82,8 @@ class OutputProcessor:
             if st is None:
                 continue
             st.num_cached_tokens = u.num_cached_tokens
+            if st.first_scheduled_time is None:
+                st.first_scheduled_time = u.first_scheduled_time
             if u.prompt_logprobs is not None and st.prompt_logprobs is not None:
                 self._add_prompt_logprobs(st, u.prompt_logprobs)
             for d in u.deltas:
@@ -222,6 +225,8 @@ class OutputProcessor:
         if delta and prompt_lps is not None:
             prompt_lps, st.prompt_logprobs_sent = prompt_lps[st.prompt_logprobs_sent:], len(prompt_lps)
         metrics = {"arrival_time": st.arrival_time}
+        if st.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = st.first_scheduled_time
         if st.first_token_time is not None:
             metrics["first_token_time"] = st.first_token_time
         if st.finished:

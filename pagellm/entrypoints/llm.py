@@ -17,7 +17,7 @@ from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine
-from pagellm.outputs import RequestOutput
+from pagellm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -54,8 +54,9 @@ class LLM:
         return self._run(prompts, params, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
-                    use_tqdm: bool = True) -> list[RequestOutput]:
-        """Beam search per prompt; each RequestOutput holds the beam_width best hypotheses, best first.
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """Beam search per prompt; each BeamSearchOutput holds the beam_width best beams, best first
+        (vLLM's shape: `.sequences`, each with `.tokens` and `.text` that include the prompt, `.cum_logprob`).
 
         Matches Hugging Face `generate(num_beams=beam_width, do_sample=False, length_penalty=...,
         early_stopping=...)`; beams honour logit_bias, bad_words, min_tokens and the penalties.
@@ -68,8 +69,19 @@ class LLM:
                            early_stopping=params.early_stopping, num_eos=num_eos)
         k = max(2, 1 + num_eos) * params.beam_width
         sp = params.sampling_params(k)
-        return self._run(list(prompts), [sp] * len(prompts), use_tqdm,
+        outs = self._run(list(prompts), [sp] * len(prompts), use_tqdm,
                          policy_factory=lambda: BeamSearchPolicy(**policy_args))
+        return [self._beams(out) for out in outs]
+
+    def _beams(self, out: RequestOutput) -> BeamSearchOutput:
+        tok = self.get_tokenizer()
+        seqs = []
+        for c in out.outputs:
+            tokens = list(out.prompt_token_ids) + list(c.token_ids)
+            text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
+            seqs.append(BeamSearchSequence(tokens, c.logprobs, c.cumulative_logprob or 0.0, text, c.finish_reason,
+                                           c.stop_reason))
+        return BeamSearchOutput(seqs)
 
     def chat(self, messages: ChatMessages | list[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -102,19 +114,21 @@ class LLM:
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
              policy_factory=None) -> list[RequestOutput]:
         engine = self.llm_engine
+        policies = [policy_factory() if policy_factory else None for _ in prompts]
         inputs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                inputs.append(engine.process_input(prompt, p))
+        for i, (prompt, p, policy) in enumerate(zip(prompts, params, policies)):
+            try:  # every prompt is checked, the KV-cache fit included, before any is queued
+                inputs.append(engine.process_input(prompt, p, policy.max_seqs if policy else None,
+                                                   logprobs_cap=policy is None))
             except ValueError as e:
                 if len(prompts) > 1:
                     raise ValueError(f"prompt {i}: {e}") from e
                 raise
         ids = []
-        for inp in inputs:
+        for inp, policy in zip(inputs, policies):
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY
             rid = str(next(self._ids))
-            engine.add_request(rid, inp, policy=policy_factory() if policy_factory else None)
+            engine.add_request(rid, inp, policy=policy)
             ids.append(rid)
         finals: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2, dynamic_ncols=True)

@@ -179,3 +179,26 @@ def test_dummy_weights_need_no_weight_files(tmp_path, llama_path):
     out = LLM(str(d), load_format="dummy").generate("hi", SamplingParams(max_tokens=4, ignore_eos=True),
                                                      use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_a_prompt_that_cannot_fit_queues_nothing(llama_path):
+    """LLM.generate checks every prompt (the KV-cache fit included) before queueing any."""
+    llm = LLM(llama_path, block_size=4, num_gpu_blocks_override=8)  # 32 token slots
+    engine = llm.llm_engine
+    ok = {"prompt_token_ids": [5, 6, 7]}
+    too_big = {"prompt_token_ids": list(range(5, 25))}
+    with pytest.raises(ValueError, match=r"prompt 1: the request needs up to 10 KV cache blocks"):
+        llm.generate([ok, too_big], SamplingParams(max_tokens=20), use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    outs = llm.generate([ok], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(outs) == 1 and len(outs[0].outputs[0].token_ids) == 2
+
+
+def test_prefix_cache_counters_count_each_admitted_request_once(llama_path):
+    """A request that waits for blocks is looked up at every admission attempt; it counts once."""
+    llm = LLM(llama_path, block_size=4, num_gpu_blocks_override=12)
+    prompts = [{"prompt_token_ids": [5 + i] * 36} for i in range(3)]  # 36 + 4 tokens: 10 of the 12 blocks
+    llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions == 0 and llm.llm_engine.stats.num_steps > 6  # the others waited, step after step
+    assert stats.prefix_cache_queries == 3 * 36 and stats.prefix_cache_hits == 0

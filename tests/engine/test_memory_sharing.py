@@ -44,8 +44,11 @@ def test_beam_search_equals_hf(tiny_models, arch, bw, lp, es):
                                                      early_stopping=es), use_tqdm=False)
     eos = set(llm.llm_engine.config.model.eos_token_ids)
     for p, out in zip(prompts, outs):
-        ref = hf_beams(path, tok.encode(p), bw, 20, lp, es, eos)
-        assert [c.token_ids for c in out.outputs] == ref
+        ids = tok.encode(p)
+        ref = hf_beams(path, ids, bw, 20, lp, es, eos)
+        assert [s.tokens[len(ids):] for s in out.sequences] == ref
+        assert all(s.tokens[:len(ids)] == ids and s.text == tok.decode(s.tokens, skip_special_tokens=True)
+                   for s in out.sequences)
     assert llm.llm_engine.scheduler.kv.num_free_blocks == 400
 
 
@@ -69,18 +72,20 @@ def test_beams_share_blocks_and_free_them(llama_path):
 
 def test_beams_honour_bad_words_and_min_tokens():
     llm = LLM(DEMO_MODEL, num_gpu_blocks_override=400)
+    tok = llm.get_tokenizer()
+    n_prompt = len(tok.encode("ROMEO."))
     base = llm.beam_search("ROMEO.", BeamSearchParams(beam_width=3, max_tokens=16), use_tqdm=False)[0]
-    word = base.outputs[0].text.split()[0]
+    word = tok.decode(base.sequences[0].tokens[n_prompt:]).split()[0]
     banned = llm.beam_search("ROMEO.", BeamSearchParams(beam_width=3, max_tokens=16, bad_words=[word]),
                              use_tqdm=False)[0]
-    tok = llm.get_tokenizer()
     bad_ids = [tok.encode(w, add_special_tokens=False) for w in (word, " " + word)]
-    for c in banned.outputs:
+    for s in banned.sequences:
+        out = s.tokens[n_prompt:]
         for ids in bad_ids:
-            assert not any(c.token_ids[i:i + len(ids)] == ids for i in range(len(c.token_ids)))
-    chat_eos = llm.beam_search("<|user|>\nHail<|end|>\n<|assistant|>\n", BeamSearchParams(
-        beam_width=2, max_tokens=30, min_tokens=12), use_tqdm=False)[0]
-    assert all(len(c.token_ids) > 12 for c in chat_eos.outputs)
+            assert not any(out[i:i + len(ids)] == ids for i in range(len(out)))
+    chat = "<|user|>\nHail<|end|>\n<|assistant|>\n"
+    chat_eos = llm.beam_search(chat, BeamSearchParams(beam_width=2, max_tokens=30, min_tokens=12), use_tqdm=False)[0]
+    assert all(len(s.tokens) - len(tok.encode(chat)) > 12 for s in chat_eos.sequences)
 
 
 def test_parallel_sampling_preempted_group_resumes_identically(llama_path):

@@ -3,36 +3,47 @@
     pagellm serve [MODEL] --host --port --api-key --served-model-name ...
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-POST /tokenize, POST /detokenize (these need the API key when --api-key is
-set); GET /health, GET /version, GET /metrics, GET /docs (always open, for
+GET /v1/models/{model}, POST /tokenize, POST /detokenize (these need the API
+key when --api-key is set, checked before the body is read); GET /health,
+GET /version, GET /metrics, GET /docs, GET /openapi.json (always open, for
 probes and scrapers).
 
 Every error has OpenAI's shape {"error": {"message", "type", "param", "code"}},
-401 included. SIGINT/SIGTERM: stop accepting, abort in-flight requests (their
-streams end with a final chunk, finish_reason "abort", and [DONE]), exit 0.
+401, 404 (unknown route), 405, 413 (body over --max-request-body-size) and
+unparsable bodies included; /openapi.json declares them. Tokenization and chat
+templates run in worker threads, never on the event loop.
+
+SIGINT/SIGTERM: stop accepting, abort in-flight requests (their streams end with a
+final chunk, finish_reason "abort", and [DONE]), exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
+import contextlib
 import logging
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_engine import AsyncLLMEngine
 from pagellm.engine.chat_utils import apply_chat_template
+from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE, BodySizeLimit, RequireApiKey
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -56,27 +67,54 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return APIError(400, "the request body is not valid JSON.", code="invalid_json")
-    if kind in ("model_attributes_type", "dict_type") and not loc:
+    if kind in ("model_attributes_type", "dict_type", "model_type") and not loc:
         return APIError(400, "the request body must be a JSON object.", code="invalid_request")
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
-    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param, code="invalid_type"
-                    if "type" in kind else "invalid_value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return APIError(400, f"{where}: {msg}", param=param, code="invalid_type" if "type" in kind else "invalid_value")
 
 
-def build_app(state: ServingState, api_key: str | None = None) -> FastAPI:
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _http_error(exc: StarletteHTTPException) -> APIError:
+    """Starlette's own errors (unknown route, wrong method, an unparsable body) in OpenAI's shape."""
+    detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+    if exc.status_code == 404:
+        detail = "no such route: see /docs for the routes this server has."
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return APIError(exc.status_code, detail, type=kind, code=_HTTP_CODES.get(exc.status_code),
+                    headers=dict(exc.headers or {}))
+
+
+# Responses every API route may send besides its 200 (declared in /openapi.json).
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in (
+    (400, "Invalid request: a field, its type or its range; the message names the field."),
+    (401, "Missing or wrong API key (when the server has --api-key)."),
+    (404, "Unknown model."),
+    (413, "Request body over --max-request-body-size."),
+    (429, "Too many waiting requests; retry after Retry-After seconds."),
+    (500, "The engine failed the request."),
+    (503, "The engine is shutting down."),
+)}
+STREAMING = {"description": "The response; a server-sent event stream (text/event-stream) with stream: true.",
+             "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(state: ServingState, api_key: str | None = None,
+              max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> FastAPI:
     app = FastAPI(title="pagellm", version=__version__,
                   description="OpenAI-compatible API over a paged-KV-cache engine.")
     app.state.serving = state
-
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -86,59 +124,67 @@ def build_app(state: ServingState, api_key: str | None = None) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError):
         return _error_response(_validation_error(exc))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        logger.exception("request failed")
-        return _error_response(api_error_from(exc))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return _error_response(_http_error(exc))
 
-    async def respond(coro):
+    async def respond(request: Request, coro):
+        """Run a handler; a client that leaves before a non-streaming answer is ready aborts its requests."""
+        work = asyncio.ensure_future(coro)
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
-            result = await coro
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not gone.done():
+                gone.cancel()
+        if not work.done():
+            work.cancel()  # cancels run_all, which aborts every engine request of this call
+            with contextlib.suppress(BaseException):
+                await work
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
+        try:
+            result = work.result()
         except Exception as e:  # noqa: BLE001 - every error gets OpenAI's shape
-            return _error_response(api_error_from(e))
+            err = api_error_from(e)
+            if err.status >= 500:
+                logger.warning("request failed: %s", err.message)
+            return _error_response(err)
         if hasattr(result, "__aiter__"):
-            return StreamingResponse(result, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return JSONResponse(result.model_dump())
 
-    auth = [Depends(require_key)]
+    api = dict(responses={200: STREAMING, **ERRORS})
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest):
-        return await respond(create_completion(state, body))
+    @app.post("/v1/completions", **api)
+    async def completions(request: Request, body: CompletionRequest) -> CompletionResponse:
+        return await respond(request, create_completion(state, body))
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(body: ChatCompletionRequest):
-        return await respond(create_chat_completion(state, body))
+    @app.post("/v1/chat/completions", **api)
+    async def chat(request: Request, body: ChatCompletionRequest) -> ChatCompletionResponse:
+        return await respond(request, create_chat_completion(state, body))
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=state.model_name, root=state.engine.config.model.model,
-                                         max_model_len=state.max_model_len)])
+        return ModelList(data=[_model_card(state)])
 
-    @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        check_request(state, body, "/tokenize")
-        tok = state.tokenizer
-        if body.messages is not None:
-            conv = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = apply_chat_template(tok, conv, state.chat_template, body.add_generation_prompt)
-        elif body.prompt is not None:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
-            raise APIError(400, "give prompt or messages.", param="prompt")
-        return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+    @app.get("/v1/models/{model:path}", responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def model(model: str) -> ModelCard:
+        if model != state.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
+                           param="model", code="model_not_found")
+        return _model_card(state)
 
-    @app.post("/detokenize", dependencies=auth)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        check_request(state, body, "/detokenize")
-        vocab = state.engine.config.model.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}.", param="tokens")
-        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+    errors = {k: ERRORS[k] for k in (400, 401, 404, 413)}
 
-    @app.get("/health")
+    @app.post("/tokenize", responses=errors)
+    async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+        return await respond(request, serve_tokenize(state, body))
+
+    @app.post("/detokenize", responses=errors)
+    async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+        return await respond(request, serve_detokenize(state, body))
+
+    @app.get("/health", response_class=Response, responses={200: {"description": "The server is up (no body)."}})
     async def health() -> Response:
         return Response(status_code=200)
 
@@ -146,11 +192,55 @@ def build_app(state: ServingState, api_key: str | None = None) -> FastAPI:
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format."}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.openapi = lambda: _openapi(app)
+    # Outermost first: the API key is checked before the body is read, then the body's size.
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_size)
+    app.add_middleware(RequireApiKey, api_key=api_key)
     return app
+
+
+def _model_card(state: ServingState) -> ModelCard:
+    return ModelCard(id=state.model_name, root=state.engine.config.model.model, max_model_len=state.max_model_len)
+
+
+async def serve_tokenize(state: ServingState, body: TokenizeRequest) -> TokenizeResponse:
+    check_request(state, body, "/tokenize")
+    tok = state.tokenizer
+    if body.messages is not None:
+        conv = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = await asyncio.to_thread(apply_chat_template, tok, conv, state.chat_template, body.add_generation_prompt)
+    elif body.prompt is not None:
+        ids = await asyncio.to_thread(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise APIError(400, "give prompt or messages.", param="prompt")
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+
+async def serve_detokenize(state: ServingState, body: DetokenizeRequest) -> DetokenizeResponse:
+    check_request(state, body, "/detokenize")
+    vocab = state.engine.config.model.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}.", param="tokens")
+    return DetokenizeResponse(prompt=await asyncio.to_thread(state.tokenizer.decode, body.tokens))
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, minus the 422 it declares for every body (this server answers 400)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
@@ -162,15 +252,16 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
         with open(ns.chat_template) as f:
             chat_template = f.read()
     cfg = engine.config
-    state = ServingState(engine, cfg.model.served_model_name,
-                         cfg.model.max_model_len, max_n=ns.max_n, chat_template=chat_template)
+    state = ServingState(engine, cfg.model.served_model_name, cfg.model.max_model_len, max_n=ns.max_n,
+                         chat_template=chat_template, max_logprobs=cfg.model.max_logprobs,
+                         trust_request_chat_template=ns.trust_request_chat_template)
     state.metrics.attach_engine(engine)
     return state
 
 
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     state = make_state(ns, engine_args)
-    app = build_app(state, ns.api_key)
+    app = build_app(state, ns.api_key, ns.max_request_body_size)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                             timeout_graceful_shutdown=10)
     server = GracefulServer(config, state.engine)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE
+
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
@@ -12,4 +14,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 and /tokenize routes.")
     g.add_argument("--max-n", type=int, default=16, help="Largest n / best_of a request may ask for.")
     g.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="Accept a chat_template field in requests (refused by default: a template is code).")
+    g.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
+                   help="Largest request body in bytes; larger bodies get 413.")
     g.add_argument("--uvicorn-log-level", default="warning")

@@ -1,9 +1,14 @@
 """Prometheus metrics (prometheus-client), named like vLLM's with the `pagellm:` prefix.
 
-Request-level histograms and counters are recorded by the serving layer;
-engine gauges (running/waiting requests, KV cache usage, prefix cache
-counters, preemptions) are read from the engine's latest stats snapshot at
-scrape time. Each server has its own registry: no global state.
+Request-level histograms and counters are recorded by the serving layer when a request ends
+(finished, or aborted by a disconnect); the phases come from the engine's timestamps:
+
+    arrival --queue--> first scheduled --prefill--> first token --decode--> finished
+    |<------------------------------- e2e (server side) ------------------------>|
+
+Engine gauges (running/waiting requests, KV cache usage, prefix cache counters,
+preemptions) are read from the engine's latest stats snapshot at scrape time.
+Each server has its own registry: no global state.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+_N_BUCKETS = (1, 2, 5, 10, 20)
 
 
 class _EngineCollector:
@@ -56,11 +63,26 @@ class ServerMetrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("pagellm:e2e_request_latency_seconds", "End-to-end request latency.",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("pagellm:request_queue_time_seconds", "Time from arrival to first scheduled.",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("pagellm:request_prefill_time_seconds",
+                                      "Time from first scheduled to first token.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("pagellm:request_decode_time_seconds", "Time from first token to finish.",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_prompt_tokens = Histogram("pagellm:request_prompt_tokens", "Prompt tokens per request.",
+                                               buckets=_TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram("pagellm:request_generation_tokens",
+                                                   "Generated tokens per request.", buckets=_TOKEN_BUCKETS, registry=r)
+        self.params_max_tokens = Histogram("pagellm:request_params_max_tokens", "The max_tokens of each request.",
+                                           buckets=_TOKEN_BUCKETS, registry=r)
+        self.params_n = Histogram("pagellm:request_params_n", "The n of each request.", buckets=_N_BUCKETS,
+                                  registry=r)
 
     def attach_engine(self, engine) -> None:
         self._engine.engine = engine
 
-    def request_finished(self, out, start: float, first: float | None, num_tokens: int, now: float) -> None:
+    def request_finished(self, out, params, start: float, first: float | None, num_tokens: int, now: float) -> None:
+        """A request ended with a final output (any finish reason, engine-side aborts included)."""
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(num_tokens)
         for c in out.outputs:
@@ -68,6 +90,27 @@ class ServerMetrics:
         self.e2e.observe(now - start)
         if first is not None and num_tokens > 1:
             self.tpot.observe((now - first) / (num_tokens - 1))
+        self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        self.request_generation_tokens.observe(num_tokens)
+        self._observe_params(params)
+        m = out.metrics
+        arrival, scheduled = m.get("arrival_time"), m.get("first_scheduled_time")
+        first_token, finished = m.get("first_token_time"), m.get("finished_time")
+        if arrival is not None and scheduled is not None:
+            self.queue_time.observe(max(0.0, scheduled - arrival))
+            if first_token is not None:
+                self.prefill_time.observe(max(0.0, first_token - scheduled))
+        if first_token is not None and finished is not None:
+            self.decode_time.observe(max(0.0, finished - first_token))
+
+    def request_aborted(self, params) -> None:
+        """A request the client abandoned (disconnect): no final output ever reached the server."""
+        self.request_success.labels(finished_reason="abort").inc(params.n)
+        self._observe_params(params)
+
+    def _observe_params(self, params) -> None:
+        self.params_max_tokens.observe(params.max_tokens or 0)
+        self.params_n.observe(params.n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,6 +1,8 @@
 """Request and response bodies of the OpenAI API (and vLLM's extra sampling fields), as pydantic models.
 
-Unknown request fields are accepted and logged as ignored, as vLLM does:
+Request fields are strictly typed, as the OpenAI API is: "0.5" is not a number, true is not 1,
+and NaN or Infinity is no float. Text must be valid Unicode (a lone UTF-16 surrogate is a 400
+naming the field). Unknown request fields are accepted and logged as ignored, as vLLM does:
 clients written for other servers keep working.
 """
 
@@ -10,17 +12,53 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pagellm.sampling_params import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_STOP_STRINGS = 64  # stop strings per request (OpenAI allows 4)
+MAX_STOP_CHARS = 1024  # characters per stop string or bad word
+MAX_BAD_WORDS = 256
+MAX_TOKEN_ID_LIST = 4096  # stop_token_ids, allowed_token_ids, logit_bias entries
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: [-100, 100]
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _bad_unicode(value: Any, path: str) -> str | None:
+    """The path of the first string in value that is not valid Unicode (a lone surrogate), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _bad_unicode(v, f"{path}.{i}")
+            if bad:
+                return bad
+    if isinstance(value, dict):
+        for k, v in value.items():
+            bad = _bad_unicode(k, f"{path}.{k!r}") or _bad_unicode(v, f"{path}.{k}")
+            if bad:
+                return bad
+    return None
+
+
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        bad = _bad_unicode(value, info.field_name)  # nested models check their own fields
+        if bad:
+            raise ValueError(f"{bad} is not valid Unicode text (it holds a lone UTF-16 surrogate)")
+        return value
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -51,8 +89,8 @@ class SamplingFields(OpenAIBaseModel):
     top_p: float | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_TOKEN_ID_LIST)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -63,15 +101,41 @@ class SamplingFields(OpenAIBaseModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_ID_LIST)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = Field(None, max_length=MAX_TOKEN_ID_LIST)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_lengths(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_word_lengths(cls, v):
+        for s in v or []:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each bad word must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_range(cls, v):
+        for k, b in (v or {}).items():
+            if not -LOGIT_BIAS_LIMIT <= b <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"bias for token {k} must be in [-100, 100], got {b}")
+        return v
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         kw: dict[str, Any] = {}
@@ -100,22 +164,28 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TextPart(OpenAIBaseModel):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(OpenAIBaseModel):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[dict[str, Any]] | None = None  # a string, or content parts (text parts only)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, v):
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"unsupported content part type {kind!r}: this server takes text parts only")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string field 'text'")
+        return v
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p["text"] for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -143,12 +213,24 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape for one candidate at one prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobsList = list[dict[str, PromptLogprob] | None]  # per prompt position (token id -> entry); first None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsList | None = None  # vLLM's extra field, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -194,6 +276,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobsList | None = None  # vLLM's extra field, when asked for
 
 
 class DeltaMessage(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -27,13 +28,19 @@ from pagellm.entrypoints.openai.serving_common import (
     sse,
     validate_inputs,
 )
+from pagellm.entrypoints.openai.serving_completion import prompt_logprobs_json
 from pagellm.outputs import Logprob
 from pagellm.sampling_params import ParamError, RequestOutputKind
 
 
 def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int]:
+    """Render the conversation with the chat template (CPU work: callers run it off the event loop)."""
     if not req.messages:
         raise APIError(400, "messages must not be empty.", param="messages")
+    if req.chat_template is not None and not state.trust_request_chat_template:
+        raise APIError(400, "a chat_template in the request is refused: the server runs only its own templates "
+                       "unless started with --trust-request-chat-template.", param="chat_template",
+                       code="untrusted_chat_template")
     conv = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
         return apply_chat_template(state.tokenizer, conv, req.chat_template or state.chat_template,
@@ -62,20 +69,25 @@ async def create_chat_completion(state: ServingState,
     check_request(state, req, "/v1/chat/completions")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise APIError(400, f"top_logprobs must be in [0, 20], got {req.top_logprobs}.", param="top_logprobs")
-    ids = chat_prompt_ids(state, req)
+    if req.top_logprobs is not None and req.top_logprobs < 0:
+        raise APIError(400, f"top_logprobs must be >= 0, got {req.top_logprobs}.", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-    inputs = validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages")
+    state.engine.check_capacity(1)
+    ids = await asyncio.to_thread(chat_prompt_ids, state, req)
+    max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    inputs = await validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages", max_param)
     rid = random_id("chatcmpl")
     if req.stream:
         return guarded_stream(_stream(state, req, inputs, rid))
     choices: list[ChatChoice] = []
     usage = UsageInfo()
+    prompt_lps = None
     async for _, out in run_all(state, inputs, rid):
         usage.prompt_tokens = len(out.prompt_token_ids)
+        if req.prompt_logprobs is not None:
+            prompt_lps = prompt_logprobs_json(out.prompt_logprobs)
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
             lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0) if req.logprobs else None
@@ -83,7 +95,8 @@ async def create_chat_completion(state: ServingState,
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     choices.sort(key=lambda ch: ch.index)
-    return ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage)
+    return ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage,
+                                  prompt_logprobs=prompt_lps)
 
 
 async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str) -> AsyncIterator[str]:

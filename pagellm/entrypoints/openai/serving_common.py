@@ -3,6 +3,11 @@
 The handlers are plain async functions over a `ServingState`; they know
 nothing of HTTP beyond returning a body or an async iterator of SSE lines, so
 they are testable without a server.
+
+    check_request (model, n, stream-only fields, logprob caps)
+    -> validate_inputs (queue room: 429 before anything streams; tokenize and
+       validate in a worker thread, never on the event loop)
+    -> run_all (one engine request per prompt; leaving early aborts them all)
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ from pagellm.sampling_params import ParamError, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+_DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 413: "request_too_large",
+                  429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
+
+
 class APIError(Exception):
     """An error with OpenAI's body shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        code = code or _DEFAULT_CODES.get(status)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
@@ -59,8 +69,10 @@ class ServingState:
     engine: AsyncLLMEngine
     model_name: str
     max_model_len: int
-    max_n: int = 16
-    chat_template: str | None = None
+    max_n: int = 16  # largest n / best_of (--max-n)
+    chat_template: str | None = None  # --chat-template, overriding the tokenizer's
+    max_logprobs: int = 20  # largest logprobs / top_logprobs / prompt_logprobs (--max-logprobs)
+    trust_request_chat_template: bool = False  # accept a chat_template in the request body
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
@@ -82,23 +94,35 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
         if isinstance(v, int) and v > state.max_n:
             raise APIError(400, f"{name} must be <= {state.max_n} (the server's --max-n), got {v}.", param=name,
                            code="invalid_value")
-    if getattr(req, "stream", False) and best_of != n:
+    stream = getattr(req, "stream", False)
+    if stream and best_of != n:
         raise APIError(400, "best_of > n cannot be streamed: the n best are known only at the end.",
                        param="best_of", code="invalid_value")
+    if getattr(req, "stream_options", None) is not None and not stream:
+        raise APIError(400, "stream_options is only allowed with stream: true.", param="stream_options",
+                       code="invalid_value")
+    if getattr(req, "prompt_logprobs", None) is not None and stream:
+        raise APIError(400, "prompt_logprobs cannot be streamed; ask without stream: true.", param="prompt_logprobs",
+                       code="invalid_value")
+    for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        v = getattr(req, name, None)
+        if type(v) is int and v > state.max_logprobs:
+            raise APIError(400, f"{name} must be <= {state.max_logprobs} (the server's --max-logprobs), got {v}.",
+                           param=name, code="invalid_value")
 
 
-def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams,
-                    prompt_param: str) -> list[ProcessedInput]:
-    out = []
-    for p in prompts:
-        try:
-            out.append(state.engine.process_input(p, params))
-        except ParamError as e:
-            if e.code == "context_length_exceeded":
-                raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. {e}",
-                               param=prompt_param, code="context_length_exceeded") from e
-            raise
-    return out
+async def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams, prompt_param: str,
+                          max_tokens_param: str = "max_tokens") -> list[ProcessedInput]:
+    """Queue room first (429 before anything streams), then tokenize and validate off the event loop."""
+    state.engine.check_capacity(len(prompts))
+    try:
+        return await asyncio.to_thread(lambda: [state.engine.process_input(p, params) for p in prompts])
+    except ParamError as e:
+        if e.code == "context_length_exceeded":
+            param = max_tokens_param if e.param == "max_tokens" else prompt_param
+            raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. {e}",
+                           param=param, code="context_length_exceeded") from e
+        raise
 
 
 @dataclass
@@ -106,6 +130,7 @@ class _Timing:
     start: float
     first: float | None = None
     tokens: int = 0
+    finished: bool = False
 
 
 async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: str) -> AsyncIterator[
@@ -127,11 +152,14 @@ async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: st
                     t.first = now
                     state.metrics.ttft.observe(now - t.start)
                 t.tokens += new
-                await queue.put((i, out))
                 if out.finished:
-                    state.metrics.request_finished(out, t.start, t.first, t.tokens, now)
+                    t.finished = True
+                    state.metrics.request_finished(out, inp.params, t.start, t.first, t.tokens, now)
+                await queue.put((i, out))
             await queue.put((i, None))
         except BaseException as e:  # noqa: BLE001 - delivered to the consumer
+            if not isinstance(e, asyncio.CancelledError):
+                timings[i].finished = True  # failed, not aborted
             await queue.put((i, e))
 
     tasks = [asyncio.create_task(pump(i, inp)) for i, inp in enumerate(inputs)]
@@ -149,6 +177,11 @@ async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: st
         for t in tasks:
             if not t.done():
                 t.cancel()
+        # Counted before the next await: a stream closed by its client runs this in a cancelled scope,
+        # where any await raises again.
+        for inp, t in zip(inputs, timings):
+            if not t.finished:  # the client left or another prompt failed: aborted in the engine
+                state.metrics.request_aborted(inp.params)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -11,6 +11,8 @@ from pagellm.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
+    PromptLogprobsList,
     UsageInfo,
     random_id,
 )
@@ -45,6 +47,8 @@ def normalize_prompts(prompt: Any) -> list[Any]:
 
 def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[int], k: int,
                     text_start: int, tokenizer) -> CompletionLogprobs:
+    """The completions API's logprobs: per token its text, offset in the choice text, logprob, and the
+    top-k candidates plus the sampled token itself (so logprobs=0 still reports the sampled token, as vLLM)."""
     out = CompletionLogprobs()
     offset = text_start
     for entry, tok in zip(entries, token_ids):
@@ -58,9 +62,18 @@ def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[in
             continue
         out.token_logprobs.append(entry[tok].logprob)
         top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
-        out.top_logprobs.append({(lp.decoded_token or str(t)): lp.logprob for t, lp in top if lp.rank and lp.rank <= k}
-                                if k else {})
+        out.top_logprobs.append({(lp.decoded_token or str(t)): lp.logprob for t, lp in top
+                                 if t == tok or (lp.rank and lp.rank <= k)})
     return out
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobsList | None:
+    """vLLM's prompt_logprobs: per prompt position None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                            decoded_token=lp.decoded_token) for t, lp in e.items()}
+            for e in entries]
 
 
 async def create_completion(state: ServingState, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -72,7 +85,7 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-    inputs = validate_inputs(state, prompts, params, "prompt")
+    inputs = await validate_inputs(state, prompts, params, "prompt")
     rid = random_id("cmpl")
     if req.stream:
         return guarded_stream(_stream(state, req, inputs, rid))
@@ -101,7 +114,9 @@ def _choice(state: ServingState, req: CompletionRequest, i: int, out, c: Complet
             start = 0
         lp = legacy_logprobs(entries, ids, req.logprobs, start, state.tokenizer)
     return CompletionChoice(index=i * req.n + c.index, text=prompt_text + c.text, logprobs=lp,
-                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                            prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)
+                            if req.prompt_logprobs is not None else None)
 
 
 async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str) -> AsyncIterator[str]:
@@ -123,7 +138,8 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
             if req.logprobs is not None:
                 start = text_pos.get(index, len(prefix))
                 lp = legacy_logprobs(list(c.logprobs or []), list(c.token_ids), req.logprobs, start, state.tokenizer)
-                text_pos[index] = start + len(c.text)
+                # offsets continue over the whole choice, token by token (as in the non-streaming response)
+                text_pos[index] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else start
             choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason,
                                       stop_reason=c.stop_reason)
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
