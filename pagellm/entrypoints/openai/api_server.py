@@ -98,8 +98,12 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     (500, "The engine failed the request."),
     (503, "The engine is shutting down."),
 )}
+# With stream: true, each event's data is a chunk (a JSON object: the response with choice deltas, or an
+# error object if the stream fails after it started), and the last one is the string [DONE].
 STREAMING = {"description": "The response; a server-sent event stream (text/event-stream) with stream: true.",
-             "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+             "content": {"text/event-stream": {"schema": {"anyOf": [
+                 {"type": "object", "description": "a chunk, or an error object"},
+                 {"type": "string", "enum": ["[DONE]"]}]}}}}
 
 
 async def _wait_for_disconnect(request: Request) -> None:
