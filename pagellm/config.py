@@ -74,7 +74,12 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    """How the model is sharded and replicated."""
+
+    tensor_parallel_size: int = 1  # ranks one model is sharded over (one process each)
+    distributed_executor_backend: str = "mp"  # mp: local worker processes | ray: Ray actors (multi-node)
+    data_parallel_size: int = 1  # engine replicas behind one server, each with its own KV cache
+    distributed_timeout_s: float = 60.0  # a collective waiting longer on a peer fails (dead or stuck worker)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,15 @@ class EngineArgs:
     max_waiting_requests: int | None = _f(None, "Queue limit; the server answers 429 beyond it.")
     max_logprobs: int = _f(20, "Largest logprobs / top_logprobs / prompt_logprobs a request may ask for "
                                "(-1: the vocabulary size).")
-    tensor_parallel_size: int = _f(1, "Tensor parallel workers (only 1 for now).")
+    tensor_parallel_size: int = _f(1, "Shard the model over this many worker processes (torch.distributed; "
+                                      "gloo on CPU, NCCL on CUDA).")
+    distributed_executor_backend: str | None = _f(
+        None, "Where tensor-parallel workers run: mp (local processes, the default) or ray (Ray actors, "
+              "multi-node; pip install pagellm[ray]).", choices=("mp", "ray"))
+    data_parallel_size: int = _f(1, "Engine replicas behind one server (pagellm serve), each with its own KV "
+                                    "cache; requests go to the least loaded.")
+    distributed_timeout: float = _f(60.0, "Seconds a worker may keep the others waiting before the engine "
+                                          "reports it dead.")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_optional: bool = True,
@@ -71,7 +79,7 @@ class EngineArgs:
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             else:
-                kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
                 parser.add_argument(flag, type=kind, default=f.default, help=help_text, **meta)
         return parser
 
@@ -93,8 +101,13 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.kv_cache_dtype not in DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size must be 1: tensor parallelism is not implemented yet.")
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("data_parallel_size", self.data_parallel_size)
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be mp or ray, got "
+                             f"{self.distributed_executor_backend!r}.")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}.")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}.")
         return EngineConfig(
@@ -102,7 +115,8 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
+                                    self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend),
         )
 
@@ -127,7 +141,11 @@ class EngineArgs:
             raise ValueError(f"cannot read {path}/config.json: {e} Natively supported architectures: "
                              f"{', '.join(supported_architectures())}.") from None
         arch = resolve_architecture(getattr(hf, "architectures", None), hf)
-        geometry = get_model_class(arch).geometry(hf)  # the model owns its KV-cache shape
+        cls = get_model_class(arch)
+        if self.tensor_parallel_size > 1 and not cls.supports_tp:
+            raise ValueError(f"{arch} runs on the transformers fallback, which cannot be sharded: "
+                             "tensor_parallel_size must be 1.")
+        geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
         derived = _derived_max_len(hf)
         max_len = self.max_model_len or derived
         if max_len > derived:

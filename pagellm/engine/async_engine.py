@@ -28,7 +28,7 @@ from typing import Any
 from pagellm.core.scheduler import SchedulerStats
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import ProcessedInput, PromptType
-from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import ParamError, SamplingParams
 
@@ -37,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests (the server answers 429)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine is shutting down or stopped."""
 
 
 class RequestFailedError(RuntimeError):
@@ -96,6 +92,11 @@ class AsyncLLMEngine:
             raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests={limit}); try again later")
 
     @property
+    def dead(self) -> str | None:
+        """Why the engine can serve nothing more, or None while it is healthy."""
+        return self.engine.dead
+
+    @property
     def num_pending(self) -> int:
         with self._lock:
             return len(self._streams)
@@ -105,6 +106,8 @@ class AsyncLLMEngine:
         """Outputs of one request (deltas if params.output_kind is DELTA). Cancelling aborts it."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
+        if self.engine.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
         with self._lock:
@@ -180,7 +183,7 @@ class AsyncLLMEngine:
                 _, rid, inp, policy = cmd
                 try:
                     self.engine.add_request(rid, inp, policy=policy)
-                except ValueError as e:
+                except (ValueError, EngineDeadError) as e:
                     self._deliver(rid, e)
             else:
                 for out in self.engine.abort_request(cmd[1]):
@@ -189,6 +192,8 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         while not self._stopping:
             self._apply_commands()
+            for out in self.engine.check_health():  # a dead worker fails what is in flight, even when idle
+                self._deliver(out.request_id, RequestFailedError(out.error or "engine dead"))
             if not self.engine.has_unfinished_requests():
                 self.stats = self.engine.get_stats()
                 self._wakeup.wait(timeout=0.5)

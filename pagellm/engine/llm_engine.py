@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from typing import Any
 
 from pagellm.config import EngineConfig
@@ -22,11 +23,15 @@ from pagellm.core.scheduler import Scheduler, SchedulerStats
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import InputProcessor, ProcessedInput, PromptType
 from pagellm.engine.output_processor import OutputProcessor
-from pagellm.executor.base import Executor, make_executor
+from pagellm.executor.base import Executor, ExecutorDeadError, make_executor
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run another step (a tensor-parallel worker died, or the engine shut down)."""
 
 
 def load_tokenizer(path: str) -> Any:
@@ -43,6 +48,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
         self.executor = executor or make_executor(config)
+        # Reap tensor-parallel workers when the engine is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
@@ -51,6 +58,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._rng = random.Random(config.model.seed)
         self.stats = EngineCounters()
+        self.dead: str | None = None  # why the executor can run no more steps
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -70,6 +78,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedInput, params: SamplingParams | None = None,
                     arrival_time: float | None = None, policy: Any = None) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
         if request_id in self.scheduler.requests or self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use.")
@@ -101,6 +111,8 @@ class LLMEngine:
             return []
         try:
             out = self.executor.execute_model(sched)
+        except ExecutorDeadError as e:  # no more steps: every request fails, new ones are refused
+            return self._die(str(e))
         except Exception as e:  # a failing batch fails its requests, not the engine
             logger.exception("model step failed; aborting the %d sequences of the batch",
                              len(sched.num_scheduled_tokens))
@@ -112,6 +124,27 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def check_health(self) -> list[RequestOutput]:
+        """Between steps: if a worker died, fail every request now (their final outputs are returned)."""
+        if self.dead is not None:
+            return []
+        try:
+            self.executor.check_health()
+        except ExecutorDeadError as e:
+            return self._die(str(e))
+        return []
+
+    def _die(self, reason: str) -> list[RequestOutput]:
+        self.dead = reason
+        logger.error("engine dead: %s", reason)
+        ids = list(self.scheduler.requests)
+        self.scheduler.abort_requests(ids)
+        return self.output_processor.abort(ids, error=f"engine dead: {reason}")
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (tensor parallelism); the engine cannot step afterwards."""
+        self._finalizer()
 
 
 class EngineCounters:

@@ -16,7 +16,7 @@ from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
-from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
 from pagellm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
@@ -42,6 +42,16 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers now (they also stop when the LLM is collected or the process exits)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -143,4 +153,6 @@ class LLM:
             raise
         finally:
             bar.close()
+        if engine.dead is not None:
+            raise EngineDeadError(f"the engine died while generating: {engine.dead}")
         return [finals[r] for r in ids]

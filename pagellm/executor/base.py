@@ -1,17 +1,27 @@
 """Executor: where the model runs. The engine talks to it through this small protocol only.
 
-    UniProcExecutor   the model runner in this process (CPU or one GPU)
+    UniProcExecutor     the model runner in this process (CPU or one GPU)
+    MultiprocExecutor   tensor parallel: rank 0 in this process, ranks 1.. in local worker processes
+    RayExecutor         tensor parallel: rank 0 in this process, ranks 1.. as Ray actors (any node)
 
-Tensor-parallel executors (one worker process per rank over torch.distributed,
-or Ray actors across nodes) implement the same four methods.
+The two tensor-parallel executors share the step protocol (executor/tp_worker.py): rank 0
+broadcasts each command to the other ranks over a gloo group, every rank runs it on its shard,
+and rank 0 returns the result. They differ only in how worker processes are started and watched.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
+
+import torch
 
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+
+
+class ExecutorDeadError(RuntimeError):
+    """A worker died or stopped answering: the executor cannot run another step."""
 
 
 class Executor(Protocol):
@@ -21,13 +31,29 @@ class Executor(Protocol):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def check_health(self) -> None:
+        """Raises ExecutorDeadError when a worker is gone."""
+        ...
+
     def shutdown(self) -> None: ...
+
+
+def set_process_threads(config: EngineConfig) -> None:
+    """Torch intra-op threads of the calling process: the configured count, or an even share of the
+    cores when several tensor-parallel ranks share this machine."""
+    n = config.device.num_threads
+    tp = config.parallel.tensor_parallel_size
+    if n is None and tp > 1 and config.device.device == "cpu":
+        n = max(1, (os.cpu_count() or 1) // tp)
+    if n:
+        torch.set_num_threads(n)
 
 
 class UniProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
         from pagellm.worker.model_runner import ModelRunner
 
+        set_process_threads(config)
         self.runner = ModelRunner(config)
 
     def determine_num_blocks(self) -> int:
@@ -39,9 +65,20 @@ class UniProcExecutor:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)
 
+    def check_health(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    return UniProcExecutor(config)
+    if config.parallel.tensor_parallel_size == 1:
+        return UniProcExecutor(config)
+    if config.parallel.distributed_executor_backend == "ray":
+        from pagellm.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    from pagellm.executor.multiproc import MultiprocExecutor
+
+    return MultiprocExecutor(config)

@@ -1,6 +1,7 @@
 """What every pagellm model class declares; the loader, the KV cache and the registry read it.
 
-    cls.geometry(hf_config) -> ModelGeometry    layers, K/V heads, head_dim, each layer's sliding window
+    cls(hf_config, max_model_len, tp)             the model, holding only this rank's shard of every layer
+    cls.geometry(hf_config, tp_size) -> ModelGeometry    layers, K/V heads per rank, head_dim, windows
     model.map_weight(checkpoint name) -> (parameter name, shard id) | None
     model.forward(input_ids, positions, kv_caches, meta, backend) -> hidden (T, hidden)
     model.compute_logits(hidden (N, hidden)) -> (N, vocab) float32
@@ -23,23 +24,32 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.models.layers import layer_sliding_window
+from pagellm.models.parallel_layers import kv_heads_per_rank
 
 
 class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, Any]] = {}
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+    supports_tp = True  # built from the parallel layers: can be sharded over tensor_parallel_size ranks
 
     @classmethod
-    def geometry(cls, config) -> ModelGeometry:
-        """K/V cache geometry from the config; models whose attention differs override it."""
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        """This rank's K/V cache geometry; models whose attention differs override `kv_heads`."""
         heads = config.num_attention_heads
         layers = config.num_hidden_layers
+        if heads % tp_size:
+            raise ValueError(f"{heads} attention heads do not split over tensor_parallel_size={tp_size}")
         return ModelGeometry(
             num_layers=layers,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            num_kv_heads=kv_heads_per_rank(cls.kv_heads(config), tp_size),
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             sliding_windows=tuple(layer_sliding_window(config, i) for i in range(layers)),
         )
+
+    @classmethod
+    def kv_heads(cls, config) -> int:
+        """K/V heads of the whole model."""
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
     def hf_name(self, name: str) -> str | None:
         return name

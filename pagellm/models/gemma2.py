@@ -14,16 +14,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagellm.models.layers import GatedMLP, GemmaRMSNorm, lm_head_logits
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.layers import GatedMLP, GemmaRMSNorm
 from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
+from pagellm.models.parallel_layers import SINGLE
 
 
 class Gemma2DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM]) -> None:
+    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config))
-        self.mlp = family.make_mlp(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config), tp)
+        self.mlp = family.make_mlp(config, layer_idx, tp)
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
@@ -46,18 +48,18 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
                                 logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
 
     @classmethod
-    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
-        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_activation)
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_activation, tp=tp)
 
-    def __init__(self, config, max_model_len: int) -> None:
-        super().__init__(config, max_model_len)
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, max_model_len, tp)
         self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         return x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)  # normaliser in the model's dtype
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head_logits(hidden, self.lm_head.weight)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)
         cap = self.final_soft_cap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return logits if cap is None or logits is None else torch.tanh(logits / cap) * cap

@@ -4,9 +4,9 @@
                                                LN -> c_fc -> gelu -> c_proj -> + residual] x L
                    -> ln_f -> hidden (T, hidden);   compute_logits: hidden @ wte^T (tied)
 
-GPT-2 checkpoints store their projections as Conv1D, (in, out): those weights
-carry a transposing weight loader (`transposed_weights`). GPT BigCode
-(gpt_bigcode.py) reuses this file with nn.Linear weights and multi-query attention.
+GPT-2 checkpoints store their projections as Conv1D, (in, out): the parallel
+linears load them `transposed`. GPT BigCode (gpt_bigcode.py) reuses this file
+with nn.Linear weights and multi-query attention.
 """
 
 from __future__ import annotations
@@ -16,36 +16,45 @@ from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import Attention, Linear, activation, lm_head_logits, set_weight_loader, transposed_loader
+from pagellm.models.layers import Attention, activation
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_heads_per_rank,
+    parallel_logits,
+    qkv_parts,
+)
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, num_kv_heads: int | None = None) -> None:
+    def __init__(self, config, layer_idx: int, num_kv_heads: int, transposed: bool, tp: TPGroup) -> None:
         super().__init__()
         hidden, h = config.n_embd, config.n_head
         d = hidden // h
-        kvh = num_kv_heads or h
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.c_attn = Linear(hidden, (h + 2 * kvh) * d)
-        self.c_proj = Linear(hidden, hidden)
+        self.num_heads, self.num_kv_heads, self.head_dim = h // tp.size, kv_heads_per_rank(num_kv_heads, tp.size), d
+        # c_attn is stored as one packed [q | k | v] tensor: loaded whole (shard None), split per rank
+        self.c_attn = ColumnParallelLinear(hidden, qkv_parts(h, num_kv_heads, d, tp), bias=True, transposed=transposed)
+        self.c_proj = RowParallelLinear(hidden, hidden, bias=True, tp=tp, transposed=transposed)
         scale = d ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
-        self.attn = Attention(h, d, kvh, scale)
+        self.attn = Attention(self.num_heads, d, self.num_kv_heads, scale)
 
     def forward(self, x, kv_cache, meta, backend):
-        q, k, v = self.c_attn(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                        self.num_kv_heads * self.head_dim], dim=-1)
+        q, k, v = self.c_attn.split(self.c_attn(x))
         return self.c_proj(self.attn(q, k, v, kv_cache, meta, backend))
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, transposed: bool, tp: TPGroup) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = Linear(config.n_embd, inner)
-        self.c_proj = Linear(inner, config.n_embd)
+        self.c_fc = ColumnParallelLinear.single(config.n_embd, inner, True, tp, transposed)
+        self.c_proj = RowParallelLinear(inner, config.n_embd, bias=True, tp=tp, transposed=transposed)
         self.act = activation(config.activation_function)
 
     def forward(self, x):
@@ -53,12 +62,12 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int, num_kv_heads: int | None = None) -> None:
+    def __init__(self, config, layer_idx: int, num_kv_heads: int, transposed: bool, tp: TPGroup) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = GPT2Attention(config, layer_idx, num_kv_heads)
+        self.attn = GPT2Attention(config, layer_idx, num_kv_heads, transposed, tp)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, transposed, tp)
 
     def forward(self, x, kv_cache, meta, backend):
         x = x + self.attn(self.ln_1(x), kv_cache, meta, backend)
@@ -66,33 +75,33 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config, num_kv_heads: int | None = None) -> None:
+    def __init__(self, config, num_kv_heads: int, transposed: bool, tp: TPGroup) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(GPT2Block(config, i, num_kv_heads) for i in range(config.n_layer))
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, tp)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # replicated
+        self.h = nn.ModuleList(GPT2Block(config, i, num_kv_heads, transposed, tp) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
 class GPT2LMHeadModel(CausalLM):
-    transposed_weights = ("c_attn", "c_proj", "c_fc")  # Conv1D modules: weights stored (in, out)
+    transposed = True  # Conv1D checkpoints: projection weights stored (in, out)
 
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.transformer = GPT2Model(config, self.kv_heads(config))
-        for name, p in self.named_parameters():
-            if name.endswith(".weight") and name.split(".")[-2] in self.transposed_weights:
-                set_weight_loader(p, transposed_loader)
+        self.tp = tp
+        self.transformer = GPT2Model(config, self.kv_heads(config), self.transposed, tp)
 
     @classmethod
-    def kv_heads(cls, config) -> int | None:
-        return None  # one K/V head per query head
+    def kv_heads(cls, config) -> int:
+        return config.n_head  # one K/V head per query head
 
     @classmethod
-    def geometry(cls, config) -> ModelGeometry:
-        return ModelGeometry(config.n_layer, cls.kv_heads(config) or config.n_head, config.n_embd // config.n_head,
-                             (None,) * config.n_layer)
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        if config.n_head % tp_size:
+            raise ValueError(f"{config.n_head} attention heads do not split over tensor_parallel_size={tp_size}")
+        return ModelGeometry(config.n_layer, kv_heads_per_rank(cls.kv_heads(config), tp_size),
+                             config.n_embd // config.n_head, (None,) * config.n_layer)
 
     def hf_name(self, name: str) -> str | None:
         if name.startswith("lm_head.") or name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -106,5 +115,5 @@ class GPT2LMHeadModel(CausalLM):
             x = block(x, kv_cache, meta, backend)
         return self.transformer.ln_f(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(hidden, self.transformer.wte.weight)  # (N, vocab) tied to wte
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.transformer.wte.weight, self.config.vocab_size, self.tp)  # tied to wte

@@ -11,8 +11,8 @@ from pagellm.models.gpt2 import GPT2LMHeadModel
 
 
 class GPTBigCodeForCausalLM(GPT2LMHeadModel):
-    transposed_weights = ()
+    transposed = False
 
     @classmethod
-    def kv_heads(cls, config) -> int | None:
-        return 1 if getattr(config, "multi_query", True) else None
+    def kv_heads(cls, config) -> int:
+        return 1 if getattr(config, "multi_query", True) else config.n_head

@@ -16,36 +16,40 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import (
-    Attention,
+from pagellm.models.layers import Attention, RotaryEmbedding, activation, set_weight_loader
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
     Linear,
-    RotaryEmbedding,
-    activation,
-    default_weight_loader,
-    lm_head_logits,
-    set_weight_loader,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_logits,
 )
+from pagellm.models.weight_utils import CheckpointTensor, ckpt_full, copy_into
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         h = config.num_attention_heads
         d = config.hidden_size // h
-        self.num_heads, self.head_dim = h, d
+        self.head_start, self.num_heads = tp.shard(h)
+        self.head_dim = d
         bias = bool(getattr(config, "attention_bias", True))
-        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=bias)
+        self.query_key_value = Linear(config.hidden_size, 3 * self.num_heads * d, bias=bias)
         for p in self.query_key_value.parameters():
             set_weight_loader(p, self.load_interleaved)
-        self.dense = Linear(config.hidden_size, config.hidden_size, bias=bias)
-        self.attn = Attention(h, d, h, d ** -0.5)
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=bias, tp=tp)
+        self.attn = Attention(self.num_heads, d, self.num_heads, d ** -0.5)
 
-    def load_interleaved(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
-        # rows (H, 3, D) -> (3, H, D): heads [q0 k0 v0 q1 k1 v1 ...] -> [q0 q1 .. | k0 k1 .. | v0 v1 ..]
-        h, d = self.num_heads, self.head_dim
-        regrouped = tensor.reshape(h, 3, d, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
-        default_weight_loader(param, regrouped)
+    def load_interleaved(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
+        # rows (H, 3, D) -> this rank's heads -> (3, H_local, D): [q0 k0 v0 q1 k1 v1 ...] -> [q0 q1 | k0 k1 | v0 v1]
+        full = ckpt_full(tensor)
+        h = full.shape[0] // (3 * self.head_dim)
+        heads = full.reshape(h, 3, self.head_dim, *full.shape[1:])[self.head_start:self.head_start + self.num_heads]
+        copy_into(param, heads.transpose(0, 1).reshape(param.shape))
 
     def forward(self, positions, x, rotary, kv_cache, meta, backend):
         t = x.shape[0]
@@ -56,10 +60,10 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = ColumnParallelLinear.single(config.hidden_size, config.intermediate_size, True, tp)
+        self.dense_4h_to_h = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True, tp=tp)
         self.act = activation(config.hidden_act)
 
     def forward(self, x):
@@ -67,13 +71,13 @@ class GPTNeoXMLP(nn.Module):
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         self.parallel = bool(config.use_parallel_residual)
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = GPTNeoXAttention(config)
-        self.mlp = GPTNeoXMLP(config)
+        self.attention = GPTNeoXAttention(config, tp)
+        self.mlp = GPTNeoXMLP(config, tp)
 
     def forward(self, positions, x, rotary, kv_cache, meta, backend):
         attn = self.attention(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
@@ -84,10 +88,10 @@ class GPTNeoXLayer(nn.Module):
 
 
 class GPTNeoXModel(nn.Module):
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
+        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary = RotaryEmbedding(config, max_model_len)
 
@@ -95,12 +99,13 @@ class GPTNeoXModel(nn.Module):
 class GPTNeoXForCausalLM(CausalLM):
     skip_weights = CausalLM.skip_weights + (".attention.bias", ".attention.masked_bias")
 
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.gpt_neox = GPTNeoXModel(config, max_model_len)
+        self.tp = tp
+        self.gpt_neox = GPTNeoXModel(config, max_model_len, tp)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)  # the LM head's rows
         if self.tied:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
@@ -114,5 +119,5 @@ class GPTNeoXForCausalLM(CausalLM):
             x = layer(positions, x, self.gpt_neox.rotary, kv_cache, meta, backend)
         return self.gpt_neox.final_layer_norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(hidden, self.embed_out.weight)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.embed_out.weight, self.config.vocab_size, self.tp)

@@ -21,26 +21,17 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, AttentionParams, KVCache
-
-# ---- weight loaders -------------------------------------------------------------------
-
-
-def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
-    """The checkpoint tensor is the whole parameter."""
-    if tuple(param.shape) != tuple(tensor.shape):
-        raise ValueError(f"checkpoint shape {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
-    with torch.no_grad():
-        param.copy_(tensor)
-
-
-def set_weight_loader(param: torch.Tensor, loader, shard_ids=None) -> None:
-    param.weight_loader = loader  # (param, tensor, shard_id) -> None
-    param.shard_ids = shard_ids  # every shard a checkpoint must provide; None: one whole tensor
-
-
-def transposed_loader(param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
-    """GPT-2's Conv1D stores (in, out); nn.Linear holds (out, in)."""
-    default_weight_loader(param, tensor.t() if tensor.dim() == 2 else tensor)
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part
+from pagellm.models.weight_utils import (  # noqa: F401 - the loaders' home; re-exported for model files
+    CheckpointTensor,
+    ckpt_narrow,
+    ckpt_shape,
+    copy_into,
+    default_weight_loader,
+    set_weight_loader,
+    transposed_loader,
+)
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:
@@ -93,26 +84,6 @@ class GemmaRMSNorm(RMSNorm):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that, for float32 on CPU and up to TRANSPOSED_MAX_ROWS rows, computes out^T = W x^T + b.
-
-    MKL runs this orientation 1.1-1.7x faster for the few-row inputs of decode steps
-    (measured for GPT-2's shapes at 16-256 rows), with bitwise the same result; the output is a
-    transposed view, which the next Linear consumes without a copy. Large prefill batches keep
-    the usual orientation (slightly faster there).
-    """
-
-    TRANSPOSED_MAX_ROWS = 512
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.shape[0] > self.TRANSPOSED_MAX_ROWS):
-            return super().forward(x)
-        if self.bias is None:
-            return torch.mm(self.weight, x.t()).t()
-        return torch.addmm(self.bias[:, None], self.weight, x.t()).t()
-
-
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """(N, hidden) x (vocab, hidden)^T -> (N, vocab) float32 logits.
 
@@ -130,44 +101,15 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 2048
     return out_t.t().contiguous()
 
 
-class PackedLinear(Linear):
-    """One matmul for several projections of the same input (q/k/v, gate/up).
-
-    Most checkpoints store the parts separately (shard i lands in rows offsets[i] ..);
-    some store them packed already (Phi-3's qkv_proj, gate_up_proj: shard None).
-
-        out_sizes [h*d, kvh*d, kvh*d]  ->  rows [0, h*d) q | [h*d, (h+kvh)*d) k | ... v
-    """
-
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(out_sizes), bias=bias)
-        self.out_sizes = out_sizes
-        self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
-        for p in self.parameters(recurse=False):
-            set_weight_loader(p, self.load_part, frozenset(range(len(out_sizes))))
-
-    def load_part(self, param: torch.Tensor, tensor: torch.Tensor, shard_id: int | None = None) -> None:
-        if shard_id is None:
-            default_weight_loader(param, tensor)
-            return
-        start, size = self.offsets[shard_id], self.out_sizes[shard_id]
-        if tuple(tensor.shape) != (size, *param.shape[1:]):
-            raise ValueError(f"packed part {shard_id} expects {(size, *param.shape[1:])}, "
-                             f"checkpoint has {tuple(tensor.shape)}")
-        with torch.no_grad():
-            param[start:start + size].copy_(tensor)
-
-    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return out.split(self.out_sizes, dim=-1)
-
-
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up in one matmul (LLaMA's SwiGLU, Gemma's GeGLU)."""
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul (LLaMA's SwiGLU, Gemma's GeGLU);
+    tensor parallel: gate/up column-parallel, down row-parallel (one all-reduce)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False,
+                 tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = PackedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [even_part(intermediate_size, tp)] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,30 +126,37 @@ class FusedMoE(nn.Module):
 
     Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down
     projection. Checkpoints give one expert part at a time (shard (e, 0 | 1) for w13, e for w2)
-    or the whole stacked tensor (shard None).
+    or the whole stacked tensor (shard None). Tensor parallel: every rank holds every expert's slice
+    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str,
-                 renormalize: bool) -> None:
+                 renormalize: bool, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.tp = tp
+        self.full_intermediate = intermediate_size
+        self.i_start, self.intermediate_size = tp.shard(intermediate_size)
+        local = self.intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local))
         set_weight_loader(self.w13, self.load_expert, frozenset((e, j) for e in range(num_experts) for j in (0, 1)))
         set_weight_loader(self.w2, self.load_expert, frozenset(range(num_experts)))
         self.act = activation(act)
 
-    def load_expert(self, param: torch.Tensor, tensor: torch.Tensor, shard_id=None) -> None:
-        if shard_id is None:
-            default_weight_loader(param, tensor)
-            return
-        if isinstance(shard_id, tuple):  # (expert, 0 gate | 1 up)
+    def load_expert(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
+        full, start, local = self.full_intermediate, self.i_start, self.intermediate_size
+        if shard_id is None:  # stacked: gate_up (E, 2I, H) or down (E, H, I)
+            if param is self.w2:
+                copy_into(param, ckpt_narrow(tensor, 2, start, local))
+            else:
+                copy_into(param[:, :local], ckpt_narrow(tensor, 1, start, local))
+                copy_into(param[:, local:], ckpt_narrow(tensor, 1, full + start, local))
+        elif isinstance(shard_id, tuple):  # (expert, 0 gate | 1 up): (I, H)
             e, part = shard_id
-            target = param[e, part * self.intermediate_size:(part + 1) * self.intermediate_size]
-        else:
-            target = param[shard_id]
-        default_weight_loader(target, tensor)
+            copy_into(param[e, part * local:(part + 1) * local], ckpt_narrow(tensor, 0, start, local))
+        else:  # one expert's down projection: (H, I)
+            copy_into(param[shard_id], ckpt_narrow(tensor, 1, start, local))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # x (T, H), router_logits (T, E) -> (T, H)
@@ -231,7 +180,7 @@ class FusedMoE(nn.Module):
             gate, up = torch.nn.functional.linear(rows[seg], self.w13[e]).chunk(2, dim=-1)
             out_rows[seg] = torch.nn.functional.linear(self.act(gate) * up, self.w2[e]) * pair_weights[seg]
             start += n
-        return torch.zeros_like(x).index_add_(0, tokens, out_rows)
+        return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 
 
 def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:

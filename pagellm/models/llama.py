@@ -8,6 +8,9 @@ differ from it only in declared details (Mistral, Qwen2, Qwen3, Phi-3, Mixtral, 
 
 A family subclass overrides `attention_options` (projection biases, q/k norm) and `make_mlp`
 (dense or mixture of experts per layer); each layer's sliding window comes from the config.
+Tensor parallel: embeddings and the LM head split the vocabulary, q/k/v and gate/up are
+column-parallel (heads split, K/V heads replicated when fewer than ranks), o_proj and down_proj
+row-parallel; norms are replicated.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import (
-    Attention,
-    GatedMLP,
-    Linear,
-    PackedLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    layer_sliding_window,
-    lm_head_logits,
+from pagellm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, layer_sliding_window
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_heads_per_rank,
+    parallel_logits,
+    qkv_parts,
 )
 
 
@@ -43,20 +47,21 @@ class AttentionOptions:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, opts: AttentionOptions) -> None:
+    def __init__(self, config, layer_idx: int, opts: AttentionOptions, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         h = config.num_attention_heads
         kvh = getattr(config, "num_key_value_heads", None) or h
         d = getattr(config, "head_dim", None) or config.hidden_size // h
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
-        self.qkv_proj = PackedLinear(config.hidden_size, [h * d, kvh * d, kvh * d], bias=opts.qkv_bias)
-        self.o_proj = Linear(h * d, config.hidden_size, bias=opts.o_bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = h // tp.size, kv_heads_per_rank(kvh, tp.size), d
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_parts(h, kvh, d, tp), bias=opts.qkv_bias)
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=opts.o_bias, tp=tp)
         if opts.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.qk_norm = opts.qk_norm
         scale = opts.scale if opts.scale is not None else d ** -0.5
-        self.attn = Attention(h, d, kvh, scale, layer_sliding_window(config, layer_idx), opts.logits_soft_cap)
+        self.attn = Attention(self.num_heads, d, self.num_kv_heads, scale, layer_sliding_window(config, layer_idx),
+                              opts.logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -71,10 +76,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM]) -> None:
+    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config))
-        self.mlp = family.make_mlp(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config), tp)
+        self.mlp = family.make_mlp(config, layer_idx, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -84,10 +89,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_model_len: int, family: type[LlamaForCausalLM]) -> None:
+    def __init__(self, config, max_model_len: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(family.decoder_layer(config, i, family) for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(family.decoder_layer(config, i, family, tp)
+                                    for i in range(config.num_hidden_layers))
         self.norm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_model_len)
 
@@ -104,16 +110,17 @@ class LlamaForCausalLM(CausalLM):
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
 
     @classmethod
-    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                        bias=bool(getattr(config, "mlp_bias", False)))
+                        bias=bool(getattr(config, "mlp_bias", False)), tp=tp)
 
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_model_len, type(self))
+        self.tp = tp
+        self.model = LlamaModel(config, max_model_len, type(self), tp)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)  # the LM head's rows
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -132,8 +139,8 @@ class LlamaForCausalLM(CausalLM):
             x = layer(positions, x, self.model.rotary, kv_cache, meta, backend)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(hidden, self.lm_head.weight)  # (N, vocab)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)  # (N, vocab) on rank 0
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pagellm.models.layers import default_weight_loader
+from pagellm.models.weight_utils import CheckpointTensor, default_weight_loader
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ def weight_files(model_dir: str, load_format: str = "auto") -> tuple[str, list[s
 
 
 def iterate_weights(model_dir: str, load_format: str = "auto",
-                    progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                    progress: bool = True) -> Iterator[tuple[str, CheckpointTensor]]:
+    """(name, tensor) for every checkpoint tensor. Safetensors come as lazy slices: a weight loader
+    reads only the rows its tensor-parallel rank keeps (models/weight_utils.py)."""
     kind, files = weight_files(model_dir, load_format)
     for path in tqdm(files, desc="Loading weights", disable=not progress or len(files) < 2):
         if kind == "safetensors":
@@ -63,7 +65,7 @@ def iterate_weights(model_dir: str, load_format: str = "auto",
 
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             yield from state.items()

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagellm.models.layers import FusedMoE, GatedMLP, Linear
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.layers import FusedMoE, GatedMLP
 from pagellm.models.llama import AttentionOptions, LlamaForCausalLM
+from pagellm.models.parallel_layers import SINGLE, Linear
 
 # experts.<e>.<projection>.weight -> (FusedMoE parameter, shard id)
 _EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -44,12 +46,12 @@ class SparseMoeBlock(nn.Module):
     """Router + experts (+ an optional gated shared expert, Qwen2-MoE)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, act: str,
-                 renormalize: bool, shared_intermediate_size: int = 0) -> None:
+                 renormalize: bool, shared_intermediate_size: int = 0, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate = Linear(hidden_size, num_experts, bias=False)
-        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, act, renormalize)
+        self.gate = Linear(hidden_size, num_experts, bias=False)  # the router: replicated
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, act, renormalize, tp)
         if shared_intermediate_size:
-            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act)
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act, tp=tp)
             self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
         self.has_shared = bool(shared_intermediate_size)
 
@@ -73,9 +75,9 @@ class MixtralForCausalLM(_MoEWeights, LlamaForCausalLM):
     """Mixtral: every layer's MLP is a top-k (renormalised) mixture of SwiGLU experts."""
 
     @classmethod
-    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         return SparseMoeBlock(config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
-                              config.intermediate_size, config.hidden_act, renormalize=True)
+                              config.intermediate_size, config.hidden_act, renormalize=True, tp=tp)
 
     def hf_name(self, name: str) -> str | None:
         name = name.replace(".block_sparse_moe.", ".mlp.")
@@ -91,11 +93,11 @@ class Qwen2MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
         return AttentionOptions(qkv_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False)
 
     @classmethod
-    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
                   and (layer_idx + 1) % config.decoder_sparse_step == 0)
         if not sparse:
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
-                              config.shared_expert_intermediate_size)
+                              config.shared_expert_intermediate_size, tp)

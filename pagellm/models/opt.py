@@ -14,24 +14,33 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import Attention, Linear, activation, lm_head_logits
+from pagellm.models.layers import Attention, activation
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    Linear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_logits,
+)
 
 POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         e, h = config.hidden_size, config.num_attention_heads
         self.head_dim = e // h
         self.scaling = self.head_dim ** -0.5
         bias = bool(config.enable_bias)
-        self.q_proj = Linear(e, e, bias=bias)
-        self.k_proj = Linear(e, e, bias=bias)
-        self.v_proj = Linear(e, e, bias=bias)
-        self.out_proj = Linear(e, e, bias=bias)
-        self.attn = Attention(h, self.head_dim, h, 1.0)
+        self.q_proj = ColumnParallelLinear.single(e, e, bias, tp)
+        self.k_proj = ColumnParallelLinear.single(e, e, bias, tp)
+        self.v_proj = ColumnParallelLinear.single(e, e, bias, tp)
+        self.out_proj = RowParallelLinear(e, e, bias=bias, tp=tp)
+        self.attn = Attention(h // tp.size, self.head_dim, h // tp.size, 1.0)
 
     def forward(self, x, kv_cache, meta, backend):
         q = self.q_proj(x) * self.scaling
@@ -39,15 +48,15 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         e = config.hidden_size
         affine = bool(getattr(config, "layer_norm_elementwise_affine", True))
         self.pre_norm = bool(config.do_layer_norm_before)
-        self.self_attn = OPTAttention(config)
+        self.self_attn = OPTAttention(config, tp)
         self.self_attn_layer_norm = nn.LayerNorm(e, elementwise_affine=affine)
-        self.fc1 = Linear(e, config.ffn_dim, bias=bool(config.enable_bias))
-        self.fc2 = Linear(config.ffn_dim, e, bias=bool(config.enable_bias))
+        self.fc1 = ColumnParallelLinear.single(e, config.ffn_dim, bool(config.enable_bias), tp)
+        self.fc2 = RowParallelLinear(config.ffn_dim, e, bias=bool(config.enable_bias), tp=tp)
         self.final_layer_norm = nn.LayerNorm(e, elementwise_affine=affine)
         self.act = activation(config.activation_function)
 
@@ -62,25 +71,26 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         proj, e = config.word_embed_proj_dim, config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, proj)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj, tp)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, e)
         self.project_in = Linear(proj, e, bias=False) if proj != e else None
         self.project_out = Linear(e, proj, bias=False) if proj != e else None
         keep_final = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         affine = bool(getattr(config, "layer_norm_elementwise_affine", True))
         self.final_layer_norm = nn.LayerNorm(e, elementwise_affine=affine) if keep_final else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
 
 
 class OPTForCausalLM(CausalLM):
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.model = nn.Module()
-        self.model.decoder = OPTDecoder(config)
+        self.model.decoder = OPTDecoder(config, tp)
 
     def hf_name(self, name: str) -> str | None:
         if name == "lm_head.weight":
@@ -102,5 +112,5 @@ class OPTForCausalLM(CausalLM):
             x = dec.project_out(x)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(hidden, self.model.decoder.embed_tokens.weight)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.model.decoder.embed_tokens.weight, self.config.vocab_size, self.tp)

@@ -125,14 +125,16 @@ def fallback_unsupported_reason(hf_config) -> str | None:
 class TransformersForCausalLM(CausalLM):
     """Any decoder-only causal LM transformers can build, run on pagellm's paged attention."""
 
+    supports_tp = False  # transformers' own modules are not sharded
+
     @classmethod
-    def geometry(cls, config) -> ModelGeometry:
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
         g = super().geometry(config)
         # Windows stay in the kernels (the model passes them per call); blocks are never freed early here,
         # since pagellm cannot check that every layer really applies config.sliding_window.
         return ModelGeometry(g.num_layers, g.num_kv_heads, g.head_dim, (None,) * g.num_layers)
 
-    def __init__(self, config, max_model_len: int) -> None:
+    def __init__(self, config, max_model_len: int, tp=None) -> None:
         super().__init__()
         _register()
         cls = hf_causal_lm_class(config)

@@ -28,7 +28,9 @@ from pagellm.attention.backend import AttentionMetadata
 from pagellm.attention.registry import get_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.loader import init_dummy_weights, iterate_weights, load_weights
+from pagellm.models.parallel_layers import SINGLE
 from pagellm.models.registry import get_model_class
 from pagellm.sample.sampler import Sampler, prompt_logprobs
 from pagellm.worker.input_batch import InputBatch
@@ -42,31 +44,34 @@ logger = logging.getLogger(__name__)
 MIN_BATCH_ROWS = 16
 
 
-def load_model(config: EngineConfig) -> torch.nn.Module:
+def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
+    """This rank's shard of the model, weights loaded (each weight loader reads only its slice)."""
     m = config.model
     cls = get_model_class(m.architecture)
     t0 = time.perf_counter()
     with torch.device("cpu"):
-        model = cls(m.hf_config, config.scheduler.max_model_len)
+        model = cls(m.hf_config, config.scheduler.max_model_len, tp)
     if m.load_format == "dummy":
         init_dummy_weights(model, m.seed)
     else:
         load_weights(model, iterate_weights(m.model, m.load_format))
     model = model.to(device=config.device.device, dtype=torch_dtype(m.dtype)).eval()
     n = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s (%.1fM parameters, %s) in %.1fs", m.architecture, n / 1e6, m.dtype,
-                time.perf_counter() - t0)
+    logger.info("loaded %s (%.1fM parameters%s, %s) in %.1fs", m.architecture, n / 1e6,
+                f" on rank {tp.rank} of {tp.size}" if tp.size > 1 else "", m.dtype, time.perf_counter() - t0)
     return model
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """Runs one rank's shard of the model; with tensor parallelism every rank runs every step in
+    lockstep (the same SchedulerOutput), and only the driver (rank 0) samples and returns results."""
+
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE) -> None:
         self.config = config
-        if config.device.num_threads:
-            torch.set_num_threads(config.device.num_threads)
+        self.tp = tp
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
-        self.model = load_model(config)
+        self.model = load_model(config, tp)
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
         self.kv_caches: list = []
@@ -90,13 +95,17 @@ class ModelRunner:
         inputs = self._prepare_inputs(sched)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         out = ModelRunnerOutput()
+        driver = self.tp.is_driver
         if len(inputs.sample_rows):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            md = self.batch.sampling_metadata(inputs.sample_rows)
-            so = self.sampler(logits, md)
-            out.samples = _to_results(inputs.sample_seq_ids, so, md)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
+            if driver:
+                md = self.batch.sampling_metadata(inputs.sample_rows)
+                so = self.sampler(logits, md)
+                out.samples = _to_results(inputs.sample_seq_ids, so, md)
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
+            if not driver:
+                continue
             k = self.batch.params[row].prompt_logprobs
             lp, ranks, top_ids, top_lp = prompt_logprobs(logits, targets, k)
             out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),

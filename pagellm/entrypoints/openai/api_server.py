@@ -188,8 +188,13 @@ def build_app(state: ServingState, api_key: str | None = None,
     async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
         return await respond(request, serve_detokenize(state, body))
 
-    @app.get("/health", response_class=Response, responses={200: {"description": "The server is up (no body)."}})
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The server is up (no body)."},
+        503: {"model": ErrorResponse, "description": "The engine is dead (a worker died); requests fail."}})
     async def health() -> Response:
+        if state.engine.dead is not None:
+            return _error_response(APIError(503, f"the engine is dead: {state.engine.dead}", type="server_error",
+                                            code="service_unavailable"))
         return Response(status_code=200)
 
     @app.get("/version")

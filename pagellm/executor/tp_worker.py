@@ -1,0 +1,166 @@
+"""The tensor-parallel step protocol: rank 0 drives, ranks 1..N-1 follow.
+
+    rank 0 (the engine's process)                 ranks 1..N-1 (worker processes or Ray actors)
+    ---------------------------------             ---------------------------------------------
+    init_tp_group(0)           <-- rendezvous -->  init_tp_group(r)
+    ModelRunner(config, tp)                        ModelRunner(config, tp)     (each loads its shard)
+    broadcast(InitKVCache(n))  ------------------> allocate n blocks
+    broadcast(Execute(sched))  ------------------> execute_model(sched)         (all ranks, in lockstep:
+    execute_model(sched) -> ModelRunnerOutput      (results dropped)            the collectives pair up)
+    broadcast(Shutdown())      ------------------> return
+
+Commands are small dataclasses dispatched by type, pickled by torch.distributed's
+broadcast_object_list on a gloo group. Per step what crosses is the SchedulerOutput (new sequences
+in full, running ones as diffs: a few hundred bytes per sequence) one way, and nothing back: only
+rank 0 samples, and the other ranks learn the sampled tokens from the next SchedulerOutput.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+from pagellm.config import EngineConfig
+from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from pagellm.distributed.parallel import TPGroup, init_tp_group
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InitKVCache:
+    num_blocks: int
+
+
+@dataclass
+class Execute:
+    sched: SchedulerOutput
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
+    """Body of ranks 1..N-1: join the group, load this shard, follow rank 0's commands until Shutdown."""
+    from pagellm.executor.base import set_process_threads
+    from pagellm.worker.model_runner import ModelRunner
+
+    set_process_threads(config)
+    p = config.parallel
+    tp = init_tp_group(rank, p.tensor_parallel_size, init_method, config.device.device, p.distributed_timeout_s)
+    runner = ModelRunner(config, tp)
+    while True:
+        cmd = tp.broadcast_object(None)
+        if isinstance(cmd, Execute):
+            runner.execute_model(cmd.sched)
+        elif isinstance(cmd, InitKVCache):
+            runner.init_kv_cache(cmd.num_blocks)
+        elif isinstance(cmd, Shutdown):
+            break
+        else:
+            raise TypeError(f"unknown worker command {type(cmd).__name__}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+class DriverRank:
+    """Rank 0's side of the protocol: the model runner of this process plus the broadcast to the others."""
+
+    def __init__(self, config: EngineConfig, init_method: str) -> None:
+        from pagellm.executor.base import set_process_threads
+        from pagellm.worker.model_runner import ModelRunner
+
+        set_process_threads(config)
+        p = config.parallel
+        self.tp: TPGroup = init_tp_group(0, p.tensor_parallel_size, init_method, config.device.device,
+                                         p.distributed_timeout_s)
+        self.runner = ModelRunner(config, self.tp)
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()  # rank 0 decides; every rank allocates the same count
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.tp.broadcast_object(InitKVCache(num_blocks))
+        self.runner.init_kv_cache(num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.tp.broadcast_object(Execute(sched))
+        return self.runner.execute_model(sched)
+
+    def shutdown(self) -> None:
+        self.tp.broadcast_object(Shutdown())
+
+    def close(self) -> None:
+        """Leave the process group (torch.distributed holds one per process: the next engine makes its own)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+
+class TPExecutorBase:
+    """What the tensor-parallel executors share: rank 0 in this process, health checks, and the rule that a
+    failed step leaves the ranks out of step, so the executor is dead from then on. Subclasses start the
+    workers, tell which one is gone (`_gone`), and reap them (`_reap`)."""
+
+    def __init__(self, config: EngineConfig, init_method: str) -> None:
+        self.dead: str | None = None
+        try:
+            self.driver = DriverRank(config, init_method)
+        except BaseException:
+            self._reap(kill=True)
+            raise
+
+    def _gone(self) -> str | None:
+        raise NotImplementedError
+
+    def _reap(self, kill: bool = False) -> None:
+        raise NotImplementedError
+
+    def check_health(self) -> None:
+        from pagellm.executor.base import ExecutorDeadError
+
+        if self.dead is None:
+            self.dead = self._gone()
+        if self.dead is not None:
+            raise ExecutorDeadError(self.dead)
+
+    def _run(self, fn, *args):
+        from pagellm.executor.base import ExecutorDeadError
+
+        self.check_health()
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.dead = self._gone() or f"a tensor-parallel step failed ({type(e).__name__}: {e})"
+            raise ExecutorDeadError(self.dead) from e
+
+    def determine_num_blocks(self) -> int:
+        return self._run(self.driver.determine_num_blocks)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._run(self.driver.init_kv_cache, num_blocks)
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self._run(self.driver.execute_model, sched)
+
+    def shutdown(self) -> None:
+        if self.dead is None:
+            try:
+                self.driver.shutdown()
+            except Exception as e:  # noqa: BLE001 - reaping below is what matters
+                logger.warning("tensor-parallel shutdown: %s", e)
+        self.dead = self.dead or "shut down"
+        self._reap(kill=self.dead != "shut down")
+        self.driver.close()

@@ -1,0 +1,108 @@
+"""Tensor parallelism over worker processes: TP=2 gives TP=1's greedy tokens, and a dead worker is a clear,
+bounded engine error.
+
+Logprob tolerance: a row-parallel layer sums two float32 partial products instead of one, so each
+all-reduce rounds differently (relative error ~1e-7 per layer); over these 2-4 layer models the
+log-softmax moves by ~1e-6. 1e-4 leaves a wide margin while still catching any sharding mistake,
+which moves logprobs by whole units.
+"""
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from pagellm.engine.llm_engine import EngineDeadError
+
+TOL = 1e-4
+
+
+def run(path: str, tp: int, prompts: list[list[int]], backend: str | None = None, **kw):
+    with LLM(path, tensor_parallel_size=tp, distributed_executor_backend=backend, block_size=8,
+             num_gpu_blocks_override=256, max_num_batched_tokens=32, **kw) as llm:
+        greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2,
+                                             prompt_logprobs=1), use_tqdm=False)
+        return greedy
+
+
+def prompts_for(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(n)] for n in (1, 7, 40, 75)]  # 75 > one 32-token chunk
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert set(lx) == set(ly)
+            assert all(abs(lx[t].logprob - ly[t].logprob) < TOL for t in lx)
+        for px, py in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:]):
+            assert all(abs(px[t].logprob - py[t].logprob) < TOL for t in px)
+
+
+# gpt2: Conv1D weights; gpt_bigcode: one K/V head replicated on both ranks; llama: GQA with 2 K/V heads
+# (>= tp and < 2 * tp); llama_tied_rope: one K/V head and a tied LM head; the others: every family's layers.
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
+                                  "gpt_neox", "opt", "mixtral", "qwen2_moe"])
+def test_tp2_greedy_equals_tp1(tiny_models, arch):
+    path = tiny_models[arch]
+    prompts = prompts_for(500)
+    assert_same(run(path, 2, prompts), run(path, 1, prompts))
+
+
+def test_each_rank_holds_its_shard(llama_path):
+    with LLM(llama_path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
+        model = llm.llm_engine.executor.driver.runner.model
+        cfg = llm.llm_engine.config
+        # 4 query heads and 2 K/V heads of 16: rank 0 keeps 2 + 1 + 1 heads of q/k/v, half the MLP, half the vocab
+        assert tuple(model.model.layers[0].self_attn.qkv_proj.weight.shape) == ((2 + 1 + 1) * 16, 64)
+        assert tuple(model.model.layers[0].mlp.down_proj.weight.shape) == (64, 64)
+        assert model.model.embed_tokens.weight.shape[0] == -(-cfg.model.vocab_size // 2)
+        assert cfg.model.num_kv_heads == 1  # per rank: the KV cache is sized for this rank's heads
+
+
+def test_transformers_fallback_refuses_tensor_parallel(tiny_models):
+    with pytest.raises(ValueError, match="transformers fallback, which cannot be sharded"):
+        LLM(tiny_models["stablelm"], tensor_parallel_size=2)
+
+
+def test_a_killed_worker_is_a_clear_error_within_a_bounded_time(llama_path):
+    llm = LLM(llama_path, tensor_parallel_size=2, num_gpu_blocks_override=64, distributed_timeout=20)
+    engine = llm.llm_engine
+    worker = engine.executor.procs[0]
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+    start = time.monotonic()
+    outs = []
+    while engine.has_unfinished_requests() and time.monotonic() - start < 30:
+        outs += engine.step()
+    assert time.monotonic() - start < 25  # not a hang
+    assert engine.dead is not None and "rank 1" in engine.dead, engine.dead
+    failed = [o for o in outs if o.request_id == "a"][-1]
+    assert failed.finished and failed.error.startswith("engine dead:")
+    assert engine.scheduler.kv.num_free_blocks == 64
+    with pytest.raises(EngineDeadError, match="the engine is dead"):
+        llm.generate("x", SamplingParams(max_tokens=1))
+    llm.shutdown()
+
+
+def test_ray_backend_equals_tp1(llama_path):
+    """The same sharded model with ranks placed as Ray actors, on a local Ray instance the test starts and stops."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install pagellm[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        prompts = prompts_for(500, seed=3)
+        assert_same(run(llama_path, 2, prompts, backend="ray"), run(llama_path, 1, prompts))
+        # the workers' placement group is released: both CPUs are free again
+        deadline = time.time() + 10
+        while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == 2
+    finally:
+        ray.shutdown()
