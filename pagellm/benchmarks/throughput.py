@@ -97,7 +97,13 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
     assert produced == o_tok, f"pagellm produced {produced} tokens, workload asks {o_tok}"
     stats = llm.llm_engine.get_stats()
     note = f"{stats.num_total_blocks} KV blocks, {stats.num_preemptions} preemptions"
-    return EngineResult("pagellm", elapsed, len(reqs), p_tok, o_tok, _peak_rss_mb(), note)
+    tp = engine_kwargs.get("tensor_parallel_size", 1)
+    if tp > 1:
+        comm = llm.llm_engine.executor.driver.tp.comm  # counted from the warm-up on: subtract nothing, it is small
+        note += f"; rank 0 spent {100 * comm.seconds / elapsed:.0f}% of the time in {comm.calls} collectives"
+    llm.shutdown()
+    return EngineResult("pagellm" if tp == 1 else f"pagellm-tp{tp}", elapsed, len(reqs), p_tok, o_tok,
+                        _peak_rss_mb(), note)
 
 
 def _hf_model(model: str, load_format: str, dtype: str, device: str = "cpu"):
@@ -232,6 +238,11 @@ def main(ns: argparse.Namespace) -> dict:
           f"threads {ns.threads or os.cpu_count()}", flush=True)
     results = [run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads)]
     print(format_table(results), flush=True)
+    if ns.tensor_parallel_size > 1:  # beside TP=1, same workload, same total threads
+        per_rank = max(1, (ns.threads or os.cpu_count() or 1) // ns.tensor_parallel_size)
+        kw = {**engine_kwargs(ns), "tensor_parallel_size": ns.tensor_parallel_size, "num_threads": per_rank}
+        results.append(run_isolated(run_pagellm, ns.model, kw, reqs, None))
+        print(format_table(results), flush=True)
     for name in ns.compare or []:
         if name != "hf":
             raise ValueError(f"--compare takes 'hf', got {name!r}")
@@ -269,4 +280,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda (for every engine).")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="Also run pagellm sharded over N ranks, beside the unsharded run (each rank gets an even "
+                        "share of --threads or of the cores).")
     p.add_argument("--output-json", default=None)

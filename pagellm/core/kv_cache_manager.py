@@ -61,6 +61,15 @@ def hash_block_tokens(parent: BlockHash | None, token_ids: list[int], extra: str
     return h.digest()
 
 
+def max_blocks_per_seq(num_tokens: int, max_chunk: int, block_size: int, sliding_window: int | None) -> int:
+    """The most blocks one sequence of up to num_tokens tokens holds at once, computing at most
+    max_chunk tokens per step (bounded by the window when blocks behind it are released)."""
+    full = -(-num_tokens // block_size)
+    if sliding_window is None:
+        return full
+    return min(full, (sliding_window - 1 + max_chunk) // block_size + 2)
+
+
 @dataclass
 class PrefixMatch:
     """Cached full blocks that cover the first `num_tokens` tokens of a sequence."""
@@ -127,12 +136,7 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def max_blocks_per_seq(self, num_tokens: int, max_chunk: int) -> int:
-        """The most blocks one sequence of up to num_tokens tokens holds at once, computing at most
-        max_chunk tokens per step."""
-        full = self.num_blocks_for(num_tokens)
-        if self.sliding_window is None:
-            return full
-        return min(full, (self.sliding_window - 1 + max_chunk) // self.block_size + 2)
+        return max_blocks_per_seq(num_tokens, max_chunk, self.block_size, self.sliding_window)
 
     # ---- prefix cache -------------------------------------------------------------
 

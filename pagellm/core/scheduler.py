@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagellm.config import SchedulerConfig
-from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation
+from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation, max_blocks_per_seq
 from pagellm.core.policies import make_policy
 from pagellm.core.request import Request, RequestStatus, Sequence
 from pagellm.core.sched_output import (
@@ -37,6 +37,22 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     SeqDelta,
 )
+
+
+def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
+                       num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
+    """ValueError if a request of this shape could never run, however empty the engine (usable away from the
+    scheduler: the API process of `pagellm serve` checks requests before sending them to the engine)."""
+    if max_seqs > config.max_num_seqs:
+        raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
+                         f"max_num_seqs={config.max_num_seqs}.")
+    num_tokens = min(num_prompt_tokens + max_tokens, config.max_model_len)
+    need = max_blocks_per_seq(num_tokens, config.max_num_batched_tokens, block_size, sliding_window) * max_seqs
+    if need > num_blocks:
+        raise ValueError(
+            f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
+            f"{num_prompt_tokens + max_tokens} tokens, block_size={block_size}) but the cache "
+            f"has {num_blocks}; lower max_tokens or raise kv_cache_memory.")
 
 
 @dataclass
@@ -85,16 +101,8 @@ class Scheduler:
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
         """ValueError if a request of this shape could never run, however empty the engine."""
-        if max_seqs > self.config.max_num_seqs:
-            raise ValueError(f"the request needs {max_seqs} sequences (n/best_of/beam width), more than "
-                             f"max_num_seqs={self.config.max_num_seqs}.")
-        num_tokens = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        need = self.kv.max_blocks_per_seq(num_tokens, self.config.max_num_batched_tokens) * max_seqs
-        if need > self.kv.num_total_blocks:
-            raise ValueError(
-                f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
-                f"{num_prompt_tokens + max_tokens} tokens, block_size={self.block_size}) but the cache "
-                f"has {self.kv.num_total_blocks}; lower max_tokens or raise kv_cache_memory.")
+        check_request_fits(self.config, self.block_size, self.kv.num_total_blocks, self.kv.sliding_window,
+                           num_prompt_tokens, max_tokens, max_seqs)
 
     def add_request(self, req: Request) -> None:
         """Queue a request. Raises ValueError if it could never fit, before queueing it."""

@@ -18,7 +18,8 @@ pickled control messages, so they never cost a device copy.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,12 +28,21 @@ import torch
 DEFAULT_TIMEOUT_S = 60.0
 
 
+@dataclass
+class CommStats:
+    """Wall time this rank spent inside collectives (waiting for peers included), for benchmarks."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
 @dataclass(frozen=True)
 class TPGroup:
     rank: int = 0  # this process's shard index
     size: int = 1  # tensor_parallel_size
     device_group: Any = None  # torch.distributed group for tensors (None when size 1)
     cpu_group: Any = None  # gloo group for Python objects (None when size 1)
+    comm: CommStats = field(default_factory=CommStats, compare=False)  # this group's own counters
 
     @property
     def is_driver(self) -> bool:
@@ -41,24 +51,34 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            start = time.perf_counter()
             torch.distributed.all_reduce(x, group=self.device_group)
+            self._count(start)
         return x
 
     def gather_to_driver(self, x: torch.Tensor) -> torch.Tensor | None:
         """(N, local) on every rank -> (N, size * local) on rank 0, None elsewhere."""
         if self.size == 1:
             return x
+        start = time.perf_counter()
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
         torch.distributed.gather(x, parts, dst=0, group=self.device_group)
+        self._count(start)
         return torch.cat(parts, dim=-1) if self.is_driver else None
 
     def broadcast_object(self, obj: Any = None) -> Any:
         if self.size == 1:
             return obj
+        start = time.perf_counter()
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0, group=self.cpu_group)
+        self._count(start)
         return box[0]
+
+    def _count(self, start: float) -> None:
+        self.comm.seconds += time.perf_counter() - start
+        self.comm.calls += 1
 
     def shard(self, total: int) -> tuple[int, int]:
         """(start, size) of this rank's even share of `total` rows (total must divide)."""

@@ -1,38 +1,66 @@
-"""AsyncLLMEngine: the engine behind an asyncio server.
+"""AsyncLLMEngine: the engine behind an asyncio server, with the engine core in its own process.
 
-    caller (event loop)                       engine thread
-    generate(prompt, params) --validate-->    (ValueError raised to the caller at once)
-        submit(add) ------------------------> add_request
-        async for out in stream  <--------    step() -> RequestOutput -> loop.call_soon_threadsafe(queue.put)
-        cancelled / disconnected --abort-->   abort_request (every block freed)
+    API process (this class, beside the HTTP server)              engine-core process(es)
+    -------------------------------------------------              -----------------------
+    process_input: tokenize + validate (InputProcessor)
+    generate(): pick the least loaded replica, register a stream,
+        send AddRequest ---------------------------------------->  scheduler + executor
+    reader thread per replica  <---------------------------------  CoreOutput after every step
+        OutputProcessor (detokenize, stop strings; a match sends
+        FinishSequence back), deliver RequestOutputs to the
+        per-request asyncio queues
+    a cancelled stream (client gone) sends AbortRequests: its KV blocks are freed at once
 
-One thread owns the LLMEngine and runs steps while any request is active, so
-model steps never block the event loop. Commands (add, abort) reach it
-through a queue and are applied between steps. An exception inside a step
-fails the requests it touched (the engine's own handling) and the loop goes
-on; if the loop itself hits a bug, every active request gets the error and
-the loop keeps serving new ones.
+Request handling never waits on the engine's interpreter lock: a busy engine does not stall
+/health, and tokenization runs beside the server, not in the engine. `data_parallel_size` replicas
+(each a core with its own KV cache and its own tensor-parallel workers) sit behind one client;
+a new request goes to the replica with the fewest running + waiting requests.
+
+A replica whose core reports a dead worker, or whose process exits, is dead: its requests fail with
+an error, new requests go to the others, and `dead` says why (the server's /health answers 503).
+With `separate_process=False` the same core loop runs on a thread of this process (over a pipe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import pickle
+import secrets
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
-from pagellm.core.scheduler import SchedulerStats
+from pagellm.config import EngineConfig
+from pagellm.core.scheduler import SchedulerStats, check_request_fits
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.input_processor import ProcessedInput, PromptType
-from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
+from pagellm.engine.core import EngineCounters, EngineDeadError
+from pagellm.engine.core_proc import (
+    AbortRequests,
+    AddRequest,
+    CoreOutput,
+    CoreReady,
+    FinishSequence,
+    Shutdown,
+    run_engine_core,
+)
+from pagellm.engine.input_processor import InputProcessor, ProcessedInput, PromptType
+from pagellm.engine.llm_engine import load_tokenizer
+from pagellm.engine.output_processor import OutputProcessor
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import ParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0  # loading a large checkpoint can take minutes
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "QueueFullError", "RequestFailedError"]
 
 
 class QueueFullError(RuntimeError):
@@ -47,35 +75,172 @@ class RequestFailedError(RuntimeError):
 class _Stream:
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    replica: EngineReplica
+
+
+class EngineReplica:
+    """One engine core and the API side's state for it: the connection, the detokenizer, the latest stats."""
+
+    def __init__(self, index: int, config: EngineConfig, tokenizer, separate_process: bool) -> None:
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+        self.conn = self._start_process(config) if separate_process else self._start_thread(config)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.lock = threading.Lock()  # the output processor: reader thread vs event loop (adds, aborts)
+        self.send_lock = threading.Lock()
+        self.stats: SchedulerStats | None = None
+        self.counters = EngineCounters()
+        self.dead: str | None = None
+        self.num_blocks = self._wait_ready()
+
+    def _start_process(self, config: EngineConfig) -> Connection:
+        authkey = secrets.token_bytes(32)
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            server.settimeout(1.0)
+            host, port = server.getsockname()
+            self.proc = subprocess.Popen([sys.executable, "-m", "pagellm.engine.core_main", host, str(port)],
+                                         stdin=subprocess.PIPE)
+            self.proc.stdin.write(pickle.dumps((authkey, config, logging.getLogger("pagellm").getEffectiveLevel())))
+            self.proc.stdin.close()
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                try:
+                    sock, _ = server.accept()
+                    break
+                except TimeoutError:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"the engine process exited with code {self.proc.returncode} while "
+                                           "starting (its error is above)") from None
+                    if time.monotonic() > deadline:
+                        self.proc.kill()
+                        raise RuntimeError("the engine process did not start in time") from None
+        sock.settimeout(None)
+        conn = Connection(sock.detach())
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+        return conn
+
+    def _start_thread(self, config: EngineConfig) -> Connection:
+        ours, theirs = Pipe()
+        self.thread = threading.Thread(target=run_engine_core, args=(config, theirs), name=f"pagellm-core{self.index}",
+                                       daemon=True)
+        self.thread.start()
+        return ours
+
+    def _wait_ready(self) -> int:
+        while not self.conn.poll(1.0):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the engine process exited with code {self.proc.returncode} while loading the "
+                                   "model (its error is above)")
+            if self.thread is not None and not self.thread.is_alive():
+                raise RuntimeError("the engine thread stopped while loading the model (its error is above)")
+        msg = self.conn.recv()
+        if not isinstance(msg, CoreReady):
+            raise RuntimeError(f"unexpected first message from the engine core: {type(msg).__name__}")
+        return msg.num_blocks
+
+    def send(self, msg) -> None:
+        with self.send_lock:
+            self.conn.send(msg)
+
+    @property
+    def load(self) -> int:
+        s = self.stats
+        return 0 if s is None else s.num_running_reqs + s.num_waiting_reqs
+
+    def close(self, timeout: float = 10.0) -> None:
+        try:
+            self.send(Shutdown())
+        except OSError:
+            pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        self.conn.close()
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.max_waiting_requests = max_waiting_requests
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}  # touched by both threads under _lock
+    def __init__(self, config: EngineConfig, separate_process: bool = True) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
+        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        self.max_waiting_requests = config.scheduler.max_waiting_requests
+        self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._stopping = False
         self._accepting = True
-        self.stats: SchedulerStats = engine.get_stats()  # snapshot refreshed by the engine thread
-        self.counters = engine.stats
-        self._thread = threading.Thread(target=self._run, name="pagellm-engine", daemon=True)
-        self._thread.start()
+        self.replicas: list[EngineReplica] = []
+        try:
+            for i in range(config.parallel.data_parallel_size):
+                self.replicas.append(EngineReplica(i, config, self.tokenizer, separate_process))
+        except BaseException:
+            for r in self.replicas:
+                r.close()
+            raise
+        self._readers = [threading.Thread(target=self._read, args=(r,), name=f"pagellm-reader{r.index}", daemon=True)
+                         for r in self.replicas]
+        for t in self._readers:
+            t.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
-        cfg = args.create_engine_config()
-        return cls(LLMEngine(cfg), cfg.scheduler.max_waiting_requests)
+    def from_engine_args(cls, args: EngineArgs, separate_process: bool = True) -> AsyncLLMEngine:
+        return cls(args.create_engine_config(), separate_process)
+
+    # ---- state the server reads ----------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """KV cache blocks of each replica."""
+        return self.replicas[0].num_blocks
+
+    @property
+    def dead(self) -> str | None:
+        """Why a replica can serve nothing more, or None while all are healthy."""
+        reasons = [f"replica {r.index}: {r.dead}" if len(self.replicas) > 1 else r.dead
+                   for r in self.replicas if r.dead is not None]
+        return "; ".join(reasons) or None
+
+    @property
+    def replica_stats(self) -> list[SchedulerStats | None]:
+        return [r.stats for r in self.replicas]
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """Every replica's latest scheduler stats, summed (kv_cache_usage: the mean)."""
+        known = [s for s in self.replica_stats if s is not None]
+        if not known:
+            return SchedulerStats(0, 0, 0.0, self.num_blocks * len(self.replicas), self.num_blocks * len(self.replicas),
+                                  0, 0, 0)
+        total = {f.name: sum(getattr(s, f.name) for s in known) for f in fields(SchedulerStats)}
+        total["kv_cache_usage"] = sum(s.kv_cache_usage for s in known) / len(known)
+        return SchedulerStats(**total)
+
+    @property
+    def counters(self) -> EngineCounters:
+        return EngineCounters(*(sum(getattr(r.counters, f.name) for r in self.replicas)
+                                for f in fields(EngineCounters)))
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._streams)
 
     # ---- caller side ----------------------------------------------------------------
 
     def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
-        """Validate now (ValueError), so a server can answer 400 before streaming anything."""
-        return self.engine.process_input(prompt, params)
+        """Tokenize and validate now (ValueError), so a server can answer 400 before streaming anything."""
+        inp = self.input_processor.process(prompt, params)
+        check_request_fits(self.config.scheduler, self.config.cache.block_size, self.num_blocks,
+                           self.config.model.sliding_window, len(inp.prompt_token_ids), inp.params.max_tokens or 0,
+                           inp.params.best_of)
+        return inp
 
     def check_capacity(self, num_requests: int) -> None:
         """Before any work: ParamError if num_requests could never be queued at once, QueueFullError (429)
@@ -86,43 +251,50 @@ class AsyncLLMEngine:
         if num_requests > limit:
             raise ParamError(f"the request holds {num_requests} prompts, but the server queues at most {limit} "
                              "requests (--max-waiting-requests); send fewer prompts per request.", param="prompt")
-        with self._lock:
-            waiting = len(self._streams) - self.stats.num_running_reqs
+        waiting = self._num_waiting()
         if waiting + num_requests > limit:
             raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests={limit}); try again later")
 
-    @property
-    def dead(self) -> str | None:
-        """Why the engine can serve nothing more, or None while it is healthy."""
-        return self.engine.dead
-
-    @property
-    def num_pending(self) -> int:
+    def _num_waiting(self) -> int:
+        # Live requests not known to be running are waiting (the running count is the cores' last report,
+        # so in doubt this counts more as waiting, never fewer).
         with self._lock:
-            return len(self._streams)
+            return len(self._streams) - self.stats.num_running_reqs
+
+    def _pick_replica(self) -> EngineReplica:
+        live = [r for r in self.replicas if r.dead is None]
+        if not live:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
+        with self._lock:
+            mine = {r.index: 0 for r in live}
+            for s in self._streams.values():
+                if s.replica.index in mine:
+                    mine[s.replica.index] += 1
+        # the API side's own in-flight count is the freshest load figure; the core's stats break ties
+        return min(live, key=lambda r: (mine[r.index], r.load, r.index))
 
     async def generate(self, prompt: PromptType | ProcessedInput, params: SamplingParams | None,
-                       request_id: str, policy: Any = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncIterator[RequestOutput]:
         """Outputs of one request (deltas if params.output_kind is DELTA). Cancelling aborts it."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
-        if self.engine.dead is not None:
-            raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
+        replica = self._pick_replica()
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), replica)
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use.")
-            # Live requests not known to be running are waiting (the running count is the engine's last
-            # snapshot, so in doubt this counts more as waiting, never fewer).
             waiting = len(self._streams) - self.stats.num_running_reqs
             if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
                 raise QueueFullError(f"{waiting} requests are waiting (max_waiting_requests="
                                      f"{self.max_waiting_requests}); try again later")
             self._streams[request_id] = stream
-        self._submit(("add", request_id, inp, policy))
+        arrival = time.monotonic()
+        with replica.lock:
+            replica.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, arrival)
         finished = False
         try:
+            replica.send(AddRequest(request_id, inp, arrival))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -134,35 +306,49 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
-                self._submit(("abort", request_id))
+                self._abort(replica, [request_id])
             with self._lock:
                 self._streams.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            self._abort(stream.replica, [request_id])
 
-    def _submit(self, cmd: tuple) -> None:
-        self._commands.put(cmd)
-        self._wakeup.set()
+    def _abort(self, replica: EngineReplica, ids: list[str]) -> None:
+        with replica.lock:
+            replica.output_processor.abort(ids)
+        try:
+            replica.send(AbortRequests(ids))
+        except OSError:
+            pass  # the core is gone: nothing holds the request's blocks
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Stop accepting; let running requests finish for up to drain_timeout, then abort the rest."""
+        """Stop accepting; let running requests finish for up to drain_timeout, then abort the rest and stop
+        the engine cores."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout
         while self.num_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         with self._lock:
-            ids = list(self._streams)
-        for rid in ids:
-            self._submit(("abort", rid))
+            pending = list(self._streams.items())
+        for rid, stream in pending:  # each stream ends with an abort output (finish_reason "abort")
+            with stream.replica.lock:
+                outs = stream.replica.output_processor.abort([rid])
+            try:
+                stream.replica.send(AbortRequests([rid]))
+            except OSError:
+                pass
+            for out in outs:
+                self._deliver(rid, out)
         deadline = time.monotonic() + 5
         while self.num_pending and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        self._stopping = True
-        self._wakeup.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, r.close) for r in self.replicas))
 
-    # ---- engine thread --------------------------------------------------------------
+    # ---- reader threads -------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
@@ -173,45 +359,47 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's loop is closed
                 pass
 
-    def _apply_commands(self) -> None:
+    def _read(self, replica: EngineReplica) -> None:
         while True:
             try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
+                msg = replica.conn.recv()
+            except (EOFError, OSError):
+                self._replica_gone(replica)
                 return
-            if cmd[0] == "add":
-                _, rid, inp, policy = cmd
-                try:
-                    self.engine.add_request(rid, inp, policy=policy)
-                except (ValueError, EngineDeadError) as e:
-                    self._deliver(rid, e)
-            else:
-                for out in self.engine.abort_request(cmd[1]):
-                    self._deliver(out.request_id, out)
+            if isinstance(msg, CoreOutput):
+                self._handle(replica, msg)
 
-    def _run(self) -> None:
-        while not self._stopping:
-            self._apply_commands()
-            for out in self.engine.check_health():  # a dead worker fails what is in flight, even when idle
-                self._deliver(out.request_id, RequestFailedError(out.error or "engine dead"))
-            if not self.engine.has_unfinished_requests():
-                self.stats = self.engine.get_stats()
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug outside the model step: fail what is active, keep serving
-                logger.exception("engine step failed")
-                ids = list(self.engine.scheduler.requests)
-                self.engine.abort_request(ids)
-                for rid in ids:
-                    self._deliver(rid, RequestFailedError(f"{type(e).__name__}: {e}"))
-                continue
-            self.stats = self.engine.get_stats()
-            for out in outputs:
-                if out.error is not None:
-                    self._deliver(out.request_id, RequestFailedError(out.error))
-                else:
-                    self._deliver(out.request_id, out)
+    def _handle(self, replica: EngineReplica, msg: CoreOutput) -> None:
+        if msg.stats is not None:
+            replica.stats, replica.counters = msg.stats, msg.counters
+        for rid, why in msg.rejected:
+            with replica.lock:
+                replica.output_processor.abort([rid])
+            self._deliver(rid, EngineDeadError(why) if "EngineDeadError" in why else ValueError(why))
+
+        def on_stop(rid: str, index: int, stop: str) -> bool:
+            replica.send(FinishSequence(rid, index, stop))
+            return replica.output_processor.all_finished(rid)
+
+        with replica.lock:
+            failed = replica.output_processor.abort(msg.failed, error=msg.error) if msg.failed else []
+            outs = replica.output_processor.process(msg.updates, on_stop)
+        for out in failed:
+            self._deliver(out.request_id, RequestFailedError(out.error or "the engine failed the request"))
+        for out in outs:
+            self._deliver(out.request_id, out)
+        if msg.dead is not None and replica.dead is None:
+            replica.dead = msg.dead
+            logger.error("engine replica %d is dead: %s", replica.index, msg.dead)
+
+    def _replica_gone(self, replica: EngineReplica) -> None:
+        if replica.dead is None and self._accepting:
+            code = replica.proc.poll() if replica.proc is not None else None
+            replica.dead = f"the engine process exited (code {code})" if replica.proc is not None else \
+                "the engine thread stopped"
+            logger.error("engine replica %d: %s", replica.index, replica.dead)
+        with self._lock:
+            mine = [rid for rid, s in self._streams.items() if s.replica is replica]
+        for rid in mine:
+            self._deliver(rid, RequestFailedError(f"engine dead: {replica.dead or 'shut down'}"))
 

@@ -72,6 +72,14 @@ class OutputProcessor:
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states
 
+    def all_finished(self, request_id: str) -> bool:
+        """Every sequence of the request has finished as far as this processor has seen (stop strings
+        included); for a core in another process, which learns of stop strings a little later."""
+        st = self.states.get(request_id)
+        if st is None:
+            return True
+        return len(st.seqs) >= st.params.best_of and all(s.finish_reason is not None for s in st.seqs.values())
+
     # ---- per step -------------------------------------------------------------------
 
     def process(self, updates: list[RequestUpdate], on_stop: StopCallback) -> list[RequestOutput]:
@@ -88,6 +96,8 @@ class OutputProcessor:
                 self._add_prompt_logprobs(st, u.prompt_logprobs)
             for d in u.deltas:
                 seq = self._seq(st, d.index)
+                if seq.finish_reason is not None:
+                    continue  # stopped here by a stop string; the core has not heard yet (engine process)
                 for token_id, res in zip(d.new_token_ids, d.new_logprobs):
                     stop = self._append(st, seq, token_id, res)
                     if stop is not None:

@@ -37,6 +37,9 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM arguments {unknown}; valid: {sorted(valid - {'model'})}")
         self.engine_args = EngineArgs(model=model, **kwargs)
+        if self.engine_args.data_parallel_size != 1:
+            raise ValueError("data_parallel_size is for `pagellm serve` (replicas behind one server); offline, "
+                             "run one LLM per replica.")
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
 

@@ -106,3 +106,8 @@ def test_ray_backend_equals_tp1(llama_path):
         assert ray.available_resources().get("CPU", 0) == 2
     finally:
         ray.shutdown()
+
+
+def test_data_parallel_is_a_server_option(llama_path):
+    with pytest.raises(ValueError, match="data_parallel_size is for `pagellm serve`"):
+        LLM(llama_path, data_parallel_size=2)

@@ -275,7 +275,8 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
                             timeout_graceful_shutdown=10)
     server = GracefulServer(config, state.engine)
     print(f"pagellm serving {state.model_name!r} on http://{ns.host}:{ns.port} "
-          f"({state.engine.engine.num_blocks} KV blocks)", flush=True)
+          f"({state.engine.num_blocks} KV blocks{' per replica' if len(state.engine.replicas) > 1 else ''})",
+          flush=True)
     asyncio.run(server.serve())
 
 

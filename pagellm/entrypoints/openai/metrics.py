@@ -44,6 +44,31 @@ class _EngineCollector:
                                   value=s.prefix_cache_hits)
         yield CounterMetricFamily("pagellm:num_preemptions", "Preemptions since start.", value=s.num_preemptions)
         yield CounterMetricFamily("pagellm:engine_steps", "Engine steps since start.", value=c.num_steps)
+        yield from self._per_replica()
+
+    def _per_replica(self):
+        """With data parallelism: each replica's gauges under pagellm:replica_*{engine="i"} (the unlabelled
+        families above are the sums)."""
+        replicas = getattr(self.engine, "replicas", ())
+        if len(replicas) < 2:
+            return
+        families = {
+            "num_requests_running": ("Requests in the replica's running batch.", lambda st: st.num_running_reqs),
+            "num_requests_waiting": ("Requests waiting in the replica.", lambda st: st.num_waiting_reqs),
+            "kv_cache_usage_perc": ("Fraction of the replica's KV cache blocks in use.", lambda st: st.kv_cache_usage),
+            "kv_cache_free_blocks": ("The replica's free KV cache blocks.", lambda st: st.num_free_blocks),
+        }
+        for name, (doc, value) in families.items():
+            fam = GaugeMetricFamily(f"pagellm:replica_{name}", doc, labels=["engine"])
+            for r in replicas:
+                if r.stats is not None:
+                    fam.add_metric([str(r.index)], value(r.stats))
+            yield fam
+        fam = GaugeMetricFamily("pagellm:replica_up", "1 while the replica serves, 0 once it is dead.",
+                                labels=["engine"])
+        for r in replicas:
+            fam.add_metric([str(r.index)], 0 if r.dead else 1)
+        yield fam
 
 
 class ServerMetrics:

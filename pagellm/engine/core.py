@@ -1,0 +1,136 @@
+"""EngineCore: the scheduler and the executor, with no tokenizer. Validated requests in, token updates out.
+
+    add_request(id, ProcessedInput)                 -> Scheduler.add_request
+    step() -> CoreStep
+        Scheduler.schedule() -> SchedulerOutput -> Executor.execute_model() -> ModelRunnerOutput
+        -> Scheduler.update_from_output() -> [RequestUpdate]
+    finish_sequence(id, index, stop)                 (a stop string matched by whoever detokenizes)
+    abort_requests(ids), check_health(), shutdown()
+
+It runs where the model runs: inside LLMEngine for offline use, or alone in the engine-core process
+of `pagellm serve` (engine/core_proc.py), where its inputs and outputs are plain pickled messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagellm.config import EngineConfig
+from pagellm.core.request import Request
+from pagellm.core.sched_output import RequestUpdate
+from pagellm.core.scheduler import Scheduler, SchedulerStats
+from pagellm.engine.input_processor import ProcessedInput
+from pagellm.executor.base import Executor, ExecutorDeadError, make_executor
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run another step (a tensor-parallel worker died, or the engine shut down)."""
+
+
+@dataclass
+class CoreStep:
+    """What one step (or a health check) produced."""
+
+    updates: list[RequestUpdate] = field(default_factory=list)  # per request: new tokens, finishes
+    failed: list[str] = field(default_factory=list)  # requests ended by an error (their blocks are free)
+    error: str | None = None  # why they failed
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters for metrics and benchmarks."""
+
+    num_steps: int = 0
+    tokens_computed: int = 0  # tokens run through the model (prompts, recomputes, decodes)
+    generation_tokens: int = 0  # sampled tokens
+
+    def record(self, sched, updates) -> None:
+        self.num_steps += 1
+        self.tokens_computed += sched.total_num_scheduled_tokens
+        self.generation_tokens += sum(len(d.new_token_ids) for u in updates for d in u.deltas)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.executor = executor or make_executor(config)
+        # Reap tensor-parallel workers when the core is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
+        self.num_blocks = self.executor.determine_num_blocks()
+        self.executor.init_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
+                                   config.cache.enable_prefix_caching, config.model.sliding_window)
+        self._rng = random.Random(config.model.seed)
+        self.counters = EngineCounters()
+        self.dead: str | None = None  # why the executor can run no more steps
+
+    def add_request(self, request_id: str, inp: ProcessedInput, arrival_time: float | None = None,
+                    policy: Any = None) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        p = inp.params
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
+                      eos_token_ids=self.config.model.eos_token_ids,
+                      base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
+                      cache_salt=inp.cache_salt, policy=policy)
+        self.scheduler.add_request(req)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def finish_sequence(self, request_id: str, index: int, stop: str) -> bool:
+        """A stop string ended sequence `index`; True when the whole request is now finished."""
+        return self.scheduler.finish_by_stop_string(request_id, index, stop)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> CoreStep:
+        sched = self.scheduler.schedule()
+        if sched.is_empty and not sched.finished_seq_ids:
+            return CoreStep()
+        try:
+            out = self.executor.execute_model(sched)
+        except ExecutorDeadError as e:  # no more steps: every request fails, new ones are refused
+            return self._die(str(e))
+        except Exception as e:  # a failing batch fails its requests, not the engine
+            logger.exception("model step failed; aborting the %d sequences of the batch",
+                             len(sched.num_scheduled_tokens))
+            failed = self.scheduler.fail_step(sched)
+            return CoreStep(failed=[r.request_id for r in failed], error=f"{type(e).__name__}: {e}")
+        updates = self.scheduler.update_from_output(sched, out)
+        self.counters.record(sched, updates)
+        return CoreStep(updates)
+
+    def check_health(self) -> CoreStep:
+        """Between steps: if a worker died, fail every request now."""
+        if self.dead is None:
+            try:
+                self.executor.check_health()
+            except ExecutorDeadError as e:
+                return self._die(str(e))
+        return CoreStep()
+
+    def _die(self, reason: str) -> CoreStep:
+        self.dead = reason
+        logger.error("engine dead: %s", reason)
+        ids = list(self.scheduler.requests)
+        self.scheduler.abort_requests(ids)
+        return CoreStep(failed=ids, error=f"engine dead: {reason}")
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (tensor parallelism); the core cannot step afterwards."""
+        self._finalizer()
