@@ -111,3 +111,22 @@ def test_ray_backend_equals_tp1(llama_path):
 def test_data_parallel_is_a_server_option(llama_path):
     with pytest.raises(ValueError, match="data_parallel_size is for `pagellm serve`"):
         LLM(llama_path, data_parallel_size=2)
+
+
+def test_a_hung_worker_is_an_error_after_the_distributed_timeout(llama_path):
+    llm = LLM(llama_path, tensor_parallel_size=2, num_gpu_blocks_override=64, distributed_timeout=3)
+    engine = llm.llm_engine
+    worker = engine.executor.procs[0]
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    os.kill(worker.pid, signal.SIGSTOP)  # alive but answering nothing
+    try:
+        start = time.monotonic()
+        outs = []
+        while engine.has_unfinished_requests() and time.monotonic() - start < 30:
+            outs += engine.step()
+        assert 2.5 < time.monotonic() - start < 15
+        assert "Timed out" in engine.dead and outs[-1].error.startswith("engine dead:")
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        llm.shutdown()
