@@ -45,6 +45,56 @@ def _err(name: str, expected: str, got: object) -> ParamError:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's names). Exactly one of the fields is set.
+
+    json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex: the output
+    fullmatches it; choice: the output is one of these strings; grammar: an EBNF grammar (GBNF
+    style, root rule `root`). JSON is generated compact (no free whitespace between tokens).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ParamError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {given or 'none'}.", param="structured_outputs")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ParamError("structured_outputs.choice must be a non-empty list of non-empty strings.",
+                             param="structured_outputs")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ParamError(f"structured_outputs.{name} must be a non-empty string.", param="structured_outputs")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ParamError("structured_outputs.json must be a JSON schema (an object or its JSON text).",
+                             param="structured_outputs")
+
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what the compiled grammar is cached by."""
+        import json as _json
+
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else _json.dumps(self.json, sort_keys=True)
+            return "json", text
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", _json.dumps(self.choice)
+        return "grammar", self.grammar
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request. Defaults follow vLLM."""
 
@@ -75,6 +125,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the last k prompt tokens
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logprobs_mode: LogprobsMode = LogprobsMode.RAW_LOGPROBS
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
     # Filled from the bad_words strings by the input processor (token sequences, any prefix form).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
@@ -141,6 +192,8 @@ class SamplingParams:
             raise _err("bad_words", "a list of non-empty strings", self.bad_words)
         if not self.detokenize and self.stop:
             raise ParamError("stop strings are matched on text: stop needs detokenize=True.", param="stop")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise _err("structured_outputs", "a StructuredOutputsParams", self.structured_outputs)
 
     @property
     def sampling_type_greedy(self) -> bool:
@@ -172,6 +225,7 @@ class BeamSearchParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    structured_outputs: StructuredOutputsParams | None = None  # every beam stays in the language
 
     def __post_init__(self) -> None:
         _check_int("beam_width", self.beam_width, 1)
@@ -191,7 +245,7 @@ class BeamSearchParams:
             logprobs=num_candidates, logprobs_mode=LogprobsMode.PROCESSED_LOGPROBS, logit_bias=self.logit_bias,
             bad_words=self.bad_words, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, structured_outputs=self.structured_outputs)
 
 
 def _is_number(v: object) -> bool:

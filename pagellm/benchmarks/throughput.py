@@ -80,13 +80,26 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threads: int | None) -> EngineResult:
+# --structured-fraction: the schema constrained requests follow: a list of records, which ends only when the
+# model closes it (ignore_eos keeps every request at its length; the grammar masks every step until then).
+BENCH_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16}, "qty": {"type": "integer", "minimum": 0, "maximum": 999},
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}},
+    "required": ["name", "qty", "tags"]}}
+
+
+def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threads: int | None,
+                structured_fraction: float = 0.0) -> EngineResult:
     from pagellm import LLM, SamplingParams
+    from pagellm.sampling_params import StructuredOutputsParams
 
     _set_threads(threads)
     llm = LLM(model, **engine_kwargs)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
-    params = [SamplingParams(temperature=1.0, top_p=1.0, seed=i, max_tokens=r.output_len, ignore_eos=True)
+    every = round(1 / structured_fraction) if structured_fraction else 0  # 0.5 -> every 2nd request
+    spec = StructuredOutputsParams(json=BENCH_SCHEMA)
+    params = [SamplingParams(temperature=1.0, top_p=1.0, seed=i, max_tokens=r.output_len, ignore_eos=True,
+                             structured_outputs=spec if every and i % every == 0 else None)
               for i, r in enumerate(reqs)]
     llm.generate(prompts[:2], [p.clone(max_tokens=4) for p in params[:2]], use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
@@ -98,12 +111,15 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
     stats = llm.llm_engine.get_stats()
     note = f"{stats.num_total_blocks} KV blocks, {stats.num_preemptions} preemptions"
     tp = engine_kwargs.get("tensor_parallel_size", 1)
+    if every:
+        note += f"; {sum(p.structured_outputs is not None for p in params)} of {len(params)} requests JSON-constrained"
     if tp > 1:
         comm = llm.llm_engine.executor.driver.tp.comm  # counted from the warm-up on: subtract nothing, it is small
         note += f"; rank 0 spent {100 * comm.seconds / elapsed:.0f}% of the time in {comm.calls} collectives"
     llm.shutdown()
-    return EngineResult("pagellm" if tp == 1 else f"pagellm-tp{tp}", elapsed, len(reqs), p_tok, o_tok,
-                        _peak_rss_mb(), note)
+    name = "pagellm" if tp == 1 else f"pagellm-tp{tp}"
+    return EngineResult(name + (f"-json{int(100 * structured_fraction)}%" if every else ""), elapsed, len(reqs),
+                        p_tok, o_tok, _peak_rss_mb(), note)
 
 
 def _hf_model(model: str, load_format: str, dtype: str, device: str = "cpu"):
@@ -238,6 +254,9 @@ def main(ns: argparse.Namespace) -> dict:
           f"threads {ns.threads or os.cpu_count()}", flush=True)
     results = [run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads)]
     print(format_table(results), flush=True)
+    if ns.structured_fraction:  # beside the unconstrained run: the cost of grammar masks
+        results.append(run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads, ns.structured_fraction))
+        print(format_table(results), flush=True)
     if ns.tensor_parallel_size > 1:  # beside TP=1, same workload, same total threads
         per_rank = max(1, (ns.threads or os.cpu_count() or 1) // ns.tensor_parallel_size)
         kw = {**engine_kwargs(ns), "tensor_parallel_size": ns.tensor_parallel_size, "num_threads": per_rank}
@@ -283,4 +302,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="Also run pagellm sharded over N ranks, beside the unsharded run (each rank gets an even "
                         "share of --threads or of the cores).")
+    p.add_argument("--structured-fraction", type=float, default=0.0,
+                   help="Also run pagellm with this fraction of the requests constrained by a JSON schema (e.g. 0.5).")
     p.add_argument("--output-json", default=None)

@@ -109,6 +109,8 @@ class BeamSearchPolicy:
         for seq in beams:
             res = self.pending[seq.seq_id]
             for tok, lp in zip(res.top_ids or [res.token_id], res.top_logprobs or [res.logprob]):
+                if lp == float("-inf"):
+                    continue  # masked out (a grammar, bad words, allowed_token_ids): never a candidate
                 out.append(_Candidate(seq.cumulative_logprob + lp, seq, tok, lp))
         out.sort(key=lambda c: c.score, reverse=True)
         return out[:self.num_candidates]

@@ -14,7 +14,7 @@ Pure Python: no torch import.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pagellm.sampling_params import SamplingParams
@@ -55,6 +55,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int  # sum of the above, <= max_num_batched_tokens
     blocks_to_copy: list[tuple[int, int]]  # (src, dst) copy-on-write, applied before the forward pass
     finished_seq_ids: set[int]  # sequences the worker must forget (finished, aborted, preempted, dropped)
+    grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences sampled this step
+    grammar_bitmask: Any = None  # (len(grammar_seq_ids), ceil(vocab / 32)) int32 allowed-token bits, same order
 
     @property
     def is_empty(self) -> bool:

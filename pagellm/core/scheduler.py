@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pagellm.config import SchedulerConfig
+from pagellm.core.grammar import GrammarHook
 from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation, max_blocks_per_seq
 from pagellm.core.policies import make_policy
 from pagellm.core.request import Request, RequestStatus, Sequence
@@ -85,8 +86,10 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
-                 enable_prefix_caching: bool, sliding_window: int | None = None) -> None:
+                 enable_prefix_caching: bool, sliding_window: int | None = None,
+                 grammar: GrammarHook | None = None) -> None:
         self.config = config
+        self.grammar = grammar  # structured output: follows constrained sequences (core/grammar.py)
         self.max_model_len = config.max_model_len
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
@@ -111,10 +114,15 @@ class Scheduler:
         if req.policy is None:
             req.policy = make_policy(req)
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
+        spec = req.sampling_params.structured_outputs
+        if spec is not None and self.grammar is None:
+            raise ValueError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).")
         if not req.seqs:
             req.seqs = [req.new_sequence(0, list(req.prompt_token_ids))]
         for seq in req.seqs:
             self._seqs[seq.seq_id] = seq
+            if spec is not None:
+                self.grammar.add(seq.seq_id, spec)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -161,6 +169,8 @@ class Scheduler:
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = parent.status
         self.kv.fork(parent, child)
+        if req.sampling_params.structured_outputs is not None:
+            self.grammar.fork(parent.seq_id, child.seq_id)
         req.seqs.append(child)
         self._seqs[child.seq_id] = child
         return child
@@ -170,6 +180,8 @@ class Scheduler:
         seq.stop_reason = stop_reason
         self.kv.free(seq)
         self.kv.forget_hashes(seq)
+        if seq.request.sampling_params.structured_outputs is not None:
+            self.grammar.free(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
         if seq.in_worker:
             self._forget.add(seq.seq_id)
@@ -303,7 +315,15 @@ class Scheduler:
                 cached.num_computed_tokens.append(seq.num_computed_tokens)
             seq.num_synced_tokens = seq.num_tokens
         forget, self._forget = self._forget, set()
-        return SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget)
+        out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget)
+        if self.grammar is not None:
+            # constrained sequences that sample this step (their chunk reaches the last known token)
+            ids = [seq.seq_id for seq, (n, _) in plan.entries.items()
+                   if seq.request.sampling_params.structured_outputs is not None
+                   and seq.num_computed_tokens + n == seq.num_tokens]
+            if ids:
+                out.grammar_seq_ids, out.grammar_bitmask = ids, self.grammar.bitmask(ids)
+        return out
 
     # ---- results ------------------------------------------------------------------
 
@@ -324,6 +344,9 @@ class Scheduler:
         updates = []
         for req, seq_results in results.items():
             deltas: list[SeqDelta] = req.policy.process(req, seq_results, self) if seq_results else []
+            if seq_results and req.sampling_params.structured_outputs is not None:
+                for seq in req.live_seqs():  # beam search reports no deltas until it ends: sync every beam
+                    self.grammar.sync(seq.seq_id, seq.output_token_ids)
             prompt_lp = None
             for seq in req.seqs:
                 prompt_lp = prompt_lp or out.prompt_logprobs.get(seq.seq_id)

@@ -55,6 +55,7 @@ from pagellm.engine.llm_engine import load_tokenizer
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import ParamError, SamplingParams
+from pagellm.structured_output.manager import make_manager
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,9 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, separate_process: bool = True) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
-        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        m = config.model
+        self.input_processor = InputProcessor(m, self.tokenizer,
+                                              make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids))
         self.max_waiting_requests = config.scheduler.max_waiting_requests
         self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()

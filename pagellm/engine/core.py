@@ -58,15 +58,23 @@ class EngineCounters:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None, structured: Any = None) -> None:
+        """`structured`: the StructuredOutputManager to share (offline, with the input processor's); by default the
+        core makes its own, loading the tokenizer only when a constrained request arrives."""
         self.config = config
+        m = config.model
+        if structured is None:
+            from pagellm.structured_output.manager import make_manager
+
+            structured = make_manager(m.tokenizer, None, m.vocab_size, m.eos_token_ids)
+        self.structured = structured
         self.executor = executor or make_executor(config)
         # Reap tensor-parallel workers when the core is collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
-                                   config.cache.enable_prefix_caching, config.model.sliding_window)
+                                   config.cache.enable_prefix_caching, config.model.sliding_window, structured)
         self._rng = random.Random(config.model.seed)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps

@@ -27,9 +27,10 @@ class ProcessedInput:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, structured: Any = None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.structured = structured  # StructuredOutputManager: compiles grammars (a 400 if one does not compile)
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
 
@@ -64,6 +65,11 @@ class InputProcessor:
             params.detokenize = False
         if params.bad_words:
             params._bad_words_token_ids = self._bad_words(params.bad_words)
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ParamError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).",
+                                 param="structured_outputs")
+            self.structured.compile(params.structured_outputs)  # fails here, before any work, if it cannot compile
         return ProcessedInput(text, list(ids), params, salt)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int], str | None]:

@@ -24,6 +24,7 @@ from pagellm.engine.output_processor import OutputProcessor
 from pagellm.executor.base import Executor
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
+from pagellm.structured_output.manager import make_manager
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
-        self.core = EngineCore(config, executor)
-        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        m = config.model
+        structured = make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids)  # grammars compiled once
+        self.core = EngineCore(config, executor, structured)
+        self.input_processor = InputProcessor(config.model, self.tokenizer, structured)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod

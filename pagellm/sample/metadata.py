@@ -34,10 +34,12 @@ class SamplingMetadata:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, biases)
     allowed_mask: torch.Tensor | None  # (B, V) bool, True = may be sampled; rows without a list are all True
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) forced to -inf (bad words, min_tokens)
+    # Structured output: (bitmask (G, ceil(V / 32)) int32, rows (G,) int64): bit t of a row = token t allowed.
     # Logprobs.
     num_logprobs: list[int | None]  # per row: top-k logprobs requested (None = none)
     max_num_logprobs: int | None  # max over rows, None if no row asked
     processed_logprobs: torch.Tensor | None  # (B,) bool, row reports the processed distribution
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # see above; set by the runner for this step
 
     @property
     def needs_sort(self) -> bool:

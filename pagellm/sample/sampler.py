@@ -26,7 +26,8 @@ class Sampler:
     """Samples one token per row. The steps, in order:
 
     1. keep the raw logits' log-softmax for rows reporting raw logprobs
-    2. logit bias, allowed token ids, banned tokens (bad words; EOS and stop ids below min_tokens)
+    2. logit bias, allowed token ids, banned tokens (bad words; EOS and stop ids below min_tokens), then the
+       grammar bitmask of structured-output rows
     3. penalties: repetition (over prompt and output tokens), frequency and presence (output tokens)
     4. greedy rows: argmax of the logits so far (ties go to the lowest id)
     5. temperature
@@ -38,7 +39,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         raw = logits.float()
-        has_processors = md.logit_bias is not None or md.allowed_mask is not None or md.banned is not None
+        has_processors = (md.logit_bias is not None or md.allowed_mask is not None or md.banned is not None
+                          or md.grammar is not None)
         logits = apply_processors(raw.clone(), md) if has_processors else raw
         logits = apply_penalties(logits, md)
         if md.all_greedy:
@@ -62,7 +64,17 @@ def apply_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor
     if md.banned is not None:
         rows, ids = md.banned
         logits[rows, ids] = float("-inf")
+    if md.grammar is not None:
+        bitmask, rows = md.grammar
+        logits[rows] = logits[rows].masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
     return logits
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(G, W) int32 words -> (G, vocab_size) bool: bit t % 32 of word t // 32 says whether token t is allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: bit 31 of a negative word reads 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -100,6 +100,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
             if driver:
                 md = self.batch.sampling_metadata(inputs.sample_rows)
+                if sched.grammar_seq_ids:
+                    row_of = {seq_id: i for i, seq_id in enumerate(inputs.sample_seq_ids)}
+                    rows = torch.tensor([row_of[s] for s in sched.grammar_seq_ids], device=self.device)
+                    md.grammar = (torch.from_numpy(sched.grammar_bitmask).to(self.device), rows)
                 so = self.sampler(logits, md)
                 out.samples = _to_results(inputs.sample_seq_ids, so, md)
         for seq_id, row, idx, targets, start in inputs.prompt_lp:

@@ -9,6 +9,7 @@ which moves logprobs by whole units.
 
 import os
 import random
+import re
 import signal
 import time
 
@@ -130,3 +131,18 @@ def test_a_hung_worker_is_an_error_after_the_distributed_timeout(llama_path):
     finally:
         os.kill(worker.pid, signal.SIGKILL)
         llm.shutdown()
+
+
+def test_structured_output_under_tensor_parallelism(tiny_models):
+    """The grammar bitmask rides in the SchedulerOutput to rank 0, which samples: TP=2 keeps TP=1's outputs."""
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(regex="[a-z]{2,6}( [a-z]{2,6}){1,3}")
+    params = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=spec)
+    prompts = ["The quick", "Paged attention"]
+    outs = {}
+    for tp in (1, 2):
+        with LLM(tiny_models["llama"], tensor_parallel_size=tp, num_gpu_blocks_override=64) as llm:
+            outs[tp] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[1] == outs[2]
+    assert all(re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", t) for t in outs[2])

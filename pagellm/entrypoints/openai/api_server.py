@@ -52,6 +52,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.serving_chat import create_chat_completion
 from pagellm.entrypoints.openai.serving_common import APIError, ServingState, api_error_from, check_request
 from pagellm.entrypoints.openai.serving_completion import create_completion
+from pagellm.entrypoints.openai.tool_calls import template_messages
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ async def serve_tokenize(state: ServingState, body: TokenizeRequest) -> Tokenize
     check_request(state, body, "/tokenize")
     tok = state.tokenizer
     if body.messages is not None:
-        conv = [{"role": m.role, "content": m.text()} for m in body.messages]
+        conv = template_messages(body)
         ids = await asyncio.to_thread(apply_chat_template, tok, conv, state.chat_template, body.add_generation_prompt)
     elif body.prompt is not None:
         ids = await asyncio.to_thread(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
@@ -261,9 +262,16 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
         with open(ns.chat_template) as f:
             chat_template = f.read()
     cfg = engine.config
+    parser = None
+    if ns.enable_auto_tool_choice:
+        if ns.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes).")
+        from pagellm.entrypoints.openai.tool_calls import make_parser
+
+        parser = make_parser(ns.tool_call_parser)
     state = ServingState(engine, cfg.model.served_model_name, cfg.model.max_model_len, max_n=ns.max_n,
                          chat_template=chat_template, max_logprobs=cfg.model.max_logprobs,
-                         trust_request_chat_template=ns.trust_request_chat_template)
+                         trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser)
     state.metrics.attach_engine(engine)
     return state
 

@@ -16,6 +16,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="Accept a chat_template field in requests (refused by default: a template is code).")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='Let the model decide to call tools (tool_choice "auto"), parsing calls from its text.')
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                   help="How tool calls are written in the model's text (hermes: <tool_call>{json}</tool_call>).")
     g.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
                    help="Largest request body in bytes; larger bodies get 413.")
     g.add_argument("--uvicorn-log-level", default="warning")

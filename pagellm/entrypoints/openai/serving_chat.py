@@ -15,6 +15,7 @@ from pagellm.entrypoints.openai.protocol import (
     ChatResponseMessage,
     ChatTokenLogprob,
     DeltaMessage,
+    NamedToolChoice,
     TopLogprob,
     UsageInfo,
     random_id,
@@ -29,6 +30,12 @@ from pagellm.entrypoints.openai.serving_common import (
     validate_inputs,
 )
 from pagellm.entrypoints.openai.serving_completion import prompt_logprobs_json
+from pagellm.entrypoints.openai.tool_calls import (
+    ToolStream,
+    check_tool_request,
+    template_messages,
+    tool_constraint,
+)
 from pagellm.outputs import Logprob
 from pagellm.sampling_params import ParamError, RequestOutputKind
 
@@ -41,10 +48,11 @@ def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int
         raise APIError(400, "a chat_template in the request is refused: the server runs only its own templates "
                        "unless started with --trust-request-chat-template.", param="chat_template",
                        code="untrusted_chat_template")
-    conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+    conv = template_messages(req)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         return apply_chat_template(state.tokenizer, conv, req.chat_template or state.chat_template,
-                                   req.add_generation_prompt, req.continue_final_message)
+                                   req.add_generation_prompt, req.continue_final_message, tools)
     except ParamError:
         raise
     except Exception as e:  # template errors are the request's fault
@@ -64,23 +72,62 @@ def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: in
     return ChatLogprobs(content=content)
 
 
+def tool_mode(state: ServingState, req: ChatCompletionRequest) -> str | None:
+    """None (plain text), "named", "required" or "auto" (parse calls from the text)."""
+    if not req.tools:
+        return None
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return "named"
+    if choice == "required":
+        return "required"
+    if choice == "auto" or (choice is None and state.tool_parser is not None):
+        return "auto"
+    return None
+
+
+def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> ToolStream:
+    name = req.tool_choice.function.name if mode == "named" else None
+    return ToolStream(mode, name, state.tool_parser)
+
+
+def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | None, text: str,
+                   finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
+    """The assistant message for a finished choice, tool calls parsed out; finish_reason "tool_calls" with calls."""
+    if mode is None:
+        return ChatResponseMessage(content=text), finish_reason
+    ts = tool_stream(state, req, mode)
+    ts.feed(text)
+    content, _ = ts.finish()
+    if mode == "auto":
+        content, _ = state.tool_parser.parse(text)
+    calls = ts.calls
+    reason = "tool_calls" if calls and finish_reason == "stop" else finish_reason
+    return ChatResponseMessage(content=content, tool_calls=calls), reason
+
+
 async def create_chat_completion(state: ServingState,
                                  req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
     check_request(state, req, "/v1/chat/completions")
+    check_tool_request(req, state.tool_parser is not None)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
     if req.top_logprobs is not None and req.top_logprobs < 0:
         raise APIError(400, f"top_logprobs must be >= 0, got {req.top_logprobs}.", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    constraint = tool_constraint(req)
+    if constraint is not None:
+        params.structured_outputs = constraint  # the call is valid by construction
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     state.engine.check_capacity(1)
     ids = await asyncio.to_thread(chat_prompt_ids, state, req)
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     inputs = await validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages", max_param)
     rid = random_id("chatcmpl")
+    mode = tool_mode(state, req)
     if req.stream:
-        return guarded_stream(_stream(state, req, inputs, rid))
+        return guarded_stream(_stream(state, req, inputs, rid, mode))
     choices: list[ChatChoice] = []
     usage = UsageInfo()
     prompt_lps = None
@@ -91,15 +138,17 @@ async def create_chat_completion(state: ServingState,
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
             lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0) if req.logprobs else None
-            choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=lp,
-                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            message, reason = choice_message(state, req, mode, c.text, c.finish_reason)
+            choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason,
+                                      stop_reason=c.stop_reason))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     choices.sort(key=lambda ch: ch.index)
     return ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage,
                                   prompt_logprobs=prompt_lps)
 
 
-async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str) -> AsyncIterator[str]:
+async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str,
+                  mode: str | None) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(index: int, delta: DeltaMessage, **kw) -> str:
@@ -110,6 +159,7 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
 
     for i in range(req.n):  # the role comes first, once per choice
         yield chunk(i, DeltaMessage(role="assistant", content=""))
+    tools = {i: tool_stream(state, req, mode) for i in range(req.n)} if mode else {}
     usage = UsageInfo(prompt_tokens=len(inputs[0].prompt_token_ids))
     async for _, out in run_all(state, inputs, rid):
         for c in out.outputs:
@@ -117,10 +167,18 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
             lp = None
             if req.logprobs:
                 lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0).model_dump()
-            if c.text or c.finish_reason is None or lp:
-                yield chunk(c.index, DeltaMessage(content=c.text), logprobs=lp)
+            content, calls = (tools[c.index].feed(c.text) if mode else (c.text, []))
+            if content or calls or (c.finish_reason is None and not mode) or lp:
+                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls or None), logprobs=lp)
             if c.finish_reason is not None:
-                yield chunk(c.index, DeltaMessage(), finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                reason = c.finish_reason
+                if mode:
+                    rest, final_calls = tools[c.index].finish()
+                    if rest or final_calls:
+                        yield chunk(c.index, DeltaMessage(content=rest, tool_calls=final_calls or None))
+                    if tools[c.index].calls and reason == "stop":
+                        reason = "tool_calls"
+                yield chunk(c.index, DeltaMessage(), finish_reason=reason, stop_reason=c.stop_reason)
     if req.stream_options is not None and req.stream_options.include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,

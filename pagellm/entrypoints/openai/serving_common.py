@@ -73,6 +73,7 @@ class ServingState:
     chat_template: str | None = None  # --chat-template, overriding the tokenizer's
     max_logprobs: int = 20  # largest logprobs / top_logprobs / prompt_logprobs (--max-logprobs)
     trust_request_chat_template: bool = False  # accept a chat_template in the request body
+    tool_parser: Any = None  # parses tool calls out of text for tool_choice "auto" (--enable-auto-tool-choice)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property

@@ -1,0 +1,153 @@
+"""Structured output with xgrammar: compiled grammars cached by their text, one matcher per constrained sequence.
+
+    GrammarCompiler.compile(StructuredOutputsParams) -> CompiledGrammar   (ParamError with the compiler's
+                                                                         message when it does not compile)
+    StructuredOutputManager                                              (the scheduler's GrammarHook)
+        add / fork / sync / free: one xgrammar GrammarMatcher per sequence, advanced by accepted tokens
+        bitmask(seq ids) -> (B, ceil(V / 32)) int32: bit t of row i set = token t allowed next
+
+The sampler applies the bitmask to the logits after logit_bias and the other processors (xgrammar's
+apply_token_bitmask_inplace: one vectorised pass, no Python loop over the vocabulary). A grammar that
+is complete allows only the end-of-sequence tokens, so a constrained sequence ends when its output is
+a full sentence of the language. JSON is compiled compact (no free whitespace): a small or untrained
+model cannot wander into endless whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from typing import Any
+
+import numpy as np
+
+from pagellm.sampling_params import ParamError, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+
+def _xgr():
+    try:
+        import xgrammar
+    except ImportError as e:  # a dependency, but keep the message clear if it is missing
+        raise ImportError("structured outputs need xgrammar: pip install xgrammar") from e
+    return xgrammar
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+def make_manager(tokenizer_path: str | None, tokenizer: Any, vocab_size: int,
+                 stop_token_ids: frozenset[int]) -> StructuredOutputManager | None:
+    """A manager for a model with a tokenizer (given, or loaded from tokenizer_path on first use); None without."""
+    if tokenizer is None and tokenizer_path is None:
+        return None
+
+    def build() -> GrammarCompiler:
+        tok = tokenizer
+        if tok is None:
+            from pagellm.engine.llm_engine import load_tokenizer
+
+            tok = load_tokenizer(tokenizer_path)
+        return GrammarCompiler(tok, vocab_size, sorted(stop_token_ids))
+
+    return StructuredOutputManager(build)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF for 'exactly one of these strings' (literals JSON-escaped, which the EBNF string syntax shares)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class GrammarCompiler:
+    """Compiles each distinct grammar once (cached by its kind and text) for one tokenizer."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        xgr = _xgr()
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids) or None)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self.bitmask_width = -(-vocab_size // 32)
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        key = spec.key()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        kind, text = key
+        try:
+            if kind == "json":
+                schema = json.loads(text) if isinstance(spec.json, str) else spec.json
+                grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
+            elif kind == "json_object":
+                grammar = self._compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
+            elif kind == "regex":
+                grammar = self._compiler.compile_regex(text)
+            elif kind == "choice":
+                grammar = self._compiler.compile_grammar(choice_grammar(spec.choice))
+            else:
+                grammar = self._compiler.compile_grammar(text)
+        except Exception as e:  # noqa: BLE001 - the compiler's own message is the answer
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = _SOURCE_PREFIX.sub("", msg)  # "[12:00:00] /project/cpp/x.cc:83: Regex ..." -> "Regex ..."
+            raise ParamError(f"structured_outputs.{kind} does not compile: {msg}", param="structured_outputs",
+                             code="invalid_grammar") from None
+        with self._lock:
+            self._cache[key] = grammar
+        return grammar
+
+
+class StructuredOutputManager:
+    """The scheduler's grammar hook (core/grammar.py). The compiler is built on first use: a model that never
+    gets a constrained request never loads xgrammar."""
+
+    def __init__(self, make_compiler) -> None:
+        self._make_compiler = make_compiler  # () -> GrammarCompiler
+        self._compiler: GrammarCompiler | None = None
+        self._states: dict[int, list] = {}  # seq_id -> [GrammarMatcher, tokens accepted]
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            self._compiler = self._make_compiler()
+        return self._compiler
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        return self.compiler.compile(spec)
+
+    def add(self, seq_id: int, spec: StructuredOutputsParams) -> None:
+        self._states[seq_id] = [_xgr().GrammarMatcher(self.compile(spec)), 0]
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        matcher, n = self._states[parent_id]
+        self._states[child_id] = [matcher.fork(), n]
+
+    def sync(self, seq_id: int, output_token_ids: list[int]) -> None:
+        state = self._states.get(seq_id)
+        if state is None:
+            return
+        matcher, n = state
+        for token in output_token_ids[n:]:
+            if not matcher.is_terminated() and not matcher.accept_token(token):
+                logger.warning("sequence %d: token %d is outside its grammar", seq_id, token)
+        state[1] = len(output_token_ids)
+
+    def bitmask(self, seq_ids: list[int]) -> np.ndarray:
+        mask = np.full((len(seq_ids), self.compiler.bitmask_width), -1, dtype=np.int32)  # -1: every bit set
+        for row, seq_id in enumerate(seq_ids):
+            matcher = self._states[seq_id][0]
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(mask, row)
+        return mask
+
+    def free(self, seq_id: int) -> None:
+        self._states.pop(seq_id, None)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._states)
