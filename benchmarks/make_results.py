@@ -37,7 +37,13 @@ RUNS = {
     "latency_gpt2": ["latency", "--model", GPT2, "--load-format", "dummy", "--batch-size", "16"],
     "kv_demo": ["kv"],
     "sharing_demo": ["sharing"],
+    "throughput_demo_json50": ["throughput", "--structured-fraction", "0.5"],
+    "throughput_gpt2_tp2": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "float32",
+                            "--tensor-parallel-size", "2", "--num-prompts", "32"],
 }
+SERVED = {"serve_demo": ["serve", "--num-prompts", "64", "--request-rate", "8", "--max-input-len", "256",
+                          "--output-len", "128"]}  # against `pagellm serve` (demo)
+PLOTS = os.path.join(HERE, "plots")
 
 
 def run_all(only: list[str] | None) -> None:
@@ -49,6 +55,38 @@ def run_all(only: list[str] | None) -> None:
         print(f"== {name}: pagellm bench {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, "-m", "pagellm.entrypoints.cli", "bench", *args, "--output-json", out],
                        check=True)
+    for name, args in SERVED.items():
+        if only and name not in only:
+            continue
+        sys.path.insert(0, os.path.join(HERE, ".."))
+        from tests.entrypoints.server_utils import RemoteServer
+
+        server = RemoteServer(["--num-gpu-blocks-override", "2048"])
+        try:
+            out = os.path.join(RESULTS, f"{name}.json")
+            print(f"== {name}: pagellm bench {' '.join(args)} (against pagellm serve, demo model)", flush=True)
+            subprocess.run([sys.executable, "-m", "pagellm.entrypoints.cli", "bench", *args, "--base-url", server.url,
+                            "--output-json", out], check=True)
+        finally:
+            server.stop()
+
+
+def make_plots() -> list[str]:
+    """Draw every plot the results allow (benchmarks/plots/*.png); returns Markdown image lines."""
+    from pagellm.benchmarks.plots import plot_kv, plot_serve, plot_throughput
+
+    os.makedirs(PLOTS, exist_ok=True)
+    made = []
+    for name, fn, caption in (("throughput_gpt2_fp32", plot_throughput, "Throughput, GPT-2 124M fp32"),
+                              ("throughput_demo_json50", plot_throughput, "Structured output cost (demo model)"),
+                              ("serve_demo", plot_serve, "Serving latency (demo model, 8 req/s)"),
+                              ("kv_demo", plot_kv, "KV cache over time (demo model)")):
+        report = _load(name)
+        if report is None:
+            continue
+        fn(report, os.path.join(PLOTS, f"{name}.png"))
+        made.append(f"![{caption}](plots/{name}.png)")
+    return made
 
 
 def _load(name: str) -> dict | None:
@@ -93,6 +131,8 @@ def render() -> str:
     lines += _throughput_rows("throughput_gpt2_bf16", "GPT-2 124M bf16 (dummy)", p16)
     lines += _throughput_rows("throughput_llama_fp32", "LLaMA ~100M fp32 (dummy)", None)
     lines += _throughput_rows("throughput_demo", "demo model (shipped)", None)
+    lines += _throughput_rows("throughput_demo_json50", "demo model, 50% JSON-constrained", None)
+    lines += _throughput_rows("throughput_gpt2_tp2", "GPT-2 124M fp32, tensor parallel 2 on 2 cores", None)
     # Written on a GPU machine (not part of RUNS): see benchmarks/README.md.
     lines += _throughput_rows("throughput_gpt2_fp32_cuda", "GPT-2 124M fp32 (dummy) on {device}", None)
     lat = _load("latency_gpt2")
@@ -120,6 +160,15 @@ def render() -> str:
                   f"({100 * pc['prefill_tokens_saved']:.1f}% saved), median TTFT "
                   f"{1000 * pc['off']['median_ttft_s']:.1f} -> {1000 * pc['on']['median_ttft_s']:.1f} ms "
                   f"({pc['ttft_speedup']:.2f}x)."]
+    sv = _load("serve_demo")
+    if sv:
+        lines += ["", f"Serving (demo model, {sv['completed']} requests at 8/s through `pagellm serve`): "
+                  f"{sv['output_token_throughput']:.0f} output tok/s, TTFT median {1000 * sv['ttft_s']['median']:.0f} "
+                  f"ms (p99 {1000 * sv['ttft_s']['p99']:.0f}), TPOT median {1000 * sv['tpot_s']['median']:.1f} ms "
+                  f"(p99 {1000 * sv['tpot_s']['p99']:.1f})."]
+    plots = make_plots()
+    if plots:
+        lines += ["", *plots]
     return "\n".join(lines)
 
 
@@ -134,7 +183,7 @@ def write_readme(table: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", action="store_true", help="Only re-render from existing results.")
-    parser.add_argument("--only", nargs="*", help=f"Run only these: {', '.join(RUNS)}")
+    parser.add_argument("--only", nargs="*", help=f"Run only these: {', '.join([*RUNS, *SERVED])}")
     ns = parser.parse_args()
     if not ns.render:
         run_all(ns.only)

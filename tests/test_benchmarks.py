@@ -99,17 +99,21 @@ def bench(*args, timeout=600):
 def test_smoke_throughput_with_hf(llama_path, tmp_path):
     out = tmp_path / "t.json"
     text = bench("throughput", "--model", llama_path, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
-                 "--compare", "hf", "--hf-single-requests", "1", "--output-json", str(out))
+                 "--compare", "hf", "--hf-single-requests", "1", "--output-json", str(out),
+                 "--plot", str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratio pagellm / hf-static(16)" in text
     report = json.loads(out.read_text())
     assert [r["engine"] for r in report["results"]] == ["pagellm", "hf-static(16)", "hf-single"]
     assert report["workload"]["output_tokens"] == 12
 
 
-def test_smoke_latency_kv_sharing_peak(llama_path):
+def test_smoke_latency_kv_sharing_peak(llama_path, tmp_path):
     assert "decode step median" in bench("latency", "--model", llama_path, "--batch-size", "2", "--input-len", "8",
                                          "--output-len", "3", "--num-iters", "1")
-    assert "pagellm (block 16)" in bench("kv", "--model", llama_path, "--num-prompts", "4", "--kv-tokens", "1024")
+    assert "pagellm (block 16)" in bench("kv", "--model", llama_path, "--num-prompts", "4", "--kv-tokens", "1024",
+                                         "--plot", str(tmp_path / "kv.png"))
+    assert (tmp_path / "kv.png").read_bytes()[:4] == b"\x89PNG"
     text = bench("sharing", "--model", llama_path, "--num-prompts", "2", "--max-tokens", "6",
                  "--prefix-requests", "2", "--system-tokens", "40")
     assert "beam 4" in text and "prefix caching" in text
@@ -124,7 +128,8 @@ def test_smoke_serve_against_a_running_server(tmp_path):
         out = tmp_path / "s.json"
         text = bench("serve", "--base-url", server.url, "--num-prompts", "4", "--output-len", "5",
                      "--max-input-len", "40", "--request-rate", "20", "--goodput", "ttft:60000",
-                     "--output-json", str(out))
+                     "--output-json", str(out), "--plot", str(tmp_path / "s.png"))
+        assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
         assert "TTFT" in text and "ITL" in text
         m = json.loads(out.read_text())
         assert m["completed"] == 4 and m["output_token_throughput"] > 0 and m["goodput"] > 0

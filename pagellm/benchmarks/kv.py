@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
 
@@ -27,6 +27,8 @@ class KVRun:
     mean_running: float
     max_running: int
     mean_utilization: float  # tokens stored / slots held, averaged over steps
+    running_series: list[int] = field(default_factory=list)  # sequences running, per step (for --plot)
+    utilization_series: list[float] = field(default_factory=list)  # tokens stored / slots held, per step
 
     def row(self) -> str:
         return (f"{self.name:<40}{self.mean_running:>10.1f}{self.max_running:>8d}"
@@ -58,7 +60,7 @@ def simulate_contiguous(prompt_lens: list[int], output_lens: list[int], budget: 
         for r in [r for r, n in running.items() if n >= prompt_lens[r] + output_lens[r]]:
             del running[r]
             used -= reserve[r]
-    return KVRun(name, steps, statistics.fmean(counts), max(counts), statistics.fmean(utils))
+    return KVRun(name, steps, statistics.fmean(counts), max(counts), statistics.fmean(utils), counts, utils)
 
 
 def run_paged(model: str, reqs, kv_tokens: int, block_size: int, load_format: str) -> KVRun:
@@ -81,7 +83,7 @@ def run_paged(model: str, reqs, kv_tokens: int, block_size: int, load_format: st
             counts.append(len(seqs))
             utils.append(sum(s.num_computed_tokens for s in seqs) / held)
     return KVRun(f"pagellm (block {block_size})", len(counts), statistics.fmean(counts), max(counts),
-                 statistics.fmean(utils))
+                 statistics.fmean(utils), counts, utils)
 
 
 def main(ns: argparse.Namespace) -> dict:
@@ -104,6 +106,10 @@ def main(ns: argparse.Namespace) -> dict:
     for r in runs:
         print(r.row())
     report = {"kv_tokens": ns.kv_tokens, "block_size": ns.block_size, "runs": [vars(r) for r in runs]}
+    if ns.plot:
+        from pagellm.benchmarks.plots import plot_kv
+
+        plot_kv(report, ns.plot)
     return write_report(report, ns.output_json)
 
 
@@ -114,3 +120,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="Draw KV utilization and running sequences per step (needs matplotlib).")

@@ -81,6 +81,8 @@ def compute_metrics(records: list[RequestRecord], duration: float, slo: dict[str
         "tpot_s": _summary([r.tpot for r in ok if r.tpot is not None]),
         "itl_s": _summary([x for r in ok for x in r.itls]),
         "e2el_s": _summary([r.latency for r in ok]),
+        # per request, for --plot and later analysis
+        "samples": {"ttft_s": [r.ttft for r in ok], "tpot_s": [r.tpot for r in ok if r.tpot is not None]},
     }
 
 
@@ -180,6 +182,10 @@ def main(ns: argparse.Namespace) -> dict:
         print(f"{name:>5}: {ms(m[key])}")
     if "first_error" in m:
         print(f"first error: {m['first_error']}")
+    if ns.plot:
+        from pagellm.benchmarks.plots import plot_serve
+
+        plot_serve(m, ns.plot)
     return write_report(m, ns.output_json)
 
 
@@ -201,3 +207,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:500 tpot:100 e2el:10000")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="Draw the TTFT and TPOT distributions (needs matplotlib: pip install pagellm[plot]).")

@@ -277,6 +277,10 @@ def main(ns: argparse.Namespace) -> dict:
     report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
               "threads": ns.threads or os.cpu_count(), "device": device_name(ns.device),
               "results": [r.as_dict() for r in results]}
+    if ns.plot:
+        from pagellm.benchmarks.plots import plot_throughput
+
+        plot_throughput(report, ns.plot)
     return write_report(report, ns.output_json)
 
 
@@ -302,6 +306,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="Also run pagellm sharded over N ranks, beside the unsharded run (each rank gets an even "
                         "share of --threads or of the cores).")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="Draw output tokens/s per engine (needs matplotlib: pip install pagellm[plot]).")
     p.add_argument("--structured-fraction", type=float, default=0.0,
                    help="Also run pagellm with this fraction of the requests constrained by a JSON schema (e.g. 0.5).")
     p.add_argument("--output-json", default=None)

@@ -128,6 +128,12 @@ class KVCacheManager:
     def block_ids(self, seq_id: int) -> list[int]:
         return [b.block_id for b in self.tables.get(seq_id, ())]
 
+    def block_map(self) -> bytes:
+        """One byte per block, for dashboards: 0 free, 1 used by one sequence, 2 shared (forks, beams, prefix
+        hits held twice), 3 free but holding a cached prefix (reused on a hit, evicted last-freed-last)."""
+        return bytes(0 if b.ref_cnt == 0 and b.block_hash is None else 3 if b.ref_cnt == 0
+                     else 1 if b.ref_cnt == 1 else 2 for b in self.pool.blocks)
+
     def num_live_blocks(self, seq_id: int) -> int:
         """Blocks the sequence holds (released ones not counted)."""
         return sum(1 for b in self.tables.get(seq_id, ()) if b is not NULL_BLOCK)

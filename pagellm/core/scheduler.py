@@ -365,6 +365,18 @@ class Scheduler:
                 self.kv.uncache_unwritten(seq)
         return self.abort_requests([r.request_id for r in reqs])
 
+    def request_table(self, limit: int = 64) -> list[dict]:
+        """Running, then waiting requests (the first `limit`), for dashboards: tokens so far and blocks held."""
+        rows = []
+        for req in (self.running + list(self.waiting))[:limit]:
+            live = req.live_seqs()
+            rows.append({"request_id": req.request_id, "status": req.status.name.lower(),
+                         "prompt_tokens": req.num_prompt_tokens,
+                         "output_tokens": max((s.num_output_tokens for s in req.seqs), default=0),
+                         "sequences": len(live), "blocks": sum(self.kv.num_live_blocks(s.seq_id) for s in live),
+                         "preemptions": req.num_preemptions})
+        return rows
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running_reqs=len(self.running),

@@ -24,6 +24,7 @@ With `separate_process=False` the same core loop runs on a thread of this proces
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import pickle
 import secrets
@@ -46,8 +47,10 @@ from pagellm.engine.core_proc import (
     AddRequest,
     CoreOutput,
     CoreReady,
+    CoreSnapshot,
     FinishSequence,
     Shutdown,
+    SnapshotRequest,
     run_engine_core,
 )
 from pagellm.engine.input_processor import InputProcessor, ProcessedInput, PromptType
@@ -93,6 +96,7 @@ class EngineReplica:
         self.stats: SchedulerStats | None = None
         self.counters = EngineCounters()
         self.dead: str | None = None
+        self.snapshots: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}  # token -> waiter
         self.num_blocks = self._wait_ready()
 
     def _start_process(self, config: EngineConfig) -> Connection:
@@ -179,6 +183,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()
         self._accepting = True
+        self._tokens = itertools.count()
         self.replicas: list[EngineReplica] = []
         try:
             for i in range(config.parallel.data_parallel_size):
@@ -362,6 +367,29 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's loop is closed
                 pass
 
+    async def snapshot(self, timeout: float = 2.0) -> list[CoreSnapshot | None]:
+        """Each replica's block map and request table, taken by its core between steps (None if it did not
+        answer in time, e.g. dead)."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for r in self.replicas:
+            token = next(self._tokens)
+            fut = loop.create_future()
+            r.snapshots[token] = (loop, fut)
+            try:
+                r.send(SnapshotRequest(token))
+            except OSError:
+                fut.set_result(None)
+            waits.append((r, token, fut))
+        out = []
+        for r, token, fut in waits:
+            try:
+                out.append(await asyncio.wait_for(fut, timeout))
+            except asyncio.TimeoutError:
+                out.append(None)
+            r.snapshots.pop(token, None)
+        return out
+
     def _read(self, replica: EngineReplica) -> None:
         while True:
             try:
@@ -371,6 +399,11 @@ class AsyncLLMEngine:
                 return
             if isinstance(msg, CoreOutput):
                 self._handle(replica, msg)
+            elif isinstance(msg, CoreSnapshot):
+                waiter = replica.snapshots.pop(msg.token, None)
+                if waiter is not None:
+                    loop, fut = waiter
+                    loop.call_soon_threadsafe(lambda f=fut, m=msg: f.done() or f.set_result(m))
 
     def _handle(self, replica: EngineReplica, msg: CoreOutput) -> None:
         if msg.stats is not None:

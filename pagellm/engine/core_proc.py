@@ -4,10 +4,12 @@
     AddRequest(id, ProcessedInput, arrival)  ------>  EngineCore.add_request
     AbortRequests(ids)                       ------>  EngineCore.abort_requests
     FinishSequence(id, index, stop)          ------>  EngineCore.finish_sequence   (a stop string matched)
+    SnapshotRequest(token)                   ------>  (dashboard) block map and request table
     Shutdown()                               ------>  stop the executor, exit
                                              <------  CoreReady(num_blocks)         (once, after loading)
                                              <------  CoreOutput(updates, failed, stats, counters, dead)
                                                       (after every step; once more when it goes idle)
+                                             <------  CoreSnapshot(token, block_map, requests)
 
 The connection is a multiprocessing Connection: pickled dataclasses over a local socket (the engine
 process of `pagellm serve`) or a pipe (the same loop on a thread). Per step, what crosses is each
@@ -57,6 +59,20 @@ class FinishSequence:
 @dataclass
 class Shutdown:
     pass
+
+
+@dataclass
+class SnapshotRequest:
+    token: int  # echoed in the reply
+
+
+@dataclass
+class CoreSnapshot:
+    """What the dashboard shows of one engine core, taken between steps."""
+
+    token: int
+    block_map: bytes  # one byte per KV block (KVCacheManager.block_map)
+    requests: list[dict]  # running, then waiting requests (Scheduler.request_table)
 
 
 # ---- core -> API side -------------------------------------------------------------------
@@ -123,6 +139,8 @@ def _apply_messages(core: EngineCore, conn: Connection, out: CoreOutput) -> bool
             core.finish_sequence(msg.request_id, msg.index, msg.stop)
         elif isinstance(msg, Shutdown):
             return False
+        elif isinstance(msg, SnapshotRequest):
+            conn.send(CoreSnapshot(msg.token, core.scheduler.kv.block_map(), core.scheduler.request_table()))
         else:
             raise TypeError(f"unknown engine-core message {type(msg).__name__}")
     return True

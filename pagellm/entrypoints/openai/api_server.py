@@ -6,7 +6,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
 GET /v1/models/{model}, POST /tokenize, POST /detokenize (these need the API
 key when --api-key is set, checked before the body is read); GET /health,
 GET /version, GET /metrics, GET /docs, GET /openapi.json (always open, for
-probes and scrapers).
+probes and scrapers); GET /dashboard (a live page over GET /dashboard/state: needs the key
+unless --dashboard-public; the page accepts it as ?key=).
 
 Every error has OpenAI's shape {"error": {"message", "type", "param", "code"}},
 401, 404 (unknown route), 405, 413 (body over --max-request-body-size) and
@@ -35,6 +36,7 @@ from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_engine import AsyncLLMEngine
 from pagellm.engine.chat_utils import apply_chat_template
+from pagellm.entrypoints.openai.dashboard import add_dashboard
 from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE, BodySizeLimit, RequireApiKey
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -116,7 +118,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def build_app(state: ServingState, api_key: str | None = None,
-              max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> FastAPI:
+              max_body_size: int = DEFAULT_MAX_BODY_SIZE, dashboard_public: bool = False) -> FastAPI:
     app = FastAPI(title="pagellm", version=__version__,
                   description="OpenAI-compatible API over a paged-KV-cache engine.")
     app.state.serving = state
@@ -207,10 +209,11 @@ def build_app(state: ServingState, api_key: str | None = None,
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    add_dashboard(app, state)
     app.openapi = lambda: _openapi(app)
     # Outermost first: the API key is checked before the body is read, then the body's size.
     app.add_middleware(BodySizeLimit, max_bytes=max_body_size)
-    app.add_middleware(RequireApiKey, api_key=api_key)
+    app.add_middleware(RequireApiKey, api_key=api_key, dashboard_public=dashboard_public)
     return app
 
 
@@ -278,7 +281,7 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
 
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     state = make_state(ns, engine_args)
-    app = build_app(state, ns.api_key, ns.max_request_body_size)
+    app = build_app(state, ns.api_key, ns.max_request_body_size, ns.dashboard_public)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                             timeout_graceful_shutdown=10)
     server = GracefulServer(config, state.engine)

@@ -16,6 +16,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", default=None, help="Jinja chat template overriding the tokenizer's.")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="Accept a chat_template field in requests (refused by default: a template is code).")
+    g.add_argument("--dashboard-public", action="store_true",
+                   help="Serve /dashboard without the API key (by default it needs the key, like the API).")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='Let the model decide to call tools (tool_choice "auto"), parsing calls from its text.')
     g.add_argument("--tool-call-parser", default=None, choices=["hermes"],

@@ -13,6 +13,9 @@ Each server has its own registry: no global state.
 
 from __future__ import annotations
 
+import collections
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -71,8 +74,35 @@ class _EngineCollector:
         yield fam
 
 
+class RecentWindow:
+    """Values observed in the last `seconds` (for the dashboard's percentiles; Prometheus has the histograms)."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+        self._items: collections.deque[tuple[float, float]] = collections.deque()
+
+    def add(self, value: float, now: float | None = None) -> None:
+        self._items.append((time.monotonic() if now is None else now, value))
+        self._trim()
+
+    def _trim(self) -> None:
+        cutoff = time.monotonic() - self.seconds
+        while self._items and self._items[0][0] < cutoff:
+            self._items.popleft()
+
+    def percentiles(self, qs=(50, 90, 99)) -> dict[str, float | int | None]:
+        self._trim()
+        values = sorted(v for _, v in self._items)
+        out: dict[str, float | int | None] = {"count": len(values)}
+        for q in qs:
+            out[f"p{q}"] = values[min(len(values) - 1, int(q / 100 * len(values)))] if values else None
+        return out
+
+
 class ServerMetrics:
     def __init__(self) -> None:
+        self.recent_ttft = RecentWindow()  # seconds to the first token, last minute
+        self.recent_itl = RecentWindow()  # mean seconds between output tokens per request, last minute
         self.registry = CollectorRegistry()
         self._engine = _EngineCollector()
         self.registry.register(self._engine)
@@ -113,14 +143,22 @@ class ServerMetrics:
         for c in out.outputs:
             self.request_success.labels(finished_reason=c.finish_reason or "unknown").inc()
         self.e2e.observe(now - start)
-        if first is not None and num_tokens > 1:
-            self.tpot.observe((now - first) / (num_tokens - 1))
+        # Token times from the engine's clock (the same monotonic clock on one machine): a non-streaming request
+        # receives all its tokens at once, so the times the server saw them say nothing about the generation.
+        m = out.metrics
+        arrival, first_token, finished = m.get("arrival_time"), m.get("first_token_time"), m.get("finished_time")
+        if arrival is not None and first_token is not None:
+            self.ttft.observe(max(0.0, first_token - arrival))
+            self.recent_ttft.add(max(0.0, first_token - arrival), now)
+        per_seq = num_tokens / max(1, params.n)  # the n sequences of a request decode side by side
+        if first_token is not None and finished is not None and per_seq > 1:
+            per_token = max(0.0, finished - first_token) / (per_seq - 1)
+            self.tpot.observe(per_token)
+            self.recent_itl.add(per_token, now)
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
         self.request_generation_tokens.observe(num_tokens)
         self._observe_params(params)
-        m = out.metrics
-        arrival, scheduled = m.get("arrival_time"), m.get("first_scheduled_time")
-        first_token, finished = m.get("first_token_time"), m.get("finished_time")
+        scheduled = m.get("first_scheduled_time")
         if arrival is not None and scheduled is not None:
             self.queue_time.observe(max(0.0, scheduled - arrival))
             if first_token is not None:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import hmac
 import json
 from typing import Any
+from urllib.parse import parse_qs
 
 DEFAULT_MAX_BODY_SIZE = 16 * 2**20  # bytes; a max_model_len prompt as text is far smaller
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+DASHBOARD_PREFIX = "/dashboard"  # protected too, unless --dashboard-public; a browser may pass ?key=
+DASHBOARD_ASSETS = "/dashboard/static/"  # the page's script and style sheet: code, no data, always open
 
 
 async def send_error(send, status: int, message: str, code: str, headers: list | None = None) -> None:
@@ -29,16 +32,24 @@ async def send_error(send, status: int, message: str, code: str, headers: list |
 
 
 class RequireApiKey:
-    def __init__(self, app, api_key: str | None) -> None:
+    def __init__(self, app, api_key: str | None, dashboard_public: bool = False) -> None:
         self.app = app
         self.api_key = api_key
+        self.dashboard_public = dashboard_public
+
+    def _protected(self, path: str) -> bool:
+        if path.startswith(DASHBOARD_PREFIX):
+            return not self.dashboard_public and not path.startswith(DASHBOARD_ASSETS)
+        return path.startswith(PROTECTED_PREFIXES)
 
     async def __call__(self, scope: dict[str, Any], receive, send) -> None:
-        if self.api_key is None or scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if self.api_key is None or scope["type"] != "http" or not self._protected(scope["path"]):
             await self.app(scope, receive, send)
             return
         auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not given and scope["path"].startswith(DASHBOARD_PREFIX):  # a page opened in a browser: ?key=
+            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [""])[0]
         if hmac.compare_digest(given.encode(), self.api_key.encode()):
             await self.app(scope, receive, send)
             return

@@ -151,7 +151,6 @@ async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: st
                 new = sum(len(c.token_ids) for c in out.outputs)
                 if new and t.first is None:
                     t.first = now
-                    state.metrics.ttft.observe(now - t.start)
                 t.tokens += new
                 if out.finished:
                     t.finished = True
