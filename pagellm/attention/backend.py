@@ -125,14 +125,16 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
     """
     n, q_len = k.shape[0], q.shape[0]
     groups = q.shape[1] // k.shape[1]
-    qi = q.transpose(0, 1)  # (H, L, D)
-    ki = expand_kv(k.to(q.dtype), groups).transpose(0, 1)  # (H, n, D)
-    vi = expand_kv(v.to(q.dtype), groups).transpose(0, 1)
+    # (1, H, L, D): with a batch dimension torch runs its fused (flash) CPU kernel, in the inputs' dtype; 3-D
+    # inputs take the unfused path, which also upcasts bf16 to float32.
+    qi = q.transpose(0, 1)[None]
+    ki = expand_kv(k.to(q.dtype), groups).transpose(0, 1)[None]  # (1, H, n, D)
+    vi = expand_kv(v.to(q.dtype), groups).transpose(0, 1)[None]
     plain = params.sliding_window is None and params.logits_soft_cap is None
     if plain and (n == q_len or q_len == 1):  # causal from the start, or one query that sees every key
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=n == q_len > 1,
                                                                scale=params.scale)
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
     q_pos = torch.arange(k_start + n - q_len, k_start + n, device=q.device)[:, None]  # (L, 1)
     k_pos = torch.arange(k_start, k_start + n, device=q.device)[None, :]  # (1, n)
     mask = k_pos <= q_pos
@@ -140,13 +142,13 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
         mask &= k_pos > q_pos - params.sliding_window
     if params.logits_soft_cap is None:
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=params.scale)
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
     # Soft-capping has no SDPA kernel: the eager formula (as Hugging Face's Gemma 2), softmax in float32.
     cap = params.logits_soft_cap
-    scores = torch.tanh(torch.matmul(qi, ki.transpose(1, 2)) * params.scale / cap) * cap  # (H, L, n)
+    scores = torch.tanh(torch.matmul(qi[0], ki[0].transpose(1, 2)) * params.scale / cap) * cap  # (H, L, n)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, vi).transpose(0, 1)
+    return torch.matmul(probs, vi[0]).transpose(0, 1)
 
 
 def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -252,6 +252,7 @@ def main(ns: argparse.Namespace) -> dict:
     print(f"workload: {workload['num_requests']} requests, {workload['prompt_tokens']} prompt + "
           f"{workload['output_tokens']} output tokens; model {ns.model} ({ns.load_format}, {ns.dtype}); "
           f"threads {ns.threads or os.cpu_count()}", flush=True)
+    before = _peak(ns) if ns.bound else None
     results = [run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads)]
     print(format_table(results), flush=True)
     if ns.structured_fraction:  # beside the unconstrained run: the cost of grammar masks
@@ -277,11 +278,47 @@ def main(ns: argparse.Namespace) -> dict:
     report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
               "threads": ns.threads or os.cpu_count(), "device": device_name(ns.device),
               "results": [r.as_dict() for r in results]}
+    if ns.bound:
+        report["bound"] = measure_bound(ns, reqs, before)
+        b = report["bound"]
+        print(f"workload bound ({ns.dtype}, GEMM {b['gemm_gflops']:.0f} GFLOP/s, memory {b['read_bandwidth_gbs']:.1f} "
+              f"GB/s, measured around the runs): {b['output_tokens_per_s']:.0f} output tok/s; "
+              + ", ".join(f"{r.engine} {100 * r.output_tokens_per_s / b['output_tokens_per_s']:.0f}%"
+                          for r in results), flush=True)
     if ns.plot:
         from pagellm.benchmarks.plots import plot_throughput
 
         plot_throughput(report, ns.plot)
     return write_report(report, ns.output_json)
+
+
+def _peak(ns: argparse.Namespace) -> tuple[float, float]:
+    """(GEMM GFLOP/s in the run's dtype, memory read GB/s) measured now, with the run's threads."""
+    import torch
+
+    from pagellm.benchmarks.peak import _DTYPES, gemm_gflops, read_bandwidth_gbs
+
+    _set_threads(ns.threads)
+    dtype = _DTYPES.get(ns.dtype, torch.float32)
+    return gemm_gflops(dtype), read_bandwidth_gbs()
+
+
+def measure_bound(ns: argparse.Namespace, reqs: list[BenchRequest], before: tuple[float, float]) -> dict:
+    """The workload's throughput bound on this machine (pagellm bench peak's model), from the best GEMM rate and
+    bandwidth measured before and after the engines ran: the machine is shared, so the most favourable
+    reading makes the percentage a conservative one."""
+    import torch
+
+    from pagellm.benchmarks.peak import _DTYPES, ModelShape, workload_bound
+
+    after = _peak(ns)
+    g, bw = max(before[0], after[0]), max(before[1], after[1])
+    elem = torch.empty((), dtype=_DTYPES.get(ns.dtype, torch.float32)).element_size()
+    kv = ns.dtype if ns.kv_cache_dtype == "auto" else ns.kv_cache_dtype
+    kv_elem = torch.empty((), dtype=_DTYPES.get(kv, torch.float32)).element_size()
+    bound = workload_bound(ModelShape.from_config(ns.model), [len(r.prompt_token_ids) for r in reqs],
+                           [r.output_len for r in reqs], g, bw, elem, kv_elem)
+    return {**bound, "gemm_gflops": g, "read_bandwidth_gbs": bw}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -306,6 +343,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="Also run pagellm sharded over N ranks, beside the unsharded run (each rank gets an even "
                         "share of --threads or of the cores).")
+    p.add_argument("--bound", action="store_true",
+                   help="Also measure this machine's GEMM rate and memory bandwidth around the runs and print each "
+                        "engine's share of the workload's throughput bound (see `pagellm bench peak`).")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="Draw output tokens/s per engine (needs matplotlib: pip install pagellm[plot]).")
     p.add_argument("--structured-fraction", type=float, default=0.0,

@@ -43,16 +43,18 @@ class Sampler:
                           or md.grammar is not None)
         logits = apply_processors(raw.clone(), md) if has_processors else raw
         logits = apply_penalties(logits, md)
+        log_total = None  # logsumexp of `final` rows, when sampling already computed it
         if md.all_greedy:
             tokens = logits.argmax(dim=-1)
             final = logits
         else:
             scaled = logits if md.all_temperature_one else logits / md.temperature[:, None]
             final = apply_filters(scaled, md)
-            tokens = sample_inverse_cdf(final, md.uniforms)
+            tokens, log_total = sample_inverse_cdf(final, md.uniforms)
             if not md.all_random:
                 tokens = torch.where(md.greedy, logits.argmax(dim=-1), tokens)
-        return gather_logprobs(raw, final, tokens, md)
+        # A plain random batch samples from the raw logits themselves: reuse their logsumexp (one pass fewer).
+        return gather_logprobs(raw, final, tokens, md, log_total if final is raw else None)
 
 
 def apply_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -118,8 +120,9 @@ def apply_filters(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
 _CDF_BLOCK = 256
 
 
-def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token i with probability p_i: the first index whose cumulative weight exceeds u * total.
+    Returns (tokens (B,), the rows' logsumexp (B,)).
 
     Two levels, so the vocabulary is read twice, not cumulated: weights w = exp(x - max) summed in
     blocks of 256, the block found on the (short) cumulative block sums, then the token inside that
@@ -127,7 +130,8 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     end falls back to the last token with weight). Every operation is per row.
     """
     b, v = logits.shape
-    w = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # (B, V), 0 for -inf
+    top = logits.amax(dim=-1, keepdim=True)
+    w = (logits - top).exp_()  # (B, V), 0 for -inf
     pad = (-v) % _CDF_BLOCK
     if pad:
         w = torch.nn.functional.pad(w, (0, pad))
@@ -138,7 +142,7 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_(min=0)), torch.zeros_like(x))
     inner = wb.gather(1, blk[:, :, None].expand(b, 1, _CDF_BLOCK)).squeeze(1).cumsum(dim=-1)  # (B, 256)
     pos = torch.minimum(torch.searchsorted(inner, x - before, right=True), _first_at_max(inner))
-    return (blk * _CDF_BLOCK + pos).squeeze(1)
+    return (blk * _CDF_BLOCK + pos).squeeze(1), (top + bcdf[:, -1:].log()).squeeze(1)
 
 
 def _first_at_max(cdf: torch.Tensor) -> torch.Tensor:
@@ -147,9 +151,10 @@ def _first_at_max(cdf: torch.Tensor) -> torch.Tensor:
 
 
 def gather_logprobs(raw: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor,
-                    md: SamplingMetadata) -> SamplerOutput:
+                    md: SamplingMetadata, raw_log_total: torch.Tensor | None = None) -> SamplerOutput:
     idx = tokens[:, None]
-    raw_lp = raw.gather(1, idx).squeeze(1) - raw.logsumexp(dim=-1)
+    log_total = raw_log_total if raw_log_total is not None else raw.logsumexp(dim=-1)
+    raw_lp = raw.gather(1, idx).squeeze(1) - log_total
     lp_of_token = raw_lp
     full = None
     if md.processed_logprobs is not None and bool(md.processed_logprobs.any()):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pagellm.core.sched_output import NewSeqData
-from pagellm.sample.sampler import Sampler, apply_filters, apply_penalties
+from pagellm.sample.sampler import Sampler, apply_filters, apply_penalties, sample_inverse_cdf
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker.input_batch import InputBatch, counter_uniform
 
@@ -205,15 +205,21 @@ def test_processed_logprobs_reflect_temperature_and_filters():
 
 
 def test_inverse_cdf_edges_never_pick_zero_weight_tokens():
-    from pagellm.sample.sampler import sample_inverse_cdf
 
     logits = torch.full((4, 1000), float("-inf"))
     logits[:, [3, 500, 700]] = torch.tensor([0.0, 1.0, 2.0])
     u = torch.tensor([0.0, 1 - 1e-12, 0.5, 0.999999], dtype=torch.float64)
-    toks = sample_inverse_cdf(logits, u).tolist()
+    toks = sample_inverse_cdf(logits, u)[0].tolist()
     assert toks[0] == 3 and toks[1] == 700 and all(t in (3, 500, 700) for t in toks)
     # u splits the mass: weights e^0, e^1, e^2 -> cumulative 1, 3.72, 11.1 of 11.1
     probs = torch.tensor([1.0, 2.718281828, 7.389056099])
     edges = (probs.cumsum(0) / probs.sum()).tolist()
     u2 = torch.tensor([edges[0] - 1e-6, edges[0] + 1e-6, edges[1] + 1e-6, 0.0], dtype=torch.float64)
-    assert sample_inverse_cdf(logits, u2).tolist() == [3, 500, 700, 3]
+    assert sample_inverse_cdf(logits, u2)[0].tolist() == [3, 500, 700, 3]
+
+
+def test_inverse_cdf_reports_the_rows_logsumexp():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(4)) * 3
+    logits[1, 500:] = float("-inf")
+    _, log_total = sample_inverse_cdf(logits, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    assert torch.allclose(log_total, logits.logsumexp(dim=-1), atol=1e-5)

@@ -68,6 +68,24 @@ inline float hsum(vf16 v) {  // tree reduction: 4 shuffle + add steps
   return v[0];
 }
 
+// Sixteen sums at once: lane i of the result = hsum(a[i]). A transposing tree (15 shuffle pairs) instead of
+// sixteen separate reductions (64 shuffle + add steps):
+//   level 1: pairs (a0,a1) -> lanes 0-7 fold a0, 8-15 fold a1; level 2: 4-lane segments; level 3: 2; level 4: 1.
+inline vf16 hsum16(const vf16* a) {
+  vf16 l1[8], l2[4], l3[2];
+  for (int i = 0; i < 8; ++i)
+    l1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    l2[i] = __builtin_shufflevector(l1[2 * i], l1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(l1[2 * i], l1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    l3[i] = __builtin_shufflevector(l2[2 * i], l2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            __builtin_shufflevector(l2[2 * i], l2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(l3[0], l3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(l3[0], l3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // exp for x <= 0 (softmax after max subtraction): 2^(x log2 e) = 2^n * 2^f, degree-6 polynomial for 2^f.
 inline vf16 vexp(vf16 x) {
   const vf16 lo = vf16{} - 87.0f;
@@ -136,7 +154,8 @@ template <typename cache_t>
 void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
                 const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
                 int64_t token_stride, int64_t block_stride, int64_t G, int64_t C, float soft_cap,
-                float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
+                float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc, vf16* __restrict tacc,
+                float* __restrict out) {
   const int64_t QH = nh * G, D = C * 16, m = ctx - lo;
   for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
   const int64_t head_off = h0 * D;
@@ -148,7 +167,28 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
     if (b0 + bs < ctx)
       prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
                      row_bytes);
-    for (int64_t t = t0; t < n; ++t) {
+    int64_t t = t0;
+    if (tacc != nullptr) {  // sixteen tokens at a time: one transposing reduction per query head
+      for (; t + 16 <= n; t += 16) {
+        for (int64_t i = 0; i < 16; ++i) {
+          const cache_t* row = kb + (t + i) * token_stride;
+          for (int64_t h = 0; h < nh; ++h) {
+            const cache_t* k = row + h * D;
+            vf16* a = tacc + (h * G) * 16 + i;  // tacc[qh * 16 + i]
+            for (int64_t g = 0; g < G; ++g) a[g * 16] = vf16{};
+            for (int64_t c = 0; c < C; ++c) {
+              const vf16 kv = load16(k + c * 16);
+              for (int64_t g = 0; g < G; ++g) a[g * 16] += qv[(h * G + g) * C + c] * kv;
+            }
+          }
+        }
+        for (int64_t qh = 0; qh < QH; ++qh) {
+          const vf16 sums = hsum16(tacc + qh * 16);
+          __builtin_memcpy(scores + qh * m + b0 + t - lo, &sums, sizeof(sums));
+        }
+      }
+    }
+    for (; t < n; ++t) {
       const cache_t* row = kb + t * token_stride;
       for (int64_t h = 0; h < nh; ++h) {
         const cache_t* k = row + h * D;
@@ -191,6 +231,107 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
       const vf16 r = acc[qh * C + c] * inv_sum[qh];
       __builtin_memcpy(out + (qh * C + c) * 16, &r, sizeof(r));
     }
+}
+
+// The same computation with the group size G and the head size C (in 16-float chunks) known at compile
+// time (the common shapes: G in {1, 2, 4, 8}, head_dim 64 or 128), the loop order chosen for registers:
+//   phase 1, per block and K/V head: sixteen tokens' dot products for the G query heads in registers,
+//            then one transposing reduction per query head (hsum16)
+//   phase 3, per block and K/V head: the G x C output accumulators stay in registers over the block's
+//            tokens, one load and store per block instead of one per token
+template <int G, int C, typename cache_t>
+void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
+                      const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
+                      int64_t token_stride, int64_t block_stride, float soft_cap, float* __restrict scores,
+                      vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
+  constexpr int64_t D = C * 16;
+  const int64_t QH = nh * G, m = ctx - lo, head_off = h0 * D, row_bytes = nh * D * sizeof(cache_t);
+  for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
+  // 1. scores[qh][j - lo] = q_qh . k_j
+  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
+    const cache_t* kb = kc + table[b0 / bs] * block_stride + head_off;
+    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
+    if (b0 + bs < ctx)
+      prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
+                     row_bytes);
+    for (int64_t h = 0; h < nh; ++h) {
+      const vf16* qh_v = qv + h * G * C;
+      int64_t t = t0;
+      for (; t + 16 <= n; t += 16) {
+        vf16 a[G][16];
+        for (int i = 0; i < 16; ++i) {
+          const cache_t* k = kb + (t + i) * token_stride + h * D;
+          vf16 s[G];
+          for (int g = 0; g < G; ++g) s[g] = vf16{};
+          for (int c = 0; c < C; ++c) {
+            const vf16 kv = load16(k + c * 16);
+            for (int g = 0; g < G; ++g) s[g] += qh_v[g * C + c] * kv;
+          }
+          for (int g = 0; g < G; ++g) a[g][i] = s[g];
+        }
+        for (int g = 0; g < G; ++g) {
+          const vf16 sums = hsum16(a[g]);
+          __builtin_memcpy(scores + (h * G + g) * m + b0 + t - lo, &sums, sizeof(sums));
+        }
+      }
+      for (; t < n; ++t) {
+        const cache_t* k = kb + t * token_stride + h * D;
+        vf16 s[G];
+        for (int g = 0; g < G; ++g) s[g] = vf16{};
+        for (int c = 0; c < C; ++c) {
+          const vf16 kv = load16(k + c * 16);
+          for (int g = 0; g < G; ++g) s[g] += qh_v[g * C + c] * kv;
+        }
+        for (int g = 0; g < G; ++g) scores[(h * G + g) * m + b0 + t - lo] = hsum(s[g]);
+      }
+    }
+  }
+  // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
+  std::vector<float> inv_sum(QH);
+  for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
+  // 3. out[qh] = sum_j p[qh][j] v_j
+  for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
+  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
+    const cache_t* vb = vc + table[b0 / bs] * block_stride + head_off;
+    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
+    if (b0 + bs < ctx)
+      prefetch_block(vc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
+                     row_bytes);
+    for (int64_t h = 0; h < nh; ++h) {
+      vf16 r[G][C];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) r[g][c] = acc[(h * G + g) * C + c];
+      const float* p = scores + h * G * m + b0 - lo;
+      for (int64_t t = t0; t < n; ++t) {
+        const cache_t* v = vb + t * token_stride + h * D;
+        for (int c = 0; c < C; ++c) {
+          const vf16 vv = load16(v + c * 16);
+          for (int g = 0; g < G; ++g) r[g][c] += p[g * m + t] * vv;
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[(h * G + g) * C + c] = r[g][c];
+    }
+  }
+  for (int64_t qh = 0; qh < QH; ++qh)
+    for (int64_t c = 0; c < C; ++c) {
+      const vf16 r = acc[qh * C + c] * inv_sum[qh];
+      __builtin_memcpy(out + (qh * C + c) * 16, &r, sizeof(r));
+    }
+}
+
+template <typename cache_t>
+using fixed_fn = void (*)(const float*, const cache_t*, const cache_t*, const int32_t*, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, float, float*, vf16*, vf16*, float*);
+
+// The compiled shape for (G, C), or nullptr (then the generic attend_vec runs).
+template <typename cache_t>
+fixed_fn<cache_t> pick_fixed(int64_t G, int64_t C) {
+#define PAGELLM_FIXED(g, c) if (G == g && C == c) return &attend_vec_fixed<g, c, cache_t>;
+  PAGELLM_FIXED(1, 4) PAGELLM_FIXED(2, 4) PAGELLM_FIXED(4, 4) PAGELLM_FIXED(8, 4)
+  PAGELLM_FIXED(1, 8) PAGELLM_FIXED(2, 8) PAGELLM_FIXED(4, 8) PAGELLM_FIXED(8, 8)
+#undef PAGELLM_FIXED
+  return nullptr;
 }
 
 // Any head_dim, any G: plain loops (the compiler vectorizes what it can).
@@ -263,9 +404,11 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
   const bool vectorized = D % 16 == 0;
   const int64_t QH = nh * G;
 
+  const fixed_fn<cache_t> fixed = vectorized ? pick_fixed<cache_t>(G, D / 16) : nullptr;
   at::parallel_for(0, item_start[n], 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(QH * D), scores(QH * max_ctx + 16), res(QH * D);
     std::vector<vf16> qv(vectorized ? QH * D / 16 : 0), acc(vectorized ? std::max(QH, G) * D / 16 : 0);
+    std::vector<vf16> tacc(vectorized ? QH * 16 : 0);  // per query head, sixteen tokens' partial dot products
     int64_t i = std::upper_bound(item_start.begin(), item_start.end(), begin) - item_start.begin() - 1;
     for (int64_t item = begin; item < end; ++item) {
       while (item >= item_start[i + 1]) ++i;
@@ -279,9 +422,12 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
       const q_t* qsrc = qp + tok * H * D + h0 * G * D;
       for (int64_t x = 0; x < QH * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
       const int32_t* table = bt + s * max_blocks;
-      if (vectorized) {
+      if (fixed != nullptr) {
+        fixed(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, fcap, scores.data(),
+              qv.data(), acc.data(), res.data());
+      } else if (vectorized) {
         attend_vec<cache_t>(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, G, D / 16,
-                            fcap, scores.data(), qv.data(), acc.data(), res.data());
+                            fcap, scores.data(), qv.data(), acc.data(), tacc.data(), res.data());
       } else {
         for (int64_t h = 0; h < nh; ++h)
           attend_scalar<cache_t>(qbuf.data() + h * G * D, kc, vc, table, lo, ctx, bs, (h0 + h) * D, token_stride,
