@@ -48,6 +48,7 @@ class ModelConfig:
     seed: int = 0  # engine seed: dummy weights and the seeds of requests that give none
     served_model_name: str = ""  # the name the server answers to
     max_logprobs: int = 20  # largest logprobs / prompt_logprobs a request may ask for (-1: no cap)
+    quantization: str | None = None  # int8 (at load time) | gptq | awq (4-bit checkpoints); None: dense
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,16 @@ class AttentionParams:
 
     and its scores s = scale * q.k become cap * tanh(s / cap) before the softmax when
     logits_soft_cap is set (Gemma 2).
+
+    An 8-bit (fp8 e4m3) cache stores K / k_scale and V / v_scale, saturated to +-448; readers
+    multiply back (the kernels fold k_scale into the query and v_scale into the output).
     """
 
     scale: float
     sliding_window: int | None = None  # keys the query sees, itself included; None = the whole context
     logits_soft_cap: float | None = None
+    k_scale: float = 1.0  # per-tensor scales of an fp8 cache (1.0: vLLM's default without calibration)
+    v_scale: float = 1.0
 
     def first_key(self, query_pos: int) -> int:
         """The first key position a query at query_pos sees."""
@@ -78,7 +83,7 @@ class PagedBackendBase:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta)
+        write_kv(k, v, kv_cache, meta, params)
         q = q.contiguous()
         # Rows no kernel writes (batch padding, before SDPA fills fresh prompts) must not hold garbage.
         alloc = torch.zeros if meta.num_tokens < q.shape[0] or meta.fresh_seqs else torch.empty
@@ -98,13 +103,51 @@ class PagedBackendBase:
         raise NotImplementedError
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> None:
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8 (CPU torch has no index_copy_ / index_select for fp8), else itself."""
+    return t.view(torch.uint8) if is_fp8(t) else t
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """K or V in the cache's dtype. fp8 stores x / scale saturated to the e4m3 range, with e4m3 subnormals
+    (magnitudes under 2^-6 after scaling) stored as 0: readers widen fp8 with a shift and a multiply that must
+    never meet an f32 subnormal (slow on x86), and every backend then reads the same values."""
+    if cache_dtype in FP8_DTYPES:
+        x = x.float()
+        if scale != 1.0:
+            x = x / scale
+        q = x.clamp_(-FP8_MAX, FP8_MAX).to(cache_dtype)
+        b = q.view(torch.uint8)
+        b.masked_fill_((b & 0x78) == 0, 0)  # exponent field 0: a subnormal (or +-0)
+        return q
+    return x.to(cache_dtype)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cache contents back in the compute dtype (times the fp8 scale)."""
+    if is_fp8(x):
+        x = x.to(torch.float32)
+        return (x * scale if scale != 1.0 else x).to(dtype)
+    return x.to(dtype)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+             params: AttentionParams | None = None) -> None:
     """Store this step's K/V at their slots (block * block_size + offset)."""
     k_cache, v_cache = kv_cache
     n = meta.num_tokens
     kvh, d = k_cache.shape[-2], k_cache.shape[-1]
-    k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k[:n].to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v[:n].to(v_cache.dtype))
+    ks, vs = (params.k_scale, params.v_scale) if params is not None else (1.0, 1.0)
+    as_bytes(k_cache).view(-1, kvh, d).index_copy_(0, meta.slot_mapping, as_bytes(to_cache(k[:n], k_cache.dtype, ks)))
+    as_bytes(v_cache).view(-1, kvh, d).index_copy_(0, meta.slot_mapping, as_bytes(to_cache(v[:n], v_cache.dtype, vs)))
 
 
 def fresh_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

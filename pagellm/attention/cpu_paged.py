@@ -1,5 +1,7 @@
 """Paged attention with a compiled C++/OpenMP kernel that walks block tables (csrc/paged_attention.cpp).
 
+The same extension carries the int8 activation helpers of quantization/int8.py (csrc/int8_ops.cpp).
+
 Fresh prompts (no cached context) use SDPA on their own K/V, as in torch_ref;
 every sequence that reads context from the cache (decode steps, prefill chunks
 after the first, prompts with prefix-cache hits) goes through the kernel,
@@ -25,7 +27,8 @@ from pagellm.attention.backend import AttentionMetadata, AttentionParams, KVCach
 
 logger = logging.getLogger(__name__)
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_attention.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = [os.path.join(_CSRC, "paged_attention.cpp"), os.path.join(_CSRC, "int8_ops.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -38,8 +41,10 @@ def _cpu_tag() -> str:
                     break
     except OSError:
         flags = platform.processor()
-    with open(_SRC, "rb") as f:
-        src = f.read()
+    src = b""
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            src += f.read()
     return hashlib.sha256(flags.encode() + src + torch.__version__.encode()).hexdigest()[:12]
 
 
@@ -49,7 +54,7 @@ def load_extension():
 
     name = f"pagellm_paged_attention_{_cpu_tag()}"
     logger.info("loading the paged-attention kernel %s (compiled on first use)", name)
-    return load(name=name, sources=[_SRC], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    return load(name=name, sources=_SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -64,4 +69,5 @@ class CpuPagedBackend(PagedBackendBase):
         with torch.profiler.record_function("pagellm::paged_attention"):
             self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, meta.paged_seq_ids, params.scale,
-                                     params.sliding_window or 0, params.logits_soft_cap or 0.0)
+                                     params.sliding_window or 0, params.logits_soft_cap or 0.0, params.k_scale,
+                                     params.v_scale)

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, AttentionParams, KVCache, PagedBackendBase, dense_attention
+from pagellm.attention.backend import (
+    AttentionMetadata,
+    AttentionParams,
+    KVCache,
+    PagedBackendBase,
+    dense_attention,
+    from_cache,
+    is_fp8,
+)
 
 
 class TorchRefBackend(PagedBackendBase):
@@ -46,4 +54,6 @@ def paged_attention_ref(out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, m
         s, e, n = qsl[i], qsl[i + 1], lens[i]
         start = params.first_key(n - (e - s))  # what the chunk's first query sees
         k, v = gather_context(kv_cache, meta.block_tables[i], start, n)
+        if is_fp8(k):
+            k, v = from_cache(k, q.dtype, params.k_scale), from_cache(v, q.dtype, params.v_scale)
         out[s:e] = dense_attention(q[s:e], k, v, start, params)

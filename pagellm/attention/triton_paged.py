@@ -5,7 +5,8 @@ block at a time, scores the block's keys against the G query heads that share
 the K/V head, and keeps an online softmax (running max and sum) in float32,
 so K/V are read once, straight from the paged cache. Sliding windows start the walk
 at the block of the first visible key; soft-capping and head sizes that are not a
-power of two (80, 96) are handled in the kernel. Fresh prompts use SDPA on
+power of two (80, 96) are handled in the kernel. An fp8 cache is read as fp8 and widened to
+float32 in registers (k_scale folded into the query, v_scale into the output). Fresh prompts use SDPA on
 their own K/V; prefill chunks over cached context (several query tokens) use
 the torch_ref path. Triton is imported only when this backend is chosen.
 """
@@ -24,7 +25,7 @@ def _kernel():
 
     @triton.jit
     def paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qstart_ptr, ids_ptr, scale, window,
-                     soft_cap, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
+                     soft_cap, v_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
                      BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                      SOFT_CAP: tl.constexpr):
         pid = tl.program_id(0)
@@ -63,7 +64,7 @@ def _kernel():
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
-        res = acc / l_sum[:, None]
+        res = acc / l_sum[:, None] * v_scale
         tl.store(out_ptr + tok * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
                  res.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
@@ -98,7 +99,7 @@ class TritonPagedBackend(PagedBackendBase):
         tables = meta.block_tables.contiguous()
         cap = params.logits_soft_cap
         self.kernel[(len(seq_ids), kvh)](
-            out, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, seq_ids, params.scale,
-            params.sliding_window or 2**30, cap or 1.0,
+            out, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, seq_ids,
+            params.scale * params.k_scale, params.sliding_window or 2**30, cap or 1.0, params.v_scale,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
             BLOCK=bs, D=d, DP=_pow2(d), G=g, GP=_pow2(g), SOFT_CAP=cap is not None)

@@ -8,17 +8,21 @@ import os
 from typing import Any
 
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+KV_DTYPE_CHOICES = DTYPE_CHOICES + ["fp8", "fp8_e4m3"]
 
 
 def add_model_args(p: argparse.ArgumentParser, dtypes: bool = True) -> None:
-    """--model (default: the demo model), --load-format and, with dtypes, --dtype / --kv-cache-dtype."""
+    """--model (default: the demo model), --load-format and, with dtypes, --dtype / --kv-cache-dtype /
+    --quantization."""
     from pagellm.entrypoints.cli import DEMO_MODEL
 
     p.add_argument("--model", default=DEMO_MODEL, help="HF checkpoint directory (default: the demo model).")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"])
     if dtypes:
         p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-        p.add_argument("--kv-cache-dtype", default="auto", choices=DTYPE_CHOICES)
+        p.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPE_CHOICES)
+        p.add_argument("--quantization", "-q", default=None, choices=["int8", "gptq", "awq"],
+                       help="Quantized weights (int8 at load time; gptq/awq come from the checkpoint).")
 
 
 def has_tokenizer(model: str) -> bool:

@@ -52,7 +52,7 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int, r
 def main(ns: argparse.Namespace) -> dict:
     from pagellm import LLM
 
-    llm = LLM(ns.model, **llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype,
+    llm = LLM(ns.model, **llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype, quantization=ns.quantization,
                                       kv_cache_dtype=ns.kv_cache_dtype, enable_prefix_caching=False,
                                       max_num_batched_tokens=max(ns.batch_size * ns.input_len, 2048)))
     engine = llm.llm_engine

@@ -27,7 +27,8 @@ import torch
 
 from pagellm.benchmarks.common import write_report
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
@@ -38,6 +39,20 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
         t = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def int8_gemm_gops(repeats: int = 5) -> float:
+    """int8 x int8 -> int32 matmul rate (torch._int_mm: oneDNN VNNI/AMX on CPU), in GOP/s."""
+    best = 0.0
+    for m, k, n in [(2048, 768, 3072), (2048, 2048, 2048)]:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
+        torch._int_mm(a, b)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            torch._int_mm(a, b)
         best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -83,9 +98,12 @@ class ModelShape:
 
 
 def workload_bound(shape: ModelShape, prompt_lens: list[int], output_lens: list[int], gflops: float, gbs: float,
-                   elem_bytes: int = 4, kv_elem_bytes: int = 4) -> dict:
-    flops = 2 * shape.non_embedding_params * (sum(prompt_lens) + sum(output_lens))
-    flops += 2 * shape.lm_head_params * sum(output_lens)
+                   elem_bytes: int = 4, kv_elem_bytes: int = 4, linear_gflops: float | None = None,
+                   linear_elem_bytes: int | None = None) -> dict:
+    """linear_gflops / linear_elem_bytes: the rate and weight size of the non-embedding projections when they
+    differ from the rest (int8 weights: int8 GEMMs, 1 byte per weight); LM head and attention keep gflops."""
+    linear_flops = 2 * shape.non_embedding_params * (sum(prompt_lens) + sum(output_lens))
+    flops = 2 * shape.lm_head_params * sum(output_lens)
     attn_tokens = 0  # sum of context lengths over every computed token
     kv_read = 0  # context tokens read over every generated token
     for p, o in zip(prompt_lens, output_lens):
@@ -93,10 +111,13 @@ def workload_bound(shape: ModelShape, prompt_lens: list[int], output_lens: list[
         kv_read += sum(p + t for t in range(o))
     flops += 4 * shape.layers * shape.hidden * attn_tokens
     steps = max(output_lens)
-    bytes_ = steps * shape.weights_read_per_step * elem_bytes
+    lin_elem = elem_bytes if linear_elem_bytes is None else linear_elem_bytes
+    bytes_ = steps * (shape.non_embedding_params * lin_elem + shape.lm_head_params * elem_bytes)
     bytes_ += kv_read * 2 * shape.layers * shape.kv_dim * kv_elem_bytes
-    seconds = flops / (gflops * 1e9) + bytes_ / (gbs * 1e9)
-    return {"flops": flops, "bytes": bytes_, "seconds": seconds, "output_tokens_per_s": sum(output_lens) / seconds}
+    seconds = (flops / (gflops * 1e9) + linear_flops / ((linear_gflops or gflops) * 1e9)
+               + bytes_ / (gbs * 1e9))
+    return {"flops": flops + linear_flops, "bytes": bytes_, "seconds": seconds,
+            "output_tokens_per_s": sum(output_lens) / seconds}
 
 
 def main(ns: argparse.Namespace) -> dict:

@@ -89,7 +89,7 @@ BENCH_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
 
 
 def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threads: int | None,
-                structured_fraction: float = 0.0) -> EngineResult:
+                structured_fraction: float = 0.0, label: str = "") -> EngineResult:
     from pagellm import LLM, SamplingParams
     from pagellm.sampling_params import StructuredOutputsParams
 
@@ -118,8 +118,25 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
         note += f"; rank 0 spent {100 * comm.seconds / elapsed:.0f}% of the time in {comm.calls} collectives"
     llm.shutdown()
     name = "pagellm" if tp == 1 else f"pagellm-tp{tp}"
+    name += f"[{label}]" if label else ""
     return EngineResult(name + (f"-json{int(100 * structured_fraction)}%" if every else ""), elapsed, len(reqs),
                         p_tok, o_tok, _peak_rss_mb(), note)
+
+
+def parse_variant(text: str) -> dict:
+    """'quantization=int8,dtype=bfloat16' -> engine keyword overrides ('none' -> None, digits -> int)."""
+    from pagellm.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in __import__("dataclasses").fields(EngineArgs)}
+    out: dict = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise ValueError(f"--variant takes KEY=VALUE pairs of engine arguments, got {item!r}")
+        value = value.strip()
+        out[key] = None if value.lower() == "none" else int(value) if value.isdigit() else value
+    return out
 
 
 def _hf_model(model: str, load_format: str, dtype: str, device: str = "cpu"):
@@ -225,7 +242,7 @@ def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
 
 def engine_kwargs(ns: argparse.Namespace) -> dict:
     kw = dict(load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
-              max_num_seqs=ns.max_num_seqs, block_size=ns.block_size, seed=ns.seed,
+              quantization=ns.quantization, max_num_seqs=ns.max_num_seqs, block_size=ns.block_size, seed=ns.seed,
               attention_backend=ns.attention_backend, device=ns.device)
     kw = llm_kwargs(ns.model, **kw)
     if ns.max_num_batched_tokens:
@@ -236,9 +253,11 @@ def engine_kwargs(ns: argparse.Namespace) -> dict:
 
 
 def format_table(results: list[EngineResult]) -> str:
-    lines = [f"{'engine':<16}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}{'peak RSS MB':>13}{'time s':>9}  note"]
+    width = max(16, *(len(r.engine) + 2 for r in results))
+    lines = [f"{'engine':<{width}}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}{'peak RSS MB':>13}"
+             f"{'time s':>9}  note"]
     for r in results:
-        lines.append(f"{r.engine:<16}{r.requests_per_s:>9.3f}{r.output_tokens_per_s:>11.1f}"
+        lines.append(f"{r.engine:<{width}}{r.requests_per_s:>9.3f}{r.output_tokens_per_s:>11.1f}"
                      f"{r.total_tokens_per_s:>13.1f}{r.peak_rss_mb:>13.0f}{r.elapsed_s:>9.1f}  {r.note}")
     base = results[0]
     for r in results[1:]:
@@ -250,13 +269,18 @@ def format_table(results: list[EngineResult]) -> str:
 def main(ns: argparse.Namespace) -> dict:
     reqs, workload = build_workload(ns)
     print(f"workload: {workload['num_requests']} requests, {workload['prompt_tokens']} prompt + "
-          f"{workload['output_tokens']} output tokens; model {ns.model} ({ns.load_format}, {ns.dtype}); "
-          f"threads {ns.threads or os.cpu_count()}", flush=True)
+          f"{workload['output_tokens']} output tokens; model {ns.model} ({ns.load_format}, {ns.dtype}, "
+          f"quantization {ns.quantization}, kv {ns.kv_cache_dtype}); threads {ns.threads or os.cpu_count()}",
+          flush=True)
     before = _peak(ns) if ns.bound else None
     results = [run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads)]
     print(format_table(results), flush=True)
     if ns.structured_fraction:  # beside the unconstrained run: the cost of grammar masks
         results.append(run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads, ns.structured_fraction))
+        print(format_table(results), flush=True)
+    for variant in ns.variant:  # beside the main run: the same workload with some engine arguments changed
+        results.append(run_isolated(run_pagellm, ns.model, {**engine_kwargs(ns), **parse_variant(variant)}, reqs,
+                                    ns.threads, 0.0, variant))
         print(format_table(results), flush=True)
     if ns.tensor_parallel_size > 1:  # beside TP=1, same workload, same total threads
         per_rank = max(1, (ns.threads or os.cpu_count() or 1) // ns.tensor_parallel_size)
@@ -276,12 +300,15 @@ def main(ns: argparse.Namespace) -> dict:
                 results[-1].note += f"; first {len(sub)} requests only"
             print(format_table(results), flush=True)
     report = {"workload": workload, "model": ns.model, "load_format": ns.load_format, "dtype": ns.dtype,
+              "quantization": ns.quantization, "kv_cache_dtype": ns.kv_cache_dtype,
               "threads": ns.threads or os.cpu_count(), "device": device_name(ns.device),
               "results": [r.as_dict() for r in results]}
     if ns.bound:
         report["bound"] = measure_bound(ns, reqs, before)
         b = report["bound"]
-        print(f"workload bound ({ns.dtype}, GEMM {b['gemm_gflops']:.0f} GFLOP/s, memory {b['read_bandwidth_gbs']:.1f} "
+        int8_rate = f", int8 GEMM {b['int8_gemm_gops']:.0f} GOP/s" if b.get("int8_gemm_gops") else ""
+        print(f"workload bound ({ns.dtype}{', int8 weights' if ns.quantization == 'int8' else ''}, "
+              f"GEMM {b['gemm_gflops']:.0f} GFLOP/s{int8_rate}, memory {b['read_bandwidth_gbs']:.1f} "
               f"GB/s, measured around the runs): {b['output_tokens_per_s']:.0f} output tok/s; "
               + ", ".join(f"{r.engine} {100 * r.output_tokens_per_s / b['output_tokens_per_s']:.0f}%"
                           for r in results), flush=True)
@@ -292,15 +319,18 @@ def main(ns: argparse.Namespace) -> dict:
     return write_report(report, ns.output_json)
 
 
-def _peak(ns: argparse.Namespace) -> tuple[float, float]:
-    """(GEMM GFLOP/s in the run's dtype, memory read GB/s) measured now, with the run's threads."""
+def _peak(ns: argparse.Namespace) -> tuple[float, float, float | None]:
+    """(GEMM GFLOP/s in the run's dtype, memory read GB/s, int8 GEMM GOP/s with --quantization int8 on a CPU
+    with int8 dot products, else None) measured now, with the run's threads."""
     import torch
 
-    from pagellm.benchmarks.peak import _DTYPES, gemm_gflops, read_bandwidth_gbs
+    from pagellm.benchmarks.peak import _DTYPES, gemm_gflops, int8_gemm_gops, read_bandwidth_gbs
+    from pagellm.quantization.int8 import cpu_has_int8_dot
 
     _set_threads(ns.threads)
     dtype = _DTYPES.get(ns.dtype, torch.float32)
-    return gemm_gflops(dtype), read_bandwidth_gbs()
+    int8 = int8_gemm_gops() if ns.quantization == "int8" and cpu_has_int8_dot() else None
+    return gemm_gflops(dtype), read_bandwidth_gbs(), int8
 
 
 def measure_bound(ns: argparse.Namespace, reqs: list[BenchRequest], before: tuple[float, float]) -> dict:
@@ -313,12 +343,15 @@ def measure_bound(ns: argparse.Namespace, reqs: list[BenchRequest], before: tupl
 
     after = _peak(ns)
     g, bw = max(before[0], after[0]), max(before[1], after[1])
+    g8 = max(before[2], after[2]) if before[2] is not None else None
     elem = torch.empty((), dtype=_DTYPES.get(ns.dtype, torch.float32)).element_size()
     kv = ns.dtype if ns.kv_cache_dtype == "auto" else ns.kv_cache_dtype
     kv_elem = torch.empty((), dtype=_DTYPES.get(kv, torch.float32)).element_size()
+    int8 = ns.quantization == "int8"  # projections: 1-byte weights, at the int8 GEMM rate where the CPU has one
     bound = workload_bound(ModelShape.from_config(ns.model), [len(r.prompt_token_ids) for r in reqs],
-                           [r.output_len for r in reqs], g, bw, elem, kv_elem)
-    return {**bound, "gemm_gflops": g, "read_bandwidth_gbs": bw}
+                           [r.output_len for r in reqs], g, bw, elem, kv_elem, linear_gflops=g8,
+                           linear_elem_bytes=1 if int8 else None)
+    return {**bound, "gemm_gflops": g, "read_bandwidth_gbs": bw, "int8_gemm_gops": g8}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -350,4 +383,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Draw output tokens/s per engine (needs matplotlib: pip install pagellm[plot]).")
     p.add_argument("--structured-fraction", type=float, default=0.0,
                    help="Also run pagellm with this fraction of the requests constrained by a JSON schema (e.g. 0.5).")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="Also run pagellm with these engine arguments changed, beside the main run (repeatable), "
+                        "e.g. --variant quantization=int8 --variant kv_cache_dtype=fp8.")
     p.add_argument("--output-json", default=None)

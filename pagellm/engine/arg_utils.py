@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagellm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
+logger = logging.getLogger(__name__)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = DTYPES + ("fp8", "fp8_e4m3")  # fp8 = e4m3 with per-tensor scales, as vLLM names it
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -29,9 +33,16 @@ class EngineArgs:
     model: str = _f("", "Local directory of a Hugging Face checkpoint.", positional=True)
     tokenizer: str | None = _f(None, "Tokenizer directory (default: the model directory).")
     skip_tokenizer_init: bool = _f(False, "Run without a tokenizer: token-id prompts only, no output text.")
-    dtype: str = _f("auto", "Compute dtype; auto = the checkpoint's (float16 becomes bfloat16 on CPU).",
-                    choices=DTYPES)
-    kv_cache_dtype: str = _f("auto", "KV cache dtype; auto = the compute dtype.", choices=DTYPES)
+    dtype: str = _f("auto", "Compute dtype; auto = the checkpoint's, except on a CPU: a float16 or bfloat16 "
+                            "checkpoint runs in bfloat16 where the CPU multiplies bf16 natively "
+                            "(avx512_bf16 / AMX), else in float32.", choices=DTYPES)
+    kv_cache_dtype: str = _f("auto", "KV cache dtype; auto = the compute dtype. fp8 (= fp8_e4m3) stores K/V in "
+                                     "8 bits (twice the sequences in the same memory), read by every attention "
+                                     "backend.", choices=KV_CACHE_DTYPES)
+    quantization: str | None = _f(
+        None, "Quantized weights: int8 (any checkpoint, quantized at load: int8 weights, plus int8 activations "
+              "where the CPU has VNNI/AMX); gptq and awq (4-bit checkpoints) are read from config.json's "
+              "quantization_config without this flag.", choices=("int8", "gptq", "awq"))
     block_size: int = _f(16, "Tokens per KV cache block.")
     max_model_len: int | None = _f(None, "Maximum prompt + output tokens per sequence (default: the model's).")
     max_num_seqs: int = _f(256, "Maximum sequences in one step.")
@@ -99,8 +110,8 @@ class EngineArgs:
             _positive("kv_cache_memory", self.kv_cache_memory)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
-        if self.kv_cache_dtype not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}.")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}.")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("data_parallel_size", self.data_parallel_size)
         if self.distributed_executor_backend not in (None, "mp", "ray"):
@@ -124,6 +135,7 @@ class EngineArgs:
         from transformers import AutoConfig
 
         from pagellm.models.registry import get_model_class, resolve_architecture
+        from pagellm.quantization import resolve_quantization
 
         path = self.model
         if not path:
@@ -145,6 +157,10 @@ class EngineArgs:
         if self.tensor_parallel_size > 1 and not cls.supports_tp:
             raise ValueError(f"{arch} runs on the transformers fallback, which cannot be sharded: "
                              "tensor_parallel_size must be 1.")
+        quantization = resolve_quantization(self.quantization, hf)
+        if quantization is not None and not cls.supports_tp:
+            raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not quantize: "
+                             f"quantization={quantization!r} needs a natively supported architecture.")
         geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
         derived = _derived_max_len(hf)
         max_len = self.max_model_len or derived
@@ -168,6 +184,7 @@ class EngineArgs:
             seed=self.seed,
             served_model_name=self.served_model_name or path,
             max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else hf.vocab_size,
+            quantization=quantization,
         )
 
 
@@ -184,7 +201,25 @@ def _derived_max_len(hf) -> int:
     return 2048
 
 
-def _resolve_dtype(dtype: str, hf, device: str) -> str:
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16), per /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _resolve_dtype(dtype: str, hf, device: str, native_bf16: bool | None = None) -> str:
+    """The compute dtype for `--dtype`: explicit, or from the checkpoint (`auto`).
+
+    On CPU a 16-bit checkpoint runs in bfloat16 where the CPU has bf16 matrix instructions (fp16
+    has no fast CPU path), and in float32 elsewhere (emulated bf16 is slower than fp32).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
     if dtype != "auto":
@@ -193,8 +228,12 @@ def _resolve_dtype(dtype: str, hf, device: str) -> str:
     name = str(ckpt).replace("torch.", "") if ckpt is not None else "float32"
     if name not in DTYPES:
         name = "float32"
-    if name == "float16" and device == "cpu":
-        name = "bfloat16"
+    if device == "cpu" and name in ("float16", "bfloat16"):
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        chosen = "bfloat16" if native else "float32"
+        logger.info("dtype auto: %s checkpoint runs in %s on this CPU (%s)", name, chosen,
+                    "native bf16 instructions" if native else "no native bf16 instructions")
+        name = chosen
     return name
 
 

@@ -47,11 +47,14 @@ class Linear(nn.Linear):
     """
 
     TRANSPOSED_MAX_ROWS = 512
+    quant_method = None  # set by pagellm.quantization on quantized layers: its apply() does the matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, bias)
         if (x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
                 or x.shape[0] > self.TRANSPOSED_MAX_ROWS):
             return torch.nn.functional.linear(x, self.weight, bias)
@@ -118,7 +121,11 @@ class ColumnParallelLinear(Linear):
         return cls(in_features, [even_part(out_features, tp)], bias, transposed)
 
     def load_part(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id: int | None = None) -> None:
-        out_dim = 1 if self.transposed and param.dim() == 2 else 0
+        self.load_rows(param, tensor, shard_id, out_dim=1 if self.transposed and param.dim() == 2 else 0)
+
+    def load_rows(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id: int | None, out_dim: int) -> None:
+        """This rank's output rows of one part (or all parts) of a checkpoint tensor whose outputs run
+        along out_dim; the parameter holds outputs along dim 0."""
         have = ckpt_shape(tensor)[out_dim]
         todo = list(enumerate(self.parts)) if shard_id is None else [(shard_id, self.parts[shard_id])]
         want = sum(p.full_size for p in self.parts) if shard_id is None else self.parts[shard_id].full_size

@@ -20,12 +20,13 @@ import sys
 import psutil
 import torch
 
-from pagellm.attention.backend import KVCache
+from pagellm.attention.backend import KVCache, as_bytes
 from pagellm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -109,5 +110,5 @@ def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None
     src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
     dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
     for k, v in kv_caches:
-        k.index_copy_(0, dst, k.index_select(0, src))
-        v.index_copy_(0, dst, v.index_select(0, src))
+        for t in (as_bytes(k), as_bytes(v)):
+            t.index_copy_(0, dst, t.index_select(0, src))

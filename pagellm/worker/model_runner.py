@@ -51,11 +51,22 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
     t0 = time.perf_counter()
     with torch.device("cpu"):
         model = cls(m.hf_config, config.scheduler.max_model_len, tp)
+    method = None
+    if m.quantization is not None:
+        from pagellm.quantization import get_method, prepare_model
+
+        method = get_method(m.quantization, m.hf_config)
+        prepare_model(model, method)
     if m.load_format == "dummy":
         init_dummy_weights(model, m.seed)
     else:
         load_weights(model, iterate_weights(m.model, m.load_format))
-    model = model.to(device=config.device.device, dtype=torch_dtype(m.dtype)).eval()
+    device, dtype = torch.device(config.device.device), torch_dtype(m.dtype)
+    if method is not None:  # from the float32 (or checkpoint) weights, before the cast to the compute dtype
+        from pagellm.quantization import finish_model
+
+        finish_model(model, method, dtype, device)
+    model = model.to(device=device, dtype=dtype).eval()
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded %s (%.1fM parameters%s, %s) in %.1fs", m.architecture, n / 1e6,
                 f" on rank {tp.rank} of {tp.size}" if tp.size > 1 else "", m.dtype, time.perf_counter() - t0)

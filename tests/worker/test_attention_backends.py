@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, AttentionParams, dense_attention
+from pagellm.attention.backend import AttentionMetadata, AttentionParams, dense_attention, to_cache
 from pagellm.attention.registry import get_attention_backend
 from pagellm.attention.torch_ref import TorchRefBackend
 
@@ -17,8 +17,11 @@ def make_case(seed, num_heads, kv_heads, head_dim, block_size, specs, dtype, cac
     num_blocks = sum(-(-(c + q) // block_size) for c, q in specs) + 8
     free = list(range(num_blocks))
     rng.shuffle(free)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(cache_dtype)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    if cache_dtype == torch.float8_e4m3fn:  # as the engine writes it (no e4m3 subnormals)
+        k_cache, v_cache = to_cache(k_cache, cache_dtype, 1.0), to_cache(v_cache, cache_dtype, 1.0)
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     tables, slots, lens, qsl = [], [], [], [0]
     for c, q in specs:
         n = c + q
@@ -126,6 +129,7 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("window, cap", PARAMS)
 @pytest.mark.parametrize("dtype, cache_dtype, tol", [(torch.float32, torch.float32, 1e-4),
                                                      (torch.bfloat16, torch.bfloat16, 2e-2),
+                                                     (torch.bfloat16, torch.float8_e4m3fn, 2e-2),
                                                      (torch.float16, torch.float16, 5e-3)])
 def test_triton_paged_matches_torch_ref_on_cuda(case, window, cap, dtype, cache_dtype, tol):
     backend = get_attention_backend("triton_paged", "cuda")
@@ -161,6 +165,13 @@ for h, kvh, d, bs, specs in CASES:
         got = backend.forward(q, k, v, cache, meta, params)
         ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, kvh, d, bs, specs, window, cap)
+for h, kvh, d, bs, specs in CASES[:4]:  # an fp8 cache with per-tensor scales
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float8_e4m3fn)
+    ref_cache = (cache[0].clone(), cache[1].clone())
+    params = AttentionParams(d ** -0.5, 7, None, k_scale=0.5, v_scale=2.0)
+    got = backend.forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), ("fp8", h, kvh, d, bs, specs)
 print("ok")
 """
 
@@ -178,3 +189,48 @@ def test_triton_kernel_matches_torch_ref_in_the_interpreter():
     res = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(root=root)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window, cap", [(None, None), (7, None), (11, 2.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k_scale, v_scale", [(1.0, 1.0), (0.05, 3.0)])
+def test_cpu_paged_reads_an_fp8_cache_like_torch_ref(case, window, cap, dtype, k_scale, v_scale):
+    """An fp8 (e4m3) cache: the C++ kernel's vectorized fp8 -> f32 widening and its folded scales give
+    what torch_ref computes from the same bytes (torch's own fp8 conversion)."""
+    backend = get_attention_backend("cpu_paged", "cpu")
+    h, kvh, d, bs, specs = case
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, FP8)
+    ref_cache = (cache[0].clone(), cache[1].clone())
+    params = AttentionParams(d ** -0.5, window, cap, k_scale=k_scale, v_scale=v_scale)
+    got = backend.forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    for c, r in zip(cache, ref_cache):  # the same fp8 bytes written
+        assert torch.equal(c.view(torch.uint8), r.view(torch.uint8))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), ref.float(), atol=tol * max(1.0, v_scale), rtol=tol)
+
+
+def test_fp8_cache_writes_scaled_saturated_values_and_reads_them_back():
+    """write_kv stores K / k_scale saturated to +-448, subnormals as 0; torch_ref multiplies back; the result
+    is close to attention over the unquantized K/V (e4m3 keeps 3 mantissa bits)."""
+    from pagellm.attention.backend import from_cache
+
+    x = torch.tensor([0.0, 1.0, -3.0, 1000.0, -1e6, 0.1, 0.02, -0.025, 0.04])
+    stored = to_cache(x, FP8, 2.0)
+    assert stored.dtype == FP8
+    back = from_cache(stored, torch.float32, 2.0).tolist()
+    # saturated at 448 * scale; 0.02 / 2 and 0.025 / 2 are e4m3 subnormals (< 2^-6): stored as 0
+    assert back[:5] == [0.0, 1.0, -3.0, 896.0, -896.0] and back[6:8] == [0.0, 0.0]
+    assert back[5] == pytest.approx(0.1, rel=0.07) and back[8] == pytest.approx(0.04, rel=0.07)
+    h, kvh, d, bs, specs = CASES[1]
+    q, k, v, cache, meta = make_case(3, h, kvh, d, bs, specs, torch.float32, FP8)
+    full = make_case(3, h, kvh, d, bs, specs, torch.float32, torch.float32)[3]
+    params = AttentionParams(d ** -0.5)
+    got = TorchRefBackend().forward(q, k, v, cache, meta, params)
+    exact = TorchRefBackend().forward(q, k, v, full, meta, params)
+    err = (got - exact).norm() / exact.norm()
+    assert 0 < err < 0.1, err

@@ -10,7 +10,9 @@
 //
 // Layouts:
 //   q, out        (num_tokens, num_heads, head_dim)
-//   k/v cache     (num_blocks, block_size, num_kv_heads, head_dim)  float32 | bfloat16 | float16
+//   k/v cache     (num_blocks, block_size, num_kv_heads, head_dim)  float32 | bfloat16 | float16 | fp8 e4m3
+//   k_scale, v_scale  an fp8 cache holds K / k_scale and V / v_scale: k_scale is folded into the query,
+//                     v_scale into the output
 //   block_tables  (num_seqs, max_blocks) int32
 //   seq_lens      (num_seqs,) int32            context length after this step
 //   query_start   (num_seqs + 1,) int32        query token offsets
@@ -21,6 +23,9 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -52,12 +57,48 @@ inline vf16 load16<float>(const float* p) {
 }
 template <>
 inline vf16 load16<c10::BFloat16>(const c10::BFloat16* p) {  // bf16 -> f32 is a 16-bit shift
+#if defined(__AVX512F__)
+  const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i x = _mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16);
+  vf16 v;
+  __builtin_memcpy(&v, &x, sizeof(v));
+  return v;
+#else
   vu16 u;
   __builtin_memcpy(&u, p, sizeof(u));
   vu32 w = __builtin_convertvector(u, vu32) << 16;
   vf16 v;
   __builtin_memcpy(&v, &w, sizeof(v));
   return v;
+#endif
+}
+
+// fp8 e4m3 (bias 7) -> f32: move sign, exponent and mantissa into f32 position and rebias by 2^120. The
+// cache holds no e4m3 subnormals (writes store them as 0, attention/backend.py to_cache), so no f32 subnormal,
+// which would cost ~100 cycles per operation on x86, ever appears; nor 0x7f (NaN): writes saturate.
+// Sign-extending the byte puts the sign in bit 31 after the shift (bits 27..30, also set, are masked off).
+typedef int8_t vi8 __attribute__((vector_size(16)));
+// (GCC 12 scalarizes a byte -> int32 __builtin_convertvector: the widening uses intrinsics where it can.)
+template <>
+inline vf16 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {
+  vu32 w;
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __builtin_memcpy(&w, &x, sizeof(w));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i lo = _mm256_cvtepi8_epi32(b), hi = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+  __builtin_memcpy(&w, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&w) + 32, &hi, 32);
+#else
+  vi8 u;
+  __builtin_memcpy(&u, p, sizeof(u));
+  w = reinterpret_cast<vu32>(__builtin_convertvector(u, vi32));
+#endif
+  const vu32 bits = (w << 20) & 0x87f00000u;
+  vf16 v;
+  __builtin_memcpy(&v, &bits, sizeof(v));
+  return v * 0x1p120f;
 }
 
 inline float hsum(vf16 v) {  // tree reduction: 4 shuffle + add steps
@@ -366,7 +407,8 @@ void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, cons
 template <typename q_t, typename cache_t>
 void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
          const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& query_start,
-         const torch::Tensor& seq_ids, double scale, int64_t window, double soft_cap) {
+         const torch::Tensor& seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
+         double v_scale) {
   const int64_t H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
   const int64_t G = H / KVH;
@@ -400,7 +442,7 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
   }
   int64_t max_ctx = 1;
   for (int64_t i = 0; i < n; ++i) max_ctx = std::max<int64_t>(max_ctx, sl[ids[i]]);
-  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(soft_cap);
+  const float fscale = static_cast<float>(scale * k_scale), fvscale = static_cast<float>(v_scale), fcap = static_cast<float>(soft_cap);
   const bool vectorized = D % 16 == 0;
   const int64_t QH = nh * G;
 
@@ -434,6 +476,8 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
                                  block_stride, G, D, fcap, scores.data(), res.data() + h * G * D);
       }
       q_t* dst = op + tok * H * D + h0 * G * D;
+      if (fvscale != 1.0f)
+        for (int64_t x = 0; x < QH * D; ++x) res[x] *= fvscale;
       for (int64_t x = 0; x < QH * D; ++x) dst[x] = static_cast<q_t>(res[x]);
     }
   });
@@ -443,7 +487,8 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start,
-                     torch::Tensor seq_ids, double scale, int64_t window, double soft_cap) {
+                     torch::Tensor seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
+                     double v_scale) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32 &&
@@ -451,7 +496,8 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
               "index tensors: int32 tables/lens/offsets, int64 seq_ids");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   auto bt = block_tables.contiguous();
-#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, soft_cap)
+#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, soft_cap, \
+                                    k_scale, v_scale)
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   if (qt == torch::kFloat32 && ct == torch::kFloat32) PAGELLM_RUN(float, float);
   else if (qt == torch::kFloat32 && ct == torch::kBFloat16) PAGELLM_RUN(float, c10::BFloat16);
@@ -459,10 +505,19 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   else if (qt == torch::kBFloat16 && ct == torch::kBFloat16) PAGELLM_RUN(c10::BFloat16, c10::BFloat16);
   else if (qt == torch::kBFloat16 && ct == torch::kFloat32) PAGELLM_RUN(c10::BFloat16, float);
   else if (qt == torch::kFloat16 && ct == torch::kFloat16) PAGELLM_RUN(c10::Half, c10::Half);
+  else if (qt == torch::kFloat32 && ct == torch::kFloat8_e4m3fn) PAGELLM_RUN(float, c10::Float8_e4m3fn);
+  else if (qt == torch::kBFloat16 && ct == torch::kFloat8_e4m3fn) PAGELLM_RUN(c10::BFloat16, c10::Float8_e4m3fn);
+  else if (qt == torch::kFloat16 && ct == torch::kFloat8_e4m3fn) PAGELLM_RUN(c10::Half, c10::Float8_e4m3fn);
   else TORCH_CHECK(false, "unsupported dtypes: q ", qt, ", cache ", ct);
 #undef PAGELLM_RUN
 }
 
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x);  // int8_ops.cpp
+torch::Tensor rescale_int32(torch::Tensor acc, torch::Tensor xs, torch::Tensor ws, torch::Tensor bias,
+                            torch::ScalarType dtype);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over block tables (CPU)");
+  m.def("quantize_rows_int8", &quantize_rows_int8, "Per-row symmetric int8 quantization (CPU)");
+  m.def("rescale_int32", &rescale_int32, "int32 GEMM result * row scale * column scale (+ bias) (CPU)");
 }
