@@ -108,11 +108,33 @@ def test_smoke_throughput_with_hf(llama_path, tmp_path):
     assert report["workload"]["output_tokens"] == 12
 
 
+def test_smoke_throughput_variants_and_int8_bound(llama_path, tmp_path):
+    out = tmp_path / "v.json"
+    text = bench("throughput", "--model", llama_path, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                 "--quantization", "int8", "--bound", "--variant", "quantization=none,kv_cache_dtype=fp8",
+                 "--output-json", str(out))
+    report = json.loads(out.read_text())
+    assert [r["engine"] for r in report["results"]] == ["pagellm", "pagellm[quantization=none,kv_cache_dtype=fp8]"]
+    assert report["quantization"] == "int8" and report["bound"]["output_tokens_per_s"] > 0
+    assert "int8 weights" in text and "ratio pagellm / pagellm[quantization=none,kv_cache_dtype=fp8]" in text
+
+
+def test_smoke_quality(tmp_path):
+    out = tmp_path / "q.json"
+    text = bench("quality", "--quantization", "int8", "--num-prompts", "2", "--prompt-len", "16", "--max-tokens", "8",
+                 "--ppl-window", "64", "--ppl-windows", "2", "--output-json", str(out))
+    r = json.loads(out.read_text())
+    assert "perplexity" in text and 0 < r["agreement_teacher_forced"] <= 1 and r["perplexity_candidate"] > 1
+
+
 def test_smoke_latency_kv_sharing_peak(llama_path, tmp_path):
     assert "decode step median" in bench("latency", "--model", llama_path, "--batch-size", "2", "--input-len", "8",
                                          "--output-len", "3", "--num-iters", "1")
-    assert "pagellm (block 16)" in bench("kv", "--model", llama_path, "--num-prompts", "4", "--kv-tokens", "1024",
-                                         "--plot", str(tmp_path / "kv.png"))
+    assert "pagellm (block 16, 1024 slots)" in bench("kv", "--model", llama_path, "--num-prompts", "4",
+                                                     "--kv-tokens", "1024", "--plot", str(tmp_path / "kv.png"))
+    text = bench("kv", "--model", llama_path, "--num-prompts", "4", "--kv-tokens", "512", "--kv-cache-dtype",
+                 "bfloat16", "--kv-cache-dtype", "fp8")
+    assert "bfloat16, 512 slots" in text and "fp8, 1024 slots" in text  # the same bytes hold twice the tokens
     assert (tmp_path / "kv.png").read_bytes()[:4] == b"\x89PNG"
     text = bench("sharing", "--model", llama_path, "--num-prompts", "2", "--max-tokens", "6",
                  "--prefix-requests", "2", "--system-tokens", "40")

@@ -170,7 +170,11 @@ class Int4Method:
             t = ckpt_full(tensor).to(torch.int32)
             if not column:
                 t = t.narrow(0, layer.in_start, layer.in_features) - layer.in_start // layer.int4_group
-            copy_into(param, t)  # q/k/v parts share their input: any part's g_idx is the layer's
+            elif getattr(layer, "g_idx_loaded", False) and not torch.equal(param.data, t):
+                # q/k/v (gate/up) share their input, and act-order derives g_idx from it: one g_idx per layer
+                raise ValueError("the packed projections of one layer have different g_idx")
+            copy_into(param, t)
+            layer.g_idx_loaded = True
         return load
 
     # -- after loading: the kernel layout, or a dequantized weight -----------------------------------
