@@ -29,7 +29,19 @@ RUNS = {
     "throughput_gpt2_fp32": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "float32",
                              "--compare", "hf", "--hf-single-requests", "16"],
     "throughput_gpt2_bf16": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "bfloat16",
-                             "--compare", "hf", "--skip-hf-single"],
+                             "--compare", "hf", "--skip-hf-single", "--bound"],
+    "throughput_gpt2_int8": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "bfloat16",
+                             "--quantization", "int8", "--compare", "hf", "--skip-hf-single", "--bound"],
+    "throughput_gpt2_fp8kv": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "bfloat16",
+                              "--kv-cache-dtype", "fp8", "--compare", "hf", "--skip-hf-single", "--bound"],
+    "throughput_gpt2_lowp": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "bfloat16",
+                             "--variant", "quantization=int8", "--variant", "kv_cache_dtype=fp8",
+                             "--variant", "quantization=int8,kv_cache_dtype=fp8"],
+    "quality_demo_bf16": ["quality", "--dtype", "bfloat16"],
+    "quality_demo_int8": ["quality", "--quantization", "int8"],
+    "quality_demo_fp8kv": ["quality", "--kv-cache-dtype", "fp8"],
+    "quality_demo_int8_fp8kv": ["quality", "--dtype", "bfloat16", "--quantization", "int8", "--kv-cache-dtype", "fp8"],
+    "kv_demo_fp8": ["kv", "--kv-cache-dtype", "bfloat16", "--kv-cache-dtype", "fp8"],
     "throughput_gpt2_fp32_kvbf16": ["throughput", "--model", GPT2, "--load-format", "dummy", "--dtype", "float32",
                                     "--kv-cache-dtype", "bfloat16"],
     "throughput_llama_fp32": ["throughput", "--model", LLAMA, "--load-format", "dummy", "--dtype", "float32"],
@@ -105,13 +117,32 @@ def _throughput_rows(name: str, label: str, bound: dict | None) -> list[str]:
     res = {x["engine"]: x for x in r["results"]}
     ours = res["pagellm"]
     rows = []
-    frac = f"{100 * ours['output_tokens_per_s'] / bound['bound']['output_tokens_per_s']:.0f}%" if bound else ""
+    limit = r["bound"] if "bound" in r else bound["bound"] if bound else None  # measured in the run, else `peak`
+    frac = f"{100 * ours['output_tokens_per_s'] / limit['output_tokens_per_s']:.0f}%" if limit else ""
     for engine, x in res.items():
         ratio = "" if engine == "pagellm" else f"{ours['output_tokens_per_s'] / x['output_tokens_per_s']:.2f}x"
         rows.append(f"| {label} | {engine} | {x['output_tokens_per_s']:.1f} | {x['total_tokens_per_s']:.1f} | "
                     f"{x['requests_per_s']:.3f} | {x['peak_rss_mb']:.0f} | {ratio} | "
                     f"{frac if engine == 'pagellm' else ''} |")
     return rows
+
+
+def _quality_rows() -> list[str]:
+    rows = []
+    for name, label in (("quality_demo_bf16", "bf16 weights and cache"), ("quality_demo_int8", "int8 weights"),
+                        ("quality_demo_fp8kv", "fp8 KV cache"),
+                        ("quality_demo_int8_fp8kv", "bf16 + int8 weights + fp8 KV cache")):
+        q = _load(name)
+        if q:
+            rows.append(f"| {label} | {100 * q['agreement_teacher_forced']:.1f}% | "
+                        f"{100 * q['agreement_free_running']:.1f}% | {q['perplexity_reference']:.3f} | "
+                        f"{q['perplexity_candidate']:.3f} | {100 * (q['perplexity_ratio'] - 1):+.2f}% |")
+    if not rows:
+        return []
+    return ["", "Quality against the float32 model (`pagellm bench quality`, demo model, 32 held-out prompts x 64 "
+            "greedy tokens; perplexity over 36 x 256 held-out tokens):", "",
+            "| setting | agreement, teacher-forced | agreement, free-running | perplexity fp32 | perplexity | "
+            "change |", "|---|---|---|---|---|---|", *rows]
 
 
 def render() -> str:
@@ -129,6 +160,9 @@ def render() -> str:
     lines += _throughput_rows("throughput_gpt2_fp32", "GPT-2 124M fp32 (dummy)", p32)
     lines += _throughput_rows("throughput_gpt2_fp32_kvbf16", "GPT-2 124M fp32, bf16 KV", None)
     lines += _throughput_rows("throughput_gpt2_bf16", "GPT-2 124M bf16 (dummy)", p16)
+    lines += _throughput_rows("throughput_gpt2_int8", "GPT-2 124M bf16, int8 weights", None)
+    lines += _throughput_rows("throughput_gpt2_fp8kv", "GPT-2 124M bf16, fp8 KV", None)
+    lines += _throughput_rows("throughput_gpt2_lowp", "GPT-2 124M bf16 beside low-precision variants", None)
     lines += _throughput_rows("throughput_llama_fp32", "LLaMA ~100M fp32 (dummy)", None)
     lines += _throughput_rows("throughput_demo", "demo model (shipped)", None)
     lines += _throughput_rows("throughput_demo_json50", "demo model, 50% JSON-constrained", None)
@@ -147,6 +181,15 @@ def render() -> str:
                   "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|"]
         lines += [f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | "
                   f"{100 * r['mean_utilization']:.1f}% | {r['steps']} |" for r in kv["runs"]]
+    kv8 = _load("kv_demo_fp8")
+    if kv8:
+        lines += ["", f"The same memory ({kv8['kv_tokens']} bf16 token slots) as a bf16 and as an fp8 cache (demo "
+                  "model, bf16 compute):", "",
+                  "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | "
+                  f"{100 * r['mean_utilization']:.1f}% | {r['steps']} |" for r in kv8["runs"]
+                  if r["name"].startswith("pagellm")]
+    lines += _quality_rows()
     sh = _load("sharing_demo")
     if sh:
         lines += ["", "Memory sharing (demo model; saving = 1 - physical / logical blocks):", "",
