@@ -87,7 +87,8 @@ class ParallelConfig:
 class DeviceConfig:
     device: str = "cpu"  # cpu | cuda
     num_threads: int | None = None  # torch intra-op threads on CPU; None = leave torch's default
-    attention_backend: str = "auto"  # auto | torch_ref | cpu_paged (C++ kernel)
+    attention_backend: str = "auto"  # auto | torch_ref | cpu_paged (C++ kernel) | triton_paged (CUDA)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,39 @@ def test_smoke_latency_kv_sharing_peak(llama_path, tmp_path):
     assert "workload bound" in bench("peak", "--model", llama_path)
 
 
+def test_nanovllm_workload_preset_is_uniform_in_its_range():
+    from pagellm.benchmarks.workload import PRESETS
+
+    reqs = synthetic_workload(PRESETS["nanovllm"], 32000)
+    lens = [len(r.prompt_token_ids) for r in reqs]
+    outs = [r.output_len for r in reqs]
+    assert len(reqs) == 256 and min(lens) >= 100 and max(lens) <= 1024 and min(outs) >= 100 and max(outs) <= 1024
+    assert 450 < sum(lens) / len(lens) < 680 and 450 < sum(outs) / len(outs) < 680  # uniform: mean near 562
+    with pytest.raises(ValueError, match="distribution"):
+        synthetic_workload(WorkloadSpec(distribution="normal"), 100)
+
+
+def test_smoke_attention_profile_and_workload_flag(llama_path, tmp_path):
+    out = tmp_path / "a.json"
+    text = bench("attention", "--backend", "cpu_paged", "--backend", "torch_ref", "--batch-size", "4",
+                 "--context-len", "100", "--num-heads", "4", "--num-kv-heads", "2", "--head-dim", "32", "--iters", "2",
+                 "--output-json", str(out))
+    r = json.loads(out.read_text())
+    assert [x["backend"] for x in r["results"]] == ["cpu_paged", "torch_ref"] and r["results"][0]["gbs"] > 0
+    assert "% of measured bandwidth" in text
+    out = tmp_path / "p.json"
+    text = bench("profile", "--model", llama_path, "--batch-size", "3", "--input-len", "8", "--steps", "2",
+                 "--warmup-steps", "1", "--output-json", str(out))
+    r = json.loads(out.read_text())
+    assert r["running"] == 3 and r["wall_ms_per_step"] > 0 and r["busy_ms_per_step"] is None
+    assert any(row["name"] == "aten::mm" or "linear" in row["name"] for row in r["top"]), r["top"]
+    assert "wall" in text
+    assert "workload bound" in bench("peak", "--model", llama_path, "--workload", "nanovllm", "--num-prompts", "4",
+                                     "--output-json", str(tmp_path / "peak.json"))
+    peak = json.loads((tmp_path / "peak.json").read_text())
+    assert peak["workload"] == "nanovllm"
+
+
 def test_smoke_serve_against_a_running_server(tmp_path):
     from tests.entrypoints.server_utils import RemoteServer
 

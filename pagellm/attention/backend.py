@@ -60,6 +60,12 @@ class AttentionMetadata:
     paged_seq_ids: torch.Tensor  # (len(paged_seqs),) int64, the same on the device (for kernels)
     max_seq_len: int
     block_size: int
+    max_query_len: int = 0  # most new tokens of one sequence (1: a decode-only batch); 0 = derive it
+
+    def __post_init__(self) -> None:
+        if not self.max_query_len:
+            qsl = self.query_start_loc_cpu
+            self.max_query_len = max((b - a for a, b in zip(qsl, qsl[1:])), default=0)
 
     @property
     def num_seqs(self) -> int:

@@ -1,105 +1,147 @@
-"""Paged attention on CUDA GPUs with a Triton kernel for decode tokens.
+"""Paged attention on CUDA GPUs: one Triton kernel for every sequence in the batch.
 
-One program per (sequence, K/V head): it walks the sequence's block table a
-block at a time, scores the block's keys against the G query heads that share
-the K/V head, and keeps an online softmax (running max and sum) in float32,
-so K/V are read once, straight from the paged cache. Sliding windows start the walk
-at the block of the first visible key; soft-capping and head sizes that are not a
-power of two (80, 96) are handled in the kernel. An fp8 cache is read as fp8 and widened to
-float32 in registers (k_scale folded into the query, v_scale into the output). Fresh prompts use SDPA on
-their own K/V; prefill chunks over cached context (several query tokens) use
-the torch_ref path. Triton is imported only when this backend is chosen.
+Fresh prompts, prefill chunks over cached context and decode tokens all take the same path: this
+step's K/V are written to the cache first, then one launch reads every sequence's context straight
+from its block table. No Python loop over sequences, no host-to-device copy per layer.
+
+Work split. A program owns one (query block, K/V head): BLOCK_Q consecutive query tokens of one
+sequence times the G query heads that share the K/V head, laid out as the rows of a
+(BLOCK_M = BLOCK_Q * G, padded) tile, so a K/V tile read from memory serves all of them and both
+products are `tl.dot`s:
+
+    rows m = (token m // G, head m % G)        S = Q K^T (BLOCK_M x TILE_N)    O += P V
+
+with an online softmax (running max and sum) in float32. Programs are numbered per sequence from
+query_start_loc alone, with no host-side list: sequence s owns program ids
+[qsl[s] // BLOCK_Q + s, qsl[s + 1] // BLOCK_Q + s + 1), an upper bound on its ceil(q_len / BLOCK_Q)
+blocks; a program finds its sequence by binary search and exits if it is past the last block. The
+grid is fixed by the token and sequence counts, which is what a CUDA graph needs.
+
+Split over the context (flash-decoding). When there are too few programs to fill the GPU (small
+decode batches, long contexts), axis 2 splits each program's key range into NUM_SPLITS parts that
+write a partial (max, sum, unnormalized output) each; a second kernel merges them by
+log-sum-exp.
+
+Keys are gathered a tile at a time by position (block table lookup per key), so the tile size is
+independent of the cache's block size; positions before the first key a query block can see
+(sliding window) are never loaded, because their blocks may already belong to another sequence.
+Soft-capping, head sizes that are not a power of two (padded and masked) and an fp8 cache (widened
+in registers; k_scale folded into the scores, v_scale into the output) are handled in the kernel.
+Triton is imported only when this backend is chosen; `TRITON_INTERPRET=1` runs the same kernels on
+CPU (the tests check them against torch_ref that way).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, AttentionParams, KVCache, PagedBackendBase
-from pagellm.attention.torch_ref import paged_attention_ref
+from pagellm.attention.backend import (
+    AttentionMetadata,
+    AttentionParams,
+    KVCache,
+    PagedBackendBase,
+    write_kv,
+)
 
 
-def _kernel():
-    import triton
-    import triton.language as tl
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    from pagellm.attention import triton_kernels
 
-    @triton.jit
-    def paged_decode(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qstart_ptr, ids_ptr, scale, window,
-                     soft_cap, v_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
-                     BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                     SOFT_CAP: tl.constexpr):
-        pid = tl.program_id(0)
-        kvh = tl.program_id(1)
-        s = tl.load(ids_ptr + pid)
-        tok = tl.load(qstart_ptr + s)
-        n = tl.load(lens_ptr + s)
-        # The query sits at position n - 1 and sees keys lo .. n - 1; blocks before lo are not read.
-        lo = tl.maximum(n - window, 0)  # window = 2**30 without a sliding window
-        g = tl.arange(0, GP)
-        d = tl.arange(0, DP)  # head_dim padded to a power of two (80, 96 -> 128), masked
-        t = tl.arange(0, BLOCK)
-        g_ok = g < G
-        d_ok = d < D
-        q = tl.load(q_ptr + tok * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # (GP, DP)
-        m = tl.full((GP,), float("-inf"), tl.float32)
-        l_sum = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, DP), tl.float32)
-        for b0 in range((lo // BLOCK) * BLOCK, n, BLOCK):
-            blk = tl.load(tables_ptr + s * stride_tab + b0 // BLOCK)
-            pos = b0 + t
-            t_ok = (pos < n) & (pos >= lo)
-            off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-            kv_mask = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)  # (BLOCK, DP)
-            v = tl.load(v_ptr + off, mask=kv_mask, other=0.0).to(tl.float32)
-            qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (GP, BLOCK)
-            if SOFT_CAP:
-                # cap * tanh(qk / cap), tanh(x) = 1 - 2 / (exp(2x) + 1)
-                qk = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * qk / soft_cap) + 1.0))
-            qk = tl.where(t_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            m = m_new
-        res = acc / l_sum[:, None] * v_scale
-        tl.store(out_ptr + tok * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
-                 res.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-
-    return paged_decode
+    return triton_kernels.paged_attention, triton_kernels.merge_splits
 
 
 def _pow2(x: int) -> int:
     return max(1, 1 << (x - 1).bit_length())
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_DOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, max_query_len: int, max_seq_len: int,
+         device: torch.device, num_splits: int | None = None) -> dict:
+    """Tile shape and grid for one launch: the same for every layer of a step.
+
+    Decode-only batches use a 16-row tile (BLOCK_Q = 16 // G tokens of G heads); batches with
+    prompts use 64 rows. Without enough programs to give every multiprocessor two, a decode batch
+    splits its contexts so each split still walks at least 256 keys.
+    """
+    block_m = 16 if max_query_len == 1 else 64
+    block_m = max(block_m, _pow2(groups))
+    block_q = max(1, block_m // groups)
+    grid0 = num_tokens // block_q + num_seqs
+    if num_splits is None:
+        num_splits = 1
+        if max_query_len == 1 and device.type == "cuda":
+            programs = num_seqs * num_kv_heads
+            sms = _num_sms(device.index or 0)
+            if programs < 2 * sms:
+                num_splits = max(1, min(16, (2 * sms) // max(programs, 1), max_seq_len // 256))
+    return dict(BLOCK_M=block_m, BLOCK_Q=block_q, grid0=grid0, NUM_SPLITS=num_splits)
+
+
 class TritonPagedBackend(PagedBackendBase):
     name = "triton_paged"
+    tile_n = 32  # keys per tile
 
     def __init__(self) -> None:
-        self.kernel = _kernel()
+        self.attn_kernel, self.merge_kernel = _kernels()
 
-    def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-              params: AttentionParams) -> None:
-        qsl = meta.query_start_loc_cpu
-        decode = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] == 1]
-        chunks = [i for i in meta.paged_seqs if qsl[i + 1] - qsl[i] > 1]
-        if chunks:
-            paged_attention_ref(out, q, kv_cache, meta, params, chunks)
-        if decode:
-            self.decode(out, q, kv_cache, meta, params, torch.tensor(decode, device=q.device))
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:
+        write_kv(k, v, kv_cache, meta, params)
+        q = q.contiguous()
+        # Rows past num_tokens (batch padding) are not written by the kernel.
+        alloc = torch.zeros if meta.num_tokens < q.shape[0] else torch.empty
+        out = alloc(q.shape, dtype=q.dtype, device=q.device)
+        self.attention(out, q, kv_cache, meta, params)
+        return out
 
-    def decode(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
-               params: AttentionParams, seq_ids: torch.Tensor) -> None:
+    def attention(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                  params: AttentionParams, num_splits: int | None = None) -> None:
+        """out[:num_tokens] = attention of every query token of the batch over its sequence's cached context."""
         k_cache, v_cache = kv_cache
         bs, kvh, d = k_cache.shape[1:]
-        g = q.shape[1] // kvh
-        tables = meta.block_tables.contiguous()
+        h = q.shape[1]
+        g = h // kvh
+        t = meta.num_tokens
+        p = plan(t, meta.num_seqs, kvh, g, meta.max_query_len, meta.max_seq_len, q.device, num_splits)
+        tables = meta.block_tables
+        if tables.stride(-1) != 1:
+            tables = tables.contiguous()
+        splits, dp = p["NUM_SPLITS"], max(16, _pow2(d))
+        if splits > 1:
+            part_out = torch.empty(t * h * splits * dp, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(t * h * splits * 2, dtype=torch.float32, device=q.device)
+        else:
+            part_out = part_ml = out  # unused
         cap = params.logits_soft_cap
-        self.kernel[(len(seq_ids), kvh)](
-            out, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc, seq_ids,
-            params.scale * params.k_scale, params.sliding_window or 2**30, cap or 1.0, params.v_scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-            BLOCK=bs, D=d, DP=_pow2(d), G=g, GP=_pow2(g), SOFT_CAP=cap is not None)
+        dot_dtype = _DOT_DTYPES.get(q.dtype, "fp32")
+        if dot_dtype == "bf16" and _INTERPRETED:  # the interpreter multiplies bf16 as raw integers
+            dot_dtype = "fp32"
+        self.attn_kernel[(p["grid0"], kvh, splits)](
+            out, part_out, part_ml, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc,
+            meta.num_seqs, params.scale * params.k_scale, params.sliding_window or 2**30, cap or 1.0,
+            params.v_scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            tables.stride(0),
+            BLOCK_SIZE=bs, D=d, DP=dp, G=g, BLOCK_Q=p["BLOCK_Q"], BLOCK_M=p["BLOCK_M"], TILE_N=self.tile_n,
+            NUM_SPLITS=splits, SOFT_CAP=cap is not None, SLIDING=params.sliding_window is not None,
+            DOT_DTYPE=_tl_dtype(dot_dtype), IEEE=dot_dtype == "fp32")
+        if splits > 1:
+            self.merge_kernel[(t, h)](out, part_out, part_ml, t, params.v_scale, q.stride(0), q.stride(1),
+                                      H=h, D=d, DP=dp, NUM_SPLITS=splits, SP=max(2, _pow2(splits)))
+
+
+def _tl_dtype(name: str):
+    import triton.language as tl
+
+    return {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[name]

@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "kv": ("kv", "KV utilization and concurrency vs a contiguous allocator under the same budget."),
     "sharing": ("sharing", "KV blocks saved by forks and beams, and by prefix caching."),
     "peak": ("peak", "GEMM rate, memory bandwidth and the workload's throughput bound."),
+    "attention": ("attention", "Paged-attention kernel micro-benchmark: time per call and achieved GB/s."),
+    "profile": ("profile", "Where a decode step goes: wall vs device busy time, top kernels / operators."),
     "quality": ("quality", "Greedy agreement and perplexity of a quantized / 8-bit-cache run against float32."),
 }
 

@@ -1,6 +1,7 @@
 """What this machine can do, and the throughput bound of a workload on it.
 
-    pagellm bench peak [--model DIR] [--dtype float32]      (also: python benchmarks/peak.py)
+    pagellm bench peak [--model DIR] [--dtype float32] [--workload nanovllm] [--device cuda]
+    (also: python benchmarks/peak.py)
 
 Measures the GEMM rate (torch matmul, the model's dtype, every thread) and the
 memory read bandwidth (a sum over 1 GiB), then bounds the default throughput
@@ -31,14 +32,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
            "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
-def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5, device: str = "cpu") -> float:
     best = 0.0
-    for m, k, n in [(2048, 768, 3072), (2048, 2048, 2048)]:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    shapes = [(2048, 768, 3072), (2048, 2048, 2048)] if device == "cpu" else [(8192, 8192, 8192)] * 2
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
         a @ b
+        _sync(device)
         t = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        _sync(device)
         best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -57,12 +66,17 @@ def int8_gemm_gops(repeats: int = 5) -> float:
     return best
 
 
-def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    x = torch.ones(int(gib * 2**30) // 4)
+def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes per second a sum over `gib` GiB reads (GPU: 4 GiB, beyond any cache)."""
+    if device != "cpu":
+        gib = max(gib, 4.0)
+    x = torch.ones(int(gib * 2**30) // 4, device=device)
     x.sum()
+    _sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         x.sum()
+    _sync(device)
     return x.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9
 
 
@@ -121,20 +135,25 @@ def workload_bound(shape: ModelShape, prompt_lens: list[int], output_lens: list[
 
 
 def main(ns: argparse.Namespace) -> dict:
-    from pagellm.benchmarks.workload import WorkloadSpec, synthetic_workload
+    from dataclasses import replace
+
+    from pagellm.benchmarks.workload import PRESETS, synthetic_workload
 
     dtype = _DTYPES[ns.dtype]
-    g = gemm_gflops(dtype)
-    bw = read_bandwidth_gbs()
+    g = gemm_gflops(dtype, device=ns.device)
+    bw = read_bandwidth_gbs(device=ns.device)
     shape = ModelShape.from_config(ns.model)
-    reqs = synthetic_workload(WorkloadSpec(num_requests=ns.num_prompts, seed=ns.seed), 1000, set())
+    base = PRESETS[ns.workload]
+    spec = replace(base, num_requests=ns.num_prompts or base.num_requests, seed=ns.seed)
+    reqs = synthetic_workload(spec, 1000, set())
     elem = torch.empty((), dtype=dtype).element_size()
     kv_elem = torch.empty((), dtype=_DTYPES.get(ns.kv_cache_dtype, dtype)).element_size()
     bound = workload_bound(shape, [len(r.prompt_token_ids) for r in reqs], [r.output_len for r in reqs], g, bw,
                            elem, kv_elem)
     report = {"gemm_gflops": g, "read_bandwidth_gbs": bw, "threads": torch.get_num_threads(), "dtype": ns.dtype,
-              "model": ns.model, "bound": bound}
-    print(f"{ns.dtype} GEMM {g:.0f} GFLOP/s, memory read {bw:.1f} GB/s ({torch.get_num_threads()} threads); "
+              "model": ns.model, "workload": ns.workload, "device": ns.device, "bound": bound}
+    where = f"{torch.get_num_threads()} threads" if ns.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{ns.dtype} GEMM {g:.0f} GFLOP/s, memory read {bw:.1f} GB/s ({where}); "
           f"workload bound on {ns.model}: {bound['output_tokens_per_s']:.0f} output tok/s "
           f"({bound['flops'] / 1e12:.2f} TFLOP, {bound['bytes'] / 1e9:.0f} GB, {bound['seconds']:.1f} s)")
     return write_report(report, ns.output_json)
@@ -146,8 +165,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "configs", "gpt2-124m"))
     p.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--workload", default="default", choices=["default", "nanovllm"],
+                   help="The workload shape to bound (see bench throughput --workload).")
+    p.add_argument("--num-prompts", type=int, default=None, help="Requests (default: the workload's).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the GEMM rate and bandwidth are measured.")
     p.add_argument("--output-json", default=None)
 
 

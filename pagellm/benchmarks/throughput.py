@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from pagellm.benchmarks.common import add_model_args, has_tokenizer, llm_kwargs, write_report
 from pagellm.benchmarks.workload import (
+    PRESETS,
     BenchRequest,
     WorkloadSpec,
     dataset_workload,
@@ -227,7 +228,8 @@ def build_workload(ns: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
         tok = AutoTokenizer.from_pretrained(ns.model)
         reqs = dataset_workload(ns.dataset, tok, ns.num_prompts, ns.output_len or 100, ns.seed)
     else:
-        spec = WorkloadSpec(num_requests=ns.num_prompts or 64, seed=ns.seed)
+        base = PRESETS[ns.workload]
+        spec = WorkloadSpec(**{**asdict(base), "num_requests": ns.num_prompts or base.num_requests, "seed": ns.seed})
         if ns.output_len:
             spec = WorkloadSpec(**{**asdict(spec), "output_median": ns.output_len, "output_min": ns.output_len,
                                    "output_max": ns.output_len})
@@ -290,8 +292,11 @@ def main(ns: argparse.Namespace) -> dict:
     for name in ns.compare or []:
         if name != "hf":
             raise ValueError(f"--compare takes 'hf', got {name!r}")
-        results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, reqs, ns.hf_batch_size, ns.threads,
-                                    ns.device))
+        hf_reqs = reqs[:ns.hf_num_prompts] if ns.hf_num_prompts else reqs
+        results.append(run_isolated(run_hf, ns.model, ns.load_format, ns.dtype, hf_reqs, ns.hf_batch_size,
+                                    ns.threads, ns.device))
+        if len(hf_reqs) < len(reqs):
+            results[-1].note += f"; first {len(hf_reqs)} requests only"
         print(format_table(results), flush=True)
         if not ns.skip_hf_single:
             sub = reqs[:ns.hf_single_requests] if ns.hf_single_requests else reqs
@@ -329,8 +334,9 @@ def _peak(ns: argparse.Namespace) -> tuple[float, float, float | None]:
 
     _set_threads(ns.threads)
     dtype = _DTYPES.get(ns.dtype, torch.float32)
-    int8 = int8_gemm_gops() if ns.quantization == "int8" and cpu_has_int8_dot() else None
-    return gemm_gflops(dtype), read_bandwidth_gbs(), int8
+    cpu = ns.device == "cpu"
+    int8 = int8_gemm_gops() if cpu and ns.quantization == "int8" and cpu_has_int8_dot() else None
+    return gemm_gflops(dtype, device=ns.device), read_bandwidth_gbs(device=ns.device), int8
 
 
 def measure_bound(ns: argparse.Namespace, reqs: list[BenchRequest], before: tuple[float, float]) -> dict:
@@ -356,7 +362,11 @@ def measure_bound(ns: argparse.Namespace, reqs: list[BenchRequest], before: tupl
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--num-prompts", type=int, default=None, help="Requests (default 64, or the whole dataset).")
+    p.add_argument("--workload", default="default", choices=sorted(PRESETS),
+                   help="Synthetic workload shape: default (64 requests, lognormal lengths) or nanovllm (256 "
+                        "requests, prompt and output lengths uniform in [100, 1024]).")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="Requests (default: the workload's, or the whole dataset).")
     p.add_argument("--input-len", type=int, default=None, help="Fixed prompt length instead of the distribution.")
     p.add_argument("--output-len", type=int, default=None, help="Fixed output length instead of the distribution.")
     p.add_argument("--dataset", default=None, help="JSONL of {'prompt': ..., 'output_len': ...}.")
@@ -364,6 +374,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads for every engine.")
     p.add_argument("--compare", action="append", choices=["hf"], help="Also run Hugging Face transformers.")
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="Run the static-batching baseline on the first N requests only (its tokens/s is the ratio's "
+                        "denominator; for long workloads on a GPU).")
     p.add_argument("--skip-hf-single", action="store_true", help="Skip the one-at-a-time baseline.")
     p.add_argument("--hf-single-requests", type=int, default=None,
                    help="Run the one-at-a-time baseline on the first N requests only (it is slow).")

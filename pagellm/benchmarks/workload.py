@@ -4,6 +4,11 @@ Synthetic (the default): prompt and output lengths drawn from lognormal
 distributions (median 160 and 100 tokens, sigma 0.6, clipped to [16, 512] and
 [8, 256]), prompts made of random non-special token ids. Every engine gets the
 same token ids and generates exactly `output_len` tokens (ignore_eos).
+
+Presets (`--workload NAME`):
+    default    the lognormal shape above, 64 requests
+    nanovllm   nano-vllm's README benchmark: 256 requests, prompt and output lengths
+               uniform in [100, 1024] (needs max_model_len >= 2048)
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ class WorkloadSpec:
     output_max: int = 256
     sigma: float = 0.6
     seed: int = 0
+    distribution: str = "lognormal"  # or "uniform": lengths uniform in [min, max]
+
+
+PRESETS = {
+    "default": WorkloadSpec(),
+    "nanovllm": WorkloadSpec(num_requests=256, prompt_min=100, prompt_max=1024, output_min=100, output_max=1024,
+                             distribution="uniform"),
+}
 
 
 def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
@@ -43,9 +56,15 @@ def synthetic_workload(spec: WorkloadSpec, vocab_size: int, special_ids: set[int
     rng = random.Random(spec.seed)
     special = special_ids or set()
     out = []
+    if spec.distribution not in ("lognormal", "uniform"):
+        raise ValueError(f"distribution must be 'lognormal' or 'uniform', got {spec.distribution!r}")
     for _ in range(spec.num_requests):
-        p = _lognormal(rng, spec.prompt_median, spec.sigma, spec.prompt_min, spec.prompt_max)
-        o = _lognormal(rng, spec.output_median, spec.sigma, spec.output_min, spec.output_max)
+        if spec.distribution == "uniform":
+            p = rng.randint(spec.prompt_min, spec.prompt_max)
+            o = rng.randint(spec.output_min, spec.output_max)
+        else:
+            p = _lognormal(rng, spec.prompt_median, spec.sigma, spec.prompt_min, spec.prompt_max)
+            o = _lognormal(rng, spec.output_median, spec.sigma, spec.output_min, spec.output_max)
         if max_model_len is not None and p + o > max_model_len:  # fit the model: shorten output, then prompt
             o = min(o, max_model_len // 2)
             p = min(p, max_model_len - o)

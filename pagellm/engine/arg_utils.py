@@ -58,6 +58,8 @@ class EngineArgs:
     seed: int = _f(0, "Engine seed: dummy weights and requests that give no seed.")
     device: str = _f("cpu", "Device: cpu or cuda.")
     num_threads: int | None = _f(None, "Torch threads on CPU (default: torch's choice, usually the core count).")
+    enforce_eager: bool = _f(False, "CUDA: run every step eagerly instead of replaying the CUDA graphs captured "
+                                    "at start-up for decode batches.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -128,7 +130,7 @@ class EngineArgs:
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
-            device=DeviceConfig(self.device, self.num_threads, self.attention_backend),
+            device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
         )
 
     def _model_config(self) -> ModelConfig:

@@ -31,6 +31,18 @@ def counter_uniform(seed: int, counter: int) -> float:
     return (z >> 11) / float(1 << 53)
 
 
+def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """counter_uniform over arrays (uint64 seeds, int64 counters), vectorised: numpy's uint64 arithmetic wraps
+    modulo 2^64 exactly as the masks above do."""
+    with np.errstate(over="ignore"):
+        z = seeds * np.uint64(0x9E3779B97F4A7C15) + (counters.astype(np.uint64) + np.uint64(1)) * np.uint64(
+            0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, vocab_size: int,
                  eos_token_ids: frozenset[int], device: torch.device) -> None:
@@ -50,7 +62,7 @@ class InputBatch:
         self.min_p = np.zeros(max_num_seqs, dtype=np.float32)
         self.wants_prompt_logprobs = np.zeros(max_num_seqs, dtype=bool)
         self.params: list[SamplingParams | None] = [None] * max_num_seqs
-        self.seeds: list[int] = [0] * max_num_seqs
+        self.seeds = np.zeros(max_num_seqs, dtype=np.uint64)  # each request's seed modulo 2^64
         self.row_of: dict[int, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -69,7 +81,7 @@ class InputBatch:
         self.block_table[row, :len(d.block_ids)] = d.block_ids
         p = d.sampling_params
         self.params[row] = p
-        self.seeds[row] = d.seed
+        self.seeds[row] = d.seed & _MASK64
         self.temperature[row] = p.temperature
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p
@@ -103,8 +115,8 @@ class InputBatch:
         params = [self.params[r] for r in rows]
         temp = self.temperature[rows]
         greedy_np = temp < 1e-5
-        uniforms = [0.0 if g else counter_uniform(self.seeds[r], int(self.num_tokens[r] - self.num_prompt[r]))
-                    for r, g in zip(rows, greedy_np)]
+        num_out = self.num_tokens[rows] - self.num_prompt[rows]
+        uniforms = np.where(greedy_np, 0.0, counter_uniforms(self.seeds[rows], num_out))
         top_k = self.top_k[rows]
         top_p = self.top_p[rows]
         min_p = self.min_p[rows]
@@ -118,7 +130,7 @@ class InputBatch:
             all_greedy=bool(greedy_np.all()),
             all_random=not greedy_np.any(),
             all_temperature_one=bool(np.all(greedy_np | (temp == 1.0))),
-            uniforms=torch.tensor(uniforms, dtype=torch.float64, device=dev),
+            uniforms=torch.from_numpy(uniforms).to(dev),
             top_k=torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(dev) if (top_k > 0).any() else None,
             top_p=torch.from_numpy(top_p).to(dev) if (top_p < 1.0).any() else None,
             min_p=torch.from_numpy(min_p).to(dev) if (min_p > 0).any() else None,

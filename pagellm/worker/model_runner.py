@@ -19,6 +19,7 @@ from positions 0 and 7 (block_size 4, row 1's table [5, 9]):
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -33,6 +34,7 @@ from pagellm.models.loader import init_dummy_weights, iterate_weights, load_weig
 from pagellm.models.parallel_layers import SINGLE
 from pagellm.models.registry import get_model_class
 from pagellm.sample.sampler import Sampler, prompt_logprobs
+from pagellm.worker.cuda_graphs import CudaGraphRunner, graphs_supported
 from pagellm.worker.input_batch import InputBatch
 from pagellm.worker.kv_cache import allocate_kv_cache, copy_blocks, determine_num_blocks, torch_dtype
 
@@ -88,12 +90,42 @@ class ModelRunner:
         self.kv_caches: list = []
         self.batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len, self.block_size,
                                 config.model.vocab_size, config.model.eos_token_ids, self.device)
+        # CUDA: a step's inputs go through one pinned buffer and one copy; decode batches replay CUDA graphs.
+        # PAGELLM_STAGED_INPUTS=1 / PAGELLM_EMULATE_CUDA_GRAPHS=1 run the same paths on CPU (tests).
+        self.emulate_graphs = os.environ.get("PAGELLM_EMULATE_CUDA_GRAPHS") == "1"
+        staged = self.device.type == "cuda" or self.emulate_graphs or os.environ.get("PAGELLM_STAGED_INPUTS") == "1"
+        self.buffers = None
+        if staged:
+            from pagellm.worker.step_buffers import StepBuffers
+
+            max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, MIN_BATCH_ROWS)
+            self.buffers = StepBuffers(max_tokens, config.scheduler.max_num_seqs, self.batch.block_table.shape[1],
+                                       self.device)
+        self.graphs: CudaGraphRunner | None = None
 
     def determine_num_blocks(self) -> int:
         return determine_num_blocks(self.config)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks)
+        why_not = self._why_no_graphs()
+        # CUDA graphs pad decode batches with rows whose K/V land in one scratch block past the last.
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks + (why_not is None))
+        if why_not is None:
+            self.graphs = CudaGraphRunner(self, num_blocks * self.block_size, emulate=self.device.type != "cuda")
+            self.graphs.capture()
+        elif self.device.type == "cuda":
+            logger.info("decode steps run eagerly: %s", why_not)
+
+    def _why_no_graphs(self) -> str | None:
+        if self.device.type != "cuda" and not self.emulate_graphs:
+            return "not a CUDA device"
+        if self.config.device.enforce_eager:
+            return "enforce_eager"
+        if self.tp.size > 1:
+            return "tensor parallelism"
+        if not hasattr(self.backend, "attention") and not self.emulate_graphs:
+            return f"attention backend {self.backend.name} reads host-side metadata"
+        return graphs_supported(self.model)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -104,7 +136,10 @@ class ModelRunner:
             return ModelRunnerOutput()
         copy_blocks(self.kv_caches, sched.blocks_to_copy)
         inputs = self._prepare_inputs(sched)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        if inputs.graph_size:
+            hidden = self.graphs.replay(inputs.graph_size)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         out = ModelRunnerOutput()
         driver = self.tp.is_driver
         if len(inputs.sample_rows):
@@ -152,33 +187,75 @@ class ModelRunner:
         seq_lens = starts + counts
         ends_known = seq_lens == b.num_tokens[rows]  # the chunk reaches the last known token: sample
 
+        sample_idx = np.flatnonzero(ends_known)
+        prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
+        fresh = starts == 0
+        logits_idx = cu[1:][sample_idx] - 1
+        max_blocks = int(-(-seq_lens.max() // bs))
+        lists = dict(query_start_loc_cpu=cu.tolist(), seq_lens_cpu=seq_lens.tolist(),
+                     fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=np.flatnonzero(~fresh).tolist(),
+                     max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=int(counts.max()))
+        tail = (logits_idx, rows[sample_idx], [seq_ids[i] for i in sample_idx], prompt_lp)
+        if self.buffers is not None:
+            return self._staged_inputs(rows, input_ids, positions, slots, cu, seq_lens, fresh, max_blocks, lists,
+                                       prompt_lp, tail)
         padded = max(total, MIN_BATCH_ROWS)
         ids_t = torch.zeros(padded, dtype=torch.long)
         pos_t = torch.zeros(padded, dtype=torch.long)
         ids_t[:total] = torch.from_numpy(input_ids)
         pos_t[:total] = torch.from_numpy(positions)
-        max_blocks = int(-(-seq_lens.max() // bs))
         dev = self.device
-        fresh = starts == 0
         meta = AttentionMetadata(
             num_tokens=total,
             slot_mapping=torch.from_numpy(slots).to(dev),
             query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
             seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
             block_tables=torch.from_numpy(b.block_table[rows, :max_blocks]).to(dev),
-            query_start_loc_cpu=cu.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            fresh_seqs=np.flatnonzero(fresh).tolist(),
-            paged_seqs=np.flatnonzero(~fresh).tolist(),
             paged_seq_ids=torch.from_numpy(np.flatnonzero(~fresh)).to(dev),
-            max_seq_len=int(seq_lens.max()),
-            block_size=bs,
+            **lists,
         )
-        sample_idx = np.flatnonzero(ends_known)
-        prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
-        return _StepInputs(ids_t.to(dev), pos_t.to(dev), meta,
-                           torch.from_numpy(cu[1:][sample_idx] - 1).to(dev), rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp)
+        return _StepInputs(ids_t.to(dev), pos_t.to(dev), meta, torch.from_numpy(logits_idx).to(dev), *tail[1:])
+
+    def _staged_inputs(self, rows, input_ids, positions, slots, cu, seq_lens, fresh, max_blocks, lists, prompt_lp,
+                       tail) -> _StepInputs:
+        """The step's inputs written into StepBuffers and sent in one copy; a decode-only batch that a CUDA
+        graph covers is padded to the graph's size (and replayed by execute_model)."""
+        buf, b = self.buffers, self.batch
+        total, n_seqs = len(input_ids), len(rows)
+        graph = None
+        if self.graphs is not None and lists["max_query_len"] == 1 and not fresh.any() and not prompt_lp:
+            graph = self.graphs.size_for(n_seqs)
+        padded = graph or max(total, MIN_BATCH_ROWS)
+        seqs = graph or n_seqs
+        buf.wait_free()
+        h = buf.np
+        h["input_ids"][:total] = input_ids
+        h["positions"][:total] = positions
+        h["slot_mapping"][:total] = slots
+        h["query_start_loc"][:n_seqs + 1] = cu
+        h["seq_lens"][:n_seqs] = seq_lens
+        h["block_tables"][:n_seqs, :max_blocks] = b.block_table[rows, :max_blocks]
+        paged = np.flatnonzero(~fresh)
+        h["paged_seq_ids"][:len(paged)] = paged
+        logits_idx = tail[0]
+        h["logits_indices"][:len(logits_idx)] = logits_idx
+        if graph:
+            self.graphs.fill_padding(n_seqs, total, graph)
+        else:
+            h["input_ids"][total:padded] = 0
+            h["positions"][total:padded] = 0
+        buf.send(seqs)
+        d = buf.dev
+        if graph:
+            meta = self.graphs.graphs[graph][2]
+        else:
+            meta = AttentionMetadata(
+                num_tokens=total, slot_mapping=d["slot_mapping"][:total],
+                query_start_loc=d["query_start_loc"][:n_seqs + 1],
+                seq_lens=d["seq_lens"][:n_seqs], block_tables=d["block_tables"][:n_seqs, :max_blocks],
+                paged_seq_ids=d["paged_seq_ids"][:len(paged)], **lists)
+        return _StepInputs(d["input_ids"][:padded], d["positions"][:padded], meta,
+                           d["logits_indices"][:len(logits_idx)], *tail[1:], graph_size=graph)
 
     def _prompt_logprob_inputs(self, seq_ids, rows, starts, counts, cu) -> list:
         """For prompt_logprobs requests: batch indices of prompt positions p whose next token p+1 is a prompt token."""
@@ -197,9 +274,11 @@ class ModelRunner:
 
 
 class _StepInputs:
-    __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp")
+    __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
+                 "graph_size")
 
-    def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp):
+    def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
+                 graph_size=None):
         self.input_ids = input_ids  # (T_padded,) int64
         self.positions = positions  # (T_padded,) int64
         self.meta = meta  # AttentionMetadata
@@ -207,12 +286,20 @@ class _StepInputs:
         self.sample_rows = sample_rows  # (B,) InputBatch rows of the sampled sequences
         self.sample_seq_ids = sample_seq_ids  # B sequence ids
         self.prompt_lp = prompt_lp  # [(seq_id, row, batch indices, target ids, first position)]
+        self.graph_size = graph_size  # the CUDA graph (decode batch size) that runs this step, or None
 
 
 def _to_results(seq_ids: list[int], so, md) -> dict[int, SampleResult]:
-    tokens = so.token_ids.tolist()
-    lps = so.logprobs.tolist()
-    ranks = so.ranks.tolist() if so.ranks is not None else None
+    if so.token_ids.device.type == "cpu":
+        tokens = so.token_ids.tolist()
+        lps = so.logprobs.tolist()
+        ranks = so.ranks.tolist() if so.ranks is not None else None
+    else:  # one device-to-host copy for the per-row results (token ids < 2^53 are exact in float64)
+        cols = [so.token_ids, so.logprobs] + ([so.ranks] if so.ranks is not None else [])
+        packed = torch.stack([c.double() for c in cols]).cpu()
+        tokens = packed[0].long().tolist()
+        lps = packed[1].tolist()
+        ranks = packed[2].long().tolist() if so.ranks is not None else None
     top_ids = so.top_ids.tolist() if so.top_ids is not None else None
     top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
     out = {}

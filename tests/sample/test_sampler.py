@@ -7,7 +7,7 @@ import torch
 from pagellm.core.sched_output import NewSeqData
 from pagellm.sample.sampler import Sampler, apply_filters, apply_penalties, sample_inverse_cdf
 from pagellm.sampling_params import SamplingParams
-from pagellm.worker.input_batch import InputBatch, counter_uniform
+from pagellm.worker.input_batch import InputBatch, counter_uniform, counter_uniforms
 
 V = 64
 
@@ -181,6 +181,14 @@ def test_counter_uniform_is_a_pure_function_in_range():
     assert all(0 <= x < 1 for x in xs)
     assert counter_uniform(7, 3) == counter_uniform(7, 3) != counter_uniform(7, 4)
     assert 0.45 < sum(xs) / len(xs) < 0.55
+
+
+def test_vectorised_counter_uniforms_equal_the_scalar_function():
+    rng = np.random.default_rng(0)
+    seeds = [0, 1, 7, 2**63 + 5, 2**64 - 1, -3, 12345678901234567890] + rng.integers(0, 2**62, 50).tolist()
+    counters = rng.integers(0, 5000, len(seeds))
+    got = counter_uniforms(np.array([s & (2**64 - 1) for s in seeds], dtype=np.uint64), counters)
+    assert got.tolist() == [counter_uniform(s, int(c)) for s, c in zip(seeds, counters)]
 
 
 def test_logprobs_rank_and_top_k():

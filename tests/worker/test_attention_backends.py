@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pagellm.attention.backend import AttentionMetadata, AttentionParams, dense_attention, to_cache
+from pagellm.attention.backend import AttentionMetadata, AttentionParams, dense_attention, from_cache, to_cache
 from pagellm.attention.registry import get_attention_backend
 from pagellm.attention.torch_ref import TorchRefBackend
 
@@ -144,41 +144,76 @@ def test_triton_paged_matches_torch_ref_on_cuda(case, window, cap, dtype, cache_
     ref_cache = (cache[0].clone(), cache[1].clone())
     params = AttentionParams(d ** -0.5, window, cap)
     got = backend.forward(q, k, v, cache, meta, params)
-    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    ref = TorchRefBackend().forward(q, *reference_kv(k, v, cache_dtype, params), ref_cache, meta, params)
     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
+    split = torch.zeros_like(q)
+    backend.attention(split, q, cache, meta, params, num_splits=4)  # flash-decoding: split contexts, merged
+    assert torch.allclose(split[:meta.num_tokens].float(), ref.float(), atol=tol, rtol=tol)
+
+
+def reference_kv(k, v, cache_dtype, params):
+    """The K/V a reader of the cache sees: the Triton backend reads fresh prompts back from the cache too,
+    so with a cache narrower than the compute dtype its reference attends over the rounded values."""
+    if cache_dtype == k.dtype:
+        return k, v
+    return (from_cache(to_cache(k, cache_dtype, params.k_scale), k.dtype, params.k_scale),
+            from_cache(to_cache(v, cache_dtype, params.v_scale), v.dtype, params.v_scale))
+
+
+def many_sequences(seed, n):
+    """(context_before, q_len) for n sequences: decode tokens, chunks and fresh prompts mixed."""
+    rng = random.Random(seed)
+    return [(rng.choice([0, rng.randrange(1, 90)]), rng.choice([1, 1, rng.randrange(1, 40)])) for _ in range(n)]
 
 
 TRITON_CHECK = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from tests.worker.test_attention_backends import CASES, PARAMS, make_case, poison_outside_window
-from pagellm.attention.backend import AttentionParams
+from tests.worker.test_attention_backends import (CASES, PARAMS, make_case, many_sequences, poison_outside_window,
+                                                  reference_kv)
+from pagellm.attention.backend import AttentionParams, write_kv
 from pagellm.attention.torch_ref import TorchRefBackend
 from pagellm.attention.triton_paged import TritonPagedBackend
 backend = TritonPagedBackend()
-for h, kvh, d, bs, specs in CASES:
-    for window, cap in PARAMS:
-        q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float32)
-        poison_outside_window(cache, meta, window, bs)
-        ref_cache = (cache[0].clone(), cache[1].clone())
-        params = AttentionParams(d ** -0.5, window, cap)
-        got = backend.forward(q, k, v, cache, meta, params)
-        ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
-        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, kvh, d, bs, specs, window, cap)
-for h, kvh, d, bs, specs in CASES[:4]:  # an fp8 cache with per-tensor scales
-    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float8_e4m3fn)
+
+def check(case, window, cap, dtype, cache_dtype, tol, splits=None, k_scale=1.0, v_scale=1.0):
+    h, kvh, d, bs, specs = case
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, cache_dtype)
+    poison_outside_window(cache, meta, window, bs)
     ref_cache = (cache[0].clone(), cache[1].clone())
-    params = AttentionParams(d ** -0.5, 7, None, k_scale=0.5, v_scale=2.0)
-    got = backend.forward(q, k, v, cache, meta, params)
-    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
-    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), ("fp8", h, kvh, d, bs, specs)
+    params = AttentionParams(d ** -0.5, window, cap, k_scale=k_scale, v_scale=v_scale)
+    write_kv(k, v, cache, meta, params)
+    got = torch.zeros_like(q)
+    backend.attention(got, q, cache, meta, params, num_splits=splits)
+    rk, rv = reference_kv(k, v, cache_dtype, params)
+    ref = TorchRefBackend().forward(q, rk, rv, ref_cache, meta, params)
+    err = (got.float() - ref.float()).abs().max().item()
+    assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (case, window, cap, dtype, cache_dtype, splits,
+                                                                          err)
+
+for case in CASES:
+    for window, cap in PARAMS:
+        for splits in (1, 3):  # one pass over the context, and split over it then merged
+            check(case, window, cap, torch.float32, torch.float32, 1e-5, splits)
+for case in CASES[:5]:
+    for window, cap in PARAMS[:3]:
+        check(case, window, cap, torch.bfloat16, torch.bfloat16, 2e-2)
+        check(case, window, cap, torch.float16, torch.float16, 5e-3, 2)
+        check(case, window, cap, torch.float32, torch.bfloat16, 1e-5)
+        check(case, window, cap, torch.bfloat16, torch.float8_e4m3fn, 2e-2, None, 0.5, 2.0)
+        check(case, window, cap, torch.float32, torch.float8_e4m3fn, 1e-5, 2, 0.5, 2.0)
+for seed, (h, kvh) in enumerate([(8, 1), (16, 2), (6, 6)]):  # many sequences: the program -> sequence search
+    check((h, kvh, 32, 16, many_sequences(seed, 37)), None, None, torch.float32, torch.float32, 1e-5)
+    check((h, kvh, 32, 8, many_sequences(seed, 21)), 20, None, torch.float32, torch.float32, 1e-5, 4)
 print("ok")
 """
 
 
 def test_triton_kernel_matches_torch_ref_in_the_interpreter():
-    """The Triton kernel's logic (windows, soft-cap, head sizes that are not a power of two) checked on
-    CPU with Triton's interpreter (TRITON_INTERPRET=1); the GPU test above checks the compiled kernel."""
+    """The Triton kernels' logic (varlen query blocks, fresh prompts and chunks, windows, soft-cap, head
+    sizes that are not a power of two, split contexts, fp8/bf16/fp16 caches) checked on CPU with Triton's
+    interpreter (TRITON_INTERPRET=1); the GPU test above checks the compiled kernels. The interpreter
+    multiplies bf16 in float32, so only the GPU test sees bf16 tensor-core rounding."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
     import os
     import subprocess

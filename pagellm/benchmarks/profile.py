@@ -1,0 +1,146 @@
+"""Where a decode step's time goes: wall time against device busy time, and the top kernels.
+
+    pagellm bench profile --model DIR --load-format dummy --device cuda --batch-size 256 --input-len 250
+
+Fills the engine with --batch-size requests of --input-len prompt tokens, steps until every prompt is
+prefilled and the batch is pure decode, then times --steps decode steps twice:
+
+    1. without a profiler: wall time per step (what the engine costs)
+    2. under torch.profiler: the union of the intervals in which a GPU kernel ran (device busy time per
+       step; the rest of the wall time the GPU waits for the host) and the top kernels / ops
+
+On CPU there is no separate device: the table shows the top operators by their own CPU time, and
+"busy" is not reported. `--trace FILE.json` writes the profiled window as a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run(ns: argparse.Namespace) -> dict:
+    import random
+
+    import torch
+    from torch.autograd import DeviceType
+
+    from pagellm import LLM, SamplingParams
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    kw = llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
+                    quantization=ns.quantization, device=ns.device, max_num_seqs=max(ns.batch_size, 1),
+                    attention_backend=ns.attention_backend, enforce_eager=ns.enforce_eager)
+    if ns.kv_cache_memory:
+        kw["kv_cache_memory"] = ns.kv_cache_memory
+    llm = LLM(ns.model, **kw)
+    engine = llm.llm_engine
+    vocab = engine.config.model.vocab_size
+    rng = random.Random(0)
+    max_tokens = ns.warmup_steps + 2 * ns.steps + 8
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(ns.batch_size):
+        engine.add_request(f"p{i}", {"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]}, params)
+    started: set[str] = set()
+    prefill_steps = 0
+    while len(started) < ns.batch_size:  # until every request has its first token: the batch is pure decode
+        for out in engine.step():
+            if out.outputs and out.outputs[0].token_ids:
+                started.add(out.request_id)
+        prefill_steps += 1
+    for _ in range(ns.warmup_steps):
+        engine.step()
+
+    _sync(ns.device)
+    t0 = time.perf_counter()
+    for _ in range(ns.steps):
+        engine.step()
+    _sync(ns.device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / ns.steps
+
+    cuda = ns.device.startswith("cuda")
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(ns.steps):
+            engine.step()
+        _sync(ns.device)
+    if ns.trace:
+        prof.export_chrome_trace(ns.trace)
+    busy_ms = None
+    if cuda:
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_ms = _union_us(kernels) / 1e3 / ns.steps
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = []
+    for avg in sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True):
+        t = getattr(avg, key)
+        if t <= 0:
+            break
+        if cuda and avg.device_type != DeviceType.CUDA and getattr(avg, "self_device_time_total", 0) <= 0:
+            continue
+        rows.append({"name": avg.key, "ms_per_step": t / 1e3 / ns.steps, "calls_per_step": avg.count / ns.steps})
+        if len(rows) >= ns.top:
+            break
+    stats = engine.get_stats()
+    llm.shutdown()
+    return {"model": ns.model, "device": ns.device, "dtype": ns.dtype, "batch_size": ns.batch_size,
+            "input_len": ns.input_len, "prefill_steps": prefill_steps, "steps": ns.steps,
+            "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy_ms,
+            "top": rows}
+
+
+def main(ns: argparse.Namespace) -> dict:
+    r = run(ns)
+    print(f"decode at batch {r['running']} (prompts of {ns.input_len} tokens, {ns.warmup_steps} warm-up steps "
+          f"after {r['prefill_steps']} prefill steps), {ns.steps} steps on {ns.device}:")
+    line = f"  wall {r['wall_ms_per_step']:.2f} ms per step"
+    if r["busy_ms_per_step"] is not None:
+        line += (f", GPU busy {r['busy_ms_per_step']:.2f} ms per step "
+                 f"(wall / busy {r['wall_ms_per_step'] / max(r['busy_ms_per_step'], 1e-9):.2f}x)")
+    print(line)
+    what = "kernel" if r["busy_ms_per_step"] is not None else "operator (own CPU time)"
+    print(f"  {'ms/step':>8} {'calls/step':>10}  {what}")
+    for row in r["top"]:
+        print(f"  {row['ms_per_step']:>8.3f} {row['calls_per_step']:>10.1f}  {row['name'][:100]}")
+    return write_report(r, ns.output_json)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda.")
+    p.add_argument("--batch-size", type=int, default=64, help="Requests decoding together.")
+    p.add_argument("--input-len", type=int, default=250, help="Prompt tokens per request.")
+    p.add_argument("--warmup-steps", type=int, default=5, help="Decode steps before the timed window.")
+    p.add_argument("--steps", type=int, default=20, help="Decode steps timed (and then profiled).")
+    p.add_argument("--top", type=int, default=15, help="Kernels / operators listed.")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
+    p.add_argument("--trace", default=None, metavar="FILE.json", help="Write the profiled steps as a Chrome trace.")
+    p.add_argument("--output-json", default=None)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU fast path's checks and figures in one run (issue: GPU fast path), for a machine with one CUDA GPU.
+#
+#     bash scripts/gpu_fastpath.sh [OUT_DIR]        (about 8 minutes on an H100/H200; JSON and logs in OUT_DIR)
+#
+# 1. correctness: the Triton kernels against torch_ref, CUDA graphs against eager, greedy output against HF
+#    (scripts/check_cuda.py, with and without graphs)
+# 2. the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64
+# 3. the step profile: pure decode at batch 256 on the TinyLlama-1.1B shape (wall vs GPU busy)
+# 4. throughput: the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static
+#    batching on its first 32 requests; GPT-2 124M default workload beside HF static(16)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+TINY=pagellm/benchmarks/configs/tinyllama-1.1b
+GPT2=pagellm/benchmarks/configs/gpt2-124m
+step() { echo; echo "== $*"; }
+
+step "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+step "kernels and graphs (pytest)"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py \
+    tests/worker/test_cuda_graphs.py -k "cuda or gpu" 2>&1 | tail -8
+
+step "attention kernel bandwidth"
+$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
+    --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b256.json"
+$PY -m pagellm bench attention --device cuda --batch-size 8 --context-len 4096 --num-heads 32 --num-kv-heads 4 \
+    --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b8.json"
+
+step "step profile: decode at batch 256, TinyLlama-1.1B shape"
+$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
+    --input-len 250 --steps 20 --output-json "$OUT/profile_tinyllama.json"
+
+step "throughput: nanovllm workload, TinyLlama-1.1B shape, bf16"
+timeout 300 $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
+    --workload nanovllm --compare hf --hf-num-prompts 32 --skip-hf-single --bound \
+    --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+
+step "throughput: GPT-2 124M default workload"
+timeout 200 $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
+    --compare hf --skip-hf-single --output-json "$OUT/throughput_gpt2_cuda.json"
+
+step "greedy output vs HF on the GPU"
+timeout 200 $PY scripts/check_cuda.py
+timeout 200 $PY scripts/check_cuda.py --enforce-eager
