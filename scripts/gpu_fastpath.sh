@@ -24,7 +24,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 step "kernels and graphs (pytest)"
 timeout 240 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py \
-    tests/worker/test_cuda_graphs.py -k "cuda or gpu" 2>&1 | tail -8
+    tests/worker/test_cuda_graphs.py tests/models/test_triton_ops.py -k "cuda or gpu" 2>&1 | tail -8
 
 step "attention kernel bandwidth"
 $PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
@@ -35,6 +35,11 @@ $PY -m pagellm bench attention --device cuda --batch-size 8 --context-len 4096 -
 step "step profile: decode at batch 256, TinyLlama-1.1B shape"
 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
     --input-len 250 --steps 20 --output-json "$OUT/profile_tinyllama.json"
+step "the same without the fused elementwise kernels, then without CUDA graphs"
+PAGELLM_FUSED_ELEMENTWISE=0 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 \
+    --device cuda --batch-size 256 --input-len 250 --steps 20 --top 5 --output-json "$OUT/profile_tinyllama_unfused.json"
+$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
+    --input-len 250 --steps 20 --top 5 --enforce-eager --output-json "$OUT/profile_tinyllama_eager.json"
 
 step "throughput: nanovllm workload, TinyLlama-1.1B shape, bf16"
 timeout 300 $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \

@@ -16,6 +16,7 @@ covers all of them). The loader (models/loader.py) only routes names.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -60,8 +61,26 @@ def activation(name: str):
     return ACT2FN[name]
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_ops():
+    """pagellm.models.triton_ops when Triton imports (CUDA tensors only use it); None with
+    PAGELLM_FUSED_ELEMENTWISE=0 or without Triton."""
+    if os.environ.get("PAGELLM_FUSED_ELEMENTWISE", "1") == "0":
+        return None
+    try:
+        from pagellm.models import triton_ops
+    except Exception:  # no Triton: the torch formulas below
+        return None
+    return triton_ops
+
+
+def fused_ops(x: torch.Tensor):
+    """The fused kernels for a CUDA tensor, else None."""
+    return _triton_ops() if x.is_cuda else None
+
+
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm, computed in float32 like Hugging Face's."""
+    """LLaMA's RMSNorm, computed in float32 like Hugging Face's (one fused kernel on CUDA)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -69,6 +88,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -79,6 +101,9 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the checkpoint stores w, the scale is (1 + w), all in float32, cast at the end."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, gemma=True)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
@@ -111,9 +136,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [even_part(intermediate_size, tp)] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
         self.act = activation(act)
+        self.silu = act in ("silu", "swish")  # SiLU-and-mul is one fused kernel on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        ops = fused_ops(gate_up) if self.silu else None
+        if ops is not None and gate_up.dim() == 2:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -220,6 +250,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (num_tokens, num_heads, head_dim), k: (num_tokens, num_kv_heads, head_dim)
+        ops = fused_ops(q)
+        if ops is not None:
+            return (ops.rotary(positions, q, self.cos, self.sin, self.rotary_dim),
+                    ops.rotary(positions, k, self.cos, self.sin, self.rotary_dim))
         cos = self.cos[positions].to(q.dtype)[:, None, :]  # (num_tokens, 1, rotary_dim)
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
