@@ -80,6 +80,7 @@ class CudaGraphRunner:
         b["slot_mapping"][first_token:first_token + n] = self.pad_slot
         b["query_start_loc"][first_seq + 1:size + 1] = first_token + 1 + torch.arange(n).numpy()
         b["seq_lens"][first_seq:size] = 0
+        b["paged_seq_ids"][first_seq:size] = torch.arange(first_seq, size).numpy()  # every row reads the cache
 
     def meta(self, size: int) -> AttentionMetadata:
         """Metadata whose tensors are the static buffers, for a batch of `size` one-token sequences."""
@@ -100,7 +101,6 @@ class CudaGraphRunner:
         for size in reversed(self.sizes):
             r.buffers.wait_free()
             self.fill_padding(0, 0, size)
-            r.buffers.np["paged_seq_ids"][:size] = range(size)
             r.buffers.send(size)
             meta = self.meta(size)
             ids, pos = d["input_ids"][:size], d["positions"][:size]
