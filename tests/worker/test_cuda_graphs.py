@@ -54,6 +54,19 @@ def test_staged_inputs_give_the_same_tokens(monkeypatch):
     assert_same(ref, got, 1e-6)
 
 
+def test_staged_inputs_under_tensor_parallelism(monkeypatch):
+    """On CUDA every tensor-parallel rank builds its inputs through StepBuffers (graphs stay off under TP)."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm = LLM(DEMO, tensor_parallel_size=2, seed=0)
+    ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+    llm.shutdown()
+    monkeypatch.setenv("PAGELLM_STAGED_INPUTS", "1")  # the spawned ranks inherit it
+    llm = LLM(DEMO, tensor_parallel_size=2, seed=0)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params, use_tqdm=False)]
+    llm.shutdown()
+    assert got == ref
+
+
 @pytest.mark.parametrize("backend", ["torch_ref", "cpu_paged"])
 def test_emulated_graphs_give_the_same_tokens_and_free_every_block(monkeypatch, backend):
     ref, _, _ = run(backend)
