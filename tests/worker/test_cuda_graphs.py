@@ -136,3 +136,13 @@ def test_cuda_graphs_equal_eager_on_gpu(dtype):
     else:  # bf16: the same kernels in the same order; allow a rare near-tie flip late in a sequence
         agree = sum(a == b for (ta, _), (tb, _) in zip(eager, graphed) for a, b in zip(ta, tb))
         assert agree >= 0.95 * sum(len(t) for t, _ in eager)
+
+
+def test_engine_start_freezes_long_lived_objects_out_of_the_collector():
+    """After start-up the model and the libraries' objects sit in the permanent generation, so full collections
+    (frequent at large batches) no longer traverse them."""
+    import gc
+
+    gc.unfreeze()
+    LLM(DEMO, max_num_seqs=2)
+    assert gc.get_freeze_count() > 10_000
