@@ -233,6 +233,12 @@ class KVCacheManager:
         """
         bs = self.block_size
         table = self.tables.get(seq.seq_id, [])
+        if table and prefix is None and self.sliding_window is None:
+            # The common decode step: the new tokens fit the blocks held, none of them shared (no copy-on-write).
+            total = seq.num_computed_tokens + num_new_tokens
+            if total <= len(table) * bs and all(b.ref_cnt == 1 for b in table[seq.num_computed_tokens // bs:]):
+                self._cache_full_blocks(seq, table, total)
+                return SlotAllocation(len(table), [], [])
         if table:
             self._release_outside_window(seq.seq_id, table, seq.num_computed_tokens)
         prefix_blocks = prefix.blocks if prefix is not None else []
