@@ -1,12 +1,10 @@
 """The fused elementwise kernels (models/triton_ops.py) equal the torch formulas of layers.py: under Triton's
 interpreter on CPU, and compiled on a GPU when there is one."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from tests.triton_script import run_script
 
 CHECK = """
 import sys, torch
@@ -46,14 +44,10 @@ for dtype, tol in [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16
             assert (got.float() - ref.float()).abs().max().item() <= tol * 8, ("rotary", dtype, d, rd)
 print("ok")
 """
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(device: str, interpret: bool) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1") if interpret else dict(os.environ)
-    res = subprocess.run([sys.executable, "-c", CHECK.format(root=ROOT, device=device)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_script(CHECK, interpret=interpret, device=device)
 
 
 def test_fused_elementwise_kernels_in_the_interpreter():

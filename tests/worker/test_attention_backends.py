@@ -215,15 +215,9 @@ def test_triton_kernel_matches_torch_ref_in_the_interpreter():
     interpreter (TRITON_INTERPRET=1); the GPU test above checks the compiled kernels. The interpreter
     multiplies bf16 in float32, so only the GPU test sees bf16 tensor-core rounding."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-    import os
-    import subprocess
-    import sys
+    from tests.triton_script import run_script
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", TRITON_CHECK.format(root=root)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_script(TRITON_CHECK)
 
 
 FP8 = torch.float8_e4m3fn

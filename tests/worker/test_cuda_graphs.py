@@ -7,14 +7,13 @@ so the padding rows (length-0 sequences writing to a scratch block) and the fixe
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.worker.cuda_graphs import capture_sizes
+from tests.triton_script import run_script
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "pagellm", "assets", "shakespeare-llama")
 PROMPTS = ["To be, or not to be", "My lord,", "What light through yonder window", "Now is the winter",
@@ -117,11 +116,7 @@ def test_triton_backend_in_the_engine_with_emulated_graphs():
     one varlen kernel, decode batches through the fixed metadata a CUDA graph captures; greedy tokens and
     logprobs equal the torch_ref run."""
     pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", TRITON_GRAPH_CHECK.format(root=root)], env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_script(TRITON_GRAPH_CHECK)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on a GPU machine)")
