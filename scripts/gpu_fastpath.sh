@@ -21,6 +21,8 @@ step() { echo; echo "== $*"; }
 
 step "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+$PY -c "import importlib.util as u; m = [n for n in ('transformers', 'tokenizers', 'safetensors', 'psutil', 'jinja2',
+    'tqdm', 'pytest') if u.find_spec(n) is None]; print('missing Python packages (carry them as wheels):', m) if m else None"
 
 step "kernels and graphs, quick (pytest: plain attention on 3 shapes, graphs vs eager, fused elementwise)"
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py \
