@@ -34,6 +34,10 @@ $PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024
     --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b256.json"
 $PY -m pagellm bench attention --device cuda --batch-size 8 --context-len 4096 --num-heads 32 --num-kv-heads 4 \
     --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b8.json"
+step "attention launch settings (tile, warps, stages), decode at batch 256"
+$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
+    --head-dim 64 --dtype bfloat16 --backend triton_paged --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 \
+    --iters 10 --output-json "$OUT/attention_sweep.json"
 
 step "step profile: decode at batch 256, TinyLlama-1.1B shape"
 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \

@@ -154,6 +154,19 @@ def test_nanovllm_workload_preset_is_uniform_in_its_range():
         synthetic_workload(WorkloadSpec(distribution="normal"), 100)
 
 
+def test_attention_sweep_lists_every_launch_setting():
+    import argparse
+
+    from pagellm.benchmarks.attention import _sweep
+
+    class Triton:
+        tile_n = 32
+
+    ns = argparse.Namespace(tile_n="16,64", num_warps="4", num_stages=None)
+    assert _sweep(Triton(), ns) == [{"tile_n": 16, "num_warps": 4}, {"tile_n": 64, "num_warps": 4}]
+    assert _sweep(object(), ns) == [{}]  # a backend without launch settings runs once
+
+
 def test_smoke_attention_profile_and_workload_flag(llama_path, tmp_path):
     out = tmp_path / "a.json"
     text = bench("attention", "--backend", "cpu_paged", "--backend", "torch_ref", "--batch-size", "4",

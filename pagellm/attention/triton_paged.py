@@ -92,6 +92,8 @@ def plan(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, max_que
 class TritonPagedBackend(PagedBackendBase):
     name = "triton_paged"
     tile_n = 32  # keys per tile
+    num_warps: int | None = None  # launch options (None: Triton's defaults); `pagellm bench attention` sweeps them
+    num_stages: int | None = None
 
     def __init__(self) -> None:
         self.attn_kernel, self.merge_kernel = _kernels()
@@ -105,6 +107,10 @@ class TritonPagedBackend(PagedBackendBase):
         out = alloc(q.shape, dtype=q.dtype, device=q.device)
         self.attention(out, q, kv_cache, meta, params)
         return out
+
+    def _launch_options(self) -> dict:
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {k: v for k, v in opts.items() if v is not None}
 
     def attention(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
                   params: AttentionParams, num_splits: int | None = None) -> None:
@@ -135,7 +141,7 @@ class TritonPagedBackend(PagedBackendBase):
             tables.stride(0),
             BLOCK_SIZE=bs, D=d, DP=dp, G=g, BLOCK_Q=p["BLOCK_Q"], BLOCK_M=p["BLOCK_M"], TILE_N=self.tile_n,
             NUM_SPLITS=splits, SOFT_CAP=cap is not None, SLIDING=params.sliding_window is not None,
-            DOT_DTYPE=_tl_dtype(dot_dtype), IEEE=dot_dtype == "fp32")
+            DOT_DTYPE=_tl_dtype(dot_dtype), IEEE=dot_dtype == "fp32", **self._launch_options())
         if splits > 1:
             self.merge_kernel[(t, h)](out, part_out, part_ml, t, params.v_scale, q.stride(0), q.stride(1),
                                       H=h, D=d, DP=dp, NUM_SPLITS=splits, SP=max(2, _pow2(splits)))

@@ -73,6 +73,23 @@ def time_backend(backend, q, cache, meta, params, device: str, iters: int, repea
     return statistics.median(times)
 
 
+def _ints(text: str | None) -> list[int | None]:
+    return [int(x) for x in text.split(",")] if text else [None]
+
+
+def _sweep(backend, ns: argparse.Namespace) -> list[dict]:
+    """Launch settings to time: every combination of --tile-n / --num-warps / --num-stages (Triton backend)."""
+    if not hasattr(backend, "tile_n"):
+        return [{}]
+    combos = []
+    for tile in _ints(ns.tile_n):
+        for warps in _ints(ns.num_warps):
+            for stages in _ints(ns.num_stages):
+                knobs = {"tile_n": tile, "num_warps": warps, "num_stages": stages}
+                combos.append({k: v for k, v in knobs.items() if v is not None})
+    return combos
+
+
 def main(ns: argparse.Namespace) -> dict:
     import torch
 
@@ -97,11 +114,16 @@ def main(ns: argparse.Namespace) -> dict:
     rows = []
     for name in ns.backend or ["auto"]:
         backend = get_attention_backend(name, ns.device)
-        sec = time_backend(backend, q, cache, meta, params, ns.device, ns.iters)
-        gbs = (kv_bytes + qo_bytes) / sec / 1e9
-        rows.append({"backend": backend.name, "ms": sec * 1e3, "gbs": gbs, "pct_of_bandwidth": 100 * gbs / bw})
-        print(f"  {backend.name:<14} {sec * 1e3:9.3f} ms  {gbs:9.1f} GB/s  {100 * gbs / bw:5.1f}% of measured "
-              "bandwidth", flush=True)
+        for knobs in _sweep(backend, ns):
+            for key, value in knobs.items():
+                setattr(backend, key, value)
+            sec = time_backend(backend, q, cache, meta, params, ns.device, ns.iters)
+            gbs = (kv_bytes + qo_bytes) / sec / 1e9
+            label = backend.name + "".join(f" {k}={v}" for k, v in knobs.items())
+            rows.append({"backend": backend.name, **knobs, "ms": sec * 1e3, "gbs": gbs,
+                         "pct_of_bandwidth": 100 * gbs / bw})
+            print(f"  {label:<40} {sec * 1e3:9.3f} ms  {gbs:9.1f} GB/s  {100 * gbs / bw:5.1f}% of measured "
+                  "bandwidth", flush=True)
     return write_report({"batch_size": ns.batch_size, "context_len": ns.context_len, "query_len": ns.query_len,
                          "num_heads": ns.num_heads, "num_kv_heads": ns.num_kv_heads, "head_dim": ns.head_dim,
                          "block_size": ns.block_size, "dtype": ns.dtype, "kv_cache_dtype": str(cache[0].dtype),
@@ -122,5 +144,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "fp8"])
     p.add_argument("--iters", type=int, default=20, help="Calls per timed repeat (5 repeats, median).")
+    p.add_argument("--tile-n", default=None, metavar="N[,N...]", help="Triton: keys per tile to try (e.g. 16,32,64).")
+    p.add_argument("--num-warps", default=None, metavar="N[,N...]", help="Triton: warps per program to try.")
+    p.add_argument("--num-stages", default=None, metavar="N[,N...]", help="Triton: pipeline stages to try.")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output-json", default=None)
