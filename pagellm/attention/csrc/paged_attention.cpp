@@ -187,6 +187,20 @@ inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
 //   block_size 4, lo 6, ctx 11:   block 1: rows 2, 3 | block 2: rows 0..3 | block 3: rows 0..2
 //   scores index = position - lo
 
+// That walk: f(rows of the block at head offset head_off, the block's first position b0, the first row
+// to use t0, the rows it holds n), with the next block's rows prefetched before f runs.
+template <typename cache_t, typename F>
+inline void for_each_block(const cache_t* cache, const int32_t* __restrict table, int64_t lo, int64_t ctx,
+                           int64_t bs, int64_t head_off, int64_t token_stride, int64_t block_stride,
+                           int64_t row_bytes, F&& f) {
+  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
+    if (b0 + bs < ctx)
+      prefetch_block(cache + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
+                     row_bytes);
+    f(cache + table[b0 / bs] * block_stride + head_off, b0, std::max<int64_t>(lo - b0, 0), std::min(bs, ctx - b0));
+  }
+}
+
 // One (sequence, query token) against `nh` consecutive K/V heads starting at `h0`, each shared by G
 // query heads (QH = nh * G query heads in all), head_dim D = 16 * C. Taking several heads of a token
 // at once reads each token's K/V row contiguously; the caller splits heads only when there are
@@ -202,12 +216,8 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
   const int64_t head_off = h0 * D;
   const int64_t row_bytes = nh * D * sizeof(cache_t);
   // 1. scores[qh][j - lo] = q_qh . k_j
-  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
-    const cache_t* kb = kc + table[b0 / bs] * block_stride + head_off;
-    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
-    if (b0 + bs < ctx)
-      prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
-                     row_bytes);
+  for_each_block(kc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
+                 [&](const cache_t* kb, int64_t b0, int64_t t0, int64_t n) {
     int64_t t = t0;
     if (tacc != nullptr) {  // sixteen tokens at a time: one transposing reduction per query head
       for (; t + 16 <= n; t += 16) {
@@ -241,18 +251,14 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
         for (int64_t g = 0; g < G; ++g) scores[(h * G + g) * m + b0 + t - lo] = hsum(acc[g]);
       }
     }
-  }
+  });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
   std::vector<float> inv_sum(QH);
   for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
-  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
-    const cache_t* vb = vc + table[b0 / bs] * block_stride + head_off;
-    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
-    if (b0 + bs < ctx)
-      prefetch_block(vc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
-                     row_bytes);
+  for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
+                 [&](const cache_t* vb, int64_t b0, int64_t t0, int64_t n) {
     for (int64_t t = t0; t < n; ++t) {
       const cache_t* row = vb + t * token_stride;
       for (int64_t h = 0; h < nh; ++h) {
@@ -266,7 +272,7 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
         }
       }
     }
-  }
+  });
   for (int64_t qh = 0; qh < QH; ++qh)
     for (int64_t c = 0; c < C; ++c) {
       const vf16 r = acc[qh * C + c] * inv_sum[qh];
@@ -289,12 +295,8 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
   const int64_t QH = nh * G, m = ctx - lo, head_off = h0 * D, row_bytes = nh * D * sizeof(cache_t);
   for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
   // 1. scores[qh][j - lo] = q_qh . k_j
-  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
-    const cache_t* kb = kc + table[b0 / bs] * block_stride + head_off;
-    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
-    if (b0 + bs < ctx)
-      prefetch_block(kc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
-                     row_bytes);
+  for_each_block(kc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
+                 [&](const cache_t* kb, int64_t b0, int64_t t0, int64_t n) {
     for (int64_t h = 0; h < nh; ++h) {
       const vf16* qh_v = qv + h * G * C;
       int64_t t = t0;
@@ -326,18 +328,14 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
         for (int g = 0; g < G; ++g) scores[(h * G + g) * m + b0 + t - lo] = hsum(s[g]);
       }
     }
-  }
+  });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
   std::vector<float> inv_sum(QH);
   for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
-  for (int64_t b0 = lo / bs * bs; b0 < ctx; b0 += bs) {
-    const cache_t* vb = vc + table[b0 / bs] * block_stride + head_off;
-    const int64_t t0 = std::max<int64_t>(lo - b0, 0), n = std::min(bs, ctx - b0);
-    if (b0 + bs < ctx)
-      prefetch_block(vc + table[b0 / bs + 1] * block_stride + head_off, std::min(bs, ctx - b0 - bs), token_stride,
-                     row_bytes);
+  for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
+                 [&](const cache_t* vb, int64_t b0, int64_t t0, int64_t n) {
     for (int64_t h = 0; h < nh; ++h) {
       vf16 r[G][C];
       for (int g = 0; g < G; ++g)
@@ -353,7 +351,7 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
       for (int g = 0; g < G; ++g)
         for (int c = 0; c < C; ++c) acc[(h * G + g) * C + c] = r[g][c];
     }
-  }
+  });
   for (int64_t qh = 0; qh < QH; ++qh)
     for (int64_t c = 0; c < C; ++c) {
       const vf16 r = acc[qh * C + c] * inv_sum[qh];
