@@ -180,6 +180,13 @@ inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
   return 1.f / sum;
 }
 
+// softmax_weights over each of `rows` score rows of length m; returns each row's 1 / sum.
+inline std::vector<float> softmax_rows(float* __restrict scores, int64_t rows, int64_t m, float soft_cap) {
+  std::vector<float> inv_sum(rows);
+  for (int64_t r = 0; r < rows; ++r) inv_sum[r] = softmax_weights(scores + r * m, m, soft_cap);
+  return inv_sum;
+}
+
 // The keys one query sees are positions lo .. ctx-1 (lo > 0 under a sliding window). Blocks are
 // walked from the one holding lo; rows before lo in that block are skipped, and blocks wholly
 // before it are never touched (they may already hold another sequence's tokens).
@@ -253,8 +260,7 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
     }
   });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
-  std::vector<float> inv_sum(QH);
-  for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
+  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
   for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
@@ -330,8 +336,7 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
     }
   });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
-  std::vector<float> inv_sum(QH);
-  for (int64_t qh = 0; qh < QH; ++qh) inv_sum[qh] = softmax_weights(scores + qh * m, m, soft_cap);
+  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
   for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
