@@ -127,6 +127,12 @@ def _throughput_rows(name: str, label: str, bound: dict | None) -> list[str]:
     return rows
 
 
+def _kv_table(title: str, runs: list[dict]) -> list[str]:
+    return ["", title, "", "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|",
+            *(f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | {100 * r['mean_utilization']:.1f}% | "
+              f"{r['steps']} |" for r in runs)]
+
+
 def _quality_rows() -> list[str]:
     rows = []
     for name, label in (("quality_demo_bf16", "bf16 weights and cache"), ("quality_demo_int8", "int8 weights"),
@@ -177,18 +183,11 @@ def render() -> str:
                   f"{1000 * lat['decode_step_s']['median']:.1f} ms (p90 {1000 * lat['decode_step_s']['p90']:.1f})."]
     kv = _load("kv_demo")
     if kv:
-        lines += ["", f"KV cache under a fixed budget of {kv['kv_tokens']} token slots (demo model):", "",
-                  "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | "
-                  f"{100 * r['mean_utilization']:.1f}% | {r['steps']} |" for r in kv["runs"]]
+        lines += _kv_table(f"KV cache under a fixed budget of {kv['kv_tokens']} token slots (demo model):", kv["runs"])
     kv8 = _load("kv_demo_fp8")
     if kv8:
-        lines += ["", f"The same memory ({kv8['kv_tokens']} bf16 token slots) as a bf16 and as an fp8 cache (demo "
-                  "model, bf16 compute):", "",
-                  "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | "
-                  f"{100 * r['mean_utilization']:.1f}% | {r['steps']} |" for r in kv8["runs"]
-                  if r["name"].startswith("pagellm")]
+        lines += _kv_table(f"The same memory ({kv8['kv_tokens']} bf16 token slots) as a bf16 and as an fp8 cache "
+                           "(demo model, bf16 compute):", [r for r in kv8["runs"] if r["name"].startswith("pagellm")])
     lines += _quality_rows()
     sh = _load("sharing_demo")
     if sh:
