@@ -101,8 +101,6 @@ def run(ns: argparse.Namespace) -> dict:
         t = getattr(avg, key)
         if t <= 0:
             break
-        if cuda and avg.device_type != DeviceType.CUDA and getattr(avg, "self_device_time_total", 0) <= 0:
-            continue
         rows.append({"name": avg.key, "ms_per_step": t / 1e3 / ns.steps, "calls_per_step": avg.count / ns.steps})
         if len(rows) >= ns.top:
             break

@@ -141,7 +141,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         ops = fused_ops(gate_up) if self.silu else None
-        if ops is not None and gate_up.dim() == 2:
+        if ops is not None:
             return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pagellm.attention.backend import AttentionMetadata
@@ -78,9 +79,9 @@ class CudaGraphRunner:
         b["input_ids"][first_token:first_token + n] = 0
         b["positions"][first_token:first_token + n] = 0
         b["slot_mapping"][first_token:first_token + n] = self.pad_slot
-        b["query_start_loc"][first_seq + 1:size + 1] = first_token + 1 + torch.arange(n).numpy()
+        b["query_start_loc"][first_seq + 1:size + 1] = first_token + 1 + np.arange(n)
         b["seq_lens"][first_seq:size] = 0
-        b["paged_seq_ids"][first_seq:size] = torch.arange(first_seq, size).numpy()  # every row reads the cache
+        b["paged_seq_ids"][first_seq:size] = np.arange(first_seq, size)  # every row reads the cache
 
     def meta(self, size: int) -> AttentionMetadata:
         """Metadata whose tensors are the static buffers, for a batch of `size` one-token sequences."""

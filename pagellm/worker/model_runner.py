@@ -18,6 +18,7 @@ from positions 0 and 7 (block_size 4, row 1's table [5, 9]):
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -61,6 +62,7 @@ def freeze_startup_objects() -> None:
         _frozen = True
         gc.collect()
         gc.freeze()
+        atexit.register(gc.unfreeze)  # let interpreter shutdown finalize them as usual
 
 
 def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
@@ -208,72 +210,65 @@ class ModelRunner:
         sample_idx = np.flatnonzero(ends_known)
         prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
         fresh = starts == 0
-        logits_idx = cu[1:][sample_idx] - 1
         max_blocks = int(-(-seq_lens.max() // bs))
-        lists = dict(query_start_loc_cpu=cu.tolist(), seq_lens_cpu=seq_lens.tolist(),
-                     fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=np.flatnonzero(~fresh).tolist(),
-                     max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=int(counts.max()))
-        tail = (logits_idx, rows[sample_idx], [seq_ids[i] for i in sample_idx], prompt_lp)
-        if self.buffers is not None:
-            return self._staged_inputs(rows, input_ids, positions, slots, cu, seq_lens, fresh, max_blocks, lists,
-                                       prompt_lp, tail)
-        padded = max(total, MIN_BATCH_ROWS)
-        ids_t = torch.zeros(padded, dtype=torch.long)
-        pos_t = torch.zeros(padded, dtype=torch.long)
-        ids_t[:total] = torch.from_numpy(input_ids)
-        pos_t[:total] = torch.from_numpy(positions)
-        dev = self.device
-        meta = AttentionMetadata(
-            num_tokens=total,
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(b.block_table[rows, :max_blocks]).to(dev),
-            paged_seq_ids=torch.from_numpy(np.flatnonzero(~fresh)).to(dev),
-            **lists,
-        )
-        return _StepInputs(ids_t.to(dev), pos_t.to(dev), meta, torch.from_numpy(logits_idx).to(dev), *tail[1:])
-
-    def _staged_inputs(self, rows, input_ids, positions, slots, cu, seq_lens, fresh, max_blocks, lists, prompt_lp,
-                       tail) -> _StepInputs:
-        """The step's inputs written into StepBuffers and sent in one copy; a decode-only batch that a CUDA
-        graph covers is padded to the graph's size (and replayed by execute_model)."""
-        buf, b = self.buffers, self.batch
-        total, n_seqs = len(input_ids), len(rows)
+        max_query_len = int(counts.max())
+        arrays = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=cu,
+                      seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
+                      paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
+        # A decode-only batch that a CUDA graph covers is padded to the graph's size and replayed by execute_model.
         graph = None
-        if self.graphs is not None and lists["max_query_len"] == 1 and not fresh.any() and not prompt_lp:
-            graph = self.graphs.size_for(n_seqs)
+        if self.graphs is not None and max_query_len == 1 and not fresh.any() and not prompt_lp:
+            graph = self.graphs.size_for(len(rows))
         padded = graph or max(total, MIN_BATCH_ROWS)
-        seqs = graph or n_seqs
+        t = self._stage(arrays, padded, graph) if self.buffers is not None else self._tensors(arrays, padded)
+        if graph:
+            meta = self.graphs.graphs[graph][2]
+        else:
+            meta = AttentionMetadata(
+                num_tokens=total, slot_mapping=t["slot_mapping"], query_start_loc=t["query_start_loc"],
+                seq_lens=t["seq_lens"], block_tables=t["block_tables"], paged_seq_ids=t["paged_seq_ids"],
+                query_start_loc_cpu=cu.tolist(), seq_lens_cpu=seq_lens.tolist(),
+                fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=arrays["paged_seq_ids"].tolist(),
+                max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
+        return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
+                           [seq_ids[i] for i in sample_idx], prompt_lp, graph)
+
+    def _tensors(self, arrays: dict[str, np.ndarray], padded: int) -> dict[str, torch.Tensor]:
+        """The step's arrays as tensors on the device (CPU: the numpy memory itself); token ids and positions
+        zero-padded to `padded` rows."""
+        out = {}
+        for name, a in arrays.items():
+            if name in ("input_ids", "positions"):
+                t = torch.zeros(padded, dtype=torch.long)
+                t[:len(a)] = torch.from_numpy(a)
+            else:
+                t = torch.from_numpy(a.astype(np.int32) if name in ("query_start_loc", "seq_lens") else a)
+            out[name] = t.to(self.device)
+        return out
+
+    def _stage(self, arrays: dict[str, np.ndarray], padded: int, graph: int | None) -> dict[str, torch.Tensor]:
+        """The step's arrays written into StepBuffers and sent in one copy; device views of the same shapes
+        (token ids and positions `padded` rows; with a graph, its padding rows filled too)."""
+        buf = self.buffers
         buf.wait_free()
-        h = buf.np
-        h["input_ids"][:total] = input_ids
-        h["positions"][:total] = positions
-        h["slot_mapping"][:total] = slots
-        h["query_start_loc"][:n_seqs + 1] = cu
-        h["seq_lens"][:n_seqs] = seq_lens
-        h["block_tables"][:n_seqs, :max_blocks] = b.block_table[rows, :max_blocks]
-        paged = np.flatnonzero(~fresh)
-        h["paged_seq_ids"][:len(paged)] = paged
-        logits_idx = tail[0]
-        h["logits_indices"][:len(logits_idx)] = logits_idx
+        h, d = buf.np, buf.dev
+        out = {}
+        for name, a in arrays.items():
+            if name == "block_tables":
+                h[name][:a.shape[0], :a.shape[1]] = a
+                out[name] = d[name][:a.shape[0], :a.shape[1]]
+            else:
+                h[name][:len(a)] = a
+                out[name] = d[name][:len(a)]
+        total, n_seqs = len(arrays["input_ids"]), len(arrays["seq_lens"])
         if graph:
             self.graphs.fill_padding(n_seqs, total, graph)
         else:
             h["input_ids"][total:padded] = 0
             h["positions"][total:padded] = 0
-        buf.send(seqs)
-        d = buf.dev
-        if graph:
-            meta = self.graphs.graphs[graph][2]
-        else:
-            meta = AttentionMetadata(
-                num_tokens=total, slot_mapping=d["slot_mapping"][:total],
-                query_start_loc=d["query_start_loc"][:n_seqs + 1],
-                seq_lens=d["seq_lens"][:n_seqs], block_tables=d["block_tables"][:n_seqs, :max_blocks],
-                paged_seq_ids=d["paged_seq_ids"][:len(paged)], **lists)
-        return _StepInputs(d["input_ids"][:padded], d["positions"][:padded], meta,
-                           d["logits_indices"][:len(logits_idx)], *tail[1:], graph_size=graph)
+        out["input_ids"], out["positions"] = d["input_ids"][:padded], d["positions"][:padded]
+        buf.send(graph or n_seqs)
+        return out
 
     def _prompt_logprob_inputs(self, seq_ids, rows, starts, counts, cu) -> list:
         """For prompt_logprobs requests: batch indices of prompt positions p whose next token p+1 is a prompt token."""

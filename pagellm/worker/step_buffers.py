@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 _ALIGN = 64
+_TORCH = {np.int64: torch.int64, np.int32: torch.int32}
 
 
 class StepBuffers:
@@ -63,6 +64,3 @@ class StepBuffers:
         self.dev_buf[:end].copy_(self.host[:end], non_blocking=True)
         self._event.record()
         self._pending = True
-
-
-_TORCH = {np.int64: torch.int64, np.int32: torch.int32}
