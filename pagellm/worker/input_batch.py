@@ -22,18 +22,9 @@ from pagellm.sampling_params import LogprobsMode, SamplingParams
 _MASK64 = (1 << 64) - 1
 
 
-def counter_uniform(seed: int, counter: int) -> float:
-    """A uniform in [0, 1) from (seed, counter) alone (SplitMix64 over the pair)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return (z >> 11) / float(1 << 53)
-
-
 def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """counter_uniform over arrays (uint64 seeds, int64 counters), vectorised: numpy's uint64 arithmetic wraps
-    modulo 2^64 exactly as the masks above do."""
+    """A uniform in [0, 1) per row from (seed, counter) alone: SplitMix64 over the pair, in numpy's uint64
+    arithmetic (which wraps modulo 2^64). Seeds are the requests' seeds modulo 2^64."""
     with np.errstate(over="ignore"):
         z = seeds * np.uint64(0x9E3779B97F4A7C15) + (counters.astype(np.uint64) + np.uint64(1)) * np.uint64(
             0xBF58476D1CE4E5B9)

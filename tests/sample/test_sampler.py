@@ -7,7 +7,7 @@ import torch
 from pagellm.core.sched_output import NewSeqData
 from pagellm.sample.sampler import Sampler, apply_filters, apply_penalties, sample_inverse_cdf
 from pagellm.sampling_params import SamplingParams
-from pagellm.worker.input_batch import InputBatch, counter_uniform, counter_uniforms
+from pagellm.worker.input_batch import InputBatch, counter_uniforms
 
 V = 64
 
@@ -176,11 +176,24 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(freq[:3], probs[:3], atol=0.04)
 
 
-def test_counter_uniform_is_a_pure_function_in_range():
-    xs = [counter_uniform(s, c) for s in range(50) for c in range(50)]
-    assert all(0 <= x < 1 for x in xs)
-    assert counter_uniform(7, 3) == counter_uniform(7, 3) != counter_uniform(7, 4)
-    assert 0.45 < sum(xs) / len(xs) < 0.55
+_MASK64 = (1 << 64) - 1
+
+
+def counter_uniform(seed: int, counter: int) -> float:
+    """SplitMix64 over (seed, counter) in Python integers: the definition the vectorised version must match."""
+    z = (seed * 0x9E3779B97F4A7C15 + (counter + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) / float(1 << 53)
+
+
+def test_counter_uniforms_are_a_pure_function_in_range():
+    seeds, counters = np.repeat(np.arange(50, dtype=np.uint64), 50), np.tile(np.arange(50), 50)
+    xs = counter_uniforms(seeds, counters)
+    assert ((0 <= xs) & (xs < 1)).all() and 0.45 < xs.mean() < 0.55
+    again = counter_uniforms(np.array([7, 7], dtype=np.uint64), np.array([3, 4]))
+    assert again[0] == xs[7 * 50 + 3] and again[1] != again[0]
 
 
 def test_vectorised_counter_uniforms_equal_the_scalar_function():
