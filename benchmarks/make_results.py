@@ -128,7 +128,8 @@ def _throughput_rows(name: str, label: str, bound: dict | None) -> list[str]:
 
 
 def _kv_table(title: str, runs: list[dict]) -> list[str]:
-    return ["", title, "", "| allocator | mean running | peak running | KV utilization | steps |", "|---|---|---|---|---|",
+    return ["", title, "", "| allocator | mean running | peak running | KV utilization | steps |",
+            "|---|---|---|---|---|",
             *(f"| {r['name']} | {r['mean_running']:.1f} | {r['max_running']} | {100 * r['mean_utilization']:.1f}% | "
               f"{r['steps']} |" for r in runs)]
 

@@ -71,6 +71,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # tokens computed in one step (prefill chunks + decodes)
     max_model_len: int = 1024
     max_waiting_requests: int | None = None  # the server answers 429 beyond this queue length
+    async_scheduling: bool = False  # schedule step N+1 while step N runs (one device)
 
 
 @dataclass(frozen=True)

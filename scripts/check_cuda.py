@@ -1,11 +1,12 @@
 """Check the engine on a CUDA GPU against Hugging Face on the same GPU (greedy tokens, logprobs).
 
-    python scripts/check_cuda.py [--enforce-eager] [MODEL_DIR ...]
+    python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
-batches through CUDA graphs unless --enforce-eager) and transformers on the same checkpoint and
-prompts; prints per-model agreement and exits non-zero on any mismatch.
+batches through CUDA graphs unless --enforce-eager; the next step scheduled while one runs unless
+--no-async-scheduling) and transformers on the same checkpoint and prompts; prints per-model
+agreement and exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 
 
-def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bool = False) -> bool:
+def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bool = False,
+          async_scheduling: bool = True) -> bool:
     from transformers import AutoModelForCausalLM
 
     from pagellm import LLM, SamplingParams
 
-    llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager)
+    llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager,
+              async_scheduling=async_scheduling, max_num_seqs=6)  # fewer rows than prompts: joins and leaves
     vocab = llm.llm_engine.config.model.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(8, vocab) for _ in range(rng.randint(1, 90))] for _ in range(n_prompts)]
@@ -50,6 +53,8 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
             max_diff = max(max_diff, max(abs(a - d[t].logprob) for a, d, t in zip(lps, c.logprobs, ref)))
     graphs = llm.llm_engine.executor.runner.graphs
     mode = "eager" if graphs is None else f"CUDA graphs, {sum(graphs.replays.values())} replays"
+    overlapped = llm.llm_engine.stats.overlapped_steps
+    mode += f", {overlapped} steps overlapped" if async_scheduling else ", one step at a time"
     print(f"{os.path.basename(path)} ({mode}): {ok}/{len(prompts)} greedy outputs equal HF on "
           f"{torch.cuda.get_device_name()}, max logprob diff {max_diff:.2e}, pagellm {elapsed:.2f} s", flush=True)
     return ok == len(prompts) and max_diff < 1e-3
@@ -58,13 +63,14 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
 def main() -> int:
     args = sys.argv[1:]
     eager = "--enforce-eager" in args
-    paths = [a for a in args if a != "--enforce-eager"]
+    overlap = "--no-async-scheduling" not in args
+    paths = [a for a in args if not a.startswith("--")]
     if not paths:
         from make_models import build
 
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
-    results = [check(p, enforce_eager=eager) for p in paths]
+    results = [check(p, enforce_eager=eager, async_scheduling=overlap) for p in paths]
     return 0 if all(results) else 1
 
 

@@ -3,12 +3,15 @@
 #
 #     bash scripts/gpu_fastpath.sh [OUT_DIR]        (about 8-10 minutes on an H100/H200; JSON in OUT_DIR)
 #
-# 1. correctness: the Triton kernels against torch_ref, CUDA graphs against eager, greedy output against HF
-#    (scripts/check_cuda.py, with and without graphs)
+# Most important first, so a run cut short still has the headline figures:
+# 1. quick correctness: the Triton kernels against torch_ref, CUDA graphs against eager
 # 2. the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64
-# 3. the step profile: pure decode at batch 256 on the TinyLlama-1.1B shape (wall vs GPU busy)
-# 4. throughput: the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static
-#    batching on its first 32 requests; GPT-2 124M default workload beside HF static(16)
+# 3. the step profile: pure decode at batch 256 on the TinyLlama-1.1B shape (wall vs GPU busy, host waits),
+#    with async scheduling (the CUDA default) and one step at a time
+# 4. throughput: the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights), async scheduling on
+#    and off side by side, beside HF static batching on its first 32 requests; GPT-2 124M beside HF static(16)
+# 5. greedy output against HF (scripts/check_cuda.py: graphs + async scheduling, then eager one step at a time)
+# 6. launch-setting sweep, unfused / eager profiles, every attention case
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
@@ -34,32 +37,36 @@ $PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024
     --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b256.json"
 $PY -m pagellm bench attention --device cuda --batch-size 8 --context-len 4096 --num-heads 32 --num-kv-heads 4 \
     --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b8.json"
-step "attention launch settings (tile, warps, stages), decode at batch 256"
-$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
-    --head-dim 64 --dtype bfloat16 --backend triton_paged --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 \
-    --iters 10 --output-json "$OUT/attention_sweep.json"
 
-step "step profile: decode at batch 256, TinyLlama-1.1B shape"
+step "step profile: decode at batch 256, TinyLlama-1.1B shape (async scheduling on, then off)"
 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
     --input-len 250 --steps 20 --output-json "$OUT/profile_tinyllama.json"
-step "the same without the fused elementwise kernels, then without CUDA graphs"
-PAGELLM_FUSED_ELEMENTWISE=0 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 \
-    --device cuda --batch-size 256 --input-len 250 --steps 20 --top 5 --output-json "$OUT/profile_tinyllama_unfused.json"
 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
-    --input-len 250 --steps 20 --top 5 --enforce-eager --output-json "$OUT/profile_tinyllama_eager.json"
+    --input-len 250 --steps 20 --top 5 --no-async-scheduling --output-json "$OUT/profile_tinyllama_sync.json"
 
-step "throughput: nanovllm workload, TinyLlama-1.1B shape, bf16"
+step "throughput: nanovllm workload, TinyLlama-1.1B shape, bf16 (async scheduling on; off as a variant)"
 timeout 300 $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
     --workload nanovllm --compare hf --hf-num-prompts 32 --skip-hf-single --bound \
-    --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+    --variant async_scheduling=false --output-json "$OUT/throughput_tinyllama_nanovllm.json"
 
 step "throughput: GPT-2 124M default workload"
 timeout 200 $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
     --compare hf --skip-hf-single --output-json "$OUT/throughput_gpt2_cuda.json"
 
-step "greedy output vs HF on the GPU"
+step "greedy output vs HF on the GPU (graphs + async scheduling; eager, one step at a time)"
 timeout 200 $PY scripts/check_cuda.py
-timeout 200 $PY scripts/check_cuda.py --enforce-eager
+timeout 200 $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
+
+step "attention launch settings (tile, warps, stages), decode at batch 256"
+$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
+    --head-dim 64 --dtype bfloat16 --backend triton_paged --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 \
+    --iters 10 --output-json "$OUT/attention_sweep.json"
+
+step "profiles without the fused elementwise kernels, then without CUDA graphs"
+PAGELLM_FUSED_ELEMENTWISE=0 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 \
+    --device cuda --batch-size 256 --input-len 250 --steps 20 --top 5 --output-json "$OUT/profile_tinyllama_unfused.json"
+$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
+    --input-len 250 --steps 20 --top 5 --enforce-eager --output-json "$OUT/profile_tinyllama_eager.json"
 
 step "every attention case on the GPU (windows, soft-cap, head sizes, fp8; many kernel compilations)"
 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py -k cuda 2>&1 | tail -8

@@ -8,6 +8,10 @@ prefilled and the batch is pure decode, then times --steps decode steps twice:
     1. without a profiler: wall time per step (what the engine costs)
     2. under torch.profiler: the union of the intervals in which a GPU kernel ran (device busy time per
        step; the rest of the wall time the GPU waits for the host) and the top kernels / ops
+    3. on CUDA, under torch.cuda.set_sync_debug_mode: the operations that made the host wait for the
+       GPU (a blocking copy, .item(), .tolist() of a GPU tensor), per step and by source line; the
+       engine's deliberate wait for a step's results is an event and is not counted, so the figure
+       should be 0
 
 On CPU there is no separate device: the table shows the top operators by their own CPU time, and
 "busy" is not reported. `--trace FILE.json` writes the profiled window as a Chrome trace.
@@ -55,14 +59,15 @@ def run(ns: argparse.Namespace) -> dict:
         torch.set_num_threads(ns.threads)
     kw = llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
                     quantization=ns.quantization, device=ns.device, max_num_seqs=max(ns.batch_size, 1),
-                    attention_backend=ns.attention_backend, enforce_eager=ns.enforce_eager)
+                    attention_backend=ns.attention_backend, enforce_eager=ns.enforce_eager,
+                    async_scheduling=ns.async_scheduling)
     if ns.kv_cache_memory:
         kw["kv_cache_memory"] = ns.kv_cache_memory
     llm = LLM(ns.model, **kw)
     engine = llm.llm_engine
     vocab = engine.config.model.vocab_size
     rng = random.Random(0)
-    max_tokens = ns.warmup_steps + 2 * ns.steps + 8
+    max_tokens = ns.warmup_steps + 3 * ns.steps + 8
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(ns.batch_size):
         engine.add_request(f"p{i}", {"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]}, params)
@@ -95,6 +100,7 @@ def run(ns: argparse.Namespace) -> dict:
     if cuda:
         kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy_ms = _union_us(kernels) / 1e3 / ns.steps
+    syncs = _count_syncs(engine, ns.steps) if cuda else None
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []
     for avg in sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True):
@@ -109,7 +115,29 @@ def run(ns: argparse.Namespace) -> dict:
     return {"model": ns.model, "device": ns.device, "dtype": ns.dtype, "batch_size": ns.batch_size,
             "input_len": ns.input_len, "prefill_steps": prefill_steps, "steps": ns.steps,
             "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy_ms,
-            "top": rows}
+            "async_scheduling": engine.config.scheduler.async_scheduling, "host_syncs": syncs, "top": rows}
+
+
+def _count_syncs(engine, steps: int) -> dict:
+    """Run `steps` steps with torch's CUDA sync debugging on: how often, and where, the host waited for the GPU."""
+    import collections
+    import warnings
+
+    import torch
+
+    where: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{w.filename}:{w.lineno}"] += 1
+    return {"per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
 
 
 def main(ns: argparse.Namespace) -> dict:
@@ -121,6 +149,11 @@ def main(ns: argparse.Namespace) -> dict:
         line += (f", GPU busy {r['busy_ms_per_step']:.2f} ms per step "
                  f"(wall / busy {r['wall_ms_per_step'] / max(r['busy_ms_per_step'], 1e-9):.2f}x)")
     print(line)
+    if r["host_syncs"] is not None:
+        print(f"  host waits for the GPU: {r['host_syncs']['per_step']:.1f} per step (async scheduling "
+              f"{'on' if r['async_scheduling'] else 'off'})")
+        for where, n in r["host_syncs"]["where"].items():
+            print(f"    {n / ns.steps:>5.1f}/step  {where}")
     what = "kernel" if r["busy_ms_per_step"] is not None else "operator (own CPU time)"
     print(f"  {'ms/step':>8} {'calls/step':>10}  {what}")
     for row in r["top"]:
@@ -140,5 +173,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="Schedule step N+1 while step N runs (default: the engine's, on for CUDA).")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="Write the profiled steps as a Chrome trace.")
     p.add_argument("--output-json", default=None)

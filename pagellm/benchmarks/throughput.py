@@ -125,7 +125,8 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
 
 
 def parse_variant(text: str) -> dict:
-    """'quantization=int8,dtype=bfloat16' -> engine keyword overrides ('none' -> None, digits -> int)."""
+    """'quantization=int8,dtype=bfloat16' -> engine keyword overrides ('none' -> None, 'true' / 'false' -> bool,
+    digits -> int)."""
     from pagellm.engine.arg_utils import EngineArgs
 
     names = {f.name for f in __import__("dataclasses").fields(EngineArgs)}
@@ -136,7 +137,8 @@ def parse_variant(text: str) -> dict:
         if not sep or key not in names:
             raise ValueError(f"--variant takes KEY=VALUE pairs of engine arguments, got {item!r}")
         value = value.strip()
-        out[key] = None if value.lower() == "none" else int(value) if value.isdigit() else value
+        words = {"none": None, "true": True, "false": False}
+        out[key] = words[value.lower()] if value.lower() in words else int(value) if value.isdigit() else value
     return out
 
 

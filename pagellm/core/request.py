@@ -66,15 +66,16 @@ class Sequence:
     """One generated continuation of a request's prompt.
 
     `token_ids` is the prompt followed by the output; `num_computed_tokens`
-    counts the leading tokens whose K/V are in the cache. The scheduler moves
-    `num_computed_tokens` towards `num_tokens` each step: there is no separate
-    prefill or decode state.
+    counts the leading tokens whose K/V are in the cache, or will be once the
+    steps already scheduled have run (it advances when a step is scheduled).
+    The scheduler moves `num_computed_tokens` towards `num_tokens` each step:
+    there is no separate prefill or decode state.
     """
 
     __slots__ = (
         "seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "status", "stop_reason", "cumulative_logprob", "num_cached_tokens", "seed",
-        "in_worker", "num_synced_tokens",
+        "in_worker", "num_synced_tokens", "num_output_placeholders",
     )
 
     def __init__(self, request: Request, index: int, token_ids: list[int], num_prompt_tokens: int,
@@ -92,6 +93,9 @@ class Sequence:
         self.seed = seed  # sampling seed of this sequence (request seed + index)
         self.in_worker = False  # the worker holds this sequence's state (sent as a diff, not in full)
         self.num_synced_tokens = 0  # tokens the worker has seen (the rest are sent with the next step)
+        # Tokens being sampled by steps in flight (async scheduling): counted in what the next step computes,
+        # not yet in token_ids.
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:

@@ -55,6 +55,7 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int  # sum of the above, <= max_num_batched_tokens
     blocks_to_copy: list[tuple[int, int]]  # (src, dst) copy-on-write, applied before the forward pass
     finished_seq_ids: set[int]  # sequences the worker must forget (finished, aborted, preempted, dropped)
+    sampling_seq_ids: list[int] = field(default_factory=list)  # sequences whose chunk ends at their last token
     grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences sampled this step
     grammar_bitmask: Any = None  # (len(grammar_seq_ids), ceil(vocab / 32)) int32 allowed-token bits, same order
 

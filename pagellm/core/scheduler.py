@@ -14,6 +14,15 @@ recomputed later from its tokens (prompt + output so far), which gives the
 same results. What differs between kinds of requests (n / best_of forks, beam
 search) lives in core/policies.py, not here.
 
+A sequence's num_computed_tokens advances when a step is scheduled, so the next
+step can be scheduled before this one's results are back (async scheduling): a
+sequence whose step samples gets an output placeholder, which the next step
+computes (the worker takes that token from the previous step's sampled tokens
+on the device) and which the sampled token replaces in update_from_output.
+Requests whose next step depends on the sampled token on the host (beam search,
+grammars, penalties, multi-token bad words) switch the engine to one step at a
+time while they live (`can_schedule_ahead`).
+
 Pure Python: no torch import.
 """
 
@@ -27,7 +36,7 @@ from dataclasses import dataclass, field
 from pagellm.config import SchedulerConfig
 from pagellm.core.grammar import GrammarHook
 from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation, max_blocks_per_seq
-from pagellm.core.policies import make_policy
+from pagellm.core.policies import SamplingPolicy, make_policy
 from pagellm.core.request import Request, RequestStatus, Sequence
 from pagellm.core.sched_output import (
     CachedSeqData,
@@ -38,6 +47,16 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     SeqDelta,
 )
+
+
+def _reads_sampled_tokens(req: Request) -> bool:
+    """Whether building a step for this request needs the tokens it sampled so far on the host: beam search
+    (beams fork from candidates), grammars (the next bitmask), penalties and bad words of several tokens
+    (computed from the token ids)."""
+    p = req.sampling_params
+    return (not isinstance(req.policy, SamplingPolicy) or p.structured_outputs is not None
+            or bool(p.presence_penalty) or bool(p.frequency_penalty) or p.repetition_penalty != 1.0
+            or any(len(w) > 1 for w in p._bad_words_token_ids or ()))
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
@@ -98,6 +117,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
+        self._host_token_reqs: set[str] = set()  # live requests that need their sampled tokens before a step
         self.num_preemptions = 0
 
     # ---- requests in and out ------------------------------------------------------
@@ -124,6 +144,8 @@ class Scheduler:
             if spec is not None:
                 self.grammar.add(seq.seq_id, spec)
         self.requests[req.request_id] = req
+        if _reads_sampled_tokens(req):
+            self._host_token_reqs.add(req.request_id)
         self.waiting.append(req)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
@@ -154,6 +176,11 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def can_schedule_ahead(self) -> bool:
+        """True when the next step may be scheduled before the results of the one in flight are back: no live
+        request needs its sampled tokens on the host to build its next step."""
+        return not self._host_token_reqs
 
     @property
     def num_running_seqs(self) -> int:
@@ -190,6 +217,7 @@ class Scheduler:
     def _finish_request(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.requests.pop(req.request_id, None)
+        self._host_token_reqs.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -260,7 +288,9 @@ class Scheduler:
         return True
 
     def _schedule_seq(self, req: Request, seq: Sequence, plan: _StepPlan) -> bool:
-        target = req.policy.compute_target(req, seq)
+        if seq.num_output_placeholders and self._ends_with_placeholders(seq):
+            return True  # the tokens in flight are its last: nothing more to compute
+        target = req.policy.compute_target(req, seq) + seq.num_output_placeholders
         prefix: PrefixMatch | None = None
         cached = 0
         if seq.num_computed_tokens == 0 and not self.kv.has_table(seq.seq_id):
@@ -278,6 +308,13 @@ class Scheduler:
         if num_new > 0:
             plan.add(seq, num_new, alloc)
         return True
+
+    def _ends_with_placeholders(self, seq: Sequence) -> bool:
+        """The sequence finishes once its tokens in flight arrive (max_tokens or max_model_len reached)."""
+        max_tokens = seq.request.sampling_params.max_tokens
+        n = seq.num_output_placeholders
+        return ((max_tokens is not None and seq.num_output_tokens + n >= max_tokens)
+                or seq.num_tokens + n >= self.max_model_len)
 
     def _preempt(self, req: Request) -> None:
         for seq in req.live_seqs():
@@ -298,9 +335,12 @@ class Scheduler:
         cached = CachedSeqData()
         copies: list[tuple[int, int]] = []
         num_scheduled: dict[int, int] = {}
+        sampling: list[Sequence] = []
         for seq, (n, alloc) in plan.entries.items():
             num_scheduled[seq.seq_id] = n
             copies.extend(alloc.copies)
+            if seq.num_computed_tokens + n == seq.num_tokens + seq.num_output_placeholders:
+                sampling.append(seq)  # the chunk reaches the last token: the step samples the next one
             if not seq.in_worker:
                 req = seq.request
                 new_seqs.append(NewSeqData(
@@ -314,13 +354,14 @@ class Scheduler:
                 cached.new_block_ids.append(alloc.block_ids)
                 cached.num_computed_tokens.append(seq.num_computed_tokens)
             seq.num_synced_tokens = seq.num_tokens
+            seq.num_computed_tokens += n
+        for seq in sampling:
+            seq.num_output_placeholders += 1
         forget, self._forget = self._forget, set()
-        out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget)
+        out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
+                              sampling_seq_ids=[seq.seq_id for seq in sampling])
         if self.grammar is not None:
-            # constrained sequences that sample this step (their chunk reaches the last known token)
-            ids = [seq.seq_id for seq, (n, _) in plan.entries.items()
-                   if seq.request.sampling_params.structured_outputs is not None
-                   and seq.num_computed_tokens + n == seq.num_tokens]
+            ids = [seq.seq_id for seq in sampling if seq.request.sampling_params.structured_outputs is not None]
             if ids:
                 out.grammar_seq_ids, out.grammar_bitmask = ids, self.grammar.bitmask(ids)
         return out
@@ -328,10 +369,10 @@ class Scheduler:
     # ---- results ------------------------------------------------------------------
 
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestUpdate]:
-        for seq_id, n in sched.num_scheduled_tokens.items():
+        for seq_id in sched.sampling_seq_ids:
             seq = self._seqs.get(seq_id)
             if seq is not None:
-                seq.num_computed_tokens += n
+                seq.num_output_placeholders -= 1
         results: dict[Request, dict[Sequence, SampleResult]] = {}
         for seq_id, res in out.samples.items():
             seq = self._seqs.get(seq_id)
@@ -357,9 +398,15 @@ class Scheduler:
                                          req.first_scheduled_time))
         return updates
 
-    def fail_step(self, sched: SchedulerOutput) -> list[Request]:
-        """The forward pass raised: abort the requests in that batch (and forget their unwritten hashes)."""
+    def fail_step(self, sched: SchedulerOutput, later: list[SchedulerOutput] = ()) -> list[Request]:
+        """The forward pass raised: abort the requests in that batch (and forget the hashes of blocks it
+        may not have written). `later`: the steps scheduled after it that have not completed either."""
         reqs = {self._seqs[s].request for s in sched.num_scheduled_tokens if s in self._seqs}
+        for step in (sched, *later):  # back to what the completed steps wrote
+            for seq_id, n in step.num_scheduled_tokens.items():
+                seq = self._seqs.get(seq_id)
+                if seq is not None and seq.request in reqs:
+                    seq.num_computed_tokens = max(0, seq.num_computed_tokens - n)
         for req in reqs:
             for seq in req.live_seqs():
                 self.kv.uncache_unwritten(seq)

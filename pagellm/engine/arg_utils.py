@@ -60,6 +60,10 @@ class EngineArgs:
     num_threads: int | None = _f(None, "Torch threads on CPU (default: torch's choice, usually the core count).")
     enforce_eager: bool = _f(False, "CUDA: run every step eagerly instead of replaying the CUDA graphs captured "
                                     "at start-up for decode batches.")
+    async_scheduling: bool | None = _f(
+        None, "Schedule and prepare step N+1 while the device runs step N (the next step's input tokens come "
+              "from step N's sampled tokens on the device). Default: on for one CUDA GPU, off on CPU, where "
+              "there is nothing to overlap; tensor parallelism runs without it.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -89,7 +93,7 @@ class EngineArgs:
                 parser.add_argument(f.name, nargs="?" if model_optional else None, default=None, help=help_text)
                 continue
             flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
@@ -123,11 +127,18 @@ class EngineArgs:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {self.distributed_timeout}.")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}.")
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = self.device != "cpu" and self.tensor_parallel_size == 1
+        elif async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
+                             f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
-            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests),
+            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
+                                      async_scheduling),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),

@@ -4,6 +4,16 @@
     step() -> CoreStep
         Scheduler.schedule() -> SchedulerOutput -> Executor.execute_model() -> ModelRunnerOutput
         -> Scheduler.update_from_output() -> [RequestUpdate]
+
+With async scheduling (one GPU; the default there) a step call schedules and launches step N+1
+before it waits for step N's results, so the host's work for N+1 (scheduling, input building) and
+for N (updating requests, detokenizing) overlaps the device's work:
+
+    call k:    schedule N+1, launch N+1 | wait for N, update_from_output(N) -> CoreStep of N
+    call k+1:  schedule N+2, launch N+2 | wait for N+1, ...
+
+While a request lives that needs its sampled tokens on the host before its next step (beam search,
+grammars, penalties), steps run one at a time again.
     finish_sequence(id, index, stop)                 (a stop string matched by whoever detokenizes)
     abort_requests(ids), check_health(), shutdown()
 
@@ -17,12 +27,13 @@ import logging
 import random
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from pagellm.config import EngineConfig
 from pagellm.core.request import Request
-from pagellm.core.sched_output import RequestUpdate
+from pagellm.core.sched_output import ModelRunnerOutput, RequestUpdate, SchedulerOutput
 from pagellm.core.scheduler import Scheduler, SchedulerStats
 from pagellm.engine.input_processor import ProcessedInput
 from pagellm.executor.base import Executor, ExecutorDeadError, make_executor
@@ -50,6 +61,7 @@ class EngineCounters:
     num_steps: int = 0
     tokens_computed: int = 0  # tokens run through the model (prompts, recomputes, decodes)
     generation_tokens: int = 0  # sampled tokens
+    overlapped_steps: int = 0  # steps launched while the previous one was still running (async scheduling)
 
     def record(self, sched, updates) -> None:
         self.num_steps += 1
@@ -78,6 +90,8 @@ class EngineCore:
         self._rng = random.Random(config.model.seed)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()  # launched steps, oldest first
 
     def add_request(self, request_id: str, inp: ProcessedInput, arrival_time: float | None = None,
                     policy: Any = None) -> None:
@@ -101,24 +115,67 @@ class EngineCore:
         return self.scheduler.finish_by_stop_string(request_id, index, stop)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> CoreStep:
+        """Run one step and return what it produced. With async scheduling: launch the next step, then return
+        what the one launched by the previous call produced."""
+        if self.dead is not None:
+            return self._drain_dead()
+        if not self._in_flight:
+            failed = self._launch()
+            if failed is not None or not self._in_flight:
+                return failed or CoreStep()
+        if self.async_scheduling and len(self._in_flight) < 2 and self.scheduler.can_schedule_ahead():
+            failed = self._launch()
+            if failed is not None:
+                return self._merge(failed, self._collect())
+            self.counters.overlapped_steps += len(self._in_flight) - 1
+        return self._collect()
+
+    def _launch(self) -> CoreStep | None:
+        """Schedule a step and queue it on the executor; a CoreStep only when that failed."""
         sched = self.scheduler.schedule()
         if sched.is_empty and not sched.finished_seq_ids:
-            return CoreStep()
+            return None
         try:
-            out = self.executor.execute_model(sched)
+            if self.async_scheduling:
+                pending = self.executor.execute_model_async(sched)
+            else:
+                pending = _Done(self.executor.execute_model(sched))
         except ExecutorDeadError as e:  # no more steps: every request fails, new ones are refused
             return self._die(str(e))
         except Exception as e:  # a failing batch fails its requests, not the engine
-            logger.exception("model step failed; aborting the %d sequences of the batch",
-                             len(sched.num_scheduled_tokens))
-            failed = self.scheduler.fail_step(sched)
-            return CoreStep(failed=[r.request_id for r in failed], error=f"{type(e).__name__}: {e}")
+            return self._fail(sched, [], e)
+        self._in_flight.append((sched, pending))
+        return None
+
+    def _collect(self) -> CoreStep:
+        """Wait for the oldest step in flight and apply its results."""
+        sched, pending = self._in_flight.popleft()
+        try:
+            out = pending.result()
+        except ExecutorDeadError as e:
+            return self._die(str(e))
+        except Exception as e:
+            return self._fail(sched, [s for s, _ in self._in_flight], e)
         updates = self.scheduler.update_from_output(sched, out)
         self.counters.record(sched, updates)
         return CoreStep(updates)
+
+    def _fail(self, sched: SchedulerOutput, later: list[SchedulerOutput], e: Exception) -> CoreStep:
+        logger.error("model step failed; aborting the requests of its %d sequences",
+                     len(sched.num_scheduled_tokens), exc_info=e)
+        failed = self.scheduler.fail_step(sched, later)
+        return CoreStep(failed=[r.request_id for r in failed], error=f"{type(e).__name__}: {e}")
+
+    @staticmethod
+    def _merge(a: CoreStep, b: CoreStep) -> CoreStep:
+        return CoreStep(a.updates + b.updates, a.failed + b.failed, a.error or b.error)
+
+    def _drain_dead(self) -> CoreStep:
+        self._in_flight.clear()
+        return CoreStep()
 
     def check_health(self) -> CoreStep:
         """Between steps: if a worker died, fail every request now."""
@@ -131,6 +188,7 @@ class EngineCore:
 
     def _die(self, reason: str) -> CoreStep:
         self.dead = reason
+        self._in_flight.clear()
         logger.error("engine dead: %s", reason)
         ids = list(self.scheduler.requests)
         self.scheduler.abort_requests(ids)
@@ -142,3 +200,15 @@ class EngineCore:
     def shutdown(self) -> None:
         """Stop the executor's workers (tensor parallelism); the core cannot step afterwards."""
         self._finalizer()
+
+
+class _Done:
+    """A step that ran to completion: its result is already here."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: ModelRunnerOutput) -> None:
+        self.out = out
+
+    def result(self) -> ModelRunnerOutput:
+        return self.out

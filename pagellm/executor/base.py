@@ -31,6 +31,9 @@ class Executor(Protocol):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    # Async scheduling (one device, UniProcExecutor): queue the step, return a handle whose result() waits.
+    # def execute_model_async(self, sched: SchedulerOutput) -> StepResult: ...
+
     def check_health(self) -> None:
         """Raises ExecutorDeadError when a worker is gone."""
         ...
@@ -64,6 +67,9 @@ class UniProcExecutor:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)
+
+    def execute_model_async(self, sched: SchedulerOutput):
+        return self.runner.execute_model_async(sched)
 
     def check_health(self) -> None:
         pass

@@ -157,7 +157,7 @@ def gather_logprobs(raw: torch.Tensor, final: torch.Tensor, tokens: torch.Tensor
     raw_lp = raw.gather(1, idx).squeeze(1) - log_total
     lp_of_token = raw_lp
     full = None
-    if md.processed_logprobs is not None and bool(md.processed_logprobs.any()):
+    if md.processed_logprobs is not None:  # set only when some row asked for processed logprobs
         processed = final.log_softmax(dim=-1)
         lp_of_token = torch.where(md.processed_logprobs, processed.gather(1, idx).squeeze(1), raw_lp)
         full = torch.where(md.processed_logprobs[:, None], processed, raw.log_softmax(dim=-1))

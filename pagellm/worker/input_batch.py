@@ -4,6 +4,13 @@
     SchedulerOutput.cached_seqs   -> update()   (appends tokens, patches the block table)
     SchedulerOutput.finished_seq_ids -> remove() (frees the row)
     rows of this step's sampled sequences -> sampling_metadata() -> SamplingMetadata
+                                          -> sampled()  (one placeholder token each)
+
+A row holds num_tokens tokens, of which the first num_known are on the host. A step that samples a
+row counts the token it samples at once (a placeholder); its value arrives with a later step's diff.
+With async scheduling the next step is built before that: the placeholder is the only unknown token
+it computes, and the model runner takes it from the previous step's sampled tokens on the device
+(`prev_sample_index`: the row's index among them, -1 if the row did not sample).
 
 Arrays are allocated once (numpy, filled lazily by the OS) and indexed by row,
 so building a step's inputs is a handful of vectorised numpy operations,
@@ -18,6 +25,7 @@ import torch
 from pagellm.core.sched_output import CachedSeqData, NewSeqData
 from pagellm.sample.metadata import SamplingMetadata
 from pagellm.sampling_params import LogprobsMode, SamplingParams
+from pagellm.worker.step_buffers import to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,7 +51,10 @@ class InputBatch:
         self.device = device
         max_blocks = -(-max_model_len // block_size)
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
-        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)  # known tokens + placeholders
+        self.num_known = np.zeros(max_num_seqs, dtype=np.int64)  # tokens whose ids the host holds
+        self.prev_sample_index = np.full(max_num_seqs, -1, dtype=np.int64)
+        self._prev_rows = np.zeros(0, dtype=np.int64)
         self.num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
         self.num_computed = np.zeros(max_num_seqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_seqs, max_blocks), dtype=np.int32)
@@ -66,7 +77,8 @@ class InputBatch:
         self.row_of[d.seq_id] = row
         n = len(d.token_ids)
         self.token_ids[row, :n] = d.token_ids
-        self.num_tokens[row] = n
+        self.num_tokens[row] = self.num_known[row] = n
+        self.prev_sample_index[row] = -1
         self.num_prompt[row] = d.num_prompt_tokens
         self.num_computed[row] = d.num_computed_tokens
         self.block_table[row, :len(d.block_ids)] = d.block_ids
@@ -84,19 +96,28 @@ class InputBatch:
         if row is not None:
             self.params[row] = None
             self.wants_prompt_logprobs[row] = False
+            self.prev_sample_index[row] = -1
             self._free_rows.append(row)
 
     def update(self, c: CachedSeqData) -> None:
         for seq_id, new_tokens, start, blocks, computed in zip(
                 c.seq_ids, c.new_token_ids, c.table_starts, c.new_block_ids, c.num_computed_tokens):
             row = self.row_of[seq_id]
-            if new_tokens:
-                n = self.num_tokens[row]
+            if new_tokens:  # the known tokens grow over the placeholders
+                n = self.num_known[row]
                 self.token_ids[row, n:n + len(new_tokens)] = new_tokens
-                self.num_tokens[row] = n + len(new_tokens)
+                self.num_known[row] = n = n + len(new_tokens)
+                self.num_tokens[row] = max(self.num_tokens[row], n)
             if blocks:
                 self.block_table[row, start:start + len(blocks)] = blocks
             self.num_computed[row] = computed
+
+    def sampled(self, rows: np.ndarray) -> None:
+        """These rows sampled a token this step (in this order): one placeholder each."""
+        self.prev_sample_index[self._prev_rows] = -1
+        self.prev_sample_index[rows] = np.arange(len(rows))
+        self.num_tokens[rows] += 1
+        self._prev_rows = rows
 
     # ---- sampling metadata ----------------------------------------------------------
 
@@ -116,22 +137,22 @@ class InputBatch:
         processed = [p.logprobs_mode == LogprobsMode.PROCESSED_LOGPROBS for p in params]
         return SamplingMetadata(
             num_rows=b,
-            temperature=torch.from_numpy(np.where(greedy_np, 1.0, temp).astype(np.float32)).to(dev),
-            greedy=torch.from_numpy(greedy_np).to(dev),
+            temperature=to_device(np.where(greedy_np, 1.0, temp).astype(np.float32), dev),
+            greedy=to_device(greedy_np, dev),
             all_greedy=bool(greedy_np.all()),
             all_random=not greedy_np.any(),
             all_temperature_one=bool(np.all(greedy_np | (temp == 1.0))),
-            uniforms=torch.from_numpy(uniforms).to(dev),
-            top_k=torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(dev) if (top_k > 0).any() else None,
-            top_p=torch.from_numpy(top_p).to(dev) if (top_p < 1.0).any() else None,
-            min_p=torch.from_numpy(min_p).to(dev) if (min_p > 0).any() else None,
+            uniforms=to_device(uniforms, dev),
+            top_k=to_device(np.where(top_k > 0, top_k, self.vocab_size), dev) if (top_k > 0).any() else None,
+            top_p=to_device(top_p, dev) if (top_p < 1.0).any() else None,
+            min_p=to_device(min_p, dev) if (min_p > 0).any() else None,
             **self._penalties(rows, params),
             logit_bias=self._logit_bias(params),
             allowed_mask=self._allowed_mask(params),
             banned=self._banned(rows, params),
             num_logprobs=num_logprobs,
             max_num_logprobs=max(asked) if asked else None,
-            processed_logprobs=torch.tensor(processed, device=dev) if any(processed) else None,
+            processed_logprobs=to_device(processed, dev) if any(processed) else None,
         )
 
     def _penalties(self, rows: np.ndarray, params: list[SamplingParams]) -> dict:
@@ -147,13 +168,13 @@ class InputBatch:
         counts = torch.zeros(b, v, dtype=torch.float32)
         prompt_mask = torch.zeros(b, v, dtype=torch.bool)
         for i, r in enumerate(rows):
-            np_, nt = int(self.num_prompt[r]), int(self.num_tokens[r])
+            np_, nt = int(self.num_prompt[r]), int(self.num_known[r])
             prompt_mask[i, torch.from_numpy(self.token_ids[r, :np_])] = True
             if nt > np_:
                 counts[i].index_add_(0, torch.from_numpy(self.token_ids[r, np_:nt]), torch.ones(nt - np_))
-        out["output_counts"] = counts.to(dev)
-        out["prompt_mask"] = prompt_mask.to(dev)
-        t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=dev)  # noqa: E731
+        out["output_counts"] = to_device(counts, dev)
+        out["prompt_mask"] = to_device(prompt_mask, dev)
+        t = lambda xs: to_device(xs, dev, torch.float32)  # noqa: E731
         if use_rep:
             out["repetition_penalties"] = t(rep)
         if use_pres:
@@ -173,8 +194,7 @@ class InputBatch:
         if not rows:
             return None
         dev = self.device
-        return (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev),
-                torch.tensor(vals, dtype=torch.float32, device=dev))
+        return to_device(rows, dev), to_device(ids, dev), to_device(vals, dev, torch.float32)
 
     def _allowed_mask(self, params: list[SamplingParams]) -> torch.Tensor | None:
         if all(p.allowed_token_ids is None for p in params):
@@ -184,7 +204,7 @@ class InputBatch:
             if p.allowed_token_ids is not None:
                 mask[i] = False
                 mask[i, p.allowed_token_ids] = True
-        return mask.to(self.device)
+        return to_device(mask, self.device)
 
     def _banned(self, rows: np.ndarray, params: list[SamplingParams]):
         """Tokens forced to -inf: EOS and stop ids before min_tokens; the last token of a bad word
@@ -201,10 +221,10 @@ class InputBatch:
                 prefix = word[:-1]
                 if len(prefix) > num_out:
                     continue
-                nt = int(self.num_tokens[r])
+                nt = int(self.num_known[r])
                 if not prefix or list(self.token_ids[r, nt - len(prefix):nt]) == prefix:
                     b_rows.append(i)
                     b_ids.append(word[-1])
         if not b_rows:
             return None
-        return torch.tensor(b_rows, device=self.device), torch.tensor(b_ids, device=self.device)
+        return to_device(b_rows, self.device), to_device(b_ids, self.device)

@@ -23,6 +23,7 @@ import torch
 
 from pagellm.attention.backend import KVCache, as_bytes
 from pagellm.config import EngineConfig
+from pagellm.worker.step_buffers import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None
     if not copies:
         return
     device = kv_caches[0][0].device
-    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
-    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    src = to_device([s for s, _ in copies], device, torch.long)
+    dst = to_device([d for _, d in copies], device, torch.long)
     for k, v in kv_caches:
         for t in (as_bytes(k), as_bytes(v)):
             t.index_copy_(0, dst, t.index_select(0, src))

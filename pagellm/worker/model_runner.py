@@ -6,7 +6,12 @@
       3. flat inputs: input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables
       4. model.forward -> hidden (T, hidden); only the last position of each sampled sequence
          (and the prompt positions of prompt_logprobs requests) go through the LM head
-      5. Sampler -> tokens, logprobs -> ModelRunnerOutput
+      5. Sampler -> tokens, logprobs -> StepResult (copies to the host queued) -> ModelRunnerOutput
+
+execute_model_async returns once the step's work is queued on the device; StepResult.result() waits
+for it. With async scheduling the engine schedules and launches the next step in between, and a
+token that step computes but the host does not hold yet (the one this step samples) is taken from
+this step's sampled tokens on the device.
 
 Worked example for step 3, two sequences with rows 4 and 1, computing 3 and 1 tokens
 from positions 0 and 7 (block_size 4, row 1's table [5, 9]):
@@ -39,6 +44,7 @@ from pagellm.sample.sampler import Sampler, prompt_logprobs
 from pagellm.worker.cuda_graphs import CudaGraphRunner, graphs_supported
 from pagellm.worker.input_batch import InputBatch
 from pagellm.worker.kv_cache import allocate_kv_cache, copy_blocks, determine_num_blocks, torch_dtype
+from pagellm.worker.step_buffers import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +127,7 @@ class ModelRunner:
             self.buffers = StepBuffers(max_tokens, config.scheduler.max_num_seqs, self.batch.block_table.shape[1],
                                        self.device)
         self.graphs: CudaGraphRunner | None = None
+        self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
 
     def determine_num_blocks(self) -> int:
         return determine_num_blocks(self.config)
@@ -149,18 +156,22 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> StepResult:
+        """Queue the step's work (forward pass, sampling, copies of the results to the host) and return."""
         self._update_state(sched)
+        res = StepResult(self.device)
         if sched.is_empty:
-            return ModelRunnerOutput()
+            return res
         copy_blocks(self.kv_caches, sched.blocks_to_copy)
         inputs = self._prepare_inputs(sched)
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-        out = ModelRunnerOutput()
         driver = self.tp.is_driver
         if len(inputs.sample_rows):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
@@ -168,19 +179,19 @@ class ModelRunner:
                 md = self.batch.sampling_metadata(inputs.sample_rows)
                 if sched.grammar_seq_ids:
                     row_of = {seq_id: i for i, seq_id in enumerate(inputs.sample_seq_ids)}
-                    rows = torch.tensor([row_of[s] for s in sched.grammar_seq_ids], device=self.device)
-                    md.grammar = (torch.from_numpy(sched.grammar_bitmask).to(self.device), rows)
+                    rows = to_device([row_of[s] for s in sched.grammar_seq_ids], self.device)
+                    md.grammar = (to_device(sched.grammar_bitmask, self.device), rows)
                 so = self.sampler(logits, md)
-                out.samples = _to_results(inputs.sample_seq_ids, so, md)
+                res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
+                self._prev_tokens = so.token_ids
+        self.batch.sampled(inputs.sample_rows)  # every rank: the placeholders decide what the next step samples
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
-            if not driver:
-                continue
-            k = self.batch.params[row].prompt_logprobs
-            lp, ranks, top_ids, top_lp = prompt_logprobs(logits, targets, k)
-            out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
-                                                          top_lp.tolist())
-        return out
+            if driver:
+                res.add_prompt_logprobs(seq_id, start, prompt_logprobs(logits, targets,
+                                                                       self.batch.params[row].prompt_logprobs))
+        res.queued()
+        return res
 
     def _update_state(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
@@ -215,12 +226,22 @@ class ModelRunner:
         arrays = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=cu,
                       seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
                       paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
+        unknown = np.flatnonzero(positions >= b.num_known[tok_rows])
+        if len(unknown):  # placeholders: tokens the previous step sampled, still on the device
+            src = b.prev_sample_index[tok_rows[unknown]]
+            if self._prev_tokens is None or (src < 0).any() or (positions[unknown] != b.num_known[
+                    tok_rows[unknown]]).any():
+                raise RuntimeError("the step computes tokens that neither the host holds nor the previous step "
+                                   "sampled")
+            arrays["prev_dst"], arrays["prev_src"] = unknown, src
         # A decode-only batch that a CUDA graph covers is padded to the graph's size and replayed by execute_model.
         graph = None
         if self.graphs is not None and max_query_len == 1 and not fresh.any() and not prompt_lp:
             graph = self.graphs.size_for(len(rows))
         padded = graph or max(total, MIN_BATCH_ROWS)
         t = self._stage(arrays, padded, graph) if self.buffers is not None else self._tensors(arrays, padded)
+        if len(unknown):
+            t["input_ids"].index_copy_(0, t["prev_dst"], self._prev_tokens.index_select(0, t["prev_src"]))
         if graph:
             meta = self.graphs.graphs[graph][2]
         else:
@@ -281,7 +302,7 @@ class ModelRunner:
             if last <= first:
                 continue
             idx = torch.arange(int(cu[i]), int(cu[i]) + last - first, device=self.device)
-            targets = torch.from_numpy(b.token_ids[row, first + 1:last + 1].copy()).to(self.device)
+            targets = to_device(b.token_ids[row, first + 1:last + 1].copy(), self.device)
             out.append((seq_ids[i], row, idx, targets, first + 1))
         return out
 
@@ -302,26 +323,64 @@ class _StepInputs:
         self.graph_size = graph_size  # the CUDA graph (decode batch size) that runs this step, or None
 
 
-def _to_results(seq_ids: list[int], so, md) -> dict[int, SampleResult]:
-    if so.token_ids.device.type == "cpu":
-        tokens = so.token_ids.tolist()
-        lps = so.logprobs.tolist()
-        ranks = so.ranks.tolist() if so.ranks is not None else None
-    else:  # one device-to-host copy for the per-row results (token ids < 2^53 are exact in float64)
-        cols = [so.token_ids, so.logprobs] + ([so.ranks] if so.ranks is not None else [])
-        packed = torch.stack([c.double() for c in cols]).cpu()
-        tokens = packed[0].long().tolist()
-        lps = packed[1].tolist()
-        ranks = packed[2].long().tolist() if so.ranks is not None else None
-    top_ids = so.top_ids.tolist() if so.top_ids is not None else None
-    top_lps = so.top_logprobs.tolist() if so.top_logprobs is not None else None
-    out = {}
-    for i, seq_id in enumerate(seq_ids):
-        res = SampleResult(tokens[i], lps[i])
-        k = md.num_logprobs[i]
-        if k is not None:
-            res.rank = ranks[i]
-            res.top_ids = top_ids[i][:k] if k and top_ids else []
-            res.top_logprobs = top_lps[i][:k] if k and top_lps else []
-        out[seq_id] = res
-    return out
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy on the host, queued behind the step's work (pinned memory on CUDA); the tensor itself on CPU."""
+    return t if t is None or t.device.type == "cpu" else t.to("cpu", non_blocking=True)
+
+
+class StepResult:
+    """One step's results on their way to the host. The copies are queued behind the step's work;
+    result() waits for them (an event on CUDA) and builds the ModelRunnerOutput."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._samples = None  # (seq ids, host tensors, num_logprobs per row)
+        self._prompt_lp: list[tuple] = []  # (seq id, first position, host tensors)
+        self._event = None
+        self._out: ModelRunnerOutput | None = None
+
+    def add_samples(self, seq_ids: list[int], so, num_logprobs: list[int | None]) -> None:
+        if self.device.type == "cpu":
+            cols = (so.token_ids, so.logprobs, so.ranks)
+        else:  # one copy for the per-row results (token ids < 2^53 are exact in float64)
+            packed = _to_host(torch.stack([c.double() for c in (so.token_ids, so.logprobs, so.ranks)
+                                           if c is not None]))
+            cols = (packed[0], packed[1], packed[2] if so.ranks is not None else None)
+        self._samples = (seq_ids, cols, _to_host(so.top_ids), _to_host(so.top_logprobs), num_logprobs)
+
+    def add_prompt_logprobs(self, seq_id: int, start: int, tensors: tuple[torch.Tensor, ...]) -> None:
+        self._prompt_lp.append((seq_id, start, [_to_host(t) for t in tensors]))
+
+    def queued(self) -> None:
+        if self.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> ModelRunnerOutput:
+        if self._out is not None:
+            return self._out
+        if self._event is not None:
+            self._event.synchronize()
+        out = ModelRunnerOutput()
+        if self._samples is not None:
+            seq_ids, (tokens, lps, ranks), top_ids, top_lps, num_logprobs = self._samples
+            tokens = tokens.long().tolist()
+            lps = lps.tolist()
+            ranks = ranks.long().tolist() if ranks is not None else None
+            top_ids = top_ids.tolist() if top_ids is not None else None
+            top_lps = top_lps.tolist() if top_lps is not None else None
+            for i, seq_id in enumerate(seq_ids):
+                res = SampleResult(tokens[i], lps[i])
+                k = num_logprobs[i]
+                if k is not None:
+                    res.rank = ranks[i]
+                    res.top_ids = top_ids[i][:k] if k and top_ids else []
+                    res.top_logprobs = top_lps[i][:k] if k and top_lps else []
+                out.samples[seq_id] = res
+        for seq_id, start, (lp, ranks, top_ids, top_lp) in self._prompt_lp:
+            out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
+                                                          top_lp.tolist())
+        self._out = out
+        self._samples = None
+        self._prompt_lp = []
+        return out

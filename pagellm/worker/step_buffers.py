@@ -1,7 +1,11 @@
 """A step's integer inputs in one fixed-layout buffer: built on the host, sent with one copy.
 
     host (pinned on CUDA)  --one non-blocking copy-->  device
-    [input_ids | positions | slot_mapping | logits_indices | paged_seq_ids | query_start_loc | seq_lens | block_tables]
+    [input_ids | positions | slot_mapping | logits_indices | paged_seq_ids | query_start_loc | seq_lens |
+     prev_dst | prev_src | block_tables]
+
+(prev_dst / prev_src: which input tokens are taken from the previous step's sampled tokens on the
+device, with async scheduling.)
 
 Every field sits at a fixed, 64-byte aligned offset sized for the largest step (max tokens, max
 sequences, max blocks per sequence), so its device view never moves: the eager path slices it to the
@@ -21,6 +25,14 @@ _ALIGN = 64
 _TORCH = {np.int64: torch.int64, np.int32: torch.int32}
 
 
+def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host data (a numpy array, a list, a CPU tensor) on `device`, without waiting for the work already queued
+    there: a blocking host-to-device copy drains the stream first (the step in flight), a non-blocking one from
+    pageable memory is staged by the driver before it returns, so the host data may change right after."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else torch.as_tensor(x, dtype=dtype)
+    return t.to(device, non_blocking=True)
+
+
 class StepBuffers:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
@@ -28,7 +40,8 @@ class StepBuffers:
         layout = [("input_ids", np.int64, max_tokens), ("positions", np.int64, max_tokens),
                   ("slot_mapping", np.int64, max_tokens), ("logits_indices", np.int64, max_tokens),
                   ("paged_seq_ids", np.int64, max_seqs), ("query_start_loc", np.int32, max_seqs + 1),
-                  ("seq_lens", np.int32, max_seqs), ("block_tables", np.int32, max_seqs * max_blocks)]
+                  ("seq_lens", np.int32, max_seqs), ("prev_dst", np.int64, max_seqs), ("prev_src", np.int64, max_seqs),
+                  ("block_tables", np.int32, max_seqs * max_blocks)]
         self.offsets: dict[str, tuple[int, np.dtype, int]] = {}
         off = 0
         for name, dt, n in layout:

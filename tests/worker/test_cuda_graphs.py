@@ -130,10 +130,12 @@ def test_triton_backend_in_the_engine_with_emulated_graphs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on a GPU machine)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_equal_eager_on_gpu(dtype):
+    """Graphs with async scheduling (the CUDA defaults) against eager steps run one at a time."""
     tol = 1e-4 if dtype == "float32" else 5e-2
-    eager, _, _ = run("triton_paged", device="cuda", dtype=dtype, enforce_eager=True)
-    graphed, runner, _ = run("triton_paged", device="cuda", dtype=dtype)
+    eager, _, _ = run("triton_paged", device="cuda", dtype=dtype, enforce_eager=True, async_scheduling=False)
+    graphed, runner, llm = run("triton_paged", device="cuda", dtype=dtype)
     assert runner.graphs is not None and sum(runner.graphs.replays.values()) > 10
+    assert llm.llm_engine.stats.overlapped_steps > 10
     if dtype == "float32":
         assert_same(eager, graphed, tol)
         assert_same(hf_results(), graphed, 1e-3)  # Hugging Face on CPU, the same checkpoint

@@ -1,0 +1,212 @@
+"""Async scheduling: step N+1 is scheduled and launched before step N's results are back.
+
+The oracle is Hugging Face greedy output for greedy requests, and the same engine run one step at a time for
+seeded sampling (a token's random draw depends only on the request's seed and the token's index, so both
+schedules must pick the same tokens). Every test also checks that steps really overlapped, and that every KV
+block is free at the end.
+"""
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from pagellm.config import SchedulerConfig
+from pagellm.core.request import Request
+from pagellm.core.scheduler import Scheduler
+from pagellm.engine.arg_utils import EngineArgs
+from tests.worker.test_cuda_graphs import DEMO, PARAMS, PROMPTS, assert_same, hf_results
+
+
+def make(async_scheduling, **kw):
+    kw.setdefault("max_num_seqs", 4)  # fewer rows than prompts: requests join and leave the batch
+    return LLM(DEMO, async_scheduling=async_scheduling, seed=0, **kw)
+
+
+def generate(llm, prompts, params):
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def tokens_and_logprobs(outs):
+    return [(c.token_ids, [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]) for o in outs for c in o.outputs]
+
+
+def assert_all_free(llm):
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def overlapped(llm):
+    return llm.llm_engine.stats.overlapped_steps
+
+
+@pytest.mark.parametrize("backend", ["torch_ref", "cpu_paged"])
+def test_greedy_output_equals_hf(backend):
+    llm = make(True, attention_backend=backend)
+    got = tokens_and_logprobs(generate(llm, PROMPTS, PARAMS))
+    assert_same(hf_results(), got)
+    assert overlapped(llm) > 20
+    assert_all_free(llm)
+
+
+def test_emulated_cuda_graphs_take_placeholders_from_the_previous_step(monkeypatch):
+    """The GPU path: inputs staged in StepBuffers, decode steps replayed as (emulated) graphs, and the token a step
+    computes but the host does not hold yet written into the graph's static input from the previous step's
+    sampled tokens."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    llm = make(True, attention_backend="torch_ref", max_num_seqs=6)
+    got = tokens_and_logprobs(generate(llm, PROMPTS, PARAMS))
+    assert_same(hf_results(), got)
+    runner = llm.llm_engine.executor.runner
+    assert sum(runner.graphs.replays.values()) > 10
+    assert overlapped(llm) > 20
+    assert_all_free(llm)
+
+
+SAMPLED = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7 + i, max_tokens=12, logprobs=2)
+           for i in range(len(PROMPTS))]
+
+
+def test_seeded_sampling_n_and_stops_match_one_step_at_a_time():
+    """Random sampling with seeds, n > 1 forks, EOS, stop strings, stop token ids and min_tokens: the same
+    outputs and finish reasons as running one step at a time."""
+    params = SAMPLED[:4] + [
+        SamplingParams(temperature=0.8, seed=3, n=3, max_tokens=10),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=30, stop=["e", "the"]),
+        SamplingParams(temperature=0.7, seed=11, max_tokens=30, stop_token_ids=[13, 30], min_tokens=3),
+    ]
+    results = []
+    for mode in (False, True):
+        llm = make(mode)
+        outs = generate(llm, PROMPTS, params)
+        results.append([(c.text, c.token_ids, c.finish_reason, c.stop_reason,
+                         c.logprobs and [sorted(d) for d in c.logprobs]) for o in outs for c in o.outputs])
+        assert_all_free(llm)
+        if mode:
+            assert overlapped(llm) > 10
+    sync, asynchronous = results
+    assert asynchronous == sync
+    assert {r[2] for r in sync} >= {"stop", "length"}  # both kinds of ending occurred
+
+
+def test_preemption_and_recompute():
+    """A KV cache too small for every request at once: sequences are preempted (some while a step computing them
+    is in flight) and recomputed, and the output still equals HF's."""
+    llm = make(True, max_num_seqs=6, num_gpu_blocks_override=12, block_size=4, enable_prefix_caching=False)
+    got = tokens_and_logprobs(generate(llm, PROMPTS, PARAMS))
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    assert_same(hf_results(), got, tol=1e-3)
+    assert overlapped(llm) > 10
+    assert_all_free(llm)
+
+
+def test_abort_while_steps_are_in_flight():
+    llm = make(True)
+    engine = llm.llm_engine
+    for i, (p, sp) in enumerate(zip(PROMPTS[:4], PARAMS[:4])):
+        engine.add_request(str(i), p, sp)
+    for _ in range(4):
+        engine.step()
+    assert engine.core._in_flight  # a step is running while we abort
+    done = {o.request_id: o for o in engine.abort_request("1")}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["1"].outputs[0].finish_reason == "abort"
+    hf = hf_results()
+    for i in (0, 2, 3):
+        assert done[str(i)].outputs[0].token_ids == hf[i][0]
+    assert_all_free(llm)
+
+
+def test_requests_that_need_their_tokens_run_one_step_at_a_time():
+    """Penalties read the sampled tokens on the host: while such a request lives, no step is scheduled ahead, and
+    its output (and its neighbours') equals the one-step-at-a-time run."""
+    params = [SamplingParams(temperature=0, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5,
+                             ignore_eos=True)] + PARAMS[1:4]
+    results = []
+    for mode in (False, True):
+        llm = make(mode)
+        engine = llm.llm_engine
+        outs = generate(llm, PROMPTS[:4], params)
+        results.append([o.outputs[0].token_ids for o in outs])
+        assert_all_free(llm)
+        if mode:
+            assert engine.scheduler.can_schedule_ahead()  # the penalty request is gone
+    assert results[0] == results[1]
+
+
+def test_beam_search_under_async_scheduling_matches():
+    from pagellm.sampling_params import BeamSearchParams
+
+    outs = []
+    for mode in (False, True):
+        llm = make(mode)
+        res = llm.beam_search(PROMPTS[:2], BeamSearchParams(beam_width=3, max_tokens=6), use_tqdm=False)
+        outs.append([[s.tokens for s in r.sequences] for r in res])
+        assert_all_free(llm)
+    assert outs[0] == outs[1]
+
+
+def test_failed_step_while_another_is_in_flight():
+    llm = make(True)
+    engine = llm.llm_engine
+    runner = engine.executor.runner
+    real = runner.execute_model_async
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated device failure")
+        return real(sched)
+
+    runner.execute_model_async = flaky
+    engine.add_request("a", PROMPTS[0], PARAMS[0])
+    failed = []
+    while engine.has_unfinished_requests():
+        failed += [o for o in engine.step() if o.error]
+    assert [o.request_id for o in failed] == ["a"]
+    assert_all_free(llm)
+    runner.execute_model_async = real
+    out = generate(llm, [PROMPTS[1]], [PARAMS[1]])[0]
+    assert out.outputs[0].token_ids == hf_results()[1][0]
+    assert_all_free(llm)
+
+
+def test_scheduler_counts_placeholders():
+    """Scheduled twice without results: the second step computes the placeholder token; a sequence whose token in
+    flight is its last is not scheduled again."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                                      async_scheduling=True), block_size=4, num_blocks=32, enable_prefix_caching=False)
+    a = Request("a", [1, 2, 3], SamplingParams(max_tokens=5), 0.0)
+    b = Request("b", [4, 5], SamplingParams(max_tokens=1), 0.0)
+    sched.add_request(a)
+    sched.add_request(b)
+    first = sched.schedule()
+    assert first.num_scheduled_tokens == {a.seqs[0].seq_id: 3, b.seqs[0].seq_id: 2}
+    assert first.sampling_seq_ids == [a.seqs[0].seq_id, b.seqs[0].seq_id]
+    second = sched.schedule()  # before the first step's results
+    assert second.num_scheduled_tokens == {a.seqs[0].seq_id: 1}  # b's only token is in flight
+    assert a.seqs[0].num_output_placeholders == 2 and a.seqs[0].num_computed_tokens == 4
+    from pagellm.core.sched_output import ModelRunnerOutput, SampleResult
+
+    out = ModelRunnerOutput({a.seqs[0].seq_id: SampleResult(7, -0.1), b.seqs[0].seq_id: SampleResult(8, -0.2)})
+    updates = sched.update_from_output(first, out)
+    assert {u.request_id: u.finished for u in updates} == {"a": False, "b": True}
+    assert a.seqs[0].token_ids == [1, 2, 3, 7] and a.seqs[0].num_output_placeholders == 1
+    third = sched.schedule()  # computes the second step's placeholder (7 is now known, the next one is not)
+    assert third.num_scheduled_tokens == {a.seqs[0].seq_id: 1} and a.seqs[0].num_output_placeholders == 2
+
+
+def test_default_and_flags():
+    assert EngineArgs(model=DEMO).create_engine_config().scheduler.async_scheduling is False  # CPU
+    assert EngineArgs(model=DEMO, async_scheduling=True).create_engine_config().scheduler.async_scheduling is True
+    with pytest.raises(ValueError, match="async_scheduling needs tensor_parallel_size=1"):
+        EngineArgs(model=DEMO, async_scheduling=True, tensor_parallel_size=2).create_engine_config()
+    import argparse
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert parser.parse_args([DEMO]).async_scheduling is None
+    assert parser.parse_args([DEMO, "--async-scheduling"]).async_scheduling is True
+    assert parser.parse_args([DEMO, "--no-async-scheduling"]).async_scheduling is False

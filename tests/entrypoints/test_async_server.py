@@ -1,0 +1,54 @@
+"""`pagellm serve --async-scheduling`: the engine core keeps a step in flight while it applies the previous one's
+results; completions, streams with stop strings and disconnects behave as with one step at a time."""
+
+import json
+
+import httpx
+import pytest
+
+from tests.entrypoints.server_utils import RemoteServer
+from tests.worker.test_cuda_graphs import DEMO
+
+MODEL = "demo"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "512", "--async-scheduling"])
+    yield s
+    s.stop()
+
+
+def test_greedy_completions_equal_hf(server):
+    from transformers import AutoTokenizer
+
+    from tests.hf_reference import hf_greedy
+
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    prompts = ["To be, or not to be", "My lord,", "Now is the winter"]
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": prompts, "max_tokens": 12, "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    for p, text in zip(prompts, texts):
+        tokens, _ = hf_greedy(DEMO, tok(p)["input_ids"], 12)
+        assert text == tok.decode(tokens)
+
+
+def test_stream_stops_at_the_stop_string_and_the_pool_is_freed(server):
+    body = {"model": MODEL, "prompt": "ROMEO.", "max_tokens": 60, "temperature": 0, "stop": ["e"], "stream": True}
+    chunks = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert chunks[-1]["finish_reason"] == "stop"
+    assert "e" not in "".join(c["text"] for c in chunks)
+    assert server.wait_pool_free(timeout=10)
+
+
+def test_disconnect_aborts_and_frees_the_pool(server):
+    body = {"model": MODEL, "prompt": "ROMEO.", "max_tokens": 400, "n": 3, "temperature": 1.0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    assert server.wait_pool_free(timeout=10)
