@@ -28,6 +28,11 @@ from pagellm.sampling_params import LogprobsMode, SamplingParams
 from pagellm.worker.step_buffers import to_device
 
 _MASK64 = (1 << 64) - 1
+# What a row's parameters need beyond temperature / top-k / top-p / min-p (InputBatch.extras), so a step
+# whose rows use none of it reads no SamplingParams object.
+_PENALTIES, _LOGIT_BIAS, _ALLOWED, _BANNED, _PROCESSED = 1, 2, 4, 8, 16
+_NO_PENALTIES = dict(presence_penalties=None, frequency_penalties=None, repetition_penalties=None, prompt_mask=None,
+                     output_counts=None)
 
 
 def counter_uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
@@ -63,6 +68,8 @@ class InputBatch:
         self.top_p = np.ones(max_num_seqs, dtype=np.float32)
         self.min_p = np.zeros(max_num_seqs, dtype=np.float32)
         self.wants_prompt_logprobs = np.zeros(max_num_seqs, dtype=bool)
+        self.extras = np.zeros(max_num_seqs, dtype=np.int64)  # _PENALTIES | _LOGIT_BIAS | ... flags
+        self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # SamplingParams.logprobs, -1 for None
         self.params: list[SamplingParams | None] = [None] * max_num_seqs
         self.seeds = np.zeros(max_num_seqs, dtype=np.uint64)  # each request's seed modulo 2^64
         self.row_of: dict[int, int] = {}
@@ -90,6 +97,12 @@ class InputBatch:
         self.top_p[row] = p.top_p
         self.min_p[row] = p.min_p
         self.wants_prompt_logprobs[row] = p.prompt_logprobs is not None
+        self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        self.extras[row] = (
+            (_PENALTIES if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 else 0)
+            | (_LOGIT_BIAS if p.logit_bias else 0) | (_ALLOWED if p.allowed_token_ids is not None else 0)
+            | (_BANNED if p.min_tokens > 0 or p._bad_words_token_ids else 0)
+            | (_PROCESSED if p.logprobs_mode == LogprobsMode.PROCESSED_LOGPROBS else 0))
 
     def remove(self, seq_id: int) -> None:
         row = self.row_of.pop(seq_id, None)
@@ -124,7 +137,9 @@ class InputBatch:
     def sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         b = len(rows)
         dev = self.device
-        params = [self.params[r] for r in rows]
+        extras = self.extras[rows]
+        used = int(np.bitwise_or.reduce(extras)) if b else 0
+        params = [self.params[r] for r in rows] if used & (_PENALTIES | _LOGIT_BIAS | _ALLOWED | _BANNED) else None
         temp = self.temperature[rows]
         greedy_np = temp < 1e-5
         num_out = self.num_tokens[rows] - self.num_prompt[rows]
@@ -132,9 +147,8 @@ class InputBatch:
         top_k = self.top_k[rows]
         top_p = self.top_p[rows]
         min_p = self.min_p[rows]
-        num_logprobs = [p.logprobs for p in params]
-        asked = [k for k in num_logprobs if k is not None]
-        processed = [p.logprobs_mode == LogprobsMode.PROCESSED_LOGPROBS for p in params]
+        ks = self.num_logprobs[rows]
+        asked = bool((ks >= 0).any())
         return SamplingMetadata(
             num_rows=b,
             temperature=to_device(np.where(greedy_np, 1.0, temp).astype(np.float32), dev),
@@ -146,13 +160,13 @@ class InputBatch:
             top_k=to_device(np.where(top_k > 0, top_k, self.vocab_size), dev) if (top_k > 0).any() else None,
             top_p=to_device(top_p, dev) if (top_p < 1.0).any() else None,
             min_p=to_device(min_p, dev) if (min_p > 0).any() else None,
-            **self._penalties(rows, params),
-            logit_bias=self._logit_bias(params),
-            allowed_mask=self._allowed_mask(params),
-            banned=self._banned(rows, params),
-            num_logprobs=num_logprobs,
-            max_num_logprobs=max(asked) if asked else None,
-            processed_logprobs=to_device(processed, dev) if any(processed) else None,
+            **(self._penalties(rows, params) if used & _PENALTIES else _NO_PENALTIES),
+            logit_bias=self._logit_bias(params) if used & _LOGIT_BIAS else None,
+            allowed_mask=self._allowed_mask(params) if used & _ALLOWED else None,
+            banned=self._banned(rows, params) if used & _BANNED else None,
+            num_logprobs=[k if k >= 0 else None for k in ks.tolist()] if asked else [None] * b,
+            max_num_logprobs=int(ks.max()) if asked else None,
+            processed_logprobs=to_device((extras & _PROCESSED) > 0, dev) if used & _PROCESSED else None,
         )
 
     def _penalties(self, rows: np.ndarray, params: list[SamplingParams]) -> dict:
@@ -160,8 +174,7 @@ class InputBatch:
         freq = [p.frequency_penalty for p in params]
         rep = [p.repetition_penalty for p in params]
         use_rep, use_pres, use_freq = any(r != 1.0 for r in rep), any(pres), any(freq)
-        out = dict(presence_penalties=None, frequency_penalties=None, repetition_penalties=None,
-                   prompt_mask=None, output_counts=None)
+        out = dict(_NO_PENALTIES)
         if not (use_rep or use_pres or use_freq):
             return out
         b, v, dev = len(rows), self.vocab_size, self.device
