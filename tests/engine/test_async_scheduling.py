@@ -13,6 +13,7 @@ from pagellm.config import SchedulerConfig
 from pagellm.core.request import Request
 from pagellm.core.scheduler import Scheduler
 from pagellm.engine.arg_utils import EngineArgs
+from tests.engine.test_failures import fail_nth_call
 from tests.worker.test_cuda_graphs import DEMO, PARAMS, PROMPTS, assert_same, hf_results
 
 
@@ -148,27 +149,17 @@ def test_beam_search_under_async_scheduling_matches():
     assert outs[0] == outs[1]
 
 
-def test_failed_step_while_another_is_in_flight():
+def test_failed_step_while_another_is_in_flight(monkeypatch):
     llm = make(True)
     engine = llm.llm_engine
-    runner = engine.executor.runner
-    real = runner.execute_model_async
-    calls = {"n": 0}
-
-    def flaky(sched):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated device failure")
-        return real(sched)
-
-    runner.execute_model_async = flaky
+    fail_nth_call(monkeypatch, engine.executor.runner, "execute_model_async", 4)
     engine.add_request("a", PROMPTS[0], PARAMS[0])
     failed = []
     while engine.has_unfinished_requests():
         failed += [o for o in engine.step() if o.error]
     assert [o.request_id for o in failed] == ["a"]
     assert_all_free(llm)
-    runner.execute_model_async = real
+    monkeypatch.undo()
     out = generate(llm, [PROMPTS[1]], [PARAMS[1]])[0]
     assert out.outputs[0].token_ids == hf_results()[1][0]
     assert_all_free(llm)

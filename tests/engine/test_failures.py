@@ -3,20 +3,24 @@
 from pagellm import LLM, SamplingParams
 
 
-def test_failed_step_fails_its_requests_and_the_engine_goes_on(llama_path):
-    llm = LLM(llama_path, num_gpu_blocks_override=64)
-    engine = llm.llm_engine
-    runner = engine.executor.runner
-    real = runner.execute_model
+def fail_nth_call(monkeypatch, obj, name: str, n: int) -> None:
+    """The n-th call of obj.name raises a simulated device failure; the others run."""
+    real = getattr(obj, name)
     calls = {"n": 0}
 
-    def flaky(sched):
+    def flaky(*args):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise RuntimeError("simulated device failure")
-        return real(sched)
+        return real(*args)
 
-    runner.execute_model = flaky
+    monkeypatch.setattr(obj, name, flaky)
+
+
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(llama_path, monkeypatch):
+    llm = LLM(llama_path, num_gpu_blocks_override=64)
+    engine = llm.llm_engine
+    fail_nth_call(monkeypatch, engine.executor.runner, "execute_model", 2)
     engine.add_request("a", "The quick", SamplingParams(max_tokens=10, ignore_eos=True))
     engine.step()
     outs = engine.step()  # raises inside: request a fails
