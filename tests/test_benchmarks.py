@@ -119,6 +119,16 @@ def test_smoke_throughput_variants_and_int8_bound(llama_path, tmp_path):
     assert "int8 weights" in text and "ratio pagellm / pagellm[quantization=none,kv_cache_dtype=fp8]" in text
 
 
+def test_variant_values():
+    from pagellm.benchmarks.throughput import parse_variant
+
+    assert parse_variant("async_scheduling=false,quantization=none,max_num_seqs=64,dtype=bfloat16") == {
+        "async_scheduling": False, "quantization": None, "max_num_seqs": 64, "dtype": "bfloat16"}
+    assert parse_variant("enforce-eager=True") == {"enforce_eager": True}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_variant("no_such_flag=1")
+
+
 def test_smoke_quality(tmp_path):
     out = tmp_path / "q.json"
     text = bench("quality", "--quantization", "int8", "--num-prompts", "2", "--prompt-len", "16", "--max-tokens", "8",
@@ -177,9 +187,10 @@ def test_smoke_attention_profile_and_workload_flag(llama_path, tmp_path):
     assert "% of measured bandwidth" in text
     out = tmp_path / "p.json"
     text = bench("profile", "--model", llama_path, "--batch-size", "3", "--input-len", "8", "--steps", "2",
-                 "--warmup-steps", "1", "--output-json", str(out))
+                 "--warmup-steps", "1", "--async-scheduling", "--output-json", str(out))
     r = json.loads(out.read_text())
     assert r["running"] == 3 and r["wall_ms_per_step"] > 0 and r["busy_ms_per_step"] is None
+    assert r["async_scheduling"] is True and r["host_syncs"] is None  # host waits are counted on CUDA only
     assert any(row["name"] == "aten::mm" or "linear" in row["name"] for row in r["top"]), r["top"]
     assert "wall" in text
     assert "workload bound" in bench("peak", "--model", llama_path, "--workload", "nanovllm", "--num-prompts", "4",
