@@ -20,8 +20,8 @@ sequence whose step samples gets an output placeholder, which the next step
 computes (the worker takes that token from the previous step's sampled tokens
 on the device) and which the sampled token replaces in update_from_output.
 Requests whose next step depends on the sampled token on the host (beam search,
-grammars, penalties, multi-token bad words) switch the engine to one step at a
-time while they live (`can_schedule_ahead`).
+grammars, multi-token bad words) switch the engine to one step at a time while
+they live (`can_schedule_ahead`).
 
 Pure Python: no torch import.
 """
@@ -51,11 +51,10 @@ from pagellm.core.sched_output import (
 
 def _reads_sampled_tokens(req: Request) -> bool:
     """Whether building a step for this request needs the tokens it sampled so far on the host: beam search
-    (beams fork from candidates), grammars (the next bitmask), penalties and bad words of several tokens
-    (computed from the token ids)."""
+    (beams fork from candidates), grammars (the next bitmask) and bad words of several tokens (the last tokens
+    decide what is banned). Penalties do not: the worker counts sampled tokens on the device."""
     p = req.sampling_params
     return (not isinstance(req.policy, SamplingPolicy) or p.structured_outputs is not None
-            or bool(p.presence_penalty) or bool(p.frequency_penalty) or p.repetition_penalty != 1.0
             or any(len(w) > 1 for w in p._bad_words_token_ids or ()))
 
 

@@ -13,7 +13,7 @@ for N (updating requests, detokenizing) overlaps the device's work:
     call k+1:  schedule N+2, launch N+2 | wait for N+1, ...
 
 While a request lives that needs its sampled tokens on the host before its next step (beam search,
-grammars, penalties), steps run one at a time again.
+grammars, bad words of several tokens), steps run one at a time again.
     finish_sequence(id, index, stop)                 (a stop string matched by whoever detokenizes)
     abort_requests(ids), check_health(), shutdown()
 

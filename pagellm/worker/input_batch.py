@@ -6,6 +6,11 @@
     rows of this step's sampled sequences -> sampling_metadata() -> SamplingMetadata
                                           -> sampled()  (one placeholder token each)
 
+Penalties read per-row state kept on the device (allocated when the first row that uses them arrives):
+which tokens the prompt holds, and how often each token was generated. A sampled token is counted on
+the device as soon as it is sampled; when its value reaches the host (the scheduler's diff) the
+provisional count is swapped for the final token, which differs only under beam search.
+
 A row holds num_tokens tokens, of which the first num_known are on the host. A step that samples a
 row counts the token it samples at once (a placeholder); its value arrives with a later step's diff.
 With async scheduling the next step is built before that: the placeholder is the only unknown token
@@ -74,6 +79,13 @@ class InputBatch:
         self.seeds = np.zeros(max_num_seqs, dtype=np.uint64)  # each request's seed modulo 2^64
         self.row_of: dict[int, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # Penalties: per-row parameters, and (on the device, allocated on first use) the prompt's tokens as a
+        # mask, the generated tokens' counts, and the last sampled token while its value is provisional.
+        self.penalties = np.zeros((max_num_seqs, 3), dtype=np.float32)  # presence, frequency, repetition
+        self.counted_upto = np.zeros(max_num_seqs, dtype=np.int64)  # tokens below this position are counted
+        self.prompt_mask: torch.Tensor | None = None  # (rows, V) bool
+        self.output_counts: torch.Tensor | None = None  # (rows, V) float32
+        self._last_sampled: torch.Tensor | None = None  # (rows,) int64: each row's last sampled token
 
     # ---- state updates --------------------------------------------------------------
 
@@ -98,8 +110,12 @@ class InputBatch:
         self.min_p[row] = p.min_p
         self.wants_prompt_logprobs[row] = p.prompt_logprobs is not None
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        penalized = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+        self.penalties[row] = (p.presence_penalty, p.frequency_penalty, p.repetition_penalty)  # (0, 0, 1): none
+        if penalized:
+            self._start_penalties(row, d.token_ids, d.num_prompt_tokens, p)
         self.extras[row] = (
-            (_PENALTIES if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 else 0)
+            (_PENALTIES if penalized else 0)
             | (_LOGIT_BIAS if p.logit_bias else 0) | (_ALLOWED if p.allowed_token_ids is not None else 0)
             | (_BANNED if p.min_tokens > 0 or p._bad_words_token_ids else 0)
             | (_PROCESSED if p.logprobs_mode == LogprobsMode.PROCESSED_LOGPROBS else 0))
@@ -113,22 +129,79 @@ class InputBatch:
             self._free_rows.append(row)
 
     def update(self, c: CachedSeqData) -> None:
+        recount: list[tuple[int, int, list[int]]] = []  # penalized rows: (row, first position, tokens) now known
         for seq_id, new_tokens, start, blocks, computed in zip(
                 c.seq_ids, c.new_token_ids, c.table_starts, c.new_block_ids, c.num_computed_tokens):
             row = self.row_of[seq_id]
             if new_tokens:  # the known tokens grow over the placeholders
                 n = self.num_known[row]
                 self.token_ids[row, n:n + len(new_tokens)] = new_tokens
-                self.num_known[row] = n = n + len(new_tokens)
-                self.num_tokens[row] = max(self.num_tokens[row], n)
+                self.num_known[row] = n + len(new_tokens)
+                self.num_tokens[row] = max(self.num_tokens[row], n + len(new_tokens))
+                if self.extras[row] & _PENALTIES:
+                    recount.append((row, int(n), new_tokens))
             if blocks:
                 self.block_table[row, start:start + len(blocks)] = blocks
             self.num_computed[row] = computed
+        if recount:
+            self._count_known_tokens(recount)
 
-    def sampled(self, rows: np.ndarray) -> None:
-        """These rows sampled a token this step (in this order): one placeholder each."""
+    # ---- penalty state (on the device) ------------------------------------------------
+
+    def _start_penalties(self, row: int, token_ids: list[int], num_prompt: int, p: SamplingParams) -> None:
+        if self.output_counts is None:
+            n, v, dev = len(self.temperature), self.vocab_size, self.device
+            self.prompt_mask = torch.zeros(n, v, dtype=torch.bool, device=dev)
+            self.output_counts = torch.zeros(n, v, dtype=torch.float32, device=dev)
+            self._last_sampled = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.counted_upto[row] = len(token_ids)
+        self.prompt_mask[row] = False
+        self.prompt_mask[row, to_device(token_ids[:num_prompt], self.device, torch.int64)] = True
+        self.output_counts[row] = 0
+        if len(token_ids) > num_prompt:
+            out = to_device(token_ids[num_prompt:], self.device, torch.int64)
+            self.output_counts[row].index_add_(0, out, torch.ones(len(out), device=self.device))
+
+    def _count_known_tokens(self, recount: list[tuple[int, int, list[int]]]) -> None:
+        """Tokens the host now holds. One past what was counted is counted now. The last token counted, sampled
+        on the device, is swapped for the one the host holds (the same token, except under beam search, where a
+        beam may keep another candidate); a row has then at most one sampled token outstanding. Earlier
+        outstanding tokens (async scheduling, two steps in flight, no beam search) were counted as they are."""
+        rows, tokens, undo_rows = [], [], []
+        for row, first, new_tokens in recount:
+            for pos, tok in enumerate(new_tokens, start=first):
+                upto = self.counted_upto[row]
+                if pos < self.num_prompt[row] or pos < upto - 1:
+                    continue
+                if pos == upto - 1:
+                    undo_rows.append(row)
+                else:
+                    self.counted_upto[row] = pos + 1
+                rows.append(row)
+                tokens.append(tok)
+        dev = self.device
+        if undo_rows:
+            r = to_device(undo_rows, dev, torch.int64)
+            self.output_counts.index_put_((r, self._last_sampled[r]), torch.full((len(undo_rows),), -1.0, device=dev),
+                                          accumulate=True)
+        if rows:
+            self.output_counts.index_put_((to_device(rows, dev, torch.int64), to_device(tokens, dev, torch.int64)),
+                                          torch.ones(len(rows), device=dev), accumulate=True)
+
+    def sampled(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> None:
+        """These rows sampled a token this step (in this order): one placeholder each. With the sampled tokens
+        (on the device; the driver's), penalized rows count theirs at once."""
         self.prev_sample_index[self._prev_rows] = -1
         self.prev_sample_index[rows] = np.arange(len(rows))
+        if tokens is not None and self.output_counts is not None:
+            idx = np.flatnonzero(self.extras[rows] & _PENALTIES)
+            if len(idx):
+                r = rows[idx]
+                self.counted_upto[r] = self.num_tokens[r] + 1  # counting the placeholder
+                r_dev = to_device(r, self.device)
+                tok = tokens.index_select(0, to_device(idx, self.device))
+                self._last_sampled[r_dev] = tok
+                self.output_counts.index_put_((r_dev, tok), torch.ones(len(r), device=self.device), accumulate=True)
         self.num_tokens[rows] += 1
         self._prev_rows = rows
 
@@ -160,7 +233,7 @@ class InputBatch:
             top_k=to_device(np.where(top_k > 0, top_k, self.vocab_size), dev) if (top_k > 0).any() else None,
             top_p=to_device(top_p, dev) if (top_p < 1.0).any() else None,
             min_p=to_device(min_p, dev) if (min_p > 0).any() else None,
-            **(self._penalties(rows, params) if used & _PENALTIES else _NO_PENALTIES),
+            **(self._penalties(rows) if used & _PENALTIES else _NO_PENALTIES),
             logit_bias=self._logit_bias(params) if used & _LOGIT_BIAS else None,
             allowed_mask=self._allowed_mask(params) if used & _ALLOWED else None,
             banned=self._banned(rows, params) if used & _BANNED else None,
@@ -169,31 +242,21 @@ class InputBatch:
             processed_logprobs=to_device((extras & _PROCESSED) > 0, dev) if used & _PROCESSED else None,
         )
 
-    def _penalties(self, rows: np.ndarray, params: list[SamplingParams]) -> dict:
-        pres = [p.presence_penalty for p in params]
-        freq = [p.frequency_penalty for p in params]
-        rep = [p.repetition_penalty for p in params]
-        use_rep, use_pres, use_freq = any(r != 1.0 for r in rep), any(pres), any(freq)
+    def _penalties(self, rows: np.ndarray) -> dict:
+        pres, freq, rep = self.penalties[rows].T
+        use_rep, use_pres, use_freq = bool((rep != 1.0).any()), bool(pres.any()), bool(freq.any())
         out = dict(_NO_PENALTIES)
-        if not (use_rep or use_pres or use_freq):
-            return out
-        b, v, dev = len(rows), self.vocab_size, self.device
-        counts = torch.zeros(b, v, dtype=torch.float32)
-        prompt_mask = torch.zeros(b, v, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            np_, nt = int(self.num_prompt[r]), int(self.num_known[r])
-            prompt_mask[i, torch.from_numpy(self.token_ids[r, :np_])] = True
-            if nt > np_:
-                counts[i].index_add_(0, torch.from_numpy(self.token_ids[r, np_:nt]), torch.ones(nt - np_))
-        out["output_counts"] = to_device(counts, dev)
-        out["prompt_mask"] = to_device(prompt_mask, dev)
-        t = lambda xs: to_device(xs, dev, torch.float32)  # noqa: E731
+        dev = self.device
+        r = to_device(rows, dev)
+        out["output_counts"] = self.output_counts.index_select(0, r)
+        out["prompt_mask"] = self.prompt_mask.index_select(0, r)
+        # Rows without penalties have neutral values (0, 0, 1), so the state their rows hold is never applied.
         if use_rep:
-            out["repetition_penalties"] = t(rep)
+            out["repetition_penalties"] = to_device(np.ascontiguousarray(rep), dev)
         if use_pres:
-            out["presence_penalties"] = t(pres)
+            out["presence_penalties"] = to_device(np.ascontiguousarray(pres), dev)
         if use_freq:
-            out["frequency_penalties"] = t(freq)
+            out["frequency_penalties"] = to_device(np.ascontiguousarray(freq), dev)
         return out
 
     def _logit_bias(self, params: list[SamplingParams]):

@@ -173,6 +173,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         driver = self.tp.is_driver
+        tokens = None
         if len(inputs.sample_rows):
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
             if driver:
@@ -183,8 +184,8 @@ class ModelRunner:
                     md.grammar = (to_device(sched.grammar_bitmask, self.device), rows)
                 so = self.sampler(logits, md)
                 res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
-                self._prev_tokens = so.token_ids
-        self.batch.sampled(inputs.sample_rows)  # every rank: the placeholders decide what the next step samples
+                self._prev_tokens = tokens = so.token_ids
+        self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
             if driver:

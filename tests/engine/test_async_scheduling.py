@@ -120,20 +120,105 @@ def test_abort_while_steps_are_in_flight():
     assert_all_free(llm)
 
 
-def test_requests_that_need_their_tokens_run_one_step_at_a_time():
-    """Penalties read the sampled tokens on the host: while such a request lives, no step is scheduled ahead, and
-    its output (and its neighbours') equals the one-step-at-a-time run."""
-    params = [SamplingParams(temperature=0, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.5,
+def test_repetition_penalty_overlaps_and_equals_hf():
+    """Penalties count sampled tokens on the device, so penalized requests overlap too; greedy output with a
+    repetition penalty equals Hugging Face's (which applies it to prompt and output tokens, as pagellm does)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.hf_reference import hf_model
+
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 2 * i, repetition_penalty=1.4, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    llm = make(True)
+    outs = generate(llm, PROMPTS, params)
+    assert overlapped(llm) > 10
+    assert_all_free(llm)
+    model = hf_model(DEMO)
+    for p, sp, out in zip(PROMPTS, params, outs):
+        ids = torch.tensor([tok(p)["input_ids"]])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=sp.max_tokens,
+                             repetition_penalty=1.4, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref
+
+
+def check_penalty_counts(batch):
+    """For every penalized row: the device counts are the host's known output tokens plus the tokens sampled on the
+    device and not confirmed yet: exactly the last one when it is the only one outstanding (one step at a time);
+    with two steps in flight, the last one and one more."""
+    import numpy as np
+    import torch
+
+    from pagellm.worker.input_batch import _PENALTIES
+
+    for row in batch.row_of.values():
+        if not batch.extras[row] & _PENALTIES:
+            continue
+        known = batch.token_ids[row, batch.num_prompt[row]:batch.num_known[row]]
+        extra = batch.output_counts[row] - torch.from_numpy(np.bincount(known, minlength=batch.vocab_size)).float()
+        outstanding = int(batch.counted_upto[row] - batch.num_known[row])
+        assert 0 <= outstanding <= 2 and (extra >= 0).all() and extra.sum() == outstanding, row
+        if outstanding:
+            assert extra[batch._last_sampled[row]] >= 1, row
+        if outstanding == 1:
+            assert extra[batch._last_sampled[row]] == 1, row
+
+
+@pytest.mark.parametrize("mode", ["async sampling", "beam search"])
+def test_device_penalty_counts_follow_the_tokens(mode):
+    """The bookkeeping itself, after every step: sampled tokens counted at once, then confirmed (async: two steps in
+    flight, and the outputs equal one step at a time), or swapped when a beam keeps another candidate than the one
+    it sampled (beam search)."""
+    from pagellm.core.beam_search import BeamSearchPolicy
+    from pagellm.sampling_params import BeamSearchParams
+
+    results = []
+    for overlap in ((True, False) if mode == "async sampling" else (False,)):
+        llm = make(overlap, max_num_seqs=8)
+        engine = llm.llm_engine
+        batch = engine.executor.runner.batch
+        if mode == "beam search":
+            params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True, repetition_penalty=1.5,
+                                      frequency_penalty=0.3)
+            engine.add_request("b", {"prompt_token_ids": list(range(40, 60))}, params.sampling_params(6),
+                               policy=BeamSearchPolicy(beam_width=3, num_eos=0))
+        else:
+            for i in range(5):
+                engine.add_request(str(i), PROMPTS[i], SamplingParams(temperature=0.8, seed=i, max_tokens=10 + i,
+                                                                      frequency_penalty=0.7, presence_penalty=0.2))
+        steps, outs = 0, {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: [c.token_ids for c in o.outputs] for o in engine.step() if o.finished})
+            check_penalty_counts(batch)
+            steps += 1
+        assert steps > 10 and batch.output_counts is not None
+        assert_all_free(llm)
+        results.append(outs)
+    if mode == "async sampling":
+        assert results[0] == results[1]
+
+
+def test_bad_words_of_several_tokens_run_one_step_at_a_time():
+    """A banned word of several tokens is judged on the last tokens on the host: while such a request lives no step
+    is scheduled ahead, and every output equals the one-step-at-a-time run's."""
+    params = [SamplingParams(temperature=0, max_tokens=10, bad_words=["the king", "my good lord"],
                              ignore_eos=True)] + PARAMS[1:4]
     results = []
     for mode in (False, True):
         llm = make(mode)
         engine = llm.llm_engine
-        outs = generate(llm, PROMPTS[:4], params)
-        results.append([o.outputs[0].token_ids for o in outs])
+        for i, (p, sp) in enumerate(zip(PROMPTS[:4], params)):
+            engine.add_request(str(i), p, sp)
+        outs = {}
+        while engine.has_unfinished_requests():
+            if "0" in engine.scheduler.requests:
+                assert len(engine.core._in_flight) == 0  # stepped one at a time while request 0 lives
+            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        results.append(outs)
         assert_all_free(llm)
         if mode:
-            assert engine.scheduler.can_schedule_ahead()  # the penalty request is gone
+            assert engine.scheduler.can_schedule_ahead()
     assert results[0] == results[1]
 
 
