@@ -182,11 +182,15 @@ class InputBatch:
         dev = self.device
         if undo_rows:
             r = to_device(undo_rows, dev, torch.int64)
-            self.output_counts.index_put_((r, self._last_sampled[r]), torch.full((len(undo_rows),), -1.0, device=dev),
-                                          accumulate=True)
+            self._add_counts(r, self._last_sampled[r], -1.0)
         if rows:
-            self.output_counts.index_put_((to_device(rows, dev, torch.int64), to_device(tokens, dev, torch.int64)),
-                                          torch.ones(len(rows), device=dev), accumulate=True)
+            self._add_counts(to_device(rows, dev, torch.int64), to_device(tokens, dev, torch.int64), 1.0)
+
+    def _add_counts(self, rows: torch.Tensor, tokens: torch.Tensor, value: float) -> None:
+        """output_counts[rows[i], tokens[i]] += value, repeated pairs adding up (one index_add_ on the flat view,
+        which never waits for the device)."""
+        flat = rows * self.vocab_size + tokens
+        self.output_counts.view(-1).index_add_(0, flat, torch.full((len(flat),), value, device=self.device))
 
     def sampled(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> None:
         """These rows sampled a token this step (in this order): one placeholder each. With the sampled tokens
@@ -201,7 +205,7 @@ class InputBatch:
                 r_dev = to_device(r, self.device)
                 tok = tokens.index_select(0, to_device(idx, self.device))
                 self._last_sampled[r_dev] = tok
-                self.output_counts.index_put_((r_dev, tok), torch.ones(len(r), device=self.device), accumulate=True)
+                self._add_counts(r_dev, tok, 1.0)
         self.num_tokens[rows] += 1
         self._prev_rows = rows
 

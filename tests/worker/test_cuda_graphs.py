@@ -159,3 +159,30 @@ def test_engine_start_freezes_long_lived_objects_out_of_the_collector(monkeypatc
     assert frozen > 10_000
     LLM(DEMO, max_num_seqs=2)
     assert gc.get_freeze_count() == frozen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
+def test_decode_steps_never_make_the_host_wait_for_the_gpu():
+    """With async scheduling and graphs (the CUDA defaults), steady decode steps, penalized rows included, run no
+    operation that blocks the host on the GPU (a blocking copy, .item(), .tolist() of a GPU tensor); the only wait is
+    the event of the previous step's results, which torch's sync debugging does not count."""
+    import warnings
+
+    llm = LLM(DEMO, device="cuda", max_num_seqs=8, seed=0)
+    engine = llm.llm_engine
+    for i, p in enumerate(PROMPTS[:6]):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.8, seed=i, max_tokens=60, ignore_eos=True,
+                                                     frequency_penalty=0.5 if i % 2 else 0.0, logprobs=i % 3 or None))
+    for _ in range(8):  # prompts done, two steps in flight
+        engine.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(20):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs
+    assert engine.stats.overlapped_steps > 20 and sum(engine.executor.runner.graphs.replays.values()) >= 20
