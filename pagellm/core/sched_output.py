@@ -58,6 +58,7 @@ class SchedulerOutput:
     sampling_seq_ids: list[int] = field(default_factory=list)  # sequences whose chunk ends at their last token
     grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences sampled this step
     grammar_bitmask: Any = None  # (len(grammar_seq_ids), ceil(vocab / 32)) int32 allowed-token bits, same order
+    grammar_deferred: bool = False  # the bitmask comes later (finish_sampling): a constrained token is in flight
 
     @property
     def is_empty(self) -> bool:

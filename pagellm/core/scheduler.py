@@ -19,9 +19,12 @@ step can be scheduled before this one's results are back (async scheduling): a
 sequence whose step samples gets an output placeholder, which the next step
 computes (the worker takes that token from the previous step's sampled tokens
 on the device) and which the sampled token replaces in update_from_output.
-Requests whose next step depends on the sampled token on the host (beam search,
-grammars, multi-token bad words) switch the engine to one step at a time while
-they live (`can_schedule_ahead`).
+A constrained sequence's grammar mask depends on the token in flight: such a step
+is marked grammar_deferred, and the engine hands the worker the mask once the
+previous step's results have advanced the grammar (the forward pass runs in the
+meantime; only sampling waits). Requests whose next step depends on the sampled
+token on the host otherwise (beam search, multi-token bad words) switch the
+engine to one step at a time while they live (`can_schedule_ahead`).
 
 Pure Python: no torch import.
 """
@@ -51,11 +54,11 @@ from pagellm.core.sched_output import (
 
 def _reads_sampled_tokens(req: Request) -> bool:
     """Whether building a step for this request needs the tokens it sampled so far on the host: beam search
-    (beams fork from candidates), grammars (the next bitmask) and bad words of several tokens (the last tokens
-    decide what is banned). Penalties do not: the worker counts sampled tokens on the device."""
+    (beams fork from candidates) and bad words of several tokens (the last tokens decide what is banned).
+    Penalties do not (the worker counts sampled tokens on the device), nor grammars (their mask waits, not
+    the step: grammar_deferred)."""
     p = req.sampling_params
-    return (not isinstance(req.policy, SamplingPolicy) or p.structured_outputs is not None
-            or any(len(w) > 1 for w in p._bad_words_token_ids or ()))
+    return not isinstance(req.policy, SamplingPolicy) or any(len(w) > 1 for w in p._bad_words_token_ids or ())
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
@@ -354,16 +357,26 @@ class Scheduler:
                 cached.num_computed_tokens.append(seq.num_computed_tokens)
             seq.num_synced_tokens = seq.num_tokens
             seq.num_computed_tokens += n
+        constrained = [seq for seq in sampling if seq.request.sampling_params.structured_outputs is not None]
+        # A constrained sequence with a token in flight: its mask is known only once that token is back.
+        deferred = any(seq.num_output_placeholders for seq in constrained)
         for seq in sampling:
             seq.num_output_placeholders += 1
         forget, self._forget = self._forget, set()
         out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
                               sampling_seq_ids=[seq.seq_id for seq in sampling])
-        if self.grammar is not None:
-            ids = [seq.seq_id for seq in sampling if seq.request.sampling_params.structured_outputs is not None]
-            if ids:
-                out.grammar_seq_ids, out.grammar_bitmask = ids, self.grammar.bitmask(ids)
+        if constrained:
+            out.grammar_seq_ids = [seq.seq_id for seq in constrained]
+            if deferred:
+                out.grammar_deferred = True
+            else:
+                out.grammar_bitmask = self.grammar.bitmask(out.grammar_seq_ids)
         return out
+
+    def grammar_bitmask(self, sched: SchedulerOutput):
+        """The masks of a grammar_deferred step, once the step before it has been applied (sequences that ended
+        meanwhile get every token allowed: their sample is dropped)."""
+        return self.grammar.bitmask(sched.grammar_seq_ids)
 
     # ---- results ------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ for N (updating requests, detokenizing) overlaps the device's work:
     call k:    schedule N+1, launch N+1 | wait for N, update_from_output(N) -> CoreStep of N
     call k+1:  schedule N+2, launch N+2 | wait for N+1, ...
 
-While a request lives that needs its sampled tokens on the host before its next step (beam search,
-grammars, bad words of several tokens), steps run one at a time again.
+A step whose grammar masks depend on the step before it (a constrained sequence with a token in flight) is
+launched without sampling; its masks follow once that step is applied (`finish_sampling`). While a request
+lives that needs its sampled tokens on the host before its next step (beam search, bad words of several
+tokens), steps run one at a time again.
     finish_sequence(id, index, stop)                 (a stop string matched by whoever detokenizes)
     abort_requests(ids), check_health(), shutdown()
 
@@ -151,17 +153,27 @@ class EngineCore:
         return None
 
     def _collect(self) -> CoreStep:
-        """Wait for the oldest step in flight and apply its results."""
+        """Wait for the oldest step in flight and apply its results; then the next step in flight, if it waits for
+        grammar masks that depend on these results, gets them."""
         sched, pending = self._in_flight.popleft()
         try:
             out = pending.result()
         except ExecutorDeadError as e:
             return self._die(str(e))
         except Exception as e:
-            return self._fail(sched, [s for s, _ in self._in_flight], e)
-        updates = self.scheduler.update_from_output(sched, out)
-        self.counters.record(sched, updates)
-        return CoreStep(updates)
+            done = self._fail(sched, [s for s, _ in self._in_flight], e)
+        else:
+            updates = self.scheduler.update_from_output(sched, out)
+            self.counters.record(sched, updates)
+            done = CoreStep(updates)
+        if self._in_flight and self._in_flight[0][0].grammar_deferred:
+            nxt, nxt_pending = self._in_flight[0]
+            try:
+                self.executor.finish_sampling(nxt_pending, self.scheduler.grammar_bitmask(nxt))
+            except Exception as e:
+                self._in_flight.popleft()
+                done = self._merge(done, self._fail(nxt, [s for s, _ in self._in_flight], e))
+        return done
 
     def _fail(self, sched: SchedulerOutput, later: list[SchedulerOutput], e: Exception) -> CoreStep:
         logger.error("model step failed; aborting the requests of its %d sequences",

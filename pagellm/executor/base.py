@@ -31,8 +31,10 @@ class Executor(Protocol):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
-    # Async scheduling (one device, UniProcExecutor): queue the step, return a handle whose result() waits.
+    # Async scheduling (one device, UniProcExecutor): queue the step, return a handle whose result() waits;
+    # a grammar_deferred step samples once finish_sampling brings its masks.
     # def execute_model_async(self, sched: SchedulerOutput) -> StepResult: ...
+    # def finish_sampling(self, pending: StepResult, grammar_bitmask) -> None: ...
 
     def check_health(self) -> None:
         """Raises ExecutorDeadError when a worker is gone."""
@@ -70,6 +72,9 @@ class UniProcExecutor:
 
     def execute_model_async(self, sched: SchedulerOutput):
         return self.runner.execute_model_async(sched)
+
+    def finish_sampling(self, pending, grammar_bitmask) -> None:
+        self.runner.finish_sampling(pending, grammar_bitmask)
 
     def check_health(self) -> None:
         pass

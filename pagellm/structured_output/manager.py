@@ -140,9 +140,9 @@ class StructuredOutputManager:
     def bitmask(self, seq_ids: list[int]) -> np.ndarray:
         mask = np.full((len(seq_ids), self.compiler.bitmask_width), -1, dtype=np.int32)  # -1: every bit set
         for row, seq_id in enumerate(seq_ids):
-            matcher = self._states[seq_id][0]
-            if not matcher.is_terminated():
-                matcher.fill_next_token_bitmask(mask, row)
+            state = self._states.get(seq_id)  # gone: the sequence ended while this step was in flight
+            if state is not None and not state[0].is_terminated():
+                state[0].fill_next_token_bitmask(mask, row)
         return mask
 
     def free(self, seq_id: int) -> None:

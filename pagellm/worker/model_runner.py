@@ -161,7 +161,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model_async(self, sched: SchedulerOutput) -> StepResult:
-        """Queue the step's work (forward pass, sampling, copies of the results to the host) and return."""
+        """Queue the step's work (forward pass, sampling, copies of the results to the host) and return. A
+        grammar_deferred step stops before sampling: finish_sampling() brings the grammar masks."""
         self._update_state(sched)
         res = StepResult(self.device)
         if sched.is_empty:
@@ -173,26 +174,41 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         driver = self.tp.is_driver
-        tokens = None
-        if len(inputs.sample_rows):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
-            if driver:
-                md = self.batch.sampling_metadata(inputs.sample_rows)
-                if sched.grammar_seq_ids:
-                    row_of = {seq_id: i for i, seq_id in enumerate(inputs.sample_seq_ids)}
-                    rows = to_device([row_of[s] for s in sched.grammar_seq_ids], self.device)
-                    md.grammar = (to_device(sched.grammar_bitmask, self.device), rows)
-                so = self.sampler(logits, md)
-                res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
-                self._prev_tokens = tokens = so.token_ids
-        self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
             if driver:
                 res.add_prompt_logprobs(seq_id, start, prompt_logprobs(logits, targets,
                                                                        self.batch.params[row].prompt_logprobs))
-        res.queued()
+        logits = None
+        if len(inputs.sample_rows):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # gathered on the driver only
+        if sched.grammar_deferred:
+            res.deferred = (logits, inputs, sched.grammar_seq_ids)
+            return res
+        self._sample(res, logits, inputs, sched.grammar_seq_ids, sched.grammar_bitmask)
         return res
+
+    @torch.inference_mode()
+    def finish_sampling(self, res: StepResult, grammar_bitmask) -> None:
+        """Sample a grammar_deferred step with its masks (queued behind its forward pass)."""
+        logits, inputs, grammar_seq_ids = res.deferred
+        res.deferred = None
+        self._sample(res, logits, inputs, grammar_seq_ids, grammar_bitmask)
+
+    def _sample(self, res: StepResult, logits, inputs: _StepInputs, grammar_seq_ids: list[int],
+                grammar_bitmask) -> None:
+        tokens = None
+        if logits is not None and self.tp.is_driver:
+            md = self.batch.sampling_metadata(inputs.sample_rows)
+            if grammar_seq_ids:
+                row_of = {seq_id: i for i, seq_id in enumerate(inputs.sample_seq_ids)}
+                rows = to_device([row_of[s] for s in grammar_seq_ids], self.device)
+                md.grammar = (to_device(grammar_bitmask, self.device), rows)
+            so = self.sampler(logits, md)
+            res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
+            self._prev_tokens = tokens = so.token_ids
+        self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
+        res.queued()
 
     def _update_state(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
@@ -339,6 +355,7 @@ class StepResult:
         self._prompt_lp: list[tuple] = []  # (seq id, first position, host tensors)
         self._event = None
         self._out: ModelRunnerOutput | None = None
+        self.deferred = None  # (logits, inputs, grammar seq ids) of a step waiting for its grammar masks
 
     def add_samples(self, seq_ids: list[int], so, num_logprobs: list[int | None]) -> None:
         if self.device.type == "cpu":
@@ -360,6 +377,8 @@ class StepResult:
     def result(self) -> ModelRunnerOutput:
         if self._out is not None:
             return self._out
+        if self.deferred is not None:
+            raise RuntimeError("the step waits for its grammar masks (ModelRunner.finish_sampling)")
         if self._event is not None:
             self._event.synchronize()
         out = ModelRunnerOutput()

@@ -52,3 +52,22 @@ def test_disconnect_aborts_and_frees_the_pool(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     assert server.wait_pool_free(timeout=10)
+
+
+def test_constrained_completions_stay_in_their_language(server):
+    """Grammar masks arrive after their step is launched (the token before is still in flight)."""
+    import re
+
+    bodies = [{"prompt": "ROMEO.", "structured_outputs": {"regex": "(thou|thee) art (a|an) [a-z]{3,9}\\."}},
+              {"prompt": "Speak, ", "structured_outputs": {"choice": ["ROMEO", "JULIET", "TYBALT"]}}]
+    for body in bodies:
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "max_tokens": 60, "temperature": 1.0,
+                                                             "n": 3, "seed": 1, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        for c in r.json()["choices"]:
+            spec = body["structured_outputs"]
+            if "regex" in spec:
+                assert re.fullmatch(spec["regex"], c["text"]), c["text"]
+            else:
+                assert c["text"] in spec["choice"]
+    assert server.wait_pool_free(timeout=10)
