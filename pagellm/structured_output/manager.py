@@ -83,7 +83,7 @@ class GrammarCompiler:
         try:
             if kind == "json":
                 schema = json.loads(text) if isinstance(spec.json, str) else spec.json
-                grammar = self._compiler.compile_json_schema(schema, any_whitespace=False)
+                grammar = self._compile_json_schema(schema)
             elif kind == "json_object":
                 grammar = self._compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
             elif kind == "regex":
@@ -100,6 +100,29 @@ class GrammarCompiler:
         with self._lock:
             self._cache[key] = grammar
         return grammar
+
+
+    def _compile_json_schema(self, schema: Any) -> Any:
+        """The schema's grammar, with xgrammar's strings of bounded length (minLength / maxLength) corrected: it
+        writes their characters as [^"\\\r\n], which lets raw control characters into JSON strings (invalid
+        JSON) and leaves out escape sequences. They become one character of a JSON string each: any but
+        U+0000-U+001F, '"' and '\\', or an escape."""
+        text = str(_xgr().Grammar.from_json_schema(schema, any_whitespace=False))
+        fixed = fix_bounded_strings(text)
+        if fixed == text:
+            return self._compiler.compile_json_schema(schema, any_whitespace=False)
+        return self._compiler.compile_grammar(fixed)
+
+
+# A rule xgrammar writes for the characters of a string with minLength / maxLength (printed EBNF).
+_BOUNDED_CHARS = re.compile(r'^(\S*characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.M)
+
+
+def fix_bounded_strings(ebnf: str) -> str:
+    """Rewrite the character rules of length-bounded JSON strings in xgrammar's EBNF (see _compile_json_schema)."""
+    if "basic_escape ::=" not in ebnf:
+        return ebnf
+    return _BOUNDED_CHARS.sub(lambda m: m.group(1) + r' ::= (([^\0-\x1f\"\\]) | ("\\" basic_escape))', ebnf)
 
 
 class StructuredOutputManager:

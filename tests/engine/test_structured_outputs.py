@@ -121,3 +121,31 @@ def test_structured_outputs_params_need_exactly_one_kind():
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="choice must be a non-empty list"):
         StructuredOutputsParams(choice=[])
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 6}, {"type": "string", "minLength": 2},
+                                    {"type": "object", "properties": {"name": PERSON["properties"]["name"]},
+                                     "required": ["name"]}])
+def test_bounded_strings_refuse_control_characters_and_take_escapes(schema):
+    """xgrammar writes the characters of a string with minLength / maxLength as [^"\\\\\\r\\n]: raw control
+    characters (invalid JSON) get in and escapes do not. pagellm rewrites that rule into a JSON string character."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from pagellm.structured_output.manager import GrammarCompiler
+
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(DEMO_MODEL), 4096, [0])
+    grammar = compiler.compile(StructuredOutputsParams(json=schema))
+    wrap = (lambda s: s) if schema["type"] == "string" else (lambda s: '{"name": ' + s + "}")
+
+    def accepts(text: str) -> bool:
+        m = xgr.GrammarMatcher(grammar)
+        return m.accept_string(text) and m.accept_token(0) and m.is_terminated()  # 0: the stop token
+
+    assert accepts(wrap('"abc"'))
+    assert accepts(wrap('"a\\"b"')) and accepts(wrap('"\\u00e9t\\n"'))  # escapes, each one character
+    assert not accepts(wrap('"a\x17b"')) and not accepts(wrap('"a\tb"'))  # raw control characters
+    if schema.get("maxLength") == 6:
+        assert accepts('"abcdef"') and not accepts('"abcdefg"') and accepts('"\\"\\"\\"\\"\\"\\""')
+    if schema.get("minLength") == 2:
+        assert not accepts('"a"') and accepts('"ab"')
