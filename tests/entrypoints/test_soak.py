@@ -54,8 +54,10 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict) -> str:
 
 
 @pytest.mark.slow
-def test_soak_with_client_aborts_loses_nothing_and_leaks_no_block():
-    server = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "300", "--max-num-seqs", "24"])
+@pytest.mark.parametrize("extra", [[], ["--async-scheduling"]], ids=["one-step", "async-scheduling"])
+def test_soak_with_client_aborts_loses_nothing_and_leaks_no_block(extra):
+    server = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "300", "--max-num-seqs", "24",
+                           *extra])
     rng = random.Random(0)
     try:
         async def run() -> dict:
