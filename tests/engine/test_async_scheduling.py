@@ -63,6 +63,23 @@ def test_emulated_cuda_graphs_take_placeholders_from_the_previous_step(monkeypat
     assert_all_free(llm)
 
 
+def test_emulated_cuda_graphs_with_penalties_and_logprobs_match_one_step_at_a_time(monkeypatch):
+    """The GPU path again with sampled, penalized rows asking for logprobs: the device penalty counts and the
+    placeholder copy into the graph's static input give the same tokens as one step at a time."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=30, ignore_eos=True,
+                             frequency_penalty=0.5 if i % 2 else 0.0, logprobs=i % 3 or None)
+              for i in range(len(PROMPTS))]
+    results = []
+    for mode in (False, True):
+        llm = make(mode, attention_backend="torch_ref", max_num_seqs=6)
+        results.append([o.outputs[0].token_ids for o in generate(llm, PROMPTS, params)])
+        assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 40
+        assert (overlapped(llm) > 40) if mode else (overlapped(llm) == 0)
+        assert_all_free(llm)
+    assert results[1] == results[0]
+
+
 SAMPLED = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=7 + i, max_tokens=12, logprobs=2)
            for i in range(len(PROMPTS))]
 
