@@ -112,9 +112,12 @@ def test_smoke_throughput_variants_and_int8_bound(llama_path, tmp_path):
     out = tmp_path / "v.json"
     text = bench("throughput", "--model", llama_path, "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
                  "--quantization", "int8", "--bound", "--variant", "quantization=none,kv_cache_dtype=fp8",
-                 "--output-json", str(out))
+                 "--variant", "async_scheduling=true", "--output-json", str(out))
     report = json.loads(out.read_text())
-    assert [r["engine"] for r in report["results"]] == ["pagellm", "pagellm[quantization=none,kv_cache_dtype=fp8]"]
+    assert [r["engine"] for r in report["results"]] == ["pagellm", "pagellm[quantization=none,kv_cache_dtype=fp8]",
+                                                        "pagellm[async_scheduling=true]"]
+    assert "steps overlapped (async scheduling)" in report["results"][2]["note"]
+    assert "overlapped" not in report["results"][0]["note"]
     assert report["quantization"] == "int8" and report["bound"]["output_tokens_per_s"] > 0
     assert "int8 weights" in text and "ratio pagellm / pagellm[quantization=none,kv_cache_dtype=fp8]" in text
 

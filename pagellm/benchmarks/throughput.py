@@ -111,6 +111,9 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
     assert produced == o_tok, f"pagellm produced {produced} tokens, workload asks {o_tok}"
     stats = llm.llm_engine.get_stats()
     note = f"{stats.num_total_blocks} KV blocks, {stats.num_preemptions} preemptions"
+    counters = llm.llm_engine.stats
+    if llm.llm_engine.config.scheduler.async_scheduling:
+        note += f"; {counters.overlapped_steps} of {counters.num_steps} steps overlapped (async scheduling)"
     tp = engine_kwargs.get("tensor_parallel_size", 1)
     if every:
         note += f"; {sum(p.structured_outputs is not None for p in params)} of {len(params)} requests JSON-constrained"
