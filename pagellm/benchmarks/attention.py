@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 
-from pagellm.benchmarks.common import write_report
+from pagellm.benchmarks.common import sync_device, write_report
 
 
 def build_case(batch: int, context: int, q_len: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -57,18 +57,14 @@ def time_backend(backend, q, cache, meta, params, device: str, iters: int, repea
     out = torch.zeros_like(q)
     call = backend.attention if hasattr(backend, "attention") else backend.paged
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     call(out, q, cache, meta, params)  # compile / warm up
-    sync()
+    sync_device(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(iters):
             call(out, q, cache, meta, params)
-        sync()
+        sync_device(device)
         times.append((time.perf_counter() - t) / iters)
     return statistics.median(times)
 

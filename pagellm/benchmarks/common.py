@@ -41,3 +41,11 @@ def write_report(report: dict, path: str | None) -> dict:
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work before reading a clock (nothing to wait for on CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()

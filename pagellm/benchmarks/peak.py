@@ -26,15 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pagellm.benchmarks.common import write_report
+from pagellm.benchmarks.common import sync_device, write_report
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5, device: str = "cpu") -> float:
@@ -43,11 +38,11 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5, device: st
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
         a @ b
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        _sync(device)
+        sync_device(device)
         best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -72,11 +67,11 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5, device: str = "cpu") 
         gib = max(gib, 4.0)
     x = torch.ones(int(gib * 2**30) // 4, device=device)
     x.sum()
-    _sync(device)
+    sync_device(device)
     t = time.perf_counter()
     for _ in range(repeats):
         x.sum()
-    _sync(device)
+    sync_device(device)
     return x.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pagellm.benchmarks.common import add_model_args, llm_kwargs, write_report
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, sync_device, write_report
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
@@ -38,13 +38,6 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def run(ns: argparse.Namespace) -> dict:
@@ -81,11 +74,11 @@ def run(ns: argparse.Namespace) -> dict:
     for _ in range(ns.warmup_steps):
         engine.step()
 
-    _sync(ns.device)
+    sync_device(ns.device)
     t0 = time.perf_counter()
     for _ in range(ns.steps):
         engine.step()
-    _sync(ns.device)
+    sync_device(ns.device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / ns.steps
 
     cuda = ns.device.startswith("cuda")
@@ -93,7 +86,7 @@ def run(ns: argparse.Namespace) -> dict:
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(ns.steps):
             engine.step()
-        _sync(ns.device)
+        sync_device(ns.device)
     if ns.trace:
         prof.export_chrome_trace(ns.trace)
     busy_ms = None

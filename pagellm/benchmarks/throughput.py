@@ -23,7 +23,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 
-from pagellm.benchmarks.common import add_model_args, has_tokenizer, llm_kwargs, write_report
+from pagellm.benchmarks.common import add_model_args, has_tokenizer, llm_kwargs, sync_device, write_report
 from pagellm.benchmarks.workload import (
     PRESETS,
     BenchRequest,
@@ -61,13 +61,6 @@ class EngineResult:
         d.update(requests_per_s=self.requests_per_s, output_tokens_per_s=self.output_tokens_per_s,
                  total_tokens_per_s=self.total_tokens_per_s)
         return d
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def _peak_rss_mb() -> float:
@@ -186,7 +179,7 @@ def run_hf(model: str, load_format: str, dtype: str, reqs: list[BenchRequest], b
     computed = 0
     for i in range(0, len(reqs), batch_size):
         computed += _hf_generate(m, reqs[i:i + batch_size])
-    _sync(device)
+    sync_device(device)
     elapsed = time.perf_counter() - t0
     p_tok, o_tok = workload_totals(reqs)
     name = "hf-single" if batch_size == 1 else f"hf-static({batch_size})"

@@ -122,8 +122,8 @@ class EngineCore:
     def step(self) -> CoreStep:
         """Run one step and return what it produced. With async scheduling: launch the next step, then return
         what the one launched by the previous call produced."""
-        if self.dead is not None:
-            return self._drain_dead()
+        if self.dead is not None:  # _die emptied the queue
+            return CoreStep()
         if not self._in_flight:
             failed = self._launch()
             if failed is not None or not self._in_flight:
@@ -184,10 +184,6 @@ class EngineCore:
     @staticmethod
     def _merge(a: CoreStep, b: CoreStep) -> CoreStep:
         return CoreStep(a.updates + b.updates, a.failed + b.failed, a.error or b.error)
-
-    def _drain_dead(self) -> CoreStep:
-        self._in_flight.clear()
-        return CoreStep()
 
     def check_health(self) -> CoreStep:
         """Between steps: if a worker died, fail every request now."""

@@ -12,7 +12,7 @@ and rank 0 returns the result. They differ only in how worker processes are star
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,16 +31,20 @@ class Executor(Protocol):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
-    # Async scheduling (one device, UniProcExecutor): queue the step, return a handle whose result() waits;
-    # a grammar_deferred step samples once finish_sampling brings its masks.
-    # def execute_model_async(self, sched: SchedulerOutput) -> StepResult: ...
-    # def finish_sampling(self, pending: StepResult, grammar_bitmask) -> None: ...
-
     def check_health(self) -> None:
         """Raises ExecutorDeadError when a worker is gone."""
         ...
 
     def shutdown(self) -> None: ...
+
+
+class AsyncExecutor(Executor, Protocol):
+    """What async scheduling needs on top (one device: UniProcExecutor): queue a step and return a handle
+    whose result() waits for it; a grammar_deferred step samples once finish_sampling brings its masks."""
+
+    def execute_model_async(self, sched: SchedulerOutput) -> Any: ...
+
+    def finish_sampling(self, pending: Any, grammar_bitmask: Any) -> None: ...
 
 
 def set_process_threads(config: EngineConfig) -> None:

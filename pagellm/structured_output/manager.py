@@ -115,7 +115,7 @@ class GrammarCompiler:
 
 
 # A rule xgrammar writes for the characters of a string with minLength / maxLength (printed EBNF).
-_BOUNDED_CHARS = re.compile(r'^(\S*characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.M)
+_BOUNDED_CHARS = re.compile(r"^(\S*characters) ::= " + re.escape(r'(([^\"\\\r\n]))') + "$", re.M)
 
 
 def fix_bounded_strings(ebnf: str) -> str:
