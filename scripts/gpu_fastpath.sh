@@ -1,72 +1,104 @@
 #!/usr/bin/env bash
-# The GPU fast path's checks and figures in one run (issue: GPU fast path), for a machine with one CUDA GPU.
+# The GPU fast path's checks and figures (issue: GPU fast path), for a machine with one CUDA GPU.
 #
-#     bash scripts/gpu_fastpath.sh [OUT_DIR]        (about 8-10 minutes on an H100/H200; JSON in OUT_DIR)
+#     bash scripts/gpu_fastpath.sh [OUT_DIR] [STAGE ...]
 #
-# Most important first, so a run cut short still has the headline figures:
-# 1. quick correctness: the Triton kernels against torch_ref, CUDA graphs against eager
-# 2. the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64
-# 3. the step profile: pure decode at batch 256 on the TinyLlama-1.1B shape (wall vs GPU busy, host waits),
-#    with async scheduling (the CUDA default) and one step at a time
-# 4. throughput: the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights), async scheduling on
-#    and off side by side, beside HF static batching on its first 32 requests; GPT-2 124M beside HF static(16)
-# 5. greedy output against HF (scripts/check_cuda.py: graphs + async scheduling, then eager one step at a time)
-# 6. launch-setting sweep, unfused / eager profiles, every attention case
+# With no stage named, every stage runs, most important first (about 10 minutes on an H100/H200), so a
+# run cut short still has the headline figures. Each stage has its own time limit, its output goes to
+# OUT_DIR/log.txt (JSON figures beside it), and a table of stage results is printed last.
+#
+# Stages:
+#   info        the card, torch and Triton versions, missing Python packages
+#   quick       pytest: the Triton kernels against torch_ref on 3 shapes, CUDA graphs against eager, fused elementwise
+#   attention   the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64 (and batch 8, 4k)
+#   greedy      greedy output against HF (scripts/check_cuda.py) on a few architectures, graphs + async scheduling
+#   profile     decode at batch 256 on the TinyLlama-1.1B shape: wall vs GPU busy, host waits (async on, then off)
+#   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching
+#   gpt2        GPT-2 124M default workload beside HF static(16)
+#   greedy_all  every test architecture against HF, graphs + async, then eager one step at a time
+#   sweep       attention launch settings (tile, warps, stages)
+#   ablations   profiles without the fused elementwise kernels, then without CUDA graphs
+#   cases       every attention case on the GPU (windows, soft-cap, head sizes, fp8)
+#   gpu_tests   every test that needs a CUDA GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
+shift || true
 mkdir -p "$OUT"
+LOG=$OUT/log.txt
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 TINY=pagellm/benchmarks/configs/tinyllama-1.1b
 GPT2=pagellm/benchmarks/configs/gpt2-124m
-step() { echo; echo "== $*"; }
+MODELS=tests/.models
+SUMMARY=()
 
-step "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-$PY -c "import importlib.util as u; m = [n for n in ('transformers', 'tokenizers', 'safetensors', 'psutil', 'jinja2',
-    'tqdm', 'pytest') if u.find_spec(n) is None]; print('missing Python packages (carry them as wheels):', m) if m else None"
+stage_info() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+    $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)"
+    $PY -c "import importlib.util as u; m = [n for n in ('transformers', 'tokenizers', 'safetensors', 'psutil',
+'jinja2', 'tqdm', 'pytest') if u.find_spec(n) is None]; print('missing Python packages (carry them as wheels):', m)"
+}
+stage_quick() {
+    $PY -m pytest -q -p no:cacheprovider -x tests/worker/test_attention_backends.py tests/worker/test_cuda_graphs.py \
+        tests/models/test_triton_ops.py -k "gpu or kernels_on_cuda or (cuda and None-None and (case0 or case1 or case2))"
+}
+attn() { $PY -m pagellm bench attention --device cuda --num-heads 32 --num-kv-heads 4 --head-dim 64 --dtype bfloat16 \
+    --backend triton_paged "$@"; }
+stage_attention() {
+    attn --batch-size 256 --context-len 1024 --output-json "$OUT/attention_b256.json" &&
+    attn --batch-size 8 --context-len 4096 --output-json "$OUT/attention_b8.json"
+}
+stage_greedy() {
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/gpt_bigcode $MODELS/gemma2 $MODELS/mixtral \
+        pagellm/assets/shakespeare-llama
+}
+profile() { $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
+    --batch-size 256 --input-len 250 --steps 20 --top 8 "$@"; }
+stage_profile() {
+    profile --output-json "$OUT/profile_tinyllama.json"
+    profile --no-async-scheduling --output-json "$OUT/profile_tinyllama_sync.json"
+}
+stage_throughput() {
+    $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
+        --workload nanovllm --compare hf --hf-num-prompts 32 --skip-hf-single --bound \
+        --variant async_scheduling=false --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+}
+stage_gpt2() {
+    $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
+        --compare hf --skip-hf-single --output-json "$OUT/throughput_gpt2_cuda.json"
+}
+stage_greedy_all() {
+    $PY scripts/check_cuda.py && $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
+}
+stage_sweep() {
+    attn --batch-size 256 --context-len 1024 --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 --iters 10 \
+        --output-json "$OUT/attention_sweep.json"
+}
+stage_ablations() {
+    PAGELLM_FUSED_ELEMENTWISE=0 profile --output-json "$OUT/profile_tinyllama_unfused.json"
+    profile --enforce-eager --output-json "$OUT/profile_tinyllama_eager.json"
+}
+stage_cases() {
+    $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py -k cuda
+}
+stage_gpu_tests() {
+    $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu" -x
+}
 
-step "kernels and graphs, quick (pytest: plain attention on 3 shapes, graphs vs eager, fused elementwise)"
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py \
-    tests/worker/test_cuda_graphs.py tests/models/test_triton_ops.py \
-    -k "gpu or kernels_on_cuda or (cuda and None-None and (case0 or case1 or case2))" 2>&1 | tail -8
-
-step "attention kernel bandwidth"
-$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
-    --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b256.json"
-$PY -m pagellm bench attention --device cuda --batch-size 8 --context-len 4096 --num-heads 32 --num-kv-heads 4 \
-    --head-dim 64 --dtype bfloat16 --backend triton_paged --output-json "$OUT/attention_b8.json"
-
-step "step profile: decode at batch 256, TinyLlama-1.1B shape (async scheduling on, then off)"
-$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
-    --input-len 250 --steps 20 --output-json "$OUT/profile_tinyllama.json"
-$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
-    --input-len 250 --steps 20 --top 5 --no-async-scheduling --output-json "$OUT/profile_tinyllama_sync.json"
-
-step "throughput: nanovllm workload, TinyLlama-1.1B shape, bf16 (async scheduling on; off as a variant)"
-timeout 300 $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
-    --workload nanovllm --compare hf --hf-num-prompts 32 --skip-hf-single --bound \
-    --variant async_scheduling=false --output-json "$OUT/throughput_tinyllama_nanovllm.json"
-
-step "throughput: GPT-2 124M default workload"
-timeout 200 $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
-    --compare hf --skip-hf-single --output-json "$OUT/throughput_gpt2_cuda.json"
-
-step "greedy output vs HF on the GPU (graphs + async scheduling; eager, one step at a time)"
-timeout 200 $PY scripts/check_cuda.py
-timeout 200 $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
-
-step "attention launch settings (tile, warps, stages), decode at batch 256"
-$PY -m pagellm bench attention --device cuda --batch-size 256 --context-len 1024 --num-heads 32 --num-kv-heads 4 \
-    --head-dim 64 --dtype bfloat16 --backend triton_paged --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 \
-    --iters 10 --output-json "$OUT/attention_sweep.json"
-
-step "profiles without the fused elementwise kernels, then without CUDA graphs"
-PAGELLM_FUSED_ELEMENTWISE=0 $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 \
-    --device cuda --batch-size 256 --input-len 250 --steps 20 --top 5 --output-json "$OUT/profile_tinyllama_unfused.json"
-$PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda --batch-size 256 \
-    --input-len 250 --steps 20 --top 5 --enforce-eager --output-json "$OUT/profile_tinyllama_eager.json"
-
-step "every attention case on the GPU (windows, soft-cap, head sizes, fp8; many kernel compilations)"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py -k cuda 2>&1 | tail -8
+declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=300 [gpt2]=200
+                  [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile throughput gpt2 greedy_all sweep ablations cases)
+for s in "${STAGES[@]}"; do
+    t0=$SECONDS
+    echo; echo "== $s (limit ${LIMIT[$s]} s)" | tee -a "$LOG"
+    export -f "stage_$s" attn profile 2>/dev/null
+    export PY TINY GPT2 MODELS OUT
+    timeout "${LIMIT[$s]}" bash -c "stage_$s" 2>&1 | tee -a "$LOG" | grep -v -E "^\s*$" | tail -25
+    rc=${PIPESTATUS[0]}
+    SUMMARY+=("$(printf '%-11s rc=%-3s %4d s' "$s" "$rc" $((SECONDS - t0)))")
+done
+echo; echo "== stages" | tee -a "$LOG"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
