@@ -1,12 +1,14 @@
 """Check the engine on a CUDA GPU against Hugging Face on the same GPU (greedy tokens, logprobs).
 
-    python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [MODEL_DIR ...]
+    python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [--attention-backend NAME]
+                                 [--hf-device cpu] [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
 batches through CUDA graphs unless --enforce-eager; the next step scheduled while one runs unless
 --no-async-scheduling) and transformers on the same checkpoint and prompts; prints per-model
-agreement and exits non-zero on any mismatch.
+agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the reference on the CPU instead
+(to tell a GPU-side difference of transformers from one of pagellm).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 
 
 def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bool = False,
-          async_scheduling: bool = True) -> bool:
+          async_scheduling: bool = True, attention_backend: str = "auto", hf_device: str = "cuda") -> bool:
     from transformers import AutoModelForCausalLM
 
     from pagellm import LLM, SamplingParams
 
     llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager,
-              async_scheduling=async_scheduling, max_num_seqs=6)  # fewer rows than prompts: joins and leaves
+              async_scheduling=async_scheduling, max_num_seqs=6,  # fewer rows than prompts
+              attention_backend=attention_backend)
     vocab = llm.llm_engine.config.model.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(8, vocab) for _ in range(rng.randint(1, 90))] for _ in range(n_prompts)]
@@ -38,11 +41,11 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(hf_device).eval()
     hf.generation_config.eos_token_id = None
     ok, max_diff = 0, 0.0
     for p, out in zip(prompts, outs):
-        ids = torch.tensor([p], device="cuda")
+        ids = torch.tensor([p], device=hf_device)
         g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                         output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         ref = g.sequences[0, len(p):].tolist()
@@ -55,8 +58,10 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     mode = "eager" if graphs is None else f"CUDA graphs, {sum(graphs.replays.values())} replays"
     overlapped = llm.llm_engine.stats.overlapped_steps
     mode += f", {overlapped} steps overlapped" if async_scheduling else ", one step at a time"
+    mode += f", {llm.llm_engine.executor.runner.backend.name} attention"
+    ref_device = torch.cuda.get_device_name() if hf_device == "cuda" else hf_device
     print(f"{os.path.basename(path)} ({mode}): {ok}/{len(prompts)} greedy outputs equal HF on "
-          f"{torch.cuda.get_device_name()}, max logprob diff {max_diff:.2e}, pagellm {elapsed:.2f} s", flush=True)
+          f"{ref_device}, max logprob diff {max_diff:.2e}, pagellm {elapsed:.2f} s", flush=True)
     return ok == len(prompts) and max_diff < 1e-3
 
 
@@ -64,13 +69,17 @@ def main() -> int:
     args = sys.argv[1:]
     eager = "--enforce-eager" in args
     overlap = "--no-async-scheduling" not in args
-    paths = [a for a in args if not a.startswith("--")]
+    backend = args[args.index("--attention-backend") + 1] if "--attention-backend" in args else "auto"
+    hf_device = args[args.index("--hf-device") + 1] if "--hf-device" in args else "cuda"
+    paths = [a for i, a in enumerate(args) if not a.startswith("--")
+             and (i == 0 or args[i - 1] not in ("--attention-backend", "--hf-device"))]
     if not paths:
         from make_models import build
 
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
-    results = [check(p, enforce_eager=eager, async_scheduling=overlap) for p in paths]
+    results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device)
+               for p in paths]
     return 0 if all(results) else 1
 
 

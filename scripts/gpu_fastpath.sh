@@ -12,8 +12,11 @@
 #   quick       pytest: the Triton kernels against torch_ref on 3 shapes, CUDA graphs against eager, fused elementwise
 #   attention   the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64 (and batch 8, 4k)
 #   greedy      greedy output against HF (scripts/check_cuda.py) on a few architectures, graphs + async scheduling
-#   profile     decode at batch 256 on the TinyLlama-1.1B shape: wall vs GPU busy, host waits (async on, then off)
+#   profile     decode at batch 256 on the TinyLlama-1.1B shape: wall vs GPU busy, host waits, the host's hot
+#               functions (async on, then off)
 #   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching
+#   nosync      the GPU test that steady decode steps never make the host wait
+#   gemma2      Gemma 2 against HF on the GPU and on the CPU, eager, unfused, torch_ref attention (which part differs)
 #   gpt2        GPT-2 124M default workload beside HF static(16)
 #   greedy_all  every test architecture against HF, graphs + async, then eager one step at a time
 #   sweep       attention launch settings (tile, warps, stages)
@@ -57,13 +60,23 @@ stage_greedy() {
 profile() { $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
     --batch-size 256 --input-len 250 --steps 20 --top 8 "$@"; }
 stage_profile() {
-    profile --output-json "$OUT/profile_tinyllama.json"
+    profile --host-top 30 --output-json "$OUT/profile_tinyllama.json"
     profile --no-async-scheduling --output-json "$OUT/profile_tinyllama_sync.json"
 }
 stage_throughput() {
     $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
-        --workload nanovllm --compare hf --hf-num-prompts 32 --skip-hf-single --bound \
-        --variant async_scheduling=false --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+        --workload nanovllm --compare hf --hf-num-prompts 16 --skip-hf-single --bound \
+        --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+}
+stage_nosync() {
+    $PY -m pytest -q -p no:cacheprovider tests/worker/test_cuda_graphs.py -k never_make_the_host_wait
+}
+stage_gemma2() {
+    local m=$MODELS/gemma2
+    $PY scripts/check_cuda.py $m --hf-device cpu
+    $PY scripts/check_cuda.py $m --enforce-eager --no-async-scheduling
+    PAGELLM_FUSED_ELEMENTWISE=0 $PY scripts/check_cuda.py $m --enforce-eager
+    $PY scripts/check_cuda.py $m --attention-backend torch_ref
 }
 stage_gpt2() {
     $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
@@ -73,7 +86,7 @@ stage_greedy_all() {
     $PY scripts/check_cuda.py && $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
 }
 stage_sweep() {
-    attn --batch-size 256 --context-len 1024 --tile-n 16,32,64 --num-warps 2,4,8 --num-stages 2,3 --iters 10 \
+    attn --batch-size 256 --context-len 1024 --tile-n 32,64,128 --num-warps 4,8 --num-stages 2,3 --iters 10 \
         --output-json "$OUT/attention_sweep.json"
 }
 stage_ablations() {
@@ -88,6 +101,7 @@ stage_gpu_tests() {
 }
 
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=300 [gpt2]=200
+                  [nosync]=90 [gemma2]=120
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile throughput gpt2 greedy_all sweep ablations cases)

@@ -12,6 +12,10 @@ prefilled and the batch is pure decode, then times --steps decode steps twice:
        GPU (a blocking copy, .item(), .tolist() of a GPU tensor), per step and by source line; the
        engine's deliberate wait for a step's results is an event and is not counted, so the figure
        should be 0
+    4. under cProfile: the engine's own Python functions by their own time per step (`--host-top N`),
+       where the host's share of a step goes
+
+Requests get as many output tokens as the model allows, so every window runs at the full batch.
 
 On CPU there is no separate device: the table shows the top operators by their own CPU time, and
 "busy" is not reported. `--trace FILE.json` writes the profiled window as a Chrome trace.
@@ -47,6 +51,7 @@ def run(ns: argparse.Namespace) -> dict:
     from torch.autograd import DeviceType
 
     from pagellm import LLM, SamplingParams
+    from pagellm.sampling_params import RequestOutputKind
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -60,21 +65,26 @@ def run(ns: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     vocab = engine.config.model.vocab_size
     rng = random.Random(0)
-    max_tokens = ns.warmup_steps + 3 * ns.steps + 8
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    max_tokens = engine.config.scheduler.max_model_len - ns.input_len  # every window runs at the full batch
+    need = ns.warmup_steps + 4 * ns.steps + 8 + ns.batch_size * ns.input_len // 512
+    if max_tokens < need:
+        raise ValueError(f"--input-len {ns.input_len} leaves {max_tokens} output tokens under max_model_len "
+                         f"{engine.config.scheduler.max_model_len}; the windows need about {need}")
+    # Final-only outputs, as LLM.generate asks for (no per-step RequestOutput objects).
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for i in range(ns.batch_size):
         engine.add_request(f"p{i}", {"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]}, params)
-    started: set[str] = set()
     prefill_steps = 0
-    while len(started) < ns.batch_size:  # until every request has its first token: the batch is pure decode
-        for out in engine.step():
-            if out.outputs and out.outputs[0].token_ids:
-                started.add(out.request_id)
+    scheduler = engine.scheduler
+    while (scheduler.waiting or any(seq.num_output_tokens == 0 for req in scheduler.running for seq in req.seqs)):
+        engine.step()  # until every request has its first token: the batch is pure decode
         prefill_steps += 1
     for _ in range(ns.warmup_steps):
         engine.step()
 
     sync_device(ns.device)
+    running = engine.get_stats().num_running_reqs
     t0 = time.perf_counter()
     for _ in range(ns.steps):
         engine.step()
@@ -94,6 +104,7 @@ def run(ns: argparse.Namespace) -> dict:
         kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy_ms = _union_us(kernels) / 1e3 / ns.steps
     syncs = _count_syncs(engine, ns.steps) if cuda else None
+    host = _host_profile(engine, ns.steps, ns.host_top) if ns.host_top else None
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []
     for avg in sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True):
@@ -104,11 +115,14 @@ def run(ns: argparse.Namespace) -> dict:
         if len(rows) >= ns.top:
             break
     stats = engine.get_stats()
+    if stats.num_running_reqs != running:
+        raise RuntimeError(f"the batch changed from {running} to {stats.num_running_reqs} during the windows")
     llm.shutdown()
     return {"model": ns.model, "device": ns.device, "dtype": ns.dtype, "batch_size": ns.batch_size,
             "input_len": ns.input_len, "prefill_steps": prefill_steps, "steps": ns.steps,
             "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy_ms,
-            "async_scheduling": engine.config.scheduler.async_scheduling, "host_syncs": syncs, "top": rows}
+            "async_scheduling": engine.config.scheduler.async_scheduling, "host_syncs": syncs, "top": rows,
+            "host_top": host}
 
 
 def _count_syncs(engine, steps: int) -> dict:
@@ -127,10 +141,29 @@ def _count_syncs(engine, steps: int) -> dict:
                 engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchroniz" in str(w.message):
+    for w in caught:  # torch's own warning on enabling the mode also says "synchronizing"
+        if "called a synchronizing CUDA operation" in str(w.message):
             where[f"{w.filename}:{w.lineno}"] += 1
     return {"per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
+
+
+def _host_profile(engine, steps: int, top: int) -> list[dict]:
+    """Run `steps` steps under cProfile: pagellm's functions by their own time (and torch's calls from them)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    rows = []
+    for (file, line, fn), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+        where = file.split("pagellm/", 1)[-1] if "pagellm/" in file else fn
+        rows.append({"name": f"{where}:{line}({fn})" if "pagellm/" in file else fn, "own_ms_per_step":
+                     own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps, "calls_per_step": calls / steps})
+    rows.sort(key=lambda r: r["own_ms_per_step"], reverse=True)
+    return rows[:top]
 
 
 def main(ns: argparse.Namespace) -> dict:
@@ -151,6 +184,11 @@ def main(ns: argparse.Namespace) -> dict:
     print(f"  {'ms/step':>8} {'calls/step':>10}  {what}")
     for row in r["top"]:
         print(f"  {row['ms_per_step']:>8.3f} {row['calls_per_step']:>10.1f}  {row['name'][:100]}")
+    if r["host_top"]:
+        print(f"  host (cProfile, its own overhead included): {'own ms':>7} {'cum ms':>7} {'calls':>7}  per step")
+        for row in r["host_top"]:
+            print(f"  {row['own_ms_per_step']:>50.3f} {row['cum_ms_per_step']:>7.3f} {row['calls_per_step']:>7.1f}"
+                  f"  {row['name'][:90]}")
     return write_report(r, ns.output_json)
 
 
@@ -162,6 +200,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=5, help="Decode steps before the timed window.")
     p.add_argument("--steps", type=int, default=20, help="Decode steps timed (and then profiled).")
     p.add_argument("--top", type=int, default=15, help="Kernels / operators listed.")
+    p.add_argument("--host-top", type=int, default=0, metavar="N",
+                   help="Also run the steps under cProfile and list the N functions with the most own time.")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None)
     p.add_argument("--attention-backend", default="auto")
