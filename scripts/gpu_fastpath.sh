@@ -13,7 +13,7 @@
 #   attention   the attention kernel's bandwidth: decode at batch 256, context 1024, GQA 8:1, head_dim 64 (and batch 8, 4k)
 #   greedy      greedy output against HF (scripts/check_cuda.py) on a few architectures, graphs + async scheduling
 #   profile     decode at batch 256 on the TinyLlama-1.1B shape: wall vs GPU busy, host waits, the host's hot
-#               functions (async on, then off)
+#               functions (async scheduling on); profile_sync: the same one step at a time
 #   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching
 #   nosync      the GPU test that steady decode steps never make the host wait
 #   gemma2      Gemma 2 against HF on the GPU and on the CPU, eager, unfused, torch_ref attention (which part differs)
@@ -61,6 +61,8 @@ profile() { $PY -m pagellm bench profile --model $TINY --load-format dummy --dty
     --batch-size 256 --input-len 250 --steps 20 --top 8 "$@"; }
 stage_profile() {
     profile --host-top 30 --output-json "$OUT/profile_tinyllama.json"
+}
+stage_profile_sync() {
     profile --no-async-scheduling --output-json "$OUT/profile_tinyllama_sync.json"
 }
 stage_throughput() {
@@ -101,10 +103,10 @@ stage_gpu_tests() {
 }
 
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=300 [gpt2]=200
-                  [nosync]=90 [gemma2]=120
+                  [nosync]=90 [gemma2]=120 [profile_sync]=120
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile throughput gpt2 greedy_all sweep ablations cases)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile profile_sync throughput gpt2 greedy_all sweep ablations cases)
 for s in "${STAGES[@]}"; do
     t0=$SECONDS
     echo; echo "== $s (limit ${LIMIT[$s]} s)" | tee -a "$LOG"
