@@ -24,6 +24,7 @@ On CPU there is no separate device: the table shows the top operators by their o
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from pagellm.benchmarks.common import add_model_args, llm_kwargs, sync_device, write_report
@@ -86,10 +87,14 @@ def run(ns: argparse.Namespace) -> dict:
     sync_device(ns.device)
     running = engine.get_stats().num_running_reqs
     t0 = time.perf_counter()
+    marks = []
     for _ in range(ns.steps):
         engine.step()
+        marks.append(time.perf_counter())
     sync_device(ns.device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / ns.steps
+    # The median step (host clock between step returns; robust to a noisy machine's outliers).
+    median_ms = statistics.median(b - a for a, b in zip([t0] + marks, marks)) * 1e3
 
     cuda = ns.device.startswith("cuda")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -120,7 +125,8 @@ def run(ns: argparse.Namespace) -> dict:
     llm.shutdown()
     return {"model": ns.model, "device": ns.device, "dtype": ns.dtype, "batch_size": ns.batch_size,
             "input_len": ns.input_len, "prefill_steps": prefill_steps, "steps": ns.steps,
-            "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy_ms,
+            "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "median_step_ms": median_ms,
+            "busy_ms_per_step": busy_ms,
             "async_scheduling": engine.config.scheduler.async_scheduling, "host_syncs": syncs, "top": rows,
             "host_top": host}
 
@@ -170,7 +176,7 @@ def main(ns: argparse.Namespace) -> dict:
     r = run(ns)
     print(f"decode at batch {r['running']} (prompts of {ns.input_len} tokens, {ns.warmup_steps} warm-up steps "
           f"after {r['prefill_steps']} prefill steps), {ns.steps} steps on {ns.device}:")
-    line = f"  wall {r['wall_ms_per_step']:.2f} ms per step"
+    line = f"  wall {r['wall_ms_per_step']:.2f} ms per step (median step {r['median_step_ms']:.2f})"
     if r["busy_ms_per_step"] is not None:
         line += (f", GPU busy {r['busy_ms_per_step']:.2f} ms per step "
                  f"(wall / busy {r['wall_ms_per_step'] / max(r['busy_ms_per_step'], 1e-9):.2f}x)")

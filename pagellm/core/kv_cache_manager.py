@@ -81,7 +81,7 @@ class PrefixMatch:
         return len(self.blocks) * block_size
 
 
-@dataclass
+@dataclass(slots=True)
 class SlotAllocation:
     """What changed in one sequence's block table; the worker applies it as is.
 
@@ -223,6 +223,27 @@ class KVCacheManager:
 
     # ---- allocation ---------------------------------------------------------------
 
+    def fits_in_place(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The common decode step, checked for every sequence every step: the new tokens fit the blocks seq
+        holds, none of them shared (no copy-on-write), no sliding window. Then the table stays as it is (blocks
+        that fill up are entered in the prefix cache) and True; else nothing changes."""
+        table = self.tables.get(seq.seq_id)
+        if not table or self.sliding_window is not None:
+            return False
+        bs = self.block_size
+        total = seq.num_computed_tokens + num_new_tokens
+        n = len(table)
+        if total > n * bs:
+            return False
+        i = seq.num_computed_tokens // bs
+        while i < n and table[i].ref_cnt == 1:
+            i += 1
+        if i < n:
+            return False
+        if self.enable_caching and min(total, len(seq.token_ids)) // bs > self.num_cached_blocks.get(seq.seq_id, 0):
+            self._cache_full_blocks(seq, table, total)
+        return True
+
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        prefix: PrefixMatch | None = None) -> SlotAllocation | None:
         """Grow seq's table to hold num_computed_tokens + num_new_tokens tokens.
@@ -233,12 +254,8 @@ class KVCacheManager:
         """
         bs = self.block_size
         table = self.tables.get(seq.seq_id, [])
-        if table and prefix is None and self.sliding_window is None:
-            # The common decode step: the new tokens fit the blocks held, none of them shared (no copy-on-write).
-            total = seq.num_computed_tokens + num_new_tokens
-            if total <= len(table) * bs and all(b.ref_cnt == 1 for b in table[seq.num_computed_tokens // bs:]):
-                self._cache_full_blocks(seq, table, total)
-                return SlotAllocation(len(table), [], [])
+        if prefix is None and self.fits_in_place(seq, num_new_tokens):
+            return SlotAllocation(len(table), [], [])
         if table:
             self._release_outside_window(seq.seq_id, table, seq.num_computed_tokens)
         prefix_blocks = prefix.blocks if prefix is not None else []

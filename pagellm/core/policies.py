@@ -35,24 +35,28 @@ class PolicyContext(Protocol):
 def check_stop(seq: Sequence, ctx: PolicyContext) -> tuple[RequestStatus, int | str | None] | None:
     """Stop conditions decided on token ids (stop strings are matched on text by the output processor)."""
     params = seq.request.sampling_params
-    token = seq.last_token_id
-    num_out = seq.num_output_tokens
+    token_ids = seq.token_ids
+    num_tokens = len(token_ids)
+    num_out = num_tokens - seq.num_prompt_tokens
     if num_out >= params.min_tokens:
+        token = token_ids[-1]
         if not params.ignore_eos and token in seq.request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED, None
-        if token in params.stop_token_ids:
+        if params.stop_token_ids and token in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token
     if params.max_tokens is not None and num_out >= params.max_tokens:
         return RequestStatus.FINISHED_LENGTH_CAPPED, None
-    if seq.num_tokens >= ctx.max_model_len:
+    if num_tokens >= ctx.max_model_len:
         return RequestStatus.FINISHED_LENGTH_CAPPED, None
     return None
 
 
 def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext) -> SeqDelta:
     """Append one sampled token, record its logprobs, finish the sequence if a stop condition holds."""
-    seq.append_token(result.token_id, result.logprob)
-    delta = SeqDelta(seq.index, [result.token_id], [result])
+    token = result.token_id
+    seq.token_ids.append(token)
+    seq.cumulative_logprob += result.logprob
+    delta = SeqDelta(seq.index, [token], [result])
     stop = check_stop(seq, ctx)
     if stop is not None:
         status, reason = stop

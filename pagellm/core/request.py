@@ -33,7 +33,10 @@ class RequestStatus(enum.IntEnum):
     FINISHED_IGNORED = enum.auto()
 
     def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self > _PREEMPTED
+
+
+_PREEMPTED = RequestStatus.PREEMPTED  # statuses above it are finished ones (a plain int comparison)
 
 
 class FinishReason(str, enum.Enum):
@@ -114,7 +117,7 @@ class Sequence:
         return self.token_ids[-1]
 
     def is_finished(self) -> bool:
-        return self.status.is_finished()
+        return self.status > _PREEMPTED
 
     @property
     def finish_reason(self) -> FinishReason | None:
@@ -152,10 +155,13 @@ class Request:
         return len(self.prompt_token_ids)
 
     def live_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.is_finished()]
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, per request per step
+            return [seqs[0]] if seqs[0].status <= _PREEMPTED else []
+        return [s for s in seqs if s.status <= _PREEMPTED]
 
     def is_finished(self) -> bool:
-        return self.status.is_finished()
+        return self.status > _PREEMPTED
 
     def new_sequence(self, index: int, token_ids: list[int]) -> Sequence:
         # Sequence i samples with seed base_seed + i: output i of an n>1 request equals the output of a

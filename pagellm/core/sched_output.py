@@ -65,7 +65,7 @@ class SchedulerOutput:
         return self.total_num_scheduled_tokens == 0
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleResult:
     """What the worker sampled for one sequence."""
 
@@ -95,7 +95,7 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> this chunk's
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqDelta:
     """What changed for one sequence in one step (scheduler -> output processor)."""
 
@@ -106,7 +106,7 @@ class SeqDelta:
     stop_reason: int | str | None = None  # matched stop token id / string
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """One request's changes in one step."""
 

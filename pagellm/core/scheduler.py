@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pagellm.config import SchedulerConfig
 from pagellm.core.grammar import GrammarHook
 from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation, max_blocks_per_seq
-from pagellm.core.policies import SamplingPolicy, make_policy
+from pagellm.core.policies import SamplingPolicy, append_and_check, make_policy
 from pagellm.core.request import Request, RequestStatus, Sequence
 from pagellm.core.sched_output import (
     CachedSeqData,
@@ -75,6 +75,10 @@ def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int
             f"the request needs up to {need} KV cache blocks ({max_seqs} sequence(s) of up to "
             f"{num_prompt_tokens + max_tokens} tokens, block_size={block_size}) but the cache "
             f"has {num_blocks}; lower max_tokens or raise kv_cache_memory.")
+
+
+_LAST_LIVE = RequestStatus.PREEMPTED  # statuses after it are finished ones
+_IN_PLACE = SlotAllocation(0, [], [])  # a step that leaves the block table as it is (read-only: shared)
 
 
 @dataclass
@@ -120,6 +124,7 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
         self._host_token_reqs: set[str] = set()  # live requests that need their sampled tokens before a step
+        self._constrained_reqs: set[str] = set()  # live requests with structured outputs
         self.num_preemptions = 0
 
     # ---- requests in and out ------------------------------------------------------
@@ -148,6 +153,8 @@ class Scheduler:
         self.requests[req.request_id] = req
         if _reads_sampled_tokens(req):
             self._host_token_reqs.add(req.request_id)
+        if spec is not None:
+            self._constrained_reqs.add(req.request_id)
         self.waiting.append(req)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
@@ -220,6 +227,7 @@ class Scheduler:
         req.status = status
         self.requests.pop(req.request_id, None)
         self._host_token_reqs.discard(req.request_id)
+        self._constrained_reqs.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -242,8 +250,30 @@ class Scheduler:
     def _schedule_running(self, plan: _StepPlan) -> bool:
         preempted = False
         i = 0
+        entries = plan.entries
+        fits_in_place = self.kv.fits_in_place
         while i < len(self.running) and plan.budget > 0:
             req = self.running[i]
+            # The common case first, inline (this loop runs for every request every step): a plain request's one
+            # sequence decoding one token into a block it holds.
+            seqs = req.seqs
+            policy = req.policy
+            if len(seqs) == 1 and policy.__class__ is SamplingPolicy and policy.forked:
+                seq = seqs[0]
+                placeholders = seq.num_output_placeholders
+                num_tokens = len(seq.token_ids) + placeholders
+                if seq.status <= _LAST_LIVE and seq.num_computed_tokens == num_tokens - 1 and seq not in entries:
+                    if placeholders:
+                        max_tokens = req.sampling_params.max_tokens
+                        if ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+                                or num_tokens >= self.max_model_len):
+                            i += 1  # the token in flight is its last: nothing more to compute
+                            continue
+                    if fits_in_place(seq, 1):
+                        entries[seq] = (1, _IN_PLACE)
+                        plan.budget -= 1
+                        i += 1
+                        continue
             if self._schedule_request(req, plan):
                 i += 1
                 continue
@@ -280,25 +310,33 @@ class Scheduler:
     def _schedule_request(self, req: Request, plan: _StepPlan) -> bool:
         """Schedule the request's live sequences. False when the pool ran dry."""
         req.policy.before_schedule(req, self)
+        entries = plan.entries
         for seq in req.live_seqs():
             if plan.budget <= 0:
                 return True
-            if seq in plan.entries:
+            if seq in entries:
                 continue
             if not self._schedule_seq(req, seq, plan):
                 return False
         return True
 
     def _schedule_seq(self, req: Request, seq: Sequence, plan: _StepPlan) -> bool:
-        if seq.num_output_placeholders and self._ends_with_placeholders(seq):
-            return True  # the tokens in flight are its last: nothing more to compute
-        target = req.policy.compute_target(req, seq) + seq.num_output_placeholders
+        # Runs for every sequence every step: the placeholder check of _ends_with_placeholders is inlined.
+        placeholders = seq.num_output_placeholders
+        if placeholders:
+            num_tokens = len(seq.token_ids) + placeholders
+            max_tokens = req.sampling_params.max_tokens
+            if ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+                    or num_tokens >= self.max_model_len):
+                return True  # the tokens in flight are its last: nothing more to compute
+        target = req.policy.compute_target(req, seq) + placeholders
         prefix: PrefixMatch | None = None
         cached = 0
-        if seq.num_computed_tokens == 0 and not self.kv.has_table(seq.seq_id):
+        computed = seq.num_computed_tokens
+        if computed == 0 and not self.kv.has_table(seq.seq_id):
             prefix = self.kv.find_prefix(seq)
             cached = prefix.num_tokens(self.block_size)
-        num_new = min(target - seq.num_computed_tokens - cached, plan.budget)
+        num_new = min(target - computed - cached, plan.budget)
         if num_new <= 0 and not cached:
             return True
         alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)
@@ -308,15 +346,9 @@ class Scheduler:
             seq.num_computed_tokens += cached
             seq.num_cached_tokens = cached
         if num_new > 0:
-            plan.add(seq, num_new, alloc)
+            plan.entries[seq] = (num_new, alloc)
+            plan.budget -= num_new
         return True
-
-    def _ends_with_placeholders(self, seq: Sequence) -> bool:
-        """The sequence finishes once its tokens in flight arrive (max_tokens or max_model_len reached)."""
-        max_tokens = seq.request.sampling_params.max_tokens
-        n = seq.num_output_placeholders
-        return ((max_tokens is not None and seq.num_output_tokens + n >= max_tokens)
-                or seq.num_tokens + n >= self.max_model_len)
 
     def _preempt(self, req: Request) -> None:
         for seq in req.live_seqs():
@@ -338,26 +370,33 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         num_scheduled: dict[int, int] = {}
         sampling: list[Sequence] = []
+        c_ids, c_tokens, c_starts, c_blocks, c_computed = (cached.seq_ids, cached.new_token_ids, cached.table_starts,
+                                                           cached.new_block_ids, cached.num_computed_tokens)
         for seq, (n, alloc) in plan.entries.items():
-            num_scheduled[seq.seq_id] = n
-            copies.extend(alloc.copies)
-            if seq.num_computed_tokens + n == seq.num_tokens + seq.num_output_placeholders:
+            seq_id = seq.seq_id
+            num_scheduled[seq_id] = n
+            if alloc.copies:
+                copies.extend(alloc.copies)
+            num_tokens = len(seq.token_ids)
+            computed = seq.num_computed_tokens
+            if computed + n == num_tokens + seq.num_output_placeholders:
                 sampling.append(seq)  # the chunk reaches the last token: the step samples the next one
             if not seq.in_worker:
                 req = seq.request
                 new_seqs.append(NewSeqData(
-                    seq.seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
-                    self.kv.block_ids(seq.seq_id), seq.num_computed_tokens, req.sampling_params, seq.seed))
+                    seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
+                    self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed))
                 seq.in_worker = True
             else:
-                cached.seq_ids.append(seq.seq_id)
-                cached.new_token_ids.append(seq.token_ids[seq.num_synced_tokens:])
-                cached.table_starts.append(alloc.start)
-                cached.new_block_ids.append(alloc.block_ids)
-                cached.num_computed_tokens.append(seq.num_computed_tokens)
-            seq.num_synced_tokens = seq.num_tokens
-            seq.num_computed_tokens += n
-        constrained = [seq for seq in sampling if seq.request.sampling_params.structured_outputs is not None]
+                c_ids.append(seq_id)
+                c_tokens.append(seq.token_ids[seq.num_synced_tokens:])
+                c_starts.append(alloc.start)
+                c_blocks.append(alloc.block_ids)
+                c_computed.append(computed)
+            seq.num_synced_tokens = num_tokens
+            seq.num_computed_tokens = computed + n
+        constrained = ([seq for seq in sampling if seq.request.sampling_params.structured_outputs is not None]
+                       if self._constrained_reqs else [])
         # A constrained sequence with a token in flight: its mask is known only once that token is back.
         deferred = any(seq.num_output_placeholders for seq in constrained)
         for seq in sampling:
@@ -381,28 +420,47 @@ class Scheduler:
     # ---- results ------------------------------------------------------------------
 
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestUpdate]:
+        seqs = self._seqs
         for seq_id in sched.sampling_seq_ids:
-            seq = self._seqs.get(seq_id)
+            seq = seqs.get(seq_id)
             if seq is not None:
                 seq.num_output_placeholders -= 1
         results: dict[Request, dict[Sequence, SampleResult]] = {}
+        prompt_lps = out.prompt_logprobs
+        updates = []
         for seq_id, res in out.samples.items():
-            seq = self._seqs.get(seq_id)
-            if seq is not None and not seq.is_finished():
-                results.setdefault(seq.request, {})[seq] = res
-        for seq_id in out.prompt_logprobs:
-            seq = self._seqs.get(seq_id)
+            seq = seqs.get(seq_id)
+            if seq is not None and seq.status <= _LAST_LIVE:
+                req = seq.request
+                policy = req.policy
+                if (len(req.seqs) == 1 and policy.__class__ is SamplingPolicy and not prompt_lps
+                        and req.sampling_params.structured_outputs is None):
+                    # The common case inline (every sequence, every step): a plain request's one sequence.
+                    delta = append_and_check(seq, res, self)
+                    finished = seq.status > _LAST_LIVE
+                    if finished:
+                        self._finish_request(req, RequestStatus.FINISHED_STOPPED)
+                    updates.append(RequestUpdate(req.request_id, [delta], finished, None, seq.num_cached_tokens,
+                                                 req.first_scheduled_time))
+                    continue
+                per_seq = results.get(req)
+                if per_seq is None:
+                    results[req] = {seq: res}
+                else:
+                    per_seq[seq] = res
+        for seq_id in prompt_lps:
+            seq = seqs.get(seq_id)
             if seq is not None:
                 results.setdefault(seq.request, {})
-        updates = []
         for req, seq_results in results.items():
             deltas: list[SeqDelta] = req.policy.process(req, seq_results, self) if seq_results else []
             if seq_results and req.sampling_params.structured_outputs is not None:
                 for seq in req.live_seqs():  # beam search reports no deltas until it ends: sync every beam
                     self.grammar.sync(seq.seq_id, seq.output_token_ids)
             prompt_lp = None
-            for seq in req.seqs:
-                prompt_lp = prompt_lp or out.prompt_logprobs.get(seq.seq_id)
+            if prompt_lps:
+                for seq in req.seqs:
+                    prompt_lp = prompt_lp or prompt_lps.get(seq.seq_id)
             finished = not req.live_seqs()
             if finished:
                 self._finish_request(req, RequestStatus.FINISHED_STOPPED)

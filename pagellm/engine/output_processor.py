@@ -54,6 +54,11 @@ class _RequestState:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished: bool = False
+    final_only: bool = False  # one output when the request finishes (FINAL_ONLY, or best_of > n)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.final_only = p.output_kind == RequestOutputKind.FINAL_ONLY or p.best_of > p.n
 
 
 class OutputProcessor:
@@ -95,7 +100,7 @@ class OutputProcessor:
             if u.prompt_logprobs is not None and st.prompt_logprobs is not None:
                 self._add_prompt_logprobs(st, u.prompt_logprobs)
             for d in u.deltas:
-                seq = self._seq(st, d.index)
+                seq = st.seqs.get(d.index) or self._seq(st, d.index)
                 if seq.finish_reason is not None:
                     continue  # stopped here by a stop string; the core has not heard yet (engine process)
                 for token_id, res in zip(d.new_token_ids, d.new_logprobs):
@@ -110,6 +115,8 @@ class OutputProcessor:
             if st.first_token_time is None and u.deltas:
                 st.first_token_time = now
             st.finished = u.finished
+            if st.final_only and not st.finished:
+                continue
             out = self._make_output(st)
             if out is not None:
                 outputs.append(out)
@@ -163,7 +170,7 @@ class OutputProcessor:
             return None
         old_len = len(seq.text)
         seq.text += piece
-        return self._check_stop_strings(st, seq, old_len)
+        return self._check_stop_strings(st, seq, old_len) if st.params.stop else None
 
     def _check_stop_strings(self, st: _RequestState, seq: _SeqState, old_len: int) -> str | None:
         stops = st.params.stop
@@ -214,10 +221,8 @@ class OutputProcessor:
 
     def _make_output(self, st: _RequestState, force: bool = False) -> RequestOutput | None:
         p = st.params
-        kind = p.output_kind
-        if p.best_of > p.n:
-            kind = RequestOutputKind.FINAL_ONLY  # the n best are only known at the end
-        if kind == RequestOutputKind.FINAL_ONLY and not st.finished and not force:
+        kind = RequestOutputKind.FINAL_ONLY if st.final_only else p.output_kind  # best_of > n: known at the end
+        if st.final_only and not st.finished and not force:
             return None
         seqs = sorted(st.seqs.values(), key=lambda s: s.index)
         if st.finished and p.best_of > p.n:

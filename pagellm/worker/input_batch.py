@@ -24,6 +24,8 @@ whatever the batch size.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -129,22 +131,34 @@ class InputBatch:
             self._free_rows.append(row)
 
     def update(self, c: CachedSeqData) -> None:
-        recount: list[tuple[int, int, list[int]]] = []  # penalized rows: (row, first position, tokens) now known
-        for seq_id, new_tokens, start, blocks, computed in zip(
-                c.seq_ids, c.new_token_ids, c.table_starts, c.new_block_ids, c.num_computed_tokens):
-            row = self.row_of[seq_id]
-            if new_tokens:  # the known tokens grow over the placeholders
-                n = self.num_known[row]
-                self.token_ids[row, n:n + len(new_tokens)] = new_tokens
-                self.num_known[row] = n + len(new_tokens)
-                self.num_tokens[row] = max(self.num_tokens[row], n + len(new_tokens))
-                if self.extras[row] & _PENALTIES:
-                    recount.append((row, int(n), new_tokens))
+        """Apply the diffs of the sequences held here (vectorized over the batch: this runs every step)."""
+        n = len(c.seq_ids)
+        if not n:
+            return
+        row_of = self.row_of
+        rows = np.fromiter((row_of[s] for s in c.seq_ids), dtype=np.int64, count=n)
+        lens = np.fromiter(map(len, c.new_token_ids), dtype=np.int64, count=n)
+        if lens.any():  # the known tokens grow over the placeholders
+            has = np.flatnonzero(lens)
+            r, ln = rows[has], lens[has]
+            known = self.num_known[r]
+            ends = np.cumsum(ln)
+            pos = np.arange(int(ends[-1])) + np.repeat(known - (ends - ln), ln)
+            if len(has) == n:
+                new_ids = list(itertools.chain.from_iterable(c.new_token_ids))
+            else:
+                new_ids = list(itertools.chain.from_iterable(c.new_token_ids[i] for i in has))
+            self.token_ids[np.repeat(r, ln), pos] = new_ids
+            self.num_known[r] = known + ln
+            self.num_tokens[r] = np.maximum(self.num_tokens[r], known + ln)
+            penalized = np.flatnonzero(self.extras[r] & _PENALTIES)
+            if len(penalized):  # penalized rows: (row, first position, tokens) now known
+                self._count_known_tokens([(int(r[i]), int(known[i]), c.new_token_ids[has[i]]) for i in penalized])
+        for i, blocks in enumerate(c.new_block_ids):
             if blocks:
-                self.block_table[row, start:start + len(blocks)] = blocks
-            self.num_computed[row] = computed
-        if recount:
-            self._count_known_tokens(recount)
+                start = c.table_starts[i]
+                self.block_table[rows[i], start:start + len(blocks)] = blocks
+        self.num_computed[rows] = c.num_computed_tokens
 
     # ---- penalty state (on the device) ------------------------------------------------
 
