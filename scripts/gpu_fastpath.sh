@@ -54,8 +54,8 @@ stage_attention() {
     attn --batch-size 8 --context-len 4096 --output-json "$OUT/attention_b8.json"
 }
 stage_greedy() {
-    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/gpt_bigcode $MODELS/gemma2 $MODELS/mixtral \
-        pagellm/assets/shakespeare-llama
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/gpt_bigcode $MODELS/gemma2 $MODELS/mistral \
+        $MODELS/qwen3 $MODELS/mixtral pagellm/assets/shakespeare-llama
 }
 profile() { $PY -m pagellm bench profile --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
     --batch-size 256 --input-len 250 --steps 20 --top 8 "$@"; }

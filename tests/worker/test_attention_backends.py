@@ -53,6 +53,7 @@ CASES = [
     (6, 1, 96, 8, [(70, 1), (9, 2)]),  # head_dim 96 (Phi-3)
     (8, 4, 256, 16, [(33, 1), (0, 6), (50, 4)]),  # head_dim 256 (Gemma 2)
     (7, 7, 20, 4, [(13, 1), (6, 3)]),  # head_dim 20: the kernel's scalar path
+    (4, 2, 32, 16, [(0, 40), (45, 1), (12, 1), (30, 20)]),  # 2 query heads per K/V head, head_dim 32 (tiny Gemma 2)
 ]
 # Plain attention, a sliding window (shorter than most contexts, and one not a multiple of the block
 # size), soft-capping, and both together.
