@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from pagellm.config import EngineConfig
@@ -143,8 +144,18 @@ class TPExecutorBase:
         try:
             return fn(*args)
         except Exception as e:
-            self.dead = self._gone() or f"a tensor-parallel step failed ({type(e).__name__}: {e})"
+            self.dead = self._gone_after_failure() or f"a tensor-parallel step failed ({type(e).__name__}: {e})"
             raise ExecutorDeadError(self.dead) from e
+
+    def _gone_after_failure(self, wait_s: float = 2.0) -> str | None:
+        """Which worker is gone, after a step failed. A collective fails as soon as a dead peer's sockets close,
+        a moment before its exit can be seen: look again for up to `wait_s` so the error names the rank."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            gone = self._gone()
+            if gone is not None or time.monotonic() >= deadline:
+                return gone
+            time.sleep(0.05)
 
     def determine_num_blocks(self) -> int:
         return self._run(self.driver.determine_num_blocks)

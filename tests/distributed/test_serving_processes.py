@@ -88,15 +88,18 @@ def test_tensor_parallel_server_and_a_killed_worker():
         errors = []
 
         def in_flight():
-            try:
-                client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=400, temperature=0,
+            try:  # long enough (4 x 480 tokens) to be still running when the worker dies, however fast the step
+                client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=480, n=4, temperature=1.0,
                                           extra_body={"ignore_eos": True})
             except openai.APIError as e:
                 errors.append(e)
 
         t = threading.Thread(target=in_flight)
         t.start()
-        time.sleep(0.5)
+        deadline = time.time() + 10
+        while "pagellm:num_requests_running 1.0" not in httpx.get(server.url + "/metrics").text:
+            assert time.time() < deadline, "the request never started running"
+            time.sleep(0.05)
         os.kill(workers[0].pid, signal.SIGKILL)
         t.join(timeout=30)
         assert not t.is_alive() and errors  # the request failed with an error response, not a hang
