@@ -158,7 +158,7 @@ def test_engine_start_freezes_long_lived_objects_out_of_the_collector(monkeypatc
     frozen = gc.get_freeze_count()
     assert frozen > 10_000
     LLM(DEMO, max_num_seqs=2)
-    assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() <= frozen  # nothing more frozen (frozen objects whose last reference goes are freed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
