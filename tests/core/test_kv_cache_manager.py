@@ -241,3 +241,41 @@ def test_fork_under_a_window_shares_live_blocks_only():
     kv.free(parent)
     kv.free(child)
     assert kv.num_free_blocks == 12
+
+
+def test_fits_in_place_only_for_unshared_blocks_with_room_and_no_window():
+    """The scheduler's decode fast path: True leaves the table as it is; every other case goes through
+    allocate_slots (a new block, a shared block to copy, a sliding window, no table yet)."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    req = make_request(list(range(1, 7)))  # 6 tokens: blocks [0 full, 1 half]
+    seq = req.seqs[0]
+    assert not kv.fits_in_place(seq, 6)  # no table yet
+    kv.allocate_slots(seq, 6)
+    seq.num_computed_tokens = 6
+    seq.append_token(9, 0.0)
+    table = list(kv.block_ids(seq.seq_id))
+    assert kv.fits_in_place(seq, 1) and kv.block_ids(seq.seq_id) == table  # position 6 fits block 1
+    seq.num_computed_tokens = 7
+    seq.append_token(9, 0.0)
+    assert kv.fits_in_place(seq, 1)  # position 7 fills block 1: entered in the prefix cache
+    assert kv.tables[seq.seq_id][1].block_hash is not None
+    seq.num_computed_tokens = 8
+    seq.append_token(9, 0.0)
+    assert not kv.fits_in_place(seq, 1)  # position 8 needs block 2
+    assert kv.allocate_slots(seq, 1).block_ids == [2]
+    seq.num_computed_tokens = 9
+
+    child = req.new_sequence(1, list(seq.token_ids))
+    child.num_computed_tokens = 9
+    kv.fork(seq, child)
+    child.append_token(5, 0.0)
+    assert not kv.fits_in_place(child, 1)  # block 2 is shared: copy-on-write first
+    assert kv.allocate_slots(child, 1).copies
+    check_block_invariants(kv)
+
+    windowed = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False, sliding_window=4)
+    s = seq_of([1, 2, 3])
+    windowed.allocate_slots(s, 3)
+    s.num_computed_tokens = 3
+    s.append_token(4, 0.0)
+    assert not windowed.fits_in_place(s, 1)  # a window may hand blocks back: the general path
