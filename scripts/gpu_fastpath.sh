@@ -19,7 +19,8 @@
 #   gemma2      Gemma 2 against HF on the GPU and on the CPU, eager, unfused, torch_ref attention (which part differs)
 #   gpt2        GPT-2 124M default workload beside HF static(16)
 #   greedy_all  every test architecture against HF, graphs + async, then eager one step at a time
-#   sweep       attention launch settings (tile, warps, stages)
+#   sweep       attention launch settings (tile, warps, stages); the stages after it run with the fastest
+#               (PAGELLM_ATTENTION_LAUNCH, printed in the log)
 #   ablations   profiles without the fused elementwise kernels, then without CUDA graphs
 #   cases       every attention case on the GPU (windows, soft-cap, head sizes, fp8)
 #   gpu_tests   every test that needs a CUDA GPU
@@ -87,9 +88,13 @@ stage_gpt2() {
 stage_greedy_all() {
     $PY scripts/check_cuda.py && $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
 }
-stage_sweep() {
+stage_sweep() {  # the fastest setting goes to $OUT/attention_best.txt; later stages run with it
     attn --batch-size 256 --context-len 1024 --tile-n 32,64,128 --num-warps 4,8 --num-stages 2,3 --iters 10 \
-        --output-json "$OUT/attention_sweep.json"
+        --output-json "$OUT/attention_sweep.json" &&
+    $PY -c "import json, sys; r = max(json.load(open(sys.argv[1]))['results'], key=lambda r: r['gbs'])
+print(','.join(f'{k}={r[k]}' for k in ('tile_n', 'num_warps', 'num_stages') if k in r))" \
+        "$OUT/attention_sweep.json" > "$OUT/attention_best.txt" &&
+    echo "fastest: $(cat "$OUT/attention_best.txt"); later stages run with PAGELLM_ATTENTION_LAUNCH set to it"
 }
 stage_ablations() {
     PAGELLM_FUSED_ELEMENTWISE=0 profile --output-json "$OUT/profile_tinyllama_unfused.json"
@@ -109,7 +114,11 @@ STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile profile_sync throughput gpt2 greedy_all sweep ablations cases)
 for s in "${STAGES[@]}"; do
     t0=$SECONDS
-    echo; echo "== $s (limit ${LIMIT[$s]} s)" | tee -a "$LOG"
+    if [ -z "${PAGELLM_ATTENTION_LAUNCH:-}" ] && [ -s "$OUT/attention_best.txt" ]; then
+        export PAGELLM_ATTENTION_LAUNCH=$(cat "$OUT/attention_best.txt")
+    fi
+    echo; echo "== $s (limit ${LIMIT[$s]} s${PAGELLM_ATTENTION_LAUNCH:+; attention launch $PAGELLM_ATTENTION_LAUNCH})" |
+        tee -a "$LOG"
     export -f "stage_$s" attn profile 2>/dev/null
     export PY TINY GPT2 MODELS OUT
     timeout "${LIMIT[$s]}" bash -c "stage_$s" 2>&1 | tee -a "$LOG" | grep -v -E "^\s*$" | tail -25

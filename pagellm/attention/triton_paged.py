@@ -89,6 +89,24 @@ def plan(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, max_que
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, grid0=grid0, NUM_SPLITS=num_splits)
 
 
+LAUNCH_ENV = "PAGELLM_ATTENTION_LAUNCH"
+_LAUNCH_KEYS = ("tile_n", "num_warps", "num_stages")
+
+
+def launch_settings(text: str) -> dict[str, int]:
+    """Parse 'tile_n=64,num_warps=4,num_stages=3' (any of the three) into a dict; ValueError naming what is wrong."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in _LAUNCH_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{LAUNCH_ENV}: {item!r} is not one of {', '.join(k + '=N' for k in _LAUNCH_KEYS)} "
+                             "(N a positive integer)")
+        if key == "tile_n" and int(value) & (int(value) - 1):
+            raise ValueError(f"{LAUNCH_ENV}: tile_n must be a power of two, got {value}")
+        out[key] = int(value)
+    return out
+
+
 class TritonPagedBackend(PagedBackendBase):
     name = "triton_paged"
     tile_n = 32  # keys per tile
@@ -97,6 +115,9 @@ class TritonPagedBackend(PagedBackendBase):
 
     def __init__(self) -> None:
         self.attn_kernel, self.merge_kernel = _kernels()
+        # A sweep's pick for this GPU (`pagellm bench attention --tile-n ... --num-warps ... --num-stages ...`).
+        for key, value in launch_settings(os.environ.get(LAUNCH_ENV, "")).items():
+            setattr(self, key, value)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, params: AttentionParams) -> torch.Tensor:

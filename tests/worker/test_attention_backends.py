@@ -264,3 +264,14 @@ def test_fp8_cache_writes_scaled_saturated_values_and_reads_them_back():
     exact = TorchRefBackend().forward(q, k, v, full, meta, params)
     err = (got - exact).norm() / exact.norm()
     assert 0 < err < 0.1, err
+
+
+def test_launch_settings_of_the_triton_kernel_from_the_environment():
+    """PAGELLM_ATTENTION_LAUNCH carries a sweep's pick to the engine; anything else is a clear error."""
+    from pagellm.attention.triton_paged import launch_settings
+
+    assert launch_settings("") == {}
+    assert launch_settings("tile_n=64, num_warps=4,num_stages=3") == {"tile_n": 64, "num_warps": 4, "num_stages": 3}
+    for bad in ("tile_n=48", "tile_n=0", "warps=4", "num_stages", "num_warps=x"):
+        with pytest.raises(ValueError, match="PAGELLM_ATTENTION_LAUNCH"):
+            launch_settings(bad)
