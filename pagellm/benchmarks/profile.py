@@ -78,7 +78,7 @@ def run(ns: argparse.Namespace) -> dict:
         engine.add_request(f"p{i}", {"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]}, params)
     prefill_steps = 0
     scheduler = engine.scheduler
-    while (scheduler.waiting or any(seq.num_output_tokens == 0 for req in scheduler.running for seq in req.seqs)):
+    while scheduler.waiting or any(seq.num_output_tokens == 0 for req in scheduler.running for seq in req.seqs):
         engine.step()  # until every request has its first token: the batch is pure decode
         prefill_steps += 1
     for _ in range(ns.warmup_steps):
@@ -165,9 +165,9 @@ def _host_profile(engine, steps: int, top: int) -> list[dict]:
     prof.disable()
     rows = []
     for (file, line, fn), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
-        where = file.split("pagellm/", 1)[-1] if "pagellm/" in file else fn
-        rows.append({"name": f"{where}:{line}({fn})" if "pagellm/" in file else fn, "own_ms_per_step":
-                     own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps, "calls_per_step": calls / steps})
+        name = f"{file.split('pagellm/', 1)[1]}:{line}({fn})" if "pagellm/" in file else fn
+        rows.append({"name": name, "own_ms_per_step": own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps,
+                     "calls_per_step": calls / steps})
     rows.sort(key=lambda r: r["own_ms_per_step"], reverse=True)
     return rows[:top]
 

@@ -155,10 +155,7 @@ class Request:
         return len(self.prompt_token_ids)
 
     def live_seqs(self) -> list[Sequence]:
-        seqs = self.seqs
-        if len(seqs) == 1:  # the common case, per request per step
-            return [seqs[0]] if seqs[0].status <= _PREEMPTED else []
-        return [s for s in seqs if s.status <= _PREEMPTED]
+        return [s for s in self.seqs if s.status <= _PREEMPTED]
 
     def is_finished(self) -> bool:
         return self.status > _PREEMPTED

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pagellm.config import SchedulerConfig
 from pagellm.core.grammar import GrammarHook
 from pagellm.core.kv_cache_manager import KVCacheManager, PrefixMatch, SlotAllocation, max_blocks_per_seq
-from pagellm.core.policies import SamplingPolicy, append_and_check, make_policy
+from pagellm.core.policies import SamplingPolicy, make_policy
 from pagellm.core.request import Request, RequestStatus, Sequence
 from pagellm.core.sched_output import (
     CachedSeqData,
@@ -77,7 +77,6 @@ def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int
             f"has {num_blocks}; lower max_tokens or raise kv_cache_memory.")
 
 
-_LAST_LIVE = RequestStatus.PREEMPTED  # statuses after it are finished ones
 _IN_PLACE = SlotAllocation(0, [], [])  # a step that leaves the block table as it is (read-only: shared)
 
 
@@ -250,30 +249,8 @@ class Scheduler:
     def _schedule_running(self, plan: _StepPlan) -> bool:
         preempted = False
         i = 0
-        entries = plan.entries
-        fits_in_place = self.kv.fits_in_place
         while i < len(self.running) and plan.budget > 0:
             req = self.running[i]
-            # The common case first, inline (this loop runs for every request every step): a plain request's one
-            # sequence decoding one token into a block it holds.
-            seqs = req.seqs
-            policy = req.policy
-            if len(seqs) == 1 and policy.__class__ is SamplingPolicy and policy.forked:
-                seq = seqs[0]
-                placeholders = seq.num_output_placeholders
-                num_tokens = len(seq.token_ids) + placeholders
-                if seq.status <= _LAST_LIVE and seq.num_computed_tokens == num_tokens - 1 and seq not in entries:
-                    if placeholders:
-                        max_tokens = req.sampling_params.max_tokens
-                        if ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
-                                or num_tokens >= self.max_model_len):
-                            i += 1  # the token in flight is its last: nothing more to compute
-                            continue
-                    if fits_in_place(seq, 1):
-                        entries[seq] = (1, _IN_PLACE)
-                        plan.budget -= 1
-                        i += 1
-                        continue
             if self._schedule_request(req, plan):
                 i += 1
                 continue
@@ -321,18 +298,18 @@ class Scheduler:
         return True
 
     def _schedule_seq(self, req: Request, seq: Sequence, plan: _StepPlan) -> bool:
-        # Runs for every sequence every step: the placeholder check of _ends_with_placeholders is inlined.
         placeholders = seq.num_output_placeholders
-        if placeholders:
-            num_tokens = len(seq.token_ids) + placeholders
-            max_tokens = req.sampling_params.max_tokens
-            if ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
-                    or num_tokens >= self.max_model_len):
-                return True  # the tokens in flight are its last: nothing more to compute
+        if placeholders and self._ends_with_placeholders(req, seq):
+            return True  # the tokens in flight are its last: nothing more to compute
         target = req.policy.compute_target(req, seq) + placeholders
+        computed = seq.num_computed_tokens
+        if target - computed == 1 and self.kv.fits_in_place(seq, 1):
+            # The common decode step (every sequence, every step): one token into a block it holds; the table stays.
+            plan.entries[seq] = (1, _IN_PLACE)
+            plan.budget -= 1
+            return True
         prefix: PrefixMatch | None = None
         cached = 0
-        computed = seq.num_computed_tokens
         if computed == 0 and not self.kv.has_table(seq.seq_id):
             prefix = self.kv.find_prefix(seq)
             cached = prefix.num_tokens(self.block_size)
@@ -349,6 +326,13 @@ class Scheduler:
             plan.entries[seq] = (num_new, alloc)
             plan.budget -= num_new
         return True
+
+    def _ends_with_placeholders(self, req: Request, seq: Sequence) -> bool:
+        """The sequence finishes once its tokens in flight arrive (max_tokens or max_model_len reached)."""
+        num_tokens = len(seq.token_ids) + seq.num_output_placeholders
+        max_tokens = req.sampling_params.max_tokens
+        return ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
+                or num_tokens >= self.max_model_len)
 
     def _preempt(self, req: Request) -> None:
         for seq in req.live_seqs():
@@ -430,19 +414,8 @@ class Scheduler:
         updates = []
         for seq_id, res in out.samples.items():
             seq = seqs.get(seq_id)
-            if seq is not None and seq.status <= _LAST_LIVE:
+            if seq is not None and not seq.is_finished():
                 req = seq.request
-                policy = req.policy
-                if (len(req.seqs) == 1 and policy.__class__ is SamplingPolicy and not prompt_lps
-                        and req.sampling_params.structured_outputs is None):
-                    # The common case inline (every sequence, every step): a plain request's one sequence.
-                    delta = append_and_check(seq, res, self)
-                    finished = seq.status > _LAST_LIVE
-                    if finished:
-                        self._finish_request(req, RequestStatus.FINISHED_STOPPED)
-                    updates.append(RequestUpdate(req.request_id, [delta], finished, None, seq.num_cached_tokens,
-                                                 req.first_scheduled_time))
-                    continue
                 per_seq = results.get(req)
                 if per_seq is None:
                     results[req] = {seq: res}

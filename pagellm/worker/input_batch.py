@@ -144,11 +144,7 @@ class InputBatch:
             known = self.num_known[r]
             ends = np.cumsum(ln)
             pos = np.arange(int(ends[-1])) + np.repeat(known - (ends - ln), ln)
-            if len(has) == n:
-                new_ids = list(itertools.chain.from_iterable(c.new_token_ids))
-            else:
-                new_ids = list(itertools.chain.from_iterable(c.new_token_ids[i] for i in has))
-            self.token_ids[np.repeat(r, ln), pos] = new_ids
+            self.token_ids[np.repeat(r, ln), pos] = list(itertools.chain.from_iterable(c.new_token_ids))
             self.num_known[r] = known + ln
             self.num_tokens[r] = np.maximum(self.num_tokens[r], known + ln)
             penalized = np.flatnonzero(self.extras[r] & _PENALTIES)
