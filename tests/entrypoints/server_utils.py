@@ -19,7 +19,18 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    def __init__(self, args: list[str], timeout: float = 120) -> None:
+    def __init__(self, args: list[str], timeout: float = 120, tries: int = 3) -> None:
+        # The port is free when picked but bound only after the model loads; in between another socket (a
+        # tensor-parallel group's, say) may take it. Then the server exits at once: start again on another port.
+        for attempt in range(tries):
+            try:
+                self._start(args, timeout)
+                return
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == tries - 1:
+                    raise
+
+    def _start(self, args: list[str], timeout: float) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", *args, "--port", str(self.port)]
