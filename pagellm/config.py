@@ -72,6 +72,7 @@ class SchedulerConfig:
     max_model_len: int = 1024
     max_waiting_requests: int | None = None  # the server answers 429 beyond this queue length
     async_scheduling: bool = False  # schedule step N+1 while step N runs (one device)
+    num_scheduler_steps: int = 1  # decode steps the device runs per scheduling round (multi-step decode)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@
 #   greedy      greedy output against HF (scripts/check_cuda.py) on a few architectures, graphs + async scheduling
 #   profile     decode at batch 256 on the TinyLlama-1.1B shape: wall vs GPU busy, host waits, the host's hot
 #               functions (async scheduling on); profile_sync: the same one step at a time
-#   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching
+#   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching,
+#               and with 8 decode steps per scheduling round (multi-step decode)
+#   multistep   profiles with 4 and 8 decode steps per scheduling round; greedy output against HF with 4
 #   nosync      the GPU test that steady decode steps never make the host wait
 #   gemma2      Gemma 2 against HF on the GPU and on the CPU, eager, unfused, torch_ref attention (which part differs)
 #   gpt2        GPT-2 124M default workload beside HF static(16)
@@ -69,7 +71,13 @@ stage_profile_sync() {
 stage_throughput() {
     $PY -m pagellm bench throughput --model $TINY --load-format dummy --dtype bfloat16 --device cuda \
         --workload nanovllm --compare hf --hf-num-prompts 16 --skip-hf-single --bound \
-        --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+        --variant num_scheduler_steps=8 --output-json "$OUT/throughput_tinyllama_nanovllm.json"
+}
+stage_multistep() {
+    profile --num-scheduler-steps 4 --output-json "$OUT/profile_tinyllama_ms4.json"
+    profile --num-scheduler-steps 8 --output-json "$OUT/profile_tinyllama_ms8.json"
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/mistral pagellm/assets/shakespeare-llama \
+        --num-scheduler-steps 4
 }
 stage_nosync() {
     $PY -m pytest -q -p no:cacheprovider tests/worker/test_cuda_graphs.py -k never_make_the_host_wait
@@ -107,11 +115,12 @@ stage_gpu_tests() {
     $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu" -x
 }
 
-declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=300 [gpt2]=200
-                  [nosync]=90 [gemma2]=120 [profile_sync]=120
+declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
+                  [nosync]=90 [gemma2]=120 [profile_sync]=120 [multistep]=240
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile profile_sync throughput gpt2 greedy_all sweep ablations cases)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
+                                   ablations cases)
 for s in "${STAGES[@]}"; do
     t0=$SECONDS
     if [ -z "${PAGELLM_ATTENTION_LAUNCH:-}" ] && [ -s "$OUT/attention_best.txt" ]; then

@@ -15,7 +15,9 @@ prefilled and the batch is pure decode, then times --steps decode steps twice:
     4. under cProfile: the engine's own Python functions by their own time per step (`--host-top N`),
        where the host's share of a step goes
 
-Requests get as many output tokens as the model allows, so every window runs at the full batch.
+Requests get as many output tokens as the model allows, so every window runs at the full batch. With
+--num-scheduler-steps K, an engine step runs up to K decode steps on the device: the figures are per
+decode step (device step) all the same.
 
 On CPU there is no separate device: the table shows the top operators by their own CPU time, and
 "busy" is not reported. `--trace FILE.json` writes the profiled window as a Chrome trace.
@@ -59,7 +61,7 @@ def run(ns: argparse.Namespace) -> dict:
     kw = llm_kwargs(ns.model, load_format=ns.load_format, dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
                     quantization=ns.quantization, device=ns.device, max_num_seqs=max(ns.batch_size, 1),
                     attention_backend=ns.attention_backend, enforce_eager=ns.enforce_eager,
-                    async_scheduling=ns.async_scheduling)
+                    async_scheduling=ns.async_scheduling, num_scheduler_steps=ns.num_scheduler_steps)
     if ns.kv_cache_memory:
         kw["kv_cache_memory"] = ns.kv_cache_memory
     llm = LLM(ns.model, **kw)
@@ -67,7 +69,7 @@ def run(ns: argparse.Namespace) -> dict:
     vocab = engine.config.model.vocab_size
     rng = random.Random(0)
     max_tokens = engine.config.scheduler.max_model_len - ns.input_len  # every window runs at the full batch
-    need = ns.warmup_steps + 4 * ns.steps + 8 + ns.batch_size * ns.input_len // 512
+    need = (ns.warmup_steps + 4 * ns.steps + 8) * ns.num_scheduler_steps + ns.batch_size * ns.input_len // 512
     if max_tokens < need:
         raise ValueError(f"--input-len {ns.input_len} leaves {max_tokens} output tokens under max_model_len "
                          f"{engine.config.scheduler.max_model_len}; the windows need about {need}")
@@ -86,15 +88,19 @@ def run(ns: argparse.Namespace) -> dict:
 
     sync_device(ns.device)
     running = engine.get_stats().num_running_reqs
+    counters = engine.stats
     t0 = time.perf_counter()
     marks = []
+    first = counters.device_steps
     for _ in range(ns.steps):
         engine.step()
-        marks.append(time.perf_counter())
+        marks.append((time.perf_counter(), counters.device_steps))
     sync_device(ns.device)
-    wall_ms = (time.perf_counter() - t0) * 1e3 / ns.steps
+    per_step = (counters.device_steps - first) / ns.steps  # device steps per engine step (1 without multi-step)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / (counters.device_steps - first)
     # The median step (host clock between step returns; robust to a noisy machine's outliers).
-    median_ms = statistics.median(b - a for a, b in zip([t0] + marks, marks)) * 1e3
+    median_ms = statistics.median((b - a) / (nb - na) for (a, na), (b, nb) in zip([(t0, first)] + marks, marks)) * 1e3
+    steps = ns.steps * per_step  # device steps in each window below (the same rounds again: the batch is steady)
 
     cuda = ns.device.startswith("cuda")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -107,16 +113,16 @@ def run(ns: argparse.Namespace) -> dict:
     busy_ms = None
     if cuda:
         kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
-        busy_ms = _union_us(kernels) / 1e3 / ns.steps
-    syncs = _count_syncs(engine, ns.steps) if cuda else None
-    host = _host_profile(engine, ns.steps, ns.host_top) if ns.host_top else None
+        busy_ms = _union_us(kernels) / 1e3 / steps
+    syncs = _count_syncs(engine, ns.steps, steps) if cuda else None
+    host = _host_profile(engine, ns.steps, ns.host_top, steps) if ns.host_top else None
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows = []
     for avg in sorted(prof.key_averages(), key=lambda a: getattr(a, key), reverse=True):
         t = getattr(avg, key)
         if t <= 0:
             break
-        rows.append({"name": avg.key, "ms_per_step": t / 1e3 / ns.steps, "calls_per_step": avg.count / ns.steps})
+        rows.append({"name": avg.key, "ms_per_step": t / 1e3 / steps, "calls_per_step": avg.count / steps})
         if len(rows) >= ns.top:
             break
     stats = engine.get_stats()
@@ -125,14 +131,16 @@ def run(ns: argparse.Namespace) -> dict:
     llm.shutdown()
     return {"model": ns.model, "device": ns.device, "dtype": ns.dtype, "batch_size": ns.batch_size,
             "input_len": ns.input_len, "prefill_steps": prefill_steps, "steps": ns.steps,
+            "num_scheduler_steps": ns.num_scheduler_steps, "device_steps_per_step": per_step,
             "running": stats.num_running_reqs, "wall_ms_per_step": wall_ms, "median_step_ms": median_ms,
             "busy_ms_per_step": busy_ms,
             "async_scheduling": engine.config.scheduler.async_scheduling, "host_syncs": syncs, "top": rows,
             "host_top": host}
 
 
-def _count_syncs(engine, steps: int) -> dict:
-    """Run `steps` steps with torch's CUDA sync debugging on: how often, and where, the host waited for the GPU."""
+def _count_syncs(engine, steps: int, device_steps: float) -> dict:
+    """Run `steps` steps with torch's CUDA sync debugging on: how often, and where, the host waited for the GPU
+    (per device step)."""
     import collections
     import warnings
 
@@ -150,11 +158,12 @@ def _count_syncs(engine, steps: int) -> dict:
     for w in caught:  # torch's own warning on enabling the mode also says "synchronizing"
         if "called a synchronizing CUDA operation" in str(w.message):
             where[f"{w.filename}:{w.lineno}"] += 1
-    return {"per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
+    return {"per_step": sum(where.values()) / device_steps, "where": dict(where.most_common(8))}
 
 
-def _host_profile(engine, steps: int, top: int) -> list[dict]:
-    """Run `steps` steps under cProfile: pagellm's functions by their own time (and torch's calls from them)."""
+def _host_profile(engine, steps: int, top: int, device_steps: float) -> list[dict]:
+    """Run `steps` steps under cProfile: pagellm's functions by their own time (and torch's calls from them), per
+    device step."""
     import cProfile
     import pstats
 
@@ -166,8 +175,8 @@ def _host_profile(engine, steps: int, top: int) -> list[dict]:
     rows = []
     for (file, line, fn), (_, calls, own, cum, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
         name = f"{file.split('pagellm/', 1)[1]}:{line}({fn})" if "pagellm/" in file else fn
-        rows.append({"name": name, "own_ms_per_step": own * 1e3 / steps, "cum_ms_per_step": cum * 1e3 / steps,
-                     "calls_per_step": calls / steps})
+        rows.append({"name": name, "own_ms_per_step": own * 1e3 / device_steps,
+                     "cum_ms_per_step": cum * 1e3 / device_steps, "calls_per_step": calls / device_steps})
     rows.sort(key=lambda r: r["own_ms_per_step"], reverse=True)
     return rows[:top]
 
@@ -175,7 +184,9 @@ def _host_profile(engine, steps: int, top: int) -> list[dict]:
 def main(ns: argparse.Namespace) -> dict:
     r = run(ns)
     print(f"decode at batch {r['running']} (prompts of {ns.input_len} tokens, {ns.warmup_steps} warm-up steps "
-          f"after {r['prefill_steps']} prefill steps), {ns.steps} steps on {ns.device}:")
+          f"after {r['prefill_steps']} prefill steps), {ns.steps} steps on {ns.device}"
+          + (f", {r['device_steps_per_step']:.2f} device steps each (multi-step decode; figures per device step)"
+             if r["device_steps_per_step"] > 1 else "") + ":")
     line = f"  wall {r['wall_ms_per_step']:.2f} ms per step (median step {r['median_step_ms']:.2f})"
     if r["busy_ms_per_step"] is not None:
         line += (f", GPU busy {r['busy_ms_per_step']:.2f} ms per step "
@@ -185,7 +196,7 @@ def main(ns: argparse.Namespace) -> dict:
         print(f"  host waits for the GPU: {r['host_syncs']['per_step']:.1f} per step (async scheduling "
               f"{'on' if r['async_scheduling'] else 'off'})")
         for where, n in r["host_syncs"]["where"].items():
-            print(f"    {n / ns.steps:>5.1f}/step  {where}")
+            print(f"    {n / (ns.steps * r['device_steps_per_step']):>5.1f}/step  {where}")
     what = "kernel" if r["busy_ms_per_step"] is not None else "operator (own CPU time)"
     print(f"  {'ms/step':>8} {'calls/step':>10}  {what}")
     for row in r["top"]:
@@ -214,5 +225,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs.")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="Schedule step N+1 while step N runs (default: the engine's, on for CUDA).")
+    p.add_argument("--num-scheduler-steps", type=int, default=1,
+                   help="Decode steps per scheduling round (multi-step decode); figures stay per decode step.")
     p.add_argument("--trace", default=None, metavar="FILE.json", help="Write the profiled steps as a Chrome trace.")
     p.add_argument("--output-json", default=None)

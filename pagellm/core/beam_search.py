@@ -75,7 +75,9 @@ class BeamSearchPolicy:
     def before_schedule(self, req: Request, ctx: PolicyContext) -> None:
         return None
 
-    def process(self, req: Request, results: dict[Sequence, SampleResult], ctx: PolicyContext) -> list[SeqDelta]:
+    def process(self, req: Request, results: dict[Sequence, SampleResult], ctx: PolicyContext,
+                more: dict[int, list[SampleResult]] | None = None) -> list[SeqDelta]:
+        assert not more, "beam search runs one step at a time"  # the scheduler never gives it multi-step decode
         for seq, res in results.items():
             self.pending[seq.seq_id] = res
         beams = req.live_seqs()

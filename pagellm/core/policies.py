@@ -5,7 +5,8 @@ here, through three hooks the scheduler calls for each request:
 
     compute_target(req, seq)        how far seq may be computed before the policy acts
     before_schedule(req, ctx)       e.g. fork a parallel-sampling request once its prompt is cached
-    process(req, results, ctx)      sampled tokens -> appended tokens, forks, finished sequences
+    process(req, results, ctx, more)  sampled tokens -> appended tokens, forks, finished sequences
+                                    (`more`: multi-step decode's later tokens per sequence id)
 
 `SamplingPolicy` covers n / best_of (fork before the last prompt token, so each
 of the best_of sequences computes that token itself and samples its own first
@@ -51,13 +52,34 @@ def check_stop(seq: Sequence, ctx: PolicyContext) -> tuple[RequestStatus, int | 
     return None
 
 
-def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext) -> SeqDelta:
-    """Append one sampled token, record its logprobs, finish the sequence if a stop condition holds."""
+def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext,
+                     more: list[SampleResult] | None = None) -> SeqDelta:
+    """Append a sampled token (then, with multi-step decode, the tokens in `more`, in order), record logprobs,
+    finish the sequence at the first token where a stop condition holds (the tokens after it are dropped)."""
     token = result.token_id
     seq.token_ids.append(token)
     seq.cumulative_logprob += result.logprob
     delta = SeqDelta(seq.index, [token], [result])
     stop = check_stop(seq, ctx)
+    if stop is None and more:
+        params = seq.request.sampling_params
+        if params.ignore_eos and not params.stop_token_ids:  # no token stops it early: only its length, at the end
+            tokens = [res.token_id for res in more]
+            seq.token_ids += tokens
+            for res in more:
+                seq.cumulative_logprob += res.logprob
+            delta.new_token_ids += tokens
+            delta.new_logprobs += more
+            stop = check_stop(seq, ctx)
+        else:
+            for res in more:
+                seq.token_ids.append(res.token_id)
+                seq.cumulative_logprob += res.logprob
+                delta.new_token_ids.append(res.token_id)
+                delta.new_logprobs.append(res)
+                stop = check_stop(seq, ctx)
+                if stop is not None:
+                    break
     if stop is not None:
         status, reason = stop
         ctx.finish_seq(seq, status, reason)
@@ -92,7 +114,10 @@ class SamplingPolicy:
                 ctx.fork_seq(parent, index)
             self.forked = True
 
-    def process(self, req: Request, results: dict[Sequence, SampleResult], ctx: PolicyContext) -> list[SeqDelta]:
+    def process(self, req: Request, results: dict[Sequence, SampleResult], ctx: PolicyContext,
+                more: dict[int, list[SampleResult]] | None = None) -> list[SeqDelta]:
+        if more:
+            return [append_and_check(seq, res, ctx, more.get(seq.seq_id)) for seq, res in results.items()]
         return [append_and_check(seq, res, ctx) for seq, res in results.items()]
 
 

@@ -8,6 +8,10 @@ sent in full (`NewSeqData`); sequences it holds are sent as diffs
 (`CachedSeqData`). The worker samples a sequence when this step's tokens reach
 the end of what is known (num_computed + num_scheduled == num_tokens).
 
+Multi-step decode (`num_steps > 1`): every sequence of the step is decoding, and its n scheduled tokens are
+computed one per device step, each step's input being the token sampled by the step before; the sequence
+samples n tokens (`ModelRunnerOutput.samples` holds the first, `extra_samples` the others, in order).
+
 Pure Python: no torch import.
 """
 
@@ -59,6 +63,7 @@ class SchedulerOutput:
     grammar_seq_ids: list[int] = field(default_factory=list)  # constrained sequences sampled this step
     grammar_bitmask: Any = None  # (len(grammar_seq_ids), ceil(vocab / 32)) int32 allowed-token bits, same order
     grammar_deferred: bool = False  # the bitmask comes later (finish_sampling): a constrained token is in flight
+    num_steps: int = 1  # > 1: multi-step decode, each sequence's tokens computed one per device step
 
     @property
     def is_empty(self) -> bool:
@@ -92,6 +97,7 @@ class ModelRunnerOutput:
     """The worker's answer to one SchedulerOutput."""
 
     samples: dict[int, SampleResult] = field(default_factory=dict)  # seq_id -> sampled token
+    extra_samples: dict[int, list[SampleResult]] = field(default_factory=dict)  # multi-step: the later tokens
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> this chunk's
 
 

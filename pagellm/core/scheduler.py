@@ -26,6 +26,13 @@ meantime; only sampling waits). Requests whose next step depends on the sampled
 token on the host otherwise (beam search, multi-token bad words) switch the
 engine to one step at a time while they live (`can_schedule_ahead`).
 
+Multi-step decode (`num_scheduler_steps` K > 1): when every sequence of a step is decoding, each gets up to
+K tokens (fewer near its max_tokens or max_model_len), computed one per device step, and the step samples
+them all; their slots are allocated now, and the tokens past a stop are dropped when the results come
+back. Scheduling, stop checks and outputs then run once per K tokens. Requests whose sampling reads state
+that changes every token on the host (penalties, min_tokens) keep the engine at one step while they live,
+as do the requests above.
+
 Pure Python: no torch import.
 """
 
@@ -61,6 +68,13 @@ def _reads_sampled_tokens(req: Request) -> bool:
     return not isinstance(req.policy, SamplingPolicy) or any(len(w) > 1 for w in p._bad_words_token_ids or ())
 
 
+def _samples_one_step_at_a_time(req: Request) -> bool:
+    """Whether the request's sampling reads per-token state the worker keeps on the host between steps
+    (penalties' token counts, min_tokens' count), which multi-step decode would not update in between."""
+    p = req.sampling_params
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.min_tokens)
+
+
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
                        num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
     """ValueError if a request of this shape could never run, however empty the engine (usable away from the
@@ -86,6 +100,7 @@ class _StepPlan:
 
     entries: dict[Sequence, tuple[int, SlotAllocation]] = field(default_factory=dict)
     budget: int = 0  # tokens left
+    steps: int = 1  # > 1: multi-step decode (every entry a decoding sequence, its tokens one per device step)
 
     def add(self, seq: Sequence, num_tokens: int, alloc: SlotAllocation) -> None:
         self.entries[seq] = (num_tokens, alloc)
@@ -124,6 +139,8 @@ class Scheduler:
         self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
         self._host_token_reqs: set[str] = set()  # live requests that need their sampled tokens before a step
         self._constrained_reqs: set[str] = set()  # live requests with structured outputs
+        self._one_step_reqs: set[str] = set()  # live requests that rule out multi-step decode
+        self.num_steps = config.num_scheduler_steps
         self.num_preemptions = 0
 
     # ---- requests in and out ------------------------------------------------------
@@ -154,6 +171,8 @@ class Scheduler:
             self._host_token_reqs.add(req.request_id)
         if spec is not None:
             self._constrained_reqs.add(req.request_id)
+        if _samples_one_step_at_a_time(req):
+            self._one_step_reqs.add(req.request_id)
         self.waiting.append(req)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
@@ -227,6 +246,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._host_token_reqs.discard(req.request_id)
         self._constrained_reqs.discard(req.request_id)
+        self._one_step_reqs.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -244,7 +264,36 @@ class Scheduler:
         preempted = self._schedule_running(plan)
         if not preempted:
             self._admit_waiting(plan)
+            if self.num_steps > 1 and not (self._host_token_reqs or self._constrained_reqs or self._one_step_reqs):
+                self._plan_more_steps(plan)
         return self._build_output(plan)
+
+    def _plan_more_steps(self, plan: _StepPlan) -> None:
+        """Multi-step decode: if every entry is one decoding token of a sequence the worker holds, give each
+        up to num_steps tokens (what its limits leave, what the pool can hold)."""
+        entries = plan.entries
+        for seq, (n, alloc) in entries.items():
+            if (n != 1 or not seq.in_worker or alloc.copies
+                    or seq.num_computed_tokens + 1 != len(seq.token_ids) + seq.num_output_placeholders):
+                return
+        for seq, (_, alloc) in entries.items():
+            k = min(self.num_steps, self._tokens_left(seq))
+            if k < 2:
+                continue
+            more = self.kv.allocate_slots(seq, k)
+            if more is None:
+                continue  # the pool is short: this one decodes one token
+            if alloc is not _IN_PLACE:  # the first token's blocks, then the others'
+                more = SlotAllocation(alloc.start, alloc.block_ids + more.block_ids, [])
+            entries[seq] = (k, more)
+            plan.steps = max(plan.steps, k)
+
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Tokens the sequence may still sample, counting those in flight."""
+        n = len(seq.token_ids) + seq.num_output_placeholders
+        left = self.max_model_len - n
+        max_tokens = seq.request.sampling_params.max_tokens
+        return left if max_tokens is None else min(left, max_tokens - (n - seq.num_prompt_tokens))
 
     def _schedule_running(self, plan: _StepPlan) -> bool:
         preempted = False
@@ -356,6 +405,7 @@ class Scheduler:
         sampling: list[Sequence] = []
         c_ids, c_tokens, c_starts, c_blocks, c_computed = (cached.seq_ids, cached.new_token_ids, cached.table_starts,
                                                            cached.new_block_ids, cached.num_computed_tokens)
+        multi = plan.steps > 1
         for seq, (n, alloc) in plan.entries.items():
             seq_id = seq.seq_id
             num_scheduled[seq_id] = n
@@ -363,7 +413,7 @@ class Scheduler:
                 copies.extend(alloc.copies)
             num_tokens = len(seq.token_ids)
             computed = seq.num_computed_tokens
-            if computed + n == num_tokens + seq.num_output_placeholders:
+            if multi or computed + n == num_tokens + seq.num_output_placeholders:
                 sampling.append(seq)  # the chunk reaches the last token: the step samples the next one
             if not seq.in_worker:
                 req = seq.request
@@ -384,10 +434,10 @@ class Scheduler:
         # A constrained sequence with a token in flight: its mask is known only once that token is back.
         deferred = any(seq.num_output_placeholders for seq in constrained)
         for seq in sampling:
-            seq.num_output_placeholders += 1
+            seq.num_output_placeholders += num_scheduled[seq.seq_id] if multi else 1
         forget, self._forget = self._forget, set()
         out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
-                              sampling_seq_ids=[seq.seq_id for seq in sampling])
+                              sampling_seq_ids=[seq.seq_id for seq in sampling], num_steps=plan.steps)
         if constrained:
             out.grammar_seq_ids = [seq.seq_id for seq in constrained]
             if deferred:
@@ -405,12 +455,14 @@ class Scheduler:
 
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestUpdate]:
         seqs = self._seqs
+        multi = sched.num_steps > 1
         for seq_id in sched.sampling_seq_ids:
             seq = seqs.get(seq_id)
             if seq is not None:
-                seq.num_output_placeholders -= 1
+                seq.num_output_placeholders -= sched.num_scheduled_tokens[seq_id] if multi else 1
         results: dict[Request, dict[Sequence, SampleResult]] = {}
         prompt_lps = out.prompt_logprobs
+        more = out.extra_samples or None
         updates = []
         for seq_id, res in out.samples.items():
             seq = seqs.get(seq_id)
@@ -426,7 +478,7 @@ class Scheduler:
             if seq is not None:
                 results.setdefault(seq.request, {})
         for req, seq_results in results.items():
-            deltas: list[SeqDelta] = req.policy.process(req, seq_results, self) if seq_results else []
+            deltas: list[SeqDelta] = req.policy.process(req, seq_results, self, more) if seq_results else []
             if seq_results and req.sampling_params.structured_outputs is not None:
                 for seq in req.live_seqs():  # beam search reports no deltas until it ends: sync every beam
                     self.grammar.sync(seq.seq_id, seq.output_token_ids)

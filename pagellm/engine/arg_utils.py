@@ -64,6 +64,12 @@ class EngineArgs:
         None, "Schedule and prepare step N+1 while the device runs step N (the next step's input tokens come "
               "from step N's sampled tokens on the device). Default: on for one CUDA GPU, off on CPU, where "
               "there is nothing to overlap; tensor parallelism runs without it.")
+    num_scheduler_steps: int = _f(
+        1, "Decode steps the device runs per scheduling round: when every sequence of a step is decoding, its "
+           "next tokens are computed back to back on the device, each step's input the token sampled before it, "
+           "and the host schedules, applies stop conditions and builds outputs once for all of them. Requests "
+           "with penalties, min_tokens, beam search, structured outputs or multi-token bad words run one step at "
+           "a time. A sequence that stops early discards the tokens computed past its stop.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -119,6 +125,10 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}.")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("num_scheduler_steps", self.num_scheduler_steps)
+        if self.num_scheduler_steps > 1 and self.tensor_parallel_size > 1:
+            raise ValueError("num_scheduler_steps > 1 needs tensor_parallel_size=1 (the ranks would need the sampled "
+                             f"tokens between steps), got tensor_parallel_size={self.tensor_parallel_size}.")
         _positive("data_parallel_size", self.data_parallel_size)
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             raise ValueError("distributed_executor_backend must be mp or ray, got "
@@ -138,7 +148,7 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
-                                      async_scheduling),
+                                      async_scheduling, self.num_scheduler_steps),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),

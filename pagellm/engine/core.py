@@ -64,9 +64,11 @@ class EngineCounters:
     tokens_computed: int = 0  # tokens run through the model (prompts, recomputes, decodes)
     generation_tokens: int = 0  # sampled tokens
     overlapped_steps: int = 0  # steps launched while the previous one was still running (async scheduling)
+    device_steps: int = 0  # forward passes: num_steps plus the extra steps of multi-step decodes
 
     def record(self, sched, updates) -> None:
         self.num_steps += 1
+        self.device_steps += sched.num_steps
         self.tokens_computed += sched.total_num_scheduled_tokens
         self.generation_tokens += sum(len(d.new_token_ids) for u in updates for d in u.deltas)
 

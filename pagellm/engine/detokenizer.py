@@ -63,6 +63,10 @@ class IncrementalDetokenizer:
             return rest
         return ""
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of these output ids as a whole (what finish() makes the incremental text equal)."""
+        return self._decode(ids)
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      spaces_between_special_tokens=self.spaces_between_special_tokens,

@@ -2,7 +2,8 @@
 
     scheduler.update_from_output() -> [RequestUpdate]
         -> OutputProcessor.process(updates, on_stop)
-             incremental detokenization per sequence
+             incremental detokenization per sequence (final-only requests without stop strings:
+             one decode when the output is made, nothing per token)
              stop strings matched on the text (they may span tokens); on a match the
              sequence is cut there and `on_stop` tells the scheduler to free it
              logprobs and prompt logprobs turned into dicts of Logprob
@@ -38,6 +39,7 @@ class _SeqState:
     sent_text: int = 0  # chars already delivered (DELTA)
     sent_tokens: int = 0  # token ids already delivered (DELTA)
     changed: bool = False
+    lazy_text: bool = False  # the text is decoded once, when the output is made (final-only, no stop strings)
 
 
 @dataclass
@@ -103,6 +105,14 @@ class OutputProcessor:
                 seq = st.seqs.get(d.index) or self._seq(st, d.index)
                 if seq.finish_reason is not None:
                     continue  # stopped here by a stop string; the core has not heard yet (engine process)
+                if seq.lazy_text and seq.logprobs is None:  # nothing to do per token but keep it
+                    seq.token_ids += d.new_token_ids
+                    for res in d.new_logprobs:
+                        seq.cumulative_logprob += res.logprob
+                    seq.changed = True
+                    if d.finish_reason is not None:
+                        self._finish_seq(st, seq, d.finish_reason, d.stop_reason)
+                    continue
                 for token_id, res in zip(d.new_token_ids, d.new_logprobs):
                     stop = self._append(st, seq, token_id, res)
                     if stop is not None:
@@ -152,7 +162,8 @@ class OutputProcessor:
             detok = (IncrementalDetokenizer(self.tokenizer, st.prompt_token_ids, p.skip_special_tokens,
                                             p.spaces_between_special_tokens)
                      if p.detokenize and self.tokenizer is not None else None)
-            seq = _SeqState(index, detok, logprobs=[] if p.logprobs is not None else None)
+            seq = _SeqState(index, detok, logprobs=[] if p.logprobs is not None else None,
+                            lazy_text=detok is not None and st.final_only and not p.stop)
             st.seqs[index] = seq
         return seq
 
@@ -163,7 +174,7 @@ class OutputProcessor:
         seq.changed = True
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob_dict(token_id, res.logprob, res.rank, res.top_ids, res.top_logprobs))
-        if seq.detok is None:
+        if seq.detok is None or seq.lazy_text:
             return None
         piece = seq.detok.add(token_id)
         if not piece:
@@ -189,7 +200,7 @@ class OutputProcessor:
         return s
 
     def _finish_seq(self, st: _RequestState, seq: _SeqState, reason: str, stop_reason: int | str | None) -> None:
-        if seq.detok is not None:
+        if seq.detok is not None and not seq.lazy_text:
             seq.text += seq.detok.finish()
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.changed = True
@@ -250,6 +261,8 @@ class OutputProcessor:
                              st.num_cached_tokens, metrics)
 
     def _completion(self, st: _RequestState, seq: _SeqState, delta: bool, index: int) -> CompletionOutput:
+        if seq.lazy_text:
+            seq.text = seq.detok.decode(seq.token_ids)
         hold = 0
         if st.params.stop and seq.finish_reason is None:
             hold = max(len(s) for s in st.params.stop) - 1  # could still become a stop string

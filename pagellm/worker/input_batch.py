@@ -15,7 +15,9 @@ A row holds num_tokens tokens, of which the first num_known are on the host. A s
 row counts the token it samples at once (a placeholder); its value arrives with a later step's diff.
 With async scheduling the next step is built before that: the placeholder is the only unknown token
 it computes, and the model runner takes it from the previous step's sampled tokens on the device
-(`prev_sample_index`: the row's index among them, -1 if the row did not sample).
+(`prev_sample_index`: the row's index among them, -1 if the row did not sample). A multi-step decode
+samples several tokens per row (`prev_count`, from position `prev_first` on); the next step computes the
+last of them, found at `(position - prev_first) * prev_stride + prev_sample_index` in those tokens.
 
 Arrays are allocated once (numpy, filled lazily by the OS) and indexed by row,
 so building a step's inputs is a handful of vectorised numpy operations,
@@ -67,6 +69,9 @@ class InputBatch:
         self.num_known = np.zeros(max_num_seqs, dtype=np.int64)  # tokens whose ids the host holds
         self.prev_sample_index = np.full(max_num_seqs, -1, dtype=np.int64)
         self._prev_rows = np.zeros(0, dtype=np.int64)
+        self.prev_first = np.zeros(max_num_seqs, dtype=np.int64)  # position of the row's first token sampled then
+        self.prev_count = np.zeros(max_num_seqs, dtype=np.int64)  # tokens the row sampled then
+        self.prev_stride = 0  # rows that sampled then
         self.num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
         self.num_computed = np.zeros(max_num_seqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_seqs, max_blocks), dtype=np.int32)
@@ -202,11 +207,15 @@ class InputBatch:
         flat = rows * self.vocab_size + tokens
         self.output_counts.view(-1).index_add_(0, flat, torch.full((len(flat),), value, device=self.device))
 
-    def sampled(self, rows: np.ndarray, tokens: torch.Tensor | None = None) -> None:
-        """These rows sampled a token this step (in this order): one placeholder each. With the sampled tokens
-        (on the device; the driver's), penalized rows count theirs at once."""
+    def sampled(self, rows: np.ndarray, tokens: torch.Tensor | None = None, counts: np.ndarray | None = None) -> None:
+        """These rows sampled a token this step (in this order): one placeholder each (`counts` each with
+        multi-step decode, which has no penalized rows). With the sampled tokens (on the device; the driver's),
+        penalized rows count theirs at once."""
         self.prev_sample_index[self._prev_rows] = -1
         self.prev_sample_index[rows] = np.arange(len(rows))
+        self.prev_first[rows] = self.num_tokens[rows]
+        self.prev_count[rows] = 1 if counts is None else counts
+        self.prev_stride = len(rows)
         if tokens is not None and self.output_counts is not None:
             idx = np.flatnonzero(self.extras[rows] & _PENALTIES)
             if len(idx):
@@ -216,7 +225,7 @@ class InputBatch:
                 tok = tokens.index_select(0, to_device(idx, self.device))
                 self._last_sampled[r_dev] = tok
                 self._add_counts(r_dev, tok, 1.0)
-        self.num_tokens[rows] += 1
+        self.num_tokens[rows] += 1 if counts is None else counts
         self._prev_rows = rows
 
     # ---- sampling metadata ----------------------------------------------------------

@@ -8,6 +8,12 @@
          (and the prompt positions of prompt_logprobs requests) go through the LM head
       5. Sampler -> tokens, logprobs -> StepResult (copies to the host queued) -> ModelRunnerOutput
 
+Multi-step decode (sched.num_steps K > 1, every sequence decoding): after the first step, K - 1 more run
+back to back on the device, each one's input tokens the tokens the one before sampled, with positions,
+slots and context lengths prepared on the host for all of them at once (a sequence with fewer tokens
+to compute repeats its last position and writes to the scratch slot); the K samples go to the host
+in one copy.
+
 execute_model_async returns once the step's work is queued on the device; StepResult.result() waits
 for it. With async scheduling the engine schedules and launches the next step in between, and a
 token that step computes but the host does not hold yet (the one this step samples) is taken from
@@ -40,9 +46,9 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.loader import init_dummy_weights, iterate_weights, load_weights
 from pagellm.models.parallel_layers import SINGLE
 from pagellm.models.registry import get_model_class
-from pagellm.sample.sampler import Sampler, prompt_logprobs
+from pagellm.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
 from pagellm.worker.cuda_graphs import CudaGraphRunner, graphs_supported
-from pagellm.worker.input_batch import InputBatch
+from pagellm.worker.input_batch import InputBatch, counter_uniforms
 from pagellm.worker.kv_cache import allocate_kv_cache, copy_blocks, determine_num_blocks, torch_dtype
 from pagellm.worker.step_buffers import to_device
 
@@ -128,16 +134,20 @@ class ModelRunner:
                                        self.device)
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
+        self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
 
     def determine_num_blocks(self) -> int:
         return determine_num_blocks(self.config)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         why_not = self._why_no_graphs()
-        # CUDA graphs pad decode batches with rows whose K/V land in one scratch block past the last.
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks + (why_not is None))
+        # CUDA graphs pad decode batches with rows whose K/V land in one scratch block past the last; multi-step
+        # decode sends the steps past a sequence's last token there.
+        scratch = why_not is None or self.config.scheduler.num_scheduler_steps > 1
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks + scratch)
+        self.scratch_slot = num_blocks * self.block_size
         if why_not is None:
-            self.graphs = CudaGraphRunner(self, num_blocks * self.block_size, emulate=self.device.type != "cuda")
+            self.graphs = CudaGraphRunner(self, self.scratch_slot, emulate=self.device.type != "cuda")
             self.graphs.capture()
         elif self.device.type == "cuda":
             logger.info("decode steps run eagerly: %s", why_not)
@@ -185,8 +195,42 @@ class ModelRunner:
         if sched.grammar_deferred:
             res.deferred = (logits, inputs, sched.grammar_seq_ids)
             return res
-        self._sample(res, logits, inputs, sched.grammar_seq_ids, sched.grammar_bitmask)
+        if inputs.multi is not None:
+            self._run_more_steps(res, logits, inputs)
+        else:
+            self._sample(res, logits, inputs, sched.grammar_seq_ids, sched.grammar_bitmask)
         return res
+
+    def _run_more_steps(self, res: StepResult, logits: torch.Tensor, inputs: _StepInputs) -> None:
+        """Multi-step decode: sample the first step, then run and sample the others, each fed the tokens the
+        one before sampled (no grammars, penalties or prompt logprobs here: the scheduler rules them out)."""
+        ms = inputs.multi
+        md = self.batch.sampling_metadata(inputs.sample_rows)
+        outs = [self.sampler(logits, md)]
+        b = len(inputs.sample_rows)
+        ids, pos = inputs.input_ids, inputs.positions
+        for k in range(len(ms.seq_lens_np)):
+            ids[:b].copy_(outs[-1].token_ids)
+            pos[:b].copy_(ms.positions[k])
+            if inputs.graph_size:
+                d = self.buffers.dev
+                d["slot_mapping"][:b].copy_(ms.slots[k])
+                d["seq_lens"][:b].copy_(ms.seq_lens[k])
+                hidden = self.graphs.replay(inputs.graph_size)
+            else:
+                lens = ms.seq_lens_np[k]
+                meta = AttentionMetadata(**{**inputs.meta.__dict__, "slot_mapping": ms.slots[k],
+                                            "seq_lens": ms.seq_lens[k], "seq_lens_cpu": lens.tolist(),
+                                            "max_seq_len": int(lens.max())})
+                hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
+            md.uniforms = ms.uniforms[k]
+            outs.append(self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), md))
+        so = SamplerOutput(*(None if getattr(outs[0], f) is None else torch.stack([getattr(o, f) for o in outs])
+                             for f in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs")))
+        res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs, ms.counts)
+        self._prev_tokens = so.token_ids.reshape(-1)  # step k's row i at k * rows + i
+        self.batch.sampled(inputs.sample_rows, None, ms.counts)
+        res.queued()
 
     @torch.inference_mode()
     def finish_sampling(self, res: StepResult, grammar_bitmask) -> None:
@@ -222,6 +266,9 @@ class ModelRunner:
         seq_ids = list(sched.num_scheduled_tokens)
         rows = np.fromiter((b.row_of[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         counts = np.fromiter(sched.num_scheduled_tokens.values(), dtype=np.int64, count=len(seq_ids))
+        multi_counts = None
+        if sched.num_steps > 1:  # the first of the steps computes one token per sequence
+            multi_counts, counts = counts, np.ones_like(counts)
         starts = b.num_computed[rows]
         total = int(counts.sum())
         cu = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -238,19 +285,19 @@ class ModelRunner:
         sample_idx = np.flatnonzero(ends_known)
         prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
         fresh = starts == 0
-        max_blocks = int(-(-seq_lens.max() // bs))
+        max_blocks = int(-(-(seq_lens if multi_counts is None else starts + multi_counts).max() // bs))
         max_query_len = int(counts.max())
         arrays = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=cu,
                       seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
                       paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
         unknown = np.flatnonzero(positions >= b.num_known[tok_rows])
         if len(unknown):  # placeholders: tokens the previous step sampled, still on the device
-            src = b.prev_sample_index[tok_rows[unknown]]
-            if self._prev_tokens is None or (src < 0).any() or (positions[unknown] != b.num_known[
-                    tok_rows[unknown]]).any():
+            u_rows = tok_rows[unknown]
+            col, j = b.prev_sample_index[u_rows], positions[unknown] - b.prev_first[u_rows]
+            if self._prev_tokens is None or (col < 0).any() or (j < 0).any() or (j >= b.prev_count[u_rows]).any():
                 raise RuntimeError("the step computes tokens that neither the host holds nor the previous step "
                                    "sampled")
-            arrays["prev_dst"], arrays["prev_src"] = unknown, src
+            arrays["prev_dst"], arrays["prev_src"] = unknown, j * b.prev_stride + col
         # A decode-only batch that a CUDA graph covers is padded to the graph's size and replayed by execute_model.
         graph = None
         if self.graphs is not None and max_query_len == 1 and not fresh.any() and not prompt_lp:
@@ -268,8 +315,25 @@ class ModelRunner:
                 query_start_loc_cpu=cu.tolist(), seq_lens_cpu=seq_lens.tolist(),
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=arrays["paged_seq_ids"].tolist(),
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
+        multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp, graph)
+                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi)
+
+    def _multi_step_inputs(self, num_steps: int, rows: np.ndarray, starts: np.ndarray,
+                           counts: np.ndarray) -> _MultiStepInputs:
+        """Steps 2 .. num_steps of a multi-step decode, row i of step k at position starts[i] + k while k <
+        counts[i], then repeating its last position with its K/V sent to the scratch slot."""
+        b, bs = self.batch, self.block_size
+        k = np.arange(1, num_steps)[:, None]
+        pos = starts + np.minimum(k, counts - 1)
+        slots = np.where(k < counts, b.block_table[rows, pos // bs].astype(np.int64) * bs + pos % bs,
+                         self.scratch_slot)
+        seq_lens = (pos + 1).astype(np.int32)
+        num_out = b.num_tokens[rows] - b.num_prompt[rows]  # the first step samples output index num_out
+        uniforms = np.where(b.temperature[rows] < 1e-5, 0.0, counter_uniforms(b.seeds[rows], num_out + k))
+        dev = self.device
+        return _MultiStepInputs(counts, to_device(pos, dev), to_device(slots, dev), to_device(seq_lens, dev), seq_lens,
+                                to_device(uniforms, dev))
 
     def _tensors(self, arrays: dict[str, np.ndarray], padded: int) -> dict[str, torch.Tensor]:
         """The step's arrays as tensors on the device (CPU: the numpy memory itself); token ids and positions
@@ -324,12 +388,24 @@ class ModelRunner:
         return out
 
 
+class _MultiStepInputs:
+    __slots__ = ("counts", "positions", "slots", "seq_lens", "seq_lens_np", "uniforms")
+
+    def __init__(self, counts, positions, slots, seq_lens, seq_lens_np, uniforms):
+        self.counts = counts  # (B,) tokens each sequence samples (<= num_steps)
+        self.positions = positions  # (K - 1, B) int64 on the device: steps 2 .. K
+        self.slots = slots  # (K - 1, B) int64: where each step's K/V go
+        self.seq_lens = seq_lens  # (K - 1, B) int32: context lengths
+        self.seq_lens_np = seq_lens_np  # the same on the host (eager steps' metadata)
+        self.uniforms = uniforms  # (K - 1, B) float64: each step's sampling draws
+
+
 class _StepInputs:
     __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
-                 "graph_size")
+                 "graph_size", "multi")
 
     def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
-                 graph_size=None):
+                 graph_size=None, multi=None):
         self.input_ids = input_ids  # (T_padded,) int64
         self.positions = positions  # (T_padded,) int64
         self.meta = meta  # AttentionMetadata
@@ -338,6 +414,7 @@ class _StepInputs:
         self.sample_seq_ids = sample_seq_ids  # B sequence ids
         self.prompt_lp = prompt_lp  # [(seq_id, row, batch indices, target ids, first position)]
         self.graph_size = graph_size  # the CUDA graph (decode batch size) that runs this step, or None
+        self.multi = multi  # _MultiStepInputs of a multi-step decode, or None
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -352,12 +429,15 @@ class StepResult:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._samples = None  # (seq ids, host tensors, num_logprobs per row)
+        self._counts = None  # multi-step decode: tokens per row
         self._prompt_lp: list[tuple] = []  # (seq id, first position, host tensors)
         self._event = None
         self._out: ModelRunnerOutput | None = None
         self.deferred = None  # (logits, inputs, grammar seq ids) of a step waiting for its grammar masks
 
-    def add_samples(self, seq_ids: list[int], so, num_logprobs: list[int | None]) -> None:
+    def add_samples(self, seq_ids: list[int], so, num_logprobs: list[int | None], counts=None) -> None:
+        """`counts` (multi-step decode): the tensors have a leading step axis, row i keeps its first counts[i]."""
+        self._counts = counts
         if self.device.type == "cpu":
             cols = (so.token_ids, so.logprobs, so.ranks)
         else:  # one copy for the per-row results (token ids < 2^53 are exact in float64)
@@ -389,14 +469,31 @@ class StepResult:
             ranks = ranks.long().tolist() if ranks is not None else None
             top_ids = top_ids.tolist() if top_ids is not None else None
             top_lps = top_lps.tolist() if top_lps is not None else None
-            for i, seq_id in enumerate(seq_ids):
+
+            def sample(tokens, lps, ranks, top_ids, top_lps, i: int) -> SampleResult:
                 res = SampleResult(tokens[i], lps[i])
                 k = num_logprobs[i]
                 if k is not None:
                     res.rank = ranks[i]
                     res.top_ids = top_ids[i][:k] if k and top_ids else []
                     res.top_logprobs = top_lps[i][:k] if k and top_lps else []
-                out.samples[seq_id] = res
+                return res
+
+            if self._counts is None:
+                for i, seq_id in enumerate(seq_ids):
+                    out.samples[seq_id] = sample(tokens, lps, ranks, top_ids, top_lps, i)
+            elif any(k is not None for k in num_logprobs):  # per step: its tokens, logprobs, ranks, top-k
+                steps = list(zip(tokens, lps, ranks or [None] * len(tokens), top_ids or [None] * len(tokens),
+                                 top_lps or [None] * len(tokens)))
+                for i, (seq_id, c) in enumerate(zip(seq_ids, self._counts.tolist())):
+                    out.samples[seq_id] = sample(*steps[0], i)
+                    if c > 1:
+                        out.extra_samples[seq_id] = [sample(*steps[k], i) for k in range(1, c)]
+            else:  # token and logprob only: per row, its steps' pairs
+                for seq_id, c, row_tokens, row_lps in zip(seq_ids, self._counts.tolist(), zip(*tokens), zip(*lps)):
+                    out.samples[seq_id] = SampleResult(row_tokens[0], row_lps[0])
+                    if c > 1:
+                        out.extra_samples[seq_id] = list(map(SampleResult, row_tokens[1:c], row_lps[1:c]))
         for seq_id, start, (lp, ranks, top_ids, top_lp) in self._prompt_lp:
             out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
                                                           top_lp.tolist())

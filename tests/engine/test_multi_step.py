@@ -1,0 +1,188 @@
+"""Multi-step decode (num_scheduler_steps=K): decoding sequences get up to K tokens per scheduling round,
+computed one per device step on the device, each step fed the tokens the one before sampled.
+
+The oracles: Hugging Face greedy output for greedy requests, and the same engine one step per round for
+everything else (a seeded token's random draw depends only on the request's seed and the token's index, so
+both schedules must give the same tokens, logprobs, texts and finish reasons). Every test checks that the
+rounds really ran several device steps (or, where a request rules them out, that none did), and that every
+KV block is free at the end.
+"""
+
+import pytest
+
+from pagellm import LLM, SamplingParams
+from pagellm.engine.arg_utils import EngineArgs
+from pagellm.sampling_params import RequestOutputKind
+from tests.engine.test_async_scheduling import assert_all_free, tokens_and_logprobs
+from tests.worker.test_cuda_graphs import DEMO, PARAMS, PROMPTS, assert_same, hf_results
+
+
+def make(steps, async_scheduling=False, **kw):
+    kw.setdefault("max_num_seqs", 4)  # fewer rows than prompts: requests join and leave between rounds
+    return LLM(DEMO, num_scheduler_steps=steps, async_scheduling=async_scheduling, seed=0, **kw)
+
+
+def generate(llm, params, prompts=PROMPTS):
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def extra_device_steps(llm):
+    stats = llm.llm_engine.stats
+    return stats.device_steps - stats.num_steps
+
+
+def summary(outs):
+    """Everything a user sees of each completion (cumulative logprob and logprobs last, compared with a tolerance:
+    a different batch composition changes the logits in their last bits)."""
+    return [(o.request_id, c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason, c.cumulative_logprob or 0.0,
+             [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if c.logprobs else [])
+            for o in outs for c in o.outputs]
+
+
+def assert_same_outputs(got, ref, tol=1e-3):
+    assert [g[:6] for g in got] == [r[:6] for r in ref]
+    for g, r in zip(got, ref):
+        assert g[6] == pytest.approx(r[6], abs=tol) and g[7] == pytest.approx(r[7], abs=tol)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("backend", ["torch_ref", "cpu_paged"])
+def test_greedy_output_equals_hf(backend, async_scheduling):
+    llm = make(4, async_scheduling, attention_backend=backend)
+    got = tokens_and_logprobs(generate(llm, PARAMS))
+    assert_same(hf_results(), got)
+    assert extra_device_steps(llm) > 20
+    assert_all_free(llm)
+
+
+MIXED = [
+    SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=37, logprobs=2),
+    SamplingParams(temperature=1.0, seed=2, max_tokens=40, stop_token_ids=[203, 294]),
+    SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=33, stop=["e", "th"]),
+    SamplingParams(temperature=0.9, seed=4, max_tokens=20, n=2, best_of=3),
+    SamplingParams(temperature=0, max_tokens=29, ignore_eos=True, output_kind=RequestOutputKind.DELTA),
+    SamplingParams(temperature=1.0, seed=6, min_p=0.05, max_tokens=50),
+    SamplingParams(temperature=0, max_tokens=3),
+]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("steps", [3, 8])
+def test_sampling_stops_and_parallel_samples_match_one_step_per_round(steps, async_scheduling):
+    """Seeded sampling with top-p / top-k / min-p, logprobs, stop token ids (stopping mid-round drops the tokens
+    computed past the stop), stop strings, n / best_of and streamed (DELTA) outputs."""
+    ref_llm = make(1, async_scheduling)
+    ref = summary(generate(ref_llm, MIXED))
+    llm = make(steps, async_scheduling)
+    assert_same_outputs(summary(generate(llm, MIXED)), ref)
+    assert extra_device_steps(ref_llm) == 0 and extra_device_steps(llm) > 20
+    assert_all_free(llm)
+
+
+def test_streamed_outputs_match_one_step_per_round():
+    """Streaming through the engine: the text delivered piece by piece adds up to the same text."""
+    texts = []
+    for steps in (1, 4):
+        llm = make(steps)
+        engine = llm.llm_engine
+        for i, p in enumerate(PROMPTS[:3]):
+            engine.add_request(str(i), p, SamplingParams(temperature=0.9, seed=i, max_tokens=25,
+                                                          output_kind=RequestOutputKind.DELTA))
+        pieces = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                pieces[out.request_id] = pieces.get(out.request_id, "") + "".join(c.text for c in out.outputs)
+        texts.append(pieces)
+    assert texts[1] == texts[0]
+
+
+def test_requests_that_need_every_token_on_the_host_keep_one_step_per_round():
+    """Penalties and min_tokens read per-token state between steps: while such a request lives, rounds are one
+    step, and every request's output is what one step per round gives."""
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True,
+                             frequency_penalty=0.7 if i == 0 else 0.0, min_tokens=3 if i == 1 else 0)
+              for i in range(len(PROMPTS))]
+    ref = summary(generate(make(1), params))
+    llm = make(6, max_num_seqs=8)  # every request in the batch from the start: never a multi-step round
+    assert_same_outputs(summary(generate(llm, params)), ref)
+    assert extra_device_steps(llm) == 0
+    plain = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(len(PROMPTS))]
+    generate(llm, plain)
+    assert extra_device_steps(llm) > 10  # the same engine runs multi-step rounds once they are gone
+
+
+def test_rounds_stop_at_max_model_len():
+    """Sequences that run into max_model_len: a round never computes past it, outputs as one step per round."""
+    params = SamplingParams(temperature=0.5, seed=9, max_tokens=None, ignore_eos=True)
+    outs = [generate(make(steps, max_model_len=40), params) for steps in (1, 8)]
+    assert_same_outputs(summary(outs[1]), summary(outs[0]))
+    assert {c.finish_reason for o in outs[1] for c in o.outputs} == {"length"}
+    assert all(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == 40 for o in outs[1])
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_short_pool_preempts_and_recomputes_with_the_same_results(async_scheduling):
+    """Few KV blocks: rounds allocate what they can (a sequence the pool cannot grow decodes one token),
+    requests are preempted and recomputed, and the outputs are still those of one step per round."""
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=60, ignore_eos=True)
+    ref = summary(generate(make(1, async_scheduling, num_gpu_blocks_override=14, block_size=8), params))
+    llm = make(8, async_scheduling, num_gpu_blocks_override=14, block_size=8)
+    assert_same_outputs(summary(generate(llm, params)), ref)
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    assert extra_device_steps(llm) > 0
+    assert_all_free(llm)
+
+
+def test_abort_mid_round_frees_every_block():
+    llm = make(8, True)
+    engine = llm.llm_engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.8, seed=i, max_tokens=200, ignore_eos=True))
+    for _ in range(6):
+        engine.step()
+    assert extra_device_steps(llm) > 0
+    engine.abort_request([str(i) for i in range(len(PROMPTS))])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_free(llm)
+    out = generate(llm, SamplingParams(temperature=0, max_tokens=5), PROMPTS[:1])[0]
+    assert len(out.outputs[0].token_ids) == 5
+
+
+def test_emulated_cuda_graphs_replay_every_step_of_a_round(monkeypatch):
+    """The GPU path: each step of a round replays the decode graph on its static buffers (positions, slots and
+    context lengths rewritten on the device, input tokens the previous step's samples)."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    llm = make(4, True, attention_backend="torch_ref", max_num_seqs=6)
+    got = tokens_and_logprobs(generate(llm, PARAMS))
+    assert_same(hf_results(), got)
+    replays = sum(llm.llm_engine.executor.runner.graphs.replays.values())
+    assert extra_device_steps(llm) > 10 and replays > extra_device_steps(llm)
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_bad_num_scheduler_steps(value):
+    with pytest.raises(ValueError, match="num_scheduler_steps must be a positive integer"):
+        EngineArgs(model=DEMO, num_scheduler_steps=value).create_engine_config()
+
+
+def test_multi_step_needs_one_rank():
+    with pytest.raises(ValueError, match="num_scheduler_steps > 1 needs tensor_parallel_size=1"):
+        EngineArgs(model=DEMO, num_scheduler_steps=4, tensor_parallel_size=2).create_engine_config()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "mistral", "mixtral", "stablelm"])
+def test_every_kind_of_model_gives_the_same_tokens(tiny_models, arch):
+    """Other layouts under multi-step rounds: learned positions (gpt2), sliding windows whose blocks are released
+    as a round moves on (gemma2, mistral), MoE layers (mixtral), the transformers fallback (stablelm)."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=1)
+    prompts = [{"prompt_token_ids": list(range(10 + 7 * i, 30 + 11 * i))} for i in range(5)]
+    outs = []
+    for steps in (1, 5):
+        llm = LLM(tiny_models[arch], num_scheduler_steps=steps, max_num_seqs=3, num_gpu_blocks_override=64,
+                  block_size=8)
+        outs.append(summary(generate(llm, params, prompts)))
+        assert (extra_device_steps(llm) > 10) == (steps > 1)
+        assert_all_free(llm)
+    assert_same_outputs(outs[1], outs[0])
