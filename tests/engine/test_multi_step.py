@@ -80,20 +80,24 @@ def test_sampling_stops_and_parallel_samples_match_one_step_per_round(steps, asy
 
 
 def test_streamed_outputs_match_one_step_per_round():
-    """Streaming through the engine: the text delivered piece by piece adds up to the same text."""
+    """Streaming through the engine: the text delivered piece by piece adds up to the same text, a stop string
+    that a round's tokens run past included."""
     texts = []
     for steps in (1, 4):
         llm = make(steps)
         engine = llm.llm_engine
         for i, p in enumerate(PROMPTS[:3]):
-            engine.add_request(str(i), p, SamplingParams(temperature=0.9, seed=i, max_tokens=25,
+            engine.add_request(str(i), p, SamplingParams(temperature=0.9, seed=i, max_tokens=25, stop=["th"] if i else [],
                                                           output_kind=RequestOutputKind.DELTA))
-        pieces = {}
+        pieces, reasons = {}, {}
         while engine.has_unfinished_requests():
             for out in engine.step():
                 pieces[out.request_id] = pieces.get(out.request_id, "") + "".join(c.text for c in out.outputs)
-        texts.append(pieces)
+                reasons.update({out.request_id: c.stop_reason for c in out.outputs if c.finish_reason})
+        texts.append((pieces, reasons))
+        assert_all_free(llm)
     assert texts[1] == texts[0]
+    assert list(texts[0][1].values()).count("th") == 2
 
 
 def test_requests_that_need_every_token_on_the_host_keep_one_step_per_round():
