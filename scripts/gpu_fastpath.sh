@@ -18,7 +18,8 @@
 #               and with 8 decode steps per scheduling round (multi-step decode)
 #   multistep   profiles with 4 and 8 decode steps per scheduling round; greedy output against HF with 4
 #   nosync      the GPU test that steady decode steps never make the host wait
-#   gemma2      Gemma 2 against HF on the GPU and on the CPU, eager, unfused, torch_ref attention (which part differs)
+#   gemma2      Gemma 2 against HF layer by layer (Triton and torch_ref attention), then on the GPU and on the CPU,
+#               eager, unfused, torch_ref attention (which part differs)
 #   gpt2        GPT-2 124M default workload beside HF static(16)
 #   greedy_all  every test architecture against HF, graphs + async, then eager one step at a time
 #   sweep       attention launch settings (tile, warps, stages); the stages after it run with the fastest
@@ -84,6 +85,8 @@ stage_nosync() {
 }
 stage_gemma2() {
     local m=$MODELS/gemma2
+    $PY scripts/compare_layers.py $m --device cuda
+    $PY scripts/compare_layers.py $m --device cuda --attention-backend torch_ref
     $PY scripts/check_cuda.py $m --hf-device cpu
     $PY scripts/check_cuda.py $m --enforce-eager --no-async-scheduling
     PAGELLM_FUSED_ELEMENTWISE=0 $PY scripts/check_cuda.py $m --enforce-eager

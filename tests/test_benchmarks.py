@@ -1,6 +1,7 @@
 """Benchmark building blocks (workloads, metrics, simulations) and a smoke run of every `pagellm bench` subcommand."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ from pagellm.benchmarks.latency import percentile
 from pagellm.benchmarks.peak import ModelShape, workload_bound
 from pagellm.benchmarks.serve import RequestRecord, compute_metrics, poisson_arrivals
 from pagellm.benchmarks.workload import WorkloadSpec, dataset_workload, synthetic_workload, workload_totals
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_synthetic_workload_is_seeded_and_within_bounds():
@@ -200,6 +203,29 @@ def test_smoke_attention_profile_and_workload_flag(llama_path, tmp_path):
                                      "--output-json", str(tmp_path / "peak.json"))
     peak = json.loads((tmp_path / "peak.json").read_text())
     assert peak["workload"] == "nanovllm"
+
+
+def test_profile_figures_stay_per_decode_step_with_multi_step_rounds(llama_path, tmp_path):
+    calls = []
+    for steps in (1, 4):
+        out = tmp_path / f"p{steps}.json"
+        text = bench("profile", "--model", llama_path, "--batch-size", "3", "--input-len", "8", "--steps", "2",
+                     "--warmup-steps", "1", "--num-scheduler-steps", str(steps), "--output-json", str(out))
+        r = json.loads(out.read_text())
+        assert r["device_steps_per_step"] == steps and r["running"] == 3
+        assert ("multi-step decode" in text) == (steps > 1)
+        calls.append({row["name"]: row["calls_per_step"] for row in r["top"]}["aten::mm"])
+    assert calls[1] == calls[0]  # the same matmuls per decode step
+
+
+def test_compare_layers_script_finds_no_difference_on_cpu(tiny_models):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_layers.py"), tiny_models["gemma2"]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 3 and any("window" in row for row in rows)  # layers 0-2 (the last is after the final norm)
+    assert all(float(row[1]) < 1e-4 and float(row[2]) < 1e-4 for row in rows), r.stdout
+    assert r.stdout.count("largest logprob difference") == 2
 
 
 def test_smoke_serve_against_a_running_server(tmp_path):

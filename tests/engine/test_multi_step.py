@@ -87,13 +87,15 @@ def test_streamed_outputs_match_one_step_per_round():
         llm = make(steps)
         engine = llm.llm_engine
         for i, p in enumerate(PROMPTS[:3]):
-            engine.add_request(str(i), p, SamplingParams(temperature=0.9, seed=i, max_tokens=25, stop=["th"] if i else [],
-                                                          output_kind=RequestOutputKind.DELTA))
+            params = SamplingParams(temperature=0.9, seed=i, max_tokens=25, stop=["th"] if i else [],
+                                    output_kind=RequestOutputKind.DELTA)
+            engine.add_request(str(i), p, params)
         pieces, reasons = {}, {}
         while engine.has_unfinished_requests():
             for out in engine.step():
                 pieces[out.request_id] = pieces.get(out.request_id, "") + "".join(c.text for c in out.outputs)
-                reasons.update({out.request_id: c.stop_reason for c in out.outputs if c.finish_reason})
+                if out.finished:
+                    reasons[out.request_id] = out.outputs[0].stop_reason
         texts.append((pieces, reasons))
         assert_all_free(llm)
     assert texts[1] == texts[0]
