@@ -161,13 +161,27 @@ def test_engine_start_freezes_long_lived_objects_out_of_the_collector(monkeypatc
     assert gc.get_freeze_count() <= frozen  # nothing more frozen (frozen objects whose last reference goes are freed)
 
 
+def _host_waits(engine, steps: int) -> list[str]:
+    """Where `steps` engine steps made the host wait for the GPU (torch's sync debugging)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # (torch's own warning on enabling the mode says "synchronizing" too)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
 def test_decode_steps_never_make_the_host_wait_for_the_gpu():
     """With async scheduling and graphs (the CUDA defaults), steady decode steps, penalized rows included, run no
     operation that blocks the host on the GPU (a blocking copy, .item(), .tolist() of a GPU tensor); the only wait is
     the event of the previous step's results, which torch's sync debugging does not count."""
-    import warnings
-
     llm = LLM(DEMO, device="cuda", max_num_seqs=8, seed=0)
     engine = llm.llm_engine
     for i, p in enumerate(PROMPTS[:6]):
@@ -175,15 +189,22 @@ def test_decode_steps_never_make_the_host_wait_for_the_gpu():
                                                      frequency_penalty=0.5 if i % 2 else 0.0, logprobs=i % 3 or None))
     for _ in range(8):  # prompts done, two steps in flight
         engine.step()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(20):
-                engine.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # (torch's own warning on enabling the mode says "synchronizing" too)
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    syncs = _host_waits(engine, 20)
     assert not syncs, syncs
     assert engine.stats.overlapped_steps > 20 and sum(engine.executor.runner.graphs.replays.values()) >= 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
+def test_multi_step_rounds_never_make_the_host_wait_for_the_gpu():
+    """The same for rounds of 4 decode steps (graph replays fed on the device, samples copied back once)."""
+    llm = LLM(DEMO, device="cuda", max_num_seqs=8, seed=0, num_scheduler_steps=4)
+    engine = llm.llm_engine
+    for i, p in enumerate(PROMPTS[:6]):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=200, ignore_eos=True,
+                                                     top_p=0.9, logprobs=i % 3 or None))
+    for _ in range(4):
+        engine.step()
+    syncs = _host_waits(engine, 10)
+    assert not syncs, syncs
+    stats = engine.stats
+    assert stats.device_steps - stats.num_steps > 20 and sum(engine.executor.runner.graphs.replays.values()) >= 40
