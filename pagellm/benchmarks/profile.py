@@ -138,15 +138,13 @@ def run(ns: argparse.Namespace) -> dict:
             "host_top": host}
 
 
-def _count_syncs(engine, steps: int, device_steps: float) -> dict:
-    """Run `steps` steps with torch's CUDA sync debugging on: how often, and where, the host waited for the GPU
-    (per device step)."""
-    import collections
+def host_waits(engine, steps: int) -> list[str]:
+    """Run `steps` engine steps with torch's CUDA sync debugging on: where (file:line) each operation that made the
+    host wait for the GPU was called."""
     import warnings
 
     import torch
 
-    where: collections.Counter = collections.Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -155,9 +153,15 @@ def _count_syncs(engine, steps: int, device_steps: float) -> dict:
                 engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for w in caught:  # torch's own warning on enabling the mode also says "synchronizing"
-        if "called a synchronizing CUDA operation" in str(w.message):
-            where[f"{w.filename}:{w.lineno}"] += 1
+    # (torch's own warning on enabling the mode also says "synchronizing")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+
+
+def _count_syncs(engine, steps: int, device_steps: float) -> dict:
+    """How often, and where, `steps` engine steps made the host wait for the GPU (per device step)."""
+    import collections
+
+    where = collections.Counter(host_waits(engine, steps))
     return {"per_step": sum(where.values()) / device_steps, "where": dict(where.most_common(8))}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
+from pagellm.benchmarks.profile import host_waits
 from pagellm.worker.cuda_graphs import capture_sizes
 from tests.triton_script import run_script
 
@@ -161,22 +162,6 @@ def test_engine_start_freezes_long_lived_objects_out_of_the_collector(monkeypatc
     assert gc.get_freeze_count() <= frozen  # nothing more frozen (frozen objects whose last reference goes are freed)
 
 
-def _host_waits(engine, steps: int) -> list[str]:
-    """Where `steps` engine steps made the host wait for the GPU (torch's sync debugging)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                engine.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # (torch's own warning on enabling the mode says "synchronizing" too)
-    return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
 def test_decode_steps_never_make_the_host_wait_for_the_gpu():
     """With async scheduling and graphs (the CUDA defaults), steady decode steps, penalized rows included, run no
@@ -189,7 +174,7 @@ def test_decode_steps_never_make_the_host_wait_for_the_gpu():
                                                      frequency_penalty=0.5 if i % 2 else 0.0, logprobs=i % 3 or None))
     for _ in range(8):  # prompts done, two steps in flight
         engine.step()
-    syncs = _host_waits(engine, 20)
+    syncs = host_waits(engine, 20)
     assert not syncs, syncs
     assert engine.stats.overlapped_steps > 20 and sum(engine.executor.runner.graphs.replays.values()) >= 20
 
@@ -204,7 +189,7 @@ def test_multi_step_rounds_never_make_the_host_wait_for_the_gpu():
                                                      top_p=0.9, logprobs=i % 3 or None))
     for _ in range(4):
         engine.step()
-    syncs = _host_waits(engine, 10)
+    syncs = host_waits(engine, 10)
     assert not syncs, syncs
     stats = engine.stats
     assert stats.device_steps - stats.num_steps > 20 and sum(engine.executor.runner.graphs.replays.values()) >= 40
