@@ -100,7 +100,7 @@ stage_greedy_all() {
     $PY scripts/check_cuda.py && $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
 }
 stage_sweep() {  # the fastest setting goes to $OUT/attention_best.txt; later stages run with it
-    attn --batch-size 256 --context-len 1024 --tile-n 32,64,128 --num-warps 4,8 --num-stages 2,3 --iters 10 \
+    attn --batch-size 256 --context-len 1024 --tile-n 32,64,128 --num-warps 2,4,8 --num-stages 2,3,4 --iters 10 \
         --output-json "$OUT/attention_sweep.json" &&
     $PY -c "import json, sys; r = max(json.load(open(sys.argv[1]))['results'], key=lambda r: r['gbs'])
 print(','.join(f'{k}={r[k]}' for k in ('tile_n', 'num_warps', 'num_stages') if k in r))" \
