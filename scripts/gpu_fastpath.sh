@@ -20,7 +20,7 @@
 #   nosync      the GPU test that steady decode steps never make the host wait
 #   gemma2      Gemma 2 against HF layer by layer (Triton and torch_ref attention), then on the GPU and on the CPU,
 #               eager, unfused, torch_ref attention (which part differs)
-#   gpt2        GPT-2 124M default workload beside HF static(16)
+#   gpt2        GPT-2 124M default workload beside HF static(16), and with 8 decode steps per round
 #   greedy_all  every test architecture against HF, graphs + async, then eager one step at a time
 #   sweep       attention launch settings (tile, warps, stages); the stages after it run with the fastest
 #               (PAGELLM_ATTENTION_LAUNCH, printed in the log)
@@ -94,7 +94,7 @@ stage_gemma2() {
 }
 stage_gpt2() {
     $PY -m pagellm bench throughput --model $GPT2 --load-format dummy --dtype float32 --device cuda \
-        --compare hf --skip-hf-single --output-json "$OUT/throughput_gpt2_cuda.json"
+        --compare hf --skip-hf-single --variant num_scheduler_steps=8 --output-json "$OUT/throughput_gpt2_cuda.json"
 }
 stage_greedy_all() {
     $PY scripts/check_cuda.py && $PY scripts/check_cuda.py --enforce-eager --no-async-scheduling
