@@ -1,5 +1,6 @@
 """`pagellm serve --async-scheduling`: the engine core keeps a step in flight while it applies the previous one's
-results; completions, streams with stop strings and disconnects behave as with one step at a time."""
+results; completions, streams with stop strings and disconnects behave as with one step at a time. The same again
+with `--num-scheduler-steps 4` (multi-step rounds, which constrained requests turn off while they run)."""
 
 import json
 
@@ -12,9 +13,11 @@ from tests.worker.test_cuda_graphs import DEMO
 MODEL = "demo"
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "512", "--async-scheduling"])
+@pytest.fixture(scope="module", params=[[], ["--num-scheduler-steps", "4"]], ids=["one-step", "multi-step"])
+def server(request):
+    s = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "512", "--async-scheduling",
+                      *request.param])
+    s.mode = "multi-step" if request.param else "one-step"
     yield s
     s.stop()
 
@@ -45,6 +48,14 @@ def test_stream_stops_at_the_stop_string_and_the_pool_is_freed(server):
     assert chunks[-1]["finish_reason"] == "stop"
     assert "e" not in "".join(c["text"] for c in chunks)
     assert server.wait_pool_free(timeout=10)
+
+
+def test_multi_step_rounds_show_in_the_metrics(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "ROMEO.", "max_tokens": 40,
+                                                         "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    extra = server.metric("pagellm:engine_device_steps_total") - server.metric("pagellm:engine_steps_total")
+    assert (extra > 10) if "multi" in server.mode else (extra == 0)
 
 
 def test_disconnect_aborts_and_frees_the_pool(server):

@@ -47,6 +47,9 @@ class _EngineCollector:
                                   value=s.prefix_cache_hits)
         yield CounterMetricFamily("pagellm:num_preemptions", "Preemptions since start.", value=s.num_preemptions)
         yield CounterMetricFamily("pagellm:engine_steps", "Engine steps since start.", value=c.num_steps)
+        yield CounterMetricFamily("pagellm:engine_device_steps", "Forward passes since start: engine steps plus the "
+                                  "extra decode steps of multi-step rounds (--num-scheduler-steps).",
+                                  value=c.device_steps)
         yield from self._per_replica()
 
     def _per_replica(self):
