@@ -105,7 +105,8 @@ stage_sweep() {  # the fastest setting goes to $OUT/attention_best.txt; later st
     $PY -c "import json, sys; r = max(json.load(open(sys.argv[1]))['results'], key=lambda r: r['gbs'])
 print(','.join(f'{k}={r[k]}' for k in ('tile_n', 'num_warps', 'num_stages') if k in r))" \
         "$OUT/attention_sweep.json" > "$OUT/attention_best.txt" &&
-    echo "fastest: $(cat "$OUT/attention_best.txt"); later stages run with PAGELLM_ATTENTION_LAUNCH set to it"
+    echo "fastest: $(cat "$OUT/attention_best.txt"); later stages run with PAGELLM_ATTENTION_LAUNCH set to it" &&
+    attn --batch-size 8 --context-len 4096 --num-splits 4,8,16,32 --iters 10  # the split heuristic picks 8 here
 }
 stage_ablations() {
     PAGELLM_FUSED_ELEMENTWISE=0 profile --output-json "$OUT/profile_tinyllama_unfused.json"

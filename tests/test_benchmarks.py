@@ -178,9 +178,28 @@ def test_attention_sweep_lists_every_launch_setting():
     class Triton:
         tile_n = 32
 
-    ns = argparse.Namespace(tile_n="16,64", num_warps="4", num_stages=None)
+    ns = argparse.Namespace(tile_n="16,64", num_warps="4", num_stages=None, num_splits=None)
     assert _sweep(Triton(), ns) == [{"tile_n": 16, "num_warps": 4}, {"tile_n": 64, "num_warps": 4}]
     assert _sweep(object(), ns) == [{}]  # a backend without launch settings runs once
+    ns = argparse.Namespace(tile_n=None, num_warps=None, num_stages=None, num_splits="1,8")
+    assert _sweep(Triton(), ns) == [{"num_splits": 1}, {"num_splits": 8}]
+
+
+def test_attention_timing_passes_the_split_count_to_the_kernel():
+    import torch
+
+    from pagellm.benchmarks.attention import time_backend
+
+    seen = []
+
+    class Backend:
+        def attention(self, out, q, cache, meta, params, num_splits=None):
+            seen.append(num_splits)
+
+    q = torch.zeros(2, 2, 4)
+    time_backend(Backend(), q, None, None, None, "cpu", iters=2, repeats=1, num_splits=16)
+    time_backend(Backend(), q, None, None, None, "cpu", iters=1, repeats=1)
+    assert seen == [16, 16, 16, None, None]  # warm-up and 2 timed calls, then the backend's own choice
 
 
 def test_smoke_attention_profile_and_workload_flag(llama_path, tmp_path):

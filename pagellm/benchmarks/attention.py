@@ -50,12 +50,18 @@ def build_case(batch: int, context: int, q_len: int, heads: int, kv_heads: int, 
     return q, (k_cache, v_cache), meta
 
 
-def time_backend(backend, q, cache, meta, params, device: str, iters: int, repeats: int = 5) -> float:
-    """Median seconds per attention call (the backend's read of the cache; no K/V write)."""
+def time_backend(backend, q, cache, meta, params, device: str, iters: int, repeats: int = 5,
+                 num_splits: int | None = None) -> float:
+    """Median seconds per attention call (the backend's read of the cache; no K/V write). `num_splits` (Triton):
+    split each context in that many parts instead of the backend's choice."""
+    import functools
+
     import torch
 
     out = torch.zeros_like(q)
     call = backend.attention if hasattr(backend, "attention") else backend.paged
+    if num_splits is not None:
+        call = functools.partial(call, num_splits=num_splits)
 
     call(out, q, cache, meta, params)  # compile / warm up
     sync_device(device)
@@ -74,15 +80,17 @@ def _ints(text: str | None) -> list[int | None]:
 
 
 def _sweep(backend, ns: argparse.Namespace) -> list[dict]:
-    """Launch settings to time: every combination of --tile-n / --num-warps / --num-stages (Triton backend)."""
+    """Launch settings to time: every combination of --tile-n / --num-warps / --num-stages / --num-splits (Triton
+    backend)."""
     if not hasattr(backend, "tile_n"):
         return [{}]
     combos = []
     for tile in _ints(ns.tile_n):
         for warps in _ints(ns.num_warps):
             for stages in _ints(ns.num_stages):
-                knobs = {"tile_n": tile, "num_warps": warps, "num_stages": stages}
-                combos.append({k: v for k, v in knobs.items() if v is not None})
+                for splits in _ints(ns.num_splits):
+                    knobs = {"tile_n": tile, "num_warps": warps, "num_stages": stages, "num_splits": splits}
+                    combos.append({k: v for k, v in knobs.items() if v is not None})
     return combos
 
 
@@ -112,8 +120,10 @@ def main(ns: argparse.Namespace) -> dict:
         backend = get_attention_backend(name, ns.device)
         for knobs in _sweep(backend, ns):
             for key, value in knobs.items():
-                setattr(backend, key, value)
-            sec = time_backend(backend, q, cache, meta, params, ns.device, ns.iters)
+                if key != "num_splits":
+                    setattr(backend, key, value)
+            sec = time_backend(backend, q, cache, meta, params, ns.device, ns.iters,
+                               num_splits=knobs.get("num_splits"))
             gbs = (kv_bytes + qo_bytes) / sec / 1e9
             label = backend.name + "".join(f" {k}={v}" for k, v in knobs.items())
             rows.append({"backend": backend.name, **knobs, "ms": sec * 1e3, "gbs": gbs,
@@ -143,5 +153,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-n", default=None, metavar="N[,N...]", help="Triton: keys per tile to try (e.g. 16,32,64).")
     p.add_argument("--num-warps", default=None, metavar="N[,N...]", help="Triton: warps per program to try.")
     p.add_argument("--num-stages", default=None, metavar="N[,N...]", help="Triton: pipeline stages to try.")
+    p.add_argument("--num-splits", default=None, metavar="N[,N...]",
+                   help="Triton: parts each context is split into (flash-decoding), instead of the backend's choice.")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output-json", default=None)
