@@ -313,6 +313,8 @@ class Scheduler:
         return preempted
 
     def _admit_waiting(self, plan: _StepPlan) -> None:
+        if not self.waiting:
+            return
         num_seqs = self.num_running_seqs
         while self.waiting and plan.budget > 0:
             req = self.waiting[0]

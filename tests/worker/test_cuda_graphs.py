@@ -128,6 +128,35 @@ def test_triton_backend_in_the_engine_with_emulated_graphs():
     run_script(TRITON_GRAPH_CHECK)
 
 
+TRITON_MULTI_STEP_CHECK = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.worker.test_cuda_graphs import run, assert_same, hf_results
+os.environ["PAGELLM_EMULATE_CUDA_GRAPHS"] = "1"
+got, runner, llm = run("triton_paged", max_num_seqs=4, num_scheduler_steps=4, async_scheduling=True)
+stats = llm.llm_engine.stats
+assert stats.device_steps - stats.num_steps > 10 and sum(runner.graphs.replays.values()) > 10
+assert_same(hf_results(), got)
+print("ok")
+"""
+
+
+def test_triton_backend_with_multi_step_rounds():
+    """Rounds of 4 decode steps on the Triton kernels (interpreted), each step a replay of the emulated graph on
+    rewritten static buffers, with async scheduling: greedy tokens equal Hugging Face's."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    run_script(TRITON_MULTI_STEP_CHECK)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on a GPU machine)")
+def test_multi_step_rounds_equal_hf_on_gpu():
+    """Rounds of 4 decode steps with CUDA graphs and async scheduling, float32: HF's greedy tokens and logprobs."""
+    got, runner, llm = run("triton_paged", device="cuda", num_scheduler_steps=4)
+    stats = llm.llm_engine.stats
+    assert stats.device_steps - stats.num_steps > 10 and sum(runner.graphs.replays.values()) > 10
+    assert_same(hf_results(), got, 1e-3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on a GPU machine)")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graphs_equal_eager_on_gpu(dtype):
