@@ -192,3 +192,35 @@ def test_every_kind_of_model_gives_the_same_tokens(tiny_models, arch):
         assert (extra_device_steps(llm) > 10) == (steps > 1)
         assert_all_free(llm)
     assert_same_outputs(outs[1], outs[0])
+
+
+def test_beam_search_beside_sampling_keeps_rounds_at_one_step_while_it_runs():
+    """Beam search needs its tokens on the host every step: its requests run with rounds of one step, and the
+    beams equal those of an engine that never runs multi-step rounds."""
+    from pagellm import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True)
+    beams = []
+    for steps in (1, 6):
+        llm = make(steps, max_num_seqs=8)
+        outs = llm.beam_search(PROMPTS[:2], params, use_tqdm=False)
+        beams.append([[(s.tokens, round(s.cum_logprob, 4)) for s in o.sequences] for o in outs])
+        assert extra_device_steps(llm) == 0
+        assert_all_free(llm)
+    assert beams[1] == beams[0]
+
+
+def test_shared_prompt_prefixes_are_cached_and_reused_under_rounds():
+    """Requests sharing a long prompt prefix: the prefix cache serves it (blocks filled by rounds are hashed once
+    their tokens are known), and the outputs are those of one step per round."""
+    prefix = " ".join(PROMPTS) * 2
+    prompts = [prefix + tail for tail in (" ROMEO.", " JULIET.", " Enter", " Exit")]
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, ignore_eos=True)
+    outs, hits = [], []
+    for steps in (1, 8):
+        llm = make(steps, max_num_seqs=2, block_size=8)
+        outs.append(summary(generate(llm, params, prompts)))
+        hits.append(llm.llm_engine.get_stats().prefix_cache_hits)
+        assert_all_free(llm)
+    assert_same_outputs(outs[1], outs[0])
+    assert hits[1] == hits[0] > 0
