@@ -56,7 +56,7 @@ class SchedulerOutput:
     new_seqs: list[NewSeqData]  # sequences sent in full
     cached_seqs: CachedSeqData  # diffs for the others
     num_scheduled_tokens: dict[int, int]  # seq_id -> tokens to compute this step, in batch order
-    total_num_scheduled_tokens: int  # sum of the above, <= max_num_batched_tokens
+    total_num_scheduled_tokens: int  # sum of the above, <= max_num_batched_tokens (per device step of a round)
     blocks_to_copy: list[tuple[int, int]]  # (src, dst) copy-on-write, applied before the forward pass
     finished_seq_ids: set[int]  # sequences the worker must forget (finished, aborted, preempted, dropped)
     sampling_seq_ids: list[int] = field(default_factory=list)  # sequences whose chunk ends at their last token

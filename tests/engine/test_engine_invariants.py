@@ -55,8 +55,10 @@ def test_preemption_gives_the_same_seeded_samples(llama_path, vocab):
     assert tight.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_blocks_are_consistent_every_step_and_all_free_after(llama_path, vocab):
-    llm = LLM(llama_path, block_size=4, num_gpu_blocks_override=24)
+@pytest.mark.parametrize("rounds", [{}, {"num_scheduler_steps": 4, "async_scheduling": True}],
+                         ids=["one-step", "multi-step"])
+def test_blocks_are_consistent_every_step_and_all_free_after(llama_path, vocab, rounds):
+    llm = LLM(llama_path, block_size=4, num_gpu_blocks_override=24, **rounds)
     engine: LLMEngine = llm.llm_engine
     for i, p in enumerate(prompts_for(vocab, 8, seed=5)):
         engine.add_request(str(i), {"prompt_token_ids": p},
@@ -69,6 +71,7 @@ def test_blocks_are_consistent_every_step_and_all_free_after(llama_path, vocab):
         # Without forks or prefix hits, no block is in two tables.
         assert len(ids) == len({b.block_id for b in ids})
     assert engine.scheduler.kv.num_free_blocks == 24
+    assert (engine.stats.device_steps > engine.stats.num_steps) == bool(rounds)
 
 
 def test_abort_mid_generation_frees_every_block(llama_path, vocab):
