@@ -30,8 +30,8 @@ Multi-step decode (`num_scheduler_steps` K > 1): when every sequence of a step i
 K tokens (fewer near its max_tokens or max_model_len), computed one per device step, and the step samples
 them all; their slots are allocated now, and the tokens past a stop are dropped when the results come
 back. Scheduling, stop checks and outputs then run once per K tokens. Requests whose sampling reads state
-that changes every token on the host (penalties, min_tokens) keep the engine at one step while they live,
-as do the requests above.
+the host rebuilds every token (min_tokens) keep the engine at one step while they live, as do the requests
+above; penalties count each step's tokens on the device and run in rounds.
 
 Pure Python: no torch import.
 """
@@ -69,10 +69,9 @@ def _reads_sampled_tokens(req: Request) -> bool:
 
 
 def _samples_one_step_at_a_time(req: Request) -> bool:
-    """Whether the request's sampling reads per-token state the worker keeps on the host between steps
-    (penalties' token counts, min_tokens' count), which multi-step decode would not update in between."""
-    p = req.sampling_params
-    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.min_tokens)
+    """Whether the request's sampling reads per-token state that the worker builds on the host each step
+    (min_tokens: which tokens are banned depends on the output's length); multi-step decode reuses one step's."""
+    return bool(req.sampling_params.min_tokens)
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,

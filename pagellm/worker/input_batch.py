@@ -208,25 +208,44 @@ class InputBatch:
         self.output_counts.view(-1).index_add_(0, flat, torch.full((len(flat),), value, device=self.device))
 
     def sampled(self, rows: np.ndarray, tokens: torch.Tensor | None = None, counts: np.ndarray | None = None) -> None:
-        """These rows sampled a token this step (in this order): one placeholder each (`counts` each with
-        multi-step decode, which has no penalized rows). With the sampled tokens (on the device; the driver's),
-        penalized rows count theirs at once."""
+        """These rows sampled a token this step (in this order): one placeholder each. With the sampled tokens
+        (on the device; the driver's), penalized rows count theirs at once. A multi-step round: `counts` tokens
+        per row, `tokens` (steps, rows) of which row i's first counts[i] are its own; the round counted them as
+        it went (`count_round_tokens`), and its last one is the provisional one here."""
         self.prev_sample_index[self._prev_rows] = -1
         self.prev_sample_index[rows] = np.arange(len(rows))
         self.prev_first[rows] = self.num_tokens[rows]
         self.prev_count[rows] = 1 if counts is None else counts
         self.prev_stride = len(rows)
-        if tokens is not None and self.output_counts is not None:
-            idx = np.flatnonzero(self.extras[rows] & _PENALTIES)
-            if len(idx):
-                r = rows[idx]
+        idx = self.penalized(rows) if tokens is not None else ()
+        if len(idx):
+            r = rows[idx]
+            r_dev, i_dev = to_device(r, self.device), to_device(idx, self.device)
+            if counts is None:
                 self.counted_upto[r] = self.num_tokens[r] + 1  # counting the placeholder
-                r_dev = to_device(r, self.device)
-                tok = tokens.index_select(0, to_device(idx, self.device))
-                self._last_sampled[r_dev] = tok
+                tok = tokens.index_select(0, i_dev)
                 self._add_counts(r_dev, tok, 1.0)
+            else:
+                self.counted_upto[r] = self.num_tokens[r] + counts[idx]
+                tok = tokens[to_device(counts[idx] - 1, self.device), i_dev]  # each row's last token
+            self._last_sampled[r_dev] = tok
         self.num_tokens[rows] += 1 if counts is None else counts
         self._prev_rows = rows
+
+    def penalized(self, rows: np.ndarray) -> np.ndarray:
+        """Indices (into rows) of the rows with penalties."""
+        if self.output_counts is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.extras[rows] & _PENALTIES)
+
+    def count_round_tokens(self, rows: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+                           snapshot: torch.Tensor, snapshot_rows: torch.Tensor) -> None:
+        """Multi-step rounds: the tokens one step sampled for penalized rows (device tensors), counted with
+        `weights` (1 while a row is within its count, 0 past it) in the rows' counts and in the round's sampling
+        snapshot of them (`snapshot_rows`: their rows there), before the next step samples."""
+        v = self.vocab_size
+        self.output_counts.view(-1).index_add_(0, rows * v + tokens, weights)
+        snapshot.view(-1).index_add_(0, snapshot_rows * v + tokens, weights)
 
     # ---- sampling metadata ----------------------------------------------------------
 

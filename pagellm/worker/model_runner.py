@@ -203,13 +203,23 @@ class ModelRunner:
 
     def _run_more_steps(self, res: StepResult, logits: torch.Tensor, inputs: _StepInputs) -> None:
         """Multi-step decode: sample the first step, then run and sample the others, each fed the tokens the
-        one before sampled (no grammars, penalties or prompt logprobs here: the scheduler rules them out)."""
+        one before sampled (no grammars, min_tokens or prompt logprobs here: the scheduler rules them out).
+        Penalized rows count each step's tokens on the device before the next step samples."""
         ms = inputs.multi
-        md = self.batch.sampling_metadata(inputs.sample_rows)
+        rows = inputs.sample_rows
+        md = self.batch.sampling_metadata(rows)
         outs = [self.sampler(logits, md)]
-        b = len(inputs.sample_rows)
+        b = len(rows)
+        pen = self.batch.penalized(rows)
+        if len(pen):
+            dev = self.device
+            pen_dev, pen_rows = to_device(pen, dev), to_device(rows[pen], dev)
+            within = to_device((np.arange(len(ms.seq_lens_np) + 1)[:, None] < ms.counts[pen]).astype(np.float32), dev)
         ids, pos = inputs.input_ids, inputs.positions
         for k in range(len(ms.seq_lens_np)):
+            if len(pen):
+                self.batch.count_round_tokens(pen_rows, outs[-1].token_ids.index_select(0, pen_dev), within[k],
+                                              md.output_counts, pen_dev)
             ids[:b].copy_(outs[-1].token_ids)
             pos[:b].copy_(ms.positions[k])
             if inputs.graph_size:
@@ -227,9 +237,12 @@ class ModelRunner:
             outs.append(self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), md))
         so = SamplerOutput(*(None if getattr(outs[0], f) is None else torch.stack([getattr(o, f) for o in outs])
                              for f in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs")))
+        if len(pen):  # the last step's tokens
+            self.batch.count_round_tokens(pen_rows, outs[-1].token_ids.index_select(0, pen_dev), within[-1],
+                                          md.output_counts, pen_dev)
         res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs, ms.counts)
         self._prev_tokens = so.token_ids.reshape(-1)  # step k's row i at k * rows + i
-        self.batch.sampled(inputs.sample_rows, None, ms.counts)
+        self.batch.sampled(rows, so.token_ids, ms.counts)
         res.queued()
 
     @torch.inference_mode()

@@ -102,12 +102,33 @@ def test_streamed_outputs_match_one_step_per_round():
     assert list(texts[0][1].values()).count("th") == 2
 
 
-def test_requests_that_need_every_token_on_the_host_keep_one_step_per_round():
-    """Penalties and min_tokens read per-token state between steps: while such a request lives, rounds are one
-    step, and every request's output is what one step per round gives."""
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True,
-                             frequency_penalty=0.7 if i == 0 else 0.0, min_tokens=3 if i == 1 else 0)
+@pytest.mark.parametrize("async_scheduling, graphs", [(False, False), (True, False), (True, True)])
+def test_penalties_count_every_step_of_a_round(async_scheduling, graphs, monkeypatch):
+    """Presence, frequency and repetition penalties read the counts of the tokens generated so far: each step of a
+    round counts its tokens on the device before the next samples (rows past their count add nothing), so the
+    tokens are those of one step per round (with emulated CUDA graphs too: the GPU path)."""
+    if graphs:
+        monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    frequency, presence, repetition = (0.9, 0.0, 0.0, 1.5), (0.0, 0.8, 0.0, 0.5), (1.0, 1.0, 1.4, 1.2)
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=30 + 7 * i, ignore_eos=True, logprobs=1,
+                             frequency_penalty=frequency[i % 4], presence_penalty=presence[i % 4],
+                             repetition_penalty=repetition[i % 4])
               for i in range(len(PROMPTS))]
+    ref = summary(generate(make(1, async_scheduling), params))
+    llm = make(8, async_scheduling)
+    assert_same_outputs(summary(generate(llm, params)), ref)
+    assert extra_device_steps(llm) > 20
+    assert_all_free(llm)
+    greedy = [p.clone(temperature=0.0) for p in params]  # the penalties change the argmax too
+    assert_same_outputs(summary(generate(make(8, async_scheduling), greedy)),
+                        summary(generate(make(1, async_scheduling), greedy)))
+
+
+def test_min_tokens_keeps_one_step_per_round():
+    """min_tokens bans EOS and stop tokens by the output's length, rebuilt on the host every step: while such a
+    request lives, rounds are one step, and every request's output is what one step per round gives."""
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, stop_token_ids=[203, 294],
+                             min_tokens=10 if i == 1 else 0) for i in range(len(PROMPTS))]
     ref = summary(generate(make(1), params))
     llm = make(6, max_num_seqs=8)  # every request in the batch from the start: never a multi-step round
     assert_same_outputs(summary(generate(llm, params)), ref)
@@ -128,9 +149,10 @@ def test_rounds_stop_at_max_model_len():
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_short_pool_preempts_and_recomputes_with_the_same_results(async_scheduling):
-    """Few KV blocks: rounds allocate what they can (a sequence the pool cannot grow decodes one token),
-    requests are preempted and recomputed, and the outputs are still those of one step per round."""
-    params = SamplingParams(temperature=0.9, seed=5, max_tokens=60, ignore_eos=True)
+    """Few KV blocks: rounds allocate what they can (a sequence the pool cannot grow decodes one token, and with a
+    penalty counts only that token), requests are preempted and recomputed, and the outputs are still those of
+    one step per round."""
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=60, ignore_eos=True, frequency_penalty=1.0)
     ref = summary(generate(make(1, async_scheduling, num_gpu_blocks_override=14, block_size=8), params))
     llm = make(8, async_scheduling, num_gpu_blocks_override=14, block_size=8)
     assert_same_outputs(summary(generate(llm, params)), ref)

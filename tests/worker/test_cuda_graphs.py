@@ -210,12 +210,14 @@ def test_decode_steps_never_make_the_host_wait_for_the_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization needs a CUDA GPU")
 def test_multi_step_rounds_never_make_the_host_wait_for_the_gpu():
-    """The same for rounds of 4 decode steps (graph replays fed on the device, samples copied back once)."""
+    """The same for rounds of 4 decode steps (graph replays fed on the device, penalty counts kept there, samples
+    copied back once)."""
     llm = LLM(DEMO, device="cuda", max_num_seqs=8, seed=0, num_scheduler_steps=4)
     engine = llm.llm_engine
     for i, p in enumerate(PROMPTS[:6]):
         engine.add_request(str(i), p, SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=200, ignore_eos=True,
-                                                     top_p=0.9, logprobs=i % 3 or None))
+                                                     top_p=0.9, logprobs=i % 3 or None,
+                                                     frequency_penalty=0.5 if i % 3 == 1 else 0.0))
     for _ in range(4):
         engine.step()
     syncs = host_waits(engine, 10)
