@@ -29,9 +29,8 @@ engine to one step at a time while they live (`can_schedule_ahead`).
 Multi-step decode (`num_scheduler_steps` K > 1): when every sequence of a step is decoding, each gets up to
 K tokens (fewer near its max_tokens or max_model_len), computed one per device step, and the step samples
 them all; their slots are allocated now, and the tokens past a stop are dropped when the results come
-back. Scheduling, stop checks and outputs then run once per K tokens. Requests whose sampling reads state
-the host rebuilds every token (min_tokens) keep the engine at one step while they live, as do the requests
-above; penalties count each step's tokens on the device and run in rounds.
+back. Scheduling, stop checks and outputs then run once per K tokens. The requests above keep the engine at
+one step while they live; penalties and min_tokens run in rounds (the worker counts and bans per step).
 
 Pure Python: no torch import.
 """
@@ -67,11 +66,6 @@ def _reads_sampled_tokens(req: Request) -> bool:
     p = req.sampling_params
     return not isinstance(req.policy, SamplingPolicy) or any(len(w) > 1 for w in p._bad_words_token_ids or ())
 
-
-def _samples_one_step_at_a_time(req: Request) -> bool:
-    """Whether the request's sampling reads per-token state that the worker builds on the host each step
-    (min_tokens: which tokens are banned depends on the output's length); multi-step decode reuses one step's."""
-    return bool(req.sampling_params.min_tokens)
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
@@ -138,7 +132,6 @@ class Scheduler:
         self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
         self._host_token_reqs: set[str] = set()  # live requests that need their sampled tokens before a step
         self._constrained_reqs: set[str] = set()  # live requests with structured outputs
-        self._one_step_reqs: set[str] = set()  # live requests that rule out multi-step decode
         self.num_steps = config.num_scheduler_steps
         self.num_preemptions = 0
 
@@ -170,8 +163,6 @@ class Scheduler:
             self._host_token_reqs.add(req.request_id)
         if spec is not None:
             self._constrained_reqs.add(req.request_id)
-        if _samples_one_step_at_a_time(req):
-            self._one_step_reqs.add(req.request_id)
         self.waiting.append(req)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
@@ -245,7 +236,6 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._host_token_reqs.discard(req.request_id)
         self._constrained_reqs.discard(req.request_id)
-        self._one_step_reqs.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -263,7 +253,7 @@ class Scheduler:
         preempted = self._schedule_running(plan)
         if not preempted:
             self._admit_waiting(plan)
-            if self.num_steps > 1 and not (self._host_token_reqs or self._constrained_reqs or self._one_step_reqs):
+            if self.num_steps > 1 and not (self._host_token_reqs or self._constrained_reqs):
                 self._plan_more_steps(plan)
         return self._build_output(plan)
 

@@ -68,8 +68,8 @@ class EngineArgs:
         1, "Decode steps the device runs per scheduling round: when every sequence of a step is decoding, its "
            "next tokens are computed back to back on the device, each step's input the token sampled before it, "
            "and the host schedules, applies stop conditions and builds outputs once for all of them. While a "
-           "request with min_tokens, beam search, structured outputs or multi-token bad words runs, steps run one "
-           "at a time. A sequence that stops early discards the tokens computed past its stop.")
+           "request with beam search, structured outputs or multi-token bad words runs, steps run one at a time. "
+           "A sequence that stops early discards the tokens computed past its stop.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")

@@ -324,13 +324,20 @@ class InputBatch:
                 mask[i, p.allowed_token_ids] = True
         return to_device(mask, self.device)
 
-    def _banned(self, rows: np.ndarray, params: list[SamplingParams]):
+    def banned_ahead(self, rows: np.ndarray, ahead: int):
+        """The banned tokens (as in SamplingMetadata.banned) of the step `ahead` steps after this one in a
+        multi-step round, whose outputs are that much longer (min_tokens); None if no row bans any."""
+        if not len(rows) or not int(np.bitwise_or.reduce(self.extras[rows])) & _BANNED:
+            return None
+        return self._banned(rows, [self.params[r] for r in rows], ahead)
+
+    def _banned(self, rows: np.ndarray, params: list[SamplingParams], ahead: int = 0):
         """Tokens forced to -inf: EOS and stop ids before min_tokens; the last token of a bad word
-        whose prefix was just generated."""
+        whose prefix was just generated (multi-step rounds have no bad words of several tokens)."""
         b_rows: list[int] = []
         b_ids: list[int] = []
         for i, (r, p) in enumerate(zip(rows, params)):
-            num_out = int(self.num_tokens[r] - self.num_prompt[r])
+            num_out = int(self.num_tokens[r] - self.num_prompt[r]) + ahead
             if num_out < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 b_rows += [i] * len(stop_ids)

@@ -203,14 +203,16 @@ class ModelRunner:
 
     def _run_more_steps(self, res: StepResult, logits: torch.Tensor, inputs: _StepInputs) -> None:
         """Multi-step decode: sample the first step, then run and sample the others, each fed the tokens the
-        one before sampled (no grammars, min_tokens or prompt logprobs here: the scheduler rules them out).
-        Penalized rows count each step's tokens on the device before the next step samples."""
+        one before sampled (no grammars or prompt logprobs here: the scheduler rules them out). Penalized rows
+        count each step's tokens on the device before the next step samples; min_tokens bans by each step's
+        output length."""
         ms = inputs.multi
         rows = inputs.sample_rows
         md = self.batch.sampling_metadata(rows)
         outs = [self.sampler(logits, md)]
         b = len(rows)
         pen = self.batch.penalized(rows)
+        bans = md.banned is not None
         if len(pen):
             dev = self.device
             pen_dev, pen_rows = to_device(pen, dev), to_device(rows[pen], dev)
@@ -234,6 +236,8 @@ class ModelRunner:
                                             "max_seq_len": int(lens.max())})
                 hidden = self.model(ids, pos, self.kv_caches, meta, self.backend)
             md.uniforms = ms.uniforms[k]
+            if bans:
+                md.banned = self.batch.banned_ahead(rows, k + 1)
             outs.append(self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), md))
         so = SamplerOutput(*(None if getattr(outs[0], f) is None else torch.stack([getattr(o, f) for o in outs])
                              for f in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs")))

@@ -124,18 +124,22 @@ def test_penalties_count_every_step_of_a_round(async_scheduling, graphs, monkeyp
                         summary(generate(make(1, async_scheduling), greedy)))
 
 
-def test_min_tokens_keeps_one_step_per_round():
-    """min_tokens bans EOS and stop tokens by the output's length, rebuilt on the host every step: while such a
-    request lives, rounds are one step, and every request's output is what one step per round gives."""
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, stop_token_ids=[203, 294],
-                             min_tokens=10 if i == 1 else 0) for i in range(len(PROMPTS))]
-    ref = summary(generate(make(1), params))
-    llm = make(6, max_num_seqs=8)  # every request in the batch from the start: never a multi-step round
-    assert_same_outputs(summary(generate(llm, params)), ref)
-    assert extra_device_steps(llm) == 0
-    plain = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(len(PROMPTS))]
-    generate(llm, plain)
-    assert extra_device_steps(llm) > 10  # the same engine runs multi-step rounds once they are gone
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_min_tokens_bans_stops_by_each_steps_output_length(async_scheduling):
+    """min_tokens bans EOS and the stop tokens until the output is that long: each step of a round bans by its own
+    output length, so a stop token can end a sequence mid-round right after min_tokens, as with one step per
+    round."""
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=40, stop_token_ids=[203, 294, 18],
+                             min_tokens=(0, 3, 9, 14)[i % 4], bad_words=["the"] if i == 2 else None)
+              for i in range(len(PROMPTS))]
+    ref = summary(generate(make(1, async_scheduling), params))
+    llm = make(6, async_scheduling)
+    got = summary(generate(llm, params))
+    assert_same_outputs(got, ref)
+    assert extra_device_steps(llm) > 5
+    stopped = [len(g[2]) for g in got if g[4] == "stop"]
+    assert stopped and all(n >= 3 for n in stopped)
+    assert_all_free(llm)
 
 
 def test_rounds_stop_at_max_model_len():
