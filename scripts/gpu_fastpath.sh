@@ -16,7 +16,7 @@
 #               functions (async scheduling on); profile_sync: the same one step at a time
 #   throughput  the nanovllm workload on the TinyLlama-1.1B shape (bf16, dummy weights) beside HF static batching,
 #               and with 8 decode steps per scheduling round (multi-step decode)
-#   multistep   profiles with 4 and 8 decode steps per scheduling round; greedy output against HF with 4
+#   multistep   profiles with 1, 4 and 8 decode steps per scheduling round; greedy output against HF with 4
 #   nosync      the GPU test that steady decode steps never make the host wait
 #   gemma2      Gemma 2 against HF layer by layer (Triton and torch_ref attention), then on the GPU and on the CPU,
 #               eager, unfused, torch_ref attention (which part differs)
@@ -75,6 +75,7 @@ stage_throughput() {
         --variant num_scheduler_steps=8 --output-json "$OUT/throughput_tinyllama_nanovllm.json"
 }
 stage_multistep() {
+    profile --output-json "$OUT/profile_tinyllama_ms1.json"
     profile --num-scheduler-steps 4 --output-json "$OUT/profile_tinyllama_ms4.json"
     profile --num-scheduler-steps 8 --output-json "$OUT/profile_tinyllama_ms8.json"
     $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/mistral pagellm/assets/shakespeare-llama \
@@ -120,7 +121,7 @@ stage_gpu_tests() {
 }
 
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
-                  [nosync]=90 [gemma2]=120 [profile_sync]=120 [multistep]=240
+                  [nosync]=90 [gemma2]=120 [profile_sync]=120 [multistep]=300
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
