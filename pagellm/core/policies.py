@@ -56,35 +56,23 @@ def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext,
                      more: list[SampleResult] | None = None) -> SeqDelta:
     """Append a sampled token (then, with multi-step decode, the tokens in `more`, in order), record logprobs,
     finish the sequence at the first token where a stop condition holds (the tokens after it are dropped)."""
-    token = result.token_id
-    seq.token_ids.append(token)
-    seq.cumulative_logprob += result.logprob
-    delta = SeqDelta(seq.index, [token], [result])
-    stop = check_stop(seq, ctx)
-    if stop is None and more:
-        params = seq.request.sampling_params
-        if params.ignore_eos and not params.stop_token_ids:  # no token stops it early: only its length, at the end
-            tokens = [res.token_id for res in more]
-            seq.token_ids += tokens
-            for res in more:
-                seq.cumulative_logprob += res.logprob
-            delta.new_token_ids += tokens
-            delta.new_logprobs += more
-            stop = check_stop(seq, ctx)
-        else:
-            for res in more:
-                seq.token_ids.append(res.token_id)
-                seq.cumulative_logprob += res.logprob
-                delta.new_token_ids.append(res.token_id)
-                delta.new_logprobs.append(res)
-                stop = check_stop(seq, ctx)
-                if stop is not None:
-                    break
-    if stop is not None:
-        status, reason = stop
-        ctx.finish_seq(seq, status, reason)
-        delta.finish_reason = str(seq.finish_reason)
-        delta.stop_reason = reason
+    results = [result, *more] if more else [result]
+    params = seq.request.sampling_params
+    # Only the last token can end a sequence that ignores EOS and has no stop tokens (the scheduler gives a
+    # multi-step round no more tokens than max_tokens and max_model_len leave).
+    last = len(results) - 1 if params.ignore_eos and not params.stop_token_ids else 0
+    delta = SeqDelta(seq.index, [], [])
+    for i, res in enumerate(results):
+        seq.append_token(res.token_id, res.logprob)
+        delta.new_token_ids.append(res.token_id)
+        delta.new_logprobs.append(res)
+        stop = check_stop(seq, ctx) if i >= last else None
+        if stop is not None:
+            status, reason = stop
+            ctx.finish_seq(seq, status, reason)
+            delta.finish_reason = str(seq.finish_reason)
+            delta.stop_reason = reason
+            break
     return delta
 
 
@@ -116,9 +104,7 @@ class SamplingPolicy:
 
     def process(self, req: Request, results: dict[Sequence, SampleResult], ctx: PolicyContext,
                 more: dict[int, list[SampleResult]] | None = None) -> list[SeqDelta]:
-        if more:
-            return [append_and_check(seq, res, ctx, more.get(seq.seq_id)) for seq, res in results.items()]
-        return [append_and_check(seq, res, ctx) for seq, res in results.items()]
+        return [append_and_check(seq, res, ctx, more and more.get(seq.seq_id)) for seq, res in results.items()]
 
 
 def make_policy(req: Request) -> SamplingPolicy:

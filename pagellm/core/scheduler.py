@@ -67,7 +67,6 @@ def _reads_sampled_tokens(req: Request) -> bool:
     return not isinstance(req.policy, SamplingPolicy) or any(len(w) > 1 for w in p._bad_words_token_ids or ())
 
 
-
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
                        num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
     """ValueError if a request of this shape could never run, however empty the engine (usable away from the
@@ -339,14 +338,13 @@ class Scheduler:
 
     def _schedule_seq(self, req: Request, seq: Sequence, plan: _StepPlan) -> bool:
         placeholders = seq.num_output_placeholders
-        if placeholders and self._ends_with_placeholders(req, seq):
-            return True  # the tokens in flight are its last: nothing more to compute
+        if placeholders and self._tokens_left(seq) <= 0:
+            return True  # the tokens in flight are its last (max_tokens or max_model_len): nothing more to compute
         target = req.policy.compute_target(req, seq) + placeholders
         computed = seq.num_computed_tokens
         if target - computed == 1 and self.kv.fits_in_place(seq, 1):
             # The common decode step (every sequence, every step): one token into a block it holds; the table stays.
-            plan.entries[seq] = (1, _IN_PLACE)
-            plan.budget -= 1
+            plan.add(seq, 1, _IN_PLACE)
             return True
         prefix: PrefixMatch | None = None
         cached = 0
@@ -363,16 +361,8 @@ class Scheduler:
             seq.num_computed_tokens += cached
             seq.num_cached_tokens = cached
         if num_new > 0:
-            plan.entries[seq] = (num_new, alloc)
-            plan.budget -= num_new
+            plan.add(seq, num_new, alloc)
         return True
-
-    def _ends_with_placeholders(self, req: Request, seq: Sequence) -> bool:
-        """The sequence finishes once its tokens in flight arrive (max_tokens or max_model_len reached)."""
-        num_tokens = len(seq.token_ids) + seq.num_output_placeholders
-        max_tokens = req.sampling_params.max_tokens
-        return ((max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens)
-                or num_tokens >= self.max_model_len)
 
     def _preempt(self, req: Request) -> None:
         for seq in req.live_seqs():

@@ -27,7 +27,7 @@ class IncrementalDetokenizer:
         self.output_ids: list[int] = []
         self.text = ""  # everything released so far
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
-        if context and self._decode(context).endswith("\ufffd"):
+        if context and self.decode(context).endswith("\ufffd"):
             context = []  # the prompt ends mid-character: its bytes would leak into the output text
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream = None
@@ -56,7 +56,7 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Release any held-back text so that text == tokenizer.decode(output_ids)."""
-        full = self._decode(self.output_ids)
+        full = self.decode(self.output_ids)
         if full.startswith(self.text) and len(full) > len(self.text):
             rest = full[len(self.text):]
             self.text = full
@@ -64,18 +64,15 @@ class IncrementalDetokenizer:
         return ""
 
     def decode(self, ids: list[int]) -> str:
-        """The text of these output ids as a whole (what finish() makes the incremental text equal)."""
-        return self._decode(ids)
-
-    def _decode(self, ids: list[int]) -> str:
+        """The text of these ids as a whole (what finish() makes the incremental text equal)."""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      spaces_between_special_tokens=self.spaces_between_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
     def _offset_step(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_text = self.decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self.decode(self._ids[self._prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             return new_text[len(prefix_text):]

@@ -496,21 +496,16 @@ class StepResult:
                     res.top_logprobs = top_lps[i][:k] if k and top_lps else []
                 return res
 
-            if self._counts is None:
-                for i, seq_id in enumerate(seq_ids):
-                    out.samples[seq_id] = sample(tokens, lps, ranks, top_ids, top_lps, i)
-            elif any(k is not None for k in num_logprobs):  # per step: its tokens, logprobs, ranks, top-k
-                steps = list(zip(tokens, lps, ranks or [None] * len(tokens), top_ids or [None] * len(tokens),
-                                 top_lps or [None] * len(tokens)))
-                for i, (seq_id, c) in enumerate(zip(seq_ids, self._counts.tolist())):
-                    out.samples[seq_id] = sample(*steps[0], i)
-                    if c > 1:
-                        out.extra_samples[seq_id] = [sample(*steps[k], i) for k in range(1, c)]
-            else:  # token and logprob only: per row, its steps' pairs
-                for seq_id, c, row_tokens, row_lps in zip(seq_ids, self._counts.tolist(), zip(*tokens), zip(*lps)):
-                    out.samples[seq_id] = SampleResult(row_tokens[0], row_lps[0])
-                    if c > 1:
-                        out.extra_samples[seq_id] = list(map(SampleResult, row_tokens[1:c], row_lps[1:c]))
+            if self._counts is None:  # one step: its tokens, logprobs, ranks, top-k
+                steps, counts = [(tokens, lps, ranks, top_ids, top_lps)], [1] * len(seq_ids)
+            else:  # a multi-step round: the same per step
+                n = len(tokens)
+                steps = list(zip(tokens, lps, ranks or [None] * n, top_ids or [None] * n, top_lps or [None] * n))
+                counts = self._counts.tolist()
+            for i, (seq_id, c) in enumerate(zip(seq_ids, counts)):
+                out.samples[seq_id] = sample(*steps[0], i)
+                if c > 1:
+                    out.extra_samples[seq_id] = [sample(*steps[k], i) for k in range(1, c)]
         for seq_id, start, (lp, ranks, top_ids, top_lp) in self._prompt_lp:
             out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
                                                           top_lp.tolist())

@@ -220,7 +220,7 @@ def test_every_kind_of_model_gives_the_same_tokens(tiny_models, arch):
     assert_same_outputs(outs[1], outs[0])
 
 
-def test_beam_search_beside_sampling_keeps_rounds_at_one_step_while_it_runs():
+def test_beam_search_runs_one_step_at_a_time_under_rounds():
     """Beam search needs its tokens on the host every step: its requests run with rounds of one step, and the
     beams equal those of an engine that never runs multi-step rounds."""
     from pagellm import BeamSearchParams
