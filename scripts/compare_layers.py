@@ -40,7 +40,8 @@ def main() -> int:
     runner = llm.llm_engine.executor.runner
     model = runner.model
     vocab = llm.llm_engine.config.model.vocab_size
-    prompt = [random.Random(0).randrange(8, vocab) for _ in range(ns.prompt_len)]
+    rng = random.Random(0)  # one generator: distinct tokens, so attention weights matter to each layer's output
+    prompt = [rng.randrange(8, vocab) for _ in range(ns.prompt_len)]
     captured: list[list[torch.Tensor]] = []  # per forward pass, per layer: its output rows
 
     def hook(module, args, out):
@@ -61,7 +62,8 @@ def main() -> int:
         h.remove()
     prefill, decode = captured[0], captured[1]
 
-    hf = AutoModelForCausalLM.from_pretrained(ns.model, dtype=torch.float32).eval()
+    # eager attention, as in tests/hf_reference.py: SDPA drops Gemma 2's soft-capping in some releases
+    hf = AutoModelForCausalLM.from_pretrained(ns.model, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.inference_mode():
         ids = torch.tensor([prompt + out.token_ids[:1]])
         ref = hf(ids, output_hidden_states=True)

@@ -11,7 +11,9 @@ import torch
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # eager attention: the reference implementation. Some transformers releases (5.17 among them) default Gemma 2
+    # to SDPA, which drops its attention logit soft-capping and so gives other tokens.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
     return model
 

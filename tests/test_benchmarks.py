@@ -247,6 +247,26 @@ def test_compare_layers_script_finds_no_difference_on_cpu(tiny_models):
     assert r.stdout.count("largest logprob difference") == 2
 
 
+def test_compare_layers_script_names_the_first_differing_layer(tiny_models, monkeypatch, capsys):
+    """A pagellm Gemma 2 without its attention soft-cap differs from HF from the first layer on, in the
+    prompt and in the decode step (the script's prompt has distinct tokens, so attention weights matter)."""
+    import dataclasses
+    import importlib.util
+
+    from pagellm.models.gemma2 import Gemma2ForCausalLM
+
+    options = Gemma2ForCausalLM.attention_options.__func__
+    monkeypatch.setattr(Gemma2ForCausalLM, "attention_options", classmethod(
+        lambda cls, config: dataclasses.replace(options(cls, config), logits_soft_cap=None)))
+    spec = importlib.util.spec_from_file_location("compare_layers", os.path.join(ROOT, "scripts", "compare_layers.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["compare_layers.py", tiny_models["gemma2"]])
+    assert script.main() == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows[0][0] == "0" and float(rows[0][1]) > 1e-2 and float(rows[0][2]) > 1e-2, rows
+
+
 def test_smoke_serve_against_a_running_server(tmp_path):
     from tests.entrypoints.server_utils import RemoteServer
 
