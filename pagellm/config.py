@@ -49,6 +49,9 @@ class ModelConfig:
     served_model_name: str = ""  # the name the server answers to
     max_logprobs: int = 20  # largest logprobs / prompt_logprobs a request may ask for (-1: no cap)
     quantization: str | None = None  # int8 (at load time) | gptq | awq (4-bit checkpoints); None: dense
+    # Sampling defaults for what a request leaves unset (SamplingParams names: temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens), from the generation config (--generation-config); empty: SamplingParams'.
+    default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

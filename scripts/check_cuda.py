@@ -44,7 +44,8 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     # eager attention, as in tests/hf_reference.py: SDPA drops Gemma 2's soft-capping in some releases
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").to(hf_device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    hf = hf.to(hf_device).eval()
     hf.generation_config.eos_token_id = None
     ok, max_diff = 0, 0.0
     for p, out in zip(prompts, outs):

@@ -85,6 +85,15 @@ class EngineArgs:
                                     "cache; requests go to the least loaded.")
     distributed_timeout: float = _f(60.0, "Seconds a worker may keep the others waiting before the engine "
                                           "reports it dead.")
+    generation_config: str = _f(
+        "auto", "Where the default sampling parameters come from: auto = the model's generation_config.json "
+                "(its temperature, top_p, top_k, min_p, repetition_penalty, and max_new_tokens as max_tokens), "
+                "vllm = SamplingParams' own defaults, or a directory holding a generation_config.json. The "
+                "defaults fill what a request leaves unset (LLM.generate without sampling params, API fields "
+                "left out); max_tokens from it caps every request's.")
+    override_generation_config: dict | None = _f(
+        None, "JSON object of generation-config fields that replace the loaded ones, e.g. "
+              "'{\"temperature\": 0.5}' (the same six fields, max_new_tokens by that name).")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_optional: bool = True,
@@ -102,7 +111,8 @@ class EngineArgs:
             if f.type in ("bool", bool, "bool | None"):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             else:
-                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float,
+                        "dict | None": _json_object}.get(str(f.type), str)
                 parser.add_argument(flag, type=kind, default=f.default, help=help_text, **meta)
         return parser
 
@@ -208,7 +218,62 @@ class EngineArgs:
             served_model_name=self.served_model_name or path,
             max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else hf.vocab_size,
             quantization=quantization,
+            default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
         )
+
+
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+def generation_defaults(model: str, source: str, override: dict | None = None) -> dict[str, Any]:
+    """The sampling defaults of `--generation-config SOURCE` with `--override-generation-config` on top, by
+    SamplingParams' names (max_new_tokens -> max_tokens). Like vLLM: transformers' GenerationConfig reads the
+    file, and only the values it holds that differ from transformers' defaults count."""
+    from transformers import GenerationConfig
+
+    if override is not None and not isinstance(override, dict):
+        raise ValueError(f"override_generation_config must be a dict, got {type(override).__name__}.")
+    unknown = sorted(set(override or {}) - set(GENERATION_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"override_generation_config: unknown fields {unknown}; it takes "
+                         f"{', '.join(GENERATION_CONFIG_FIELDS)}.")
+    values: dict[str, Any] = {}
+    if source != "vllm":
+        folder = model if source == "auto" else source
+        file = os.path.join(folder, "generation_config.json")
+        if source != "auto" and not os.path.isfile(file):
+            raise FileNotFoundError(f"generation_config: {file} does not exist (give auto, vllm or a directory "
+                                    "with a generation_config.json).")
+        if os.path.isfile(file):
+            try:
+                values = GenerationConfig.from_pretrained(folder).to_diff_dict()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {file}: {e}") from None
+    values.update(override or {})
+    out = {k: values[k] for k in GENERATION_CONFIG_FIELDS if values.get(k) is not None}
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    if out:
+        from pagellm.sampling_params import SamplingParams
+
+        try:
+            SamplingParams(**out)
+        except ValueError as e:
+            raise ValueError(f"the default sampling parameters from the generation config ({source}) are "
+                             f"invalid: {e}") from None
+        logger.info("default sampling parameters from the generation config (%s): %s; requests that leave these "
+                    "unset get them (--generation-config vllm: SamplingParams' own defaults)", source, out)
+    return out
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _positive(name: str, v: int) -> None:

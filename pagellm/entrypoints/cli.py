@@ -47,31 +47,36 @@ def _engine_args(ns: argparse.Namespace, skip: frozenset[str] = frozenset()):
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate per completion.")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy.")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=0, help="0 or -1 = off.")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g = p.add_argument_group("sampling (unset: the model's generation config, as --generation-config says, "
+                             "else the default shown)")
+    g.add_argument("--max-tokens", type=int, default=None, help="Tokens to generate per completion (64).")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (1.0).")
+    g.add_argument("--top-p", type=float, default=None, help="(1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="0 or -1 = off (off).")
+    g.add_argument("--min-p", type=float, default=None, help="(0.0)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="(1.0)")
     g.add_argument("--seed", type=int, default=None, help="Sampling seed (reproducible output).")
     g.add_argument("--n", type=int, default=1, help="Completions per prompt.")
     g.add_argument("--stop", action="append", default=None, help="Stop string (repeatable).")
 
 
-def _sampling_params(ns: argparse.Namespace, **extra):
+def _sampling_params(ns: argparse.Namespace, defaults: dict | None = None, **extra):
+    """The flags given, over the model's generation-config defaults (none yet: a check before the model loads)."""
     from pagellm.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                          min_p=ns.min_p, repetition_penalty=ns.repetition_penalty, seed=ns.seed, n=ns.n,
-                          stop=ns.stop, **extra)
+    kw = {"max_tokens": 64, **(defaults or {})}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if getattr(ns, name) is not None:
+            kw[name] = getattr(ns, name)
+    return SamplingParams(seed=ns.seed, n=ns.n, stop=ns.stop, **kw, **extra)
 
 
 def cmd_generate(ns: argparse.Namespace) -> None:
     from pagellm.entrypoints.llm import LLM
 
-    params = _sampling_params(ns)  # validate before loading the model
+    _sampling_params(ns)  # validate before loading the model
     llm = LLM(**vars(_engine_args(ns, SAMPLING_OWNED)))
+    params = _sampling_params(ns, llm.llm_engine.config.model.default_sampling)
     prompts = ns.prompt or [sys.stdin.read()]
     outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     for out in outs:
@@ -87,8 +92,9 @@ def cmd_chat(ns: argparse.Namespace) -> None:
     from pagellm.sampling_params import RequestOutputKind
 
     ns.n = 1
-    params = _sampling_params(ns, output_kind=RequestOutputKind.DELTA)
+    _sampling_params(ns)  # validate before loading the model
     llm = LLM(**vars(_engine_args(ns, SAMPLING_OWNED)))
+    params = _sampling_params(ns, llm.llm_engine.config.model.default_sampling, output_kind=RequestOutputKind.DELTA)
     engine: LLMEngine = llm.llm_engine
     history: list[dict[str, str]] = []
     if ns.system:

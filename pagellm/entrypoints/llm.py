@@ -46,6 +46,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use without sampling params: SamplingParams' defaults with the model's
+        generation config on top (`generation_config`, `override_generation_config`)."""
+        return SamplingParams(**self.llm_engine.config.model.default_sampling)
+
     def shutdown(self) -> None:
         """Stop tensor-parallel workers now (they also stop when the LLM is collected or the process exits)."""
         self.llm_engine.shutdown()
@@ -113,10 +118,9 @@ class LLM:
 
     # ---- internals ------------------------------------------------------------------
 
-    @staticmethod
-    def _params_per_prompt(n: int, sampling_params) -> list[SamplingParams]:
+    def _params_per_prompt(self, n: int, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams() for _ in range(n)]
+            return [self.get_default_sampling_params() for _ in range(n)]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)

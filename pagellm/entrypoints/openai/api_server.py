@@ -274,7 +274,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
         parser = make_parser(ns.tool_call_parser)
     state = ServingState(engine, cfg.model.served_model_name, cfg.model.max_model_len, max_n=ns.max_n,
                          chat_template=chat_template, max_logprobs=cfg.model.max_logprobs,
-                         trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser)
+                         trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser,
+                         default_sampling=dict(cfg.model.default_sampling))
     state.metrics.attach_engine(engine)
     return state
 
@@ -288,6 +289,9 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     print(f"pagellm serving {state.model_name!r} on http://{ns.host}:{ns.port} "
           f"({state.engine.num_blocks} KV blocks{' per replica' if len(state.engine.replicas) > 1 else ''})",
           flush=True)
+    if state.default_sampling:
+        print(f"sampling defaults for fields a request leaves unset (the generation config; --generation-config "
+              f"vllm turns them off): {state.default_sampling}", flush=True)
     asyncio.run(server.serve())
 
 

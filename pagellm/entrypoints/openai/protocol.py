@@ -166,12 +166,21 @@ class SamplingFields(OpenAIBaseModel):
                 raise ValueError(f"bias for token {k} must be in [-100, 100], got {b}")
         return v
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """`defaults`: the model's generation-config defaults (SamplingParams names), for the fields the request
+        leaves unset; their max_tokens caps the request's (a request without one is capped per prompt later)."""
+        defaults = defaults or {}
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             v = getattr(self, name)
+            if v is None:
+                v = defaults.get(name)
             if v is not None:
                 kw[name] = v
+        cap = defaults.get("max_tokens")
+        if cap is not None and max_tokens is not None:
+            max_tokens = min(max_tokens, cap)
         return SamplingParams(
             n=self.n, best_of=self.best_of, presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, stop=self.stop,

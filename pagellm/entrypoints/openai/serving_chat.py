@@ -115,7 +115,8 @@ async def create_chat_completion(state: ServingState,
     if req.top_logprobs is not None and req.top_logprobs < 0:
         raise APIError(400, f"top_logprobs must be >= 0, got {req.top_logprobs}.", param="top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                 state.default_sampling)
     constraint = tool_constraint(req)
     if constraint is not None:
         params.structured_outputs = constraint  # the call is valid by construction

@@ -74,6 +74,7 @@ class ServingState:
     max_logprobs: int = 20  # largest logprobs / top_logprobs / prompt_logprobs (--max-logprobs)
     trust_request_chat_template: bool = False  # accept a chat_template in the request body
     tool_parser: Any = None  # parses tool calls out of text for tool_choice "auto" (--enable-auto-tool-choice)
+    default_sampling: dict[str, Any] = field(default_factory=dict)  # from the generation config (--generation-config)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
@@ -116,8 +117,18 @@ async def validate_inputs(state: ServingState, prompts: list[Any], params: Sampl
                           max_tokens_param: str = "max_tokens") -> list[ProcessedInput]:
     """Queue room first (429 before anything streams), then tokenize and validate off the event loop."""
     state.engine.check_capacity(len(prompts))
+    # A request without max_tokens gets the prompt's room, capped by the generation config's max_tokens.
+    cap = state.default_sampling.get("max_tokens") if params.max_tokens is None else None
+
+    def process() -> list[ProcessedInput]:
+        inputs = [state.engine.process_input(p, params) for p in prompts]
+        if cap is not None:
+            for inp in inputs:
+                inp.params.max_tokens = min(inp.params.max_tokens, max(cap, inp.params.min_tokens))
+        return inputs
+
     try:
-        return await asyncio.to_thread(lambda: [state.engine.process_input(p, params) for p in prompts])
+        return await asyncio.to_thread(process)
     except ParamError as e:
         if e.code == "context_length_exceeded":
             param = max_tokens_param if e.param == "max_tokens" else prompt_param

@@ -81,7 +81,7 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server.", param="suffix", code="unsupported_parameter")
     prompts = normalize_prompts(req.prompt)
-    params = req.sampling_params(req.max_tokens, req.logprobs)
+    params = req.sampling_params(req.max_tokens, req.logprobs, state.default_sampling)
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
