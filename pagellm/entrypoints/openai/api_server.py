@@ -51,6 +51,7 @@ from pagellm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pagellm.entrypoints.openai.reasoning import PARSERS
 from pagellm.entrypoints.openai.serving_chat import create_chat_completion
 from pagellm.entrypoints.openai.serving_common import APIError, ServingState, api_error_from, check_request
 from pagellm.entrypoints.openai.serving_completion import create_completion
@@ -275,7 +276,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
     state = ServingState(engine, cfg.model.served_model_name, cfg.model.max_model_len, max_n=ns.max_n,
                          chat_template=chat_template, max_logprobs=cfg.model.max_logprobs,
                          trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser,
-                         default_sampling=dict(cfg.model.default_sampling))
+                         default_sampling=dict(cfg.model.default_sampling),
+                         reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None)
     state.metrics.attach_engine(engine)
     return state
 

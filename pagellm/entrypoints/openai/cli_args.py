@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE
+from pagellm.entrypoints.openai.reasoning import PARSERS
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help='Let the model decide to call tools (tool_choice "auto"), parsing calls from its text.')
     g.add_argument("--tool-call-parser", default=None, choices=["hermes"],
                    help="How tool calls are written in the model's text (hermes: <tool_call>{json}</tool_call>).")
+    g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
+                   help="Return a reasoning model's thinking (<think>...</think>) apart from its answer: "
+                        "message.reasoning (and reasoning_content) in chat replies and stream deltas.")
     g.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
                    help="Largest request body in bytes; larger bodies get 413.")
     g.add_argument("--uvicorn-log-level", default="warning")

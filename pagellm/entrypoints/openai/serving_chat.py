@@ -20,6 +20,7 @@ from pagellm.entrypoints.openai.protocol import (
     UsageInfo,
     random_id,
 )
+from pagellm.entrypoints.openai.reasoning import ReasoningStream
 from pagellm.entrypoints.openai.serving_common import (
     APIError,
     ServingState,
@@ -91,11 +92,30 @@ def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> T
     return ToolStream(mode, name, state.tool_parser)
 
 
+def reasoning_stream(state: ServingState, params, prompt_text: str | None) -> ReasoningStream | None:
+    """The choice's reasoning splitter: with --reasoning-parser, for output no grammar constrains."""
+    if state.reasoning_parser is None or params.structured_outputs is not None:
+        return None
+    return state.reasoning_parser.stream(prompt_text or "")
+
+
+def reasoning_fields(req: ChatCompletionRequest, reasoning: str | None) -> dict:
+    return {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning and req.include_reasoning else {}
+
+
 def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | None, text: str,
-                   finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
-    """The assistant message for a finished choice, tool calls parsed out; finish_reason "tool_calls" with calls."""
+                   finish_reason: str | None, thinking: ReasoningStream | None = None,
+                   ) -> tuple[ChatResponseMessage, str | None]:
+    """The assistant message for a finished choice, its thinking (with a reasoning parser) and tool calls parsed
+    out of the text; finish_reason "tool_calls" with calls."""
+    reasoning = None
+    if thinking is not None:
+        r1, c1 = thinking.feed(text)
+        r2, c2 = thinking.finish()
+        reasoning, text = (r1 + r2) or None, c1 + c2
+    extra = reasoning_fields(req, reasoning)
     if mode is None:
-        return ChatResponseMessage(content=text), finish_reason
+        return ChatResponseMessage(content=text if text or not reasoning else None, **extra), finish_reason
     ts = tool_stream(state, req, mode)
     ts.feed(text)
     content, _ = ts.finish()
@@ -103,7 +123,7 @@ def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | 
         content, _ = state.tool_parser.parse(text)
     calls = ts.calls
     reason = "tool_calls" if calls and finish_reason == "stop" else finish_reason
-    return ChatResponseMessage(content=content, tool_calls=calls), reason
+    return ChatResponseMessage(content=content, tool_calls=calls, **extra), reason
 
 
 async def create_chat_completion(state: ServingState,
@@ -123,12 +143,15 @@ async def create_chat_completion(state: ServingState,
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     state.engine.check_capacity(1)
     ids = await asyncio.to_thread(chat_prompt_ids, state, req)
+    prompt_text = None
+    if state.reasoning_parser is not None:  # where the output starts: inside the thinking or not
+        prompt_text = await asyncio.to_thread(state.tokenizer.decode, ids[-64:])
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     inputs = await validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages", max_param)
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)
     if req.stream:
-        return guarded_stream(_stream(state, req, inputs, rid, mode))
+        return guarded_stream(_stream(state, req, inputs, rid, mode, prompt_text))
     choices: list[ChatChoice] = []
     usage = UsageInfo()
     prompt_lps = None
@@ -139,7 +162,8 @@ async def create_chat_completion(state: ServingState,
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
             lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0) if req.logprobs else None
-            message, reason = choice_message(state, req, mode, c.text, c.finish_reason)
+            message, reason = choice_message(state, req, mode, c.text, c.finish_reason,
+                                             reasoning_stream(state, inputs[0].params, prompt_text))
             choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason,
                                       stop_reason=c.stop_reason))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -149,7 +173,7 @@ async def create_chat_completion(state: ServingState,
 
 
 async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str,
-                  mode: str | None) -> AsyncIterator[str]:
+                  mode: str | None, prompt_text: str | None) -> AsyncIterator[str]:
     created = int(time.time())
 
     def chunk(index: int, delta: DeltaMessage, **kw) -> str:
@@ -161,6 +185,7 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
     for i in range(req.n):  # the role comes first, once per choice
         yield chunk(i, DeltaMessage(role="assistant", content=""))
     tools = {i: tool_stream(state, req, mode) for i in range(req.n)} if mode else {}
+    thinking = {i: reasoning_stream(state, inputs[0].params, prompt_text) for i in range(req.n)}
     usage = UsageInfo(prompt_tokens=len(inputs[0].prompt_token_ids))
     async for _, out in run_all(state, inputs, rid):
         for c in out.outputs:
@@ -168,9 +193,18 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
             lp = None
             if req.logprobs:
                 lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0).model_dump()
-            content, calls = (tools[c.index].feed(c.text) if mode else (c.text, []))
-            if content or calls or (c.finish_reason is None and not mode) or lp:
-                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls or None), logprobs=lp)
+            text, reasoning, ts = c.text, None, thinking[c.index]
+            if ts is not None:
+                reasoning, text = ts.feed(text)
+                if c.finish_reason is not None:  # what the splitter held back
+                    r, t = ts.finish()
+                    reasoning, text = reasoning + r, text + t
+            extra = reasoning_fields(req, reasoning)
+            content, calls = (tools[c.index].feed(text) if mode else (text, []))
+            if extra and not content:
+                content = None  # a thinking-only delta
+            if content or calls or extra or (c.finish_reason is None and not mode and ts is None) or lp:
+                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls or None, **extra), logprobs=lp)
             if c.finish_reason is not None:
                 reason = c.finish_reason
                 if mode:

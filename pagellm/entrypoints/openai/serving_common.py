@@ -75,6 +75,7 @@ class ServingState:
     trust_request_chat_template: bool = False  # accept a chat_template in the request body
     tool_parser: Any = None  # parses tool calls out of text for tool_choice "auto" (--enable-auto-tool-choice)
     default_sampling: dict[str, Any] = field(default_factory=dict)  # from the generation config (--generation-config)
+    reasoning_parser: Any = None  # splits a chat reply's thinking from its answer (--reasoning-parser)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property

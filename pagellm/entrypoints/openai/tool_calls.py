@@ -29,6 +29,7 @@ from pagellm.entrypoints.openai.protocol import (
     NamedToolChoice,
     ToolCall,
 )
+from pagellm.entrypoints.openai.reasoning import safe_end
 from pagellm.sampling_params import ParamError, StructuredOutputsParams
 
 TOOL_PARSERS = ("hermes",)
@@ -136,7 +137,7 @@ class ToolStream:
         if self.mode == "auto":
             start = self.text.find(HermesToolParser.START, self.sent_content)
             # send content up to a call, holding back what could be the beginning of "<tool_call>"
-            end = start if start != -1 else _safe_end(self.text, HermesToolParser.START)
+            end = start if start != -1 else safe_end(self.text, HermesToolParser.START)
             if end > self.sent_content and (start == -1 or start >= self.sent_content):
                 content, self.sent_content = self.text[self.sent_content:end], end
                 return content, []
@@ -163,14 +164,6 @@ class ToolStream:
                          for i, c in enumerate(self.calls)]
 
 
-def _safe_end(text: str, tag: str) -> int:
-    """How much of text can be sent without sending a prefix of tag that the next piece might complete."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return len(text) - k
-    return len(text)
-
-
 def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages for the chat template: text content, and the tool fields templates read (assistant tool_calls
     with arguments as objects, tool results with their tool_call_id)."""
@@ -178,6 +171,9 @@ def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     for m in req.messages:
         msg: dict[str, Any] = {"role": m.role, "content": m.text()}
         extra = m.model_extra or {}
+        thinking = extra.get("reasoning_content", extra.get("reasoning"))
+        if isinstance(thinking, str):  # an earlier reply's thinking, sent back: templates read reasoning_content
+            msg["reasoning_content"] = thinking
         if m.name is not None:
             msg["name"] = m.name
         if "tool_call_id" in extra:

@@ -1,0 +1,95 @@
+"""Reasoning outputs (`pagellm serve --reasoning-parser NAME`): a chat reply's thinking apart from its answer.
+
+Reasoning models write their thinking between tags (`<think> ... </think>`) before the answer. With a parser
+the chat API returns the thinking in `message.reasoning` (and `reasoning_content`, the name older clients and
+DeepSeek's API use) and only the answer in `content`; streamed deltas carry the same split.
+
+Where the reasoning starts is read from the rendered prompt: a prompt whose last tag is an open `<think>` (the
+chat templates of DeepSeek-R1 and Qwen3.5 open it; Qwen3's template with enable_thinking=False closes it with an
+empty block) tells whether the output begins inside the thinking. An output that itself begins with `<think>`
+opens it. With neither, `deepseek_r1` still takes the output as thinking until `</think>` (R1 models may skip
+the opening tag), `qwen3` takes it as the answer. An output that never closes its thinking (cut by max_tokens)
+is all reasoning, with no content.
+
+The split works on text, so tags that are one added token or several ordinary ones both work; a streamed piece
+that could be the beginning of a tag is held back until the next piece shows what it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def safe_end(text: str, tag: str) -> int:
+    """How much of text can be sent without sending a prefix of tag that the next piece might complete."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return len(text) - k
+    return len(text)
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    name: str
+    start: str = "<think>"
+    end: str = "</think>"
+    implicit_start: bool = False  # an output after a prompt without tags begins inside the thinking
+
+    def begins_in_reasoning(self, prompt_text: str) -> bool:
+        """Whether the output after this rendered prompt starts inside the thinking."""
+        s, e = prompt_text.rfind(self.start), prompt_text.rfind(self.end)
+        if s == -1 and e == -1:
+            return self.implicit_start
+        return s > e
+
+    def stream(self, prompt_text: str) -> ReasoningStream:
+        return ReasoningStream(self, self.begins_in_reasoning(prompt_text))
+
+    def split(self, prompt_text: str, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a whole output; None for an empty part."""
+        s = self.stream(prompt_text)
+        r1, c1 = s.feed(text)
+        r2, c2 = s.finish()
+        return (r1 + r2) or None, (c1 + c2) or None
+
+
+PARSERS = {
+    "deepseek_r1": ReasoningParser("deepseek_r1", implicit_start=True),
+    "qwen3": ReasoningParser("qwen3"),
+}
+
+
+class ReasoningStream:
+    """One choice's output, piece by piece: each feed returns (reasoning, content) text to send now."""
+
+    def __init__(self, parser: ReasoningParser, in_reasoning: bool) -> None:
+        self.parser = parser
+        self.state = "start"  # start (nothing but whitespace yet) -> reasoning -> content
+        self.after_start = "reasoning" if in_reasoning else "content"
+        self.pending = ""  # text held back: it may be the beginning of a tag
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        p = self.parser
+        text, self.pending = self.pending + piece, ""
+        reasoning = ""
+        if self.state == "start":
+            lead = text.lstrip()
+            if lead.startswith(p.start):
+                text, self.state = lead[len(p.start):], "reasoning"
+            elif not final and p.start.startswith(lead):  # still only whitespace or part of the opening tag
+                self.pending = text
+                return "", ""
+            else:
+                self.state = self.after_start
+        if self.state == "reasoning":
+            i = text.find(p.end)
+            if i == -1:
+                keep = len(text) if final else safe_end(text, p.end)
+                self.pending = text[keep:]
+                return text[:keep], ""
+            reasoning, text, self.state = text[:i], text[i + len(p.end):], "content"
+        return reasoning, text
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back, at the end of the output."""
+        return self.feed("", final=True)

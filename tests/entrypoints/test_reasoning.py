@@ -1,0 +1,129 @@
+"""Reasoning outputs (--reasoning-parser): the thinking apart from the answer, whole and streamed."""
+
+import random
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from pagellm.entrypoints.openai.protocol import ChatCompletionRequest
+from pagellm.entrypoints.openai.reasoning import PARSERS
+from pagellm.entrypoints.openai.serving_chat import choice_message
+from tests.conftest import DEMO_MODEL
+from tests.entrypoints.server_utils import RemoteServer
+
+R1, QWEN3 = PARSERS["deepseek_r1"], PARSERS["qwen3"]
+
+# (parser, end of the rendered prompt, output) -> (reasoning, content)
+CASES = [
+    # DeepSeek-R1: the template opens the thinking; the answer follows </think>
+    (R1, "<|Assistant|><think>\n", "Nine is more.\n</think>\n\n9.8 is greater.",
+     ("Nine is more.\n", "\n\n9.8 is greater.")),
+    (R1, "<|Assistant|>", "Hmm.</think>Yes.", ("Hmm.", "Yes.")),  # R1 may skip the opening tag
+    (R1, "<|Assistant|>", "<think>Hmm.</think>Yes.", ("Hmm.", "Yes.")),
+    (R1, "<|Assistant|><think>\n", "cut short by max_tokens", ("cut short by max_tokens", None)),
+    (R1, "<|Assistant|><think>\n", "</think>\n\nStraight to it.", (None, "\n\nStraight to it.")),
+    # Qwen3: the model opens the thinking itself (up to 2507), or the template does (3.5), or thinking is off
+    (QWEN3, "<|im_start|>assistant\n", "<think>\nsum it</think>\n\n4", ("\nsum it", "\n\n4")),
+    (QWEN3, "<|im_start|>assistant\n<think>\n", "sum it</think>\n\n4", ("sum it", "\n\n4")),
+    (QWEN3, "<|im_start|>assistant\n<think>\n\n</think>\n\n", "4, and <think> here is just text",
+     (None, "4, and <think> here is just text")),
+    (QWEN3, "<|im_start|>assistant\n", "no tags at all", (None, "no tags at all")),
+    (QWEN3, "earlier <think>old</think> then <|im_start|>assistant\n", "Hi", (None, "Hi")),
+    # tags that never complete stay text
+    (QWEN3, "<think>", "a </thin", ("a </thin", None)),
+    (QWEN3, "", "  <thi", (None, "  <thi")),
+]
+
+
+@pytest.mark.parametrize("parser,prompt,output,expected", CASES)
+def test_split(parser, prompt, output, expected):
+    assert parser.split(prompt, output) == expected
+
+
+@pytest.mark.parametrize("parser,prompt,output,expected", CASES)
+def test_streamed_pieces_split_the_same(parser, prompt, output, expected):
+    rng = random.Random(0)
+    for _ in range(100):  # any cut into pieces (a tag may arrive a character at a time)
+        s = parser.stream(prompt)
+        reasoning = content = ""
+        i = 0
+        while i < len(output):
+            j = i + rng.randint(1, 5)
+            r, c = s.feed(output[i:j])
+            reasoning, content, i = reasoning + r, content + c, j
+        r, c = s.finish()
+        assert ((reasoning + r) or None, (content + c) or None) == expected
+
+
+def test_choice_message_carries_both_fields_and_tool_calls_come_from_the_answer():
+    from pagellm.entrypoints.openai.tool_calls import make_parser
+
+    state = SimpleNamespace(tool_parser=make_parser("hermes"), reasoning_parser=QWEN3)
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "weather?"}],
+                                tools=[{"type": "function", "function": {"name": "get_weather"}}], tool_choice="auto")
+    text = '<think>I should call the tool. <tool_call> is how.</think>Calling.<tool_call>{"name": "get_weather", ' \
+           '"arguments": {"city": "Paris"}}</tool_call>'
+    msg, reason = choice_message(state, req, "auto", text, "stop", QWEN3.stream(""))
+    assert msg.reasoning == msg.reasoning_content == "I should call the tool. <tool_call> is how."
+    assert msg.content == "Calling." and [c.function.name for c in msg.tool_calls] == ["get_weather"]
+    assert reason == "tool_calls"
+    req.include_reasoning = False
+    msg, _ = choice_message(state, req, None, "<think>x</think>y", "stop", QWEN3.stream(""))
+    assert msg.reasoning is None and msg.reasoning_content is None and msg.content == "y"
+
+
+TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+THINKING_ON = TEMPLATE.replace("'<|assistant|>\\n'", "'<|assistant|>\\n<think>\\n'")
+THINKING_OFF = TEMPLATE.replace("'<|assistant|>\\n'", "'<|assistant|>\\n<think>\\n\\n</think>\\n\\n'")
+MESSAGES = [{"role": "user", "content": "Speak, what thinkest thou?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RemoteServer(["--served-model-name", "demo", "--num-gpu-blocks-override", "256", "--reasoning-parser", "qwen3",
+                      "--trust-request-chat-template"])
+    yield s
+    s.stop()
+
+
+def _raw(client, template: str, max_tokens: int) -> str:
+    """The same prompt through /v1/completions: the model's text before any split."""
+    from transformers import AutoTokenizer
+
+    from pagellm.engine.chat_utils import apply_chat_template
+
+    ids = apply_chat_template(AutoTokenizer.from_pretrained(DEMO_MODEL), MESSAGES, template)
+    return client.completions.create(model="demo", prompt=ids, max_tokens=max_tokens, temperature=0).choices[0].text
+
+
+@pytest.mark.parametrize("template,thinks", [(THINKING_ON, True), (THINKING_OFF, False), (TEMPLATE, False)],
+                         ids=["thinking_on", "thinking_off", "no_tags"])
+def test_server_splits_by_what_the_prompt_opened(server, template, thinks):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    raw = _raw(client, template, 12)
+    kw = dict(model="demo", messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"chat_template": template})
+    msg = client.chat.completions.create(**kw).choices[0].message
+    extra = msg.model_extra or {}
+    if thinks:  # no </think> in 12 tokens of this model: all of it is thinking
+        assert "</think>" not in raw
+        assert extra["reasoning"] == extra["reasoning_content"] == raw and msg.content is None
+    else:
+        assert msg.content == raw and extra.get("reasoning") is None
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed_reasoning = "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas)
+    assert streamed_reasoning == (raw if thinks else "")
+    assert "".join(d.content or "" for d in deltas) == ("" if thinks else raw)
+    hidden = client.chat.completions.create(
+        **{**kw, "extra_body": {"chat_template": template, "include_reasoning": False}})
+    assert (hidden.choices[0].message.model_extra or {}).get("reasoning") is None
+
+
+def test_server_leaves_constrained_output_alone(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    msg = client.chat.completions.create(
+        model="demo", messages=MESSAGES, max_tokens=8, temperature=0,
+        extra_body={"chat_template": THINKING_ON, "structured_outputs": {"choice": ["aye", "nay"]}}).choices[0].message
+    assert msg.content in ("aye", "nay") and (msg.model_extra or {}).get("reasoning") is None
