@@ -127,3 +127,37 @@ def test_server_leaves_constrained_output_alone(server):
         model="demo", messages=MESSAGES, max_tokens=8, temperature=0,
         extra_body={"chat_template": THINKING_ON, "structured_outputs": {"choice": ["aye", "nay"]}}).choices[0].message
     assert msg.content in ("aye", "nay") and (msg.model_extra or {}).get("reasoning") is None
+
+
+SWITCHABLE = TEMPLATE.replace(
+    "'<|assistant|>\\n'", "'<|assistant|>\\n' + ('<think>\\n' if enable_thinking | default(true) else '')")
+
+
+def test_chat_template_kwargs_switch_the_thinking(server):
+    import httpx
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    kw = dict(model="demo", messages=MESSAGES, max_tokens=6, temperature=0)
+    on = client.chat.completions.create(**kw, extra_body={"chat_template": SWITCHABLE}).choices[0].message
+    off = client.chat.completions.create(**kw, extra_body={
+        "chat_template": SWITCHABLE, "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+    assert on.content is None and (on.model_extra or {}).get("reasoning")
+    assert off.content and (off.model_extra or {}).get("reasoning") is None
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw, extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    assert e.value.body["param"] == "chat_template_kwargs"
+    r = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES, "chat_template_kwargs": {"tools": []}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_offline_chat_passes_template_kwargs(tmp_path):
+    from pagellm import LLM, SamplingParams
+
+    llm = LLM(DEMO_MODEL, num_gpu_blocks_override=64)
+    on = llm.apply_chat_template(MESSAGES, SWITCHABLE)
+    off = llm.apply_chat_template(MESSAGES, SWITCHABLE, chat_template_kwargs={"enable_thinking": False})
+    tok = llm.get_tokenizer()
+    assert tok.decode(on).endswith("<think>\n") and not tok.decode(off).endswith("<think>\n")
+    out = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False, chat_template=SWITCHABLE,
+                   chat_template_kwargs={"enable_thinking": False})
+    assert out[0].prompt_token_ids == off

@@ -227,7 +227,8 @@ async def serve_tokenize(state: ServingState, body: TokenizeRequest) -> Tokenize
     tok = state.tokenizer
     if body.messages is not None:
         conv = template_messages(body)
-        ids = await asyncio.to_thread(apply_chat_template, tok, conv, state.chat_template, body.add_generation_prompt)
+        ids = await asyncio.to_thread(apply_chat_template, tok, conv, state.chat_template, body.add_generation_prompt,
+                                      template_kwargs=body.chat_template_kwargs)
     elif body.prompt is not None:
         ids = await asyncio.to_thread(tok.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     else:

@@ -53,7 +53,8 @@ def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
         return apply_chat_template(state.tokenizer, conv, req.chat_template or state.chat_template,
-                                   req.add_generation_prompt, req.continue_final_message, tools)
+                                   req.add_generation_prompt, req.continue_final_message, tools,
+                                   req.chat_template_kwargs)
     except ParamError:
         raise
     except Exception as e:  # template errors are the request's fault
