@@ -6,7 +6,6 @@ from typing import Any
 
 from pagellm.sampling_params import ParamError
 
-
 # Names the template already receives from the call itself; chat_template_kwargs may not replace them.
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "chat_template", "tokenize",
                                       "add_generation_prompt", "continue_final_message", "return_dict",
