@@ -58,6 +58,11 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # A reasoning model's (start, end) tag tokens (set by the server's --reasoning-parser): the constraint
+    # applies after the thinking. `thinking`: the output begins inside it (its template opened it); else the
+    # first token may open it or start the constrained answer. The thinking itself is unconstrained.
+    think_tokens: tuple[int, int] | None = None
+    thinking: bool = False
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
@@ -76,6 +81,11 @@ class StructuredOutputsParams:
                 raise ParamError(f"structured_outputs.{name} must be a non-empty string.", param="structured_outputs")
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise ParamError("structured_outputs.json must be a JSON schema (an object or its JSON text).",
+                             param="structured_outputs")
+        t = self.think_tokens
+        if t is not None and (not isinstance(t, (tuple, list)) or len(t) != 2
+                              or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in t)):
+            raise ParamError(f"structured_outputs.think_tokens must be two token ids (start, end), got {t!r}.",
                              param="structured_outputs")
 
     def key(self) -> tuple[str, str]:

@@ -96,8 +96,10 @@ class InputProcessor:
 
     def _check_token_ids(self, params: SamplingParams, logprobs_cap: bool) -> None:
         v = self.vocab_size
+        so = params.structured_outputs
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
-                          ("logit_bias", list(params.logit_bias or {}))):
+                          ("logit_bias", list(params.logit_bias or {})),
+                          ("structured_outputs", so.think_tokens if so is not None else None)):
             bad = [t for t in ids or [] if not 0 <= t < v]
             if bad:
                 raise ParamError(f"{name} must hold token ids in [0, {v}) (the vocabulary size); got {bad[:5]}.",

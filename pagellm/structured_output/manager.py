@@ -144,28 +144,45 @@ class StructuredOutputManager:
         return self.compiler.compile(spec)
 
     def add(self, seq_id: int, spec: StructuredOutputsParams) -> None:
-        self._states[seq_id] = [_xgr().GrammarMatcher(self.compile(spec)), 0]
+        # state: [matcher, tokens synced, phase, think tokens]; phase "grammar", or before it (a reasoning
+        # model, spec.think_tokens): "think" (unconstrained until the end tag) or "open" (the first token may
+        # open the thinking)
+        phase = "grammar" if spec.think_tokens is None else ("think" if spec.thinking else "open")
+        self._states[seq_id] = [_xgr().GrammarMatcher(self.compile(spec)), 0, phase, spec.think_tokens]
 
     def fork(self, parent_id: int, child_id: int) -> None:
-        matcher, n = self._states[parent_id]
-        self._states[child_id] = [matcher.fork(), n]
+        matcher, *rest = self._states[parent_id]
+        self._states[child_id] = [matcher.fork(), *rest]
 
     def sync(self, seq_id: int, output_token_ids: list[int]) -> None:
         state = self._states.get(seq_id)
         if state is None:
             return
-        matcher, n = state
+        matcher, n, phase, tags = state
         for token in output_token_ids[n:]:
+            if phase == "think":
+                phase = "grammar" if token == tags[1] else phase
+                continue
+            if phase == "open":
+                phase = "think" if token == tags[0] else "grammar"
+                if phase == "think":
+                    continue
             if not matcher.is_terminated() and not matcher.accept_token(token):
                 logger.warning("sequence %d: token %d is outside its grammar", seq_id, token)
-        state[1] = len(output_token_ids)
+        state[1], state[2] = len(output_token_ids), phase
 
     def bitmask(self, seq_ids: list[int]) -> np.ndarray:
         mask = np.full((len(seq_ids), self.compiler.bitmask_width), -1, dtype=np.int32)  # -1: every bit set
+        bits = mask.view(np.uint32)
         for row, seq_id in enumerate(seq_ids):
             state = self._states.get(seq_id)  # gone: the sequence ended while this step was in flight
-            if state is not None and not state[0].is_terminated():
+            if state is None or state[2] == "think":
+                continue
+            if not state[0].is_terminated():
                 state[0].fill_next_token_bitmask(mask, row)
+            if state[2] == "open":  # the grammar's first tokens, or the tag that opens the thinking
+                start = state[3][0]
+                bits[row, start // 32] |= np.uint32(1 << (start % 32))
         return mask
 
     def free(self, seq_id: int) -> None:

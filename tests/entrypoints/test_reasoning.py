@@ -161,3 +161,93 @@ def test_offline_chat_passes_template_kwargs(tmp_path):
     out = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False, chat_template=SWITCHABLE,
                    chat_template_kwargs={"enable_thinking": False})
     assert out[0].prompt_token_ids == off
+
+
+# ---- structured outputs after the thinking: a model whose <think> and </think> are single tokens ----
+
+@pytest.fixture(scope="module")
+def thinking_model(tmp_path_factory):
+    import torch
+    from make_models import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = str(tmp_path_factory.mktemp("thinking"))
+    tok = make_tokenizer(510)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = THINKING_ON
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                      architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, tok
+
+
+def test_grammar_waits_for_the_thinking(thinking_model):
+    from pagellm.sampling_params import StructuredOutputsParams
+    from pagellm.structured_output.manager import GrammarCompiler, StructuredOutputManager
+
+    _, tok = thinking_model
+    start, end = QWEN3.token_ids(tok)
+    manager = StructuredOutputManager(lambda: GrammarCompiler(tok, len(tok), [0]))
+
+    def allowed(seq_id):
+        row = manager.bitmask([seq_id]).view("uint32")[0]
+        return {t for t in range(len(tok)) if row[t // 32] >> (t % 32) & 1}
+
+    choice = dict(choice=["aye", "nay"])
+    manager.add(1, StructuredOutputsParams(**choice))
+    plain = allowed(1)
+    assert start not in plain and end not in plain and len(plain) < 10
+    manager.add(2, StructuredOutputsParams(**choice, think_tokens=(start, end)))  # the first token may open it
+    assert allowed(2) == plain | {start}
+    manager.sync(2, [start])
+    assert len(allowed(2)) == len(tok)  # thinking: unconstrained
+    manager.fork(2, 3)
+    manager.sync(2, [start, 5, 77, end])
+    assert allowed(2) == plain and len(allowed(3)) == len(tok)  # the fork is still thinking
+    manager.add(4, StructuredOutputsParams(**choice, think_tokens=(start, end), thinking=True))
+    assert len(allowed(4)) == len(tok)
+    manager.sync(4, [9, end, *tok.encode("aye", add_special_tokens=False)])
+    assert allowed(4) == {0}  # the answer is complete: only the end-of-sequence token
+    manager.add(5, StructuredOutputsParams(**choice, think_tokens=(start, end)))
+    manager.sync(5, tok.encode("nay", add_special_tokens=False))  # no thinking: the grammar from the first token
+    assert start not in allowed(5)
+
+
+def test_server_constrains_the_answer_after_the_thinking(thinking_model):
+    path, tok = thinking_model
+    start, end = QWEN3.token_ids(tok)
+    s = RemoteServer([path, "--served-model-name", "t", "--num-gpu-blocks-override", "128", "--reasoning-parser",
+                      "qwen3", "--trust-request-chat-template"])
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused")
+        kw = dict(model="t", messages=MESSAGES, max_tokens=12, temperature=0)
+        so = {"structured_outputs": {"choice": ["aye", "nay"]}}
+        # the template opened the thinking: free text until </think> (here forced at once), then the choice
+        msg = client.chat.completions.create(**kw, logit_bias={str(end): 100}, extra_body=so).choices[0].message
+        assert msg.content in ("aye", "nay") and (msg.model_extra or {}).get("reasoning") is None
+        msg = client.chat.completions.create(**kw, logit_bias={str(start): -100, str(end): -100},
+                                             extra_body=so).choices[0].message
+        thought = (msg.model_extra or {}).get("reasoning")
+        assert msg.content is None and thought and thought not in ("aye", "nay")  # never closed: all thinking
+        # no tag in the prompt: </think> cannot come first, so the choice starts at once
+        msg = client.chat.completions.create(**kw, logit_bias={str(end): 100},
+                                             extra_body={**so, "chat_template": TEMPLATE}).choices[0].message
+        assert msg.content in ("aye", "nay") and (msg.model_extra or {}).get("reasoning") is None
+    finally:
+        s.stop()
+
+
+def test_think_tokens_are_checked(llama_path):
+    from pagellm import LLM, SamplingParams
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    with pytest.raises(ValueError, match="think_tokens must be two token ids"):
+        StructuredOutputsParams(choice=["a"], think_tokens=(1,))
+    llm = LLM(llama_path, num_gpu_blocks_override=32)
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"], think_tokens=(1, 10**6)))
+    with pytest.raises(ValueError, match="structured_outputs must hold token ids in"):
+        llm.generate("hi", bad, use_tqdm=False)

@@ -279,6 +279,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser,
                          default_sampling=dict(cfg.model.default_sampling),
                          reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None)
+    if state.reasoning_parser is not None:
+        state.reasoning_tokens = state.reasoning_parser.token_ids(engine.tokenizer)
     state.metrics.attach_engine(engine)
     return state
 

@@ -13,6 +13,11 @@ is all reasoning, with no content.
 
 The split works on text, so tags that are one added token or several ordinary ones both work; a streamed piece
 that could be the beginning of a tag is held back until the next piece shows what it is.
+
+Structured outputs: where both tags are single tokens (Qwen3, DeepSeek-R1), a constrained reply may think first:
+the grammar waits for `</think>` when the output begins inside the thinking, and otherwise allows `<think>` as
+the first token beside its own (StructuredOutputsParams.think_tokens). Elsewhere the grammar applies from the
+first token and the reply is not split.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class ReasoningParser:
         if s == -1 and e == -1:
             return self.implicit_start
         return s > e
+
+    def token_ids(self, tokenizer) -> tuple[int, int] | None:
+        """(start, end) token ids when each tag is one token (then a grammar can wait for the thinking to end)."""
+        ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in (self.start, self.end)]
+        return (ids[0][0], ids[1][0]) if all(len(i) == 1 for i in ids) else None
 
     def stream(self, prompt_text: str) -> ReasoningStream:
         return ReasoningStream(self, self.begins_in_reasoning(prompt_text))

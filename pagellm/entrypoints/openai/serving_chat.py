@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -94,8 +95,10 @@ def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> T
 
 
 def reasoning_stream(state: ServingState, params, prompt_text: str | None) -> ReasoningStream | None:
-    """The choice's reasoning splitter: with --reasoning-parser, for output no grammar constrains."""
-    if state.reasoning_parser is None or params.structured_outputs is not None:
+    """The choice's reasoning splitter (--reasoning-parser): for output no grammar constrains, or one whose grammar
+    waits for the end of the thinking."""
+    so = params.structured_outputs
+    if state.reasoning_parser is None or (so is not None and so.think_tokens is None):
         return None
     return state.reasoning_parser.stream(prompt_text or "")
 
@@ -147,6 +150,11 @@ async def create_chat_completion(state: ServingState,
     prompt_text = None
     if state.reasoning_parser is not None:  # where the output starts: inside the thinking or not
         prompt_text = await asyncio.to_thread(state.tokenizer.decode, ids[-64:])
+        if params.structured_outputs is not None and state.reasoning_tokens is not None:
+            # the constraint applies to the answer, after the thinking (the tags are single tokens)
+            params.structured_outputs = dataclasses.replace(
+                params.structured_outputs, think_tokens=state.reasoning_tokens,
+                thinking=state.reasoning_parser.begins_in_reasoning(prompt_text))
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     inputs = await validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages", max_param)
     rid = random_id("chatcmpl")

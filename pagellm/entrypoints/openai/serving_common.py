@@ -76,6 +76,7 @@ class ServingState:
     tool_parser: Any = None  # parses tool calls out of text for tool_choice "auto" (--enable-auto-tool-choice)
     default_sampling: dict[str, Any] = field(default_factory=dict)  # from the generation config (--generation-config)
     reasoning_parser: Any = None  # splits a chat reply's thinking from its answer (--reasoning-parser)
+    reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
