@@ -320,3 +320,29 @@ def test_openapi_docs_are_served(server):
     assert httpx.get(server.url + "/docs").status_code == 200
     schema = httpx.get(server.url + "/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"] and "/v1/completions" in schema["paths"]
+
+
+def test_return_token_ids(server, client):
+    tokenize = server.url + "/tokenize"
+    kw = dict(model=MODEL, prompt="ROMEO.", max_tokens=8, temperature=0)
+    full = client.completions.create(**kw, extra_body={"return_token_ids": True}).choices[0]
+    extra = full.model_extra
+    assert extra["prompt_token_ids"] == httpx.post(tokenize, json={"prompt": "ROMEO."}).json()["tokens"]
+    assert len(extra["token_ids"]) == 8
+    assert httpx.post(server.url + "/detokenize", json={"tokens": extra["token_ids"]}).json()["prompt"] == full.text
+    chunks = [c.choices[0].model_extra for c in client.completions.create(
+        **kw, stream=True, extra_body={"return_token_ids": True}) if c.choices]
+    assert sum((c["token_ids"] for c in chunks), []) == extra["token_ids"]
+    assert [c.get("prompt_token_ids") is not None for c in chunks] == [True] + [False] * (len(chunks) - 1)
+    assert client.completions.create(**kw).choices[0].model_extra.get("token_ids") is None
+
+    msgs = [{"role": "user", "content": "What say you?"}]
+    ckw = dict(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(**ckw, extra_body={"return_token_ids": True})
+    assert chat.model_extra["prompt_token_ids"] == httpx.post(tokenize, json={"messages": msgs}).json()["tokens"]
+    ids = chat.choices[0].model_extra["token_ids"]
+    assert len(ids) == chat.usage.completion_tokens
+    streamed = list(client.chat.completions.create(**ckw, stream=True, extra_body={"return_token_ids": True}))
+    assert streamed[0].model_extra["prompt_token_ids"] == chat.model_extra["prompt_token_ids"]
+    assert all(c.model_extra.get("prompt_token_ids") is None for c in streamed[1:])
+    assert sum((c.choices[0].model_extra.get("token_ids") or [] for c in streamed if c.choices), []) == ids

@@ -132,6 +132,9 @@ class SamplingFields(OpenAIBaseModel):
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None
+    # vLLM's: the prompt's and each choice's token ids in the reply (streams: the prompt's in a choice's first
+    # chunk, each chunk's own new ids)
+    return_token_ids: bool | None = None
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -320,6 +323,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobsList | None = None  # vLLM's extra field, when asked for
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -371,6 +376,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -381,6 +387,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobsList | None = None  # vLLM's extra field, when asked for
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class DeltaFunctionCall(BaseModel):
@@ -409,6 +416,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's new ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -418,6 +426,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in each choice's first chunk
 
 
 class ModelCard(BaseModel):

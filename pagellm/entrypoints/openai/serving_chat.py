@@ -174,25 +174,31 @@ async def create_chat_completion(state: ServingState,
             message, reason = choice_message(state, req, mode, c.text, c.finish_reason,
                                              reasoning_stream(state, inputs[0].params, prompt_text))
             choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason,
-                                      stop_reason=c.stop_reason))
+                                      stop_reason=c.stop_reason,
+                                      token_ids=list(c.token_ids) if req.return_token_ids else None))
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     choices.sort(key=lambda ch: ch.index)
     return ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage,
-                                  prompt_logprobs=prompt_lps)
+                                  prompt_logprobs=prompt_lps,
+                                  prompt_token_ids=list(inputs[0].prompt_token_ids) if req.return_token_ids else None)
 
 
 async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str,
                   mode: str | None, prompt_text: str | None) -> AsyncIterator[str]:
     created = int(time.time())
 
-    def chunk(index: int, delta: DeltaMessage, **kw) -> str:
+    def chunk(index: int, delta: DeltaMessage, prompt_ids: list[int] | None = None, **kw) -> str:
         choice = {"index": index, "delta": delta.model_dump(exclude_none=True), "logprobs": None,
                   "finish_reason": None, **kw}
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [choice]})
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                "choices": [choice]}
+        if prompt_ids is not None:
+            body["prompt_token_ids"] = prompt_ids
+        return sse(body)
 
+    prompt_ids = list(inputs[0].prompt_token_ids) if req.return_token_ids else None
     for i in range(req.n):  # the role comes first, once per choice
-        yield chunk(i, DeltaMessage(role="assistant", content=""))
+        yield chunk(i, DeltaMessage(role="assistant", content=""), prompt_ids)
     tools = {i: tool_stream(state, req, mode) for i in range(req.n)} if mode else {}
     thinking = {i: reasoning_stream(state, inputs[0].params, prompt_text) for i in range(req.n)}
     usage = UsageInfo(prompt_tokens=len(inputs[0].prompt_token_ids))
@@ -212,8 +218,11 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
             content, calls = (tools[c.index].feed(text) if mode else (text, []))
             if extra and not content:
                 content = None  # a thinking-only delta
-            if content or calls or extra or (c.finish_reason is None and not mode and ts is None) or lp:
-                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls or None, **extra), logprobs=lp)
+            ids = {"token_ids": list(c.token_ids)} if req.return_token_ids else {}
+            if (content or calls or extra or (c.finish_reason is None and not mode and ts is None) or lp
+                    or (ids and c.token_ids)):  # every token id is sent, even while its text is held back
+                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls or None, **extra), logprobs=lp,
+                            **ids)
             if c.finish_reason is not None:
                 reason = c.finish_reason
                 if mode:

@@ -113,16 +113,18 @@ def _choice(state: ServingState, req: CompletionRequest, i: int, out, c: Complet
             ids = list(out.prompt_token_ids) + ids
             start = 0
         lp = legacy_logprobs(entries, ids, req.logprobs, start, state.tokenizer)
+    ids = dict(prompt_token_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids)) if req.return_token_ids else {}
     return CompletionChoice(index=i * req.n + c.index, text=prompt_text + c.text, logprobs=lp,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                             prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)
-                            if req.prompt_logprobs is not None else None)
+                            if req.prompt_logprobs is not None else None, **ids)
 
 
 async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str) -> AsyncIterator[str]:
     created = int(time.time())
     usage = UsageInfo()
     echoed: set[int] = set()
+    started: set[int] = set()  # choices that have sent their first chunk
     text_pos: dict[int, int] = {}
     async for i, out in run_all(state, inputs, rid):
         if out.finished:
@@ -140,8 +142,14 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
                 lp = legacy_logprobs(list(c.logprobs or []), list(c.token_ids), req.logprobs, start, state.tokenizer)
                 # offsets continue over the whole choice, token by token (as in the non-streaming response)
                 text_pos[index] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else start
+            ids = {}
+            if req.return_token_ids:
+                ids["token_ids"] = list(c.token_ids)
+                if index not in started:
+                    ids["prompt_token_ids"] = list(out.prompt_token_ids)
+            started.add(index)
             choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason,
-                                      stop_reason=c.stop_reason)
+                                      stop_reason=c.stop_reason, **ids)
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
                        "choices": [choice.model_dump()]})
     if req.stream_options is not None and req.stream_options.include_usage:
