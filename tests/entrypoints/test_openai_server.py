@@ -16,7 +16,8 @@ MODEL = "demo"
 
 @pytest.fixture(scope="module")
 def server():
-    s = RemoteServer(["--served-model-name", MODEL, "--max-n", "4", "--num-gpu-blocks-override", "512"])
+    s = RemoteServer(["--served-model-name", MODEL, "--max-n", "4", "--num-gpu-blocks-override", "512",
+                      "--enable-prompt-tokens-details"])
     yield s
     s.stop()
 
@@ -346,3 +347,22 @@ def test_return_token_ids(server, client):
     assert streamed[0].model_extra["prompt_token_ids"] == chat.model_extra["prompt_token_ids"]
     assert all(c.model_extra.get("prompt_token_ids") is None for c in streamed[1:])
     assert sum((c.choices[0].model_extra.get("token_ids") or [] for c in streamed if c.choices), []) == ids
+
+
+def test_usage_reports_prompt_tokens_from_the_prefix_cache(client):
+    """With --enable-prompt-tokens-details (this module's server); without it usage has no details, as in vLLM
+    (test_vllm_openai_suite checks the plain shape)."""
+    prompt = "FIRST CITIZEN. Before we proceed any further, hear me speak; you are all resolved rather to die " * 2
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    first = client.completions.create(**kw).usage
+    again = client.completions.create(**kw).usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    cached = again.prompt_tokens_details.cached_tokens
+    assert 16 <= cached < again.prompt_tokens and cached % 16 == 0  # whole blocks, never the last token
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    msgs = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, stream=True,
+                                          stream_options={"include_usage": True})
+    assert list(chat)[-1].usage.prompt_tokens_details.cached_tokens >= 16

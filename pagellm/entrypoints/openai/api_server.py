@@ -278,7 +278,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          chat_template=chat_template, max_logprobs=cfg.model.max_logprobs,
                          trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser,
                          default_sampling=dict(cfg.model.default_sampling),
-                         reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None)
+                         reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None,
+                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
     if state.reasoning_parser is not None:
         state.reasoning_tokens = state.reasoning_parser.token_ids(engine.tokenizer)
     state.metrics.attach_engine(engine)

@@ -26,6 +26,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
                    help="Return a reasoning model's thinking (<think>...</think>) apart from its answer: "
                         "message.reasoning (and reasoning_content) in chat replies and stream deltas.")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="Add usage.prompt_tokens_details.cached_tokens (OpenAI's field: prompt tokens whose KV came "
+                        "from the prefix cache) to every reply's usage.")
     g.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
                    help="Largest request body in bytes; larger bodies get 413.")
     g.add_argument("--uvicorn-log-level", default="warning")

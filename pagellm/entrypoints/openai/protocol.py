@@ -292,10 +292,21 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None  # OpenAI's; with --enable-prompt-tokens-details
+
+    def add_prompt(self, num_tokens: int, num_cached: int, details: bool) -> None:
+        self.prompt_tokens += num_tokens
+        if details:
+            self.prompt_tokens_details = self.prompt_tokens_details or PromptTokensDetails()
+            self.prompt_tokens_details.cached_tokens += num_cached
 
 
 class CompletionLogprobs(BaseModel):

@@ -165,7 +165,7 @@ async def create_chat_completion(state: ServingState,
     usage = UsageInfo()
     prompt_lps = None
     async for _, out in run_all(state, inputs, rid):
-        usage.prompt_tokens = len(out.prompt_token_ids)
+        usage.add_prompt(len(out.prompt_token_ids), out.num_cached_tokens, state.enable_prompt_tokens_details)
         if req.prompt_logprobs is not None:
             prompt_lps = prompt_logprobs_json(out.prompt_logprobs)
         for c in out.outputs:
@@ -202,7 +202,9 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
     tools = {i: tool_stream(state, req, mode) for i in range(req.n)} if mode else {}
     thinking = {i: reasoning_stream(state, inputs[0].params, prompt_text) for i in range(req.n)}
     usage = UsageInfo(prompt_tokens=len(inputs[0].prompt_token_ids))
+    cached = 0  # prompt tokens from the prefix cache (every output of the request reports them)
     async for _, out in run_all(state, inputs, rid):
+        cached = out.num_cached_tokens
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
             lp = None
@@ -233,6 +235,7 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
                         reason = "tool_calls"
                 yield chunk(c.index, DeltaMessage(), finish_reason=reason, stop_reason=c.stop_reason)
     if req.stream_options is not None and req.stream_options.include_usage:
+        usage.add_prompt(0, cached, state.enable_prompt_tokens_details)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
                    "choices": [], "usage": usage.model_dump()})

@@ -77,6 +77,7 @@ class ServingState:
     default_sampling: dict[str, Any] = field(default_factory=dict)  # from the generation config (--generation-config)
     reasoning_parser: Any = None  # splits a chat reply's thinking from its answer (--reasoning-parser)
     reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in replies
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property

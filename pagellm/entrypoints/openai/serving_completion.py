@@ -92,7 +92,7 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     choices: list[CompletionChoice] = []
     usage = UsageInfo()
     async for i, out in run_all(state, inputs, rid):
-        usage.prompt_tokens += len(out.prompt_token_ids)
+        usage.add_prompt(len(out.prompt_token_ids), out.num_cached_tokens, state.enable_prompt_tokens_details)
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
             choices.append(_choice(state, req, i, out, c))
@@ -128,7 +128,7 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
     text_pos: dict[int, int] = {}
     async for i, out in run_all(state, inputs, rid):
         if out.finished:
-            usage.prompt_tokens += len(out.prompt_token_ids)
+            usage.add_prompt(len(out.prompt_token_ids), out.num_cached_tokens, state.enable_prompt_tokens_details)
         for c in out.outputs:
             index = i * req.n + c.index
             usage.completion_tokens += len(c.token_ids)
