@@ -366,3 +366,26 @@ def test_usage_reports_prompt_tokens_from_the_prefix_cache(client):
     chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, stream=True,
                                           stream_options={"include_usage": True})
     assert list(chat)[-1].usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_cache_salt_separates_prefix_caches(client):
+    """vLLM's cache_salt: a request reuses cached prompt blocks only of requests that gave the same salt."""
+    prompt = "MENENIUS. I tell you, friends, most charitable care have the patricians of you. " * 2
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+
+    def cached(**extra):
+        return client.completions.create(**kw, **extra).usage.prompt_tokens_details.cached_tokens
+
+    assert cached(extra_body={"cache_salt": "tenant-a"}) == 0
+    assert cached(extra_body={"cache_salt": "tenant-b"}) == 0  # another tenant: nothing shared
+    assert cached() == 0  # no salt: not shared with salted requests either
+    assert cached(extra_body={"cache_salt": "tenant-a"}) >= 16
+    msgs = [{"role": "user", "content": prompt}]
+    chat = dict(model=MODEL, messages=msgs, max_tokens=2)
+    client.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-a"})
+    other = client.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-c"})
+    same = client.chat.completions.create(**chat, extra_body={"cache_salt": "tenant-a"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0 and same.usage.prompt_tokens_details.cached_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(**kw, extra_body={"cache_salt": ""})
+    assert e.value.body["param"] == "cache_salt"

@@ -31,7 +31,7 @@ from pagellm.entrypoints.openai.serving_common import (
     sse,
     validate_inputs,
 )
-from pagellm.entrypoints.openai.serving_completion import prompt_logprobs_json
+from pagellm.entrypoints.openai.serving_completion import prompt_logprobs_json, salted
 from pagellm.entrypoints.openai.tool_calls import (
     ToolStream,
     check_tool_request,
@@ -156,7 +156,8 @@ async def create_chat_completion(state: ServingState,
                 params.structured_outputs, think_tokens=state.reasoning_tokens,
                 thinking=state.reasoning_parser.begins_in_reasoning(prompt_text))
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    inputs = await validate_inputs(state, [{"prompt_token_ids": ids}], params, "messages", max_param)
+    inputs = await validate_inputs(state, salted([{"prompt_token_ids": ids}], req.cache_salt), params, "messages",
+                                   max_param)
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)
     if req.stream:

@@ -45,6 +45,17 @@ def normalize_prompts(prompt: Any) -> list[Any]:
                    "of token ids.", param="prompt")
 
 
+def salted(prompts: list[Any], cache_salt: str | None) -> list[Any]:
+    """The engine prompts with the request's cache_salt (its prefix-cache entries are shared only with requests
+    giving the same salt)."""
+    if cache_salt is None:
+        return prompts
+    if not isinstance(cache_salt, str) or not cache_salt:
+        raise APIError(400, "cache_salt must be a non-empty string.", param="cache_salt")
+    return [{"prompt": p, "cache_salt": cache_salt} if isinstance(p, str) else {**p, "cache_salt": cache_salt}
+            for p in prompts]
+
+
 def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[int], k: int,
                     text_start: int, tokenizer) -> CompletionLogprobs:
     """The completions API's logprobs: per token its text, offset in the choice text, logprob, and the
@@ -80,7 +91,7 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     check_request(state, req, "/v1/completions")
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server.", param="suffix", code="unsupported_parameter")
-    prompts = normalize_prompts(req.prompt)
+    prompts = salted(normalize_prompts(req.prompt), req.cache_salt)
     params = req.sampling_params(req.max_tokens, req.logprobs, state.default_sampling)
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
