@@ -389,3 +389,20 @@ def test_cache_salt_separates_prefix_caches(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kw, extra_body={"cache_salt": ""})
     assert e.value.body["param"] == "cache_salt"
+
+
+def test_chat_echo_prepends_the_continued_assistant_message(client):
+    """vLLM's chat `echo`: with the conversation ending in an assistant message, the reply starts with it."""
+    msgs = [{"role": "user", "content": "Speak."}, {"role": "assistant", "content": "Good my lord,"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+              extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    kw["extra_body"]["echo"] = True
+    echo = client.chat.completions.create(**kw).choices[0].message.content
+    assert echo == "Good my lord," + plain
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == echo
+    user_last = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=4, temperature=0,
+                                               extra_body={"echo": True}).choices[0].message.content
+    assert not user_last.startswith("Speak.")  # the last message is the user's: nothing to echo

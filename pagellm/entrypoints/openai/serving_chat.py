@@ -94,6 +94,12 @@ def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> T
     return ToolStream(mode, name, state.tool_parser)
 
 
+def echoed(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's text when it is the assistant's (the reply continues it), else ""."""
+    last = req.messages[-1]
+    return last.text() if req.echo and last.role == "assistant" else ""
+
+
 def reasoning_stream(state: ServingState, params, prompt_text: str | None) -> ReasoningStream | None:
     """The choice's reasoning splitter (--reasoning-parser): for output no grammar constrains, or one whose grammar
     waits for the end of the thinking."""
@@ -174,6 +180,8 @@ async def create_chat_completion(state: ServingState,
             lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0) if req.logprobs else None
             message, reason = choice_message(state, req, mode, c.text, c.finish_reason,
                                              reasoning_stream(state, inputs[0].params, prompt_text))
+            if echoed(req):
+                message.content = echoed(req) + (message.content or "")
             choices.append(ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason,
                                       stop_reason=c.stop_reason,
                                       token_ids=list(c.token_ids) if req.return_token_ids else None))
@@ -198,8 +206,10 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
         return sse(body)
 
     prompt_ids = list(inputs[0].prompt_token_ids) if req.return_token_ids else None
-    for i in range(req.n):  # the role comes first, once per choice
+    for i in range(req.n):  # the role comes first, once per choice (then the echoed text, if any)
         yield chunk(i, DeltaMessage(role="assistant", content=""), prompt_ids)
+        if echoed(req):
+            yield chunk(i, DeltaMessage(content=echoed(req)))
     tools = {i: tool_stream(state, req, mode) for i in range(req.n)} if mode else {}
     thinking = {i: reasoning_stream(state, inputs[0].params, prompt_text) for i in range(req.n)}
     usage = UsageInfo(prompt_tokens=len(inputs[0].prompt_token_ids))
