@@ -76,6 +76,7 @@ class SchedulerConfig:
     max_waiting_requests: int | None = None  # the server answers 429 beyond this queue length
     async_scheduling: bool = False  # schedule step N+1 while step N runs (one device)
     num_scheduler_steps: int = 1  # decode steps the device runs per scheduling round (multi-step decode)
+    policy: str = "fcfs"  # fcfs | priority (Request.priority, lower first; may preempt lower priorities)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()  # tokens that end a sequence unless ignore_eos
     base_seed: int = 0  # sampling seed: params.seed, or drawn from the engine RNG at arrival
     cache_salt: str | None = None  # mixed into prefix-cache hashes (isolates tenants)
+    priority: int = 0  # scheduling_policy "priority": lower values are served first
     seqs: list[Sequence] = field(default_factory=list)  # live and finished sequences, by index
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times this request was preempted (recomputed)

@@ -5,13 +5,14 @@
     update_from_output(SchedulerOutput, ModelRunnerOutput) -> [RequestUpdate] (to the output processor)
     finish_by_stop_string / abort_requests     (from the engine)
 
-Requests are served first come, first served. Every step, running requests
-are scheduled first (in arrival order), then waiting ones are admitted while
-the token budget, the sequence limit and the free blocks allow. When the pool
-runs dry for a running request, the request that arrived last is preempted:
-its blocks are freed, it goes back to the front of the queue, and it is
-recomputed later from its tokens (prompt + output so far), which gives the
-same results. What differs between kinds of requests (n / best_of forks, beam
+Requests are served first come, first served (policy "fcfs"), or by priority, then arrival (policy
+"priority": a lower value first, vLLM's convention). Every step, running requests are scheduled first (in
+that order), then waiting ones are admitted in that order while the token budget, the sequence limit and
+the free blocks allow. When the pool runs dry for a running request, the last one in that order is
+preempted: its blocks are freed, it goes back to the queue (the front under fcfs), and it is recomputed
+later from its tokens (prompt + output so far), which gives the same results. Under "priority" a waiting
+request that does not fit also preempts running requests of a strictly lower priority (a larger value),
+last first. What differs between kinds of requests (n / best_of forks, beam
 search) lives in core/policies.py, not here.
 
 A sequence's num_computed_tokens advances when a step is scheduled, so the next
@@ -124,8 +125,11 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.block_size = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching, sliding_window)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # sorted by arrival time
+        self.by_priority = config.policy == "priority"
+        # the order of service: arrival time, or (priority, arrival time)
+        self._rank = (lambda r: (r.priority, r.arrival_time)) if self.by_priority else (lambda r: r.arrival_time)
+        self.waiting: deque[Request] = deque()  # in the order of service under "priority"
+        self.running: list[Request] = []  # in the order of service
         self.requests: dict[str, Request] = {}
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self._forget: set[int] = set()  # sequence ids the worker must drop at the next step
@@ -148,6 +152,9 @@ class Scheduler:
         if req.policy is None:
             req.policy = make_policy(req)
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
+        if req.priority != 0 and not self.by_priority:
+            raise ValueError(f"priority {req.priority} needs scheduling_policy='priority' (this engine serves "
+                             "first come, first served).")
         spec = req.sampling_params.structured_outputs
         if spec is not None and self.grammar is None:
             raise ValueError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).")
@@ -162,7 +169,17 @@ class Scheduler:
             self._host_token_reqs.add(req.request_id)
         if spec is not None:
             self._constrained_reqs.add(req.request_id)
-        self.waiting.append(req)
+        self._queue(req)
+
+    def _queue(self, req: Request, front: bool = False) -> None:
+        """Into the waiting queue: in the order of service under "priority"; else at the back (or the front:
+        a preempted request)."""
+        if self.by_priority:
+            bisect.insort(self.waiting, req, key=self._rank)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         """Finish requests now, freeing every block. Unknown ids are ignored."""
@@ -307,10 +324,16 @@ class Scheduler:
         while self.waiting and plan.budget > 0:
             req = self.waiting[0]
             if num_seqs + req.policy.max_seqs > self.config.max_num_seqs:
+                if self._preempt_for(req, plan):
+                    num_seqs = self.num_running_seqs
+                    continue
                 break
             before = len(plan.entries)
             fits = self._schedule_request(req, plan)
             if not fits and len(plan.entries) == before:
+                if self._preempt_for(req, plan):
+                    num_seqs = self.num_running_seqs
+                    continue
                 break  # not even its first sequence fits: wait for blocks to free up
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -318,10 +341,20 @@ class Scheduler:
                 req.first_scheduled_time = time.monotonic()
             for seq in req.live_seqs():
                 seq.status = RequestStatus.RUNNING
-            bisect.insort(self.running, req, key=lambda r: r.arrival_time)
+            bisect.insort(self.running, req, key=self._rank)
             num_seqs += req.policy.max_seqs
             if not fits:
                 break
+
+    def _preempt_for(self, req: Request, plan: _StepPlan) -> bool:
+        """Under "priority": preempt the last running request if its priority is strictly lower than req's (a
+        larger value), to make room for req. False when there is none."""
+        if not self.by_priority or not self.running or self.running[-1].priority <= req.priority:
+            return False
+        victim = self.running.pop()
+        plan.drop_request(victim)
+        self._preempt(victim)
+        return True
 
     def _schedule_request(self, req: Request, plan: _StepPlan) -> bool:
         """Schedule the request's live sequences. False when the pool ran dry."""
@@ -376,7 +409,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._queue(req, front=True)
 
     def _build_output(self, plan: _StepPlan) -> SchedulerOutput:
         new_seqs: list[NewSeqData] = []

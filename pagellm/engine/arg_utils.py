@@ -70,6 +70,10 @@ class EngineArgs:
            "and the host schedules, applies stop conditions and builds outputs once for all of them. While a "
            "request with beam search, structured outputs or multi-token bad words runs, steps run one at a time. "
            "A sequence that stops early discards the tokens computed past its stop.")
+    scheduling_policy: str = _f(
+        "fcfs", "Order of service: fcfs (first come, first served) or priority (each request's priority, lower "
+                "first, then arrival; a waiting request may preempt running ones of a lower priority).",
+        choices=("fcfs", "priority"))
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -140,6 +144,8 @@ class EngineArgs:
             raise ValueError("num_scheduler_steps > 1 needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens between steps), got tensor_parallel_size={self.tensor_parallel_size}.")
         _positive("data_parallel_size", self.data_parallel_size)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}.")
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             raise ValueError("distributed_executor_backend must be mp or ray, got "
                              f"{self.distributed_executor_backend!r}.")
@@ -158,7 +164,7 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
-                                      async_scheduling, self.num_scheduler_steps),
+                                      async_scheduling, self.num_scheduler_steps, self.scheduling_policy),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),

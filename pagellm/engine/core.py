@@ -108,7 +108,7 @@ class EngineCore:
         req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
                       eos_token_ids=self.config.model.eos_token_ids,
                       base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
-                      cache_salt=inp.cache_salt, policy=policy)
+                      cache_salt=inp.cache_salt, priority=inp.priority, policy=policy)
         self.scheduler.add_request(req)
 
     def abort_requests(self, request_ids: list[str]) -> None:

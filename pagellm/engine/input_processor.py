@@ -24,6 +24,7 @@ class ProcessedInput:
     prompt_token_ids: list[int]
     params: SamplingParams  # a private copy with max_tokens resolved and bad words tokenized
     cache_salt: str | None = None
+    priority: int = 0  # scheduling_policy "priority": lower first
 
 
 class InputProcessor:

@@ -63,13 +63,20 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order. `priority`: one per prompt, lower first
+        (needs scheduling_policy="priority")."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_per_prompt(len(prompts), sampling_params)
-        return self._run(prompts, params, use_tqdm)
+        if priority is not None:
+            priority = list(priority)
+            if len(priority) != len(prompts):
+                raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts; give one per prompt.")
+            if any(not isinstance(p, int) or isinstance(p, bool) for p in priority):
+                raise ValueError(f"priority must hold integers, got {priority[:5]}.")
+        return self._run(prompts, params, use_tqdm, priority=priority)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = True) -> list[BeamSearchOutput]:
@@ -133,7 +140,7 @@ class LLM:
         return params
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             policy_factory=None) -> list[RequestOutput]:
+             policy_factory=None, priority: list[int] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         policies = [policy_factory() if policy_factory else None for _ in prompts]
         inputs = []
@@ -145,6 +152,12 @@ class LLM:
                 if len(prompts) > 1:
                     raise ValueError(f"prompt {i}: {e}") from e
                 raise
+        if priority is not None:
+            if any(priority) and engine.config.scheduler.policy != "priority":
+                raise ValueError("priority needs scheduling_policy='priority' (this engine serves first come, "
+                                 "first served).")
+            for inp, p in zip(inputs, priority):
+                inp.priority = p
         ids = []
         for inp, policy in zip(inputs, policies):
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY

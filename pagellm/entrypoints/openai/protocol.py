@@ -135,6 +135,7 @@ class SamplingFields(OpenAIBaseModel):
     # vLLM's: the prompt's and each choice's token ids in the reply (streams: the prompt's in a choice's first
     # chunk, each chunk's own new ids)
     return_token_ids: bool | None = None
+    priority: int = 0  # vLLM's: with --scheduling-policy priority, lower values are served first
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None

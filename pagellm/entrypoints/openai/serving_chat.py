@@ -163,7 +163,7 @@ async def create_chat_completion(state: ServingState,
                 thinking=state.reasoning_parser.begins_in_reasoning(prompt_text))
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     inputs = await validate_inputs(state, salted([{"prompt_token_ids": ids}], req.cache_salt), params, "messages",
-                                   max_param)
+                                   max_param, priority=req.priority)
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)
     if req.stream:

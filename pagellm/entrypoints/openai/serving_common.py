@@ -93,6 +93,10 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
     ignored = req.ignored_fields()
     if ignored:
         logger.warning("%s: ignoring unknown fields %s", route, ignored)
+    priority = getattr(req, "priority", 0)
+    if priority and state.engine.config.scheduler.policy != "priority":
+        raise APIError(400, f"priority {priority} needs a server started with --scheduling-policy priority.",
+                       param="priority", code="invalid_value")
     n = getattr(req, "n", 1)
     best_of = getattr(req, "best_of", None) or n
     for name, v in (("n", n), ("best_of", best_of)):
@@ -117,7 +121,7 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
 
 
 async def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams, prompt_param: str,
-                          max_tokens_param: str = "max_tokens") -> list[ProcessedInput]:
+                          max_tokens_param: str = "max_tokens", priority: int = 0) -> list[ProcessedInput]:
     """Queue room first (429 before anything streams), then tokenize and validate off the event loop."""
     state.engine.check_capacity(len(prompts))
     # A request without max_tokens gets the prompt's room, capped by the generation config's max_tokens.
@@ -125,6 +129,8 @@ async def validate_inputs(state: ServingState, prompts: list[Any], params: Sampl
 
     def process() -> list[ProcessedInput]:
         inputs = [state.engine.process_input(p, params) for p in prompts]
+        for inp in inputs:
+            inp.priority = priority
         if cap is not None:
             for inp in inputs:
                 inp.params.max_tokens = min(inp.params.max_tokens, max(cap, inp.params.min_tokens))

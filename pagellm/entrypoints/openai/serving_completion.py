@@ -96,7 +96,7 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-    inputs = await validate_inputs(state, prompts, params, "prompt")
+    inputs = await validate_inputs(state, prompts, params, "prompt", priority=req.priority)
     rid = random_id("cmpl")
     if req.stream:
         return guarded_stream(_stream(state, req, inputs, rid))
