@@ -112,20 +112,23 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, with the tokenizer's chat template
-        (`chat_template_kwargs`: more template variables, e.g. {"enable_thinking": False})."""
+        (`chat_template_kwargs`: more template variables, e.g. {"enable_thinking": False}; `tools`: OpenAI-style
+        tool definitions for the template)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt,
-                                                                 continue_final_message, chat_template_kwargs)}
+                                                                 continue_final_message, chat_template_kwargs, tools)}
                    for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation: ChatMessages, chat_template: str | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,
-                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                            chat_template_kwargs: dict[str, Any] | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         return apply_chat_template(self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
-                                   continue_final_message, template_kwargs=chat_template_kwargs)
+                                   continue_final_message, tools, chat_template_kwargs)
 
     # ---- internals ------------------------------------------------------------------
 

@@ -406,3 +406,24 @@ def test_chat_echo_prepends_the_continued_assistant_message(client):
     user_last = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=4, temperature=0,
                                                extra_body={"echo": True}).choices[0].message.content
     assert not user_last.startswith("Speak.")  # the last message is the user's: nothing to echo
+
+
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=6, temperature=0, n=2,
+                                            stream=True, stream_options=opts))
+    body = [c for c in chunks if c.choices]
+    assert all(c.usage is not None for c in body)
+    for index in (0, 1):
+        counts = [c.usage.completion_tokens for c in body if c.choices[0].index == index]
+        assert counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1].usage.completion_tokens == 12  # the final usage chunk: every choice
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}],
+                                               max_tokens=5, temperature=0, stream=True, stream_options=opts))
+    counts = [c.usage.completion_tokens for c in chat if c.choices]
+    assert counts[0] == 0 and counts[-1] == 5 and counts == sorted(counts)
+    assert all(c.usage.prompt_tokens == chat[-1].usage.prompt_tokens for c in chat)
+    plain = list(client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain if c.choices)

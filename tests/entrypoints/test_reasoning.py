@@ -251,3 +251,16 @@ def test_think_tokens_are_checked(llama_path):
     bad = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"], think_tokens=(1, 10**6)))
     with pytest.raises(ValueError, match="structured_outputs must hold token ids in"):
         llm.generate("hi", bad, use_tqdm=False)
+
+
+def test_offline_chat_passes_tools_to_the_template():
+    from pagellm import LLM
+
+    template = ("{% for t in tools or [] %}[tool {{ t['function']['name'] }}]{% endfor %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    llm = LLM(DEMO_MODEL, num_gpu_blocks_override=64)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    ids = llm.apply_chat_template(MESSAGES, template, tools=tools)
+    assert llm.get_tokenizer().decode(ids).startswith("[tool get_weather]")
+    out = llm.chat(MESSAGES, use_tqdm=False, chat_template=template, tools=tools)
+    assert out[0].prompt_token_ids == ids

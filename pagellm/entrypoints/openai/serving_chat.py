@@ -195,6 +195,9 @@ async def create_chat_completion(state: ServingState,
 async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: str,
                   mode: str | None, prompt_text: str | None) -> AsyncIterator[str]:
     created = int(time.time())
+    num_prompt = len(inputs[0].prompt_token_ids)
+    continuous = req.stream_options is not None and req.stream_options.continuous()
+    generated = [0] * req.n  # tokens so far, per choice
 
     def chunk(index: int, delta: DeltaMessage, prompt_ids: list[int] | None = None, **kw) -> str:
         choice = {"index": index, "delta": delta.model_dump(exclude_none=True), "logprobs": None,
@@ -203,6 +206,9 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
                 "choices": [choice]}
         if prompt_ids is not None:
             body["prompt_token_ids"] = prompt_ids
+        if continuous:
+            body["usage"] = UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated[index],
+                                      total_tokens=num_prompt + generated[index]).model_dump(exclude_none=True)
         return sse(body)
 
     prompt_ids = list(inputs[0].prompt_token_ids) if req.return_token_ids else None
@@ -218,6 +224,7 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
         cached = out.num_cached_tokens
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
+            generated[c.index] += len(c.token_ids)
             lp = None
             if req.logprobs:
                 lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0).model_dump()

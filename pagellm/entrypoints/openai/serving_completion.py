@@ -137,6 +137,8 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
     echoed: set[int] = set()
     started: set[int] = set()  # choices that have sent their first chunk
     text_pos: dict[int, int] = {}
+    continuous = req.stream_options is not None and req.stream_options.continuous()
+    generated: dict[int, int] = {}  # tokens so far, per choice
     async for i, out in run_all(state, inputs, rid):
         if out.finished:
             usage.add_prompt(len(out.prompt_token_ids), out.num_cached_tokens, state.enable_prompt_tokens_details)
@@ -161,8 +163,14 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
             started.add(index)
             choice = CompletionChoice(index=index, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason,
                                       stop_reason=c.stop_reason, **ids)
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                       "choices": [choice.model_dump()]})
+            body = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [choice.model_dump()]}
+            if continuous:
+                generated[index] = generated.get(index, 0) + len(c.token_ids)
+                n_prompt = len(out.prompt_token_ids)
+                body["usage"] = UsageInfo(prompt_tokens=n_prompt, completion_tokens=generated[index],
+                                          total_tokens=n_prompt + generated[index]).model_dump(exclude_none=True)
+            yield sse(body)
     if req.stream_options is not None and req.stream_options.include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
