@@ -280,3 +280,31 @@ def test_auth_comes_before_body_validation():
         assert httpx.get(s.url + "/health").status_code == 200  # probes stay open
     finally:
         s.stop()
+
+
+def test_cors_preflight_needs_no_key_and_origins_are_checked():
+    """CORS, as vLLM's server: preflights are answered before the API key is asked for; only the allowed
+    origins get the Access-Control-Allow-Origin header; error replies carry it too, so a browser can read them."""
+    s = RemoteServer(["--num-gpu-blocks-override", "64", "--api-key", "k", "--allowed-origins",
+                      '["https://app.example"]'])
+    try:
+        url = s.url + "/v1/completions"
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        ok = httpx.options(url, headers={"Origin": "https://app.example", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        bad = httpx.options(url, headers={"Origin": "https://evil.example", **pre})
+        assert "access-control-allow-origin" not in bad.headers
+        body = {"prompt": "ROMEO.", "max_tokens": 2}
+        r = httpx.post(url, json=body, headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.post(url, json=body, headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://app.example"
+    finally:
+        s.stop()
+    s = RemoteServer(["--num-gpu-blocks-override", "64", "--allowed-origins", "[]"])
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                       headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    finally:
+        s.stop()

@@ -28,6 +28,7 @@ import logging
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -119,7 +120,9 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def build_app(state: ServingState, api_key: str | None = None,
-              max_body_size: int = DEFAULT_MAX_BODY_SIZE, dashboard_public: bool = False) -> FastAPI:
+              max_body_size: int = DEFAULT_MAX_BODY_SIZE, dashboard_public: bool = False,
+              cors: dict | None = None) -> FastAPI:
+    """`cors`: CORSMiddleware's options (allow_origins, ...); None or no origins: no CORS headers."""
     app = FastAPI(title="pagellm", version=__version__,
                   description="OpenAI-compatible API over a paged-KV-cache engine.")
     app.state.serving = state
@@ -215,6 +218,8 @@ def build_app(state: ServingState, api_key: str | None = None,
     # Outermost first: the API key is checked before the body is read, then the body's size.
     app.add_middleware(BodySizeLimit, max_bytes=max_body_size)
     app.add_middleware(RequireApiKey, api_key=api_key, dashboard_public=dashboard_public)
+    if cors and cors.get("allow_origins"):  # outermost: preflights are answered before the key is asked for
+        app.add_middleware(CORSMiddleware, **cors)
     return app
 
 
@@ -288,7 +293,9 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
 
 def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> None:
     state = make_state(ns, engine_args)
-    app = build_app(state, ns.api_key, ns.max_request_body_size, ns.dashboard_public)
+    cors = dict(allow_origins=ns.allowed_origins, allow_methods=ns.allowed_methods, allow_headers=ns.allowed_headers,
+                allow_credentials=ns.allow_credentials)
+    app = build_app(state, ns.api_key, ns.max_request_body_size, ns.dashboard_public, cors)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                             timeout_graceful_shutdown=10)
     server = GracefulServer(config, state.engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE
 from pagellm.entrypoints.openai.reasoning import PARSERS
@@ -29,6 +30,22 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="Add usage.prompt_tokens_details.cached_tokens (OpenAI's field: prompt tokens whose KV came "
                         "from the prefix cache) to every reply's usage.")
+    g.add_argument("--allowed-origins", type=_json_list, default=["*"],
+                   help='CORS: origins a browser may call from, a JSON list (default ["*"], as vLLM; [] turns '
+                        "CORS off).")
+    g.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS: allowed methods (JSON list).")
+    g.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS: allowed headers (JSON list).")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies).")
     g.add_argument("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
                    help="Largest request body in bytes; larger bodies get 413.")
     g.add_argument("--uvicorn-log-level", default="warning")
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return value
