@@ -242,12 +242,14 @@ class AsyncLLMEngine:
 
     # ---- caller side ----------------------------------------------------------------
 
-    def process_input(self, prompt: PromptType, params: SamplingParams) -> ProcessedInput:
-        """Tokenize and validate now (ValueError), so a server can answer 400 before streaming anything."""
-        inp = self.input_processor.process(prompt, params)
+    def process_input(self, prompt: PromptType, params: SamplingParams, max_seqs: int | None = None,
+                      logprobs_cap: bool = True) -> ProcessedInput:
+        """Tokenize and validate now (ValueError), so a server can answer 400 before streaming anything.
+        `max_seqs`: sequences it runs at once (default best_of); `logprobs_cap=False` for beam candidates."""
+        inp = self.input_processor.process(prompt, params, logprobs_cap)
         check_request_fits(self.config.scheduler, self.config.cache.block_size, self.num_blocks,
                            self.config.model.sliding_window, len(inp.prompt_token_ids), inp.params.max_tokens or 0,
-                           inp.params.best_of)
+                           max_seqs if max_seqs is not None else inp.params.best_of)
         return inp
 
     def check_capacity(self, num_requests: int) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagellm.config import EngineConfig
+from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.core.request import Request
 from pagellm.core.sched_output import ModelRunnerOutput, RequestUpdate, SchedulerOutput
 from pagellm.core.scheduler import Scheduler, SchedulerStats
@@ -104,6 +105,8 @@ class EngineCore:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         p = inp.params
+        if policy is None and inp.beam is not None:
+            policy = BeamSearchPolicy(**inp.beam)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
                       eos_token_ids=self.config.model.eos_token_ids,

@@ -25,6 +25,7 @@ class ProcessedInput:
     params: SamplingParams  # a private copy with max_tokens resolved and bad words tokenized
     cache_salt: str | None = None
     priority: int = 0  # scheduling_policy "priority": lower first
+    beam: dict | None = None  # beam search (the API's use_beam_search): BeamSearchPolicy's arguments
 
 
 class InputProcessor:

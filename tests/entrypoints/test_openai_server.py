@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import signal
 import threading
 
@@ -427,3 +428,33 @@ def test_continuous_usage_stats(client):
     plain = list(client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=3, stream=True,
                                            stream_options={"include_usage": True}))
     assert all(c.usage is None for c in plain if c.choices)
+
+
+def test_beam_search_over_the_api_equals_hf(server, client):
+    """vLLM's use_beam_search: n beams, best first, as Hugging Face's num_beams (the demo model, its EOS tokens)."""
+    from tests.conftest import DEMO_MODEL
+    from tests.engine.test_memory_sharing import hf_beams
+
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "ROMEO."}).json()["tokens"]
+    with open(os.path.join(DEMO_MODEL, "generation_config.json")) as f:
+        eos = set(json.load(f)["eos_token_id"])  # the demo model's end-of-sequence tokens
+    ref = hf_beams(DEMO_MODEL, ids, 3, 12, 0.5, False, eos)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, n=3,
+                                  extra_body={"use_beam_search": True, "length_penalty": 0.5, "return_token_ids": True})
+    assert [c.model_extra["token_ids"] for c in sorted(r.choices, key=lambda c: c.index)] == ref
+    stream = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, n=3, stream=True,
+                                       extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    texts = {}
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(3)] == [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}],
+                                          max_tokens=6, n=2, extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content
+    for bad in ({"temperature": 0.7}, {"logprobs": 2}, {"stop": ["\n"]}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=4, n=2,
+                                      extra_body={"use_beam_search": True}, **bad)
+        assert e.value.body["param"] == next(iter(bad))
+    assert server.wait_pool_free()

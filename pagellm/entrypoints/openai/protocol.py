@@ -140,6 +140,8 @@ class SamplingFields(OpenAIBaseModel):
     # chunk, each chunk's own new ids)
     return_token_ids: bool | None = None
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower values are served first
+    use_beam_search: bool = False  # vLLM's: n beams (deterministic), scored by sum logprob / len ** length_penalty
+    length_penalty: float = 1.0
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None

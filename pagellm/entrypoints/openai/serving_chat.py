@@ -25,6 +25,7 @@ from pagellm.entrypoints.openai.reasoning import ReasoningStream
 from pagellm.entrypoints.openai.serving_common import (
     APIError,
     ServingState,
+    beam_search,
     check_request,
     guarded_stream,
     run_all,
@@ -162,8 +163,9 @@ async def create_chat_completion(state: ServingState,
                 params.structured_outputs, think_tokens=state.reasoning_tokens,
                 thinking=state.reasoning_parser.begins_in_reasoning(prompt_text))
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    params, beam = beam_search(state, req, params, req.logprobs)
     inputs = await validate_inputs(state, salted([{"prompt_token_ids": ids}], req.cache_salt), params, "messages",
-                                   max_param, priority=req.priority)
+                                   max_param, priority=req.priority, beam=beam)
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)
     if req.stream:

@@ -120,17 +120,52 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
                            param=name, code="invalid_value")
 
 
+def beam_search(state: ServingState, req: Any, params: SamplingParams,
+                wants_logprobs: bool) -> tuple[SamplingParams, dict | None]:
+    """vLLM's use_beam_search: the params each beam samples with and BeamSearchPolicy's arguments (n beams, the
+    n best returned); (params, None) without it. 400 for what beam search cannot honour."""
+    if not req.use_beam_search:
+        return params, None
+    from pagellm.core.beam_search import BeamSearchPolicy
+    from pagellm.sampling_params import BeamSearchParams
+
+    refused = {"temperature": req.temperature not in (None, 0), "best_of": req.best_of not in (None, req.n),
+               "stop": bool(params.stop), "stop_token_ids": bool(params.stop_token_ids), "logprobs": wants_logprobs,
+               "prompt_logprobs": params.prompt_logprobs is not None}
+    for name, bad in refused.items():
+        if bad:
+            raise APIError(400, f"{name} is not supported with use_beam_search.", param=name)
+    num_eos = 0 if params.ignore_eos else len(state.engine.config.model.eos_token_ids)
+    policy = dict(beam_width=req.n, length_penalty=req.length_penalty, num_eos=num_eos)
+    try:
+        beams = BeamSearchParams(
+            beam_width=req.n, max_tokens=params.max_tokens or 1, ignore_eos=params.ignore_eos,
+            length_penalty=req.length_penalty, include_stop_str_in_output=params.include_stop_str_in_output,
+            min_tokens=params.min_tokens, logit_bias=params.logit_bias, bad_words=params.bad_words,
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, structured_outputs=params.structured_outputs)
+    except ParamError as e:
+        raise APIError(400, str(e), param=e.param) from e
+    sp = beams.sampling_params(BeamSearchPolicy(**policy).num_candidates)
+    sp.max_tokens, sp.output_kind = params.max_tokens, params.output_kind  # None: the prompt's room, as usual
+    return sp, policy
+
+
 async def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams, prompt_param: str,
-                          max_tokens_param: str = "max_tokens", priority: int = 0) -> list[ProcessedInput]:
+                          max_tokens_param: str = "max_tokens", priority: int = 0,
+                          beam: dict | None = None) -> list[ProcessedInput]:
     """Queue room first (429 before anything streams), then tokenize and validate off the event loop."""
     state.engine.check_capacity(len(prompts))
     # A request without max_tokens gets the prompt's room, capped by the generation config's max_tokens.
     cap = state.default_sampling.get("max_tokens") if params.max_tokens is None else None
 
     def process() -> list[ProcessedInput]:
-        inputs = [state.engine.process_input(p, params) for p in prompts]
+        if beam is None:
+            inputs = [state.engine.process_input(p, params) for p in prompts]
+        else:  # the beams run at once; their candidates are internal logprobs, not capped by --max-logprobs
+            inputs = [state.engine.process_input(p, params, beam["beam_width"], logprobs_cap=False) for p in prompts]
         for inp in inputs:
-            inp.priority = priority
+            inp.priority, inp.beam = priority, beam
         if cap is not None:
             for inp in inputs:
                 inp.params.max_tokens = min(inp.params.max_tokens, max(cap, inp.params.min_tokens))

@@ -19,6 +19,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.serving_common import (
     APIError,
     ServingState,
+    beam_search,
     check_request,
     guarded_stream,
     run_all,
@@ -96,7 +97,8 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
-    inputs = await validate_inputs(state, prompts, params, "prompt", priority=req.priority)
+    params, beam = beam_search(state, req, params, req.logprobs is not None)
+    inputs = await validate_inputs(state, prompts, params, "prompt", priority=req.priority, beam=beam)
     rid = random_id("cmpl")
     if req.stream:
         return guarded_stream(_stream(state, req, inputs, rid))
