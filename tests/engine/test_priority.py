@@ -42,12 +42,14 @@ def test_generate_takes_priorities(llama_path):
         llm.generate(prompts, params, use_tqdm=False, priority=[0])
 
 
+@pytest.mark.parametrize("overlap", [{}, {"async_scheduling": True, "num_scheduler_steps": 4}],
+                         ids=["plain", "async_multistep"])
 @pytest.mark.parametrize("limit", ["seqs", "blocks"])
-def test_a_higher_priority_request_preempts_a_running_lower_one(llama_path, limit):
+def test_a_higher_priority_request_preempts_a_running_lower_one(llama_path, limit, overlap):
     # seqs: one sequence at a time, so the waiting high-priority request preempts to be admitted; blocks: both
     # run until the pool runs dry (room for one request's 130 tokens, not two), then the lower one is preempted
     kw = dict(max_num_seqs=1) if limit == "seqs" else dict(num_gpu_blocks_override=12, block_size=16)
-    llm = LLM(llama_path, scheduling_policy="priority", **({"num_gpu_blocks_override": 64} | kw))
+    llm = LLM(llama_path, scheduling_policy="priority", **({"num_gpu_blocks_override": 64} | kw | overlap))
     engine = llm.llm_engine
     low = SamplingParams(max_tokens=100, **GREEDY)
     engine.add_request("low", {"prompt_token_ids": list(range(10, 40))}, low)
