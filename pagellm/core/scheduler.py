@@ -57,6 +57,7 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     SeqDelta,
 )
+from pagellm.sampling_params import ParamError
 
 
 def _reads_sampled_tokens(req: Request) -> bool:
@@ -102,6 +103,13 @@ class _StepPlan:
     def drop_request(self, req: Request) -> None:
         for seq in [s for s in self.entries if s.request is req]:
             self.budget += self.entries.pop(seq)[0]
+
+
+def check_priority(policy: str, priority: int) -> None:
+    """ParamError unless a non-zero priority meets the "priority" policy (offline a ValueError, online a 400)."""
+    if priority and policy != "priority":
+        raise ParamError(f"priority {priority} needs scheduling_policy='priority' (--scheduling-policy priority); "
+                         "this engine serves first come, first served.", param="priority")
 
 
 @dataclass
@@ -152,9 +160,7 @@ class Scheduler:
         if req.policy is None:
             req.policy = make_policy(req)
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
-        if req.priority != 0 and not self.by_priority:
-            raise ValueError(f"priority {req.priority} needs scheduling_policy='priority' (this engine serves "
-                             "first come, first served).")
+        check_priority(self.config.policy, req.priority)
         spec = req.sampling_params.structured_outputs
         if spec is not None and self.grammar is None:
             raise ValueError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).")

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagellm.core.beam_search import BeamSearchPolicy
+from pagellm.core.scheduler import check_priority
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
@@ -92,8 +93,7 @@ class LLM:
         num_eos = 0 if params.ignore_eos else len(eos)
         policy_args = dict(beam_width=params.beam_width, length_penalty=params.length_penalty,
                            early_stopping=params.early_stopping, num_eos=num_eos)
-        k = max(2, 1 + num_eos) * params.beam_width
-        sp = params.sampling_params(k)
+        sp = params.sampling_params(BeamSearchPolicy(**policy_args).num_candidates)
         outs = self._run(list(prompts), [sp] * len(prompts), use_tqdm,
                          policy_factory=lambda: BeamSearchPolicy(**policy_args))
         return [self._beams(out) for out in outs]
@@ -155,12 +155,9 @@ class LLM:
                 if len(prompts) > 1:
                     raise ValueError(f"prompt {i}: {e}") from e
                 raise
-        if priority is not None:
-            if any(priority) and engine.config.scheduler.policy != "priority":
-                raise ValueError("priority needs scheduling_policy='priority' (this engine serves first come, "
-                                 "first served).")
-            for inp, p in zip(inputs, priority):
-                inp.priority = p
+        for inp, p in zip(inputs, priority or ()):  # checked before any is queued
+            check_priority(engine.config.scheduler.policy, p)
+            inp.priority = p
         ids = []
         for inp, policy in zip(inputs, policies):
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY

@@ -164,9 +164,10 @@ class StructuredOutputManager:
                 phase = "grammar" if token == tags[1] else phase
                 continue
             if phase == "open":
-                phase = "think" if token == tags[0] else "grammar"
-                if phase == "think":
+                if token == tags[0]:
+                    phase = "think"
                     continue
+                phase = "grammar"
             if not matcher.is_terminated() and not matcher.accept_token(token):
                 logger.warning("sequence %d: token %d is outside its grammar", seq_id, token)
         state[1], state[2] = len(output_token_ids), phase

@@ -309,6 +309,12 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None  # OpenAI's; with --enable-prompt-tokens-details
 
+    @classmethod
+    def so_far(cls, prompt_tokens: int, completion_tokens: int) -> dict:
+        """A chunk's usage (continuous_usage_stats): its choice's tokens so far."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens).model_dump(exclude_none=True)
+
     def add_prompt(self, num_tokens: int, num_cached: int, details: bool) -> None:
         self.prompt_tokens += num_tokens
         if details:

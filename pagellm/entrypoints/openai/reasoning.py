@@ -57,10 +57,8 @@ class ReasoningParser:
 
     def split(self, prompt_text: str, text: str) -> tuple[str | None, str | None]:
         """(reasoning, content) of a whole output; None for an empty part."""
-        s = self.stream(prompt_text)
-        r1, c1 = s.feed(text)
-        r2, c2 = s.finish()
-        return (r1 + r2) or None, (c1 + c2) or None
+        reasoning, content = self.stream(prompt_text).feed(text, final=True)
+        return reasoning or None, content or None
 
 
 PARSERS = {
@@ -79,6 +77,7 @@ class ReasoningStream:
         self.pending = ""  # text held back: it may be the beginning of a tag
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
+        """`final`: this is the output's last piece; nothing is held back."""
         p = self.parser
         text, self.pending = self.pending + piece, ""
         reasoning = ""
@@ -99,7 +98,3 @@ class ReasoningStream:
                 return text[:keep], ""
             reasoning, text, self.state = text[:i], text[i + len(p.end):], "content"
         return reasoning, text
-
-    def finish(self) -> tuple[str, str]:
-        """What was held back, at the end of the output."""
-        return self.feed("", final=True)

@@ -121,9 +121,7 @@ def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | 
     out of the text; finish_reason "tool_calls" with calls."""
     reasoning = None
     if thinking is not None:
-        r1, c1 = thinking.feed(text)
-        r2, c2 = thinking.finish()
-        reasoning, text = (r1 + r2) or None, c1 + c2
+        reasoning, text = thinking.feed(text, final=True)
     extra = reasoning_fields(req, reasoning)
     if mode is None:
         return ChatResponseMessage(content=text if text or not reasoning else None, **extra), finish_reason
@@ -209,8 +207,7 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
         if prompt_ids is not None:
             body["prompt_token_ids"] = prompt_ids
         if continuous:
-            body["usage"] = UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated[index],
-                                      total_tokens=num_prompt + generated[index]).model_dump(exclude_none=True)
+            body["usage"] = UsageInfo.so_far(num_prompt, generated[index])
         return sse(body)
 
     prompt_ids = list(inputs[0].prompt_token_ids) if req.return_token_ids else None
@@ -231,11 +228,8 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
             if req.logprobs:
                 lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0).model_dump()
             text, reasoning, ts = c.text, None, thinking[c.index]
-            if ts is not None:
-                reasoning, text = ts.feed(text)
-                if c.finish_reason is not None:  # what the splitter held back
-                    r, t = ts.finish()
-                    reasoning, text = reasoning + r, text + t
+            if ts is not None:  # the last piece also releases what the splitter held back
+                reasoning, text = ts.feed(text, final=c.finish_reason is not None)
             extra = reasoning_fields(req, reasoning)
             content, calls = (tools[c.index].feed(text) if mode else (text, []))
             if extra and not content:

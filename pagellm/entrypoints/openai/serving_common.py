@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagellm.core.scheduler import check_priority
 from pagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
 from pagellm.engine.input_processor import ProcessedInput
 from pagellm.entrypoints.openai.metrics import ServerMetrics
@@ -93,10 +94,7 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
     ignored = req.ignored_fields()
     if ignored:
         logger.warning("%s: ignoring unknown fields %s", route, ignored)
-    priority = getattr(req, "priority", 0)
-    if priority and state.engine.config.scheduler.policy != "priority":
-        raise APIError(400, f"priority {priority} needs a server started with --scheduling-policy priority.",
-                       param="priority", code="invalid_value")
+    check_priority(state.engine.config.scheduler.policy, getattr(req, "priority", 0))
     n = getattr(req, "n", 1)
     best_of = getattr(req, "best_of", None) or n
     for name, v in (("n", n), ("best_of", best_of)):

@@ -169,9 +169,7 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
                     "choices": [choice.model_dump()]}
             if continuous:
                 generated[index] = generated.get(index, 0) + len(c.token_ids)
-                n_prompt = len(out.prompt_token_ids)
-                body["usage"] = UsageInfo(prompt_tokens=n_prompt, completion_tokens=generated[index],
-                                          total_tokens=n_prompt + generated[index]).model_dump(exclude_none=True)
+                body["usage"] = UsageInfo.so_far(len(out.prompt_token_ids), generated[index])
             yield sse(body)
     if req.stream_options is not None and req.stream_options.include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
