@@ -67,6 +67,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (`--speculative-config`, vLLM's names). method "ngram": the draft tokens are the ones
+    that followed the latest earlier occurrence of the sequence's last n tokens (prompt lookup), n from
+    prompt_lookup_max down to prompt_lookup_min; the model checks them all in one step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3  # draft tokens per sequence and step
+    prompt_lookup_max: int = 5  # longest n-gram matched
+    prompt_lookup_min: int = 5  # shortest n-gram matched
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching limits."""
 
@@ -77,6 +89,7 @@ class SchedulerConfig:
     async_scheduling: bool = False  # schedule step N+1 while step N runs (one device)
     num_scheduler_steps: int = 1  # decode steps the device runs per scheduling round (multi-step decode)
     policy: str = "fcfs"  # fcfs | priority (Request.priority, lower first; may preempt lower priorities)
+    speculative: SpeculativeConfig | None = None  # speculative decoding (draft tokens checked in one step)
 
 
 @dataclass(frozen=True)

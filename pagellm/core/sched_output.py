@@ -12,6 +12,11 @@ Multi-step decode (`num_steps > 1`): every sequence of the step is decoding, and
 computed one per device step, each step's input being the token sampled by the step before; the sequence
 samples n tokens (`ModelRunnerOutput.samples` holds the first, `extra_samples` the others, in order).
 
+Speculative decoding (`spec_token_ids`): a decoding sequence computes its last token and k draft tokens after
+it, and samples at each of those k + 1 positions; it keeps the samples up to and including the first that
+differs from the draft at its place (`samples` the first, `extra_samples` the accepted others), so a step
+yields 1 to k + 1 tokens.
+
 Pure Python: no torch import.
 """
 
@@ -64,6 +69,9 @@ class SchedulerOutput:
     grammar_bitmask: Any = None  # (len(grammar_seq_ids), ceil(vocab / 32)) int32 allowed-token bits, same order
     grammar_deferred: bool = False  # the bitmask comes later (finish_sampling): a constrained token is in flight
     num_steps: int = 1  # > 1: multi-step decode, each sequence's tokens computed one per device step
+    # Speculative decoding: seq_id -> draft tokens scheduled after its last token (they are the last of its
+    # num_scheduled_tokens); the step samples at the last token and at each draft.
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

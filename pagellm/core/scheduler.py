@@ -33,6 +33,14 @@ them all; their slots are allocated now, and the tokens past a stop are dropped 
 back. Scheduling, stop checks and outputs then run once per K tokens. The requests above keep the engine at
 one step while they live; penalties and min_tokens run in rounds (the worker counts and bans per step).
 
+Speculative decoding (`speculative` config, method ngram): a decoding sequence of a request that may speculate
+(`_may_speculate`) gets its last token plus up to k draft tokens from NgramProposer, with slots for all of
+them. The worker samples at each of those positions and keeps the samples while they equal the drafts
+(plus the first that differs); the results roll num_computed_tokens back by the drafts it rejected
+(`_apply_verdicts`), whose slots are written again by later steps. Blocks are entered in the prefix cache
+only up to the known tokens, so a draft's K/V is never shared. Drafts come from the tokens on the host, so
+such requests, like the ones above, keep the engine at one step at a time while they live.
+
 Pure Python: no torch import.
 """
 
@@ -57,6 +65,7 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     SeqDelta,
 )
+from pagellm.core.speculative import NgramProposer
 from pagellm.sampling_params import ParamError
 
 
@@ -67,6 +76,16 @@ def _reads_sampled_tokens(req: Request) -> bool:
     the step: grammar_deferred)."""
     p = req.sampling_params
     return not isinstance(req.policy, SamplingPolicy) or any(len(w) > 1 for w in p._bad_words_token_ids or ())
+
+
+def _may_speculate(req: Request) -> bool:
+    """Whether the request's sequences may decode with draft tokens: plain sampling (n / best_of), no structured
+    outputs, no penalties (the worker would have to count the drafts before each position samples), no bad
+    words of several tokens. Logprobs, min_tokens, logit bias and allowed tokens work per position."""
+    p = req.sampling_params
+    return (isinstance(req.policy, SamplingPolicy) and p.structured_outputs is None
+            and not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+            and not any(len(w) > 1 for w in p._bad_words_token_ids or ()))
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
@@ -95,6 +114,7 @@ class _StepPlan:
     entries: dict[Sequence, tuple[int, SlotAllocation]] = field(default_factory=dict)
     budget: int = 0  # tokens left
     steps: int = 1  # > 1: multi-step decode (every entry a decoding sequence, its tokens one per device step)
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # speculative decoding: tokens after the last
 
     def add(self, seq: Sequence, num_tokens: int, alloc: SlotAllocation) -> None:
         self.entries[seq] = (num_tokens, alloc)
@@ -103,6 +123,7 @@ class _StepPlan:
     def drop_request(self, req: Request) -> None:
         for seq in [s for s in self.entries if s.request is req]:
             self.budget += self.entries.pop(seq)[0]
+            self.drafts.pop(seq, None)
 
 
 def check_priority(policy: str, priority: int) -> None:
@@ -122,6 +143,9 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int  # since start
+    spec_num_drafts: int = 0  # speculative decoding: sequence steps that checked draft tokens
+    spec_num_draft_tokens: int = 0  # draft tokens checked
+    spec_num_accepted_tokens: int = 0  # of those, tokens the model agreed with
 
 
 class Scheduler:
@@ -145,6 +169,10 @@ class Scheduler:
         self._constrained_reqs: set[str] = set()  # live requests with structured outputs
         self.num_steps = config.num_scheduler_steps
         self.num_preemptions = 0
+        spec = config.speculative
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self._spec_reqs: set[str] = set()  # live requests whose sequences decode with draft tokens
+        self.spec_counts = [0, 0, 0]  # sequence steps with drafts, draft tokens, accepted draft tokens
 
     # ---- requests in and out ------------------------------------------------------
 
@@ -172,6 +200,9 @@ class Scheduler:
                 self.grammar.add(seq.seq_id, spec)
         self.requests[req.request_id] = req
         if _reads_sampled_tokens(req):
+            self._host_token_reqs.add(req.request_id)
+        if self.proposer is not None and _may_speculate(req):  # drafts come from the tokens on the host
+            self._spec_reqs.add(req.request_id)
             self._host_token_reqs.add(req.request_id)
         if spec is not None:
             self._constrained_reqs.add(req.request_id)
@@ -249,6 +280,8 @@ class Scheduler:
         if seq.request.sampling_params.structured_outputs is not None:
             self.grammar.free(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
+        if self.proposer is not None:
+            self.proposer.forget(seq.seq_id)
         if seq.in_worker:
             self._forget.add(seq.seq_id)
             seq.in_worker = False
@@ -258,6 +291,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._host_token_reqs.discard(req.request_id)
         self._constrained_reqs.discard(req.request_id)
+        self._spec_reqs.discard(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -381,6 +415,9 @@ class Scheduler:
             return True  # the tokens in flight are its last (max_tokens or max_model_len): nothing more to compute
         target = req.policy.compute_target(req, seq) + placeholders
         computed = seq.num_computed_tokens
+        if (target - computed == 1 and req.request_id in self._spec_reqs and computed + 1 == len(seq.token_ids)
+                and self._speculate(seq, plan)):
+            return True
         if target - computed == 1 and self.kv.fits_in_place(seq, 1):
             # The common decode step (every sequence, every step): one token into a block it holds; the table stays.
             plan.add(seq, 1, _IN_PLACE)
@@ -401,6 +438,21 @@ class Scheduler:
             seq.num_cached_tokens = cached
         if num_new > 0:
             plan.add(seq, num_new, alloc)
+        return True
+
+    def _speculate(self, seq: Sequence, plan: _StepPlan) -> bool:
+        """Speculative decoding: schedule the last token and up to num_speculative_tokens drafts after it (within
+        the sequence's limits and the step's budget). False when there is no draft or the pool cannot hold them
+        (the sequence then decodes one token as usual)."""
+        k = min(self._tokens_left(seq), plan.budget) - 1
+        drafts = self.proposer.propose(seq.seq_id, seq.token_ids, k) if k > 0 else None
+        if not drafts:
+            return False
+        alloc = self.kv.allocate_slots(seq, 1 + len(drafts))
+        if alloc is None:
+            return False
+        plan.add(seq, 1 + len(drafts), alloc)
+        plan.drafts[seq] = drafts
         return True
 
     def _preempt(self, req: Request) -> None:
@@ -426,6 +478,7 @@ class Scheduler:
         c_ids, c_tokens, c_starts, c_blocks, c_computed = (cached.seq_ids, cached.new_token_ids, cached.table_starts,
                                                            cached.new_block_ids, cached.num_computed_tokens)
         multi = plan.steps > 1
+        drafts = plan.drafts
         for seq, (n, alloc) in plan.entries.items():
             seq_id = seq.seq_id
             num_scheduled[seq_id] = n
@@ -433,7 +486,8 @@ class Scheduler:
                 copies.extend(alloc.copies)
             num_tokens = len(seq.token_ids)
             computed = seq.num_computed_tokens
-            if multi or computed + n == num_tokens + seq.num_output_placeholders:
+            if multi or computed + n == num_tokens + seq.num_output_placeholders + (
+                    len(drafts[seq]) if drafts and seq in drafts else 0):
                 sampling.append(seq)  # the chunk reaches the last token: the step samples the next one
             if not seq.in_worker:
                 req = seq.request
@@ -457,7 +511,8 @@ class Scheduler:
             seq.num_output_placeholders += num_scheduled[seq.seq_id] if multi else 1
         forget, self._forget = self._forget, set()
         out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
-                              sampling_seq_ids=[seq.seq_id for seq in sampling], num_steps=plan.steps)
+                              sampling_seq_ids=[seq.seq_id for seq in sampling], num_steps=plan.steps,
+                              spec_token_ids={seq.seq_id: d for seq, d in drafts.items()})
         if constrained:
             out.grammar_seq_ids = [seq.seq_id for seq in constrained]
             if deferred:
@@ -483,6 +538,8 @@ class Scheduler:
         results: dict[Request, dict[Sequence, SampleResult]] = {}
         prompt_lps = out.prompt_logprobs
         more = out.extra_samples or None
+        if sched.spec_token_ids:
+            self._apply_verdicts(sched.spec_token_ids, out.extra_samples)
         updates = []
         for seq_id, res in out.samples.items():
             seq = seqs.get(seq_id)
@@ -512,6 +569,19 @@ class Scheduler:
             updates.append(RequestUpdate(req.request_id, deltas, finished, prompt_lp, req.seqs[0].num_cached_tokens,
                                          req.first_scheduled_time))
         return updates
+
+    def _apply_verdicts(self, spec_token_ids: dict[int, list[int]], accepted: dict[int, list[SampleResult]]) -> None:
+        """Speculative decoding: a sequence whose step checked k drafts and kept a of them (it samples a + 1
+        tokens) has k - a tokens fewer computed than scheduled; their K/V slots are written again later."""
+        counts = self.spec_counts
+        for seq_id, drafts in spec_token_ids.items():
+            a = len(accepted.get(seq_id, ()))
+            counts[0] += 1
+            counts[1] += len(drafts)
+            counts[2] += a
+            seq = self._seqs.get(seq_id)
+            if seq is not None:
+                seq.num_computed_tokens -= len(drafts) - a
 
     def fail_step(self, sched: SchedulerOutput, later: list[SchedulerOutput] = ()) -> list[Request]:
         """The forward pass raised: abort the requests in that batch (and forget the hashes of blocks it
@@ -549,4 +619,7 @@ class Scheduler:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions,
+            spec_num_drafts=self.spec_counts[0],
+            spec_num_draft_tokens=self.spec_counts[1],
+            spec_num_accepted_tokens=self.spec_counts[2],
         )

@@ -16,7 +16,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagellm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pagellm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,16 @@ class EngineArgs:
         "fcfs", "Order of service: fcfs (first come, first served) or priority (each request's priority, lower "
                 "first, then arrival; a waiting request may preempt running ones of a lower priority).",
         choices=("fcfs", "priority"))
+    speculative_config: dict | None = _f(
+        None, "Speculative decoding, a JSON object as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'. Each decoding sequence proposes up to "
+              "num_speculative_tokens tokens, those that followed the latest earlier occurrence of its last n tokens "
+              "(n from prompt_lookup_max down to prompt_lookup_min; both 5 when neither is given), and one step "
+              "checks them all: a step yields every proposed token the model agrees with, plus one. Outputs are the "
+              "same as without it, sampled ones included (each position samples with its own seed and output index). "
+              "Sequences with penalties, structured outputs or beam search, and steps with prompt tokens of the "
+              "same sequence, do not speculate; a request that speculates runs steps one at a time (no async "
+              "scheduling, no multi-step rounds) while it lives.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -159,12 +177,14 @@ class EngineArgs:
         elif async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
+        speculative = speculative_config(self.speculative_config)
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                               self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
-                                      async_scheduling, self.num_scheduler_steps, self.scheduling_policy),
+                                      async_scheduling, self.num_scheduler_steps, self.scheduling_policy,
+                                      speculative),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
@@ -226,6 +246,37 @@ class EngineArgs:
             quantization=quantization,
             default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
         )
+
+
+def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
+    """`--speculative-config` as a SpeculativeConfig (vLLM's fields and defaults), or a ValueError naming the field."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict (JSON object), got {type(spec).__name__}.")
+    fields = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+    unknown = sorted(set(spec) - set(fields))
+    if unknown:
+        raise ValueError(f"speculative_config: unknown fields {unknown}; it takes {', '.join(fields)}.")
+    method = spec.get("method", "ngram")
+    if method not in ("ngram", "[ngram]"):
+        raise ValueError(f"speculative_config.method must be 'ngram' (the only method pagellm has: no draft model "
+                         f"is needed), got {method!r}.")
+    k = spec.get("num_speculative_tokens")
+    if k is None:
+        raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
+    _positive("speculative_config.num_speculative_tokens", k)
+    lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
+    for name, v in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+        if v is not None:
+            _positive(f"speculative_config.{name}", v)
+    if lo is None and hi is None:
+        lo = hi = 5
+    lo = hi if lo is None else lo
+    hi = lo if hi is None else hi
+    if lo > hi:
+        raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi}).")
+    return SpeculativeConfig("ngram", k, hi, lo)
 
 
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")

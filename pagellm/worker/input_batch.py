@@ -249,7 +249,9 @@ class InputBatch:
 
     # ---- sampling metadata ----------------------------------------------------------
 
-    def sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def sampling_metadata(self, rows: np.ndarray, ahead: np.ndarray | None = None) -> SamplingMetadata:
+        """`ahead` (speculative decoding: a row repeated per position it samples at): how many tokens past the
+        row's output each entry samples, for its seeded draw and its min_tokens bans."""
         b = len(rows)
         dev = self.device
         extras = self.extras[rows]
@@ -258,6 +260,8 @@ class InputBatch:
         temp = self.temperature[rows]
         greedy_np = temp < 1e-5
         num_out = self.num_tokens[rows] - self.num_prompt[rows]
+        if ahead is not None:
+            num_out = num_out + ahead
         uniforms = np.where(greedy_np, 0.0, counter_uniforms(self.seeds[rows], num_out))
         top_k = self.top_k[rows]
         top_p = self.top_p[rows]
@@ -278,7 +282,7 @@ class InputBatch:
             **(self._penalties(rows) if used & _PENALTIES else _NO_PENALTIES),
             logit_bias=self._logit_bias(params) if used & _LOGIT_BIAS else None,
             allowed_mask=self._allowed_mask(params) if used & _ALLOWED else None,
-            banned=self._banned(rows, params) if used & _BANNED else None,
+            banned=self._banned(rows, params, 0 if ahead is None else ahead) if used & _BANNED else None,
             num_logprobs=[k if k >= 0 else None for k in ks.tolist()] if asked else [None] * b,
             max_num_logprobs=int(ks.max()) if asked else None,
             processed_logprobs=to_device((extras & _PROCESSED) > 0, dev) if used & _PROCESSED else None,
@@ -331,13 +335,15 @@ class InputBatch:
             return None
         return self._banned(rows, [self.params[r] for r in rows], ahead)
 
-    def _banned(self, rows: np.ndarray, params: list[SamplingParams], ahead: int = 0):
+    def _banned(self, rows: np.ndarray, params: list[SamplingParams], ahead: int | np.ndarray = 0):
         """Tokens forced to -inf: EOS and stop ids before min_tokens; the last token of a bad word
-        whose prefix was just generated (multi-step rounds have no bad words of several tokens)."""
+        whose prefix was just generated (multi-step rounds and speculative steps have no bad words of several
+        tokens). `ahead`: tokens past each row's output (one number, or one per row)."""
         b_rows: list[int] = []
         b_ids: list[int] = []
+        per_row = isinstance(ahead, np.ndarray)
         for i, (r, p) in enumerate(zip(rows, params)):
-            num_out = int(self.num_tokens[r] - self.num_prompt[r]) + ahead
+            num_out = int(self.num_tokens[r] - self.num_prompt[r]) + (int(ahead[i]) if per_row else ahead)
             if num_out < p.min_tokens:
                 stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
                 b_rows += [i] * len(stop_ids)

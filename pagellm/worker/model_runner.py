@@ -260,14 +260,23 @@ class ModelRunner:
                 grammar_bitmask) -> None:
         tokens = None
         if logits is not None and self.tp.is_driver:
-            md = self.batch.sampling_metadata(inputs.sample_rows)
+            spec = inputs.spec
+            if spec is None:
+                md = self.batch.sampling_metadata(inputs.sample_rows)
+            else:  # one sampling row per position a sequence samples at
+                md = self.batch.sampling_metadata(spec.rows, spec.ahead)
             if grammar_seq_ids:
-                row_of = {seq_id: i for i, seq_id in enumerate(inputs.sample_seq_ids)}
+                first = range(len(inputs.sample_seq_ids)) if spec is None else spec.first.tolist()
+                row_of = dict(zip(inputs.sample_seq_ids, first))
                 rows = to_device([row_of[s] for s in grammar_seq_ids], self.device)
                 md.grammar = (to_device(grammar_bitmask, self.device), rows)
             so = self.sampler(logits, md)
-            res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
-            self._prev_tokens = tokens = so.token_ids
+            if spec is None:
+                res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
+            else:
+                so, counts = spec.verify(so)
+                res.add_samples(inputs.sample_seq_ids, so, [md.num_logprobs[f] for f in spec.first.tolist()], counts)
+            self._prev_tokens = tokens = so.token_ids if spec is None else so.token_ids[0]
         self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         res.queued()
 
@@ -297,7 +306,11 @@ class ModelRunner:
         bs = self.block_size
         slots = b.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = starts + counts
-        ends_known = seq_lens == b.num_tokens[rows]  # the chunk reaches the last known token: sample
+        spec_ids = sched.spec_token_ids
+        n_draft = (np.fromiter((len(spec_ids.get(s, ())) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+                   if spec_ids else None)
+        # the chunk reaches the last known token (before any drafts): sample
+        ends_known = (seq_lens if n_draft is None else seq_lens - n_draft) == b.num_tokens[rows]
 
         sample_idx = np.flatnonzero(ends_known)
         prompt_lp = self._prompt_logprob_inputs(seq_ids, rows, starts, counts, cu)
@@ -307,7 +320,14 @@ class ModelRunner:
         arrays = dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=cu,
                       seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
                       paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
-        unknown = np.flatnonzero(positions >= b.num_known[tok_rows])
+        beyond = positions >= b.num_known[tok_rows]
+        spec = None
+        if n_draft is not None:
+            spec, draft_at = self._spec_inputs(spec_ids, seq_ids, rows, cu, n_draft, sample_idx)
+            input_ids[draft_at] = [t for s in seq_ids for t in spec_ids.get(s, ())]
+            beyond[draft_at] = False
+            arrays["logits_indices"] = spec.logits_indices
+        unknown = np.flatnonzero(beyond)
         if len(unknown):  # placeholders: tokens the previous step sampled, still on the device
             u_rows = tok_rows[unknown]
             col, j = b.prev_sample_index[u_rows], positions[unknown] - b.prev_first[u_rows]
@@ -334,7 +354,35 @@ class ModelRunner:
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
         multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi)
+                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec)
+
+    def _spec_inputs(self, spec_ids: dict[int, list[int]], seq_ids: list[int], rows: np.ndarray, cu: np.ndarray,
+                     n_draft: np.ndarray, sample_idx: np.ndarray) -> tuple[_SpecInputs, np.ndarray]:
+        """Speculative decoding: where the drafts go in the batch (the last n_draft[i] tokens of sequence i), and
+        the positions each sampled sequence samples at (its last known token and its drafts), expanded to one
+        sampling row per position.
+
+            seq_lens [3, 4] computing 1 and 3 tokens (2 drafts): query_start_loc [0, 1, 4]
+            drafts at batch indices [2, 3]; logits_indices [0, 1, 2, 3]; npos [1, 3]; first [0, 1]
+        """
+        total = int(n_draft.sum())
+        draft_at = np.repeat(cu[1:] - n_draft, n_draft) + np.arange(total) - np.repeat(np.cumsum(n_draft) - n_draft,
+                                                                                      n_draft)
+        npos = 1 + n_draft[sample_idx]
+        first = np.cumsum(npos) - npos  # each sampled sequence's first sampling row
+        ahead = np.arange(int(npos.sum())) - np.repeat(first, npos)
+        logits_indices = np.repeat(cu[1:][sample_idx] - npos, npos) + ahead
+        k = int(npos.max())
+        cols = np.arange(k)
+        gather = first[:, None] + np.minimum(cols, npos[:, None] - 1)  # (B, K): row of each sequence's j-th sample
+        drafts = np.full((len(sample_idx), k - 1), -1, dtype=np.int64)
+        for i, s in enumerate(seq_ids[j] for j in sample_idx):
+            d = spec_ids.get(s)
+            if d:
+                drafts[i, :len(d)] = d
+        dev = self.device
+        return _SpecInputs(np.repeat(rows[sample_idx], npos), ahead, first, logits_indices, to_device(gather, dev),
+                           to_device(drafts, dev)), draft_at
 
     def _multi_step_inputs(self, num_steps: int, rows: np.ndarray, starts: np.ndarray,
                            counts: np.ndarray) -> _MultiStepInputs:
@@ -417,12 +465,42 @@ class _MultiStepInputs:
         self.uniforms = uniforms  # (K - 1, B) float64: each step's sampling draws
 
 
+class _SpecInputs:
+    """A speculative step's sampling: sequence i samples at npos[i] = 1 + drafts positions, rows first[i] ..
+    first[i] + npos[i] - 1 of the sampler's batch."""
+
+    __slots__ = ("rows", "ahead", "first", "logits_indices", "gather", "drafts")
+
+    def __init__(self, rows, ahead, first, logits_indices, gather, drafts):
+        self.rows = rows  # (N,) InputBatch row of each sampling row
+        self.ahead = ahead  # (N,) its position after the sequence's last known token (0 .. drafts)
+        self.first = first  # (B,) each sequence's first sampling row
+        self.logits_indices = logits_indices  # (N,) batch index of each sampling row's token
+        self.gather = gather  # (B, K) on the device: sampling row of sequence i's j-th sample (the last repeated)
+        self.drafts = drafts  # (B, K - 1) on the device: the drafts, -1 past a sequence's own
+
+    def verify(self, so: SamplerOutput) -> tuple[SamplerOutput, torch.Tensor]:
+        """Keep each sequence's samples up to and including the first that differs from the draft at its place.
+        Sampling position j with the same seed and output index as a plain step would, and keeping it only when
+        every draft before it was sampled too, gives the tokens plain decoding gives. Returns the samples with a
+        leading step axis (K, B) and the count each sequence keeps, on the device."""
+        g = self.gather
+        tokens = so.token_ids[g]  # (B, K)
+        kept = (tokens[:, :-1] == self.drafts).long().cumprod(dim=1).sum(dim=1) + 1
+
+        def steps(t):
+            return None if t is None else t[g].transpose(0, 1)
+
+        return SamplerOutput(tokens.transpose(0, 1), steps(so.logprobs), steps(so.ranks), steps(so.top_ids),
+                             steps(so.top_logprobs)), kept
+
+
 class _StepInputs:
     __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
-                 "graph_size", "multi")
+                 "graph_size", "multi", "spec")
 
     def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
-                 graph_size=None, multi=None):
+                 graph_size=None, multi=None, spec=None):
         self.input_ids = input_ids  # (T_padded,) int64
         self.positions = positions  # (T_padded,) int64
         self.meta = meta  # AttentionMetadata
@@ -432,6 +510,7 @@ class _StepInputs:
         self.prompt_lp = prompt_lp  # [(seq_id, row, batch indices, target ids, first position)]
         self.graph_size = graph_size  # the CUDA graph (decode batch size) that runs this step, or None
         self.multi = multi  # _MultiStepInputs of a multi-step decode, or None
+        self.spec = spec  # _SpecInputs of a step with draft tokens, or None
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -453,8 +532,9 @@ class StepResult:
         self.deferred = None  # (logits, inputs, grammar seq ids) of a step waiting for its grammar masks
 
     def add_samples(self, seq_ids: list[int], so, num_logprobs: list[int | None], counts=None) -> None:
-        """`counts` (multi-step decode): the tensors have a leading step axis, row i keeps its first counts[i]."""
-        self._counts = counts
+        """`counts` (multi-step decode, speculative steps): the tensors have a leading step axis, row i keeps its
+        first counts[i] (numpy, or a device tensor)."""
+        self._counts = _to_host(counts) if isinstance(counts, torch.Tensor) else counts
         if self.device.type == "cpu":
             cols = (so.token_ids, so.logprobs, so.ranks)
         else:  # one copy for the per-row results (token ids < 2^53 are exact in float64)

@@ -1,0 +1,69 @@
+"""Draft tokens for speculative decoding, proposed on the host from a sequence's own tokens (n-gram lookup).
+
+    NgramProposer.propose(seq_id, token_ids, k) -> up to k draft tokens
+
+The sequence's last n tokens are looked up earlier in its tokens (prompt and output); the tokens that
+followed the match are the drafts. The longest match wins (n from prompt_lookup_max down to
+prompt_lookup_min), the latest among equally long ones. Worked example, n_max 3, n_min 1, k 3:
+
+    position  0 1 2 3 4 5 6 7 8 9 10
+    token     a b c d x b c d y b c
+    the last 3 (y b c) occur nowhere earlier; the last 2 (b c) end at 2 and at 6: the latest, 6, wins,
+    and the drafts are the tokens at 7, 8, 9: (d y b)
+
+Each sequence keeps an index from token id to the positions where it occurs, extended by the tokens
+appended since the last call, so a proposal costs the candidates it checks (at most MAX_CANDIDATES,
+latest first), not a scan of the whole context.
+
+Pure Python: no torch import.
+"""
+
+from __future__ import annotations
+
+from pagellm.config import SpeculativeConfig
+
+
+class NgramProposer:
+    MAX_CANDIDATES = 64  # earlier occurrences of the last token checked per proposal, latest first
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = config.num_speculative_tokens
+        self.n_max = config.prompt_lookup_max
+        self.n_min = config.prompt_lookup_min
+        self._index: dict[int, tuple[dict[int, list[int]], list[int]]] = {}  # seq_id -> (positions, [indexed upto])
+
+    def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        """Up to k draft tokens to follow `tokens` (fewer near the end of the match; [] without a match)."""
+        if k <= 0 or len(tokens) < self.n_min + 1:
+            return []
+        entry = self._index.get(seq_id)
+        if entry is None:
+            entry = self._index[seq_id] = ({}, [0])
+        positions, upto = entry
+        last = len(tokens) - 1
+        for i in range(upto[0], last):  # every position but the last: a match must end before it
+            occ = positions.get(tokens[i])
+            if occ is None:
+                positions[tokens[i]] = [i]
+            else:
+                occ.append(i)
+        upto[0] = last
+        cands = positions.get(tokens[last])
+        if not cands:
+            return []
+        n_max = self.n_max
+        best, end = 0, -1
+        for i in reversed(cands[-self.MAX_CANDIDATES:]):
+            m = 1
+            while m < n_max and m <= i and tokens[i - m] == tokens[last - m]:
+                m += 1
+            if m > best:
+                best, end = m, i
+                if m == n_max:
+                    break
+        if best < self.n_min:
+            return []
+        return tokens[end + 1:end + 1 + min(k, self.k)]
+
+    def forget(self, seq_id: int) -> None:
+        self._index.pop(seq_id, None)
