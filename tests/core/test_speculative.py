@@ -5,8 +5,8 @@ import random
 import pytest
 
 from pagellm.config import SchedulerConfig, SpeculativeConfig
-from pagellm.core.scheduler import Scheduler
 from pagellm.core.sched_output import ModelRunnerOutput, SampleResult
+from pagellm.core.scheduler import Scheduler
 from pagellm.core.speculative import NgramProposer
 from tests.core.helpers import check_block_invariants, make_request
 

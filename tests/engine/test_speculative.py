@@ -198,7 +198,8 @@ def test_speculative_config_defaults_as_vllm():
     def spec(**kw):
         return EngineArgs(model=DEMO, speculative_config=kw).create_engine_config().scheduler.speculative
 
-    assert (spec(num_speculative_tokens=3).prompt_lookup_min, spec(num_speculative_tokens=3).prompt_lookup_max) == (5, 5)
+    s = spec(num_speculative_tokens=3)
+    assert (s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max) == (3, 5, 5)
     s = spec(num_speculative_tokens=3, prompt_lookup_max=4)
     assert (s.method, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 4, 4)
     s = spec(method="[ngram]", num_speculative_tokens=3, prompt_lookup_min=2)
