@@ -146,3 +146,22 @@ def test_structured_output_under_tensor_parallelism(tiny_models):
             outs[tp] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs[1] == outs[2]
     assert all(re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", t) for t in outs[2])
+
+
+def test_speculative_decoding_under_tensor_parallelism(llama_path):
+    """Every rank computes the drafts' positions; rank 0 samples them and decides what is kept: TP=2 keeps TP=1's
+    tokens, and the drafts are really checked and accepted (prompts that repeat themselves)."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    prompts = [list(range(20, 32)) * 3, [5, 6, 7, 8] * 5, [11] * 10]
+    outs = {}
+    for tp in (1, 2):
+        with LLM(llama_path, tensor_parallel_size=tp, num_gpu_blocks_override=64, speculative_config=spec) as llm:
+            greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                  SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2),
+                                  use_tqdm=False)
+            outs[tp] = greedy
+            assert llm.llm_engine.get_stats().spec_num_accepted_tokens > 0
+    for x, y in zip(outs[1], outs[2]):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert all(abs(lx[t].logprob - ly[t].logprob) < TOL for t in lx)

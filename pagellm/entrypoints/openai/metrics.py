@@ -7,7 +7,7 @@ Request-level histograms and counters are recorded by the serving layer when a r
     |<------------------------------- e2e (server side) ------------------------>|
 
 Engine gauges (running/waiting requests, KV cache usage, prefix cache counters,
-preemptions) are read from the engine's latest stats snapshot at scrape time.
+preemptions, speculative decoding's drafts and accepted tokens) are read from the engine's latest stats snapshot at scrape time.
 Each server has its own registry: no global state.
 """
 
@@ -46,6 +46,12 @@ class _EngineCollector:
         yield CounterMetricFamily("pagellm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                   value=s.prefix_cache_hits)
         yield CounterMetricFamily("pagellm:num_preemptions", "Preemptions since start.", value=s.num_preemptions)
+        yield CounterMetricFamily("pagellm:spec_decode_num_drafts", "Speculative decoding: sequence steps that "
+                                  "checked draft tokens.", value=s.spec_num_drafts)
+        yield CounterMetricFamily("pagellm:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens "
+                                  "checked.", value=s.spec_num_draft_tokens)
+        yield CounterMetricFamily("pagellm:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens "
+                                  "the model agreed with (kept).", value=s.spec_num_accepted_tokens)
         yield CounterMetricFamily("pagellm:engine_steps", "Engine steps since start.", value=c.num_steps)
         yield CounterMetricFamily("pagellm:engine_device_steps", "Forward passes since start: engine steps plus the "
                                   "extra decode steps of multi-step rounds (--num-scheduler-steps).",
