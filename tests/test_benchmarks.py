@@ -282,3 +282,13 @@ def test_smoke_serve_against_a_running_server(tmp_path):
         assert m["completed"] == 4 and m["output_token_throughput"] > 0 and m["goodput"] > 0
     finally:
         server.stop()
+
+
+def test_smoke_speculative(tmp_path):
+    """The demo model's greedy text repeats its lines: drafts are accepted, fewer steps than tokens, same tokens."""
+    out = tmp_path / "spec.json"
+    text = bench("speculative", "--output-len", "60", "--rounds", "1", "--batch-size", "2", "--output-json", str(out))
+    report = json.loads(out.read_text())
+    assert "same tokens as plain decoding: yes" in text and report["same_tokens"]
+    assert report["output_tokens"] == 120 and report["steps_per_token"]["ngram"] < report["steps_per_token"]["plain"]
+    assert 0 < report["acceptance_rate"] <= 1 and report["tokens_per_step_with_drafts"] > 1

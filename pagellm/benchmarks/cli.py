@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "peak": ("peak", "GEMM rate, memory bandwidth and the workload's throughput bound."),
     "attention": ("attention", "Paged-attention kernel micro-benchmark: time per call and achieved GB/s."),
     "profile": ("profile", "Where a decode step goes: wall vs device busy time, top kernels / operators."),
+    "speculative": ("speculative", "Speculative decoding (n-gram drafts) against plain decoding on the same requests."),
     "quality": ("quality", "Greedy agreement and perplexity of a quantized / 8-bit-cache run against float32."),
 }
 

@@ -7,7 +7,8 @@ Request-level histograms and counters are recorded by the serving layer when a r
     |<------------------------------- e2e (server side) ------------------------>|
 
 Engine gauges (running/waiting requests, KV cache usage, prefix cache counters,
-preemptions, speculative decoding's drafts and accepted tokens) are read from the engine's latest stats snapshot at scrape time.
+preemptions, speculative decoding's drafts and accepted tokens) are read from the engine's latest
+stats snapshot at scrape time.
 Each server has its own registry: no global state.
 """
 
