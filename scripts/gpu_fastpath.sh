@@ -26,6 +26,8 @@
 #   ablations   profiles without the fused elementwise kernels, then without CUDA graphs
 #   cases       every attention case on the GPU (windows, soft-cap, head sizes, fp8)
 #   gpu_tests   every test that needs a CUDA GPU
+#   spec        speculative decoding (n-gram drafts): greedy output against HF with 4 drafts per step, and the
+#               demo model's speedup at batch 1 and 16 (pagellm bench speculative)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
@@ -111,13 +113,18 @@ stage_ablations() {
 stage_cases() {
     $PY -m pytest -q -p no:cacheprovider tests/worker/test_attention_backends.py -k cuda
 }
+stage_spec() {
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/mistral pagellm/assets/shakespeare-llama --speculative 4
+    $PY -m pagellm bench speculative --device cuda --rounds 3 --output-json "$OUT/speculative_b1.json"
+    $PY -m pagellm bench speculative --device cuda --rounds 3 --batch-size 16 --output-json "$OUT/speculative_b16.json"
+}
 stage_gpu_tests() {
     $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu" -x
 }
 
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
                   [nosync]=90 [gemma2]=90 [profile_sync]=120 [multistep]=300
-                  [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400)
+                  [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400 [spec]=150)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
                                    ablations cases)
