@@ -26,6 +26,7 @@ _EXPORTS = {
     "EngineArgs": "pagellm.engine.arg_utils",
     "LLMEngine": "pagellm.engine.llm_engine",
     "AsyncLLMEngine": "pagellm.engine.async_engine",
+    "LoRARequest": "pagellm.lora.request",
 }
 
 __all__ = list(_EXPORTS)
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from pagellm.engine.arg_utils import EngineArgs  # noqa: F401
     from pagellm.engine.llm_engine import LLMEngine  # noqa: F401
     from pagellm.entrypoints.llm import LLM  # noqa: F401
+    from pagellm.lora.request import LoRARequest  # noqa: F401
     from pagellm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: F401
     from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams  # noqa: F401
 

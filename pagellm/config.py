@@ -111,9 +111,18 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters served beside the base model (`--enable-lora`, vLLM's names)."""
+
+    max_loras: int = 1  # distinct adapters in one step (requests of other adapters wait)
+    max_lora_rank: int = 16  # largest rank an adapter may have
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: DeviceConfig
+    lora: LoRAConfig | None = None  # None: no adapters

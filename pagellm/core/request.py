@@ -145,6 +145,7 @@ class Request:
     base_seed: int = 0  # sampling seed: params.seed, or drawn from the engine RNG at arrival
     cache_salt: str | None = None  # mixed into prefix-cache hashes (isolates tenants)
     priority: int = 0  # scheduling_policy "priority": lower values are served first
+    lora_id: int = 0  # the LoRA adapter's lora_int_id (0: the base model)
     seqs: list[Sequence] = field(default_factory=list)  # live and finished sequences, by index
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0  # times this request was preempted (recomputed)

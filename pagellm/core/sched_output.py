@@ -41,6 +41,7 @@ class NewSeqData:
     num_computed_tokens: int  # tokens whose K/V are already cached (prefix hits)
     sampling_params: SamplingParams  # the request's parameters
     seed: int  # sampling seed of this sequence
+    lora_id: int = 0  # the LoRA adapter it runs with (0: none)
 
 
 @dataclass

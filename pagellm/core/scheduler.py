@@ -151,7 +151,7 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
                  enable_prefix_caching: bool, sliding_window: int | None = None,
-                 grammar: GrammarHook | None = None) -> None:
+                 grammar: GrammarHook | None = None, max_loras: int = 0) -> None:
         self.config = config
         self.grammar = grammar  # structured output: follows constrained sequences (core/grammar.py)
         self.max_model_len = config.max_model_len
@@ -169,6 +169,7 @@ class Scheduler:
         self._constrained_reqs: set[str] = set()  # live requests with structured outputs
         self.num_steps = config.num_scheduler_steps
         self.num_preemptions = 0
+        self.max_loras = max_loras  # distinct LoRA adapters among running requests (0: LoRA off)
         spec = config.speculative
         self.proposer = NgramProposer(spec) if spec is not None else None
         self._spec_reqs: set[str] = set()  # live requests whose sequences decode with draft tokens
@@ -361,8 +362,13 @@ class Scheduler:
         if not self.waiting:
             return
         num_seqs = self.num_running_seqs
+        loras = {r.lora_id for r in self.running if r.lora_id} if self.max_loras else set()
+        skipped: list[Request] = []  # requests of another adapter while max_loras are running: they wait
         while self.waiting and plan.budget > 0:
             req = self.waiting[0]
+            if req.lora_id and req.lora_id not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             if num_seqs + req.policy.max_seqs > self.config.max_num_seqs:
                 if self._preempt_for(req, plan):
                     num_seqs = self.num_running_seqs
@@ -383,8 +389,15 @@ class Scheduler:
                 seq.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=self._rank)
             num_seqs += req.policy.max_seqs
+            if req.lora_id:
+                loras.add(req.lora_id)
             if not fits:
                 break
+        for req in reversed(skipped):  # back in their places
+            if self.by_priority:
+                bisect.insort(self.waiting, req, key=self._rank)
+            else:
+                self.waiting.appendleft(req)
 
     def _preempt_for(self, req: Request, plan: _StepPlan) -> bool:
         """Under "priority": preempt the last running request if its priority is strictly lower than req's (a
@@ -493,7 +506,7 @@ class Scheduler:
                 req = seq.request
                 new_seqs.append(NewSeqData(
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
-                    self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed))
+                    self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)

@@ -20,6 +20,7 @@ from pagellm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -92,6 +93,13 @@ class EngineArgs:
               "Sequences with penalties, structured outputs or beam search, and steps with prompt tokens of the "
               "same sequence, do not speculate; a request that speculates runs steps one at a time (no async "
               "scheduling, no multi-step rounds) while it lives.")
+    enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "
+                                  "beside the base model: LLM.generate(..., lora_request=LoRARequest(name, id, path)), "
+                                  "or `pagellm serve --lora-modules name=path` and the name as the request's model. "
+                                  "Adapters may target the decoder's linear layers (q/k/v/o, gate/up/down, GPT-2's "
+                                  "c_attn/c_proj/c_fc, ...); steps run without CUDA graphs.")
+    max_loras: int = _f(1, "Distinct LoRA adapters in one step; requests of other adapters wait their turn.")
+    max_lora_rank: int = _f(16, "Largest rank a LoRA adapter may have.")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -178,6 +186,14 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
+        lora = None
+        if self.enable_lora:
+            _positive("max_loras", self.max_loras)
+            _positive("max_lora_rank", self.max_lora_rank)
+            if self.tensor_parallel_size > 1:
+                raise ValueError("enable_lora needs tensor_parallel_size=1 (adapters are not sharded), got "
+                                 f"tensor_parallel_size={self.tensor_parallel_size}.")
+            lora = LoRAConfig(self.max_loras, self.max_lora_rank)
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -188,6 +204,7 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
+            lora=lora,
         )
 
     def _model_config(self) -> ModelConfig:
@@ -217,6 +234,9 @@ class EngineArgs:
             raise ValueError(f"{arch} runs on the transformers fallback, which cannot be sharded: "
                              "tensor_parallel_size must be 1.")
         quantization = resolve_quantization(self.quantization, hf)
+        if self.enable_lora and not cls.supports_tp:
+            raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not fit with LoRA "
+                             "adapters: enable_lora needs a natively supported architecture.")
         if quantization is not None and not cls.supports_tp:
             raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not quantize: "
                              f"quantization={quantization!r} needs a natively supported architecture.")

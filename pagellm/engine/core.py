@@ -91,7 +91,8 @@ class EngineCore:
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
-                                   config.cache.enable_prefix_caching, config.model.sliding_window, structured)
+                                   config.cache.enable_prefix_caching, config.model.sliding_window, structured,
+                                   config.lora.max_loras if config.lora is not None else 0)
         self._rng = random.Random(config.model.seed)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
@@ -108,11 +109,23 @@ class EngineCore:
         if policy is None and inp.beam is not None:
             policy = BeamSearchPolicy(**inp.beam)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        salt, lora_id = inp.cache_salt, 0
+        if inp.lora is not None:
+            self.add_lora(inp.lora)
+            lora_id = inp.lora.lora_int_id
+            salt = f"{salt or ''}\x00lora:{lora_id}"  # cached prefixes are per adapter: its K/V differ
         req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
                       eos_token_ids=self.config.model.eos_token_ids,
                       base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
-                      cache_salt=inp.cache_salt, priority=inp.priority, policy=policy)
+                      cache_salt=salt, priority=inp.priority, lora_id=lora_id, policy=policy)
         self.scheduler.add_request(req)
+
+    def add_lora(self, lora) -> bool:
+        """Load a LoRA adapter in the worker unless it is loaded (ValueError if it cannot be served). True when it
+        was loaded now."""
+        if self.config.lora is None:
+            raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
+        return self.executor.add_lora(lora)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)

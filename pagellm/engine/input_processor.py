@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagellm.config import ModelConfig
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import ParamError, SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -26,6 +27,7 @@ class ProcessedInput:
     cache_salt: str | None = None
     priority: int = 0  # scheduling_policy "priority": lower first
     beam: dict | None = None  # beam search (the API's use_beam_search): BeamSearchPolicy's arguments
+    lora: LoRARequest | None = None  # the LoRA adapter the request runs with (enable_lora)
 
 
 class InputProcessor:

@@ -82,6 +82,10 @@ class LLMEngine:
         req = self.scheduler.requests[request_id]
         self.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, req.arrival_time)
 
+    def add_lora(self, lora_request) -> bool:
+        """Load a LoRA adapter now (requests naming it load it on arrival otherwise); False if it was loaded."""
+        return self.core.add_lora(lora_request)
+
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.core.abort_requests(ids)

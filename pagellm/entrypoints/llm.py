@@ -18,6 +18,7 @@ from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
@@ -64,9 +65,11 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order. `priority`: one per prompt, lower first
-        (needs scheduling_policy="priority")."""
+        (needs scheduling_policy="priority"). `lora_request`: the LoRA adapter for every prompt, or one per prompt
+        (None: the base model; needs enable_lora=True)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -77,7 +80,15 @@ class LLM:
                 raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts; give one per prompt.")
             if any(not isinstance(p, int) or isinstance(p, bool) for p in priority):
                 raise ValueError(f"priority must hold integers, got {priority[:5]}.")
-        return self._run(prompts, params, use_tqdm, priority=priority)
+        loras = None
+        if lora_request is not None:
+            loras = [lora_request] * len(prompts) if isinstance(lora_request, LoRARequest) else list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts; give one, or one per "
+                                 "prompt.")
+            if any(lr is not None and not isinstance(lr, LoRARequest) for lr in loras):
+                raise ValueError("lora_request must hold LoRARequest objects (or None).")
+        return self._run(prompts, params, use_tqdm, priority=priority, loras=loras)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = True) -> list[BeamSearchOutput]:
@@ -113,15 +124,16 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, with the tokenizer's chat template
         (`chat_template_kwargs`: more template variables, e.g. {"enable_thinking": False}; `tools`: OpenAI-style
-        tool definitions for the template)."""
+        tool definitions for the template; `lora_request` as in generate)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, chat_template, add_generation_prompt,
                                                                  continue_final_message, chat_template_kwargs, tools)}
                    for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, conversation: ChatMessages, chat_template: str | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -143,7 +155,8 @@ class LLM:
         return params
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             policy_factory=None, priority: list[int] | None = None) -> list[RequestOutput]:
+             policy_factory=None, priority: list[int] | None = None,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         policies = [policy_factory() if policy_factory else None for _ in prompts]
         inputs = []
@@ -158,6 +171,10 @@ class LLM:
         for inp, p in zip(inputs, priority or ()):  # checked before any is queued
             check_priority(engine.config.scheduler.policy, p)
             inp.priority = p
+        for inp, lora in zip(inputs, loras or ()):
+            if lora is not None:
+                engine.core.add_lora(lora)  # loaded (or refused) before any request is queued
+            inp.lora = lora
         ids = []
         for inp, policy in zip(inputs, policies):
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY

@@ -80,6 +80,9 @@ class UniProcExecutor:
     def finish_sampling(self, pending, grammar_bitmask) -> None:
         self.runner.finish_sampling(pending, grammar_bitmask)
 
+    def add_lora(self, lora) -> bool:
+        return self.runner.add_lora(lora)
+
     def check_health(self) -> None:
         pass
 

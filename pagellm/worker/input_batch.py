@@ -84,6 +84,7 @@ class InputBatch:
         self.num_logprobs = np.full(max_num_seqs, -1, dtype=np.int64)  # SamplingParams.logprobs, -1 for None
         self.params: list[SamplingParams | None] = [None] * max_num_seqs
         self.seeds = np.zeros(max_num_seqs, dtype=np.uint64)  # each request's seed modulo 2^64
+        self.lora_ids = np.zeros(max_num_seqs, dtype=np.int64)  # each row's LoRA adapter (0: none)
         self.row_of: dict[int, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         # Penalties: per-row parameters, and (on the device, allocated on first use) the prompt's tokens as a
@@ -111,6 +112,7 @@ class InputBatch:
         p = d.sampling_params
         self.params[row] = p
         self.seeds[row] = d.seed & _MASK64
+        self.lora_ids[row] = d.lora_id
         self.temperature[row] = p.temperature
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p

@@ -132,6 +132,11 @@ class ModelRunner:
             max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, MIN_BATCH_ROWS)
             self.buffers = StepBuffers(max_tokens, config.scheduler.max_num_seqs, self.batch.block_table.shape[1],
                                        self.device)
+        self.lora = None  # LoRAManager: loaded adapters and this step's tokens per adapter
+        if config.lora is not None:
+            from pagellm.lora.layers import LoRAManager
+
+            self.lora = LoRAManager(self.model, config.lora.max_lora_rank, self.device, torch_dtype(config.model.dtype))
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -160,9 +165,17 @@ class ModelRunner:
             return "enforce_eager"
         if self.tp.size > 1:
             return "tensor parallelism"
+        if self.lora is not None:
+            return "LoRA adapters (enable_lora)"
         if not hasattr(self.backend, "attention") and not self.emulate_graphs:
             return f"attention backend {self.backend.name} reads host-side metadata"
         return graphs_supported(self.model)
+
+    def add_lora(self, lora) -> bool:
+        """Load a LoRA adapter (ValueError if it cannot be served here); False when it was loaded already."""
+        if self.lora is None:
+            raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
+        return self.lora.add(lora)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -301,6 +314,8 @@ class ModelRunner:
         np.cumsum(counts, out=cu[1:])
         # seq_lens [2, 5, 3] -> query_start_loc [0, 2, 7, 10]; token t of seq i sits at starts[i] + t - cu[i]
         tok_rows = np.repeat(rows, counts)
+        if self.lora is not None:
+            self.lora.set_step(b.lora_ids[tok_rows])
         positions = np.arange(total) - np.repeat(cu[:-1] - starts, counts)
         input_ids = b.token_ids[tok_rows, positions]
         bs = self.block_size
