@@ -116,6 +116,7 @@ class LoRAConfig:
 
     max_loras: int = 1  # distinct adapters in one step (requests of other adapters wait)
     max_lora_rank: int = 16  # largest rank an adapter may have
+    modules: tuple = ()  # LoRARequests loaded at start-up (--lora-modules), ids 1..N: the server's adapter names
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,12 @@ def hf_model(path: str):
 @torch.inference_mode()
 def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy tokens from HF generate and the log-softmax of HF's logits at each chosen token."""
-    model = hf_model(path)
+    return hf_greedy_with(hf_model(path), prompt_ids, max_new_tokens)
+
+
+@torch.inference_mode()
+def hf_greedy_with(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """hf_greedy for a model object (e.g. a PEFT model wrapping a transformers one)."""
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)

@@ -100,6 +100,10 @@ class EngineArgs:
                                   "c_attn/c_proj/c_fc, ...); steps run without CUDA graphs.")
     max_loras: int = _f(1, "Distinct LoRA adapters in one step; requests of other adapters wait their turn.")
     max_lora_rank: int = _f(16, "Largest rank a LoRA adapter may have.")
+    lora_modules: list[str] | None = _f(
+        None, "LoRA adapters loaded at start-up, each name=path or a JSON object {\"name\": ..., \"path\": ...} "
+              "(needs --enable-lora); the server answers to each name as a model (ids 1..N in this order).",
+        nargs="+")
     attention_backend: str = _f("auto", "Attention backend: auto, torch_ref, cpu_paged (CPU kernel) or "
                                         "triton_paged (CUDA).")
     served_model_name: str | None = _f(None, "Model name in the API (default: the model path).")
@@ -193,7 +197,9 @@ class EngineArgs:
             if self.tensor_parallel_size > 1:
                 raise ValueError("enable_lora needs tensor_parallel_size=1 (adapters are not sharded), got "
                                  f"tensor_parallel_size={self.tensor_parallel_size}.")
-            lora = LoRAConfig(self.max_loras, self.max_lora_rank)
+            lora = LoRAConfig(self.max_loras, self.max_lora_rank, lora_modules(self.lora_modules or []))
+        elif self.lora_modules:
+            raise ValueError("lora_modules needs enable_lora=True (--enable-lora).")
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -266,6 +272,31 @@ class EngineArgs:
             quantization=quantization,
             default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
         )
+
+
+def lora_modules(entries: list) -> tuple:
+    """`--lora-modules name=path | {"name": ..., "path": ...} ...` as LoRARequests with ids 1..N."""
+    from pagellm.lora.request import LoRARequest
+
+    out: list[LoRARequest] = []
+    for entry in entries:
+        if isinstance(entry, str) and entry.lstrip().startswith("{"):
+            try:
+                entry = json.loads(entry)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"lora_modules: {entry!r} is not JSON: {e}") from None
+        if isinstance(entry, dict):
+            name, path = entry.get("name"), entry.get("path")
+        elif isinstance(entry, str) and "=" in entry:
+            name, path = entry.split("=", 1)
+        else:
+            raise ValueError(f"lora_modules: expected name=path or {{\"name\": ..., \"path\": ...}}, got {entry!r}.")
+        if not name or not path:
+            raise ValueError(f"lora_modules: {entry!r} needs a name and a path.")
+        if any(m.lora_name == name for m in out):
+            raise ValueError(f"lora_modules: the name {name!r} is given twice.")
+        out.append(LoRARequest(name, len(out) + 1, path))
+    return tuple(out)
 
 
 def speculative_config(spec: dict | None) -> SpeculativeConfig | None:

@@ -45,6 +45,7 @@ from pagellm.engine.core import EngineCounters, EngineDeadError
 from pagellm.engine.core_proc import (
     AbortRequests,
     AddRequest,
+    CoreFailed,
     CoreOutput,
     CoreReady,
     CoreSnapshot,
@@ -143,6 +144,8 @@ class EngineReplica:
             if self.thread is not None and not self.thread.is_alive():
                 raise RuntimeError("the engine thread stopped while loading the model (its error is above)")
         msg = self.conn.recv()
+        if isinstance(msg, CoreFailed):
+            raise (ValueError if msg.is_value_error else RuntimeError)(msg.error)
         if not isinstance(msg, CoreReady):
             raise RuntimeError(f"unexpected first message from the engine core: {type(msg).__name__}")
         return msg.num_blocks

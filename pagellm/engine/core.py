@@ -94,6 +94,8 @@ class EngineCore:
                                    config.cache.enable_prefix_caching, config.model.sliding_window, structured,
                                    config.lora.max_loras if config.lora is not None else 0)
         self._rng = random.Random(config.model.seed)
+        for lora in config.lora.modules if config.lora is not None else ():  # --lora-modules: refused at start-up
+            self.executor.add_lora(lora)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
         self.async_scheduling = config.scheduler.async_scheduling

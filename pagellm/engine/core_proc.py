@@ -83,6 +83,14 @@ class CoreReady:
 
 
 @dataclass
+class CoreFailed:
+    """The core could not start (instead of CoreReady): a configuration it refuses, e.g. a LoRA adapter."""
+
+    error: str
+    is_value_error: bool  # a ValueError: the user's input, reported as one line
+
+
+@dataclass
 class CoreOutput:
     updates: list[RequestUpdate] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # requests ended by an error
@@ -95,7 +103,14 @@ class CoreOutput:
 
 def run_engine_core(config: EngineConfig, conn: Connection) -> None:
     """Build the core, then serve messages and steps until Shutdown or until the connection closes."""
-    core = EngineCore(config)
+    try:
+        core = EngineCore(config)
+    except ValueError as e:
+        conn.send(CoreFailed(str(e), True))
+        return
+    except Exception as e:
+        conn.send(CoreFailed(f"{type(e).__name__}: {e}", False))
+        raise
     conn.send(CoreReady(core.num_blocks))
     reported_idle = False
     try:

@@ -54,7 +54,13 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.reasoning import PARSERS
 from pagellm.entrypoints.openai.serving_chat import create_chat_completion
-from pagellm.entrypoints.openai.serving_common import APIError, ServingState, api_error_from, check_request
+from pagellm.entrypoints.openai.serving_common import (
+    APIError,
+    ServingState,
+    api_error_from,
+    check_request,
+    model_not_found,
+)
 from pagellm.entrypoints.openai.serving_completion import create_completion
 from pagellm.entrypoints.openai.tool_calls import template_messages
 
@@ -176,14 +182,13 @@ def build_app(state: ServingState, api_key: str | None = None,
 
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models() -> ModelList:
-        return ModelList(data=[_model_card(state)])
+        return ModelList(data=[_model_card(state), *(_model_card(state, name) for name in state.lora_modules)])
 
     @app.get("/v1/models/{model:path}", responses={401: ERRORS[401], 404: ERRORS[404]})
     async def model(model: str) -> ModelCard:
-        if model != state.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
-                           param="model", code="model_not_found")
-        return _model_card(state)
+        if model != state.model_name and model not in state.lora_modules:
+            raise model_not_found(state, model)
+        return _model_card(state, None if model == state.model_name else model)
 
     errors = {k: ERRORS[k] for k in (400, 401, 404, 413)}
 
@@ -223,7 +228,11 @@ def build_app(state: ServingState, api_key: str | None = None,
     return app
 
 
-def _model_card(state: ServingState) -> ModelCard:
+def _model_card(state: ServingState, lora: str | None = None) -> ModelCard:
+    """The base model's card, or a LoRA adapter's (its path as root, the base model as parent)."""
+    if lora is not None:
+        return ModelCard(id=lora, root=state.lora_modules[lora].lora_path, parent=state.model_name,
+                         max_model_len=state.max_model_len)
     return ModelCard(id=state.model_name, root=state.engine.config.model.model, max_model_len=state.max_model_len)
 
 
@@ -284,7 +293,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          trust_request_chat_template=ns.trust_request_chat_template, tool_parser=parser,
                          default_sampling=dict(cfg.model.default_sampling),
                          reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None,
-                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details)
+                         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                         lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())})
     if state.reasoning_parser is not None:
         state.reasoning_tokens = state.reasoning_parser.token_ids(engine.tokenizer)
     state.metrics.attach_engine(engine)

@@ -28,6 +28,7 @@ from pagellm.entrypoints.openai.serving_common import (
     beam_search,
     check_request,
     guarded_stream,
+    lora_for,
     run_all,
     sse,
     validate_inputs,
@@ -163,7 +164,7 @@ async def create_chat_completion(state: ServingState,
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params, beam = beam_search(state, req, params, req.logprobs)
     inputs = await validate_inputs(state, salted([{"prompt_token_ids": ids}], req.cache_salt), params, "messages",
-                                   max_param, priority=req.priority, beam=beam)
+                                   max_param, priority=req.priority, beam=beam, lora=lora_for(state, req))
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)
     if req.stream:

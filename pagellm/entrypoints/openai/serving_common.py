@@ -79,6 +79,7 @@ class ServingState:
     reasoning_parser: Any = None  # splits a chat reply's thinking from its answer (--reasoning-parser)
     reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in replies
+    lora_modules: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoRARequest (--lora-modules)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
@@ -86,11 +87,21 @@ class ServingState:
         return self.engine.tokenizer
 
 
+def model_not_found(state: ServingState, model: str) -> APIError:
+    names = ", ".join(f"`{n}`" for n in [state.model_name, *state.lora_modules])
+    return APIError(404, f"The model `{model}` does not exist. This server serves {names}.", param="model",
+                    code="model_not_found")
+
+
+def lora_for(state: ServingState, req: OpenAIBaseModel) -> Any:
+    """The LoRARequest of the adapter the request names as its model, or None (the base model)."""
+    return state.lora_modules.get(getattr(req, "model", None) or "")
+
+
 def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None:
     model = getattr(req, "model", None)
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.",
-                       param="model", code="model_not_found")
+    if model is not None and model != state.model_name and model not in state.lora_modules:
+        raise model_not_found(state, model)
     ignored = req.ignored_fields()
     if ignored:
         logger.warning("%s: ignoring unknown fields %s", route, ignored)
@@ -151,7 +162,7 @@ def beam_search(state: ServingState, req: Any, params: SamplingParams,
 
 async def validate_inputs(state: ServingState, prompts: list[Any], params: SamplingParams, prompt_param: str,
                           max_tokens_param: str = "max_tokens", priority: int = 0,
-                          beam: dict | None = None) -> list[ProcessedInput]:
+                          beam: dict | None = None, lora: Any = None) -> list[ProcessedInput]:
     """Queue room first (429 before anything streams), then tokenize and validate off the event loop."""
     state.engine.check_capacity(len(prompts))
     # A request without max_tokens gets the prompt's room, capped by the generation config's max_tokens.
@@ -163,7 +174,7 @@ async def validate_inputs(state: ServingState, prompts: list[Any], params: Sampl
         else:  # the beams run at once; their candidates are internal logprobs, not capped by --max-logprobs
             inputs = [state.engine.process_input(p, params, beam["beam_width"], logprobs_cap=False) for p in prompts]
         for inp in inputs:
-            inp.priority, inp.beam = priority, beam
+            inp.priority, inp.beam, inp.lora = priority, beam, lora
         if cap is not None:
             for inp in inputs:
                 inp.params.max_tokens = min(inp.params.max_tokens, max(cap, inp.params.min_tokens))

@@ -22,6 +22,7 @@ from pagellm.entrypoints.openai.serving_common import (
     beam_search,
     check_request,
     guarded_stream,
+    lora_for,
     run_all,
     sse,
     validate_inputs,
@@ -98,7 +99,8 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
         params.prompt_logprobs = req.logprobs
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     params, beam = beam_search(state, req, params, req.logprobs is not None)
-    inputs = await validate_inputs(state, prompts, params, "prompt", priority=req.priority, beam=beam)
+    inputs = await validate_inputs(state, prompts, params, "prompt", priority=req.priority, beam=beam,
+                                   lora=lora_for(state, req))
     rid = random_id("cmpl")
     if req.stream:
         return guarded_stream(_stream(state, req, inputs, rid))
