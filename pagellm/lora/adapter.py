@@ -7,7 +7,7 @@ PEFT stores, per adapted module, `base_model.model.<module>.lora_A.weight` (r, i
 (out, r); the update is out += scale * x A^T B^T with scale = lora_alpha / r (lora_alpha / sqrt(r) with
 use_rslora). A module's checkpoint name goes through the model's own `map_weight`, as the base weights do,
 so q_proj lands on part 0 of the packed qkv_proj (rows offsets[0] .. + out_sizes[0]) and GPT-2's c_attn on
-the whole packed layer. B is stored pre-scaled.
+the whole packed layer. B is stored pre-scaled, and the parts of one packed layer are stacked (see LoRAAdapter).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def read_adapter_config(path: str, max_rank: int) -> dict:
 class LoRAAdapter:
     request: LoRARequest
     rank: int
-    # module name (the model's) -> [(first output row, rows, A (r, in), B * scale (rows, r))]
-    weights: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # module name (the model's) -> (A (R, in), B (out, R)): the A of every adapted part stacked, and B scaled and
+    # placed at each part's output rows (zeros elsewhere), so one layer's update is two matmuls however packed
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _adapter_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -90,6 +91,7 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
         else:
             raise ValueError(f"LoRA adapter {path!r}: tensor {key!r} is not a LoRA A/B weight.")
     adapter = LoRAAdapter(request, cfg["r"])
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (A, B placed at its part's rows)
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"LoRA adapter {path!r}: {module} lacks its lora_A or lora_B weight.")
@@ -111,9 +113,12 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
             raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, the "
                              f"model's layer takes {layer.in_features} inputs to {rows} outputs.")
         scale = alpha / (r ** 0.5 if rslora else r)
-        adapter.weights.setdefault(layer.lora_name, []).append(
-            (start, rows, a.to(device=device, dtype=dtype).contiguous(),
-             (b.float() * scale).to(device=device, dtype=dtype).contiguous()))
-    if not adapter.weights:
+        full_b = torch.zeros(layer.out_features, r)
+        full_b[start:start + rows] = b.float() * scale
+        parts.setdefault(layer.lora_name, []).append((a.float(), full_b))
+    if not parts:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights.")
+    for name, ab in parts.items():
+        adapter.weights[name] = (torch.cat([a for a, _ in ab]).to(device=device, dtype=dtype),
+                                 torch.cat([b for _, b in ab], dim=1).to(device=device, dtype=dtype))
     return adapter
