@@ -292,3 +292,14 @@ def test_smoke_speculative(tmp_path):
     assert "same tokens as plain decoding: yes" in text and report["same_tokens"]
     assert report["output_tokens"] == 120 and report["steps_per_token"]["ngram"] < report["steps_per_token"]["plain"]
     assert 0 < report["acceptance_rate"] <= 1 and report["tokens_per_step_with_drafts"] > 1
+
+
+def test_smoke_lora(llama_path, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora.json"
+    text = bench("lora", "--model", llama_path, "--rank", "4", "--num-prompts", "3", "--output-len", "4", "--rounds",
+                 "1", "--output-json", str(out))
+    report = json.loads(out.read_text())
+    runs = {"base model, no LoRA engine", "base model, LoRA engine", "one adapter", "2 adapters mixed"}
+    assert "2 adapters mixed" in text and set(report["ratio"]) == runs
+    assert report["ratio"]["base model, no LoRA engine"] == 1.0 and all(v > 0 for v in report["tok_s"].values())
