@@ -194,9 +194,6 @@ class EngineArgs:
         if self.enable_lora:
             _positive("max_loras", self.max_loras)
             _positive("max_lora_rank", self.max_lora_rank)
-            if self.tensor_parallel_size > 1:
-                raise ValueError("enable_lora needs tensor_parallel_size=1 (adapters are not sharded), got "
-                                 f"tensor_parallel_size={self.tensor_parallel_size}.")
             lora = LoRAConfig(self.max_loras, self.max_lora_rank, lora_modules(self.lora_modules or []))
         elif self.lora_modules:
             raise ValueError("lora_modules needs enable_lora=True (--enable-lora).")

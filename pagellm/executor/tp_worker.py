@@ -7,6 +7,7 @@
     broadcast(InitKVCache(n))  ------------------> allocate n blocks
     broadcast(Execute(sched))  ------------------> execute_model(sched)         (all ranks, in lockstep:
     execute_model(sched) -> ModelRunnerOutput      (results dropped)            the collectives pair up)
+    broadcast(AddLoRA(lora))   ------------------> load this rank's shard of the adapter
     broadcast(Shutdown())      ------------------> return
 
 Commands are small dataclasses dispatched by type, pickled by torch.distributed's
@@ -44,6 +45,11 @@ class Shutdown:
     pass
 
 
+@dataclass
+class AddLoRA:
+    lora: object  # a LoRARequest: every rank loads its shard of the adapter
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -65,6 +71,8 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
             runner.execute_model(cmd.sched)
         elif isinstance(cmd, InitKVCache):
             runner.init_kv_cache(cmd.num_blocks)
+        elif isinstance(cmd, AddLoRA):
+            runner.add_lora(cmd.lora)
         elif isinstance(cmd, Shutdown):
             break
         else:
@@ -97,6 +105,13 @@ class DriverRank:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.tp.broadcast_object(Execute(sched))
         return self.runner.execute_model(sched)
+
+    def add_lora(self, lora) -> bool:
+        """Rank 0 loads (or refuses: a ValueError, nothing sent) first, then the others load their shards."""
+        loaded = self.runner.add_lora(lora)
+        if loaded:
+            self.tp.broadcast_object(AddLoRA(lora))
+        return loaded
 
     def shutdown(self) -> None:
         self.tp.broadcast_object(Shutdown())
@@ -165,6 +180,10 @@ class TPExecutorBase:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self._run(self.driver.execute_model, sched)
+
+    def add_lora(self, lora) -> bool:
+        self.check_health()
+        return self.driver.add_lora(lora)  # a refused adapter is a ValueError before any rank is told
 
     def shutdown(self) -> None:
         if self.dead is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagellm.lora.request import LoRARequest
-from pagellm.models.parallel_layers import ColumnParallelLinear, Linear
+from pagellm.models.parallel_layers import ColumnParallelLinear, Linear, RowParallelLinear
 
 
 def read_adapter_config(path: str, max_rank: int) -> dict:
@@ -69,6 +69,26 @@ def _adapter_tensors(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"LoRA adapter {path!r}: no adapter_model.safetensors or adapter_model.bin.")
 
 
+def _shard(layer: Linear, shard, a: torch.Tensor):
+    """This rank's part of an adapter for one layer, as tensor parallelism splits the layer: A's input columns
+    (row-parallel layers), and B's rows as (local row, checkpoint row, rows) pieces (column-parallel layers, a
+    packed part or all of them). Returns (A or None if its inputs do not fit, pieces, inputs, checkpoint rows)."""
+    if isinstance(layer, RowParallelLinear):
+        full_in = a.shape[1]
+        if layer.tp.shard(full_in) != (layer.in_start, layer.in_features):
+            return None, [], f"{layer.in_features} (this rank's)", layer.out_features
+        return a[:, layer.in_start:layer.in_start + layer.in_features], [(0, 0, layer.out_features)], full_in, \
+            layer.out_features
+    ok = a if a.shape[1] == layer.in_features else None
+    if not isinstance(layer, ColumnParallelLinear):
+        return ok, [(0, 0, layer.out_features)], layer.in_features, layer.out_features
+    if shard is not None:
+        part = layer.parts[shard]
+        return ok, [(layer.offsets[shard], part.start, part.size)], layer.in_features, part.full_size
+    pieces = [(layer.offsets[i], layer.full_offsets[i] + p.start, p.size) for i, p in enumerate(layer.parts)]
+    return ok, pieces, layer.in_features, sum(p.full_size for p in layer.parts)
+
+
 def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, device: torch.device,
                  dtype: torch.dtype) -> LoRAAdapter:
     path = request.lora_path
@@ -104,17 +124,14 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
         if not isinstance(layer, Linear) or getattr(layer, "lora_name", None) is None:
             raise ValueError(f"LoRA adapter {path!r} targets {module}, which is not a linear layer of the decoder "
                              "that pagellm can adapt (embeddings and the LM head are not).")
-        shard = target[1]
-        if isinstance(layer, ColumnParallelLinear) and shard is not None:
-            start, rows = layer.offsets[shard], layer.out_sizes[shard]
-        else:
-            start, rows = 0, layer.out_features
-        if a.shape[1] != layer.in_features or b.shape[0] != rows:
-            raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, the "
-                             f"model's layer takes {layer.in_features} inputs to {rows} outputs.")
+        a, pieces, want_in, want_out = _shard(layer, target[1], a)
+        if a is None or b.shape[0] != want_out:
+            raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(ab['lora_A'].shape)} and B "
+                             f"{tuple(b.shape)}, the model's layer takes {want_in} inputs to {want_out} outputs.")
         scale = alpha / (r ** 0.5 if rslora else r)
         full_b = torch.zeros(layer.out_features, r)
-        full_b[start:start + rows] = b.float() * scale
+        for dst, src, n in pieces:
+            full_b[dst:dst + n] = b[src:src + n].float() * scale
         parts.setdefault(layer.lora_name, []).append((a.float(), full_b))
     if not parts:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights.")

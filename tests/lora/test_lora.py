@@ -160,12 +160,29 @@ def test_bad_adapters_are_clear_errors_and_the_engine_goes_on(tiny_models, adapt
     assert stats.num_free_blocks == stats.num_total_blocks and not llm.llm_engine.has_unfinished_requests()
 
 
-def test_lora_needs_enable_lora_one_rank_and_a_native_model(tiny_models, adapters):
+@pytest.mark.parametrize("arch, names", [("llama", ["llama_all", "llama_rs"]), ("gpt2", ["gpt2"])])
+def test_tensor_parallel_adapters_equal_peft(tiny_models, adapters, arch, names):
+    """TP=2: each rank keeps its slice of every adapter (B's rows of column-parallel layers, packed parts one by one;
+    A's inputs of row-parallel layers, whose partial updates the all-reduce sums with the base's)."""
+    loras = [LoRARequest(n, i + 1, adapters[n][1]) for i, n in enumerate(names)]
+    jobs = [(p, lr) for p in PROMPTS[:3] for lr in [*loras, None]]
+    with LLM(tiny_models[arch], tensor_parallel_size=2, enable_lora=True, max_loras=len(names), max_lora_rank=8,
+             num_gpu_blocks_override=128, block_size=8) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY, lora_request=[lr for _, lr in jobs],
+                            use_tqdm=False)
+        other = adapters["llama_all" if arch == "gpt2" else "gpt2"][1]  # another architecture's adapter
+        with pytest.raises(ValueError, match="targets"):  # refused on rank 0 before any other rank is told
+            llm.llm_engine.add_lora(LoRARequest("other", 9, other))
+        assert len(llm.generate({"prompt_token_ids": [3, 4]}, GREEDY, lora_request=loras[0], use_tqdm=False)) == 1
+    for (prompt, lr), out in zip(jobs, outs):
+        ref_model = hf_model(tiny_models[arch]) if lr is None else adapters[lr.lora_name][0]
+        assert_close(tokens_and_logprobs(out), hf_greedy_with(ref_model, prompt, GREEDY.max_tokens))
+
+
+def test_lora_needs_enable_lora_and_a_native_model(tiny_models, adapters):
     llm = LLM(tiny_models["llama"], num_gpu_blocks_override=32)
     with pytest.raises(ValueError, match="needs enable_lora=True"):
         llm.generate({"prompt_token_ids": [1, 2]}, GREEDY, lora_request=LoRARequest("a", 1, adapters["llama_rs"][1]))
-    with pytest.raises(ValueError, match="enable_lora needs tensor_parallel_size=1"):
-        EngineArgs(model=tiny_models["llama"], enable_lora=True, tensor_parallel_size=2).create_engine_config()
     with pytest.raises(ValueError, match="transformers fallback"):
         EngineArgs(model=tiny_models["stablelm"], enable_lora=True).create_engine_config()
     with pytest.raises(ValueError, match="max_lora_rank must be a positive integer"):
