@@ -20,7 +20,8 @@ TOL = 1e-4
 ADAPTERS = {
     "llama_all": ("llama", dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"])),
-    "llama_rs": ("llama", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj", "up_proj"])),
+    "llama_rs": ("llama", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj", "up_proj"],
+                               rank_pattern={"up_proj": 2})),
     "gpt2": ("gpt2", dict(r=6, lora_alpha=12, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"])),
     "qwen2": ("qwen2", dict(r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])),
 }
