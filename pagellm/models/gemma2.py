@@ -1,4 +1,5 @@
-"""Gemma 2 (Gemma2ForCausalLM): LLaMA's blocks with Gemma's details.
+"""Gemma (GemmaForCausalLM), Gemma 2 (Gemma2ForCausalLM) and Gemma 3 (Gemma3ForCausalLM, text): LLaMA's blocks
+with Gemma's details.
 
     input_ids -> embed_tokens * sqrt(hidden) -> [GemmaRMSNorm -> attention (soft-capped scores, scale
         query_pre_attn_scalar ** -0.5, sliding window on alternate layers) -> GemmaRMSNorm -> + residual
@@ -7,6 +8,11 @@
 
 GemmaRMSNorm scales by (1 + w). Sliding and global layers alternate (config.layer_types), so no
 KV block can be freed early: the global layers still read every token.
+
+Gemma (1) is LLaMA's block with GemmaRMSNorm, the scaled embedding and GeGLU. Gemma 3 is Gemma 2's block with
+GemmaRMSNorm on q and k (per head) and its own RoPE per kind of layer (rope_parameters["sliding_attention"],
+local base 10k; ["full_attention"], 1M and possibly scaled); five sliding layers to one global by default;
+no soft-capping unless the config sets it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from torch import nn
 
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.layers import GatedMLP, GemmaRMSNorm
+from pagellm.models.layers import GatedMLP, GemmaRMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
 from pagellm.models.parallel_layers import SINGLE
 
@@ -63,3 +69,50 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.final_soft_cap
         return logits if cap is None or logits is None else torch.tanh(logits / cap) * cap
+
+
+class GemmaForCausalLM(Gemma2ForCausalLM):
+    """Gemma (1): LLaMA's two-norm block with GemmaRMSNorm, the scaled embedding and GeGLU; no soft-capping, no
+    sliding window."""
+
+    decoder_layer = LlamaForCausalLM.decoder_layer
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        return GatedMLP(config.hidden_size, config.intermediate_size, act, tp=tp)
+
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 (text): Gemma 2's block, q/k GemmaRMSNorm, a RoPE table per kind of layer."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True, qk_norm_cls=GemmaRMSNorm,
+                                scale=config.query_pre_attn_scalar ** -0.5,
+                                logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, max_model_len, tp)
+        params = getattr(config, "rope_parameters", None) or {}
+        types = list(config.layer_types)
+        if set(types) <= set(params):  # one RoPE per kind of layer
+            self.rotaries = nn.ModuleDict({t: RotaryEmbedding(config, max_model_len, t) for t in sorted(set(types))})
+            self.layer_rotary = types
+        else:
+            self.rotaries = None
+
+    def forward(self, input_ids, positions, kv_caches, meta, backend):
+        if self.rotaries is None:
+            return super().forward(input_ids, positions, kv_caches, meta, backend)
+        x = self.embed(input_ids)
+        for layer, kind, kv_cache in zip(self.model.layers, self.layer_rotary, kv_caches):
+            x = layer(positions, x, self.rotaries[kind], kv_cache, meta, backend)
+        return self.model.norm(x)

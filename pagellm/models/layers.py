@@ -213,9 +213,12 @@ class FusedMoE(nn.Module):
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 
 
-def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling, from Hugging Face's own RoPE initialisers."""
+def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, from Hugging Face's own RoPE initialisers. `layer_type`: configs
+    whose rope_parameters differ per kind of layer (Gemma 3: {"sliding_attention": ..., "full_attention": ...})."""
     params = getattr(hf_config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params[layer_type]
     scaling = getattr(hf_config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type in ("dynamic", "longrope"):
@@ -230,7 +233,7 @@ def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
 
     fn = ROPE_INIT_FUNCTIONS[rope_type]
     try:
-        inv_freq, attn_scaling = fn(hf_config)
+        inv_freq, attn_scaling = fn(hf_config) if layer_type is None else fn(hf_config, layer_type=layer_type)
     except TypeError:  # transformers 4.x signature
         inv_freq, attn_scaling = fn(hf_config, None)
     return inv_freq.float(), float(attn_scaling)
@@ -239,9 +242,9 @@ def rope_inv_freq(hf_config) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """NeoX-style (rotate-half) RoPE with a cos/sin table for every position up to max_len."""
 
-    def __init__(self, hf_config, max_len: int) -> None:
+    def __init__(self, hf_config, max_len: int, layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, attn_scaling = rope_inv_freq(hf_config)
+        inv_freq, attn_scaling = rope_inv_freq(hf_config, layer_type)
         freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, rotary_dim)
         self.register_buffer("cos", emb.cos() * attn_scaling, persistent=False)

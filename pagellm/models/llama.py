@@ -42,6 +42,7 @@ class AttentionOptions:
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     o_bias: bool = False  # the output projection carries a bias
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    qk_norm_cls: type = RMSNorm  # its kind (Gemma 3: GemmaRMSNorm, scale 1 + w)
     scale: float | None = None  # None: head_dim ** -0.5
     logits_soft_cap: float | None = None  # Gemma 2
 
@@ -56,8 +57,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_parts(h, kvh, d, tp), bias=opts.qkv_bias)
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=opts.o_bias, tp=tp)
         if opts.qk_norm:
-            self.q_norm = RMSNorm(d, config.rms_norm_eps)
-            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+            self.q_norm = opts.qk_norm_cls(d, config.rms_norm_eps)
+            self.k_norm = opts.qk_norm_cls(d, config.rms_norm_eps)
         self.qk_norm = opts.qk_norm
         scale = opts.scale if opts.scale is not None else d ** -0.5
         self.attn = Attention(self.num_heads, d, self.num_kv_heads, scale, layer_sliding_window(config, layer_idx),
@@ -80,8 +81,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config), tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, x, rotary, kv_cache, meta, backend):
         x = x + self.self_attn(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)

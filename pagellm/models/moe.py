@@ -1,4 +1,4 @@
-"""Mixture-of-experts LLaMA families: Mixtral and Qwen2-MoE.
+"""Mixture-of-experts LLaMA families: Mixtral, Qwen2-MoE and Qwen3-MoE.
 
     x (T, H) -> gate (router, T x E logits) -> FusedMoE: top-k experts per token, each a gated MLP
              (+ Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)) -> (T, H)
@@ -101,3 +101,22 @@ class Qwen2MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
                               config.shared_expert_intermediate_size, tp)
+
+
+class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
+    """Qwen3-MoE: Qwen3's attention (q/k RMSNorm, biases from config.attention_bias) with Qwen2-MoE's sparse layers,
+    without a shared expert."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
+                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
+        if not sparse:
+            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob), tp=tp)
