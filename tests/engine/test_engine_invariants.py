@@ -55,14 +55,20 @@ def test_preemption_gives_the_same_seeded_samples(llama_path, vocab):
     assert tight.llm_engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("rounds", [{}, {"num_scheduler_steps": 4, "async_scheduling": True}],
-                         ids=["one-step", "multi-step"])
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+
+
+@pytest.mark.parametrize("rounds", [{}, {"num_scheduler_steps": 4, "async_scheduling": True},
+                                    {"speculative_config": SPEC}], ids=["one-step", "multi-step", "speculative"])
 def test_blocks_are_consistent_every_step_and_all_free_after(llama_path, vocab, rounds):
     llm = LLM(llama_path, block_size=4, num_gpu_blocks_override=24, **rounds)
     engine: LLMEngine = llm.llm_engine
     for i, p in enumerate(prompts_for(vocab, 8, seed=5)):
+        temperature = 0.8
+        if "speculative_config" in rounds:  # repeats, and greedy loops: drafts to check (and to roll back)
+            p, temperature = p[:6] * 3, 0.0 if i % 2 else 0.8
         engine.add_request(str(i), {"prompt_token_ids": p},
-                           SamplingParams(temperature=0.8, seed=i, max_tokens=16, ignore_eos=True))
+                           SamplingParams(temperature=temperature, seed=i, max_tokens=16, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
         check_block_invariants(engine.scheduler.kv)
@@ -71,7 +77,10 @@ def test_blocks_are_consistent_every_step_and_all_free_after(llama_path, vocab, 
         # Without forks or prefix hits, no block is in two tables.
         assert len(ids) == len({b.block_id for b in ids})
     assert engine.scheduler.kv.num_free_blocks == 24
-    assert (engine.stats.device_steps > engine.stats.num_steps) == bool(rounds)
+    assert (engine.stats.device_steps > engine.stats.num_steps) == ("num_scheduler_steps" in rounds)
+    stats = engine.get_stats()
+    if "speculative_config" in rounds:
+        assert stats.spec_num_draft_tokens > stats.spec_num_accepted_tokens > 0 and stats.num_preemptions > 0
 
 
 def test_abort_mid_generation_frees_every_block(llama_path, vocab):
