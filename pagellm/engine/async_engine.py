@@ -48,8 +48,10 @@ from pagellm.engine.core_proc import (
     CoreFailed,
     CoreOutput,
     CoreReady,
+    CoreReply,
     CoreSnapshot,
     FinishSequence,
+    LoRAUpdate,
     Shutdown,
     SnapshotRequest,
     run_engine_core,
@@ -287,11 +289,13 @@ class AsyncLLMEngine:
         return min(live, key=lambda r: (mine[r.index], r.load, r.index))
 
     async def generate(self, prompt: PromptType | ProcessedInput, params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request (deltas if params.output_kind is DELTA). Cancelling aborts it."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
+        if lora_request is not None:
+            inp.lora = lora_request
         replica = self._pick_replica()
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), replica)
         with self._lock:
@@ -395,6 +399,28 @@ class AsyncLLMEngine:
             r.snapshots.pop(token, None)
         return out
 
+    async def update_lora(self, lora, load: bool, timeout: float = 120.0) -> list:
+        """Load (load=True) or unload a LoRA adapter in every replica's core. Returns their answers (the adapter
+        was new / was loaded); ValueError with the first refusal."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for r in self.replicas:
+            token = next(self._tokens)
+            fut = loop.create_future()
+            r.snapshots[token] = (loop, fut)
+            r.send(LoRAUpdate(token, lora, load))
+            waits.append((r, token, fut))
+        replies = []
+        for r, token, fut in waits:
+            try:
+                replies.append(await asyncio.wait_for(fut, timeout))
+            finally:
+                r.snapshots.pop(token, None)
+        for reply in replies:
+            if reply.error is not None:
+                raise ValueError(reply.error)
+        return [reply.value for reply in replies]
+
     def _read(self, replica: EngineReplica) -> None:
         while True:
             try:
@@ -404,7 +430,7 @@ class AsyncLLMEngine:
                 return
             if isinstance(msg, CoreOutput):
                 self._handle(replica, msg)
-            elif isinstance(msg, CoreSnapshot):
+            elif isinstance(msg, (CoreSnapshot, CoreReply)):
                 waiter = replica.snapshots.pop(msg.token, None)
                 if waiter is not None:
                     loop, fut = waiter

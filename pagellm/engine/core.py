@@ -129,6 +129,15 @@ class EngineCore:
             raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
         return self.executor.add_lora(lora)
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter no live request uses (ValueError otherwise); False when it was not loaded."""
+        if self.config.lora is None:
+            raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
+        users = sum(1 for r in self.scheduler.requests.values() if r.lora_id == lora_int_id)
+        if users:
+            raise ValueError(f"LoRA adapter {lora_int_id} is in use by {users} request(s); unload it once they end.")
+        return self.executor.remove_lora(lora_int_id)
+
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
 

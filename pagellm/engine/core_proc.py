@@ -67,6 +67,22 @@ class SnapshotRequest:
 
 
 @dataclass
+class LoRAUpdate:
+    """Load (or unload) a LoRA adapter at run time; answered by CoreReply."""
+
+    token: int  # echoed in the reply
+    lora: object  # the LoRARequest
+    load: bool  # False: unload
+
+
+@dataclass
+class CoreReply:
+    token: int
+    error: str | None = None  # why the call was refused (a ValueError's message), None when done
+    value: object = None
+
+
+@dataclass
 class CoreSnapshot:
     """What the dashboard shows of one engine core, taken between steps."""
 
@@ -154,6 +170,12 @@ def _apply_messages(core: EngineCore, conn: Connection, out: CoreOutput) -> bool
             core.finish_sequence(msg.request_id, msg.index, msg.stop)
         elif isinstance(msg, Shutdown):
             return False
+        elif isinstance(msg, LoRAUpdate):
+            try:
+                value = core.add_lora(msg.lora) if msg.load else core.remove_lora(msg.lora.lora_int_id)
+                conn.send(CoreReply(msg.token, None, value))
+            except Exception as e:  # noqa: BLE001 - refused: the caller reports it, the core goes on
+                conn.send(CoreReply(msg.token, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
         elif isinstance(msg, SnapshotRequest):
             conn.send(CoreSnapshot(msg.token, core.scheduler.kv.block_map(), core.scheduler.request_table()))
         else:

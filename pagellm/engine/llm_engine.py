@@ -72,10 +72,12 @@ class LLMEngine:
         return inp
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedInput, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, policy: Any = None) -> None:
+                    arrival_time: float | None = None, policy: Any = None, lora_request: Any = None) -> None:
         if self.core.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.core.dead}")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
+        if lora_request is not None:
+            inp.lora = lora_request
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use.")
         self.core.add_request(request_id, inp, arrival_time, policy)
@@ -85,6 +87,10 @@ class LLMEngine:
     def add_lora(self, lora_request) -> bool:
         """Load a LoRA adapter now (requests naming it load it on arrival otherwise); False if it was loaded."""
         return self.core.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unload an adapter that no live request uses; False if it was not loaded."""
+        return self.core.remove_lora(lora_int_id)
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

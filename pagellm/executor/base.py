@@ -83,6 +83,9 @@ class UniProcExecutor:
     def add_lora(self, lora) -> bool:
         return self.runner.add_lora(lora)
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.runner.remove_lora(lora_int_id)
+
     def check_health(self) -> None:
         pass
 

@@ -50,6 +50,11 @@ class AddLoRA:
     lora: object  # a LoRARequest: every rank loads its shard of the adapter
 
 
+@dataclass
+class RemoveLoRA:
+    lora_int_id: int
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -73,6 +78,8 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
             runner.init_kv_cache(cmd.num_blocks)
         elif isinstance(cmd, AddLoRA):
             runner.add_lora(cmd.lora)
+        elif isinstance(cmd, RemoveLoRA):
+            runner.remove_lora(cmd.lora_int_id)
         elif isinstance(cmd, Shutdown):
             break
         else:
@@ -112,6 +119,12 @@ class DriverRank:
         if loaded:
             self.tp.broadcast_object(AddLoRA(lora))
         return loaded
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        removed = self.runner.remove_lora(lora_int_id)
+        if removed:
+            self.tp.broadcast_object(RemoveLoRA(lora_int_id))
+        return removed
 
     def shutdown(self) -> None:
         self.tp.broadcast_object(Shutdown())
@@ -184,6 +197,9 @@ class TPExecutorBase:
     def add_lora(self, lora) -> bool:
         self.check_health()
         return self.driver.add_lora(lora)  # a refused adapter is a ValueError before any rank is told
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._run(self.driver.remove_lora, lora_int_id)
 
     def shutdown(self) -> None:
         if self.dead is None:

@@ -50,11 +50,24 @@ class LoRAManager:
             return False
         adapter = load_adapter(self.model, request, self.max_rank, self.device, self.dtype)
         self.adapters[request.lora_int_id] = adapter
+        self._forget_stacks()  # an id may come back with other weights
         for name in adapter.weights:
             layer = self.layers[name]
             if "_matmul" not in layer.__dict__:
                 layer._matmul = self._hooked(layer, layer._matmul)  # this instance only
         return True
+
+    def remove(self, lora_int_id: int) -> bool:
+        """Drop a loaded adapter (no running sequence may use it). False when it was not loaded."""
+        if self.adapters.pop(lora_int_id, None) is None:
+            return False
+        self._forget_stacks()
+        return True
+
+    def _forget_stacks(self) -> None:
+        for layer in self.layers.values():
+            if getattr(layer, "lora_stack", None) is not None:
+                layer.lora_stack = None
 
     def _hooked(self, layer: Linear, matmul):
         def lora_matmul(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

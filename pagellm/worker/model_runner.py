@@ -177,6 +177,9 @@ class ModelRunner:
             raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
         return self.lora.add(lora)
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self.lora is not None and self.lora.remove(lora_int_id)
+
     # ---- one step -------------------------------------------------------------------
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

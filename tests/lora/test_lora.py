@@ -229,3 +229,60 @@ def test_a_bad_lora_module_stops_the_server_at_start_up(tiny_models, adapters):
                           "--enable-lora", "--max-lora-rank", "4", "--lora-modules", f"a={adapters['llama_all'][1]}"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "more than max_lora_rank=4" in out.stdout + out.stderr
+
+
+def test_adapters_loaded_and_unloaded_while_the_server_runs(tiny_models, adapters):
+    """--allow-runtime-lora-updating: /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes and
+    messages); a refused adapter is a 400 and changes nothing; an adapter in use cannot be dropped."""
+    import httpx
+
+    from tests.entrypoints.server_utils import RemoteServer
+
+    base = tiny_models["llama"]
+    server = RemoteServer([base, "--enable-lora", "--max-lora-rank", "8", "--allow-runtime-lora-updating",
+                           "--num-gpu-blocks-override", "64", "--api-key", "k"])
+    auth = {"Authorization": "Bearer k"}
+
+    def post(route, **body):
+        return httpx.post(server.url + route, json=body, headers=auth, timeout=60)
+
+    def complete(model):
+        r = post("/v1/completions", model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0, return_token_ids=True)
+        return r.status_code, r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.json()
+
+    try:
+        assert complete("all")[0] == 404
+        r = post("/v1/load_lora_adapter", lora_name="all", lora_path=adapters["llama_all"][1])
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'all' added successfully."
+        status, tokens = complete("all")
+        assert status == 200 and tokens == hf_greedy_with(adapters["llama_all"][0], PROMPTS[0], 10)[0]
+        again = post("/v1/load_lora_adapter", lora_name="all", lora_path=adapters["llama_rs"][1])
+        other = post("/v1/load_lora_adapter", lora_name="gpt2", lora_path=adapters["gpt2"][1])  # wrong architecture
+        models = [m["id"] for m in httpx.get(server.url + "/v1/models", headers=auth).json()["data"]]
+        r = post("/v1/unload_lora_adapter", lora_name="all")
+        gone = complete("all")[0]
+        missing = post("/v1/unload_lora_adapter", lora_name="all")
+        no_key = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "y"})
+        assert server.wait_pool_free()
+    finally:
+        server.stop()
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    assert other.status_code == 400 and "targets transformer.h.0.attn.c_attn" in other.json()["error"]["message"]
+    assert models == [base, "all"]
+    assert r.status_code == 200 and "removed successfully" in r.text and gone == 404
+    assert missing.status_code == 404 and "cannot be found" in missing.json()["error"]["message"]
+    assert no_key.status_code == 401
+
+
+def test_an_adapter_in_use_cannot_be_unloaded(tiny_models, adapters):
+    llm = LLM(tiny_models["llama"], enable_lora=True, max_lora_rank=8, num_gpu_blocks_override=64)
+    engine = llm.llm_engine
+    lora = LoRARequest("all", 1, adapters["llama_all"][1])
+    engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=5), lora_request=lora)
+    engine.step()
+    with pytest.raises(ValueError, match="in use by 1 request"):
+        engine.remove_lora(1)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.remove_lora(1) and not engine.remove_lora(1)
+    assert 1 not in engine.executor.runner.lora.adapters

@@ -47,10 +47,12 @@ from pagellm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from pagellm.entrypoints.openai.reasoning import PARSERS
 from pagellm.entrypoints.openai.serving_chat import create_chat_completion
@@ -168,6 +170,8 @@ def build_app(state: ServingState, api_key: str | None = None,
             return _error_response(err)
         if hasattr(result, "__aiter__"):
             return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if isinstance(result, Response):
+            return result
         return JSONResponse(result.model_dump())
 
     api = dict(responses={200: STREAMING, **ERRORS})
@@ -191,6 +195,17 @@ def build_app(state: ServingState, api_key: str | None = None,
         return _model_card(state, None if model == state.model_name else model)
 
     errors = {k: ERRORS[k] for k in (400, 401, 404, 413)}
+
+    if state.allow_runtime_lora_updating:
+        lora_responses = {200: {"description": "Done (a line of text).", "content": {"text/plain": {}}}, **errors}
+
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=lora_responses)
+        async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest):
+            return await respond(request, _load_lora(state, body))
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=lora_responses)
+        async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest):
+            return await respond(request, _unload_lora(state, body))
 
     @app.post("/tokenize", responses=errors)
     async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
@@ -226,6 +241,32 @@ def build_app(state: ServingState, api_key: str | None = None,
     if cors and cors.get("allow_origins"):  # outermost: preflights are answered before the key is asked for
         app.add_middleware(CORSMiddleware, **cors)
     return app
+
+
+async def _load_lora(state: ServingState, body: LoadLoRAAdapterRequest) -> Response:
+    """Load an adapter in every engine core under a new name (400 if the name is taken or the adapter refused)."""
+    from pagellm.lora.adapter import read_adapter_config
+    from pagellm.lora.request import LoRARequest
+
+    name = body.lora_name
+    if name in state.lora_modules or name == state.model_name:
+        raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    read_adapter_config(body.lora_path, state.engine.config.lora.max_lora_rank)  # a quick 400 for the common cases
+    lora = LoRARequest(name, max((m.lora_int_id for m in state.lora_modules.values()), default=0) + 1, body.lora_path)
+    await state.engine.update_lora(lora, load=True)
+    state.lora_modules[name] = lora
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def _unload_lora(state: ServingState, body: UnloadLoRAAdapterRequest) -> Response:
+    """Drop an adapter from every engine core (404 if unknown, 400 while requests use it)."""
+    lora = state.lora_modules.get(body.lora_name)
+    if lora is None or (body.lora_int_id is not None and body.lora_int_id != lora.lora_int_id):
+        raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name",
+                       code="model_not_found")
+    await state.engine.update_lora(lora, load=False)
+    del state.lora_modules[body.lora_name]
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 def _model_card(state: ServingState, lora: str | None = None) -> ModelCard:
@@ -273,6 +314,9 @@ def _openapi(app: FastAPI) -> dict:
 
 
 def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
+    runtime_lora = getattr(ns, "allow_runtime_lora_updating", False)
+    if runtime_lora and not engine_args.enable_lora:
+        raise ValueError("--allow-runtime-lora-updating needs --enable-lora.")
     engine = AsyncLLMEngine.from_engine_args(engine_args)
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer; do not pass --skip-tokenizer-init")
@@ -294,7 +338,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          default_sampling=dict(cfg.model.default_sampling),
                          reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
-                         lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())})
+                         lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())},
+                         allow_runtime_lora_updating=runtime_lora)
     if state.reasoning_parser is not None:
         state.reasoning_tokens = state.reasoning_parser.token_ids(engine.tokenizer)
     state.metrics.attach_engine(engine)

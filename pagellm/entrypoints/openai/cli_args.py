@@ -30,6 +30,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="Add usage.prompt_tokens_details.cached_tokens (OpenAI's field: prompt tokens whose KV came "
                         "from the prefix cache) to every reply's usage.")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="With --enable-lora: POST /v1/load_lora_adapter {lora_name, lora_path} and "
+                        "/v1/unload_lora_adapter {lora_name} load and drop adapters while the server runs (vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); without it those routes do not exist.")
     g.add_argument("--allowed-origins", type=_json_list, default=["*"],
                    help='CORS: origins a browser may call from, a JSON list (default ["*"], as vLLM; [] turns '
                         "CORS off).")

@@ -468,6 +468,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str | None = None

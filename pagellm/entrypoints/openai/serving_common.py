@@ -80,6 +80,7 @@ class ServingState:
     reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in replies
     lora_modules: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoRARequest (--lora-modules)
+    allow_runtime_lora_updating: bool = False  # the load/unload routes (--allow-runtime-lora-updating)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
