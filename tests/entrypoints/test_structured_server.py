@@ -156,12 +156,16 @@ def test_auto_tool_choice_parses_hermes_calls_from_the_text(client):
     streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Fight!"}],
                                               tools=[DUEL], tool_choice="auto", max_tokens=100, stream=True,
                                               extra_body={"guided_regex": forced})
-    content, names = "", []
+    content, names, args, pieces = "", [], "", 0
     for chunk in streamed:
         if chunk.choices:
             content += chunk.choices[0].delta.content or ""
-            names += [d.function.name for d in chunk.choices[0].delta.tool_calls or []]
+            for d in chunk.choices[0].delta.tool_calls or []:  # the name first, then the arguments in pieces
+                names += [d.function.name] if d.function.name else []
+                args += d.function.arguments or ""
+                pieces += bool(d.function.arguments)
     assert names == ["duel"] and "<tool_call>" not in content and content.split() == ["Draw!", "Now"]
+    assert json.loads(args) == {"with": "Tybalt"} and pieces > 1
     plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}],
                                            tools=[DUEL], tool_choice="auto", max_tokens=10, temperature=0)
     assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content

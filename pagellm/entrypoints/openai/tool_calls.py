@@ -10,8 +10,8 @@
 
 A response with calls carries them in message.tool_calls (arguments as JSON text, ids
 "chatcmpl-tool-...") and finish_reason "tool_calls". Streaming sends them as OpenAI's tool-call
-deltas: a named call's arguments stream as they are generated; "required" and "auto" calls are sent
-whole when their text is complete.
+deltas as they are generated: a call's index, id and name first, then its arguments piece by piece
+(CallScanner finds where a call's arguments begin and end in the text).
 """
 
 from __future__ import annotations
@@ -108,9 +108,74 @@ def make_parser(name: str) -> HermesToolParser:
     return HermesToolParser()
 
 
+class CallScanner:
+    """One call object {"name": "...", "arguments" | "parameters": VALUE, ...} read as it is generated: the name once
+    its string is closed (and the arguments key follows it), then the value's text as it arrives, up to where the
+    value ends (found by tracking strings and brackets, so no closing brace is ever sent as an argument).
+
+        '{"name": "get_weather", "arguments": {"city": "Par'   -> name get_weather; arguments so far '{"city": "Par'
+    """
+
+    HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.value_start = -1  # where the value begins in the object's text
+        self.scanned = 0  # value characters scanned (and so known to belong to it)
+        self.sent = 0  # value characters sent
+        self.depth = 0
+        self.in_string = self.escaped = False
+        self.done = False  # the value ended at value_start + scanned
+        self.failed = False  # not this shape (e.g. arguments before name): read it whole at the end
+
+    def feed(self, body: str) -> tuple[bool, str]:
+        """`body`: the object's text so far. Returns (the name just became known, new argument text)."""
+        new_name = False
+        if self.name is None:
+            m = self.HEAD.match(body)
+            if m is None:
+                probe = re.sub(r"\s+", "", body)  # can more text still make it name-first?
+                self.failed = not ('{"name":"'.startswith(probe) or probe.startswith('{"name":"'))
+                return False, ""
+            self.name, self.value_start, new_name = json.loads(f'"{m.group(1)}"'), m.end(), True
+        if self.scanned == 0:  # the value starts at its first non-space character
+            while self.value_start < len(body) and body[self.value_start].isspace():
+                self.value_start += 1
+        value = body[self.value_start:]
+        i = self.scanned
+        while i < len(value) and not self.done:
+            ch = value[i]
+            if value[0] not in "{[\"":  # a bare number or literal: it ends before , } ] or a space
+                if ch in ",}] \n\t\r":
+                    self.done = True
+                    break
+            elif self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                    self.done = self.depth == 0  # a string value ends with its quote
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+            i += 1
+        self.scanned = i
+        piece, self.sent = value[self.sent:self.scanned], self.scanned
+        return new_name, piece
+
+
 @dataclass
 class ToolStream:
-    """Turns one choice's streamed text into content deltas and tool-call deltas."""
+    """Turns one choice's streamed text into content deltas and tool-call deltas, OpenAI's way: a call's first
+    delta carries its index, id, type and name, the next ones pieces of its arguments (in order, they add up to
+    the arguments' JSON text). Named calls stream from the first token; "required" and "auto" calls from the
+    moment their name is complete. A call whose text does not read name-first is sent whole once complete."""
 
     mode: str  # "named" | "required" | "auto"
     name: str | None = None  # the named function
@@ -118,7 +183,10 @@ class ToolStream:
     text: str = ""  # everything generated so far
     sent_content: int = 0  # chars of text already sent as content (auto)
     started: bool = False  # named: the first delta (id, name) has been sent
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)  # calls begun, in order (arguments as streamed)
+    block: int = -1  # auto: where the current <tool_call> body starts; required: the current item's "{"
+    scanner: CallScanner | None = None
+    done_to: int = 0  # required: text consumed by finished items
 
     def feed(self, piece: str) -> tuple[str | None, list[DeltaToolCall]]:
         """(content delta, tool-call deltas) for the new text."""
@@ -132,36 +200,100 @@ class ToolStream:
                 deltas.append(DeltaToolCall(index=0, id=call.id, type="function",
                                             function=DeltaFunctionCall(name=self.name, arguments="")))
             if piece:
+                self.calls[0].function.arguments += piece
                 deltas.append(DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=piece)))
             return None, deltas
-        if self.mode == "auto":
-            start = self.text.find(HermesToolParser.START, self.sent_content)
-            # send content up to a call, holding back what could be the beginning of "<tool_call>"
-            end = start if start != -1 else safe_end(self.text, HermesToolParser.START)
-            if end > self.sent_content and (start == -1 or start >= self.sent_content):
-                content, self.sent_content = self.text[self.sent_content:end], end
-                return content, []
-        return None, []
+        if self.mode == "required":
+            return None, self._scan_required()
+        return self._scan_auto()
+
+    def _step(self, body: str) -> list[DeltaToolCall]:
+        """Deltas for the current call's object text."""
+        sc = self.scanner
+        new_name, args = sc.feed(body)
+        out = []
+        if new_name:
+            call = ToolCall(function=FunctionCall(name=sc.name, arguments=""))
+            self.calls.append(call)
+            out.append(DeltaToolCall(index=len(self.calls) - 1, id=call.id, type="function",
+                                     function=DeltaFunctionCall(name=sc.name, arguments="")))
+        if args:
+            self.calls[-1].function.arguments += args
+            out.append(DeltaToolCall(index=len(self.calls) - 1, function=DeltaFunctionCall(arguments=args)))
+        return out
+
+    def _whole(self, name: str, arguments: str) -> list[DeltaToolCall]:
+        call = ToolCall(function=FunctionCall(name=name, arguments=arguments))
+        self.calls.append(call)
+        return [DeltaToolCall(index=len(self.calls) - 1, id=call.id, type="function",
+                              function=DeltaFunctionCall(name=name, arguments=arguments))]
+
+    def _scan_auto(self) -> tuple[str | None, list[DeltaToolCall]]:
+        start, end = HermesToolParser.START, HermesToolParser.END
+        content, deltas = [], []
+        while True:
+            if self.block < 0:
+                at = self.text.find(start, self.sent_content)
+                if not self.calls:  # content until the first call; after it only what follows the last (finish)
+                    stop = at if at != -1 else safe_end(self.text, start)
+                    if stop > self.sent_content:
+                        content.append(self.text[self.sent_content:stop])
+                        self.sent_content = stop
+                if at == -1:
+                    break
+                self.block, self.scanner = at + len(start), CallScanner()
+            close = self.text.find(end, self.block)
+            body = self.text[self.block:close if close != -1 else len(self.text)]
+            if not self.scanner.failed:
+                deltas += self._step(body)
+            if close == -1:
+                break
+            if self.scanner.name is None:  # not name-first: whole, if it parses (else it is content)
+                _, calls = self.parser.parse(start + body + end)
+                if calls:
+                    deltas += self._whole(calls[0].function.name, calls[0].function.arguments)
+                elif not self.calls:
+                    content.append(self.text[self.sent_content:close + len(end)])
+            self.sent_content, self.block, self.scanner = close + len(end), -1, None
+        return ("".join(content) or None), deltas
+
+    def _scan_required(self) -> list[DeltaToolCall]:
+        """The constrained array [{"name": ..., "parameters": {...}}, ...]: item by item."""
+        deltas = []
+        while True:
+            if self.block < 0:
+                at = self.text.find("{", self.done_to)
+                if at == -1:
+                    return deltas
+                self.block, self.scanner = at, CallScanner()
+            sc = self.scanner
+            deltas += self._step(self.text[self.block:])
+            if not sc.done:
+                return deltas
+            close = self.text.find("}", self.block + sc.value_start + sc.scanned)  # the item's own brace
+            if close == -1:
+                return deltas
+            self.done_to, self.block, self.scanner = close + 1, -1, None
 
     def finish(self) -> tuple[str | None, list[DeltaToolCall]]:
-        """At the end of the choice: (content not sent yet, the calls not streamed yet, whole)."""
-        content = None
+        """At the end of the choice: (content not sent yet, the tool-call deltas not sent yet). `calls` then holds
+        every call, arguments as the non-streaming reply gives them."""
         if self.mode == "named":
-            if self.calls:
-                self.calls[0].function.arguments = self.text
             return None, []
         if self.mode == "required":
-            self.calls = calls_from_required(self.text)
+            parsed = calls_from_required(self.text)
+            content = None
         else:
-            _, self.calls = self.parser.parse(self.text)
-            rest = self.text[self.sent_content:]
-            if self.calls:  # what follows the last call
-                rest = rest[rest.rfind(HermesToolParser.END) + len(HermesToolParser.END):].strip()
-            content = rest or None
-        return content, [DeltaToolCall(index=i, id=c.id, type="function",
-                                       function=DeltaFunctionCall(name=c.function.name,
-                                                                  arguments=c.function.arguments))
-                         for i, c in enumerate(self.calls)]
+            _, parsed = self.parser.parse(self.text)
+            rest = self.text[self.sent_content:]  # after the last complete call (or all of it, without one)
+            if self.block >= 0 and self.scanner.name is not None:  # a call cut short, streamed in part: not content
+                rest = self.text[self.sent_content:self.block - len(HermesToolParser.START)]
+            content = (rest.strip() if parsed or self.calls else rest) or None
+        if len(parsed) == len(self.calls):  # the same calls: keep the streamed ids
+            for mine, theirs in zip(self.calls, parsed):
+                theirs.id = mine.id
+        self.calls = parsed
+        return content, []
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:

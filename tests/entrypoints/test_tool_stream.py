@@ -1,0 +1,80 @@
+"""Streamed tool calls (ToolStream): a call's index, id and name come as soon as its name is complete, then its
+arguments piece by piece, whatever the text's chunking; the pieces add up to the arguments' JSON text."""
+
+import json
+import random
+
+import pytest
+
+from pagellm.entrypoints.openai.tool_calls import CallScanner, HermesToolParser, ToolStream
+
+AUTO = ('Sure! <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"}\\" x", "n": [1, {"a": 2}]}}\n'
+        '</tool_call>\n<tool_call>{"arguments": {"q": 1}, "name": "late"}</tool_call> done')
+REQUIRED = '[{"name": "duel", "parameters": {"with": "Tybalt"}}, {"name": "flee", "parameters": {}}]'
+
+
+def stream(mode, text, max_piece, seed=0):
+    """Feed text in random pieces; returns (content, calls by index, the deltas' count before the text ended, ts)."""
+    ts = ToolStream(mode, parser=HermesToolParser())
+    rng = random.Random(seed)
+    content, calls, events = [], {}, []
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, max_piece)
+        c, deltas = ts.feed(text[i:i + n])
+        i += n
+        content.append(c or "")
+        events += [(i, d) for d in deltas]
+    rest, final = ts.finish()
+    content.append(rest or "")
+    events += [(len(text), d) for d in final]
+    for _, d in events:
+        e = calls.setdefault(d.index, {"id": None, "name": "", "arguments": "", "pieces": 0})
+        e["id"] = e["id"] or d.id
+        e["name"] += d.function.name or ""
+        if d.function.arguments:
+            e["arguments"] += d.function.arguments
+            e["pieces"] += 1
+    return "".join(content), calls, events, ts
+
+
+@pytest.mark.parametrize("max_piece", [1, 2, 5, 13, 1000])
+def test_auto_calls_stream_name_first_then_arguments(max_piece):
+    content, calls, events, ts = stream("auto", AUTO, max_piece)
+    assert content == "Sure! done"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("get_weather", {"city": 'Paris "}" x', "n": [1, {"a": 2}]}), ("late", {"q": 1})]
+    assert [c["id"] for c in calls.values()] == [c.id for c in ts.calls]  # the reply's calls keep the streamed ids
+    assert [json.loads(c.function.arguments) for c in ts.calls] == [json.loads(c["arguments"]) for c in calls.values()]
+    if max_piece < 10:  # the first call's name is out before its arguments end, its arguments in several pieces
+        first_args_end = AUTO.index("}}") + 2
+        assert events[0][0] < first_args_end and calls[0]["pieces"] > 1
+    assert calls[1]["pieces"] == 1  # arguments before the name: sent whole once the call is complete
+
+
+@pytest.mark.parametrize("max_piece", [1, 4, 1000])
+def test_required_calls_stream_item_by_item(max_piece):
+    content, calls, events, ts = stream("required", REQUIRED, max_piece)
+    assert content == ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("duel", {"with": "Tybalt"}),
+                                                                                  ("flee", {})]
+    assert [c["id"] for c in calls.values()] == [c.id for c in ts.calls]
+    if max_piece == 1:
+        assert events[0][0] < REQUIRED.index("Tybalt") and calls[0]["pieces"] > 1
+
+
+def test_text_without_calls_and_cut_short_calls():
+    content, calls, _, ts = stream("auto", "Just words, <tool not a call.", 3)
+    assert content == "Just words, <tool not a call." and not calls and not ts.calls
+    cut = 'Hi <tool_call>{"name": "f", "arguments": {"a": "unfini'
+    content, calls, _, ts = stream("auto", cut, 4)
+    assert content == "Hi " and calls[0]["name"] == "f" and calls[0]["arguments"] == '{"a": "unfini'
+    assert ts.calls == []  # no complete call: the reply's message has none (finish_reason stays "length")
+
+
+@pytest.mark.parametrize("value, body_tail", [('"text"', "}"), ("12.5", " }"), ("true", "}"), ('{"k": [1, "]"]}', "}")])
+def test_scanner_stops_where_the_value_ends(value, body_tail):
+    sc = CallScanner()
+    body = '{"name": "f", "arguments": ' + value + body_tail
+    got = "".join(sc.feed(body[:i])[1] for i in range(1, len(body) + 1))
+    assert sc.name == "f" and sc.done and got == value
