@@ -376,9 +376,9 @@ class AsyncLLMEngine:
             except RuntimeError:  # the caller's loop is closed
                 pass
 
-    async def snapshot(self, timeout: float = 2.0) -> list[CoreSnapshot | None]:
-        """Each replica's block map and request table, taken by its core between steps (None if it did not
-        answer in time, e.g. dead)."""
+    async def _ask_cores(self, message, timeout: float) -> list:
+        """Send message(token) to every replica's core and wait for each answer (None from a core that cannot be
+        reached or does not answer in time, e.g. dead)."""
         loop = asyncio.get_running_loop()
         waits = []
         for r in self.replicas:
@@ -386,7 +386,7 @@ class AsyncLLMEngine:
             fut = loop.create_future()
             r.snapshots[token] = (loop, fut)
             try:
-                r.send(SnapshotRequest(token))
+                r.send(message(token))
             except OSError:
                 fut.set_result(None)
             waits.append((r, token, fut))
@@ -399,24 +399,18 @@ class AsyncLLMEngine:
             r.snapshots.pop(token, None)
         return out
 
+    async def snapshot(self, timeout: float = 2.0) -> list[CoreSnapshot | None]:
+        """Each replica's block map and request table, taken by its core between steps (None if it did not
+        answer in time)."""
+        return await self._ask_cores(SnapshotRequest, timeout)
+
     async def update_lora(self, lora, load: bool, timeout: float = 120.0) -> list:
         """Load (load=True) or unload a LoRA adapter in every replica's core. Returns their answers (the adapter
         was new / was loaded); ValueError with the first refusal."""
-        loop = asyncio.get_running_loop()
-        waits = []
-        for r in self.replicas:
-            token = next(self._tokens)
-            fut = loop.create_future()
-            r.snapshots[token] = (loop, fut)
-            r.send(LoRAUpdate(token, lora, load))
-            waits.append((r, token, fut))
-        replies = []
-        for r, token, fut in waits:
-            try:
-                replies.append(await asyncio.wait_for(fut, timeout))
-            finally:
-                r.snapshots.pop(token, None)
+        replies = await self._ask_cores(lambda token: LoRAUpdate(token, lora, load), timeout)
         for reply in replies:
+            if reply is None:
+                raise RuntimeError("an engine replica did not answer the LoRA update (dead or busy)")
             if reply.error is not None:
                 raise ValueError(reply.error)
         return [reply.value for reply in replies]

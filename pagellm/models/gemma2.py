@@ -71,16 +71,12 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return logits if cap is None or logits is None else torch.tanh(logits / cap) * cap
 
 
-class GemmaForCausalLM(Gemma2ForCausalLM):
+class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma (1): LLaMA's two-norm block with GemmaRMSNorm, the scaled embedding and GeGLU; no soft-capping, no
     sliding window."""
 
-    decoder_layer = LlamaForCausalLM.decoder_layer
-
-    @classmethod
-    def attention_options(cls, config) -> AttentionOptions:
-        bias = bool(getattr(config, "attention_bias", False))
-        return AttentionOptions(qkv_bias=bias, o_bias=bias)
+    norm_cls = GemmaRMSNorm
+    embed = Gemma2ForCausalLM.embed
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

@@ -100,7 +100,7 @@ class Qwen2MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
             return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
-                              config.shared_expert_intermediate_size, tp)
+                              getattr(config, "shared_expert_intermediate_size", 0), tp)
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
@@ -111,12 +111,3 @@ class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
     def attention_options(cls, config) -> AttentionOptions:
         bias = bool(getattr(config, "attention_bias", False))
         return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)
-
-    @classmethod
-    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
-                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
-        if not sparse:
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
-        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob), tp=tp)
