@@ -204,3 +204,41 @@ def test_speculative_config_defaults_as_vllm():
     assert (s.method, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 4, 4)
     s = spec(method="[ngram]", num_speculative_tokens=3, prompt_lookup_min=2)
     assert (s.method, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 2, 2)
+
+
+def test_requests_that_do_not_speculate_share_batches_with_those_that_do():
+    """One engine, one batch: greedy and seeded requests that speculate beside a JSON-schema request (its grammar
+    mask goes to its own sampling row among the drafts' rows), a prompt_logprobs request, a penalized one and
+    beam search (which keeps the engine at one step at a time too); a small token budget caps the drafts and chunks
+    the long prompt. Every output equals plain decoding's."""
+    import json
+
+    from pagellm import BeamSearchParams
+    from pagellm.sampling_params import StructuredOutputsParams
+    from tests.engine.test_structured_outputs import PERSON, check
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=StructuredOutputsParams(json=PERSON)),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=50, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=20, prompt_logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=4, max_tokens=30, presence_penalty=0.5, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+    ]
+    prompts = ["My lord,", "ROMEO. ", "To be, or not to be", " ".join(PROMPTS) * 3, "Now is the winter",
+               "Is this a dagger"]
+    results = []
+    for spec in (None, SPEC):
+        llm = make(spec, max_num_seqs=8, max_num_batched_tokens=40)
+        engine = llm.llm_engine
+        beams = llm.beam_search(["O Romeo"], BeamSearchParams(beam_width=2, max_tokens=8), use_tqdm=False)
+        outs = generate(llm, params, prompts)
+        prompt_lps = [round(next(iter(d.values())).logprob, 3) for d in outs[3].prompt_logprobs[1:]]
+        results.append((summary(outs), prompt_lps, [[s.tokens for s in b.sequences] for b in beams]))
+        check("person", outs[1].outputs[0].text)
+        json.loads(outs[1].outputs[0].text)
+        assert_all_free(llm)
+        if spec is not None:
+            assert engine.get_stats().spec_num_accepted_tokens > 10
+    assert_same_outputs(results[1][0], results[0][0])
+    assert results[1][1:] == results[0][1:]
