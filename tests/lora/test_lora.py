@@ -286,3 +286,32 @@ def test_an_adapter_in_use_cannot_be_unloaded(tiny_models, adapters):
         engine.step()
     assert engine.remove_lora(1) and not engine.remove_lora(1)
     assert 1 not in engine.executor.runner.lora.adapters
+
+
+def test_adapter_requests_are_batch_invariant_with_every_feature(tiny_models, adapters):
+    """Seeded sampling with n=2, logprobs, a regex-constrained output and stop strings through an adapter: each gives
+    the same output alone as in a batch mixing adapters, the base model and prefills."""
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    llm = LLM(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8, num_gpu_blocks_override=256,
+              block_size=8, max_num_batched_tokens=48)
+    a = LoRARequest("llama_all", 1, adapters["llama_all"][1])
+    b = LoRARequest("llama_rs", 2, adapters["llama_rs"][1])
+    jobs = [
+        (PROMPTS[0], SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=12, logprobs=2, ignore_eos=True), a),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                    structured_outputs=StructuredOutputsParams(regex="[a-z]{2,5}( [a-z]{2,5}){1,2}")),
+         b),
+        (PROMPTS[2], SamplingParams(temperature=0.7, seed=6, max_tokens=15, stop=["e"]), a),
+        (PROMPTS[3], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), None),
+    ]
+
+    def run(batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p, _, _ in batch], [sp for _, sp, _ in batch],
+                            lora_request=[lr for _, _, lr in batch], use_tqdm=False)
+        return [[(c.token_ids, c.text, [round(d[t].logprob, 4) for d, t in zip(c.logprobs, c.token_ids)]
+                  if c.logprobs else None) for c in o.outputs] for o in outs]
+
+    alone = [run([job])[0] for job in jobs]
+    assert run(jobs) == alone
+    assert all(len(c[0]) > 0 for o in alone for c in o)
