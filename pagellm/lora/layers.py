@@ -1,19 +1,27 @@
-"""The worker's LoRA state: loaded adapters, and per step which tokens run with which.
+"""The worker's LoRA state: loaded adapters, the slots they run from, and per step which tokens use which slot.
 
-    LoRAManager(model, ...)            names every linear layer (`lora_name`)
-    add(request) -> bool               loads an adapter once (ValueError if pagellm cannot serve it) and hooks the
-                                       layers it adapts (a layer no adapter adapts keeps its plain matmul)
-    set_step(token_lora_ids)           this step's tokens -> adapters
-    apply(layer, x, out)               called after a hooked layer's matmul: out += update
+    LoRAManager(model, max_loras, max_rank, ...)   every linear layer gets max_loras slots of LoRA weights
+    add(request) / remove(id)                      load (ValueError if pagellm cannot serve it) / drop an adapter
+    set_step(token_lora_ids)                       the step's adapters into slots; each token's slot into a buffer
+    apply(layer, x, out)                           after the layer's matmul: out += its tokens' updates
 
-A layer's update for the step's adapters is two matmuls whatever the mix: the A of every adapter in the
-step that adapts the layer stacked, (T, in) x (in, R1 + R2 + ...), each token's row masked to its own
-adapter's columns (no mask when one adapter serves every token), then (T, R1 + R2 + ...) x the stacked B
-(out, R1 + R2 + ...). Tokens without an adapter have all-zero rows. The stacks are built once per layer
-and set of adapters in the step (cached until the set changes), the masks once per step and rank layout.
+Each linear layer holds, for max_loras slots side by side, A stacked (max_loras * W, in) and B^T (max_loras
+* W, out), W = max_lora_rank x the layer's packed parts (q/k/v: 3), zero where an adapter's rank
+is smaller or it does not adapt the layer. `tok_slot` holds the slot of each token of the step (-1: the
+base model). A layer's update, for any mix of adapters in the step, is
 
-    tokens [t0 t1 t2] with adapters [1, 0, 2], layer adapted by 1 (rank 2) and 2 (rank 3):
-    mask   t0 [1 1 0 0 0]   t1 [0 0 0 0 0]   t2 [0 0 1 1 1]
+    out += ((x @ A^T) * mask) @ B^T,    mask[t, c] = (tok_slot[t] == the slot of column c)
+
+(eager steps, without graphs, use only the columns of the slots the step needs, and no mask when one adapter
+serves every token).
+
+    tokens with slots [0, -1, 1], max_loras 2, W 2:   mask t0 [1 1 0 0]   t1 [0 0 0 0]   t2 [0 0 1 1]
+
+Fixed shapes and addresses, so CUDA graphs capture it: a replay reads the step's tok_slot from the same
+buffer. Without graphs, a step in which no token uses an adapter skips the update; with graphs it always
+runs (zero for the base model's tokens). An adapter gets a slot when a step first needs it, taking a free
+slot or the one least recently needed by no token of this step; the scheduler keeps at most max_loras
+adapters among running requests.
 """
 
 from __future__ import annotations
@@ -23,22 +31,64 @@ import torch
 
 from pagellm.lora.adapter import LoRAAdapter, load_adapter
 from pagellm.lora.request import LoRARequest
-from pagellm.models.parallel_layers import Linear
+from pagellm.models.parallel_layers import ColumnParallelLinear, Linear
 from pagellm.worker.step_buffers import to_device
 
 
+class _Slots:
+    """One layer's LoRA weights for every slot, and which slot each column belongs to."""
+
+    __slots__ = ("a", "bt", "col_slot", "width")
+
+    def __init__(self, layer: Linear, max_loras: int, max_rank: int, device, dtype) -> None:
+        parts = len(layer.parts) if isinstance(layer, ColumnParallelLinear) else 1
+        self.width = max_rank * parts
+        n = max_loras * self.width
+        self.a = torch.zeros(n, layer.in_features, device=device, dtype=dtype)
+        self.bt = torch.zeros(n, layer.out_features, device=device, dtype=dtype)  # B^T: a slot's rows contiguous
+        self.col_slot = torch.arange(n, device=device) // self.width
+
+
 class LoRAManager:
-    def __init__(self, model: torch.nn.Module, max_rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, max_tokens: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.max_rank, self.device, self.dtype = model, max_rank, device, dtype
         self.adapters: dict[int, LoRAAdapter] = {}
-        self.active: tuple[int, ...] = ()  # this step's adapter ids, ascending
-        self._onehot: torch.Tensor | None = None  # (T, len(active)): token t runs with active[j]; None: all, one
-        self._masks: dict[tuple, torch.Tensor] = {}  # (rank layout, rows) -> (rows, R) column mask, this step
+        self.slot_of: dict[int, int] = {}  # adapter id -> its slot
+        self.slots: list[int | None] = [None] * max_loras  # slot -> adapter id
+        self._last_used = [0] * max_loras  # step counter when each slot was last needed
+        self._step = 0
+        self.tok_slot = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+        self.active = False  # some token of this step uses an adapter
+        self._span = (0, 0)  # eager steps: the slots [first, last + 1) this step uses
+        self._uniform = False  # eager steps: one adapter serves every token (no mask)
+        self.always = False  # CUDA graphs: the update is part of every forward pass
         self.layers: dict[str, Linear] = {}
+        self._slots: dict[str, _Slots] = {}
         for name, module in model.named_modules():
             if isinstance(module, Linear):
                 module.lora_name = name
                 self.layers[name] = module
+                self._slots[name] = _Slots(module, max_loras, max_rank, device, dtype)
+                module._matmul = self._hooked(module, module._matmul)  # this instance only
+
+    def _hooked(self, layer: Linear, matmul):
+        slots = self._slots[layer.lora_name]
+
+        def lora_matmul(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            out = matmul(x, bias)
+            if self.always:  # every slot, masked: fixed shapes for the graphs
+                mask = (self.tok_slot[:x.shape[0], None] == slots.col_slot[None, :]).to(x.dtype)
+                out += ((x @ slots.a.t()) * mask) @ slots.bt
+            elif self.active:  # eager: only the slots this step uses; no mask when one adapter serves every token
+                cols = slice(self._span[0] * slots.width, self._span[1] * slots.width)
+                h = x @ slots.a[cols].t()
+                if not self._uniform:
+                    h = h * (self.tok_slot[:x.shape[0], None] == slots.col_slot[None, cols]).to(x.dtype)
+                out += h @ slots.bt[cols]
+            return out
+
+        return lora_matmul
 
     def add(self, request: LoRARequest) -> bool:
         """Load the adapter unless it is loaded. False when it was."""
@@ -48,87 +98,61 @@ class LoRAManager:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is already adapter {known.request.lora_path!r}; "
                                  f"give {request.lora_path!r} another id.")
             return False
-        adapter = load_adapter(self.model, request, self.max_rank, self.device, self.dtype)
-        self.adapters[request.lora_int_id] = adapter
-        self._forget_stacks()  # an id may come back with other weights
-        for name in adapter.weights:
-            layer = self.layers[name]
-            if "_matmul" not in layer.__dict__:
-                layer._matmul = self._hooked(layer, layer._matmul)  # this instance only
+        self.adapters[request.lora_int_id] = load_adapter(self.model, request, self.max_rank, self.device,
+                                                          self.dtype)
         return True
 
     def remove(self, lora_int_id: int) -> bool:
         """Drop a loaded adapter (no running sequence may use it). False when it was not loaded."""
         if self.adapters.pop(lora_int_id, None) is None:
             return False
-        self._forget_stacks()
+        slot = self.slot_of.pop(lora_int_id, None)
+        if slot is not None:
+            self.slots[slot] = None
         return True
-
-    def _forget_stacks(self) -> None:
-        for layer in self.layers.values():
-            if getattr(layer, "lora_stack", None) is not None:
-                layer.lora_stack = None
-
-    def _hooked(self, layer: Linear, matmul):
-        def lora_matmul(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            out = matmul(x, bias)
-            return self.apply(layer, x, out) if self.active else out
-
-        layer.lora_stack = None  # (active ids, (A, B, rank layout) or None) for the last set of adapters
-        return lora_matmul
 
     def set_step(self, token_lora_ids: np.ndarray) -> None:
         """token_lora_ids: the adapter id of each of the step's tokens (0: none), in batch order."""
-        self._masks = {}
-        if not token_lora_ids.any():
-            self.active = ()
+        self._step += 1
+        n = len(token_lora_ids)
+        self.active = bool(token_lora_ids.any())
+        if not self.active:
+            if self.always:
+                self.tok_slot.fill_(-1)
             return
-        ids = np.unique(token_lora_ids)
-        ids = ids[ids > 0]
-        for lid in ids:
-            if int(lid) not in self.adapters:
-                raise RuntimeError(f"LoRA adapter {lid} is not loaded in the worker")
-        self.active = tuple(int(i) for i in ids)
-        if len(ids) == 1 and (token_lora_ids == ids[0]).all():
-            self._onehot = None
-        else:
-            self._onehot = to_device((token_lora_ids[:, None] == ids[None, :]).astype(np.float32), self.device)
+        uniq = np.unique(token_lora_ids)  # sorted
+        ids = [int(i) for i in uniq if i > 0]
+        slot = np.array([self._slot_for(int(i), ids) if i > 0 else -1 for i in uniq], dtype=np.int64)
+        used = slot[slot >= 0]
+        for s in used:
+            self._last_used[s] = self._step
+        self._span = (int(used.min()), int(used.max()) + 1)
+        self._uniform = len(uniq) == 1
+        self.tok_slot[:n].copy_(to_device(slot[np.searchsorted(uniq, token_lora_ids)], self.device))
+        self.tok_slot[n:].fill_(-1)
 
-    def _stack(self, layer: Linear):
-        """(A (R, in), B (out, R), rank layout ((j, r), ...)) of the active adapters that adapt the layer."""
-        cached = layer.lora_stack
-        if cached is not None and cached[0] == self.active:
-            return cached[1]
-        found = [(j, self.adapters[lid].weights.get(layer.lora_name)) for j, lid in enumerate(self.active)]
-        found = [(j, w) for j, w in found if w is not None]
-        stack = None
-        if found:
-            if len(found) == 1:
-                a, b = found[0][1]
-            else:
-                a, b = torch.cat([w[0] for _, w in found]), torch.cat([w[1] for _, w in found], dim=1)
-            stack = (a, b, tuple((j, w[0].shape[0]) for j, w in found))
-        layer.lora_stack = (self.active, stack)
-        return stack
-
-    def _mask(self, layout: tuple, rows: int) -> torch.Tensor:
-        key = (layout, rows)
-        mask = self._masks.get(key)
-        if mask is None:
-            cols = torch.tensor([j for j, r in layout for _ in range(r)], device=self.device)
-            onehot = self._onehot
-            mask = torch.zeros(rows, len(cols), dtype=self.dtype, device=self.device)
-            mask[:onehot.shape[0]] = onehot.index_select(1, cols).to(self.dtype)  # padding rows stay 0
-            self._masks[key] = mask
-        return mask
-
-    def apply(self, layer: Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        stack = self._stack(layer)
-        if stack is None:
-            return out
-        a, b, layout = stack
-        h = x @ a.t()
-        if self._onehot is not None:
-            h = h * self._mask(layout, x.shape[0])
-        out += h @ b.t()
-        return out
+    def _slot_for(self, lid: int, step_ids: list[int]) -> int:
+        slot = self.slot_of.get(lid)
+        if slot is not None:
+            return slot
+        adapter = self.adapters.get(lid)
+        if adapter is None:
+            raise RuntimeError(f"LoRA adapter {lid} is not loaded in the worker")
+        free = [s for s, owner in enumerate(self.slots) if owner is None or owner not in step_ids]
+        if not free:
+            raise RuntimeError(f"more than max_loras={len(self.slots)} adapters in one step")
+        slot = min(free, key=lambda s: (self.slots[s] is not None, self._last_used[s]))  # free first, then LRU
+        if self.slots[slot] is not None:
+            del self.slot_of[self.slots[slot]]
+        self.slots[slot], self.slot_of[lid] = lid, slot
+        for name, s in self._slots.items():  # the adapter's weights into the slot, zeros where it has none
+            cols = slice(slot * s.width, (slot + 1) * s.width)
+            s.a[cols].zero_()
+            s.bt[cols].zero_()
+            w = adapter.weights.get(name)
+            if w is not None:
+                a, b = w
+                r = a.shape[0]
+                s.a[slot * s.width:slot * s.width + r].copy_(a)
+                s.bt[slot * s.width:slot * s.width + r].copy_(b.t())
+        return slot

@@ -136,7 +136,10 @@ class ModelRunner:
         if config.lora is not None:
             from pagellm.lora.layers import LoRAManager
 
-            self.lora = LoRAManager(self.model, config.lora.max_lora_rank, self.device, torch_dtype(config.model.dtype))
+            sc = config.scheduler
+            self.lora = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
+                                    max(sc.max_num_batched_tokens, sc.max_num_seqs, MIN_BATCH_ROWS), self.device,
+                                    torch_dtype(config.model.dtype))
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -152,6 +155,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(self.config, num_blocks + scratch)
         self.scratch_slot = num_blocks * self.block_size
         if why_not is None:
+            if self.lora is not None:  # the graphs hold the adapters' update: it runs in every step
+                self.lora.always = True
             self.graphs = CudaGraphRunner(self, self.scratch_slot, emulate=self.device.type != "cuda")
             self.graphs.capture()
         elif self.device.type == "cuda":
@@ -165,8 +170,6 @@ class ModelRunner:
             return "enforce_eager"
         if self.tp.size > 1:
             return "tensor parallelism"
-        if self.lora is not None:
-            return "LoRA adapters (enable_lora)"
         if not hasattr(self.backend, "attention") and not self.emulate_graphs:
             return f"attention backend {self.backend.name} reads host-side metadata"
         return graphs_supported(self.model)

@@ -315,3 +315,23 @@ def test_adapter_requests_are_batch_invariant_with_every_feature(tiny_models, ad
     alone = [run([job])[0] for job in jobs]
     assert run(jobs) == alone
     assert all(len(c[0]) > 0 for o in alone for c in o)
+
+
+def test_emulated_cuda_graphs_replay_the_adapters_update(tiny_models, adapters, monkeypatch):
+    """The GPU path: decode batches replay graphs that hold every slot's update, each token masked to its slot by
+    the step's tok_slot buffer (base-model tokens: zero update); adapters move in and out of slots between steps."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    llm = LLM(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8, num_gpu_blocks_override=128,
+              block_size=8, attention_backend="torch_ref", max_num_seqs=4)
+    runner = llm.llm_engine.executor.runner
+    assert runner.graphs is not None and runner.lora.always
+    loras = [LoRARequest("llama_all", 1, adapters["llama_all"][1]), LoRARequest("llama_rs", 2, adapters["llama_rs"][1]),
+             LoRARequest("qwen_on_llama", 3, adapters["llama_all"][1])]  # a third id: the slots must turn over
+    jobs = [(p, lr) for p in PROMPTS[:3] for lr in [*loras, None]]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY, lora_request=[lr for _, lr in jobs],
+                        use_tqdm=False)
+    for (prompt, lr), out in zip(jobs, outs):
+        ref_model = hf_model(tiny_models["llama"]) if lr is None else adapters[lr.lora_name.replace(
+            "qwen_on_llama", "llama_all")][0]
+        assert_close(tokens_and_logprobs(out), hf_greedy_with(ref_model, prompt, GREEDY.max_tokens))
+    assert sum(runner.graphs.replays.values()) > 10
