@@ -41,6 +41,10 @@ them. The worker samples at each of those positions and keeps the samples while 
 only up to the known tokens, so a draft's K/V is never shared. Drafts come from the tokens on the host, so
 such requests, like the ones above, keep the engine at one step at a time while they live.
 
+LoRA (`max_loras` > 0): the running requests use at most max_loras distinct adapters (the worker has that many
+slots); a waiting request of another adapter is passed over, keeping its place in the queue, until one of
+them frees up.
+
 Pure Python: no torch import.
 """
 
