@@ -1,5 +1,6 @@
 """LLaMA (LlamaForCausalLM): RMSNorm, RoPE, grouped-query attention, SwiGLU; and the families that
-differ from it only in declared details (Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen2-MoE).
+differ from it only in declared details (Mistral, Qwen2, Qwen3, Phi-3, Granite, Starcoder2; Mixtral, Qwen2/3-MoE
+and Gemma in their own files).
 
     input_ids (T,) -> embed_tokens -> [RMSNorm -> q,k,v -> (q/k norm) -> RoPE -> paged attention -> o_proj
                                           -> + residual
@@ -23,7 +24,7 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, layer_sliding_window
+from pagellm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, activation, layer_sliding_window
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -81,12 +82,16 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config), tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
+        self.post_attention_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
+        self.residual_scale = family.residual_scale(config)
 
     def forward(self, positions, x, rotary, kv_cache, meta, backend):
-        x = x + self.self_attn(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
+        m = self.residual_scale
+        x = x + (h if m is None else h * m)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h if m is None else h * m)
 
 
 class LlamaModel(nn.Module):
@@ -95,7 +100,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(family.decoder_layer(config, i, family, tp)
                                     for i in range(config.num_hidden_layers))
-        self.norm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.norm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.rotary = RotaryEmbedding(config, max_model_len)
 
 
@@ -114,6 +119,15 @@ class LlamaForCausalLM(CausalLM):
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                         bias=bool(getattr(config, "mlp_bias", False)), tp=tp)
+
+    @classmethod
+    def norm_eps(cls, config) -> float:
+        return config.rms_norm_eps
+
+    @classmethod
+    def residual_scale(cls, config) -> float | None:
+        """A factor on each block's output before the residual add (Granite), or None."""
+        return None
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -170,3 +184,58 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     packed parameters take them whole. Partial rotary comes from the config."""
 
     packed_modules = {}
+
+
+class GraniteForCausalLM(LlamaForCausalLM):
+    """Granite (3.x): LLaMA with multipliers: the embedding x embedding_multiplier, the attention scale
+    attention_multiplier, each block's output x residual_multiplier before its residual add, the logits /
+    logits_scaling."""
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, scale=config.attention_multiplier)
+
+    @classmethod
+    def residual_scale(cls, config) -> float | None:
+        return config.residual_multiplier
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)
+        return None if logits is None else logits / self.config.logits_scaling
+
+
+class Starcoder2MLP(nn.Module):
+    """c_proj(act(c_fc(x))): no gate; c_fc column-parallel, c_proj row-parallel."""
+
+    def __init__(self, config, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        bias = bool(config.use_bias)
+        self.c_fc = ColumnParallelLinear.single(config.hidden_size, config.intermediate_size, bias, tp)
+        self.c_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, tp=tp)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Starcoder2ForCausalLM(LlamaForCausalLM):
+    """StarCoder2: LayerNorm with biases, biases on every projection (use_bias), a GELU MLP without gate, an
+    optional sliding window, tied embeddings by default."""
+
+    norm_cls = nn.LayerNorm
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=bool(config.use_bias), o_bias=bool(config.use_bias))
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return Starcoder2MLP(config, tp)
+
+    @classmethod
+    def norm_eps(cls, config) -> float:
+        return config.norm_epsilon

@@ -34,6 +34,10 @@ MODELS: dict[str, ModelEntry] = {
                                    ("GQA", "q/k/v bias", "sliding window (per layer)"), "Qwen2, Qwen2.5"),
     "Qwen3ForCausalLM": ModelEntry("pagellm.models.llama:Qwen3ForCausalLM",
                                    ("GQA", "q/k RMSNorm", "sliding window (per layer)"), "Qwen3"),
+    "GraniteForCausalLM": ModelEntry("pagellm.models.llama:GraniteForCausalLM",
+                                     ("embedding, attention, residual and logits multipliers", "GQA"), "Granite 3.x"),
+    "Starcoder2ForCausalLM": ModelEntry("pagellm.models.llama:Starcoder2ForCausalLM",
+                                        ("LayerNorm", "biases", "GELU MLP", "sliding window"), "StarCoder2"),
     "Phi3ForCausalLM": ModelEntry("pagellm.models.llama:Phi3ForCausalLM",
                                   ("packed qkv and gate_up weights", "partial rotary", "sliding window"),
                                   "Phi-3 mini/medium"),
@@ -58,7 +62,7 @@ MODELS: dict[str, ModelEntry] = {
                                       ("mixture of experts", "q/k RMSNorm"), "Qwen3-30B-A3B, Qwen3-235B-A22B"),
     FALLBACK: ModelEntry("pagellm.models.transformers_fallback:TransformersForCausalLM",
                          ("any decoder-only causal LM whose attention uses transformers' attention interface",),
-                         "StableLM, OLMo, Granite, Starcoder2, ..."),
+                         "StableLM, OLMo, Cohere, InternLM, ..."),
 }
 
 

@@ -48,7 +48,8 @@ def assert_same(a, b):
 # gpt2: Conv1D weights; gpt_bigcode: one K/V head replicated on both ranks; llama: GQA with 2 K/V heads
 # (>= tp and < 2 * tp); llama_tied_rope: one K/V head and a tied LM head; the others: every family's layers.
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
-                                  "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe"])
+                                  "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
+                                  "starcoder2"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
