@@ -38,6 +38,9 @@ MODELS: dict[str, ModelEntry] = {
                                      ("embedding, attention, residual and logits multipliers", "GQA"), "Granite 3.x"),
     "Starcoder2ForCausalLM": ModelEntry("pagellm.models.llama:Starcoder2ForCausalLM",
                                         ("LayerNorm", "biases", "GELU MLP", "sliding window"), "StarCoder2"),
+    "Olmo2ForCausalLM": ModelEntry("pagellm.models.olmo2:Olmo2ForCausalLM",
+                                   ("norms after attention and MLP", "q/k RMSNorm over all heads (TP: all-reduced)"),
+                                   "OLMo 2"),
     "Phi3ForCausalLM": ModelEntry("pagellm.models.llama:Phi3ForCausalLM",
                                   ("packed qkv and gate_up weights", "partial rotary", "sliding window"),
                                   "Phi-3 mini/medium"),
@@ -62,7 +65,7 @@ MODELS: dict[str, ModelEntry] = {
                                       ("mixture of experts", "q/k RMSNorm"), "Qwen3-30B-A3B, Qwen3-235B-A22B"),
     FALLBACK: ModelEntry("pagellm.models.transformers_fallback:TransformersForCausalLM",
                          ("any decoder-only causal LM whose attention uses transformers' attention interface",),
-                         "StableLM, OLMo, Cohere, InternLM, ..."),
+                         "StableLM, OLMo (1), Cohere, InternLM, ..."),
 }
 
 
