@@ -1,13 +1,16 @@
 """Check the engine on a CUDA GPU against Hugging Face on the same GPU (greedy tokens, logprobs).
 
     python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [--attention-backend NAME]
-                                 [--hf-device cpu] [--num-scheduler-steps K] [--speculative K] [MODEL_DIR ...]
+                                 [--hf-device cpu] [--num-scheduler-steps K] [--speculative K] [--lora]
+                                 [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
 batches through CUDA graphs unless --enforce-eager; the next step scheduled while one runs unless
 --no-async-scheduling; K decode steps per scheduling round with --num-scheduler-steps; K n-gram draft tokens
-per step with --speculative, whose steps with drafts run eagerly) and transformers on
+per step with --speculative, whose steps with drafts run eagerly; every prompt through a random rank-8 LoRA adapter
+on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights)
+and transformers on
 the same checkpoint and prompts; prints per-model
 agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the reference on the CPU instead
 (to tell a GPU-side difference of transformers from one of pagellm).
@@ -15,9 +18,11 @@ agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the referen
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,14 +32,52 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj",
+                "c_fc", "qkv_proj", "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
+                "fc1", "fc2", "out_proj")
+
+
+@torch.no_grad()
+def random_adapter(hf, out_dir: str, rank: int = 8, alpha: int = 16) -> str:
+    """A PEFT-format LoRA adapter with random A and B on the model's projections (no peft needed), merged into
+    `hf`'s own weights (W + alpha / rank * B A) so that transformers is the reference."""
+    from safetensors.torch import save_file
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(0)
+    tensors, names = {}, set()
+    for name, mod in hf.named_modules():
+        if name.split(".")[-1] not in LORA_TARGETS or not isinstance(mod, (torch.nn.Linear, Conv1D)):
+            continue
+        w = mod.weight
+        n_in, n_out = (w.shape[1], w.shape[0]) if isinstance(mod, torch.nn.Linear) else (w.shape[0], w.shape[1])
+        a = torch.randn(rank, n_in, generator=gen) * 0.05
+        b = torch.randn(n_out, rank, generator=gen) * 0.05
+        delta = alpha / rank * (b @ a)
+        w += (delta if isinstance(mod, torch.nn.Linear) else delta.t()).to(w.dtype)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        names.add(name.split(".")[-1])
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(names)}, f)
+    return out_dir
+
+
 def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bool = False,
           async_scheduling: bool = True, attention_backend: str = "auto", hf_device: str = "cuda",
-          num_scheduler_steps: int = 1, speculative: int = 0) -> bool:
+          num_scheduler_steps: int = 1, speculative: int = 0, lora: bool = False) -> bool:
     from transformers import AutoModelForCausalLM
 
-    from pagellm import LLM, SamplingParams
+    from pagellm import LLM, LoRARequest, SamplingParams
 
-    llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager,
+    # eager attention, as in tests/hf_reference.py: SDPA drops Gemma 2's soft-capping in some releases
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    lora_request = None
+    if lora:
+        lora_request = LoRARequest("check", 1, random_adapter(hf, tempfile.mkdtemp(prefix="pagellm-lora-")))
+    llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager, enable_lora=lora,
               async_scheduling=async_scheduling, max_num_seqs=6,  # fewer rows than prompts
               attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
               speculative_config={"method": "ngram", "num_speculative_tokens": speculative, "prompt_lookup_max": 3,
@@ -46,10 +89,8 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
         prompts = [p[:12] * 4 for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=lora_request)
     elapsed = time.perf_counter() - t
-    # eager attention, as in tests/hf_reference.py: SDPA drops Gemma 2's soft-capping in some releases
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     hf = hf.to(hf_device).eval()
     hf.generation_config.eos_token_id = None
     ok, max_diff = 0, 0.0
@@ -71,6 +112,8 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     if num_scheduler_steps > 1:
         stats = llm.llm_engine.stats
         mode += f", {stats.device_steps} device steps in {stats.num_steps} rounds"
+    if lora:
+        mode += ", a rank-8 LoRA adapter"
     if speculative:
         st = llm.llm_engine.get_stats()
         mode += f", {st.spec_num_accepted_tokens}/{st.spec_num_draft_tokens} drafts accepted"
@@ -89,6 +132,7 @@ def main() -> int:
     steps = int(args[args.index("--num-scheduler-steps") + 1]) if "--num-scheduler-steps" in args else 1
     spec = int(args[args.index("--speculative") + 1]) if "--speculative" in args else 0
     valued = ("--attention-backend", "--hf-device", "--num-scheduler-steps", "--speculative")
+    lora = "--lora" in args
     paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] not in valued)]
     if not paths:
         from make_models import build
@@ -96,7 +140,7 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,
-                     num_scheduler_steps=steps, speculative=spec) for p in paths]
+                     num_scheduler_steps=steps, speculative=spec, lora=lora) for p in paths]
     return 0 if all(results) else 1
 
 

@@ -81,6 +81,8 @@ def _shard(layer: Linear, shard, a: torch.Tensor):
             layer.out_features
     ok = a if a.shape[1] == layer.in_features else None
     if not isinstance(layer, ColumnParallelLinear):
+        if getattr(layer.weight, "weight_loader", None) is not None:  # rows in a layout of its own (GPT-NeoX's q/k/v)
+            return ok, None, layer.in_features, "its checkpoint's"
         return ok, [(0, 0, layer.out_features)], layer.in_features, layer.out_features
     if shard is not None:
         part = layer.parts[shard]
@@ -125,12 +127,17 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
             raise ValueError(f"LoRA adapter {path!r} targets {module}, which is not a linear layer of the decoder "
                              "that pagellm can adapt (embeddings and the LM head are not).")
         a, pieces, want_in, want_out = _shard(layer, target[1], a)
-        if a is None or b.shape[0] != want_out:
+        if a is None or (pieces is not None and b.shape[0] != want_out):
             raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(ab['lora_A'].shape)} and B "
                              f"{tuple(b.shape)}, the model's layer takes {want_in} inputs to {want_out} outputs.")
         scale = alpha / (r ** 0.5 if rslora else r)
         full_b = torch.zeros(layer.out_features, r)
-        for dst, src, n in pieces:
+        if pieces is None:  # B's rows are the weight's rows: the weight's own loader puts them in place
+            try:
+                layer.weight.weight_loader(full_b, b.float() * scale, target[1])
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"LoRA adapter {path!r}: {module}'s B {tuple(b.shape)}: {e}") from None
+        for dst, src, n in pieces or ():
             full_b[dst:dst + n] = b[src:src + n].float() * scale
         parts.setdefault(layer.lora_name, []).append((a.float(), full_b))
     if not parts:

@@ -24,6 +24,8 @@ ADAPTERS = {
                                rank_pattern={"up_proj": 2})),
     "gpt2": ("gpt2", dict(r=6, lora_alpha=12, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"])),
     "qwen2": ("qwen2", dict(r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])),
+    # GPT-NeoX: query_key_value's rows are interleaved per head in the checkpoint, reordered when loaded
+    "gpt_neox": ("gpt_neox", dict(r=4, lora_alpha=8, target_modules=["query_key_value", "dense", "dense_4h_to_h"])),
 }
 
 
@@ -71,7 +73,7 @@ def assert_close(got, ref):
 
 
 @pytest.mark.parametrize("arch, names", [("llama", ["llama_all", "llama_rs"]), ("gpt2", ["gpt2"]),
-                                         ("qwen2", ["qwen2"])])
+                                         ("qwen2", ["qwen2"]), ("gpt_neox", ["gpt_neox"])])
 def test_mixed_batches_equal_peft_and_the_base_model(tiny_models, adapters, arch, names):
     """Each prompt runs with each adapter and with none, all in one batch (max_loras: every adapter at once)."""
     llm = LLM(tiny_models[arch], enable_lora=True, max_loras=len(names), max_lora_rank=8, num_gpu_blocks_override=128,
@@ -161,7 +163,8 @@ def test_bad_adapters_are_clear_errors_and_the_engine_goes_on(tiny_models, adapt
     assert stats.num_free_blocks == stats.num_total_blocks and not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("arch, names", [("llama", ["llama_all", "llama_rs"]), ("gpt2", ["gpt2"])])
+@pytest.mark.parametrize("arch, names", [("llama", ["llama_all", "llama_rs"]), ("gpt2", ["gpt2"]),
+                                         ("gpt_neox", ["gpt_neox"])])
 def test_tensor_parallel_adapters_equal_peft(tiny_models, adapters, arch, names):
     """TP=2: each rank keeps its slice of every adapter (B's rows of column-parallel layers, packed parts one by one;
     A's inputs of row-parallel layers, whose partial updates the all-reduce sums with the base's)."""
@@ -335,3 +338,28 @@ def test_emulated_cuda_graphs_replay_the_adapters_update(tiny_models, adapters, 
             "qwen_on_llama", "llama_all")][0]
         assert_close(tokens_and_logprobs(out), hf_greedy_with(ref_model, prompt, GREEDY.max_tokens))
     assert sum(runner.graphs.replays.values()) > 10
+
+
+@pytest.mark.parametrize("arch", [a for a in __import__("tests.conftest", fromlist=["ARCHS"]).ARCHS
+                                  if a not in ("llama_tied_rope", "opt_post_ln")])
+def test_every_native_architecture_takes_an_adapter_on_all_its_projections(tiny_models, arch, tmp_path):
+    """A random rank-8 adapter on every attention and MLP projection (scripts/check_cuda.py's, PEFT's file format),
+    against transformers with the same update merged into its weights (W + alpha / r * B A): packed, interleaved,
+    transposed (Conv1D), MoE routers, biased and normalised layouts alike."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("check_cuda", os.path.join(
+        os.path.dirname(__file__), "..", "..", "scripts", "check_cuda.py"))
+    check_cuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_cuda)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32, attn_implementation="eager")
+    path = check_cuda.random_adapter(hf, str(tmp_path / "adapter"))
+    hf.eval()
+    hf.generation_config.eos_token_id = None
+    llm = LLM(tiny_models[arch], enable_lora=True, max_lora_rank=8, num_gpu_blocks_override=128, block_size=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=LoRARequest("r", 1, path),
+                        use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        assert_close(tokens_and_logprobs(out), hf_greedy_with(hf, prompt, GREEDY.max_tokens))
