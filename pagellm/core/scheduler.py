@@ -84,11 +84,10 @@ def _reads_sampled_tokens(req: Request) -> bool:
 
 def _may_speculate(req: Request) -> bool:
     """Whether the request's sequences may decode with draft tokens: plain sampling (n / best_of), no structured
-    outputs, no penalties (the worker would have to count the drafts before each position samples), no bad
-    words of several tokens. Logprobs, min_tokens, logit bias and allowed tokens work per position."""
+    outputs, no bad words of several tokens. Logprobs, min_tokens, logit bias, allowed tokens and penalties work
+    per position (a position's penalties count the drafts before it)."""
     p = req.sampling_params
     return (isinstance(req.policy, SamplingPolicy) and p.structured_outputs is None
-            and not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
             and not any(len(w) > 1 for w in p._bad_words_token_ids or ()))
 
 

@@ -90,8 +90,8 @@ class EngineArgs:
               "(n from prompt_lookup_max down to prompt_lookup_min; both 5 when neither is given), and one step "
               "checks them all: a step yields every proposed token the model agrees with, plus one. Outputs are the "
               "same as without it, sampled ones included (each position samples with its own seed and output index). "
-              "Sequences with penalties, structured outputs or beam search, and steps with prompt tokens of the "
-              "same sequence, do not speculate; a request that speculates runs steps one at a time (no async "
+              "Sequences with structured outputs or beam search, and steps with prompt tokens of the same "
+              "sequence, do not speculate; a request that speculates runs steps one at a time (no async "
               "scheduling, no multi-step rounds) while it lives.")
     enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "
                                   "beside the base model: LLM.generate(..., lora_request=LoRARequest(name, id, path)), "

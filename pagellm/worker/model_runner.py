@@ -284,6 +284,8 @@ class ModelRunner:
                 md = self.batch.sampling_metadata(inputs.sample_rows)
             else:  # one sampling row per position a sequence samples at
                 md = self.batch.sampling_metadata(spec.rows, spec.ahead)
+                if md.output_counts is not None:  # penalties: each position also counts the drafts before it
+                    spec.count_drafts(md.output_counts)
             if grammar_seq_ids:
                 first = range(len(inputs.sample_seq_ids)) if spec is None else spec.first.tolist()
                 row_of = dict(zip(inputs.sample_seq_ids, first))
@@ -397,13 +399,13 @@ class ModelRunner:
         cols = np.arange(k)
         gather = first[:, None] + np.minimum(cols, npos[:, None] - 1)  # (B, K): row of each sequence's j-th sample
         drafts = np.full((len(sample_idx), k - 1), -1, dtype=np.int64)
-        for i, s in enumerate(seq_ids[j] for j in sample_idx):
-            d = spec_ids.get(s)
+        lists = [spec_ids.get(seq_ids[j], ()) for j in sample_idx]
+        for i, d in enumerate(lists):
             if d:
                 drafts[i, :len(d)] = d
         dev = self.device
         return _SpecInputs(np.repeat(rows[sample_idx], npos), ahead, first, logits_indices, to_device(gather, dev),
-                           to_device(drafts, dev)), draft_at
+                           to_device(drafts, dev), lists), draft_at
 
     def _multi_step_inputs(self, num_steps: int, rows: np.ndarray, starts: np.ndarray,
                            counts: np.ndarray) -> _MultiStepInputs:
@@ -490,15 +492,29 @@ class _SpecInputs:
     """A speculative step's sampling: sequence i samples at npos[i] = 1 + drafts positions, rows first[i] ..
     first[i] + npos[i] - 1 of the sampler's batch."""
 
-    __slots__ = ("rows", "ahead", "first", "logits_indices", "gather", "drafts")
+    __slots__ = ("rows", "ahead", "first", "logits_indices", "gather", "drafts", "draft_lists")
 
-    def __init__(self, rows, ahead, first, logits_indices, gather, drafts):
+    def __init__(self, rows, ahead, first, logits_indices, gather, drafts, draft_lists):
         self.rows = rows  # (N,) InputBatch row of each sampling row
         self.ahead = ahead  # (N,) its position after the sequence's last known token (0 .. drafts)
         self.first = first  # (B,) each sequence's first sampling row
         self.logits_indices = logits_indices  # (N,) batch index of each sampling row's token
         self.gather = gather  # (B, K) on the device: sampling row of sequence i's j-th sample (the last repeated)
         self.drafts = drafts  # (B, K - 1) on the device: the drafts, -1 past a sequence's own
+        self.draft_lists = draft_lists  # B lists: each sequence's drafts
+
+    def count_drafts(self, counts: torch.Tensor) -> None:
+        """Penalties at position j see the output so far plus the drafts before j (they are the output if j's
+        sample is kept): add them to the sampling rows' copy of the generated-token counts (N, V)."""
+        rows, toks = [], []
+        for f, d in zip(self.first.tolist(), self.draft_lists):
+            for j in range(1, len(d) + 1):
+                rows += [f + j] * j
+                toks += d[:j]
+        if rows:
+            flat = torch.tensor(rows, dtype=torch.long) * counts.shape[1] + torch.tensor(toks, dtype=torch.long)
+            flat = flat.to(counts.device)
+            counts.view(-1).index_add_(0, flat, torch.ones(len(rows), dtype=counts.dtype, device=counts.device))
 
     def verify(self, so: SamplerOutput) -> tuple[SamplerOutput, torch.Tensor]:
         """Keep each sequence's samples up to and including the first that differs from the draft at its place.

@@ -153,12 +153,16 @@ def test_drafts_never_enter_the_prefix_cache():
 
 
 def test_requests_that_cannot_speculate():
+    from pagellm.core.policies import SamplingPolicy
+
     s = make_scheduler()
-    for params in (dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(frequency_penalty=0.1)):
+    for params in (dict(bad_words=None), dict(repetition_penalty=1.2)):
         req = make_request([1, 2, 1, 2, 1], max_tokens=5, **params)
+        if params.get("bad_words", 1) is None:
+            req.sampling_params._bad_words_token_ids = [[3, 4]]  # a bad word of two tokens: its prefix is host state
         s.add_request(req)
         first = s.schedule()
         s.update_from_output(first, verdict(first, {}, sampled=2))
-        assert not s.schedule().spec_token_ids
+        assert bool(s.schedule().spec_token_ids) == ("repetition_penalty" in params)  # penalties do speculate
         s.abort_requests([req.request_id])
-    assert s.can_schedule_ahead()
+    assert s.can_schedule_ahead() and isinstance(req.policy, SamplingPolicy)

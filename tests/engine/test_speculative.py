@@ -71,12 +71,18 @@ def test_sampling_stops_and_parallel_samples_match_plain_decoding():
     assert_all_free(llm)
 
 
-def test_penalized_requests_do_not_speculate():
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=25, repetition_penalty=1.3, frequency_penalty=0.2)
+def test_penalized_requests_speculate_with_the_same_outputs():
+    """Presence, frequency and repetition penalties: each position's penalties count the drafts before it, so the
+    kept tokens are plain decoding's (greedy too: the penalties move the argmax), and so are the processed
+    logprobs, which show the penalties even where they do not change the token."""
+    frequency, presence, repetition = (0.4, 0.0, 0.0, 0.3), (0.0, 0.3, 0.0, 0.2), (1.0, 1.0, 1.1, 1.05)
+    params = [SamplingParams(temperature=0.8 if i % 2 else 0.0, seed=i, max_tokens=40, ignore_eos=True, logprobs=1,
+                             logprobs_mode="processed_logprobs", frequency_penalty=frequency[i % 4],
+                             presence_penalty=presence[i % 4], repetition_penalty=repetition[i % 4])
               for i in range(len(PROMPTS))]
     llm = make()
     assert_same_outputs(summary(generate(llm, params)), summary(generate(make(None), params)))
-    assert llm.llm_engine.get_stats().spec_num_drafts == 0
+    assert accepted(llm) > 5
     assert_all_free(llm)
 
 
@@ -118,9 +124,11 @@ def test_async_scheduling_steps_one_at_a_time_while_a_request_speculates():
     llm = make(async_scheduling=True)
     assert_same_outputs(summary(generate(llm, params)), ref)
     assert accepted(llm) > 0 and llm.llm_engine.stats.overlapped_steps == 0
-    # penalized requests do not speculate: they overlap steps as usual
-    penalized = [p.clone(presence_penalty=0.5) for p in params]
-    generate(llm, penalized)
+    # constrained requests do not speculate: they overlap steps as usual
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    constrained = [p.clone(structured_outputs=StructuredOutputsParams(regex="[a-z ]{20,40}")) for p in params]
+    generate(llm, constrained)
     assert llm.llm_engine.stats.overlapped_steps > 20
     assert_all_free(llm)
 
