@@ -83,12 +83,10 @@ def _reads_sampled_tokens(req: Request) -> bool:
 
 
 def _may_speculate(req: Request) -> bool:
-    """Whether the request's sequences may decode with draft tokens: plain sampling (n / best_of), no structured
-    outputs, no bad words of several tokens. Logprobs, min_tokens, logit bias, allowed tokens and penalties work
-    per position (a position's penalties count the drafts before it)."""
-    p = req.sampling_params
-    return (isinstance(req.policy, SamplingPolicy) and p.structured_outputs is None
-            and not any(len(w) > 1 for w in p._bad_words_token_ids or ()))
+    """Whether the request's sequences may decode with draft tokens: none of the host-side state above, no
+    structured outputs. Logprobs, min_tokens, logit bias, allowed tokens and penalties work per position (a
+    position's penalties count the drafts before it)."""
+    return not _reads_sampled_tokens(req) and req.sampling_params.structured_outputs is None
 
 
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
@@ -176,7 +174,7 @@ class Scheduler:
         spec = config.speculative
         self.proposer = NgramProposer(spec) if spec is not None else None
         self._spec_reqs: set[str] = set()  # live requests whose sequences decode with draft tokens
-        self.spec_counts = [0, 0, 0]  # sequence steps with drafts, draft tokens, accepted draft tokens
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0  # sequence steps, tokens, kept
 
     # ---- requests in and out ------------------------------------------------------
 
@@ -397,10 +395,7 @@ class Scheduler:
             if not fits:
                 break
         for req in reversed(skipped):  # back in their places
-            if self.by_priority:
-                bisect.insort(self.waiting, req, key=self._rank)
-            else:
-                self.waiting.appendleft(req)
+            self._queue(req, front=True)
 
     def _preempt_for(self, req: Request, plan: _StepPlan) -> bool:
         """Under "priority": preempt the last running request if its priority is strictly lower than req's (a
@@ -589,12 +584,11 @@ class Scheduler:
     def _apply_verdicts(self, spec_token_ids: dict[int, list[int]], accepted: dict[int, list[SampleResult]]) -> None:
         """Speculative decoding: a sequence whose step checked k drafts and kept a of them (it samples a + 1
         tokens) has k - a tokens fewer computed than scheduled; their K/V slots are written again later."""
-        counts = self.spec_counts
         for seq_id, drafts in spec_token_ids.items():
             a = len(accepted.get(seq_id, ()))
-            counts[0] += 1
-            counts[1] += len(drafts)
-            counts[2] += a
+            self.spec_drafts += 1
+            self.spec_draft_tokens += len(drafts)
+            self.spec_accepted_tokens += a
             seq = self._seqs.get(seq_id)
             if seq is not None:
                 seq.num_computed_tokens -= len(drafts) - a
@@ -635,7 +629,7 @@ class Scheduler:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions,
-            spec_num_drafts=self.spec_counts[0],
-            spec_num_draft_tokens=self.spec_counts[1],
-            spec_num_accepted_tokens=self.spec_counts[2],
+            spec_num_drafts=self.spec_drafts,
+            spec_num_draft_tokens=self.spec_draft_tokens,
+            spec_num_accepted_tokens=self.spec_accepted_tokens,
         )

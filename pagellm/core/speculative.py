@@ -23,6 +23,16 @@ from __future__ import annotations
 from pagellm.config import SpeculativeConfig
 
 
+class _SeqIndex:
+    """Where each token id occurs in one sequence, for the positions below `upto`."""
+
+    __slots__ = ("positions", "upto")
+
+    def __init__(self) -> None:
+        self.positions: dict[int, list[int]] = {}
+        self.upto = 0
+
+
 class NgramProposer:
     MAX_CANDIDATES = 64  # earlier occurrences of the last token checked per proposal, latest first
 
@@ -30,24 +40,24 @@ class NgramProposer:
         self.k = config.num_speculative_tokens
         self.n_max = config.prompt_lookup_max
         self.n_min = config.prompt_lookup_min
-        self._index: dict[int, tuple[dict[int, list[int]], list[int]]] = {}  # seq_id -> (positions, [indexed upto])
+        self._index: dict[int, _SeqIndex] = {}
 
     def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
         """Up to k draft tokens to follow `tokens` (fewer near the end of the match; [] without a match)."""
         if k <= 0 or len(tokens) < self.n_min + 1:
             return []
-        entry = self._index.get(seq_id)
-        if entry is None:
-            entry = self._index[seq_id] = ({}, [0])
-        positions, upto = entry
+        index = self._index.get(seq_id)
+        if index is None:
+            index = self._index[seq_id] = _SeqIndex()
+        positions = index.positions
         last = len(tokens) - 1
-        for i in range(upto[0], last):  # every position but the last: a match must end before it
+        for i in range(index.upto, last):  # every position but the last: a match must end before it
             occ = positions.get(tokens[i])
             if occ is None:
                 positions[tokens[i]] = [i]
             else:
                 occ.append(i)
-        upto[0] = last
+        index.upto = last
         cands = positions.get(tokens[last])
         if not cands:
             return []

@@ -6,8 +6,9 @@
 PEFT stores, per adapted module, `base_model.model.<module>.lora_A.weight` (r, in) and `...lora_B.weight`
 (out, r); the update is out += scale * x A^T B^T with scale = lora_alpha / r (lora_alpha / sqrt(r) with
 use_rslora). A module's checkpoint name goes through the model's own `map_weight`, as the base weights do,
-so q_proj lands on part 0 of the packed qkv_proj (rows offsets[0] .. + out_sizes[0]) and GPT-2's c_attn on
-the whole packed layer. B is stored pre-scaled, and the parts of one packed layer are stacked (see LoRAAdapter).
+and B through the layer's own row loader, so q_proj lands on part 0 of the packed qkv_proj and GPT-2's c_attn
+on the whole packed layer, each rank keeping its rows. B is stored pre-scaled, and the parts of one packed
+layer are stacked (see LoRAAdapter).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from pagellm.lora.request import LoRARequest
 from pagellm.models.parallel_layers import ColumnParallelLinear, Linear, RowParallelLinear
+from pagellm.models.weight_utils import default_weight_loader
 
 
 def read_adapter_config(path: str, max_rank: int) -> dict:
@@ -51,7 +53,6 @@ def read_adapter_config(path: str, max_rank: int) -> dict:
 @dataclass
 class LoRAAdapter:
     request: LoRARequest
-    rank: int
     # module name (the model's) -> (A (R, in), B (out, R)): the A of every adapted part stacked, and B scaled and
     # placed at each part's output rows (zeros elsewhere), so one layer's update is two matmuls however packed
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -69,26 +70,28 @@ def _adapter_tensors(path: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"LoRA adapter {path!r}: no adapter_model.safetensors or adapter_model.bin.")
 
 
-def _shard(layer: Linear, shard, a: torch.Tensor):
-    """This rank's part of an adapter for one layer, as tensor parallelism splits the layer: A's input columns
-    (row-parallel layers), and B's rows as (local row, checkpoint row, rows) pieces (column-parallel layers, a
-    packed part or all of them). Returns (A or None if its inputs do not fit, pieces, inputs, checkpoint rows)."""
+def _place(layer: Linear, shard, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (A (r, in), B (out, r)) of one layer, split as tensor parallelism splits the layer. B's rows are
+    the weight's rows, so they land where the layer's own weight loader puts checkpoint rows (a packed part, this
+    rank's slice, GPT-NeoX's per-head interleaving, a Conv1D's transpose); a row-parallel layer takes its slice of
+    A's inputs instead (its output rows are whole). ValueError when the shapes do not fit the layer."""
+    r = a.shape[0]
     if isinstance(layer, RowParallelLinear):
-        full_in = a.shape[1]
-        if layer.tp.shard(full_in) != (layer.in_start, layer.in_features):
-            return None, [], f"{layer.in_features} (this rank's)", layer.out_features
-        return a[:, layer.in_start:layer.in_start + layer.in_features], [(0, 0, layer.out_features)], full_in, \
-            layer.out_features
-    ok = a if a.shape[1] == layer.in_features else None
-    if not isinstance(layer, ColumnParallelLinear):
-        if getattr(layer.weight, "weight_loader", None) is not None:  # rows in a layout of its own (GPT-NeoX's q/k/v)
-            return ok, None, layer.in_features, "its checkpoint's"
-        return ok, [(0, 0, layer.out_features)], layer.in_features, layer.out_features
-    if shard is not None:
-        part = layer.parts[shard]
-        return ok, [(layer.offsets[shard], part.start, part.size)], layer.in_features, part.full_size
-    pieces = [(layer.offsets[i], layer.full_offsets[i] + p.start, p.size) for i, p in enumerate(layer.parts)]
-    return ok, pieces, layer.in_features, sum(p.full_size for p in layer.parts)
+        if b.shape[0] != layer.out_features or layer.tp.shard(a.shape[1]) != (layer.in_start, layer.in_features):
+            raise ValueError(f"the layer takes {layer.in_features} inputs (this rank's) to {layer.out_features} "
+                             "outputs")
+        return a[:, layer.in_start:layer.in_start + layer.in_features], b
+    if a.shape[1] != layer.in_features:
+        raise ValueError(f"the layer takes {layer.in_features} inputs")
+    if isinstance(layer, ColumnParallelLinear):
+        loader = layer.load_part
+    elif hasattr(layer, "weight"):
+        loader = getattr(layer.weight, "weight_loader", default_weight_loader)
+    else:
+        raise ValueError("its weight is quantized in a layout of its own")
+    placed = torch.zeros(layer.out_features, r)
+    loader(placed, b.t() if getattr(layer, "transposed", False) else b, shard)  # the checkpoint's orientation
+    return a, placed
 
 
 def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, device: torch.device,
@@ -112,7 +115,7 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
                 break
         else:
             raise ValueError(f"LoRA adapter {path!r}: tensor {key!r} is not a LoRA A/B weight.")
-    adapter = LoRAAdapter(request, cfg["r"])
+    adapter = LoRAAdapter(request)
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (A, B placed at its part's rows)
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"lora_A", "lora_B"}:
@@ -126,20 +129,13 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
         if not isinstance(layer, Linear) or getattr(layer, "lora_name", None) is None:
             raise ValueError(f"LoRA adapter {path!r} targets {module}, which is not a linear layer of the decoder "
                              "that pagellm can adapt (embeddings and the LM head are not).")
-        a, pieces, want_in, want_out = _shard(layer, target[1], a)
-        if a is None or (pieces is not None and b.shape[0] != want_out):
-            raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(ab['lora_A'].shape)} and B "
-                             f"{tuple(b.shape)}, the model's layer takes {want_in} inputs to {want_out} outputs.")
         scale = alpha / (r ** 0.5 if rslora else r)
-        full_b = torch.zeros(layer.out_features, r)
-        if pieces is None:  # B's rows are the weight's rows: the weight's own loader puts them in place
-            try:
-                layer.weight.weight_loader(full_b, b.float() * scale, target[1])
-            except (ValueError, RuntimeError) as e:
-                raise ValueError(f"LoRA adapter {path!r}: {module}'s B {tuple(b.shape)}: {e}") from None
-        for dst, src, n in pieces or ():
-            full_b[dst:dst + n] = b[src:src + n].float() * scale
-        parts.setdefault(layer.lora_name, []).append((a.float(), full_b))
+        try:
+            a, b = _place(layer, target[1], a.float(), b.float() * scale)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}: "
+                             f"{e}.") from None
+        parts.setdefault(layer.lora_name, []).append((a, b))
     if not parts:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights.")
     for name, ab in parts.items():

@@ -67,14 +67,16 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, H, D)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, KVH, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = rotary(positions, *self.heads(q, k))
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, backend))
+
+    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H, D) q and (T, KVH, D) k, normalised per head with qk_norm (OLMo 2 overrides: over all heads)."""
+        t = q.shape[0]
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        return (self.q_norm(q), self.k_norm(k)) if self.qk_norm else (q, k)
 
 
 class LlamaDecoderLayer(nn.Module):

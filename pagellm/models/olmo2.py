@@ -52,13 +52,10 @@ class Olmo2Attention(LlamaAttention):
         self.q_norm = ShardedRMSNorm(q_part, config.rms_norm_eps, tp)
         self.k_norm = ShardedRMSNorm(k_part, config.rms_norm_eps, tp)
 
-    def forward(self, positions, x, rotary, kv_cache, meta, backend):
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = self.q_norm(q).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_norm(k).reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta, backend))
+    def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = q.shape[0]
+        return (self.q_norm(q).reshape(t, self.num_heads, self.head_dim),
+                self.k_norm(k).reshape(t, self.num_kv_heads, self.head_dim))
 
 
 class Olmo2DecoderLayer(nn.Module):

@@ -175,13 +175,12 @@ class ModelRunner:
         return graphs_supported(self.model)
 
     def add_lora(self, lora) -> bool:
-        """Load a LoRA adapter (ValueError if it cannot be served here); False when it was loaded already."""
-        if self.lora is None:
-            raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
+        """Load a LoRA adapter (ValueError if it cannot be served here); False when it was loaded already. The
+        engine core calls these only with enable_lora."""
         return self.lora.add(lora)
 
     def remove_lora(self, lora_int_id: int) -> bool:
-        return self.lora is not None and self.lora.remove(lora_int_id)
+        return self.lora.remove(lora_int_id)
 
     # ---- one step -------------------------------------------------------------------
 
@@ -286,8 +285,8 @@ class ModelRunner:
                 md = self.batch.sampling_metadata(spec.rows, spec.ahead)
                 if md.output_counts is not None:  # penalties: each position also counts the drafts before it
                     spec.count_drafts(md.output_counts)
+            first = range(len(inputs.sample_seq_ids)) if spec is None else spec.first.tolist()  # each one's 1st row
             if grammar_seq_ids:
-                first = range(len(inputs.sample_seq_ids)) if spec is None else spec.first.tolist()
                 row_of = dict(zip(inputs.sample_seq_ids, first))
                 rows = to_device([row_of[s] for s in grammar_seq_ids], self.device)
                 md.grammar = (to_device(grammar_bitmask, self.device), rows)
@@ -296,7 +295,7 @@ class ModelRunner:
                 res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
             else:
                 so, counts = spec.verify(so)
-                res.add_samples(inputs.sample_seq_ids, so, [md.num_logprobs[f] for f in spec.first.tolist()], counts)
+                res.add_samples(inputs.sample_seq_ids, so, [md.num_logprobs[f] for f in first], counts)
             self._prev_tokens = tokens = so.token_ids if spec is None else so.token_ids[0]
         self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         res.queued()
@@ -347,7 +346,7 @@ class ModelRunner:
         spec = None
         if n_draft is not None:
             spec, draft_at = self._spec_inputs(spec_ids, seq_ids, rows, cu, n_draft, sample_idx)
-            input_ids[draft_at] = [t for s in seq_ids for t in spec_ids.get(s, ())]
+            input_ids[draft_at] = [t for d in spec.draft_lists for t in d]  # drafting sequences all sample
             beyond[draft_at] = False
             arrays["logits_indices"] = spec.logits_indices
         unknown = np.flatnonzero(beyond)

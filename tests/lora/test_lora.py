@@ -363,3 +363,7 @@ def test_every_native_architecture_takes_an_adapter_on_all_its_projections(tiny_
                         use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
         assert_close(tokens_and_logprobs(out), hf_greedy_with(hf, prompt, GREEDY.max_tokens))
+    # the adapter matters: the base model's own output is another one
+    base_tokens, base_lps = hf_greedy_with(hf_model(tiny_models[arch]), PROMPTS[0], GREEDY.max_tokens)
+    got_tokens, got_lps = tokens_and_logprobs(outs[0])
+    assert got_tokens != base_tokens or max(abs(x - y) for x, y in zip(got_lps, base_lps)) > 1e-2
