@@ -29,6 +29,21 @@ class ModelGeometry:
 
 
 @dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model (`runner="pooling"`) turns a prompt's hidden states into its output (vLLM's
+    `pooler_config`, read from sentence-transformers' modules.json when the checkpoint has one)."""
+
+    task: str  # embed | classify: what the model serves (the architecture, or --convert)
+    hidden_size: int  # features of an embedding
+    pooling_type: str = "LAST"  # LAST | MEAN | CLS: the prompt token(s) whose hidden states are pooled
+    normalize: bool = True  # embed: L2-normalize, unless the request says otherwise
+    use_activation: bool = True  # classify: softmax (sigmoid with one label), unless the request says otherwise
+    dimensions: int | None = None  # embed: the first `dimensions` features by default (Matryoshka models)
+    matryoshka: tuple[int, ...] | bool = False  # dimensions a request may ask for: True = any, a tuple = those
+    labels: tuple[str, ...] = ()  # classify: the class names (config.json's id2label), one per class
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The checkpoint and how to run it."""
 
@@ -52,6 +67,7 @@ class ModelConfig:
     # Sampling defaults for what a request leaves unset (SamplingParams names: temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens), from the generation config (--generation-config); empty: SamplingParams'.
     default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
+    pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
 
 
 @dataclass(frozen=True)

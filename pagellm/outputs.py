@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -60,3 +61,50 @@ class BeamSearchOutput:
     """`LLM.beam_search` result for one prompt: the beam_width best beams, best first."""
 
     sequences: list[BeamSearchSequence]
+
+
+@dataclass
+class PoolingOutput:
+    data: Any  # torch.Tensor (float32): an embedding (hidden,), class probabilities (labels,), or per token (n, hidden)
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A pooling model's answer to one prompt (vLLM's shape); `LLM.embed` / `classify` / `score` return the
+    typed views below."""
+
+    request_id: str
+    outputs: Any  # PoolingOutput, or EmbeddingOutput / ClassificationOutput / ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None  # set when the request failed inside the engine
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # one per class (softmax; a sigmoid score with one label)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # cosine similarity (embedding models) or the cross-encoder's score
+
+
+EmbeddingRequestOutput = PoolingRequestOutput
+ClassificationRequestOutput = PoolingRequestOutput
+ScoringRequestOutput = PoolingRequestOutput

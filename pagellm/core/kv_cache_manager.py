@@ -161,9 +161,12 @@ class KVCacheManager:
         """Longest run of cached blocks for a sequence with nothing computed.
 
         At most num_tokens - 1 tokens come from the cache: the last token is
-        always computed so that the step produces logits for it.
+        always computed so that the step produces logits for it. Requests that need
+        every prompt position (prompt logprobs, pooling other than LAST) compute all.
         """
-        if not self.enable_caching or seq.request.sampling_params.prompt_logprobs is not None:
+        req = seq.request
+        if (not self.enable_caching or req.sampling_params.prompt_logprobs is not None
+                or (req.pooling_params is not None and req.pooling_params.needs_all_hidden)):
             return PrefixMatch(counted=False)
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hashes = self._seq_hashes(seq, max_blocks)

@@ -151,6 +151,7 @@ class Request:
     num_preemptions: int = 0  # times this request was preempted (recomputed)
     first_scheduled_time: float | None = None  # time.monotonic() when first admitted to the running batch
     policy: Any = None  # the SequenceGroupPolicy deciding forks and what to do with sampled tokens
+    pooling_params: Any = None  # PoolingParams: a pooling model's request (its prompt is pooled, nothing sampled)
 
     @property
     def num_prompt_tokens(self) -> int:

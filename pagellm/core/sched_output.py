@@ -42,6 +42,7 @@ class NewSeqData:
     sampling_params: SamplingParams  # the request's parameters
     seed: int  # sampling seed of this sequence
     lora_id: int = 0  # the LoRA adapter it runs with (0: none)
+    pooling_params: Any = None  # PoolingParams of a pooling model's request: pooled once its prompt is computed
 
 
 @dataclass
@@ -108,6 +109,7 @@ class ModelRunnerOutput:
     samples: dict[int, SampleResult] = field(default_factory=dict)  # seq_id -> sampled token
     extra_samples: dict[int, list[SampleResult]] = field(default_factory=dict)  # multi-step: the later tokens
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # seq_id -> this chunk's
+    pooled: dict[int, Any] = field(default_factory=dict)  # pooling models: seq_id -> output (numpy float32)
 
 
 @dataclass(slots=True)
@@ -131,3 +133,4 @@ class RequestUpdate:
     prompt_logprobs: PromptLogprobs | None = None  # new prompt logprobs (first sequence only)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_scheduled_time: float | None = None  # time.monotonic() when the request first joined the batch
+    pooled: Any = None  # a pooling request's output (numpy float32), with finished=True

@@ -504,7 +504,8 @@ class Scheduler:
                 req = seq.request
                 new_seqs.append(NewSeqData(
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
-                    self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id))
+                    self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
+                    req.pooling_params))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)
@@ -552,6 +553,14 @@ class Scheduler:
         if sched.spec_token_ids:
             self._apply_verdicts(sched.spec_token_ids, out.extra_samples)
         updates = []
+        for seq_id, data in out.pooled.items():  # a pooling request ends when its prompt is computed
+            seq = seqs.get(seq_id)
+            if seq is not None and not seq.is_finished():
+                req = seq.request
+                self.finish_seq(seq, RequestStatus.FINISHED_STOPPED)
+                self._finish_request(req, RequestStatus.FINISHED_STOPPED)
+                updates.append(RequestUpdate(req.request_id, [], True, None, seq.num_cached_tokens,
+                                             req.first_scheduled_time, pooled=data))
         for seq_id, res in out.samples.items():
             seq = seqs.get(seq_id)
             if seq is not None and not seq.is_finished():

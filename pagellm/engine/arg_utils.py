@@ -93,6 +93,18 @@ class EngineArgs:
               "Sequences with structured outputs or beam search, and steps with prompt tokens of the same "
               "sequence, do not speculate; a request that speculates runs steps one at a time (no async "
               "scheduling, no multi-step rounds) while it lives.")
+    runner: str = _f("auto", "What the model serves: generate (text), pooling (embeddings, classification: "
+                             "LLM.embed / classify / score, /v1/embeddings, /classify, /score, /rerank), or auto: "
+                             "pooling for *Model and *ForSequenceClassification checkpoints, else generate.",
+                     choices=("auto", "generate", "pooling"))
+    convert: str = _f("auto", "With runner pooling: embed (pooled hidden states) or classify (the checkpoint's "
+                              "classification head, `score.weight`); auto: classify for *ForSequenceClassification "
+                              "checkpoints, else embed.", choices=("auto", "none", "embed", "classify"))
+    pooler_config: dict | None = _f(
+        None, "A pooling model's pooler, a JSON object as in vLLM: '{\"pooling_type\": \"MEAN\", \"normalize\": "
+              "false}'. pooling_type LAST (default; sentence-transformers checkpoints: their own), MEAN or CLS; "
+              "normalize (embeddings, default true); use_activation (classification: softmax, or sigmoid for one "
+              "label; default true); dimensions (Matryoshka models: the default embedding size).")
     enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "
                                   "beside the base model: LLM.generate(..., lora_request=LoRARequest(name, id, path)), "
                                   "or `pagellm serve --lora-modules name=path` and the name as the request's model. "
@@ -190,6 +202,13 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
+        if model_cfg.pooler is not None:
+            if speculative is not None:
+                raise ValueError("speculative_config is for generative models; this one runs as a pooling model "
+                                 "(runner pooling).")
+            if self.enable_lora:
+                raise ValueError("enable_lora is for generative models; this one runs as a pooling model "
+                                 "(runner pooling).")
         lora = None
         if self.enable_lora:
             _positive("max_loras", self.max_loras)
@@ -213,7 +232,7 @@ class EngineArgs:
     def _model_config(self) -> ModelConfig:
         from transformers import AutoConfig
 
-        from pagellm.models.registry import get_model_class, resolve_architecture
+        from pagellm.models.registry import get_model_class
         from pagellm.quantization import resolve_quantization
 
         path = self.model
@@ -231,7 +250,7 @@ class EngineArgs:
 
             raise ValueError(f"cannot read {path}/config.json: {e} Natively supported architectures: "
                              f"{', '.join(supported_architectures())}.") from None
-        arch = resolve_architecture(getattr(hf, "architectures", None), hf)
+        arch, pooler = self._runner(path, hf)
         cls = get_model_class(arch)
         if self.tensor_parallel_size > 1 and not cls.supports_tp:
             raise ValueError(f"{arch} runs on the transformers fallback, which cannot be sharded: "
@@ -268,7 +287,38 @@ class EngineArgs:
             max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else hf.vocab_size,
             quantization=quantization,
             default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
+            pooler=pooler,
         )
+
+    def _runner(self, path: str, hf) -> tuple[str, Any]:
+        """The native architecture that runs the checkpoint, and the pooler when it runs as a pooling model."""
+        from pagellm.models.pooling import make_pooler_config, pooling_task_of
+        from pagellm.models.registry import FALLBACK, MODELS, resolve_architecture
+
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be auto, generate or pooling, got {self.runner!r}.")
+        if self.convert not in ("auto", "none", "embed", "classify"):
+            raise ValueError(f"convert must be auto, none, embed or classify, got {self.convert!r}.")
+        archs = list(getattr(hf, "architectures", None) or [])
+        declared = next((t for t in map(pooling_task_of, archs) if t), None)
+        runner = self.runner if self.runner != "auto" else ("pooling" if declared else "generate")
+        if runner == "generate":
+            if self.pooler_config is not None or self.convert not in ("auto", "none"):
+                raise ValueError("pooler_config and convert need runner pooling (--runner pooling).")
+            if declared:
+                raise ValueError(f"{archs} is a pooling architecture ({declared}); it cannot run with "
+                                 "runner='generate'.")
+            return resolve_architecture(archs, hf), None
+        task = self.convert if self.convert in ("embed", "classify") else (declared or "embed")
+        from pagellm.models.transformers_fallback import hf_causal_lm_class
+
+        causal = hf_causal_lm_class(hf)
+        candidates = [a for a in archs if not pooling_task_of(a)] + ([causal.__name__] if causal else [])
+        arch = next((a for a in candidates if a in MODELS and a != FALLBACK), None)
+        if arch is None:
+            raise ValueError(f"pooling models run on pagellm's native decoders; {archs} (model_type "
+                             f"{getattr(hf, 'model_type', None)!r}) has none.")
+        return arch, make_pooler_config(path, hf, task, self.pooler_config)
 
 
 def lora_modules(entries: list) -> tuple:

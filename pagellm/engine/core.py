@@ -119,7 +119,8 @@ class EngineCore:
         req = Request(request_id, inp.prompt_token_ids, p, arrival, prompt=inp.prompt,
                       eos_token_ids=self.config.model.eos_token_ids,
                       base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
-                      cache_salt=salt, priority=inp.priority, lora_id=lora_id, policy=policy)
+                      cache_salt=salt, priority=inp.priority, lora_id=lora_id, policy=policy,
+                      pooling_params=inp.pooling)
         self.scheduler.add_request(req)
 
     def add_lora(self, lora) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pagellm.config import ModelConfig
 from pagellm.lora.request import LoRARequest
+from pagellm.pooling_params import PoolingParams
 from pagellm.sampling_params import ParamError, SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -28,6 +29,7 @@ class ProcessedInput:
     priority: int = 0  # scheduling_policy "priority": lower first
     beam: dict | None = None  # beam search (the API's use_beam_search): BeamSearchPolicy's arguments
     lora: LoRARequest | None = None  # the LoRA adapter the request runs with (enable_lora)
+    pooling: PoolingParams | None = None  # a pooling model's request (params then only carry its seed)
 
 
 class InputProcessor:
@@ -42,20 +44,11 @@ class InputProcessor:
         """`logprobs_cap=False` for internal candidates (beam search asks for 2 x beam_width of them)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}.")
-        text, ids, salt = self._tokenize(prompt)
-        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
-            ids = ids[-params.truncate_prompt_tokens:]
-        if not ids:
-            raise ParamError("prompt must not be empty (it has 0 tokens).", param="prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ParamError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
-                             f"got {bad[:5]}.", param="prompt")
+        if self.model_config.pooler is not None:
+            raise ValueError("this model runs as a pooling model (runner pooling): it serves LLM.embed / classify / "
+                             "score / encode, not generation.")
+        text, ids, salt = self._prompt_ids(prompt, params.truncate_prompt_tokens)
         n = len(ids)
-        if n >= self.max_model_len:
-            raise ParamError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
-                             f"the prompt must be shorter than max_model_len to leave room for output.",
-                             param="prompt", code="context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
             raise ParamError(f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "
@@ -75,6 +68,66 @@ class InputProcessor:
                                  param="structured_outputs")
             self.structured.compile(params.structured_outputs)  # fails here, before any work, if it cannot compile
         return ProcessedInput(text, list(ids), params, salt)
+
+    def _prompt_ids(self, prompt: PromptType, truncate: int | None,
+                    pooling: bool = False) -> tuple[str | None, list[int], str | None]:
+        """The prompt's token ids (the last `truncate` of them), checked against the vocabulary and max_model_len
+        (a pooling request's prompt may fill it: nothing is generated after it)."""
+        text, ids, salt = self._tokenize(prompt)
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]
+        if not ids:
+            raise ParamError("prompt must not be empty (it has 0 tokens).", param="prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ParamError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
+                             f"got {bad[:5]}.", param="prompt")
+        n = len(ids)
+        if pooling and n > self.max_model_len:
+            raise ParamError(f"the prompt has {n} tokens, more than max_model_len ({self.max_model_len}).",
+                             param="prompt", code="context_length_exceeded")
+        if not pooling and n >= self.max_model_len:
+            raise ParamError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
+                             f"the prompt must be shorter than max_model_len to leave room for output.",
+                             param="prompt", code="context_length_exceeded")
+        return text, ids, salt
+
+    def process_pooling(self, prompt: PromptType, params: PoolingParams) -> ProcessedInput:
+        """A pooling model's request: the prompt checked as for generation, the params against the model's task
+        (ParamError naming the field)."""
+        pooler = self.model_config.pooler
+        if pooler is None:
+            raise ValueError("this model runs as a generative model; embed / classify / score / encode need a "
+                             "pooling model (runner='pooling', --runner pooling).")
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling params must be PoolingParams, got {type(params).__name__}.")
+        task = params.task or pooler.task
+        served = ("embed", "token_embed") if pooler.task == "embed" else ("classify", "score")
+        if task not in served:
+            raise ParamError(f"this model serves {' and '.join(served)} (runner pooling, convert {pooler.task}); the "
+                             f"{task} task needs a model converted to "
+                             f"{'classify' if pooler.task == 'embed' else 'embed'}.", param="task")
+        params = params.clone(task=task)
+        params.check_task()
+        if params.dimensions is not None:
+            m = pooler.matryoshka
+            if not m:
+                raise ParamError(f"the model {self.model_config.served_model_name!r} does not support Matryoshka "
+                                 "representation (config.json has no is_matryoshka / matryoshka_dimensions): "
+                                 "changing the output dimensions would give poor embeddings.", param="dimensions")
+            if m is not True and params.dimensions not in m:
+                raise ParamError(f"dimensions must be one of {list(m)} (the model's matryoshka_dimensions), got "
+                                 f"{params.dimensions}.", param="dimensions")
+            if params.dimensions > pooler.hidden_size:
+                raise ParamError(f"dimensions must be <= {pooler.hidden_size} (the model's hidden size), got "
+                                 f"{params.dimensions}.", param="dimensions")
+        truncate = params.truncate_prompt_tokens
+        if truncate == -1:
+            truncate = self.max_model_len
+        text, ids, salt = self._prompt_ids(prompt, truncate, pooling=True)
+        params.needs_all_hidden = task == "token_embed" or pooler.pooling_type != "LAST"
+        sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, seed=0)
+        return ProcessedInput(text, list(ids), sp, salt, pooling=params)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int], str | None]:
         if isinstance(prompt, str):

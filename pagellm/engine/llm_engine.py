@@ -23,6 +23,7 @@ from pagellm.engine.input_processor import InputProcessor, ProcessedInput, Promp
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.executor.base import Executor
 from pagellm.outputs import RequestOutput
+from pagellm.pooling_params import PoolingParams
 from pagellm.sampling_params import SamplingParams
 from pagellm.structured_output.manager import make_manager
 
@@ -71,11 +72,23 @@ class LLMEngine:
                                   max_seqs if max_seqs is not None else inp.params.best_of)
         return inp
 
-    def add_request(self, request_id: str, prompt: PromptType | ProcessedInput, params: SamplingParams | None = None,
+    def process_pooling_input(self, prompt: PromptType, params: PoolingParams) -> ProcessedInput:
+        """A pooling model's request, validated and tokenized without queueing (ValueError on bad input)."""
+        inp = self.input_processor.process_pooling(prompt, params)
+        self.scheduler.check_fits(len(inp.prompt_token_ids), 1, 1)
+        return inp
+
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedInput,
+                    params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, policy: Any = None, lora_request: Any = None) -> None:
         if self.core.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.core.dead}")
-        inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
+        if isinstance(prompt, ProcessedInput):
+            inp = prompt
+        elif isinstance(params, PoolingParams):
+            inp = self.process_pooling_input(prompt, params)
+        else:
+            inp = self.process_input(prompt, params or SamplingParams())
         if lora_request is not None:
             inp.lora = lora_request
         if self.output_processor.has_request(request_id):

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pagellm.core.sched_output import PromptLogprobs as PromptLogprobChunk
 from pagellm.core.sched_output import RequestUpdate, SampleResult
 from pagellm.engine.detokenizer import IncrementalDetokenizer
-from pagellm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagellm.outputs import CompletionOutput, Logprob, PoolingOutput, PoolingRequestOutput, RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 
 StopCallback = Callable[[str, int, str], bool]  # (request_id, index, stop string) -> request finished
@@ -99,6 +101,11 @@ class OutputProcessor:
             st.num_cached_tokens = u.num_cached_tokens
             if st.first_scheduled_time is None:
                 st.first_scheduled_time = u.first_scheduled_time
+            if u.pooled is not None:  # a pooling request: one output, when its prompt has been computed
+                del self.states[st.request_id]
+                outputs.append(PoolingRequestOutput(st.request_id, PoolingOutput(torch.from_numpy(u.pooled)),
+                                                    st.prompt_token_ids, True, st.prompt, st.num_cached_tokens))
+                continue
             if u.prompt_logprobs is not None and st.prompt_logprobs is not None:
                 self._add_prompt_logprobs(st, u.prompt_logprobs)
             for d in u.deltas:

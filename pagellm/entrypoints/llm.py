@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from pagellm.core.beam_search import BeamSearchPolicy
@@ -19,7 +20,19 @@ from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
 from pagellm.lora.request import LoRARequest
-from pagellm.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from pagellm.outputs import (
+    BeamSearchOutput,
+    BeamSearchSequence,
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from pagellm.pooling_params import PoolingParams
 from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -142,6 +155,88 @@ class LLM:
         return apply_chat_template(self.get_tokenizer(), conversation, chat_template, add_generation_prompt,
                                    continue_final_message, tools, chat_template_kwargs)
 
+    # ---- pooling models (runner="pooling") -------------------------------------------
+
+    def encode(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+               pooling_task: str | None = None,
+               truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """A pooling model's raw outputs, one per prompt (`outputs.data`, a float32 tensor). `pooling_task`: embed
+        or token_embed (embedding models: the pooled vector, or one per prompt token), classify or score
+        (classification models); default: what the model serves."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} pooling params for {len(prompts)} prompts; pass one, or one per "
+                                 "prompt.")
+        changes: dict[str, Any] = {}
+        if pooling_task is not None:
+            changes["task"] = pooling_task
+        if truncate_prompt_tokens is not None:
+            changes["truncate_prompt_tokens"] = truncate_prompt_tokens
+        params = [p.clone(**changes) if changes else p for p in params]
+        engine = self.llm_engine
+        inputs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:  # every prompt is checked before any is queued
+                inputs.append(engine.process_pooling_input(prompt, p))
+            except ValueError as e:
+                if len(prompts) > 1:
+                    raise ValueError(f"prompt {i}: {e}") from e
+                raise
+        return self._drive(inputs, [None] * len(inputs), use_tqdm)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`outputs.embedding`, a list of floats): the model's pooler (LAST by default,
+        sentence-transformers' own), L2-normalized unless pooling_params says normalize=False."""
+        outs = self.encode(prompts, pooling_params, use_tqdm, "embed", truncate_prompt_tokens)
+        return [_typed(o, EmbeddingOutput(o.outputs.data.tolist())) for o in outs]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType],
+                 pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (`outputs.probs`) from a *ForSequenceClassification checkpoint's head on
+        the last token: softmax, or sigmoid for a single label (use_activation=False: the raw logits)."""
+        outs = self.encode(prompts, pooling_params, use_tqdm, "classify", truncate_prompt_tokens)
+        return [_typed(o, ClassificationOutput(o.outputs.data.tolist())) for o in outs]
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str], use_tqdm: bool = True,
+              pooling_params: PoolingParams | None = None,
+              truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+        """Scores of text pairs (`outputs.score`): data_1 one text against each of data_2, or pairwise when both
+        hold as many. An embedding model scores by the cosine similarity of the two embeddings; a cross-encoder
+        (a classification model with one label) by its sigmoid on the pair, tokenized as the tokenizer pairs texts."""
+        pairs = score_pairs(data_1, data_2)
+        pooler = self.llm_engine.config.model.pooler
+        if pooler is None:
+            raise ValueError("score needs a pooling model (runner='pooling').")
+        if pooler.task == "embed":
+            texts = [a for a, _ in pairs] + [b for _, b in pairs]
+            embs = self.encode(texts, pooling_params, use_tqdm, "embed", truncate_prompt_tokens)
+            n = len(pairs)
+            out = []
+            for e1, e2 in zip(embs[:n], embs[n:]):
+                sim = float(torch.nn.functional.cosine_similarity(e1.outputs.data, e2.outputs.data, dim=0))
+                out.append(PoolingRequestOutput(f"{e1.request_id}_{e2.request_id}", ScoringOutput(sim),
+                                                e1.prompt_token_ids + e2.prompt_token_ids))
+            return out
+        if len(pooler.labels) != 1:
+            raise ValueError(f"score needs an embedding model or a cross-encoder (a classification model with one "
+                             f"label); this one has {len(pooler.labels)} labels: use classify.")
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("score needs a tokenizer (the engine runs with skip_tokenizer_init).")
+        prompts = [{"prompt_token_ids": tok(a, b)["input_ids"]} for a, b in pairs]
+        outs = self.encode(prompts, pooling_params, use_tqdm, "score", truncate_prompt_tokens)
+        return [_typed(o, ScoringOutput(float(o.outputs.data[0]))) for o in outs]
+
     # ---- internals ------------------------------------------------------------------
 
     def _params_per_prompt(self, n: int, sampling_params) -> list[SamplingParams]:
@@ -175,13 +270,18 @@ class LLM:
             if lora is not None:
                 engine.core.add_lora(lora)  # loaded (or refused) before any request is queued
             inp.lora = lora
+        return self._drive(inputs, policies, use_tqdm)
+
+    def _drive(self, inputs: list, policies: list, use_tqdm: bool) -> list:
+        """Queue processed inputs and step the engine until every one has its final output (input order)."""
+        engine = self.llm_engine
         ids = []
         for inp, policy in zip(inputs, policies):
             inp.params.output_kind = RequestOutputKind.FINAL_ONLY
             rid = str(next(self._ids))
             engine.add_request(rid, inp, policy=policy)
             ids.append(rid)
-        finals: dict[str, RequestOutput] = {}
+        finals: dict[str, Any] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2, dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():
@@ -197,3 +297,23 @@ class LLM:
         if engine.dead is not None:
             raise EngineDeadError(f"the engine died while generating: {engine.dead}")
         return [finals[r] for r in ids]
+
+
+def _typed(out: PoolingRequestOutput, outputs: Any) -> PoolingRequestOutput:
+    return PoolingRequestOutput(out.request_id, outputs, out.prompt_token_ids, out.finished, out.prompt,
+                                out.num_cached_tokens)
+
+
+def score_pairs(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> list[tuple[str, str]]:
+    """vLLM's pairing: one text against each of the others (1:N), or pairwise (N:N); ValueError otherwise."""
+    one = [data_1] if isinstance(data_1, str) else list(data_1)
+    two = [data_2] if isinstance(data_2, str) else list(data_2)
+    if not one or not two:
+        raise ValueError("score needs at least one text on each side.")
+    if not all(isinstance(t, str) for t in one + two):
+        raise ValueError("score takes texts (strings).")
+    if len(one) == 1:
+        return [(one[0], b) for b in two]
+    if len(one) != len(two):
+        raise ValueError(f"score pairs one text with N, or N with N; got {len(one)} and {len(two)}.")
+    return list(zip(one, two))

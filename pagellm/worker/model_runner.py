@@ -81,6 +81,10 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
     """This rank's shard of the model, weights loaded (each weight loader reads only its slice)."""
     m = config.model
     cls = get_model_class(m.architecture)
+    if m.pooler is not None:
+        from pagellm.models.pooling import as_pooling_model
+
+        cls = as_pooling_model(cls, m.pooler)
     t0 = time.perf_counter()
     with torch.device("cpu"):
         model = cls(m.hf_config, config.scheduler.max_model_len, tp)
@@ -140,6 +144,12 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
                                     max(sc.max_num_batched_tokens, sc.max_num_seqs, MIN_BATCH_ROWS), self.device,
                                     torch_dtype(config.model.dtype))
+        self.pooler = None  # a pooling model's Pooler: prompts pooled instead of sampled
+        self._pooling: dict[int, object] = {}  # seq_id -> PoolingParams of the sequences the worker holds
+        if config.model.pooler is not None:
+            from pagellm.models.pooling import Pooler
+
+            self.pooler = Pooler(self.model, config.model.pooler)
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -202,6 +212,10 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         driver = self.tp.is_driver
+        if self.pooler is not None:
+            if driver:
+                self._pool(res, hidden, inputs.pool)
+            return res
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
             if driver:
@@ -300,11 +314,24 @@ class ModelRunner:
         self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         res.queued()
 
+    def _pool(self, res: StepResult, hidden: torch.Tensor, chunks: list[tuple]) -> None:
+        """A pooling model's step: each sequence's chunk of hidden states goes to the Pooler; a sequence whose
+        prompt is now computed gets its output."""
+        for seq_id, lo, hi, first, last in chunks:
+            out = self.pooler.chunk(seq_id, self._pooling[seq_id], hidden[lo:hi], first, last)
+            if out is not None:
+                res.pooled[seq_id] = out.cpu().numpy()
+
     def _update_state(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
             self.batch.remove(seq_id)
+            if self.pooler is not None:
+                self.pooler.forget(seq_id)
+                self._pooling.pop(seq_id, None)
         for d in sched.new_seqs:
             self.batch.add(d)
+            if d.pooling_params is not None:
+                self._pooling[d.seq_id] = d.pooling_params
         self.batch.update(sched.cached_seqs)
 
     def _prepare_inputs(self, sched: SchedulerOutput) -> _StepInputs:
@@ -375,8 +402,11 @@ class ModelRunner:
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=arrays["paged_seq_ids"].tolist(),
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
         multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
+        pool = None
+        if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)
+            pool = list(zip(seq_ids, cu[:-1].tolist(), cu[1:].tolist(), fresh.tolist(), ends_known.tolist()))
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec)
+                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool)
 
     def _spec_inputs(self, spec_ids: dict[int, list[int]], seq_ids: list[int], rows: np.ndarray, cu: np.ndarray,
                      n_draft: np.ndarray, sample_idx: np.ndarray) -> tuple[_SpecInputs, np.ndarray]:
@@ -533,10 +563,10 @@ class _SpecInputs:
 
 class _StepInputs:
     __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
-                 "graph_size", "multi", "spec")
+                 "graph_size", "multi", "spec", "pool")
 
     def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
-                 graph_size=None, multi=None, spec=None):
+                 graph_size=None, multi=None, spec=None, pool=None):
         self.input_ids = input_ids  # (T_padded,) int64
         self.positions = positions  # (T_padded,) int64
         self.meta = meta  # AttentionMetadata
@@ -547,6 +577,7 @@ class _StepInputs:
         self.graph_size = graph_size  # the CUDA graph (decode batch size) that runs this step, or None
         self.multi = multi  # _MultiStepInputs of a multi-step decode, or None
         self.spec = spec  # _SpecInputs of a step with draft tokens, or None
+        self.pool = pool  # a pooling model's step: [(seq_id, first, end batch index, prompt starts, prompt ends)]
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -563,6 +594,7 @@ class StepResult:
         self._samples = None  # (seq ids, host tensors, num_logprobs per row)
         self._counts = None  # multi-step decode: tokens per row
         self._prompt_lp: list[tuple] = []  # (seq id, first position, host tensors)
+        self.pooled: dict[int, np.ndarray] = {}  # a pooling model's outputs (seq id -> float32)
         self._event = None
         self._out: ModelRunnerOutput | None = None
         self.deferred = None  # (logits, inputs, grammar seq ids) of a step waiting for its grammar masks
@@ -625,6 +657,7 @@ class StepResult:
         for seq_id, start, (lp, ranks, top_ids, top_lp) in self._prompt_lp:
             out.prompt_logprobs[seq_id] = PromptLogprobs(start, lp.tolist(), ranks.tolist(), top_ids.tolist(),
                                                           top_lp.tolist())
+        out.pooled = self.pooled
         self._out = out
         self._samples = None
         self._prompt_lp = []
