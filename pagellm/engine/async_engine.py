@@ -59,7 +59,8 @@ from pagellm.engine.core_proc import (
 from pagellm.engine.input_processor import InputProcessor, ProcessedInput, PromptType
 from pagellm.engine.llm_engine import load_tokenizer
 from pagellm.engine.output_processor import OutputProcessor
-from pagellm.outputs import RequestOutput
+from pagellm.outputs import PoolingRequestOutput, RequestOutput
+from pagellm.pooling_params import PoolingParams
 from pagellm.sampling_params import ParamError, SamplingParams
 from pagellm.structured_output.manager import make_manager
 
@@ -256,6 +257,19 @@ class AsyncLLMEngine:
                            self.config.model.sliding_window, len(inp.prompt_token_ids), inp.params.max_tokens or 0,
                            max_seqs if max_seqs is not None else inp.params.best_of)
         return inp
+
+    def process_pooling_input(self, prompt: PromptType, params: PoolingParams) -> ProcessedInput:
+        """A pooling model's request, tokenized and validated now (ValueError); run it with generate()."""
+        inp = self.input_processor.process_pooling(prompt, params)
+        check_request_fits(self.config.scheduler, self.config.cache.block_size, self.num_blocks,
+                           self.config.model.sliding_window, len(inp.prompt_token_ids), 1, 1)
+        return inp
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams,
+                     request_id: str) -> AsyncIterator[PoolingRequestOutput]:
+        """A pooling model's output for one prompt (one item, finished). Cancelling aborts it."""
+        async for out in self.generate(self.process_pooling_input(prompt, pooling_params), None, request_id):
+            yield out
 
     def check_capacity(self, num_requests: int) -> None:
         """Before any work: ParamError if num_requests could never be queued at once, QueueFullError (429)

@@ -42,14 +42,22 @@ from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE, BodySiz
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ClassificationRequest,
+    ClassificationResponse,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
@@ -64,6 +72,12 @@ from pagellm.entrypoints.openai.serving_common import (
     model_not_found,
 )
 from pagellm.entrypoints.openai.serving_completion import create_completion
+from pagellm.entrypoints.openai.serving_pooling import (
+    create_classification,
+    create_embedding,
+    create_rerank,
+    create_score,
+)
 from pagellm.entrypoints.openai.tool_calls import template_messages
 
 logger = logging.getLogger(__name__)
@@ -183,6 +197,28 @@ def build_app(state: ServingState, api_key: str | None = None,
     @app.post("/v1/chat/completions", **api)
     async def chat(request: Request, body: ChatCompletionRequest) -> ChatCompletionResponse:
         return await respond(request, create_chat_completion(state, body))
+
+    pooling = dict(responses={k: ERRORS[k] for k in (400, 401, 404, 413, 429)})
+
+    @app.post("/v1/embeddings", **pooling)
+    async def embeddings(request: Request, body: EmbeddingRequest) -> EmbeddingResponse:
+        return await respond(request, create_embedding(state, body))
+
+    @app.post("/classify", **pooling)
+    @app.post("/v1/classify", include_in_schema=False, **pooling)
+    async def classify(request: Request, body: ClassificationRequest) -> ClassificationResponse:
+        return await respond(request, create_classification(state, body))
+
+    @app.post("/score", **pooling)
+    @app.post("/v1/score", include_in_schema=False, **pooling)
+    async def score(request: Request, body: ScoreRequest) -> ScoreResponse:
+        return await respond(request, create_score(state, body))
+
+    @app.post("/rerank", **pooling)
+    @app.post("/v1/rerank", include_in_schema=False, **pooling)
+    @app.post("/v2/rerank", include_in_schema=False, **pooling)
+    async def rerank(request: Request, body: RerankRequest) -> RerankResponse:
+        return await respond(request, create_rerank(state, body))
 
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models() -> ModelList:

@@ -176,6 +176,15 @@ class ServerMetrics:
         if first_token is not None and finished is not None:
             self.decode_time.observe(max(0.0, finished - first_token))
 
+    def pooling_finished(self, out, start: float, now: float) -> None:
+        """A pooling model's request ended (its prompt pooled): counted as a successful request with no output
+        tokens."""
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.request_success.labels(finished_reason="stop").inc()
+        self.e2e.observe(now - start)
+        self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        self.request_generation_tokens.observe(0)
+
     def request_aborted(self, params) -> None:
         """A request the client abandoned (disconnect): no final output ever reached the server."""
         self.request_success.labels(finished_reason="abort").inc(params.n)

@@ -500,3 +500,110 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---- pooling models (runner pooling) ----------------------------------------------------
+
+PoolingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class PoolingFields(OpenAIBaseModel):
+    """What every pooling route takes besides its input (vLLM's extras)."""
+
+    model: str | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: up to max_model_len)
+    priority: int = 0
+
+
+class EmbeddingRequest(PoolingFields):
+    input: PoolingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # Matryoshka models only
+    normalize: bool | None = None  # vLLM's extra: L2-normalize (default: the model's pooler config, on)
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: str = "embedding"
+    embedding: list[float] | str  # base64: little-endian float32 bytes
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: PoolingUsage
+
+
+class ClassificationRequest(PoolingFields):
+    input: PoolingInput
+    use_activation: bool | None = None  # softmax (sigmoid for one label); false: the raw logits
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None  # the most probable class's name (config.json's id2label)
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: PoolingUsage
+
+
+class ScoreRequest(PoolingFields):
+    text_1: str | list[str]
+    text_2: str | list[str]
+    use_activation: bool | None = None
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: PoolingUsage
+
+
+class RerankRequest(PoolingFields):
+    query: str
+    documents: list[str]
+    top_n: int = 0  # the best top_n documents (0: all)
+    use_activation: bool | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: PoolingUsage
+    results: list[RerankResult]

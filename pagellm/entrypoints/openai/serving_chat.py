@@ -26,6 +26,7 @@ from pagellm.entrypoints.openai.serving_common import (
     APIError,
     ServingState,
     beam_search,
+    check_generative,
     check_request,
     guarded_stream,
     lora_for,
@@ -139,6 +140,7 @@ def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | 
 async def create_chat_completion(state: ServingState,
                                  req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
     check_request(state, req, "/v1/chat/completions")
+    check_generative(state, "Chat Completions")
     check_tool_request(req, state.tool_parser is not None)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")

@@ -130,6 +130,13 @@ def check_request(state: ServingState, req: OpenAIBaseModel, route: str) -> None
                            param=name, code="invalid_value")
 
 
+def check_generative(state: ServingState, route: str) -> None:
+    """A 400 for the text-generation routes when the model runs as a pooling model."""
+    if state.engine.config.model.pooler is not None:
+        raise APIError(400, f"The model does not support the {route} API (it runs as a pooling model: "
+                            "/v1/embeddings, /classify, /score, /rerank).", code="invalid_value")
+
+
 def beam_search(state: ServingState, req: Any, params: SamplingParams,
                 wants_logprobs: bool) -> tuple[SamplingParams, dict | None]:
     """vLLM's use_beam_search: the params each beam samples with and BeamSearchPolicy's arguments (n beams, the

@@ -20,6 +20,7 @@ from pagellm.entrypoints.openai.serving_common import (
     APIError,
     ServingState,
     beam_search,
+    check_generative,
     check_request,
     guarded_stream,
     lora_for,
@@ -91,6 +92,7 @@ def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None) -> Pro
 
 async def create_completion(state: ServingState, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
     check_request(state, req, "/v1/completions")
+    check_generative(state, "Completions")
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server.", param="suffix", code="unsupported_parameter")
     prompts = salted(normalize_prompts(req.prompt), req.cache_salt)

@@ -1,0 +1,219 @@
+"""Pooling models against transformers (and sentence-transformers) on the same checkpoints: embeddings,
+classification, scores, token embeddings; chunked prefill, prefix caching, preemption, aborts, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagellm import LLM
+from pagellm.pooling_params import PoolingParams
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "Paged attention stores keys and values in fixed-size blocks addressed by block tables. " * 2,
+         "To be",
+         "Continuous batching lets requests join and leave the running batch at every step. "
+         "Numbers 0123456789 and punctuation are tokens too."]
+
+
+def hf_hidden(path: str, texts: list[str]) -> list[torch.Tensor]:
+    """transformers' last_hidden_state of each text, alone (no padding)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            out.append(model(torch.tensor([tok(t)["input_ids"]])).last_hidden_state[0].float())
+    return out
+
+
+def hf_logits(path: str, prompts: list) -> list[torch.Tensor]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([tok(*p)["input_ids"] if isinstance(p, tuple) else tok(p)["input_ids"]]))
+                .logits[0].float() for p in prompts]
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox", "mistral", "gemma2"])
+def test_embeddings_match_transformers(pooling_models, arch):
+    path = pooling_models[f"{arch}-embed"]
+    llm = LLM(path, max_model_len=256)
+    assert llm.llm_engine.config.model.pooler.task == "embed"  # a bare decoder checkpoint: runner auto -> pooling
+    outs = llm.embed(TEXTS, use_tqdm=False)
+    for out, h in zip(outs, hf_hidden(path, TEXTS)):
+        assert out.outputs.hidden_size == h.shape[1]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), normalize(h[-1]), atol=2e-5, rtol=1e-4)
+    raw = llm.embed(TEXTS[:1], PoolingParams(normalize=False), use_tqdm=False)[0].outputs.embedding
+    torch.testing.assert_close(torch.tensor(raw), hf_hidden(path, TEXTS[:1])[0][-1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-st-mean", "qwen2-st-last"])
+def test_sentence_transformers_checkpoints(pooling_models, name):
+    """modules.json decides the pooling (mean / last token) and normalization; chunked prefill (16-token steps)
+    and a repeated prompt (prefix cache) give sentence-transformers' embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    path = pooling_models[name]
+    st = SentenceTransformer(path, device="cpu")
+    ref = torch.tensor(st.encode(TEXTS + TEXTS[:2], batch_size=1))
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4)
+    expected = "MEAN" if "mean" in name else "LAST"
+    assert llm.llm_engine.config.model.pooler.pooling_type == expected
+    outs = llm.embed(TEXTS + TEXTS[:2], use_tqdm=False)
+    got = torch.tensor([o.outputs.embedding for o in outs])
+    torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+    hits = llm.embed(TEXTS[1:2], use_tqdm=False)[0].num_cached_tokens
+    assert (hits > 0) == (expected == "LAST")  # mean pooling needs every position: no prefix-cache hits
+
+
+@pytest.mark.parametrize("pooling_type", ["MEAN", "CLS", "LAST"])
+def test_pooling_types_over_chunks(pooling_models, pooling_type):
+    path = pooling_models["llama-embed"]
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2,
+              pooler_config={"pooling_type": pooling_type})
+    outs = llm.embed(TEXTS, use_tqdm=False)
+    for out, h in zip(outs, hf_hidden(path, TEXTS)):
+        pooled = {"MEAN": h.mean(0), "CLS": h[0], "LAST": h[-1]}[pooling_type]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), normalize(pooled), atol=2e-5, rtol=1e-4)
+
+
+def test_token_embeddings(pooling_models):
+    path = pooling_models["qwen3-embed"]
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8)
+    outs = llm.encode(TEXTS[:2], pooling_task="token_embed", use_tqdm=False)
+    for out, h in zip(outs, hf_hidden(path, TEXTS[:2])):
+        assert out.outputs.data.shape == h.shape
+        torch.testing.assert_close(out.outputs.data, normalize(h), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_classification_matches_transformers(pooling_models, arch):
+    path = pooling_models[f"{arch}-cls"]
+    llm = LLM(path, max_model_len=256)
+    pooler = llm.llm_engine.config.model.pooler
+    assert pooler.task == "classify" and pooler.labels == ("class_0", "class_1", "class_2")
+    outs = llm.classify(TEXTS, use_tqdm=False)
+    ref = hf_logits(path, TEXTS)
+    for out, logits in zip(outs, ref):
+        assert out.outputs.num_classes == 3
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), logits.softmax(-1), atol=2e-5, rtol=1e-4)
+    raw = llm.classify(TEXTS[:1], PoolingParams(use_activation=False), use_tqdm=False)[0].outputs.probs
+    torch.testing.assert_close(torch.tensor(raw), ref[0], atol=2e-5, rtol=1e-4)
+
+
+def test_cross_encoder_scores(pooling_models):
+    path = pooling_models["llama-cross"]
+    llm = LLM(path, max_model_len=256)
+    docs = TEXTS[1:]
+    outs = llm.score(TEXTS[0], docs, use_tqdm=False)
+    ref = hf_logits(path, [(TEXTS[0], d) for d in docs])
+    assert [o.outputs.score for o in outs] == pytest.approx([float(r.sigmoid()[0]) for r in ref], abs=2e-5)
+    pairwise = llm.score(TEXTS[:2], TEXTS[2:], use_tqdm=False)
+    ref = hf_logits(path, list(zip(TEXTS[:2], TEXTS[2:])))
+    assert [o.outputs.score for o in pairwise] == pytest.approx([float(r.sigmoid()[0]) for r in ref], abs=2e-5)
+    with pytest.raises(ValueError, match="pairs one text with N"):
+        llm.score(TEXTS[:2], TEXTS[:3])
+
+
+def test_embedding_scores_are_cosine_similarities(pooling_models):
+    path = pooling_models["llama-embed"]
+    outs = LLM(path, max_model_len=256).score(TEXTS[0], TEXTS[1:], use_tqdm=False)
+    hs = hf_hidden(path, TEXTS)
+    ref = [float(torch.nn.functional.cosine_similarity(hs[0][-1], h[-1], dim=0)) for h in hs[1:]]
+    assert [o.outputs.score for o in outs] == pytest.approx(ref, abs=2e-5)
+
+
+def test_matryoshka_dimensions(pooling_models):
+    path = pooling_models["llama-matryoshka"]
+    llm = LLM(path, max_model_len=256)
+    out = llm.embed(TEXTS[:1], PoolingParams(dimensions=16), use_tqdm=False)[0].outputs.embedding
+    h = hf_hidden(path, TEXTS[:1])[0][-1]
+    torch.testing.assert_close(torch.tensor(out), normalize(h[:16]), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="dimensions must be <= 64"):
+        llm.embed(TEXTS[:1], PoolingParams(dimensions=65))
+    plain = LLM(pooling_models["llama-embed"], max_model_len=256)
+    with pytest.raises(ValueError, match="does not support Matryoshka") as e:
+        plain.embed(TEXTS[:1], PoolingParams(dimensions=16))
+    assert e.value.param == "dimensions"
+
+
+def test_bad_requests(pooling_models, llama_path):
+    emb = LLM(pooling_models["llama-embed"], max_model_len=64)
+    with pytest.raises(ValueError, match="pooling model"):
+        emb.generate("hello")
+    with pytest.raises(ValueError, match="serves embed and token_embed") as e:
+        emb.classify("hello")
+    assert e.value.param == "task"
+    with pytest.raises(ValueError, match="does not take use_activation"):
+        emb.embed("hello", PoolingParams(use_activation=True))
+    with pytest.raises(ValueError, match="more than max_model_len"):
+        emb.embed("x" * 400)
+    with pytest.raises(ValueError, match="prompt 1: .*empty"):
+        emb.embed(["hello", {"prompt_token_ids": []}])
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be"):
+        PoolingParams(truncate_prompt_tokens=0)
+    # truncation keeps the last k tokens: the same embedding as the prompt of those tokens
+    ids = emb.get_tokenizer()(TEXTS[1])["input_ids"]
+    cut = emb.embed(TEXTS[1], truncate_prompt_tokens=10, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-10:]
+    assert cut.outputs.embedding == emb.embed({"prompt_token_ids": ids[-10:]}, use_tqdm=False)[0].outputs.embedding
+    cls = LLM(pooling_models["llama-cls"], max_model_len=64)
+    with pytest.raises(ValueError, match="does not take dimensions"):
+        cls.classify("hello", PoolingParams(dimensions=4))
+    with pytest.raises(ValueError, match="cross-encoder"):
+        cls.score("a", "b")
+    gen = LLM(llama_path, max_model_len=64)
+    with pytest.raises(ValueError, match="runner='pooling'"):
+        gen.embed("hello")
+    with pytest.raises(ValueError, match="pooling architecture"):
+        LLM(pooling_models["llama-embed"], runner="generate")
+    with pytest.raises(ValueError, match="pooler_config.pooling_type"):
+        LLM(pooling_models["llama-embed"], pooler_config={"pooling_type": "MAX"})
+    with pytest.raises(ValueError, match="unknown fields"):
+        LLM(pooling_models["llama-embed"], pooler_config={"pool": "MEAN"})
+
+
+def test_causal_checkpoint_as_embedding_model(tiny_models, pooling_models):
+    """--runner pooling on a *ForCausalLM checkpoint: its LM head is not loaded; the embeddings equal those of
+    the bare decoder saved from it."""
+    llm = LLM(tiny_models["llama"], runner="pooling", max_model_len=256)
+    assert getattr(llm.llm_engine.executor.runner.model, "lm_head", None) is None
+    got = [o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)]
+    ref = [normalize(h[-1]) for h in hf_hidden(pooling_models["llama-embed"], TEXTS)]
+    torch.testing.assert_close(torch.tensor(got), torch.stack(ref), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"missing weights: \['score.weight'\]"):  # no classification head
+        LLM(tiny_models["llama"], runner="pooling", convert="classify", max_model_len=64)
+
+
+def test_preemption_abort_and_async_scheduling_free_every_block(pooling_models):
+    """A KV cache too small for the batch preempts pooling requests (mean pooling restarts its sums); aborted
+    requests free their blocks; async scheduling gives the same outputs."""
+    path = pooling_models["llama-st-mean"]
+    ref = [o.outputs.embedding for o in LLM(path, max_model_len=256).embed(TEXTS * 3, use_tqdm=False)]
+    for kwargs in ({"num_gpu_blocks_override": 16, "block_size": 4, "max_num_batched_tokens": 16},
+                   {"async_scheduling": True, "max_num_batched_tokens": 16}):
+        llm = LLM(path, max_model_len=256, max_num_seqs=6, **kwargs)
+        got = [o.outputs.embedding for o in llm.embed(TEXTS * 3, use_tqdm=False)]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=2e-5, rtol=1e-4)
+        engine = llm.llm_engine
+        kv = engine.scheduler.kv
+        assert kv.num_free_blocks == kv.num_total_blocks
+        for i, t in enumerate(TEXTS):
+            engine.add_request(f"r{i}", t, PoolingParams(task="embed"))
+        done = {out.request_id: out for out in engine.step()}
+        engine.abort_request(["r1", "r3"])
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out
+        assert sorted(done) == ["r0", "r2"]
+        assert done["r0"].outputs.data.tolist() == pytest.approx(ref[0], abs=2e-5)
+        assert kv.num_free_blocks == kv.num_total_blocks
