@@ -27,6 +27,11 @@ _EXPORTS = {
     "LLMEngine": "pagellm.engine.llm_engine",
     "AsyncLLMEngine": "pagellm.engine.async_engine",
     "LoRARequest": "pagellm.lora.request",
+    "PoolingParams": "pagellm.pooling_params",
+    "PoolingRequestOutput": "pagellm.outputs",
+    "EmbeddingRequestOutput": "pagellm.outputs",
+    "ClassificationRequestOutput": "pagellm.outputs",
+    "ScoringRequestOutput": "pagellm.outputs",
 }
 
 __all__ = list(_EXPORTS)
@@ -36,7 +41,16 @@ if TYPE_CHECKING:
     from pagellm.engine.llm_engine import LLMEngine  # noqa: F401
     from pagellm.entrypoints.llm import LLM  # noqa: F401
     from pagellm.lora.request import LoRARequest  # noqa: F401
-    from pagellm.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: F401
+    from pagellm.outputs import (  # noqa: F401
+        ClassificationRequestOutput,
+        CompletionOutput,
+        EmbeddingRequestOutput,
+        Logprob,
+        PoolingRequestOutput,
+        RequestOutput,
+        ScoringRequestOutput,
+    )
+    from pagellm.pooling_params import PoolingParams  # noqa: F401
     from pagellm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams  # noqa: F401
 
 

@@ -217,3 +217,13 @@ def test_preemption_abort_and_async_scheduling_free_every_block(pooling_models):
         assert sorted(done) == ["r0", "r2"]
         assert done["r0"].outputs.data.tolist() == pytest.approx(ref[0], abs=2e-5)
         assert kv.num_free_blocks == kv.num_total_blocks
+
+
+def test_pooling_under_tensor_parallelism(pooling_models):
+    """Two ranks: each holds half of every layer; the driver pools (mean) and applies the classification head."""
+    for name, task in (("llama-st-mean", "embed"), ("qwen2-cls", "classify")):
+        one = LLM(pooling_models[name], max_model_len=128).encode(TEXTS[:2], pooling_task=task, use_tqdm=False)
+        with LLM(pooling_models[name], max_model_len=128, tensor_parallel_size=2) as llm:
+            two = llm.encode(TEXTS[:2], pooling_task=task, use_tqdm=False)
+        for a, b in zip(one, two):
+            torch.testing.assert_close(b.outputs.data, a.outputs.data, atol=2e-5, rtol=1e-4)
