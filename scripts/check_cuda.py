@@ -2,15 +2,16 @@
 
     python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [--attention-backend NAME]
                                  [--hf-device cpu] [--num-scheduler-steps K] [--speculative K] [--lora]
-                                 [MODEL_DIR ...]
+                                 [--pooling] [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
 batches through CUDA graphs unless --enforce-eager; the next step scheduled while one runs unless
 --no-async-scheduling; K decode steps per scheduling round with --num-scheduler-steps; K n-gram draft tokens
 per step with --speculative, whose steps with drafts run eagerly; every prompt through a random rank-8 LoRA adapter
-on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights)
-and transformers on
+on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights;
+with --pooling, the checkpoint's decoder as an embedding model (mean and last-token pooling, chunked prompts) and with
+a random classification head, against transformers' hidden states and logits) and transformers on
 the same checkpoint and prompts; prints per-model
 agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the reference on the CPU instead
 (to tell a GPU-side difference of transformers from one of pagellm).
@@ -123,6 +124,44 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     return ok == len(prompts) and max_diff < 1e-3
 
 
+@torch.no_grad()
+def check_pooling(path: str, hf_device: str = "cuda") -> bool:
+    """The decoder of a causal checkpoint as an embedding model (MEAN and LAST pooling, prompts in 32-token chunks)
+    and as a 3-class classifier, against transformers on the same device: max abs difference of the normalized
+    embeddings and of the class probabilities."""
+    from pooling_models import build_classifier, build_embed
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from pagellm import LLM
+
+    tmp = tempfile.mkdtemp(prefix="pagellm-pooling-")
+    emb_dir = build_embed(path, os.path.join(tmp, "embed"))
+    cls_dir = build_classifier(path, os.path.join(tmp, "cls"), 3)
+    rng = random.Random(0)
+    vocab = AutoModel.from_pretrained(emb_dir).config.vocab_size
+    prompts = [[rng.randrange(8, vocab) for _ in range(rng.randint(1, 90))] for _ in range(8)]
+    hf = AutoModel.from_pretrained(emb_dir, dtype=torch.float32, attn_implementation="eager").to(hf_device).eval()
+    hidden = [hf(torch.tensor([p], device=hf_device)).last_hidden_state[0].float().cpu() for p in prompts]
+    worst = {}
+    for ptype in ("MEAN", "LAST"):
+        llm = LLM(emb_dir, device="cuda", num_gpu_blocks_override=512, max_num_batched_tokens=32, max_num_seqs=6,
+                  pooler_config={"pooling_type": ptype})
+        outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        ref = [torch.nn.functional.normalize(h.mean(0) if ptype == "MEAN" else h[-1], dim=0) for h in hidden]
+        worst[ptype] = max((torch.tensor(o.outputs.embedding) - r).abs().max().item() for o, r in zip(outs, ref))
+        del llm
+    hf = AutoModelForSequenceClassification.from_pretrained(cls_dir, dtype=torch.float32,
+                                                            attn_implementation="eager").to(hf_device).eval()
+    probs = [hf(torch.tensor([p], device=hf_device)).logits[0].float().softmax(-1).cpu() for p in prompts]
+    outs = LLM(cls_dir, device="cuda", num_gpu_blocks_override=512).classify([{"prompt_token_ids": p} for p in prompts],
+                                                                            use_tqdm=False)
+    worst["classify"] = max((torch.tensor(o.outputs.probs) - r).abs().max().item() for o, r in zip(outs, probs))
+    ok = all(v < 1e-3 for v in worst.values())
+    summary = ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
+    print(f"{os.path.basename(path)} (pooling): max abs diff vs HF {summary}{'' if ok else ' MISMATCH'}", flush=True)
+    return ok
+
+
 def main() -> int:
     args = sys.argv[1:]
     eager = "--enforce-eager" in args
@@ -139,6 +178,8 @@ def main() -> int:
 
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
+    if "--pooling" in args:
+        return 0 if all([check_pooling(p, hf_device) for p in paths]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,
                      num_scheduler_steps=steps, speculative=spec, lora=lora) for p in paths]
     return 0 if all(results) else 1

@@ -29,6 +29,7 @@
 #   spec        speculative decoding (n-gram drafts): greedy output against HF with 4 drafts per step, and the
 #               demo model's speedup at batch 1 and 16 (pagellm bench speculative)
 #   lora        a random LoRA adapter on every projection against HF with it merged, CUDA graphs then eager
+#   pooling     decoders as embedding models (mean / last-token pooling, chunked) and classifiers against HF
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
@@ -123,13 +124,17 @@ stage_lora() {
     $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/gpt_neox $MODELS/gemma3 pagellm/assets/shakespeare-llama \
         --lora && $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 --lora --enforce-eager --no-async-scheduling
 }
+stage_pooling() {
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/qwen3 $MODELS/gemma2 --pooling
+}
 stage_gpu_tests() {
     $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu" -x
 }
 
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
                   [nosync]=90 [gemma2]=90 [profile_sync]=120 [multistep]=300
-                  [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400 [spec]=150 [lora]=150)
+                  [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400 [spec]=150 [lora]=150
+                  [pooling]=120)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
                                    ablations cases)

@@ -178,6 +178,8 @@ class ModelRunner:
             return "not a CUDA device"
         if self.config.device.enforce_eager:
             return "enforce_eager"
+        if self.pooler is not None:
+            return "a pooling model computes prompts only (the graphs serve decode steps)"
         if self.tp.size > 1:
             return "tensor parallelism"
         if not hasattr(self.backend, "attention") and not self.emulate_graphs:
