@@ -303,3 +303,16 @@ def test_smoke_lora(llama_path, tmp_path):
     runs = {"base model, no LoRA engine", "base model, LoRA engine", "one adapter", "2 adapters mixed"}
     assert "2 adapters mixed" in text and set(report["ratio"]) == runs
     assert report["ratio"]["base model, no LoRA engine"] == 1.0 and all(v > 0 for v in report["tok_s"].values())
+
+
+@pytest.mark.parametrize("pooling", ["LAST", "MEAN"])
+def test_smoke_embed(llama_path, tmp_path, pooling):
+    """The causal checkpoint's decoder as an embedding model beside transformers' padded batches: the same
+    embeddings (the bench prints the largest difference), with a shared prefix."""
+    out = tmp_path / "embed.json"
+    text = bench("embed", "--model", llama_path, "--num-prompts", "6", "--min-len", "3", "--max-len", "20",
+                 "--prefix-len", "5", "--pooling", pooling, "--hf-batch-size", "4", "--rounds", "1",
+                 "--output-json", str(out))
+    report = json.loads(out.read_text())
+    assert "pagellm / transformers" in text and report["speedup"] > 0
+    assert report["max_abs_diff"] < 1e-4 and report["prefix_len"] == 5

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "attention": ("attention", "Paged-attention kernel micro-benchmark: time per call and achieved GB/s."),
     "profile": ("profile", "Where a decode step goes: wall vs device busy time, top kernels / operators."),
     "speculative": ("speculative", "Speculative decoding (n-gram drafts) against plain decoding on the same requests."),
+    "embed": ("embed", "Embedding throughput of the pooling runner against transformers on the same prompts."),
     "lora": ("lora", "What serving LoRA adapters costs: base model vs one adapter vs mixed adapters."),
     "quality": ("quality", "Greedy agreement and perplexity of a quantized / 8-bit-cache run against float32."),
 }
