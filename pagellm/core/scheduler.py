@@ -45,6 +45,9 @@ LoRA (`max_loras` > 0): the running requests use at most max_loras distinct adap
 slots); a waiting request of another adapter is passed over, keeping its place in the queue, until one of
 them frees up.
 
+Pooling models: a request with pooling_params (max_tokens 1) is scheduled like any prompt; the worker pools the
+hidden states of its last chunk instead of sampling, and update_from_output finishes it with that output.
+
 Pure Python: no torch import.
 """
 

@@ -14,6 +14,9 @@ slots and context lengths prepared on the host for all of them at once (a sequen
 to compute repeats its last position and writes to the scratch slot); the K samples go to the host
 in one copy.
 
+A pooling model (config.model.pooler) samples nothing: step 4 hands each sequence's chunk of hidden states to
+the Pooler, and a sequence whose prompt is computed gets its output in ModelRunnerOutput.pooled.
+
 execute_model_async returns once the step's work is queued on the device; StepResult.result() waits
 for it. With async scheduling the engine schedules and launches the next step in between, and a
 token that step computes but the host does not hold yet (the one this step samples) is taken from
