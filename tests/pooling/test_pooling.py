@@ -157,6 +157,8 @@ def test_bad_requests(pooling_models, llama_path):
         emb.embed("hello", PoolingParams(use_activation=True))
     with pytest.raises(ValueError, match="more than max_model_len"):
         emb.embed("x" * 400)
+    full = emb.embed({"prompt_token_ids": [5] * 64}, use_tqdm=False)[0]  # nothing is generated: it may fill it
+    assert len(full.prompt_token_ids) == 64 and len(full.outputs.embedding) == 64
     with pytest.raises(ValueError, match="prompt 1: .*empty"):
         emb.embed(["hello", {"prompt_token_ids": []}])
     with pytest.raises(ValueError, match="truncate_prompt_tokens must be"):
@@ -227,3 +229,26 @@ def test_pooling_under_tensor_parallelism(pooling_models):
             two = llm.encode(TEXTS[:2], pooling_task=task, use_tqdm=False)
         for a, b in zip(one, two):
             torch.testing.assert_close(b.outputs.data, a.outputs.data, atol=2e-5, rtol=1e-4)
+
+
+def test_async_engine_encode(pooling_models):
+    import asyncio
+
+    from pagellm import AsyncLLMEngine, EngineArgs
+
+    path = pooling_models["llama-embed"]
+    ref = LLM(path, max_model_len=128).embed(TEXTS, use_tqdm=False)
+
+    async def run():
+        engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=path, max_model_len=128), separate_process=False)
+        try:
+            async def one(i, text):
+                return [out async for out in engine.encode(text, PoolingParams(task="embed"), f"e{i}")]
+
+            return await asyncio.gather(*(one(i, t) for i, t in enumerate(TEXTS)))
+        finally:
+            await engine.shutdown()
+
+    for outs, r in zip(asyncio.run(run()), ref):
+        assert len(outs) == 1 and outs[0].finished
+        assert outs[0].outputs.data.tolist() == pytest.approx(r.outputs.embedding, abs=1e-6)

@@ -18,7 +18,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be", 
 @pytest.fixture(scope="module")
 def embed_server(pooling_models):
     server = RemoteServer([pooling_models["llama-matryoshka"], "--served-model-name", "emb", "--max-model-len",
-                           "128"])
+                           "128", "--max-num-batched-tokens", "32", "--scheduling-policy", "priority"])
     yield server
     server.stop()
 
@@ -59,6 +59,19 @@ def test_embeddings_through_the_openai_client(embed_server, pooling_models):
     r = httpx.post(embed_server.url + "/classify", json={"input": "hi"})
     assert r.status_code == 400 and "Classification API" in r.json()["error"]["message"]
     assert embed_server.wait_pool_free()
+
+
+def test_a_client_that_leaves_aborts_its_requests(embed_server):
+    """A long embeddings request (600 distinct prompts of 120 tokens in 32-token steps, ~1.5 s here) whose client
+    disconnects: every request is aborted and every KV block freed; the server keeps serving (a priority is
+    taken, as in the other routes)."""
+    body = {"input": [[(7 + i * 13 + j * 7) % 500 for j in range(120)] for i in range(600)], "priority": -1}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(embed_server.url + "/v1/embeddings", json=body, timeout=0.5)
+    assert embed_server.wait_pool_free(timeout=30)
+    assert embed_server.metric('pagellm:request_success_total{finished_reason="abort"}') > 0
+    r = httpx.post(embed_server.url + "/v1/embeddings", json={"input": "still here", "priority": 3})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
 
 
 def test_embedding_scores(embed_server, pooling_models):

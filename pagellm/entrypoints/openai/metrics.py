@@ -185,6 +185,10 @@ class ServerMetrics:
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
         self.request_generation_tokens.observe(0)
 
+    def pooling_aborted(self) -> None:
+        """A pooling request the client abandoned (disconnect)."""
+        self.request_success.labels(finished_reason="abort").inc()
+
     def request_aborted(self, params) -> None:
         """A request the client abandoned (disconnect): no final output ever reached the server."""
         self.request_success.labels(finished_reason="abort").inc(params.n)

@@ -51,13 +51,16 @@ def _model_task(state: ServingState, route: str, wants: tuple[str, ...]) -> str:
     return pooler.task
 
 
-async def _pool(state: ServingState, prompts: list[Any], params: PoolingParams, prefix: str) -> list:
+async def _pool(state: ServingState, prompts: list[Any], params: PoolingParams, prefix: str, priority: int) -> list:
     """Run one engine request per prompt; the outputs in input order. Prompts are checked (400) before any runs;
     leaving early (a disconnect) aborts them all."""
     state.engine.check_capacity(len(prompts))
 
     def process() -> list:
-        return [state.engine.process_pooling_input(p, params) for p in prompts]
+        inputs = [state.engine.process_pooling_input(p, params) for p in prompts]
+        for inp in inputs:
+            inp.priority = priority
+        return inputs
 
     try:
         inputs = await asyncio.to_thread(process)
@@ -83,6 +86,8 @@ async def _pool(state: ServingState, prompts: list[Any], params: PoolingParams, 
         for t in tasks:
             if not t.done():
                 t.cancel()
+            if t.cancelled() or not t.done():  # gather cancels its tasks when the caller is cancelled (a disconnect)
+                state.metrics.pooling_aborted()  # counted before the next await (a cancelled scope raises there)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -109,7 +114,7 @@ async def create_embedding(state: ServingState, req: EmbeddingRequest) -> Embedd
     check_request(state, req, "/v1/embeddings")
     _model_task(state, "Embeddings", ("embed",))
     params = _params(req, "embed", dimensions=req.dimensions, normalize=req.normalize)
-    outs = await _pool(state, _input_prompts(req.input), params, "embd")
+    outs = await _pool(state, _input_prompts(req.input), params, "embd", req.priority)
     data = []
     for i, out in enumerate(outs):
         vec = out.outputs.data
@@ -125,7 +130,7 @@ async def create_classification(state: ServingState, req: ClassificationRequest)
     _model_task(state, "Classification", ("classify",))
     labels = state.engine.config.model.pooler.labels
     params = _params(req, "classify", use_activation=req.use_activation)
-    outs = await _pool(state, _input_prompts(req.input), params, "classify")
+    outs = await _pool(state, _input_prompts(req.input), params, "classify", req.priority)
     data = []
     for i, out in enumerate(outs):
         probs = out.outputs.data.tolist()
@@ -145,7 +150,7 @@ async def _scores(state: ServingState, pairs: list[tuple[str, str]], req: Any) -
             raise APIError(400, "use_activation is for cross-encoders; this embedding model scores by cosine "
                                 "similarity.", param="use_activation")
         params = _params(req, "embed")
-        outs = await _pool(state, [a for a, _ in pairs] + [b for _, b in pairs], params, "score")
+        outs = await _pool(state, [a for a, _ in pairs] + [b for _, b in pairs], params, "score", req.priority)
         n = len(pairs)
         scores = [float(torch.nn.functional.cosine_similarity(e1.outputs.data, e2.outputs.data, dim=0))
                   for e1, e2 in zip(outs[:n], outs[n:])]
@@ -155,7 +160,8 @@ async def _scores(state: ServingState, pairs: list[tuple[str, str]], req: Any) -
                             "labels (a cross-encoder has one); use /classify.", code="invalid_value")
     tok = state.tokenizer
     prompts = [{"prompt_token_ids": tok(a, b)["input_ids"]} for a, b in pairs]
-    outs = await _pool(state, prompts, _params(req, "score", use_activation=req.use_activation), "score")
+    outs = await _pool(state, prompts, _params(req, "score", use_activation=req.use_activation), "score",
+                       req.priority)
     return [float(o.outputs.data[0]) for o in outs], _usage(outs)
 
 
