@@ -106,6 +106,7 @@ class SchedulerConfig:
     num_scheduler_steps: int = 1  # decode steps the device runs per scheduling round (multi-step decode)
     policy: str = "fcfs"  # fcfs | priority (Request.priority, lower first; may preempt lower priorities)
     speculative: SpeculativeConfig | None = None  # speculative decoding (draft tokens checked in one step)
+    chunked_prefill: bool = True  # False (encoder-only models): a prompt is computed whole in one step
 
 
 @dataclass(frozen=True)

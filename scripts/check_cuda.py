@@ -11,7 +11,8 @@ batches through CUDA graphs unless --enforce-eager; the next step scheduled whil
 per step with --speculative, whose steps with drafts run eagerly; every prompt through a random rank-8 LoRA adapter
 on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights;
 with --pooling, the checkpoint's decoder as an embedding model (mean and last-token pooling, chunked prompts) and with
-a random classification head, against transformers' hidden states and logits) and transformers on
+a random classification head, plus a tiny BERT embedder and cross-encoder, against transformers' hidden states and
+logits) and transformers on
 the same checkpoint and prompts; prints per-model
 agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the reference on the CPU instead
 (to tell a GPU-side difference of transformers from one of pagellm).
@@ -162,6 +163,34 @@ def check_pooling(path: str, hf_device: str = "cuda") -> bool:
     return ok
 
 
+@torch.no_grad()
+def check_bert(hf_device: str = "cuda") -> bool:
+    """A tiny BERT (mean-pooling sentence-transformers model) and a BERT cross-encoder against transformers."""
+    from pooling_models import build_bert
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pagellm import LLM
+
+    tmp = tempfile.mkdtemp(prefix="pagellm-bert-")
+    emb, cross = build_bert(os.path.join(tmp, "embed"), pooling="mean_tokens"), build_bert(os.path.join(tmp, "x"), 1)
+    texts = ["the quick brown fox jumps over the lazy dog", "to be, or not to be", "paged attention stores keys"] * 3
+    tok = AutoTokenizer.from_pretrained(emb)
+    hf = AutoModel.from_pretrained(emb).to(hf_device).eval()
+    ref = [torch.nn.functional.normalize(hf(**tok(t, return_tensors="pt").to(hf_device)).last_hidden_state[0]
+                                         .mean(0), dim=0).cpu() for t in texts]
+    outs = LLM(emb, device="cuda").embed(texts, use_tqdm=False)
+    worst = {"embed": max((torch.tensor(o.outputs.embedding) - r).abs().max().item() for o, r in zip(outs, ref))}
+    tok = AutoTokenizer.from_pretrained(cross)
+    hf = AutoModelForSequenceClassification.from_pretrained(cross).to(hf_device).eval()
+    ref = [hf(**tok(texts[0], t, return_tensors="pt").to(hf_device)).logits[0, 0].sigmoid().item() for t in texts]
+    outs = LLM(cross, device="cuda").score(texts[0], texts, use_tqdm=False)
+    worst["score"] = max(abs(o.outputs.score - r) for o, r in zip(outs, ref))
+    ok = all(v < 1e-3 for v in worst.values())
+    summary = ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
+    print(f"bert (pooling): max abs diff vs HF {summary}{'' if ok else ' MISMATCH'}", flush=True)
+    return ok
+
+
 def main() -> int:
     args = sys.argv[1:]
     eager = "--enforce-eager" in args
@@ -179,7 +208,7 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     if "--pooling" in args:
-        return 0 if all([check_pooling(p, hf_device) for p in paths]) else 1
+        return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,
                      num_scheduler_steps=steps, speculative=spec, lora=lora) for p in paths]
     return 0 if all(results) else 1

@@ -442,6 +442,8 @@ class Scheduler:
             prefix = self.kv.find_prefix(seq)
             cached = prefix.num_tokens(self.block_size)
         num_new = min(target - computed - cached, plan.budget)
+        if num_new < target - computed - cached and not self.config.chunked_prefill:
+            return True  # an encoder-only model's prompt is computed whole: it waits for a step with room
         if num_new <= 0 and not cached:
             return True
         alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)

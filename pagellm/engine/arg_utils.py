@@ -174,6 +174,17 @@ class EngineArgs:
         _positive("max_num_seqs", self.max_num_seqs)
         batched = self.max_num_batched_tokens or max(2048, max_len)
         _positive("max_num_batched_tokens", batched)
+        from pagellm.models.registry import get_model_class
+
+        encoder = getattr(get_model_class(model_cfg.architecture), "is_encoder", False)
+        prefix_caching, num_blocks = self.enable_prefix_caching, self.num_gpu_blocks_override
+        if encoder:  # bidirectional attention: whole prompts in one step, nothing cached or shared
+            if batched < max_len:
+                raise ValueError(f"{model_cfg.architecture} computes each prompt in one step: max_num_batched_tokens "
+                                 f"({batched}) must be >= max_model_len ({max_len}).")
+            prefix_caching = False
+            if num_blocks is None:  # the KV cache is bookkeeping only: what one step's prompts hold
+                num_blocks = -(-batched // self.block_size) + self.max_num_seqs
         if self.kv_cache_memory is not None:
             _positive("kv_cache_memory", self.kv_cache_memory)
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -219,10 +230,10 @@ class EngineArgs:
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.kv_cache_dtype, self.enable_prefix_caching, self.num_gpu_blocks_override),
+                              self.kv_cache_dtype, prefix_caching, num_blocks),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
                                       async_scheduling, self.num_scheduler_steps, self.scheduling_policy,
-                                      speculative),
+                                      speculative, chunked_prefill=not encoder),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
@@ -293,7 +304,7 @@ class EngineArgs:
     def _runner(self, path: str, hf) -> tuple[str, Any]:
         """The native architecture that runs the checkpoint, and the pooler when it runs as a pooling model."""
         from pagellm.models.pooling import make_pooler_config, pooling_task_of
-        from pagellm.models.registry import FALLBACK, MODELS, resolve_architecture
+        from pagellm.models.registry import FALLBACK, MODELS, POOLING_MODELS, get_model_class, resolve_architecture
 
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be auto, generate or pooling, got {self.runner!r}.")
@@ -301,24 +312,29 @@ class EngineArgs:
             raise ValueError(f"convert must be auto, none, embed or classify, got {self.convert!r}.")
         archs = list(getattr(hf, "architectures", None) or [])
         declared = next((t for t in map(pooling_task_of, archs) if t), None)
-        runner = self.runner if self.runner != "auto" else ("pooling" if declared else "generate")
+        encoder = next((a for a in archs if a in POOLING_MODELS), None)  # served as a pooling model only
+        runner = self.runner if self.runner != "auto" else ("pooling" if declared or encoder else "generate")
         if runner == "generate":
             if self.pooler_config is not None or self.convert not in ("auto", "none"):
                 raise ValueError("pooler_config and convert need runner pooling (--runner pooling).")
-            if declared:
+            if declared or encoder:
                 raise ValueError(f"{archs} is a pooling architecture ({declared}); it cannot run with "
                                  "runner='generate'.")
             return resolve_architecture(archs, hf), None
         task = self.convert if self.convert in ("embed", "classify") else (declared or "embed")
-        from pagellm.models.transformers_fallback import hf_causal_lm_class
+        if encoder is not None:
+            arch = encoder
+        else:
+            from pagellm.models.transformers_fallback import hf_causal_lm_class
 
-        causal = hf_causal_lm_class(hf)
-        candidates = [a for a in archs if not pooling_task_of(a)] + ([causal.__name__] if causal else [])
-        arch = next((a for a in candidates if a in MODELS and a != FALLBACK), None)
-        if arch is None:
-            raise ValueError(f"pooling models run on pagellm's native decoders; {archs} (model_type "
-                             f"{getattr(hf, 'model_type', None)!r}) has none.")
-        return arch, make_pooler_config(path, hf, task, self.pooler_config)
+            causal = hf_causal_lm_class(hf)
+            candidates = [a for a in archs if not pooling_task_of(a)] + ([causal.__name__] if causal else [])
+            arch = next((a for a in candidates if a in MODELS and a != FALLBACK), None)
+            if arch is None:
+                raise ValueError(f"pooling models run on pagellm's native models; {archs} (model_type "
+                                 f"{getattr(hf, 'model_type', None)!r}) has none.")
+        default_type = getattr(get_model_class(arch), "default_pooling_type", "LAST")
+        return arch, make_pooler_config(path, hf, task, self.pooler_config, default_type)
 
 
 def lora_modules(entries: list) -> tuple:

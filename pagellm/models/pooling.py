@@ -74,14 +74,14 @@ def _sentence_transformers(path: str) -> dict:
 POOLER_CONFIG_FIELDS = ("pooling_type", "normalize", "use_activation", "dimensions")
 
 
-def make_pooler_config(path: str, hf, task: str, overrides: dict | None) -> PoolerConfig:
-    """The checkpoint's pooler (LAST pooling by default, as vLLM; sentence-transformers' own when it has one),
-    with `--pooler-config` on top. ValueError naming a bad field."""
+def make_pooler_config(path: str, hf, task: str, overrides: dict | None, default_type: str = "LAST") -> PoolerConfig:
+    """The checkpoint's pooler (LAST pooling by default for decoders, CLS for BERT, as vLLM; sentence-transformers'
+    own when it has one), with `--pooler-config` on top. ValueError naming a bad field."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(POOLER_CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"pooler_config: unknown fields {unknown}; it takes {', '.join(POOLER_CONFIG_FIELDS)}.")
-    values = {"pooling_type": "LAST", **_sentence_transformers(path), **overrides}
+    values = {"pooling_type": default_type, **_sentence_transformers(path), **overrides}
     ptype = str(values["pooling_type"]).upper()
     if ptype not in POOLING_TYPES:
         raise ValueError(f"pooler_config.pooling_type must be one of {', '.join(POOLING_TYPES)}, got "
@@ -139,13 +139,19 @@ class _PoolingMixin:
                 return bare
         return target
 
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(m, hidden) pooled states -> (m, num_labels) float32 logits."""
+        return self.score(pooled.to(self.score.weight.dtype)).float()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("a pooling model has no LM head: it serves embed / classify requests, not generation.")
 
 
 def as_pooling_model(cls: type, pooler: PoolerConfig) -> type:
-    """A subclass of the causal LM class `cls` that serves `pooler.task`."""
-    return type(f"{cls.__name__}As{pooler.task.capitalize()}", (_PoolingMixin, cls), {"pooler_config": pooler})
+    """A subclass of the causal LM class `cls` that serves `pooler.task` (an encoder-only class, BERT, is a pooling
+    model already: it only gets the config)."""
+    bases = (cls,) if getattr(cls, "is_encoder", False) else (_PoolingMixin, cls)
+    return type(f"{cls.__name__}As{pooler.task.capitalize()}", bases, {"pooler_config": pooler})
 
 
 class Pooler:
@@ -194,7 +200,7 @@ class Pooler:
         (num_labels,) class probabilities (scores)."""
         c = self.config
         if params.task in ("classify", "score"):
-            logits = self.model.score(pooled.to(self.model.score.weight.dtype)).float()[0]
+            logits = self.model.classify(pooled)[0]
             if params.use_activation if params.use_activation is not None else c.use_activation:
                 logits = torch.sigmoid(logits) if logits.numel() == 1 else torch.softmax(logits, dim=-1)
             return logits

@@ -69,6 +69,18 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# Architectures served only as pooling models (embeddings, classification): encoder-only, bidirectional.
+POOLING_MODELS: dict[str, ModelEntry] = {
+    "BertModel": ModelEntry("pagellm.models.bert:BertModel",
+                            ("encoder-only, bidirectional attention", "pooling only (embed)"),
+                            "BERT, MiniLM, BGE, E5 (sentence-transformers)"),
+    "BertForSequenceClassification": ModelEntry("pagellm.models.bert:BertModel",
+                                                ("encoder-only, bidirectional attention",
+                                                 "pooling only (classify, score: cross-encoders)"),
+                                                "BERT classifiers and rerankers (ms-marco cross-encoders)"),
+}
+
+
 def supported_architectures() -> list[str]:
     return sorted(a for a in MODELS if a != FALLBACK)
 
@@ -96,14 +108,16 @@ def resolve_architecture(architectures: list[str] | None, hf_config=None) -> str
 
 
 def get_model_class(architecture: str):
-    if architecture not in MODELS:
+    entry = MODELS.get(architecture) or POOLING_MODELS.get(architecture)
+    if entry is None:
         resolve_architecture([architecture])  # raises the error naming what is supported
-    module, cls = MODELS[architecture].target.split(":")
+    module, cls = entry.target.split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def model_table() -> list[tuple[str, str, str]]:
     """(architecture, example checkpoints, features) per entry, natively supported first."""
     rows = [(a, MODELS[a].example, ", ".join(MODELS[a].features)) for a in supported_architectures()]
+    rows += [(a, e.example, ", ".join(e.features)) for a, e in POOLING_MODELS.items()]
     fb = MODELS[FALLBACK]
     return rows + [(f"other ({FALLBACK})", fb.example, ", ".join(fb.features))]

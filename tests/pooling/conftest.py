@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from pooling_models import build_classifier, build_embed  # tests/fixtures is on sys.path (tests/conftest.py)
+from pooling_models import build_bert, build_classifier, build_embed  # tests/fixtures is on sys.path (tests/conftest.py)
 
 from tests.conftest import MODELS_DIR
 
@@ -23,4 +23,8 @@ def pooling_models(tiny_models) -> dict[str, str]:
     for arch in ("llama", "gpt2", "qwen2"):
         out[f"{arch}-cls"] = build_classifier(tiny_models[arch], os.path.join(root, f"{arch}-cls"), 3)
     out["llama-cross"] = build_classifier(tiny_models["llama"], os.path.join(root, "llama-cross"), 1)
+    out["bert"] = build_bert(os.path.join(root, "bert"))
+    out["bert-st-mean"] = build_bert(os.path.join(root, "bert-st-mean"), pooling="mean_tokens")
+    out["bert-cls"] = build_bert(os.path.join(root, "bert-cls"), num_labels=3)
+    out["bert-cross"] = build_bert(os.path.join(root, "bert-cross"), num_labels=1)
     return out
