@@ -104,3 +104,19 @@ def test_cross_encoder_routes(cross_server, pooling_models):
     assert bad.status_code == 400 and "Embeddings API" in bad.json()["error"]["message"]
     assert cross_server.metric('pagellm:request_success_total{finished_reason="stop"}') >= 5
     assert cross_server.wait_pool_free()
+
+
+def test_bert_cross_encoder_reranks(pooling_models):
+    from sentence_transformers import CrossEncoder
+
+    path = pooling_models["bert-cross"]
+    server = RemoteServer([path])
+    try:
+        docs = ["to be, or not to be", "paged attention stores keys", "the lazy dog"]
+        r = httpx.post(server.url + "/v1/rerank", json={"query": "the quick brown fox", "documents": docs}).json()
+        ref = CrossEncoder(path, device="cpu").predict([("the quick brown fox", d) for d in docs]).tolist()
+        assert [x["index"] for x in r["results"]] == sorted(range(3), key=lambda i: -ref[i])
+        assert [x["relevance_score"] for x in r["results"]] == pytest.approx(sorted(ref, reverse=True), abs=2e-5)
+        assert r["usage"]["total_tokens"] > 0
+    finally:
+        server.stop()
