@@ -56,6 +56,7 @@ from pagellm.entrypoints.openai.protocol import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    ResponsesRequest,
     ScoreRequest,
     ScoreResponse,
     TokenizeRequest,
@@ -78,6 +79,7 @@ from pagellm.entrypoints.openai.serving_pooling import (
     create_rerank,
     create_score,
 )
+from pagellm.entrypoints.openai.serving_responses import create_response
 from pagellm.entrypoints.openai.tool_calls import template_messages
 
 logger = logging.getLogger(__name__)
@@ -186,7 +188,7 @@ def build_app(state: ServingState, api_key: str | None = None,
             return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if isinstance(result, Response):
             return result
-        return JSONResponse(result.model_dump())
+        return JSONResponse(result if isinstance(result, dict) else result.model_dump())
 
     api = dict(responses={200: STREAMING, **ERRORS})
 
@@ -197,6 +199,10 @@ def build_app(state: ServingState, api_key: str | None = None,
     @app.post("/v1/chat/completions", **api)
     async def chat(request: Request, body: ChatCompletionRequest) -> ChatCompletionResponse:
         return await respond(request, create_chat_completion(state, body))
+
+    @app.post("/v1/responses", **api)
+    async def responses(request: Request, body: ResponsesRequest) -> dict:
+        return await respond(request, create_response(state, body))
 
     pooling = dict(responses={k: ERRORS[k] for k in (400, 401, 404, 413, 429)})
 

@@ -502,6 +502,33 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+# ---- the Responses API (stateless) ------------------------------------------------------
+
+
+class ResponsesRequest(OpenAIBaseModel):
+    """OpenAI's POST /v1/responses body: what a stateless text server honours; vLLM's extra sampling fields
+    (top_k, seed, repetition_penalty, ...) pass through to the chat handler."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
+    metadata: dict[str, str] | None = None  # echoed back
+    store: bool | None = None  # ignored: nothing is stored (the reply says store: false)
+    previous_response_id: str | None = None  # refused: nothing is stored
+    reasoning: dict[str, Any] | None = None  # accepted; the model thinks as its chat template makes it
+    user: str | None = None
+    truncation: str | None = None
+    priority: int = 0
+
+
 # ---- pooling models (runner pooling) ----------------------------------------------------
 
 PoolingInput = str | list[str] | list[int] | list[list[int]]
