@@ -274,7 +274,7 @@ class EngineArgs:
             raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not quantize: "
                              f"quantization={quantization!r} needs a natively supported architecture.")
         geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
-        derived = _derived_max_len(hf)
+        derived = cls.max_positions(hf) if hasattr(cls, "max_positions") else _derived_max_len(hf)
         max_len = self.max_model_len or derived
         if max_len > derived:
             raise ValueError(f"max_model_len ({max_len}) is larger than the model's maximum ({derived}).")

@@ -1,9 +1,14 @@
-"""BERT (BertModel, BertForSequenceClassification): an encoder-only pooling model with bidirectional attention.
+"""BERT and RoBERTa / XLM-R (BertModel, RobertaModel, XLMRobertaModel and their *ForSequenceClassification):
+encoder-only pooling models with bidirectional attention.
 
     input_ids -> word_embeddings + position_embeddings[positions] + token_type_embeddings[types] -> LayerNorm
               -> [LayerNorm(x + dense(attention(query(x), key(x), value(x))))       every token sees every token
                   LayerNorm(h + dense(gelu(intermediate(h))))] x L -> hidden (T, hidden)
-    classify: classifier(tanh(pooler.dense(hidden of [CLS])))
+    classify: classifier(tanh(pooler.dense(hidden of [CLS])))      RoBERTa: out_proj(tanh(dense(hidden of <s>)))
+
+RoBERTa differs only around the encoder: positions start after the padding index (pad_token_id + 1 + i, as
+transformers numbers the tokens of an unpadded text), token types are all 0, and its classification head has no
+pooler. XLM-R (bge-m3, multilingual-e5, bge-reranker-v2-m3) is RoBERTa with another vocabulary.
 
 Every prompt is computed whole in one step (the scheduler does not chunk prompts for encoder-only models) and
 attends over itself only, sequence by sequence; nothing is read from or written to the KV cache, which is
@@ -102,10 +107,18 @@ class BertModel(CausalLM):
         self.encoder.layer = nn.ModuleList(BertLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.task = self.pooler_config.task if hasattr(self, "pooler_config") else "embed"
         if self.task == "classify":
-            self.pooler = nn.Module()
-            self.pooler.dense = Linear(e, e, bias=True)
-            self.classifier = Linear(e, len(self.pooler_config.labels), bias=True)
+            self._classification_head(e, len(self.pooler_config.labels))
         self.sep_token_id = _sep_token_id(config)
+
+    def _classification_head(self, hidden: int, num_labels: int) -> None:
+        self.pooler = nn.Module()
+        self.pooler.dense = Linear(hidden, hidden, bias=True)
+        self.classifier = Linear(hidden, num_labels, bias=True)
+
+    @classmethod
+    def max_positions(cls, config) -> int:
+        """The longest prompt the position table serves."""
+        return config.max_position_embeddings
 
     def hf_name(self, name: str) -> str | None:
         name = name.removeprefix("bert.")
@@ -128,12 +141,15 @@ class BertModel(CausalLM):
             types[s:e] = ((torch.cumsum(is_sep[s:e], 0) - is_sep[s:e]) > 0).long()
         return types
 
+    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor, spans) -> torch.Tensor:
+        return positions
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         qsl = meta.query_start_loc_cpu
         spans = list(zip(qsl[:-1], qsl[1:]))
         emb = self.embeddings
-        x = (emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
+        x = (emb.word_embeddings(input_ids) + emb.position_embeddings(self._positions(input_ids, positions, spans))
              + emb.token_type_embeddings(self._token_types(input_ids, spans)))
         x = emb.LayerNorm(x)
         for layer in self.encoder.layer:
@@ -145,6 +161,42 @@ class BertModel(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("BERT is served as a pooling model (embed / classify), not for generation.")
+
+
+class RobertaModel(BertModel):
+    """RoBERTa and XLM-R: BERT's encoder; positions after the padding index, no token types, a pooler-less
+    classification head (`classifier.dense`, `classifier.out_proj`)."""
+
+    @classmethod
+    def max_positions(cls, config) -> int:
+        return config.max_position_embeddings - config.pad_token_id - 1
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, max_model_len, tp)
+        self.sep_token_id = None  # token types stay 0 (type_vocab_size is 1)
+        self.padding_idx = config.pad_token_id
+
+    def _classification_head(self, hidden: int, num_labels: int) -> None:
+        self.classifier = nn.Module()
+        self.classifier.dense = Linear(hidden, hidden, bias=True)
+        self.classifier.out_proj = Linear(hidden, num_labels, bias=True)
+
+    def hf_name(self, name: str) -> str | None:
+        if name.startswith("lm_head."):
+            return None  # a masked-LM head
+        return super().hf_name(name.removeprefix("roberta."))
+
+    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor, spans) -> torch.Tensor:
+        """transformers' numbering: pad + 1 + i for the i-th non-pad token of a sequence, pad for a pad token."""
+        real = (input_ids != self.padding_idx).long()
+        out = torch.full_like(input_ids, self.padding_idx)
+        for s, e in spans:
+            out[s:e] = torch.cumsum(real[s:e], 0) * real[s:e] + self.padding_idx
+        return out
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        head = self.classifier
+        return head.out_proj(torch.tanh(head.dense(pooled))).float()
 
 
 def _sep_token_id(config) -> int | None:

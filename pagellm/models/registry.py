@@ -78,6 +78,19 @@ POOLING_MODELS: dict[str, ModelEntry] = {
                                                 ("encoder-only, bidirectional attention",
                                                  "pooling only (classify, score: cross-encoders)"),
                                                 "BERT classifiers and rerankers (ms-marco cross-encoders)"),
+    "RobertaModel": ModelEntry("pagellm.models.bert:RobertaModel",
+                               ("encoder-only, bidirectional attention", "positions after the padding index",
+                                "pooling only (embed)"), "RoBERTa, all-distilroberta, nomic-style embedders"),
+    "XLMRobertaModel": ModelEntry("pagellm.models.bert:RobertaModel",
+                                  ("encoder-only, bidirectional attention", "pooling only (embed)"),
+                                  "bge-m3, multilingual-e5"),
+    "RobertaForSequenceClassification": ModelEntry("pagellm.models.bert:RobertaModel",
+                                                   ("encoder-only, bidirectional attention",
+                                                    "pooling only (classify, score)"), "RoBERTa classifiers"),
+    "XLMRobertaForSequenceClassification": ModelEntry("pagellm.models.bert:RobertaModel",
+                                                      ("encoder-only, bidirectional attention",
+                                                       "pooling only (classify, score: cross-encoders)"),
+                                                      "bge-reranker-v2-m3, XLM-R classifiers"),
 }
 
 

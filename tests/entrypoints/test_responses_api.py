@@ -85,8 +85,8 @@ def test_structured_output_and_function_tools(client):
     obj = json.loads(resp.output_text)
     assert resp.status == "completed" and obj["name"] in ("Hamlet", "Ophelia") and isinstance(obj["alive"], bool)
     tool = {"type": "function", "name": "get_weather", "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"enum": ["Verona", "Mantua"]}}, "required": ["city"],
-                           "additionalProperties": False}}
+            "parameters": {"type": "object", "properties": {"city": {"enum": ["Verona", "Mantua"]}},
+                           "required": ["city"], "additionalProperties": False}}
     call = client.responses.create(model="demo", input="Weather in Verona?", tools=[tool], max_output_tokens=100,
                                    tool_choice={"type": "function", "name": "get_weather"})
     item = next(o for o in call.output if o.type == "function_call")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from pooling_models import build_bert, build_classifier, build_embed  # tests/fixtures is on sys.path (tests/conftest.py)
+from pooling_models import (  # tests/fixtures is on sys.path (tests/conftest.py)
+    build_bert,
+    build_classifier,
+    build_embed,
+    build_roberta,
+)
 
 from tests.conftest import MODELS_DIR
 
@@ -27,4 +32,8 @@ def pooling_models(tiny_models) -> dict[str, str]:
     out["bert-st-mean"] = build_bert(os.path.join(root, "bert-st-mean"), pooling="mean_tokens")
     out["bert-cls"] = build_bert(os.path.join(root, "bert-cls"), num_labels=3)
     out["bert-cross"] = build_bert(os.path.join(root, "bert-cross"), num_labels=1)
+    out["roberta-st-mean"] = build_roberta(os.path.join(root, "roberta-st-mean"), pooling="mean_tokens")
+    out["xlmr"] = build_roberta(os.path.join(root, "xlmr"), xlm=True)
+    out["xlmr-cross"] = build_roberta(os.path.join(root, "xlmr-cross"), num_labels=1, xlm=True)
+    out["roberta-cls"] = build_roberta(os.path.join(root, "roberta-cls"), num_labels=3)
     return out
