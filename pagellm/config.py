@@ -134,6 +134,7 @@ class LoRAConfig:
     max_loras: int = 1  # distinct adapters in one step (requests of other adapters wait)
     max_lora_rank: int = 16  # largest rank an adapter may have
     modules: tuple = ()  # LoRARequests loaded at start-up (--lora-modules), ids 1..N: the server's adapter names
+    max_cpu_loras: int | None = None  # adapters kept loaded in host memory (LRU; evicted ones reload on demand)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,10 @@ class EngineArgs:
                                   "c_attn/c_proj/c_fc, ...); steps run without CUDA graphs.")
     max_loras: int = _f(1, "Distinct LoRA adapters in one step; requests of other adapters wait their turn.")
     max_lora_rank: int = _f(16, "Largest rank a LoRA adapter may have.")
+    max_cpu_loras: int | None = _f(
+        None, "LoRA adapters kept loaded in host memory (default: max_loras, as in vLLM); beyond it the least "
+              "recently requested adapter that no live request uses is dropped and read from its path again "
+              "when a request names it. The device holds max_loras adapters' weights.")
     lora_modules: list[str] | None = _f(
         None, "LoRA adapters loaded at start-up, each name=path or a JSON object {\"name\": ..., \"path\": ...} "
               "(needs --enable-lora); the server answers to each name as a model (ids 1..N in this order).",
@@ -224,7 +228,11 @@ class EngineArgs:
         if self.enable_lora:
             _positive("max_loras", self.max_loras)
             _positive("max_lora_rank", self.max_lora_rank)
-            lora = LoRAConfig(self.max_loras, self.max_lora_rank, lora_modules(self.lora_modules or []))
+            max_cpu = self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+            _positive("max_cpu_loras", max_cpu)
+            if max_cpu < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({max_cpu}) must be >= max_loras ({self.max_loras}).")
+            lora = LoRAConfig(self.max_loras, self.max_lora_rank, lora_modules(self.lora_modules or []), max_cpu)
         elif self.lora_modules:
             raise ValueError("lora_modules needs enable_lora=True (--enable-lora).")
         return EngineConfig(

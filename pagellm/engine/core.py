@@ -94,8 +94,10 @@ class EngineCore:
                                    config.cache.enable_prefix_caching, config.model.sliding_window, structured,
                                    config.lora.max_loras if config.lora is not None else 0)
         self._rng = random.Random(config.model.seed)
+        self._loaded_loras: dict[int, None] = {}  # adapter ids loaded in the worker, least recently requested first
+        self.lora_evictions = 0  # adapters dropped for max_cpu_loras
         for lora in config.lora.modules if config.lora is not None else ():  # --lora-modules: refused at start-up
-            self.executor.add_lora(lora)
+            self.add_lora(lora)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
         self.async_scheduling = config.scheduler.async_scheduling
@@ -128,7 +130,27 @@ class EngineCore:
         was loaded now."""
         if self.config.lora is None:
             raise ValueError("a LoRA adapter needs enable_lora=True (--enable-lora).")
-        return self.executor.add_lora(lora)
+        loaded = self.executor.add_lora(lora)
+        lru = self._loaded_loras
+        lru.pop(lora.lora_int_id, None)
+        lru[lora.lora_int_id] = None  # most recently requested last
+        self._evict_loras(keep=lora.lora_int_id)
+        return loaded
+
+    def _evict_loras(self, keep: int) -> None:
+        """Beyond max_cpu_loras loaded adapters, drop the least recently requested ones that no live request uses
+        (a request naming one later loads it again from its path)."""
+        cap = self.config.lora.max_cpu_loras
+        if cap is None or len(self._loaded_loras) <= cap:
+            return
+        in_use = {r.lora_id for r in self.scheduler.requests.values()} | {keep}
+        for lid in list(self._loaded_loras):
+            if len(self._loaded_loras) <= cap:
+                break
+            if lid not in in_use:
+                self.executor.remove_lora(lid)
+                del self._loaded_loras[lid]
+                self.lora_evictions += 1
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Unload an adapter no live request uses (ValueError otherwise); False when it was not loaded."""
@@ -137,6 +159,7 @@ class EngineCore:
         users = sum(1 for r in self.scheduler.requests.values() if r.lora_id == lora_int_id)
         if users:
             raise ValueError(f"LoRA adapter {lora_int_id} is in use by {users} request(s); unload it once they end.")
+        self._loaded_loras.pop(lora_int_id, None)
         return self.executor.remove_lora(lora_int_id)
 
     def abort_requests(self, request_ids: list[str]) -> None:

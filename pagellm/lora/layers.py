@@ -98,8 +98,10 @@ class LoRAManager:
                 raise ValueError(f"lora_int_id {request.lora_int_id} is already adapter {known.request.lora_path!r}; "
                                  f"give {request.lora_path!r} another id.")
             return False
-        self.adapters[request.lora_int_id] = load_adapter(self.model, request, self.max_rank, self.device,
-                                                          self.dtype)
+        adapter = load_adapter(self.model, request, self.max_rank, torch.device("cpu"), self.dtype)
+        if self.device.type == "cuda":  # host memory (the device holds only the max_loras slots): pinned, so a
+            adapter.weights = {n: (a.pin_memory(), b.pin_memory()) for n, (a, b) in adapter.weights.items()}
+        self.adapters[request.lora_int_id] = adapter  # slot fill is one fast copy
         return True
 
     def remove(self, lora_int_id: int) -> bool:

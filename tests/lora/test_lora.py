@@ -109,6 +109,25 @@ def test_max_loras_runs_one_adapter_at_a_time(tiny_models, adapters, monkeypatch
     assert seen and max(len(s) for s in seen) == 1 and set().union(*seen) == {1, 2}
 
 
+def test_max_cpu_loras_keeps_the_most_recent_adapters_loaded(tiny_models, adapters):
+    """max_cpu_loras=1: requesting another adapter drops the one no request uses (host memory), and naming the
+    dropped one again reads it from its path: the outputs never change."""
+    llm = LLM(tiny_models["llama"], enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8,
+              num_gpu_blocks_override=128)
+    core, manager = llm.llm_engine.core, llm.llm_engine.executor.runner.lora
+    loras = [LoRARequest("llama_all", 1, adapters["llama_all"][1]), LoRARequest("llama_rs", 2, adapters["llama_rs"][1])]
+    for i, lr in enumerate([loras[0], loras[1], loras[0], loras[1]]):
+        out = llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=lr, use_tqdm=False)[0]
+        assert_close(tokens_and_logprobs(out), hf_greedy_with(adapters[lr.lora_name][0], PROMPTS[0],
+                                                              GREEDY.max_tokens))
+        assert list(manager.adapters) == [lr.lora_int_id] and core.lora_evictions == i
+    a, b = next(iter(manager.adapters[2].weights.values()))
+    assert a.device.type == "cpu" and b.device.type == "cpu"  # the device holds only the max_loras slots
+    assert LLM(tiny_models["llama"], enable_lora=True, max_loras=2).llm_engine.config.lora.max_cpu_loras == 2
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(1\) must be >= max_loras \(2\)"):
+        LLM(tiny_models["llama"], enable_lora=True, max_loras=2, max_cpu_loras=1)
+
+
 def test_prefix_cache_is_per_adapter(tiny_models, adapters):
     """The same prompt with an adapter and without: no block is shared between them (their K/V differ), while a
     second request with the same adapter reuses the first one's blocks."""
