@@ -41,7 +41,7 @@ def stream(mode, text, max_piece, seed=0):
 @pytest.mark.parametrize("max_piece", [1, 2, 5, 13, 1000])
 def test_auto_calls_stream_name_first_then_arguments(max_piece):
     content, calls, events, ts = stream("auto", AUTO, max_piece)
-    assert content == "Sure! done"
+    assert content == "Sure! \n done" == HermesToolParser().parse(AUTO)[0]  # text between and after the calls
     assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
         ("get_weather", {"city": 'Paris "}" x', "n": [1, {"a": 2}]}), ("late", {"q": 1})]
     assert [c["id"] for c in calls.values()] == [c.id for c in ts.calls]  # the reply's calls keep the streamed ids
@@ -68,7 +68,7 @@ def test_text_without_calls_and_cut_short_calls():
     assert content == "Just words, <tool not a call." and not calls and not ts.calls
     cut = 'Hi <tool_call>{"name": "f", "arguments": {"a": "unfini'
     content, calls, _, ts = stream("auto", cut, 4)
-    assert content == "Hi " and calls[0]["name"] == "f" and calls[0]["arguments"] == '{"a": "unfini'
+    assert content == "Hi" and calls[0]["name"] == "f" and calls[0]["arguments"] == '{"a": "unfini'
     assert ts.calls == []  # no complete call: the reply's message has none (finish_reason stays "length")
 
 
@@ -78,3 +78,19 @@ def test_scanner_stops_where_the_value_ends(value, body_tail):
     body = '{"name": "f", "arguments": ' + value + body_tail
     got = "".join(sc.feed(body[:i])[1] for i in range(1, len(body) + 1))
     assert sc.name == "f" and sc.done and got == value
+
+
+@pytest.mark.parametrize("text", [
+    'Sure! <tool_call>{"name": "a", "arguments": {}}</tool_call>\n\n<tool_call>{"name": "b", "arguments": {}}'
+    '</tool_call> done',
+    'Sure!  <tool_call>{"name": "a", "arguments": {}}</tool_call>\n',
+    '<tool_call>{"arguments": {}, "name": "x"}</tool_call> then <tool_call>bad</tool_call> end  ',
+    '<tool_call>{"name": "a", "arguments": {}}</tool_call>  \n ',
+    'no calls  \n'])
+def test_streamed_content_equals_the_whole_replys(text):
+    """Text between and after calls (and blocks that are not calls) is content, whitespace inside it kept and its
+    ends stripped when there are calls, as the non-streaming reply has it, however the text is chunked."""
+    ref, _ = HermesToolParser().parse(text)
+    for seed in range(20):
+        content, _, _, _ = stream("auto", text, 7, seed)
+        assert (content or None) == ref

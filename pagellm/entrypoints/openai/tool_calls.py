@@ -187,6 +187,8 @@ class ToolStream:
     block: int = -1  # auto: where the current <tool_call> body starts; required: the current item's "{"
     scanner: CallScanner | None = None
     done_to: int = 0  # required: text consumed by finished items
+    held: str = ""  # auto: trailing whitespace of the content so far, sent once text follows it (else dropped)
+    content_sent: bool = False  # auto: some content has been sent
 
     def feed(self, piece: str) -> tuple[str | None, list[DeltaToolCall]]:
         """(content delta, tool-call deltas) for the new text."""
@@ -234,11 +236,10 @@ class ToolStream:
         while True:
             if self.block < 0:
                 at = self.text.find(start, self.sent_content)
-                if not self.calls:  # content until the first call; after it only what follows the last (finish)
-                    stop = at if at != -1 else safe_end(self.text, start)
-                    if stop > self.sent_content:
-                        content.append(self.text[self.sent_content:stop])
-                        self.sent_content = stop
+                stop = at if at != -1 else safe_end(self.text, start)  # content up to the next call's tag
+                if stop > self.sent_content:
+                    content.append(self._content(self.text[self.sent_content:stop]))
+                    self.sent_content = stop
                 if at == -1:
                     break
                 self.block, self.scanner = at + len(start), CallScanner()
@@ -252,10 +253,21 @@ class ToolStream:
                 _, calls = self.parser.parse(start + body + end)
                 if calls:
                     deltas += self._whole(calls[0].function.name, calls[0].function.arguments)
-                elif not self.calls:
-                    content.append(self.text[self.sent_content:close + len(end)])
+                else:  # not a call: content, as the non-streaming reply keeps it
+                    content.append(self._content(self.text[self.sent_content:close + len(end)]))
             self.sent_content, self.block, self.scanner = close + len(end), -1, None
         return ("".join(content) or None), deltas
+
+    def _content(self, piece: str) -> str:
+        """Content text to send now: whitespace at its end waits for what follows (the non-streaming reply strips
+        the content's end when it has calls)."""
+        text = self.held + piece
+        if not self.content_sent and self.calls:  # the content's start, after a call: stripped too
+            text = text.lstrip()
+        sent = text.rstrip()
+        self.held = text[len(sent):]
+        self.content_sent = self.content_sent or bool(sent)
+        return sent
 
     def _scan_required(self) -> list[DeltaToolCall]:
         """The constrained array [{"name": ..., "parameters": {...}}, ...]: item by item."""
@@ -288,7 +300,10 @@ class ToolStream:
             rest = self.text[self.sent_content:]  # after the last complete call (or all of it, without one)
             if self.block >= 0 and self.scanner.name is not None:  # a call cut short, streamed in part: not content
                 rest = self.text[self.sent_content:self.block - len(HermesToolParser.START)]
-            content = (rest.strip() if parsed or self.calls else rest) or None
+            rest = self.held + rest
+            if parsed or self.calls:
+                rest = rest.strip() if not self.content_sent else rest.rstrip()
+            content = rest or None
         if len(parsed) == len(self.calls):  # the same calls: keep the streamed ids
             for mine, theirs in zip(self.calls, parsed):
                 theirs.id = mine.id
