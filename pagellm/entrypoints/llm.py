@@ -189,7 +189,11 @@ class LLM:
                 if len(prompts) > 1:
                     raise ValueError(f"prompt {i}: {e}") from e
                 raise
-        return self._drive(inputs, [None] * len(inputs), use_tqdm)
+        outs = self._drive(inputs, [None] * len(inputs), use_tqdm)
+        for out in outs:
+            if not isinstance(out, PoolingRequestOutput):  # the engine failed it (aborted, with its error)
+                raise RuntimeError(f"pooling request {out.request_id} failed in the engine: {out.error or 'aborted'}")
+        return outs
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,

@@ -252,3 +252,29 @@ def test_async_engine_encode(pooling_models):
     for outs, r in zip(asyncio.run(run()), ref):
         assert len(outs) == 1 and outs[0].finished
         assert outs[0].outputs.data.tolist() == pytest.approx(r.outputs.embedding, abs=1e-6)
+
+
+def test_a_failed_step_is_a_clear_error_and_the_engine_goes_on(pooling_models, monkeypatch):
+    """A forward pass that raises fails its requests (every block freed) with an error naming the cause; the next
+    call runs as usual."""
+    from pagellm.worker.model_runner import ModelRunner
+
+    llm = LLM(pooling_models["llama-embed"], max_model_len=128)
+    ref = llm.embed(TEXTS[:2], use_tqdm=False)
+    real = ModelRunner.execute_model_async
+    calls = {"n": 0}
+
+    def flaky(self, sched):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real(self, sched)
+
+    monkeypatch.setattr(ModelRunner, "execute_model_async", flaky)
+    with pytest.raises(RuntimeError, match="failed in the engine: .*injected fault"):
+        llm.embed(TEXTS[:2], use_tqdm=False)
+    kv = llm.llm_engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_total_blocks
+    again = llm.embed(TEXTS[:2], use_tqdm=False)  # (a prefix-cache hit now: the same values up to rounding)
+    torch.testing.assert_close(torch.tensor([o.outputs.embedding for o in again]),
+                               torch.tensor([o.outputs.embedding for o in ref]), atol=1e-5, rtol=1e-4)
