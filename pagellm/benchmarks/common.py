@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser, dtypes: bool = True) -> None:
     if dtypes:
         p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
         p.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPE_CHOICES)
-        p.add_argument("--quantization", "-q", default=None, choices=["int8", "gptq", "awq"],
+        p.add_argument("--quantization", "-q", default=None, choices=["int8", "fp8", "gptq", "awq"],
                        help="Quantized weights (int8 at load time; gptq/awq come from the checkpoint).")
 
 

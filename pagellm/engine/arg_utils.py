@@ -50,8 +50,9 @@ class EngineArgs:
                                      "backend.", choices=KV_CACHE_DTYPES)
     quantization: str | None = _f(
         None, "Quantized weights: int8 (any checkpoint, quantized at load: int8 weights, plus int8 activations "
-              "where the CPU has VNNI/AMX); gptq and awq (4-bit checkpoints) are read from config.json's "
-              "quantization_config without this flag.", choices=("int8", "gptq", "awq"))
+              "where the CPU has VNNI/AMX); fp8 (any checkpoint, quantized at load: fp8 e4m3 weights with "
+              "per-channel scales, dequantized in each matmul); gptq, awq and fp8 checkpoints are read from "
+              "config.json's quantization_config without this flag.", choices=("int8", "fp8", "gptq", "awq"))
     block_size: int = _f(16, "Tokens per KV cache block.")
     max_model_len: int | None = _f(None, "Maximum prompt + output tokens per sequence (default: the model's).")
     max_num_seqs: int = _f(256, "Maximum sequences in one step.")

@@ -33,7 +33,7 @@ def ckpt_narrow(t: CheckpointTensor, dim: int, start: int, size: int) -> torch.T
 
 
 def ckpt_full(t: CheckpointTensor) -> torch.Tensor:
-    return t if isinstance(t, torch.Tensor) else t[:]
+    return t if isinstance(t, torch.Tensor) else t[...]  # `...`: a 0-dim tensor (a scale) too
 
 
 def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:

@@ -1,8 +1,11 @@
 """Quantized weights: which method a model runs with, and the pass that applies it to the linear layers.
 
     --quantization int8          any checkpoint; weights quantized at load time (quantization/int8.py)
+    --quantization fp8           any checkpoint; fp8 e4m3 weights, per-channel scales, at load time (fp8.py)
     config.json quantization_config {"quant_method": "gptq" | "awq", "bits": 4, ...}
                                  a 4-bit checkpoint, read as it is stored (quantization/int4.py)
+    config.json quantization_config {"quant_method": "fp8", ...}
+                                 an FP8 checkpoint (per-tensor or block-wise scales), read as stored (fp8.py)
 
 A method touches only the projection layers (ColumnParallelLinear, RowParallelLinear): embeddings,
 the LM head, norms, MoE routers and experts stay in the compute dtype. Each quantized layer gets a
@@ -19,8 +22,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_METHODS = ("int8", "gptq", "awq")
-CHECKPOINT_METHODS = ("gptq", "awq")  # read from config.json; int8 is applied to any checkpoint at load time
+QUANTIZATION_METHODS = ("int8", "fp8", "gptq", "awq")
+CHECKPOINT_METHODS = ("gptq", "awq", "fp8")  # read from config.json (fp8 also applies to any checkpoint at load time)
 
 
 def checkpoint_quant_config(hf_config) -> dict[str, Any] | None:
@@ -43,7 +46,7 @@ def resolve_quantization(requested: str | None, hf_config) -> str | None:
         raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {requested!r}.")
     qc = checkpoint_quant_config(hf_config)
     if qc is None:
-        if requested in CHECKPOINT_METHODS:
+        if requested in CHECKPOINT_METHODS and requested != "fp8":
             raise ValueError(f"quantization={requested!r} needs a {requested.upper()} checkpoint: config.json has no "
                              "quantization_config.")
         return requested
@@ -53,6 +56,11 @@ def resolve_quantization(requested: str | None, hf_config) -> str | None:
                          f"{', '.join(CHECKPOINT_METHODS)} checkpoints (or --quantization int8 on an unquantized one).")
     if requested is not None and requested != method:
         raise ValueError(f"quantization={requested!r}, but the checkpoint is a {method} checkpoint.")
+    if method == "fp8":
+        from pagellm.quantization.fp8 import Fp8Method
+
+        Fp8Method.check_config(qc)
+        return method
     from pagellm.quantization.int4 import Int4Config
 
     Int4Config.from_config(method, qc)  # validate bits, group size, format now: a clear error before loading
@@ -64,6 +72,10 @@ def get_method(name: str, hf_config):
         from pagellm.quantization.int8 import Int8Method
 
         return Int8Method()
+    if name == "fp8":
+        from pagellm.quantization.fp8 import Fp8Method
+
+        return Fp8Method(checkpoint_quant_config(hf_config))
     from pagellm.quantization.int4 import Int4Method
 
     return Int4Method(name, checkpoint_quant_config(hf_config))
@@ -79,7 +91,9 @@ def quantized_layers(model):
 
 
 def prepare_model(model, method) -> None:
-    """Before weights load: let the method replace the layers' parameters (int4 checkpoints)."""
+    """Before weights load: let the method replace the layers' parameters (int4 and fp8 checkpoints)."""
+    if method.name == "fp8":  # static activation scales of FP8 checkpoints are not used
+        model.skip_weights = (*model.skip_weights, ".input_scale", ".activation_scale")
     for name, layer in quantized_layers(model):
         method.prepare(name, layer)
 

@@ -1,0 +1,78 @@
+"""FP8 weights: checkpoints (per-tensor and block-wise scales) against transformers on the same model
+dequantized to float32, under tensor parallelism too; `--quantization fp8` at load time."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.quantization.fp8 import dequantize_fp8, quantize_fp8
+from tests.conftest import MODELS_DIR
+from tests.quantization.fp8_checkpoints import build_fp8
+from tests.quantization.test_int4 import PROMPTS, _check_against_hf
+
+
+@pytest.mark.parametrize("block", [None, (16, 16), (32, 64)])
+def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(llama_path, block):
+    name = "llama-fp8-" + ("tensor" if block is None else f"b{block[0]}x{block[1]}")
+    path, deq = build_fp8(llama_path, os.path.join(MODELS_DIR, name), block)
+    _check_against_hf(path, deq)
+    llm = LLM(path, num_gpu_blocks_override=16)
+    assert llm.llm_engine.config.model.quantization == "fp8"
+    from pagellm.quantization import quantized_layers
+
+    layers = [layer for _, layer in quantized_layers(llm.llm_engine.executor.runner.model)]
+    assert layers and all(layer.fp8_weight.dtype == torch.float8_e4m3fn for layer in layers)
+    assert all(not hasattr(layer, "weight") for layer in layers)  # only the 8-bit weight stays resident
+
+
+def test_fp8_checkpoint_shards_over_two_ranks(llama_path):
+    path, _ = build_fp8(llama_path, os.path.join(MODELS_DIR, "llama-fp8-b16x16"), (16, 16))
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in LLM(path, num_gpu_blocks_override=64).generate(prompts, sp,
+                                                                                        use_tqdm=False)]
+    with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
+
+
+def test_load_time_fp8_is_per_channel_and_computes_the_dequantized_product(llama_path):
+    torch.manual_seed(0)
+    w = torch.randn(48, 32) * torch.logspace(-2, 1, 48)[:, None]  # rows of very different sizes
+    q, s = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (48, 1)
+    rel = ((dequantize_fp8(q, s, None) - w).abs() / w.abs().amax(dim=1, keepdim=True)).max()
+    assert rel <= 2 ** -4  # e4m3: 3 mantissa bits, relative to each row's own range
+    llm = LLM(llama_path, quantization="fp8", num_gpu_blocks_override=64)
+    from pagellm.quantization import quantized_layers
+
+    layer = next(layer for _, layer in quantized_layers(llm.llm_engine.executor.runner.model))
+    x = torch.randn(5, layer.fp8_weight.shape[1])
+    ref = x @ dequantize_fp8(layer.fp8_weight, layer.fp8_scale, None).t()
+    torch.testing.assert_close(layer(x), ref if layer.bias is None else ref + layer.bias)
+    out = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 8
+
+
+def test_fp8_errors(llama_path, tmp_path):
+    import json
+    import shutil
+
+    path, _ = build_fp8(llama_path, os.path.join(MODELS_DIR, "llama-fp8-b16x16"), (16, 16))
+    with pytest.raises(ValueError, match="quantization='int8', but the checkpoint is a fp8 checkpoint"):
+        LLM(path, quantization="int8")
+    bad = tmp_path / "fp8-odd-block"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [24, 16]  # k_proj's 32 rows are not 24-row blocks
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not made of 24 x 16 blocks|does not start on a 24-row block"):
+        LLM(str(bad))
+    cfg["quantization_config"]["weight_block_size"] = [16]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="weight_block_size must be two positive integers"):
+        LLM(str(bad))
