@@ -24,13 +24,33 @@ def hf_bert(path: str, texts: list, classify: bool = False) -> list[torch.Tensor
     return [o.logits[0] if classify else o.last_hidden_state[0] for o in outs]
 
 
+def check_cls_embeddings(path: str) -> None:
+    """Without sentence-transformers files an encoder pools its first token ([CLS], <s>)."""
+    for out, h in zip(LLM(path).embed(TEXTS, use_tqdm=False), hf_bert(path, TEXTS)):
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(h[0], dim=0),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def check_classifier_and_cross_encoder(classifier: str, cross_encoder: str) -> list[float]:
+    """Class probabilities against transformers' softmax; pair scores against transformers' sigmoid and
+    sentence-transformers' CrossEncoder. Returns the scores of TEXTS[0] against the others."""
+    from sentence_transformers import CrossEncoder
+
+    outs = LLM(classifier).classify(TEXTS, use_tqdm=False)
+    for out, logits in zip(outs, hf_bert(classifier, TEXTS, classify=True)):
+        torch.testing.assert_close(torch.tensor(out.outputs.probs), logits.softmax(-1), atol=2e-5, rtol=1e-4)
+    pairs = [(TEXTS[0], t) for t in TEXTS[1:]]
+    scores = [o.outputs.score for o in LLM(cross_encoder).score(TEXTS[0], TEXTS[1:], use_tqdm=False)]
+    assert scores == pytest.approx([float(x.sigmoid()[0]) for x in hf_bert(cross_encoder, pairs, classify=True)],
+                                   abs=2e-5)
+    assert scores == pytest.approx(CrossEncoder(cross_encoder, device="cpu").predict(pairs).tolist(), abs=2e-5)
+    return scores
+
+
 def test_bert_embeddings(pooling_models):
     from sentence_transformers import SentenceTransformer
 
-    cls_pooled = LLM(pooling_models["bert"]).embed(TEXTS, use_tqdm=False)  # no sentence-transformers files: CLS
-    for out, h in zip(cls_pooled, hf_bert(pooling_models["bert"], TEXTS)):
-        torch.testing.assert_close(torch.tensor(out.outputs.embedding), torch.nn.functional.normalize(h[0], dim=0),
-                                   atol=2e-5, rtol=1e-4)
+    check_cls_embeddings(pooling_models["bert"])
     path = pooling_models["bert-st-mean"]
     ref = torch.tensor(SentenceTransformer(path, device="cpu").encode(TEXTS))
     llm = LLM(path, max_num_seqs=3)
@@ -42,21 +62,10 @@ def test_bert_embeddings(pooling_models):
 
 
 def test_bert_classification_and_cross_encoder(pooling_models):
-    from sentence_transformers import CrossEncoder
-
-    path = pooling_models["bert-cls"]
-    outs = LLM(path).classify(TEXTS, use_tqdm=False)
-    for out, logits in zip(outs, hf_bert(path, TEXTS, classify=True)):
-        torch.testing.assert_close(torch.tensor(out.outputs.probs), logits.softmax(-1), atol=2e-5, rtol=1e-4)
-    path = pooling_models["bert-cross"]
-    llm = LLM(path)
-    pairs = [(TEXTS[0], t) for t in TEXTS[1:]]
-    scores = [o.outputs.score for o in llm.score(TEXTS[0], TEXTS[1:], use_tqdm=False)]
-    hf = [float(x.sigmoid()[0]) for x in hf_bert(path, pairs, classify=True)]  # token types 1 after [SEP]
-    assert scores == pytest.approx(hf, abs=2e-5)
-    assert scores == pytest.approx(CrossEncoder(path, device="cpu").predict(pairs).tolist(), abs=2e-5)
+    scores = check_classifier_and_cross_encoder(pooling_models["bert-cls"], pooling_models["bert-cross"])
+    path = pooling_models["bert-cross"]  # token types 1 after [SEP]: the pair is scored, not the second text
     single = [float(x.sigmoid()[0]) for x in hf_bert(path, TEXTS[1:], classify=True)]
-    assert scores != pytest.approx(single, abs=1e-3)  # the pair is scored, not the second text alone
+    assert scores != pytest.approx(single, abs=1e-3)
 
 
 def test_bert_prompts_run_whole(pooling_models):

@@ -561,13 +561,18 @@ class PoolingUsage(BaseModel):
     total_tokens: int = 0
 
 
-class EmbeddingResponse(BaseModel):
+class PoolingResponse(BaseModel):
+    """What the embeddings, classify and score replies share (vLLM's shape); each adds its `data` list."""
+
     id: str
     object: str = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: list[EmbeddingData]
     usage: PoolingUsage
+
+
+class EmbeddingResponse(PoolingResponse):
+    data: list[EmbeddingData]
 
 
 class ClassificationRequest(PoolingFields):
@@ -582,13 +587,8 @@ class ClassificationData(BaseModel):
     num_classes: int
 
 
-class ClassificationResponse(BaseModel):
-    id: str
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class ClassificationResponse(PoolingResponse):
     data: list[ClassificationData]
-    usage: PoolingUsage
 
 
 class ScoreRequest(PoolingFields):
@@ -603,13 +603,8 @@ class ScoreData(BaseModel):
     score: float
 
 
-class ScoreResponse(BaseModel):
-    id: str
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
+class ScoreResponse(PoolingResponse):
     data: list[ScoreData]
-    usage: PoolingUsage
 
 
 class RerankRequest(PoolingFields):
