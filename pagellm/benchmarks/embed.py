@@ -4,8 +4,8 @@
         [--pooling LAST|MEAN] [--hf-batch-size 32] [--rounds 3] [--device cpu|cuda]
 
 The model's decoder runs as an embedding model (`runner="pooling"`; a causal checkpoint such as the demo model
-works: its LM head is not loaded). Prompts are random token ids with lengths uniform in [min-len, max-len], new
-ones each round; with --prefix-len N every prompt starts with the same N tokens (an instruction, as embedding
+works: its LM head is not loaded; so does an encoder such as BERT). Prompts are random token ids (no special
+tokens) with lengths uniform in [min-len, max-len], new ones each round; with --prefix-len N every prompt starts with the same N tokens (an instruction, as embedding
 models such as e5 or Qwen3-Embedding prepend), which pagellm's prefix cache computes once (LAST pooling).
 transformers runs them the way sentence-transformers does: sorted by length, in padded batches of
 --hf-batch-size with an attention mask, pooled (last real token, or the mean over real tokens) and L2-normalized.
@@ -63,11 +63,14 @@ def main(ns: argparse.Namespace) -> dict:
     dtype = getattr(torch, llm.llm_engine.config.model.dtype)
     hf = AutoModel.from_pretrained(ns.model, dtype=dtype).to(ns.device).eval()
     vocab = llm.llm_engine.config.model.vocab_size
-    prefix = [random.Random(-1).randrange(vocab) for _ in range(ns.prefix_len)]
+    tok = llm.get_tokenizer()
+    special = set(tok.all_special_ids) if tok is not None else set()
+    ids = [i for i in range(vocab) if i not in special]  # no [SEP] / <pad> mid-prompt: plain text's tokens
+    prefix = [random.Random(-1).choice(ids) for _ in range(ns.prefix_len)]
 
     def make_prompts(seed: int) -> list[list[int]]:  # new prompts each round: no round reuses another's cache
         rng = random.Random(seed)
-        return [prefix + [rng.randrange(vocab) for _ in range(rng.randint(ns.min_len, ns.max_len))]
+        return [prefix + [rng.choice(ids) for _ in range(rng.randint(ns.min_len, ns.max_len))]
                 for _ in range(ns.num_prompts)]
 
     def run_pagellm(prompts):
