@@ -103,7 +103,8 @@ class EngineArgs:
                               "checkpoints, else embed.", choices=("auto", "none", "embed", "classify"))
     pooler_config: dict | None = _f(
         None, "A pooling model's pooler, a JSON object as in vLLM: '{\"pooling_type\": \"MEAN\", \"normalize\": "
-              "false}'. pooling_type LAST (default; sentence-transformers checkpoints: their own), MEAN or CLS; "
+              "false}'. pooling_type LAST (decoders' default), CLS (BERT's and RoBERTa's) or MEAN; a "
+              "sentence-transformers checkpoint's own by default; "
               "normalize (embeddings, default true); use_activation (classification: softmax, or sigmoid for one "
               "label; default true); dimensions (Matryoshka models: the default embedding size).")
     enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "

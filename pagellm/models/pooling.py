@@ -175,8 +175,8 @@ class Pooler:
         if kind == "LAST":
             pooled = hidden[-1:] if last else None
         elif kind == "CLS":
-            if first:
-                self.state[seq_id] = [hidden[:1]]
+            if first:  # a copy: a view would keep the whole step's hidden states alive
+                self.state[seq_id] = [hidden[:1].clone()]
             pooled = self.state.pop(seq_id)[0] if last else None
         elif kind == "MEAN":
             acc = self.state.setdefault(seq_id, [torch.zeros(1, hidden.shape[1], dtype=torch.float32,
@@ -188,7 +188,7 @@ class Pooler:
                 del self.state[seq_id]
         else:  # ALL
             parts = self.state.setdefault(seq_id, [])
-            parts.append(hidden)
+            parts.append(hidden if last else hidden.clone())
             pooled = torch.cat(parts) if last else None
             if last:
                 del self.state[seq_id]
