@@ -5,8 +5,9 @@
 
 The model's decoder runs as an embedding model (`runner="pooling"`; a causal checkpoint such as the demo model
 works: its LM head is not loaded; so does an encoder such as BERT). Prompts are random token ids (no special
-tokens) with lengths uniform in [min-len, max-len], new ones each round; with --prefix-len N every prompt starts with the same N tokens (an instruction, as embedding
-models such as e5 or Qwen3-Embedding prepend), which pagellm's prefix cache computes once (LAST pooling).
+tokens) with lengths uniform in [min-len, max-len], new ones each round; with --prefix-len N every prompt
+starts with the same N tokens (an instruction, as embedding models such as e5 or Qwen3-Embedding prepend), which
+pagellm's prefix cache computes once (LAST pooling).
 transformers runs them the way sentence-transformers does: sorted by length, in padded batches of
 --hf-batch-size with an attention mask, pooled (last real token, or the mean over real tokens) and L2-normalized.
 pagellm packs the prompts without padding, in steps of up to max_num_batched_tokens tokens. Printed: prompts/s

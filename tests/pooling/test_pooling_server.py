@@ -61,6 +61,23 @@ def test_embeddings_through_the_openai_client(embed_server, pooling_models):
     assert embed_server.wait_pool_free()
 
 
+def test_chat_embeddings(embed_server, pooling_models):
+    """vLLM's chat embeddings: `messages` through the chat template (no generation prompt unless asked)."""
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "user", "content": "Good morrow"}, {"role": "assistant", "content": "And to you"}]
+    tok = AutoTokenizer.from_pretrained(pooling_models["llama-matryoshka"])
+    for gen in (False, True):
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
+        by_ids = httpx.post(embed_server.url + "/v1/embeddings", json={"input": [ids]}).json()["data"][0]
+        r = httpx.post(embed_server.url + "/v1/embeddings", json={"messages": msgs, "add_generation_prompt": gen})
+        assert r.status_code == 200 and r.json()["data"][0]["embedding"] == pytest.approx(by_ids["embedding"],
+                                                                                           abs=1e-6)
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    both = httpx.post(embed_server.url + "/v1/embeddings", json={"messages": msgs, "input": "x"})
+    assert both.status_code == 400 and "either input or messages" in both.json()["error"]["message"]
+
+
 def test_a_client_that_leaves_aborts_its_requests(embed_server):
     """A long embeddings request (600 distinct prompts of 120 tokens in 32-token steps, ~1.5 s here) whose client
     disconnects: every request is aborted and every KV block freed; the server keeps serving (a priority is

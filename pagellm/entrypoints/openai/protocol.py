@@ -544,7 +544,12 @@ class PoolingFields(OpenAIBaseModel):
 
 
 class EmbeddingRequest(PoolingFields):
-    input: PoolingInput
+    input: PoolingInput | None = None
+    # vLLM's chat embeddings: a conversation through the chat template instead of `input`
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None  # Matryoshka models only
     normalize: bool | None = None  # vLLM's extra: L2-normalize (default: the model's pooler config, on)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagellm.engine.chat_utils import apply_chat_template
 from pagellm.entrypoints.llm import score_pairs
 from pagellm.entrypoints.openai.protocol import (
     ClassificationData,
@@ -110,11 +111,29 @@ def _input_prompts(value: Any) -> list[Any]:
         raise APIError(400, e.message.replace("prompt", "input"), param="input") from e
 
 
+def _chat_ids(state: ServingState, req: EmbeddingRequest) -> list[int]:
+    """vLLM's chat embeddings: the conversation through the chat template (no generation prompt by default)."""
+    if state.tokenizer is None:
+        raise APIError(400, "messages need a tokenizer (the server runs with --skip-tokenizer-init).", param="messages")
+    conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        return apply_chat_template(state.tokenizer, conv, state.chat_template, req.add_generation_prompt,
+                                   req.continue_final_message, None, req.chat_template_kwargs)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from e
+
+
 async def create_embedding(state: ServingState, req: EmbeddingRequest) -> EmbeddingResponse:
     check_request(state, req, "/v1/embeddings")
     _model_task(state, "Embeddings", ("embed",))
     params = _params(req, "embed", dimensions=req.dimensions, normalize=req.normalize)
-    outs = await _pool(state, _input_prompts(req.input), params, "embd", req.priority)
+    if (req.input is None) == (req.messages is None):
+        raise APIError(400, "give either input or messages (a conversation for the chat template).", param="input")
+    if req.messages is not None:
+        prompts = [{"prompt_token_ids": await asyncio.to_thread(_chat_ids, state, req)}]
+    else:
+        prompts = _input_prompts(req.input)
+    outs = await _pool(state, prompts, params, "embd", req.priority)
     data = []
     for i, out in enumerate(outs):
         vec = out.outputs.data
