@@ -61,6 +61,23 @@ def test_embeddings_through_the_openai_client(embed_server, pooling_models):
     assert embed_server.wait_pool_free()
 
 
+def test_generic_pooling_route(embed_server, pooling_models):
+    """vLLM's /pooling: the raw output of any task the model serves, token embeddings included."""
+    llm = LLM(pooling_models["llama-matryoshka"], max_model_len=128)
+    ref = llm.encode(TEXTS[:2], pooling_task="token_embed", use_tqdm=False)
+    r = httpx.post(embed_server.url + "/pooling", json={"input": TEXTS[:2], "task": "token_embed"}).json()
+    assert [d["object"] for d in r["data"]] == ["pooling", "pooling"]
+    for d, o in zip(r["data"], ref):
+        assert np.allclose(d["data"], o.outputs.data.numpy(), atol=1e-6)
+    pooled = httpx.post(embed_server.url + "/pooling", json={"input": TEXTS[0]}).json()["data"][0]["data"]
+    emb = httpx.post(embed_server.url + "/v1/embeddings", json={"input": TEXTS[0]}).json()["data"][0]["embedding"]
+    assert pooled == pytest.approx(emb, abs=1e-6)
+    bad = httpx.post(embed_server.url + "/pooling", json={"input": "hi", "use_activation": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "use_activation"
+    bad = httpx.post(embed_server.url + "/pooling", json={"input": "hi", "task": "classify"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "task"
+
+
 def test_chat_embeddings(embed_server, pooling_models):
     """vLLM's chat embeddings: `messages` through the chat template (no generation prompt unless asked)."""
     from transformers import AutoTokenizer

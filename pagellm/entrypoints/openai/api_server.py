@@ -54,6 +54,8 @@ from pagellm.entrypoints.openai.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    PoolingRequest,
+    PoolingResponseList,
     RerankRequest,
     RerankResponse,
     ResponsesRequest,
@@ -76,6 +78,7 @@ from pagellm.entrypoints.openai.serving_completion import create_completion
 from pagellm.entrypoints.openai.serving_pooling import (
     create_classification,
     create_embedding,
+    create_pooling,
     create_rerank,
     create_score,
 )
@@ -209,6 +212,10 @@ def build_app(state: ServingState, api_key: str | None = None,
     @app.post("/v1/embeddings", **pooling)
     async def embeddings(request: Request, body: EmbeddingRequest) -> EmbeddingResponse:
         return await respond(request, create_embedding(state, body))
+
+    @app.post("/pooling", **pooling)
+    async def pooling_route(request: Request, body: PoolingRequest) -> PoolingResponseList:
+        return await respond(request, create_pooling(state, body))
 
     @app.post("/classify", **pooling)
     @app.post("/v1/classify", include_in_schema=False, **pooling)

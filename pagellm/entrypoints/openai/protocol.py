@@ -580,6 +580,25 @@ class EmbeddingResponse(PoolingResponse):
     data: list[EmbeddingData]
 
 
+class PoolingRequest(PoolingFields):
+    """vLLM's generic /pooling: the model's raw output per input, for any task it serves."""
+
+    input: PoolingInput
+    task: Literal["embed", "token_embed", "classify"] | None = None  # default: what the model serves
+    normalize: bool | None = None
+    use_activation: bool | None = None
+
+
+class PoolingData(BaseModel):
+    index: int
+    object: str = "pooling"
+    data: list[Any]  # (hidden,) / (labels,), or one row per prompt token (token_embed)
+
+
+class PoolingResponseList(PoolingResponse):
+    data: list[PoolingData]
+
+
 class ClassificationRequest(PoolingFields):
     input: PoolingInput
     use_activation: bool | None = None  # softmax (sigmoid for one label); false: the raw logits

@@ -1,6 +1,7 @@
 """The pooling routes (a model served with runner pooling): vLLM's shapes.
 
     POST /v1/embeddings           EmbeddingRequest -> one embedding per input (float list, or base64 float32)
+    POST /pooling                 PoolingRequest -> the raw output per input (any task the model serves)
     POST /classify, /v1/classify  ClassificationRequest -> class probabilities and the top label per input
     POST /score, /v1/score        ScoreRequest -> a score per (text_1, text_2) pair (1:N or N:N)
     POST /rerank, /v1/rerank, /v2/rerank   RerankRequest -> documents by relevance to the query
@@ -29,6 +30,9 @@ from pagellm.entrypoints.openai.protocol import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponseList,
     PoolingUsage,
     RerankDocument,
     RerankRequest,
@@ -142,6 +146,16 @@ async def create_embedding(state: ServingState, req: EmbeddingRequest) -> Embedd
         data.append(EmbeddingData(index=i, embedding=emb))
     return EmbeddingResponse(id=random_id("embd"), model=req.model or state.model_name, data=data,
                              usage=_usage(outs))
+
+
+async def create_pooling(state: ServingState, req: PoolingRequest) -> PoolingResponseList:
+    check_request(state, req, "/pooling")
+    task = req.task or _model_task(state, "Pooling", ("embed", "classify"))
+    params = _params(req, task, normalize=req.normalize, use_activation=req.use_activation)  # checked per task
+    outs = await _pool(state, _input_prompts(req.input), params, "pool", req.priority)
+    data = [PoolingData(index=i, data=o.outputs.data.tolist()) for i, o in enumerate(outs)]
+    return PoolingResponseList(id=random_id("pool"), model=req.model or state.model_name, data=data,
+                               usage=_usage(outs))
 
 
 async def create_classification(state: ServingState, req: ClassificationRequest) -> ClassificationResponse:
