@@ -39,6 +39,10 @@ class PoolingParams:
     # prompt position is computed (no prefix-cache hits).
     needs_all_hidden = False
 
+    def pooling_kind(self, pooling_type: str) -> str:
+        """Which positions this request pools under the model's pooling_type: ALL for token_embed, else it."""
+        return "ALL" if self.task == "token_embed" else pooling_type
+
     def __post_init__(self) -> None:
         t = self.truncate_prompt_tokens
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or (t < 1 and t != -1)):

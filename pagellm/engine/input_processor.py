@@ -125,7 +125,7 @@ class InputProcessor:
         if truncate == -1:
             truncate = self.max_model_len
         text, ids, salt = self._prompt_ids(prompt, truncate, pooling=True)
-        params.needs_all_hidden = task == "token_embed" or pooler.pooling_type != "LAST"
+        params.needs_all_hidden = params.pooling_kind(pooler.pooling_type) != "LAST"
         sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, seed=0)
         return ProcessedInput(text, list(ids), sp, salt, pooling=params)
 

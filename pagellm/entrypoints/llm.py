@@ -181,14 +181,7 @@ class LLM:
             changes["truncate_prompt_tokens"] = truncate_prompt_tokens
         params = [p.clone(**changes) if changes else p for p in params]
         engine = self.llm_engine
-        inputs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:  # every prompt is checked before any is queued
-                inputs.append(engine.process_pooling_input(prompt, p))
-            except ValueError as e:
-                if len(prompts) > 1:
-                    raise ValueError(f"prompt {i}: {e}") from e
-                raise
+        inputs = _checked(prompts, lambda i: engine.process_pooling_input(prompts[i], params[i]))
         outs = self._drive(inputs, [None] * len(inputs), use_tqdm)
         for out in outs:
             if not isinstance(out, PoolingRequestOutput):  # the engine failed it (aborted, with its error)
@@ -218,28 +211,15 @@ class LLM:
         hold as many. An embedding model scores by the cosine similarity of the two embeddings; a cross-encoder
         (a classification model with one label) by its sigmoid on the pair, tokenized as the tokenizer pairs texts."""
         pairs = score_pairs(data_1, data_2)
-        pooler = self.llm_engine.config.model.pooler
-        if pooler is None:
-            raise ValueError("score needs a pooling model (runner='pooling').")
-        if pooler.task == "embed":
-            texts = [a for a, _ in pairs] + [b for _, b in pairs]
-            embs = self.encode(texts, pooling_params, use_tqdm, "embed", truncate_prompt_tokens)
-            n = len(pairs)
-            out = []
-            for e1, e2 in zip(embs[:n], embs[n:]):
-                sim = float(torch.nn.functional.cosine_similarity(e1.outputs.data, e2.outputs.data, dim=0))
-                out.append(PoolingRequestOutput(f"{e1.request_id}_{e2.request_id}", ScoringOutput(sim),
-                                                e1.prompt_token_ids + e2.prompt_token_ids))
-            return out
-        if len(pooler.labels) != 1:
-            raise ValueError(f"score needs an embedding model or a cross-encoder (a classification model with one "
-                             f"label); this one has {len(pooler.labels)} labels: use classify.")
-        tok = self.get_tokenizer()
-        if tok is None:
-            raise ValueError("score needs a tokenizer (the engine runs with skip_tokenizer_init).")
-        prompts = [{"prompt_token_ids": tok(a, b)["input_ids"]} for a, b in pairs]
-        outs = self.encode(prompts, pooling_params, use_tqdm, "score", truncate_prompt_tokens)
-        return [_typed(o, ScoringOutput(float(o.outputs.data[0]))) for o in outs]
+        task, prompts = score_inputs(self.llm_engine.config.model.pooler, self.get_tokenizer(), pairs)
+        outs = self.encode(prompts, pooling_params, use_tqdm, task, truncate_prompt_tokens)
+        scores = pair_scores(task, [o.outputs.data for o in outs])
+        if task == "score":
+            return [_typed(o, ScoringOutput(v)) for o, v in zip(outs, scores)]
+        n = len(pairs)  # an embedding model: both sides embedded, first sides then second sides
+        return [PoolingRequestOutput(f"{a.request_id}_{b.request_id}", ScoringOutput(v),
+                                     a.prompt_token_ids + b.prompt_token_ids)
+                for a, b, v in zip(outs[:n], outs[n:], scores)]
 
     # ---- internals ------------------------------------------------------------------
 
@@ -258,15 +238,8 @@ class LLM:
              loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         policies = [policy_factory() if policy_factory else None for _ in prompts]
-        inputs = []
-        for i, (prompt, p, policy) in enumerate(zip(prompts, params, policies)):
-            try:  # every prompt is checked, the KV-cache fit included, before any is queued
-                inputs.append(engine.process_input(prompt, p, policy.max_seqs if policy else None,
-                                                   logprobs_cap=policy is None))
-            except ValueError as e:
-                if len(prompts) > 1:
-                    raise ValueError(f"prompt {i}: {e}") from e
-                raise
+        inputs = _checked(prompts, lambda i: engine.process_input(
+            prompts[i], params[i], policies[i].max_seqs if policies[i] else None, logprobs_cap=policies[i] is None))
         for inp, p in zip(inputs, priority or ()):  # checked before any is queued
             check_priority(engine.config.scheduler.policy, p)
             inp.priority = p
@@ -303,6 +276,20 @@ class LLM:
         return [finals[r] for r in ids]
 
 
+def _checked(prompts: list, process) -> list:
+    """process(i) for every prompt, each checked (the KV-cache fit included) before any is queued; a ValueError
+    names the prompt when there are several."""
+    inputs = []
+    for i in range(len(prompts)):
+        try:
+            inputs.append(process(i))
+        except ValueError as e:
+            if len(prompts) > 1:
+                raise ValueError(f"prompt {i}: {e}") from e
+            raise
+    return inputs
+
+
 def _typed(out: PoolingRequestOutput, outputs: Any) -> PoolingRequestOutput:
     return PoolingRequestOutput(out.request_id, outputs, out.prompt_token_ids, out.finished, out.prompt,
                                 out.num_cached_tokens)
@@ -321,3 +308,28 @@ def score_pairs(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> lis
     if len(one) != len(two):
         raise ValueError(f"score pairs one text with N, or N with N; got {len(one)} and {len(two)}.")
     return list(zip(one, two))
+
+
+def score_inputs(pooler, tokenizer, pairs: list[tuple[str, str]]) -> tuple[str, list]:
+    """(task, prompts) that score text pairs: an embedding model embeds every first text, then every second one;
+    a cross-encoder (a classification model with one label) classifies each pair as its tokenizer joins the two.
+    ValueError for any other model."""
+    if pooler is None:
+        raise ValueError("score needs a pooling model (runner='pooling').")
+    if pooler.task == "embed":
+        return "embed", [a for a, _ in pairs] + [b for _, b in pairs]
+    if len(pooler.labels) != 1:
+        raise ValueError(f"score needs an embedding model or a cross-encoder (a classification model with one "
+                         f"label); this one has {len(pooler.labels)} labels: use classify.")
+    if tokenizer is None:
+        raise ValueError("score needs a tokenizer (the engine runs with skip_tokenizer_init).")
+    return "score", [{"prompt_token_ids": tokenizer(a, b)["input_ids"]} for a, b in pairs]
+
+
+def pair_scores(task: str, outputs: list[torch.Tensor]) -> list[float]:
+    """The pairs' scores from score_inputs' outputs: cosine similarities of the two halves' embeddings, or the
+    cross-encoder's score per pair."""
+    if task == "embed":
+        n = len(outputs) // 2
+        return [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(outputs[:n], outputs[n:])]
+    return [float(o[0]) for o in outputs]

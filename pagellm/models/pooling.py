@@ -162,16 +162,37 @@ class Pooler:
     def __init__(self, model: nn.Module, config: PoolerConfig) -> None:
         self.model = model
         self.config = config
+        self.params: dict = {}  # seq_id -> PoolingParams of the sequences the worker holds
         self.state: dict[int, list] = {}  # seq_id -> what the earlier chunks left (sum and count, or chunks)
 
+    def add(self, seq_id: int, params) -> None:
+        self.params[seq_id] = params
+
     def forget(self, seq_id: int) -> None:
+        self.params.pop(seq_id, None)
         self.state.pop(seq_id, None)
 
-    def chunk(self, seq_id: int, params, hidden: torch.Tensor, first: bool, last: bool) -> torch.Tensor | None:
+    def step(self, hidden: torch.Tensor, chunks: list[tuple]) -> dict:
+        """One step's chunks [(seq_id, first batch index, end, chunk starts the prompt, chunk ends it)] -> the
+        outputs of the sequences whose prompt is now computed, as float32 numpy arrays (one copy to the host)."""
+        done = {}
+        for seq_id, lo, hi, first, last in chunks:
+            out = self.chunk(seq_id, hidden[lo:hi], first, last)
+            if out is not None:
+                done[seq_id] = out
+        if not done:
+            return {}
+        flat = torch.cat([o.reshape(-1) for o in done.values()]).cpu().numpy()
+        out, at = {}, 0
+        for seq_id, o in done.items():
+            out[seq_id] = flat[at:at + o.numel()].reshape(tuple(o.shape))
+            at += o.numel()
+        return out
+
+    def chunk(self, seq_id: int, hidden: torch.Tensor, first: bool, last: bool) -> torch.Tensor | None:
         """Feed one chunk's hidden states (n, hidden) of a sequence; the request's output once `last`."""
-        kind = "ALL" if params.task == "token_embed" else self.config.pooling_type
-        if first:
-            self.state.pop(seq_id, None)
+        params = self.params[seq_id]
+        kind = params.pooling_kind(self.config.pooling_type)
         if kind == "LAST":
             pooled = hidden[-1:] if last else None
         elif kind == "CLS":

@@ -148,7 +148,6 @@ class ModelRunner:
                                     max(sc.max_num_batched_tokens, sc.max_num_seqs, MIN_BATCH_ROWS), self.device,
                                     torch_dtype(config.model.dtype))
         self.pooler = None  # a pooling model's Pooler: prompts pooled instead of sampled
-        self._pooling: dict[int, object] = {}  # seq_id -> PoolingParams of the sequences the worker holds
         if config.model.pooler is not None:
             from pagellm.models.pooling import Pooler
 
@@ -219,7 +218,7 @@ class ModelRunner:
         driver = self.tp.is_driver
         if self.pooler is not None:
             if driver:
-                self._pool(res, hidden, inputs.pool)
+                res.pooled = self.pooler.step(hidden, inputs.pool)
             return res
         for seq_id, row, idx, targets, start in inputs.prompt_lp:
             logits = self.model.compute_logits(hidden[idx])
@@ -319,24 +318,15 @@ class ModelRunner:
         self.batch.sampled(inputs.sample_rows, tokens)  # every rank: the placeholders decide what the next step samples
         res.queued()
 
-    def _pool(self, res: StepResult, hidden: torch.Tensor, chunks: list[tuple]) -> None:
-        """A pooling model's step: each sequence's chunk of hidden states goes to the Pooler; a sequence whose
-        prompt is now computed gets its output."""
-        for seq_id, lo, hi, first, last in chunks:
-            out = self.pooler.chunk(seq_id, self._pooling[seq_id], hidden[lo:hi], first, last)
-            if out is not None:
-                res.pooled[seq_id] = out.cpu().numpy()
-
     def _update_state(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
             self.batch.remove(seq_id)
             if self.pooler is not None:
                 self.pooler.forget(seq_id)
-                self._pooling.pop(seq_id, None)
         for d in sched.new_seqs:
             self.batch.add(d)
             if d.pooling_params is not None:
-                self._pooling[d.seq_id] = d.pooling_params
+                self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
 
     def _prepare_inputs(self, sched: SchedulerOutput) -> _StepInputs:

@@ -69,8 +69,9 @@ def test_bert_classification_and_cross_encoder(pooling_models):
 
 
 def test_bert_prompts_run_whole(pooling_models):
-    """Each prompt is computed in one step: a step budget of max_model_len tokens, prompts that fill most of it,
-    a KV cache too small for all of them at once (preemption); the outputs do not change."""
+    """Each prompt is computed in one step: with a step budget of max_model_len tokens and prompts that fill most
+    of it, and a KV cache too small for all of them at once, prompts wait for room instead of being split (a
+    split prompt would attend over part of itself: the embeddings would differ)."""
     path = pooling_models["bert-st-mean"]
     long = [" ".join(["paged attention stores keys"] * 20)[:300], TEXTS[1] * 4, TEXTS[0] * 3]
     ref = [o.outputs.embedding for o in LLM(path).embed(long, use_tqdm=False)]

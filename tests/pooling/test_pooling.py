@@ -196,13 +196,35 @@ def test_causal_checkpoint_as_embedding_model(tiny_models, pooling_models):
         LLM(tiny_models["llama"], runner="pooling", convert="classify", max_model_len=64)
 
 
-def test_preemption_abort_and_async_scheduling_free_every_block(pooling_models):
-    """A KV cache too small for the batch preempts pooling requests (mean pooling restarts its sums); aborted
-    requests free their blocks; async scheduling gives the same outputs."""
+def test_preemption_mid_prompt_restarts_the_pooling(pooling_models):
+    """A mean-pooled prompt preempted after some of its chunks (a higher-priority request needs its place) is
+    recomputed from its first token: the partial sum is dropped, the embedding is the same."""
+    path = pooling_models["llama-st-mean"]
+    ref = [o.outputs.embedding for o in LLM(path, max_model_len=256).embed(TEXTS[:2], use_tqdm=False)]
+    engine = LLM(path, max_model_len=256, max_num_seqs=1, max_num_batched_tokens=8,
+                 scheduling_policy="priority").llm_engine
+    low = engine.process_pooling_input(TEXTS[1], PoolingParams(task="embed"))
+    low.priority = 1
+    engine.add_request("low", low)
+    engine.step()
+    engine.step()  # 16 of its tokens computed
+    assert engine.scheduler.requests["low"].seqs[0].num_computed_tokens == 16
+    engine.add_request("high", engine.process_pooling_input(TEXTS[0], PoolingParams(task="embed")))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step()})
+    assert engine.scheduler.num_preemptions == 1
+    assert done["high"].outputs.data.tolist() == pytest.approx(ref[0], abs=2e-5)
+    assert done["low"].outputs.data.tolist() == pytest.approx(ref[1], abs=2e-5)
+    kv = engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_total_blocks
+
+
+def test_abort_and_async_scheduling_free_every_block(pooling_models):
+    """Aborted pooling requests free their blocks; async scheduling gives the same outputs."""
     path = pooling_models["llama-st-mean"]
     ref = [o.outputs.embedding for o in LLM(path, max_model_len=256).embed(TEXTS * 3, use_tqdm=False)]
-    for kwargs in ({"num_gpu_blocks_override": 16, "block_size": 4, "max_num_batched_tokens": 16},
-                   {"async_scheduling": True, "max_num_batched_tokens": 16}):
+    for kwargs in ({"max_num_batched_tokens": 16}, {"async_scheduling": True, "max_num_batched_tokens": 16}):
         llm = LLM(path, max_model_len=256, max_num_seqs=6, **kwargs)
         got = [o.outputs.embedding for o in llm.embed(TEXTS * 3, use_tqdm=False)]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=2e-5, rtol=1e-4)

@@ -19,10 +19,9 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from pagellm.engine.chat_utils import apply_chat_template
-from pagellm.entrypoints.llm import score_pairs
+from pagellm.entrypoints.llm import pair_scores, score_inputs, score_pairs
 from pagellm.entrypoints.openai.protocol import (
     ClassificationData,
     ClassificationRequest,
@@ -175,27 +174,14 @@ async def create_classification(state: ServingState, req: ClassificationRequest)
 
 
 async def _scores(state: ServingState, pairs: list[tuple[str, str]], req: Any) -> tuple[list[float], PoolingUsage]:
-    """One score per pair, and the prompt tokens it took."""
-    task = _model_task(state, "Score", ("embed", "classify"))
-    pooler = state.engine.config.model.pooler
-    if task == "embed":
-        if req.use_activation is not None:
-            raise APIError(400, "use_activation is for cross-encoders; this embedding model scores by cosine "
-                                "similarity.", param="use_activation")
-        params = _params(req, "embed")
-        outs = await _pool(state, [a for a, _ in pairs] + [b for _, b in pairs], params, "score", req.priority)
-        n = len(pairs)
-        scores = [float(torch.nn.functional.cosine_similarity(e1.outputs.data, e2.outputs.data, dim=0))
-                  for e1, e2 in zip(outs[:n], outs[n:])]
-        return scores, _usage(outs)
-    if len(pooler.labels) != 1:
-        raise APIError(400, f"The model does not support the Score API: it classifies into {len(pooler.labels)} "
-                            "labels (a cross-encoder has one); use /classify.", code="invalid_value")
-    tok = state.tokenizer
-    prompts = [{"prompt_token_ids": tok(a, b)["input_ids"]} for a, b in pairs]
-    outs = await _pool(state, prompts, _params(req, "score", use_activation=req.use_activation), "score",
-                       req.priority)
-    return [float(o.outputs.data[0]) for o in outs], _usage(outs)
+    """One score per pair (llm.score_inputs / pair_scores, as LLM.score), and the prompt tokens it took."""
+    _model_task(state, "Score", ("embed", "classify"))
+    try:
+        task, prompts = score_inputs(state.engine.config.model.pooler, state.tokenizer, pairs)
+    except ValueError as e:
+        raise APIError(400, f"The model does not support the Score API: {e}", code="invalid_value") from e
+    outs = await _pool(state, prompts, _params(req, task, use_activation=req.use_activation), "score", req.priority)
+    return pair_scores(task, [o.outputs.data for o in outs]), _usage(outs)
 
 
 async def create_score(state: ServingState, req: ScoreRequest) -> ScoreResponse:
