@@ -44,6 +44,18 @@ class PoolerConfig:
 
 
 @dataclass(frozen=True)
+class MultiModalConfig:
+    """A model whose prompts may carry images (vLLM's multimodal config). An image fills `image_tokens` prompt
+    positions, each holding the placeholder token `placeholder_id`: the prompt names where each image goes with one
+    placeholder, which pagellm expands."""
+
+    placeholder_id: int  # config.image_token_index
+    image_tokens: int  # positions one image fills (its features)
+    limit_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
+    allowed_local_media_path: str | None = None  # file:// image URLs are read only under this directory
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The checkpoint and how to run it."""
 
@@ -68,6 +80,7 @@ class ModelConfig:
     # repetition_penalty, max_tokens), from the generation config (--generation-config); empty: SamplingParams'.
     default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
     pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
+    multimodal: MultiModalConfig | None = None  # a model that takes images (LLaVA); None: text only
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ a fresh block replaces it in this sequence's table and (src, dst) is returned
 so that the worker copies the contents before the forward pass.
 
 Prefix caching: a full block is keyed by a hash chained over its parent's
-hash, its token ids and the request's cache salt, so equal keys mean equal
+hash, its token ids and the request's cache salt (and, for a block that holds
+image positions, those images' content hashes), so equal keys mean equal
 prefixes. Blocks are indexed when they are scheduled to become full: the
 forward pass writes every layer's new K/V before that layer's attention reads
 the cache, so even a sequence in the same batch may reuse them.
@@ -150,10 +151,14 @@ class KVCacheManager:
         """Chained hashes of the first `num_full_blocks` blocks of seq, computed once."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
+        req = seq.request
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            extra = seq.request.cache_salt if i == 0 else None
+            extra = req.cache_salt if i == 0 else None
+            if req.mm_features and i * bs < req.mm_end:  # the images whose positions the block holds
+                ids = [f.identifier for f in req.mm_features if f.overlaps(i * bs, (i + 1) * bs)]
+                extra = "\x00".join([extra or "", *ids]) if ids else extra
             hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs:(i + 1) * bs], extra))
         return hashes
 

@@ -152,6 +152,12 @@ class Request:
     first_scheduled_time: float | None = None  # time.monotonic() when first admitted to the running batch
     policy: Any = None  # the SequenceGroupPolicy deciding forks and what to do with sampled tokens
     pooling_params: Any = None  # PoolingParams: a pooling model's request (its prompt is pooled, nothing sampled)
+    mm_features: list | None = None  # MultiModalFeature per image (multimodal models): positions and pixel values
+
+    @property
+    def mm_end(self) -> int:
+        """The prompt position after the last image's placeholders (0 without images)."""
+        return self.mm_features[-1].end if self.mm_features else 0
 
     @property
     def num_prompt_tokens(self) -> int:

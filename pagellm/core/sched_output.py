@@ -43,6 +43,7 @@ class NewSeqData:
     seed: int  # sampling seed of this sequence
     lora_id: int = 0  # the LoRA adapter it runs with (0: none)
     pooling_params: Any = None  # PoolingParams of a pooling model's request: pooled once its prompt is computed
+    mm_features: list | None = None  # the request's images (MultiModalFeature), while some of their positions remain
 
 
 @dataclass

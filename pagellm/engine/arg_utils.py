@@ -22,6 +22,7 @@ from pagellm.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    MultiModalConfig,
     ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
@@ -107,6 +108,12 @@ class EngineArgs:
               "sentence-transformers checkpoint's own by default; "
               "normalize (embeddings, default true); use_activation (classification: softmax, or sigmoid for one "
               "label; default true); dimensions (Matryoshka models: the default embedding size).")
+    limit_mm_per_prompt: dict | None = _f(
+        None, "Multimodal models: the most items of each modality one prompt may carry, a JSON object as in vLLM: "
+              "'{\"image\": 2}' (default 999 per modality; 0 refuses that modality).")
+    allowed_local_media_path: str = _f(
+        "", "Multimodal models: a directory whose files requests may name as file:// image URLs (default: none; "
+            "only for trusted clients).")
     enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "
                                   "beside the base model: LLM.generate(..., lora_request=LoRARequest(name, id, path)), "
                                   "or `pagellm serve --lora-modules name=path` and the name as the request's model. "
@@ -284,7 +291,8 @@ class EngineArgs:
             raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not quantize: "
                              f"quantization={quantization!r} needs a natively supported architecture.")
         geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
-        derived = cls.max_positions(hf) if hasattr(cls, "max_positions") else _derived_max_len(hf)
+        text = hf.get_text_config()  # a multimodal checkpoint's language model; the config itself otherwise
+        derived = cls.max_positions(hf) if hasattr(cls, "max_positions") else _derived_max_len(text)
         max_len = self.max_model_len or derived
         if max_len > derived:
             raise ValueError(f"max_model_len ({max_len}) is larger than the model's maximum ({derived}).")
@@ -296,20 +304,44 @@ class EngineArgs:
             hf_config=hf,
             dtype=_resolve_dtype(self.dtype, hf, self.device),
             max_model_len=max_len,
-            vocab_size=hf.vocab_size,
+            vocab_size=text.vocab_size,
             num_layers=geometry.num_layers,
             num_kv_heads=geometry.num_kv_heads,
             head_dim=geometry.head_dim,
             sliding_window=geometry.kv_sliding_window(max_len),
-            eos_token_ids=_eos_ids(path, hf),
+            eos_token_ids=_eos_ids(path, hf) | _eos_ids(path, text),
             load_format=self.load_format,
             seed=self.seed,
             served_model_name=self.served_model_name or path,
-            max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else hf.vocab_size,
+            max_logprobs=self.max_logprobs if self.max_logprobs >= 0 else text.vocab_size,
             quantization=quantization,
             default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
             pooler=pooler,
+            multimodal=self._multimodal_config(cls, hf),
         )
+
+    def _multimodal_config(self, cls, hf) -> MultiModalConfig | None:
+        """A multimodal architecture's placeholder, its image size in tokens and the per-prompt limits (ValueError
+        naming the flag); None for a text-only model, which refuses the multimodal flags."""
+        modalities = getattr(cls, "modalities", ())
+        if not modalities:
+            if self.limit_mm_per_prompt:
+                raise ValueError(f"limit_mm_per_prompt applies to multimodal models; {cls.__name__} takes text only.")
+            return None
+        limits = {m: 999 for m in modalities}
+        for m, n in (self.limit_mm_per_prompt or {}).items():
+            if m not in limits:
+                raise ValueError(f"limit_mm_per_prompt: {cls.__name__} takes {', '.join(modalities)}, not {m!r}.")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"limit_mm_per_prompt[{m!r}] must be an integer >= 0, got {n!r}.")
+            limits[m] = n
+        if self.enable_lora:
+            raise ValueError(f"{cls.__name__}: LoRA adapters on a multimodal model are not supported.")
+        path = self.allowed_local_media_path or None
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"allowed_local_media_path {path!r} is not a directory.")
+        return MultiModalConfig(cls.placeholder_id(hf), cls.image_tokens(hf), limits,
+                                os.path.realpath(path) if path else None)
 
     def _runner(self, path: str, hf) -> tuple[str, Any]:
         """The native architecture that runs the checkpoint, and the pooler when it runs as a pooling model."""
@@ -343,6 +375,9 @@ class EngineArgs:
             if arch is None:
                 raise ValueError(f"pooling models run on pagellm's native models; {archs} (model_type "
                                  f"{getattr(hf, 'model_type', None)!r}) has none.")
+        if getattr(get_model_class(arch), "modalities", ()):
+            raise ValueError(f"{arch} is a multimodal model; pagellm serves it as a generative model only "
+                             "(runner generate).")
         default_type = getattr(get_model_class(arch), "default_pooling_type", "LAST")
         return arch, make_pooler_config(path, hf, task, self.pooler_config, default_type)
 

@@ -1,7 +1,14 @@
-"""Chat conversations -> prompt token ids, through the tokenizer's (or a given) Jinja chat template."""
+"""Chat conversations -> prompt token ids, through the tokenizer's (or a given) Jinja chat template.
+
+Images in messages (OpenAI content parts {"type": "image_url", "image_url": {"url": ...}}, or vLLM's offline
+{"type": "image_pil", "image_pil": PIL image}) are taken out by `split_media`: the template sees an {"type": "image"}
+part in their place when it iterates over content parts (as llava-hf's templates do), else the content as a string
+with the model's placeholder ("<image>") before the message's text (vLLM's "string" content format).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pagellm.sampling_params import ParamError
@@ -33,3 +40,54 @@ def apply_chat_template(tokenizer: Any, conversation: list[dict[str, Any]], chat
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+IMAGE_PARTS = ("image_url", "image_pil")
+# A template that loops over a message's content parts ("for part in message['content']") renders them itself.
+_ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+(\[\s*['\"]content['\"]\s*\]|\.content)")
+
+
+def content_format(template: str | None) -> str:
+    """vLLM's chat-template content format: "openai" (the template reads content parts) or "string"."""
+    return "openai" if template and _ITERATES_CONTENT.search(template) else "string"
+
+
+def split_media(conversation: list[dict[str, Any]], placeholder: str | None, load: Any,
+                template: str | None) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(messages for the template, the images in order, each loaded by `load`). `load` None: the model takes text
+    only, and an image part is a ParamError (param 'messages')."""
+    fmt = content_format(template)
+    images: list[Any] = []
+    out = []
+    for m in conversation:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") in IMAGE_PARTS
+                                                    for p in content):
+            out.append(m)
+            continue
+        if load is None:
+            raise ParamError("this model takes text only: a message's content may not hold images.",
+                             param="messages")
+        parts, texts = [], []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+                texts.append(part.get("text", ""))
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise ParamError("an image_url content part needs image_url.url, a string.", param="messages")
+                images.append(load(url))
+                parts.append({"type": "image"})
+            elif kind == "image_pil":
+                images.append(load(part.get("image_pil")))
+                parts.append({"type": "image"})
+            else:
+                raise ParamError(f"unsupported content part type {kind!r}: text, image_url and image_pil are "
+                                 "taken.", param="messages")
+        n = sum(p["type"] == "image" for p in parts)
+        text = parts if fmt == "openai" else "".join(f"{placeholder}\n" for _ in range(n)) + "".join(texts)
+        out.append({**m, "content": text})
+    return out, images

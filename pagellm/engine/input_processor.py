@@ -1,6 +1,7 @@
 """Prompt + SamplingParams -> validated token ids and per-request parameters.
 
     "text" | {"prompt": "text"} | {"prompt_token_ids": [...]} -> ProcessedInput
+    (multimodal models: a dict prompt may add "multi_modal_data": {"image": image or [images]})
 
 Every check that needs the model happens here, before the request reaches the
 scheduler, so a bad request fails alone with a ValueError naming the field and
@@ -30,6 +31,7 @@ class ProcessedInput:
     beam: dict | None = None  # beam search (the API's use_beam_search): BeamSearchPolicy's arguments
     lora: LoRARequest | None = None  # the LoRA adapter the request runs with (enable_lora)
     pooling: PoolingParams | None = None  # a pooling model's request (params then only carry its seed)
+    mm_features: list | None = None  # MultiModalFeature per image, in prompt order (multimodal models)
 
 
 class InputProcessor:
@@ -39,6 +41,11 @@ class InputProcessor:
         self.structured = structured  # StructuredOutputManager: compiles grammars (a 400 if one does not compile)
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
+        self.mm = None  # MultiModalProcessor: images -> pixel values and placeholder positions
+        if model_config.multimodal is not None:
+            from pagellm.multimodal.processing import MultiModalProcessor
+
+            self.mm = MultiModalProcessor(model_config, tokenizer)
 
     def process(self, prompt: PromptType, params: SamplingParams, logprobs_cap: bool = True) -> ProcessedInput:
         """`logprobs_cap=False` for internal candidates (beam search asks for 2 x beam_width of them)."""
@@ -47,7 +54,7 @@ class InputProcessor:
         if self.model_config.pooler is not None:
             raise ValueError("this model runs as a pooling model (runner pooling): it serves LLM.embed / classify / "
                              "score / encode, not generation.")
-        text, ids, salt = self._prompt_ids(prompt, params.truncate_prompt_tokens)
+        text, ids, salt, mm = self._prompt_ids(prompt, params.truncate_prompt_tokens)
         n = len(ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
@@ -67,18 +74,30 @@ class InputProcessor:
                 raise ParamError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).",
                                  param="structured_outputs")
             self.structured.compile(params.structured_outputs)  # fails here, before any work, if it cannot compile
-        return ProcessedInput(text, list(ids), params, salt)
+        return ProcessedInput(text, list(ids), params, salt, mm_features=mm)
 
     def _prompt_ids(self, prompt: PromptType, truncate: int | None,
-                    pooling: bool = False) -> tuple[str | None, list[int], str | None]:
-        """The prompt's token ids (the last `truncate` of them), checked against the vocabulary and max_model_len
-        (a pooling request's prompt may fill it: nothing is generated after it)."""
+                    pooling: bool = False) -> tuple[str | None, list[int], str | None, list | None]:
+        """The prompt's token ids (the last `truncate` of them; a multimodal prompt's with its image placeholders
+        expanded) and its images, checked against the vocabulary and max_model_len (a pooling request's prompt
+        may fill it: nothing is generated after it)."""
         text, ids, salt = self._tokenize(prompt)
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        mm = None
+        if data is not None or (self.mm is not None and self.mm.placeholder_id in ids):
+            if self.mm is None:
+                raise ParamError(f"the model {self.model_config.served_model_name!r} takes text only; "
+                                 "multi_modal_data needs a multimodal model.", param="multi_modal_data")
+            if truncate is not None:
+                raise ParamError("truncate_prompt_tokens cannot cut a prompt with images.",
+                                 param="truncate_prompt_tokens")
+            ids, mm = self.mm.process(list(ids), data if data is not None else {})
+            mm = mm or None
         if truncate is not None and len(ids) > truncate:
             ids = ids[-truncate:]
         if not ids:
             raise ParamError("prompt must not be empty (it has 0 tokens).", param="prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size and (mm is None or t != self.mm.placeholder_id)]
         if bad:
             raise ParamError(f"prompt_token_ids must be in [0, {self.vocab_size}) (the vocabulary size); "
                              f"got {bad[:5]}.", param="prompt")
@@ -90,7 +109,7 @@ class InputProcessor:
             raise ParamError(f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: "
                              f"the prompt must be shorter than max_model_len to leave room for output.",
                              param="prompt", code="context_length_exceeded")
-        return text, ids, salt
+        return text, ids, salt, mm
 
     def process_pooling(self, prompt: PromptType, params: PoolingParams) -> ProcessedInput:
         """A pooling model's request: the prompt checked as for generation, the params against the model's task
@@ -124,7 +143,7 @@ class InputProcessor:
         truncate = params.truncate_prompt_tokens
         if truncate == -1:
             truncate = self.max_model_len
-        text, ids, salt = self._prompt_ids(prompt, truncate, pooling=True)
+        text, ids, salt, _ = self._prompt_ids(prompt, truncate, pooling=True)
         params.needs_all_hidden = params.pooling_kind(pooler.pooling_type) != "LAST"
         sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, seed=0)
         return ProcessedInput(text, list(ids), sp, salt, pooling=params)

@@ -150,8 +150,10 @@ class LlamaForCausalLM(CausalLM):
         return self.model.embed_tokens(input_ids)  # (T, hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = self.embed(input_ids)
+                meta: AttentionMetadata, backend: AttentionBackend,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (T, hidden) in place of the token embeddings: a multimodal model's, image features in."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x = layer(positions, x, self.model.rotary, kv_cache, meta, backend)
         return self.model.norm(x)

@@ -152,6 +152,11 @@ class ModelRunner:
             from pagellm.models.pooling import Pooler
 
             self.pooler = Pooler(self.model, config.model.pooler)
+        self.mm = None  # MultiModalInputs: the images of the sequences held, encoded when their positions are computed
+        if config.model.multimodal is not None:
+            from pagellm.worker.mm_inputs import MultiModalInputs
+
+            self.mm = MultiModalInputs(self.model, self.device, torch_dtype(config.model.dtype))
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -213,6 +218,9 @@ class ModelRunner:
         inputs = self._prepare_inputs(sched)
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
+        elif inputs.mm is not None:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
+                                mm_embeds=inputs.mm)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         driver = self.tp.is_driver
@@ -323,8 +331,12 @@ class ModelRunner:
             self.batch.remove(seq_id)
             if self.pooler is not None:
                 self.pooler.forget(seq_id)
+            if self.mm is not None:
+                self.mm.forget(seq_id)
         for d in sched.new_seqs:
             self.batch.add(d)
+            if d.mm_features:
+                self.mm.add(d.seq_id, d.mm_features)
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
@@ -379,9 +391,10 @@ class ModelRunner:
                 raise RuntimeError("the step computes tokens that neither the host holds nor the previous step "
                                    "sampled")
             arrays["prev_dst"], arrays["prev_src"] = unknown, j * b.prev_stride + col
+        mm = self.mm.step(seq_ids, starts, counts, cu) if self.mm is not None else None
         # A decode-only batch that a CUDA graph covers is padded to the graph's size and replayed by execute_model.
         graph = None
-        if self.graphs is not None and max_query_len == 1 and not fresh.any() and not prompt_lp:
+        if self.graphs is not None and max_query_len == 1 and not fresh.any() and not prompt_lp and mm is None:
             graph = self.graphs.size_for(len(rows))
         padded = graph or max(total, MIN_BATCH_ROWS)
         t = self._stage(arrays, padded, graph) if self.buffers is not None else self._tensors(arrays, padded)
@@ -401,7 +414,7 @@ class ModelRunner:
         if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)
             pool = list(zip(seq_ids, cu[:-1].tolist(), cu[1:].tolist(), fresh.tolist(), ends_known.tolist()))
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool)
+                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool, mm)
 
     def _spec_inputs(self, spec_ids: dict[int, list[int]], seq_ids: list[int], rows: np.ndarray, cu: np.ndarray,
                      n_draft: np.ndarray, sample_idx: np.ndarray) -> tuple[_SpecInputs, np.ndarray]:
@@ -558,10 +571,10 @@ class _SpecInputs:
 
 class _StepInputs:
     __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
-                 "graph_size", "multi", "spec", "pool")
+                 "graph_size", "multi", "spec", "pool", "mm")
 
     def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
-                 graph_size=None, multi=None, spec=None, pool=None):
+                 graph_size=None, multi=None, spec=None, pool=None, mm=None):
         self.input_ids = input_ids  # (T_padded,) int64
         self.positions = positions  # (T_padded,) int64
         self.meta = meta  # AttentionMetadata
@@ -573,6 +586,7 @@ class _StepInputs:
         self.multi = multi  # _MultiStepInputs of a multi-step decode, or None
         self.spec = spec  # _SpecInputs of a step with draft tokens, or None
         self.pool = pool  # a pooling model's step: [(seq_id, first, end batch index, prompt starts, prompt ends)]
+        self.mm = mm  # (batch index (M,), features (M, hidden)) of this step's image positions, or None
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -239,26 +239,35 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(OpenAIBaseModel):
     role: str
-    content: str | list[dict[str, Any]] | None = None  # a string, or content parts (text parts only)
+    content: str | list[dict[str, Any]] | None = None  # a string, or content parts (text; image_url: images)
     name: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _text_parts_only(cls, v):
+    def _known_parts(cls, v):
         for part in v if isinstance(v, list) else ():
             kind = part.get("type")
-            if kind != "text":
-                raise ValueError(f"unsupported content part type {kind!r}: this server takes text parts only")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a text content part needs a string field 'text'")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs a string field 'text'")
+            elif kind == "image_url":
+                url = part.get("image_url")
+                if not isinstance(url, dict) or not isinstance(url.get("url"), str):
+                    raise ValueError("an image_url content part needs 'image_url': {'url': string}")
+            else:
+                raise ValueError(f"unsupported content part type {kind!r}: this server takes text and image_url "
+                                 "parts")
         return v
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.get("type") == "image_url" for p in self.content)
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p["text"] for p in self.content)
+        return "".join(p["text"] for p in self.content if p.get("type") == "text")
 
 
 class FunctionDefinition(OpenAIBaseModel):

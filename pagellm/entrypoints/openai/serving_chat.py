@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
-from pagellm.engine.chat_utils import apply_chat_template
+from pagellm.engine.chat_utils import apply_chat_template, split_media
 from pagellm.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -45,8 +46,9 @@ from pagellm.outputs import Logprob
 from pagellm.sampling_params import ParamError, RequestOutputKind
 
 
-def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int]:
-    """Render the conversation with the chat template (CPU work: callers run it off the event loop)."""
+def chat_prompt(state: ServingState, req: ChatCompletionRequest) -> dict[str, Any]:
+    """The engine prompt of a conversation: token ids by the chat template, and the images of its messages (CPU and
+    network work: callers run it off the event loop)."""
     if not req.messages:
         raise APIError(400, "messages must not be empty.", param="messages")
     if req.chat_template is not None and not state.trust_request_chat_template:
@@ -55,14 +57,18 @@ def chat_prompt_ids(state: ServingState, req: ChatCompletionRequest) -> list[int
                        code="untrusted_chat_template")
     conv = template_messages(req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    template = req.chat_template or state.chat_template
+    mm = state.engine.input_processor.mm
+    conv, images = split_media(conv, mm.placeholder if mm else None, mm.load if mm else None,
+                               template or getattr(state.tokenizer, "chat_template", None))
     try:
-        return apply_chat_template(state.tokenizer, conv, req.chat_template or state.chat_template,
-                                   req.add_generation_prompt, req.continue_final_message, tools,
-                                   req.chat_template_kwargs)
+        ids = apply_chat_template(state.tokenizer, conv, template, req.add_generation_prompt,
+                                  req.continue_final_message, tools, req.chat_template_kwargs)
     except ParamError:
         raise
     except Exception as e:  # template errors are the request's fault
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from e
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else {"prompt_token_ids": ids}
 
 
 def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> ChatLogprobs:
@@ -154,7 +160,8 @@ async def create_chat_completion(state: ServingState,
         params.structured_outputs = constraint  # the call is valid by construction
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     state.engine.check_capacity(1)
-    ids = await asyncio.to_thread(chat_prompt_ids, state, req)
+    prompt = await asyncio.to_thread(chat_prompt, state, req)
+    ids = prompt["prompt_token_ids"]
     prompt_text = None
     if state.reasoning_parser is not None:  # where the output starts: inside the thinking or not
         prompt_text = await asyncio.to_thread(state.tokenizer.decode, ids[-64:])
@@ -165,7 +172,7 @@ async def create_chat_completion(state: ServingState,
                 thinking=state.reasoning_parser.begins_in_reasoning(prompt_text))
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     params, beam = beam_search(state, req, params, req.logprobs)
-    inputs = await validate_inputs(state, salted([{"prompt_token_ids": ids}], req.cache_salt), params, "messages",
+    inputs = await validate_inputs(state, salted([prompt], req.cache_salt), params, "messages",
                                    max_param, priority=req.priority, beam=beam, lora=lora_for(state, req))
     rid = random_id("chatcmpl")
     mode = tool_mode(state, req)

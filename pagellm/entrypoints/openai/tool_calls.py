@@ -312,11 +312,12 @@ class ToolStream:
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages for the chat template: text content, and the tool fields templates read (assistant tool_calls
+    """Messages for the chat template: text content (content parts kept where they hold images), and the tool
+    fields templates read (assistant tool_calls
     with arguments as objects, tool results with their tool_call_id)."""
     out = []
     for m in req.messages:
-        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+        msg: dict[str, Any] = {"role": m.role, "content": m.content if m.has_images() else m.text()}
         extra = m.model_extra or {}
         thinking = extra.get("reasoning_content", extra.get("reasoning"))
         if isinstance(thinking, str):  # an earlier reply's thinking, sent back: templates read reasoning_content

@@ -1,0 +1,174 @@
+"""LLaVA (LlavaForConditionalGeneration): a vision encoder and a projector in front of a native decoder.
+
+    pixel_values (N, 3, H, W) -> vision tower (CLIP / SigLIP, transformers' module) -> hidden states of
+        vision_feature_layer (the class token dropped with strategy "default") -> projector (linear, act, linear)
+        -> image features (N, tokens per image, text hidden)
+    input_ids (T,) -> the decoder's embeddings, the rows of image placeholder tokens replaced by image features
+        (`mm_embeds`: batch indices and features, built by the worker) -> the decoder as usual -> hidden (T, hidden)
+
+The prompt holds one placeholder token (config.image_token_index) per image feature, so each image fills
+`image_tokens(config)` positions: they take part in the paged KV cache, prefix caching and chunked prefill like
+any other token (the block hashes carry the image's content hash: core/kv_cache_manager.py). The language model is
+pagellm's native class for config.text_config (any LLaMA-family decoder), sharded as usual under tensor
+parallelism; the vision tower and projector are small and replicated on every rank.
+
+Checkpoint names: llava-hf's ("language_model.model.*", "language_model.lm_head.*", "vision_tower.vision_model.*",
+"multi_modal_projector.*") and transformers 5's ("model.language_model.*", "lm_head.*", "model.vision_tower.*").
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagellm.config import ModelGeometry
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.base import CausalLM
+from pagellm.models.layers import activation
+from pagellm.models.parallel_layers import SINGLE
+
+
+def text_model_class(config) -> type[CausalLM]:
+    """pagellm's native class for the language model of a multimodal config (ValueError when there is none, or when
+    it cannot take image features in place of token embeddings)."""
+    from pagellm.models.registry import FALLBACK, MODELS, get_model_class
+    from pagellm.models.transformers_fallback import hf_causal_lm_class
+
+    text = config.text_config
+    names = list(getattr(text, "architectures", None) or [])
+    hf_cls = hf_causal_lm_class(text)
+    names += [hf_cls.__name__] if hf_cls is not None else []
+    arch = next((a for a in names if a in MODELS and a != FALLBACK), None)
+    if arch is None:
+        raise ValueError(f"the language model of this multimodal checkpoint (model_type "
+                         f"{getattr(text, 'model_type', None)!r}) has no native implementation in pagellm.")
+    cls = get_model_class(arch)
+    if "inputs_embeds" not in inspect.signature(cls.forward).parameters:
+        raise ValueError(f"{arch} cannot serve as the language model of a multimodal checkpoint in pagellm "
+                         "(it takes token ids only).")
+    return cls
+
+
+def image_tokens(config) -> int:
+    """Placeholder tokens (positions) one image fills: a feature per patch, plus the class token with strategy
+    "full"."""
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        layers = config.vision_feature_layer
+        n = len(layers) if isinstance(layers, (list, tuple)) else 1
+        bias = getattr(config, "multimodal_projector_bias", True)
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * n, hidden, bias=bias)
+        self.act = activation(config.projector_hidden_act)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(CausalLM):
+    modalities = ("image",)  # what a prompt may carry besides text
+
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        return text_model_class(config).geometry(config.text_config, tp_size)
+
+    @classmethod
+    def placeholder_id(cls, config) -> int:
+        tid = getattr(config, "image_token_index", None)
+        return tid if tid is not None else config.image_token_id
+
+    @classmethod
+    def image_tokens(cls, config) -> int:
+        return image_tokens(config)
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        self.language_model = text_model_class(config)(config.text_config, max_model_len, tp)
+        vision = config.vision_config
+        vision._attn_implementation = "sdpa"
+        self.vision_tower = AutoModel.from_config(vision)  # transformers' CLIP / SigLIP vision model
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.feature_layer = config.vision_feature_layer
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+        if config.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "
+                             "supported (default or full).")
+        self.image_token_id = self.placeholder_id(config)
+        self.vocab_size = config.text_config.vocab_size
+        # Newer transformers' vision models hold their layers directly; llava-hf checkpoints name them under
+        # "vision_model." (the older module layout).
+        self._vision_names = {n for n, _ in self.vision_tower.named_parameters()}
+
+    @property
+    def feature_layer_is_list(self) -> bool:
+        return isinstance(self.feature_layer, (list, tuple))
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        for prefix in ("model.", ""):
+            if name.startswith(prefix + "language_model."):
+                rest = name[len(prefix + "language_model."):]
+                if prefix == "model.":
+                    rest = "model." + rest  # transformers 5: model.language_model.layers.* -> model.layers.*
+                return self._language(rest)
+        if name.startswith("lm_head."):
+            return self._language(name)
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name.startswith("vision_tower."):
+            rest = name[len("vision_tower."):]
+            if rest not in self._vision_names and rest.startswith("vision_model."):
+                rest = rest[len("vision_model."):]
+            elif rest not in self._vision_names and "vision_model." + rest in self._vision_names:
+                rest = "vision_model." + rest
+            if rest.endswith("position_ids"):
+                return None
+            return "vision_tower." + rest, None
+        if name.startswith("multi_modal_projector."):
+            return name, None
+        return None  # (e.g. image_newline of LLaVA-NeXT checkpoints: refused at start-up by the architecture)
+
+    def _language(self, name: str) -> tuple[str, Any] | None:
+        target = self.language_model.map_weight(name)
+        return None if target is None else ("language_model." + target[0], target[1])
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, image_tokens, text hidden): what the placeholders of N images hold."""
+        out = self.vision_tower(pixel_values, output_hidden_states=True)
+        layers = self.feature_layer if self.feature_layer_is_list else [self.feature_layer]
+        feats = [out.hidden_states[i] for i in layers]
+        if self.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        return self.multi_modal_projector(torch.cat(feats, dim=-1))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.image_token_id >= self.vocab_size:  # a placeholder outside the text vocabulary: its row is replaced
+            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
+        return self.language_model.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if mm_embeds is not None:
+            index, features = mm_embeds
+            x = x.index_copy(0, index, features.to(x.dtype))
+        return self.language_model(input_ids, positions, kv_caches, meta, backend, inputs_embeds=x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden)

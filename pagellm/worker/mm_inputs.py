@@ -1,0 +1,77 @@
+"""The worker's side of image inputs: which prompt positions of this step hold image features, and those features.
+
+    add(seq_id, features) / forget(seq_id)            as sequences arrive and leave (finish, preemption)
+    step(seq_ids, starts, counts, cu) -> (index, features) | None
+        index (M,): the batch rows of this step that are image positions; features (M, hidden): what they hold
+
+An image is encoded (vision tower + projector, one batched call for the step's new images) the first time a step
+computes any of its positions, and its features are kept until the chunk that computes its last position: a chunked
+prefill that splits an image encodes it once. A sequence that comes back after preemption brings its images again
+and they are encoded again; so does a prompt whose prefix-cache hit ends inside an image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class MultiModalInputs:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.pending: dict[int, list] = {}  # seq_id -> its MultiModalFeatures with positions left to compute
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}  # (seq_id, identifier) -> (length, hidden) features
+        self.num_encoded = 0  # images run through the vision encoder so far
+
+    def add(self, seq_id: int, features: list) -> None:
+        self.pending[seq_id] = list(features)
+
+    def forget(self, seq_id: int) -> None:
+        self.pending.pop(seq_id, None)
+        for key in [k for k in self.cache if k[0] == seq_id]:
+            del self.cache[key]
+
+    def step(self, seq_ids: list[int], starts: np.ndarray, counts: np.ndarray,
+             cu: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.pending:
+            return None
+        parts = []  # (cache key, first feature row, end row, first batch row)
+        for k, sid in enumerate(seq_ids):
+            feats = self.pending.get(sid)
+            if not feats:
+                continue
+            s, e = int(starts[k]), int(starts[k] + counts[k])
+            for f in feats:
+                if f.overlaps(s, e):
+                    lo, hi = max(s, f.offset), min(e, f.end)
+                    parts.append(((sid, f.identifier), f, lo - f.offset, hi - f.offset, int(cu[k]) + lo - s))
+            left = [f for f in feats if f.end > e]
+            if left:
+                self.pending[sid] = left
+            else:
+                del self.pending[sid]
+        if not parts:
+            return None
+        self._encode([(key, f) for key, f, *_ in parts if key not in self.cache])
+        index = np.concatenate([np.arange(row, row + hi - lo) for _, _, lo, hi, row in parts])
+        features = torch.cat([self.cache[key][lo:hi] for key, _, lo, hi, _ in parts])
+        for key, f, _, hi, _ in parts:
+            if hi == f.length:  # its last position is computed in this step
+                self.cache.pop(key, None)
+        return torch.from_numpy(index).to(self.device, non_blocking=True), features
+
+    def _encode(self, todo: list) -> None:
+        """Encode the images not in the cache yet, each distinct one once, in one call."""
+        if not todo:
+            return
+        unique: dict[str, object] = {}
+        for _, f in todo:
+            unique.setdefault(f.identifier, f)
+        pixels = torch.stack([f.data for f in unique.values()]).to(self.device, self.dtype)
+        out = self.model.image_features(pixels)
+        self.num_encoded += len(unique)
+        by_id = {ident: out[i] for i, ident in enumerate(unique)}
+        for key, f in todo:
+            self.cache[key] = by_id[f.identifier]

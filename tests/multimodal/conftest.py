@@ -1,0 +1,46 @@
+"""The LLaVA checkpoints of the tests (tests/fixtures/multimodal_models.py), built once per session, and
+transformers' LlavaForConditionalGeneration as the reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+from multimodal_models import build_llava  # tests/fixtures is on sys.path (tests/conftest.py)
+
+from tests.conftest import MODELS_DIR
+
+
+@pytest.fixture(scope="session")
+def llava_models(tiny_models) -> dict[str, str]:
+    root = os.path.join(MODELS_DIR, "multimodal")
+    return {
+        # llava-1.5's choice: the second-to-last layer, the class token dropped
+        "llava": build_llava(os.path.join(root, "llava")),
+        # two feature layers concatenated, the class token kept
+        "llava-full": build_llava(os.path.join(root, "llava-full"), strategy="full", feature_layer=[-2, -1]),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _hf(path: str):
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
+    return model, AutoImageProcessor.from_pretrained(path)
+
+
+@torch.inference_mode()
+def hf_llava_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens: int):
+    """Greedy tokens of transformers' LLaVA for an expanded prompt and its images, and the logprob of each."""
+    model, processor = _hf(path)
+    ids = torch.tensor([prompt_ids])
+    kw = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]} if images else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    return tokens, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]

@@ -1,0 +1,198 @@
+"""LLaVA through pagellm against transformers' LlavaForConditionalGeneration on the same checkpoint: greedy tokens
+equal and logprobs close, for batches mixing prompts with several images, text-only ones, chunked prefill that
+splits an image, prefix-cache hits, preemption and tensor parallelism; the prompt pagellm builds equals
+LlavaProcessor's; bad multimodal input fails alone with a ValueError naming the field."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from multimodal_models import images
+
+from pagellm import LLM, SamplingParams
+from tests.multimodal.conftest import hf_llava_greedy
+
+IMGS = images(4)
+PROMPTS = [
+    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[0]}},
+    {"prompt": "<image>To be<image>, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
+    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[3]}},  # same text, another image
+    "Paged attention stores keys",  # text only
+]
+N = 10
+
+
+def _images(prompt) -> list:
+    if isinstance(prompt, str):
+        return []
+    img = prompt["multi_modal_data"]["image"]
+    return list(img) if isinstance(img, list) else [img]
+
+
+def _check_against_hf(path: str, prompts, outs) -> None:
+    for p, out in zip(prompts, outs):
+        tokens, lps = hf_llava_greedy(path, list(out.prompt_token_ids), _images(p), N)
+        c = out.outputs[0]
+        assert list(c.token_ids) == tokens
+        got = [entry[t].logprob for entry, t in zip(c.logprobs, c.token_ids)]
+        assert got == pytest.approx(lps, abs=2e-4)
+
+
+def _greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=N, temperature=0.0, logprobs=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name", ["llava", "llava-full"])
+def test_greedy_equals_transformers(llava_models, name):
+    llm = LLM(llava_models[name], max_model_len=256)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(llava_models[name], PROMPTS, outs)
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the image, not only the text, counts
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_prompt_equals_llava_processor(llava_models):
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    path = llava_models["llava"]
+    proc = LlavaProcessor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                          patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    llm = LLM(path, max_model_len=256)
+    ours = llm.llm_engine.input_processor.process(PROMPTS[1], _greedy())
+    theirs = proc(text=PROMPTS[1]["prompt"], images=_images(PROMPTS[1]), return_tensors="pt")
+    assert ours.prompt_token_ids == theirs["input_ids"][0].tolist()
+    image_id = llm.llm_engine.config.model.multimodal.placeholder_id
+    at = [i for i, t in enumerate(ours.prompt_token_ids) if t == image_id]
+    assert [p for f in ours.mm_features for p in range(f.offset, f.end)] == at and len(at) == 32
+    # a prompt that arrives expanded (as LlavaProcessor writes it) is taken as is
+    again = llm.llm_engine.input_processor.process(
+        {"prompt_token_ids": ours.prompt_token_ids, "multi_modal_data": PROMPTS[1]["multi_modal_data"]}, _greedy())
+    assert again.prompt_token_ids == ours.prompt_token_ids
+    assert [f.identifier for f in again.mm_features] == [f.identifier for f in ours.mm_features]
+
+
+def test_chunked_prefill_encodes_a_split_image_once(llava_models):
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(path, PROMPTS, outs)
+    assert llm.llm_engine.executor.runner.mm.num_encoded == 4  # 16 positions per image over 8-token chunks
+    assert not llm.llm_engine.executor.runner.mm.cache
+
+
+def test_prefix_cache_tells_images_apart(llava_models):
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, block_size=4)
+    a, b = ({"prompt": "The quick brown fox jumps <image> over the dog", "multi_modal_data": {"image": img}}
+            for img in (IMGS[0], IMGS[3]))
+    offset = llm.llm_engine.input_processor.process(a, _greedy()).mm_features[0].offset
+    assert offset >= 4
+    first = llm.generate([a], _greedy(), use_tqdm=False)[0]
+    other = llm.generate([b], _greedy(), use_tqdm=False)[0]  # same text, another image
+    _check_against_hf(path, [a, b], [first, other])
+    assert other.num_cached_tokens == offset // 4 * 4  # the blocks before the image only
+    same = llm.generate([a], _greedy(), use_tqdm=False)[0]
+    n = len(first.prompt_token_ids)
+    assert same.num_cached_tokens == (n - 1) // 4 * 4
+    assert same.outputs[0].token_ids == first.outputs[0].token_ids
+    # a hit that ends inside the image: the worker encodes it again for the positions left
+    llm2 = LLM(path, max_model_len=256, block_size=4)
+    llm2.generate([{"prompt": "The quick brown fox jumps <image>", "multi_modal_data": {"image": IMGS[0]}}],
+                  _greedy(), use_tqdm=False)
+    again = llm2.generate([a], _greedy(), use_tqdm=False)[0]
+    assert offset < again.num_cached_tokens < offset + 16
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_preemption_recomputes_images(llava_models):
+    path = llava_models["llava"]
+    prompts = PROMPTS * 2
+    llm = LLM(path, max_model_len=256, block_size=4, num_gpu_blocks_override=24, enable_prefix_caching=False)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    ref = LLM(path, max_model_len=256).generate(prompts, SamplingParams(max_tokens=30, temperature=0.0,
+                                                                        ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+    assert not llm.llm_engine.executor.runner.mm.pending
+
+
+def test_tensor_parallel_equals_transformers(llava_models):
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
+    try:
+        outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    _check_against_hf(path, PROMPTS, outs)
+
+
+def _data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_with_images(llava_models, tmp_path):
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, allowed_local_media_path=str(tmp_path))
+    IMGS[1].save(tmp_path / "cat.png")
+    parts = [{"type": "text", "text": "To be"}, {"type": "image_url", "image_url": {"url": _data_url(IMGS[1])}},
+             {"type": "text", "text": " or not"}]
+    by_url = llm.chat([{"role": "user", "content": parts}], _greedy(), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    assert tok.decode(by_url.prompt_token_ids).startswith("<|user|>To be" + "<image>" * 16 + " or not<|end|>")
+    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[1]}}], [by_url])
+    pil = [{**parts[1], "type": "image_pil", "image_pil": IMGS[1]} if p["type"] == "image_url" else p for p in parts]
+    by_pil = llm.chat([{"role": "user", "content": pil}], _greedy(), use_tqdm=False)[0]
+    local = [{**p, "image_url": {"url": f"file://{tmp_path}/cat.png"}} if p["type"] == "image_url" else p
+             for p in parts]
+    by_file = llm.chat([{"role": "user", "content": local}], _greedy(), use_tqdm=False)[0]
+    assert by_pil.outputs[0].token_ids == by_file.outputs[0].token_ids == by_url.outputs[0].token_ids
+    # a template that reads content as a string gets the placeholder before the message's text (vLLM's rule)
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = llm.chat([{"role": "user", "content": parts}], _greedy(), chat_template=plain, use_tqdm=False)[0]
+    assert tok.decode(out.prompt_token_ids) == "<image>" * 16 + "\nTo be or not"
+
+
+def test_bad_multimodal_input_fails_alone(llava_models, tiny_models, tmp_path):
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, limit_mm_per_prompt={"image": 2})
+    cases = [
+        ({"prompt": "no placeholder", "multi_modal_data": {"image": IMGS[0]}}, "1 image"),
+        ({"prompt": "<image><image>", "multi_modal_data": {"image": IMGS[0]}}, "2 image placeholder"),
+        ({"prompt": "an <image> only"}, "1 image placeholder token"),
+        ({"prompt": "<image>" * 3, "multi_modal_data": {"image": IMGS[:3]}}, "at most 2 image"),
+        ({"prompt": "<image>", "multi_modal_data": {"image": b"not an image"}}, "not an image pagellm can decode"),
+        ({"prompt": "<image>", "multi_modal_data": {"video": IMGS[0]}}, "not \\['video'\\]"),
+        ({"prompt": "<image>", "multi_modal_data": {"image": "file:///etc/passwd"}}, "allowed-local-media-path"),
+        ({"prompt": "<image>", "multi_modal_data": {"image": "data:image/png;base64,@@"}}, "not valid base64"),
+        ({"prompt": "<image>" * 2, "multi_modal_data": {"image": IMGS[:2]}}, None),  # fits
+    ]
+    for prompt, match in cases:
+        if match is None:
+            assert llm.generate([prompt], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+            continue
+        with pytest.raises(ValueError, match=match) as e:
+            llm.generate([prompt], _greedy(), use_tqdm=False)
+        assert getattr(e.value, "param", "multi_modal_data") == "multi_modal_data"
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, truncate_prompt_tokens=20), use_tqdm=False)
+    too_long = {"prompt": "x " * 200 + "<image>", "multi_modal_data": {"image": IMGS[0]}}
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([too_long], _greedy(), use_tqdm=False)
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+    _check_against_hf(path, PROMPTS[:1], llm.generate(PROMPTS[:1], _greedy(), use_tqdm=False))  # still serving
+    text = LLM(tiny_models["llama"], max_model_len=128)
+    with pytest.raises(ValueError, match="takes text only"):
+        text.generate([{"prompt": "hi", "multi_modal_data": {"image": IMGS[0]}}], _greedy(), use_tqdm=False)
+    with pytest.raises(ValueError, match="takes text only"):
+        text.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}]}], _greedy())
+    with pytest.raises(ValueError, match="limit_mm_per_prompt applies to multimodal models"):
+        LLM(tiny_models["llama"], limit_mm_per_prompt={"image": 1})
+    with pytest.raises(ValueError, match="runner generate"):
+        LLM(path, runner="pooling")
+    with pytest.raises(ValueError, match="not 'audio'"):
+        LLM(path, limit_mm_per_prompt={"audio": 1})
