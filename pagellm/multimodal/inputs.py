@@ -1,5 +1,5 @@
 """What the engine carries for one image of a request. Pure Python (the scheduler imports it): `data` is the
-image's pixel values, a tensor the worker's vision encoder reads."""
+image's pixel values, which the worker's vision encoder reads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class MultiModalFeature:
     identifier: str  # hash of the processed content: the prefix-cache key of the positions it fills
     offset: int  # first prompt position of its placeholders
     length: int  # placeholder positions it fills (one feature each)
-    data: Any = None  # pixel values (3, H, W), float32
+    data: Any = None  # pixel values (3, H, W), a float32 numpy array
 
     @property
     def end(self) -> int:

@@ -76,10 +76,12 @@ class MultiModalProcessor:
         feats = []
         for img, (start, length) in zip(images, spans):
             pixels = self.pixel_values(self.load(img))
-            digest = hashlib.sha256(str(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()
+            digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
             feats.append(MultiModalFeature("image", digest, start, length, pixels))
         return ids, feats
 
     def pixel_values(self, image) -> Any:
-        """(3, H, W) float32 pixel values of one RGB image, by the checkpoint's image processor."""
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0].float().contiguous()
+        """(3, H, W) float32 pixel values of one RGB image, by the checkpoint's image processor: a numpy array (it
+        crosses process boundaries by value, where a torch tensor would go through shared memory)."""
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixels.float().numpy().copy()

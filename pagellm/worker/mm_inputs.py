@@ -69,7 +69,7 @@ class MultiModalInputs:
         unique: dict[str, object] = {}
         for _, f in todo:
             unique.setdefault(f.identifier, f)
-        pixels = torch.stack([f.data for f in unique.values()]).to(self.device, self.dtype)
+        pixels = torch.from_numpy(np.stack([f.data for f in unique.values()])).to(self.device, self.dtype)
         out = self.model.image_features(pixels)
         self.num_encoded += len(unique)
         by_id = {ident: out[i] for i, ident in enumerate(unique)}

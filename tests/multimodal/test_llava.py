@@ -73,13 +73,31 @@ def test_prompt_equals_llava_processor(llava_models):
     assert [f.identifier for f in again.mm_features] == [f.identifier for f in ours.mm_features]
 
 
-def test_chunked_prefill_encodes_a_split_image_once(llava_models):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunked_prefill_encodes_a_split_image_once(llava_models, async_scheduling):
     path = llava_models["llava"]
-    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2)
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2, async_scheduling=async_scheduling)
     outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
     _check_against_hf(path, PROMPTS, outs)
     assert llm.llm_engine.executor.runner.mm.num_encoded == 4  # 16 positions per image over 8-token chunks
     assert not llm.llm_engine.executor.runner.mm.cache
+
+
+def test_emulated_cuda_graphs(llava_models, monkeypatch):
+    """The GPU path (staged inputs, decode steps replayed as graphs, async scheduling): prompt steps with images
+    run eagerly with their features, decode steps replay, a prefix hit that leaves one image position to compute
+    does not replay."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    path = llava_models["llava"]
+    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True, block_size=4)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(path, PROMPTS, outs)
+    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+    ends_in_image = {"prompt": "The quick brown fox<image>", "multi_modal_data": {"image": IMGS[0]}}
+    first = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]
+    again = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]
+    assert again.num_cached_tokens == len(first.prompt_token_ids) - 1  # only the image's last position is computed
+    _check_against_hf(path, [ends_in_image] * 2, [first, again])
 
 
 def test_prefix_cache_tells_images_apart(llava_models):
@@ -117,6 +135,21 @@ def test_preemption_recomputes_images(llava_models):
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
     assert not llm.llm_engine.executor.runner.mm.pending
+
+
+def test_parallel_samples_and_beams_with_images(llava_models):
+    llm = LLM(llava_models["llava"], max_model_len=256)
+    n2 = llm.generate([PROMPTS[1]], SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=7), use_tqdm=False)[0]
+    alone = [llm.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i),
+                          use_tqdm=False)[0].outputs[0].token_ids for i in range(2)]
+    assert [c.token_ids for c in sorted(n2.outputs, key=lambda c: c.index)] == alone
+    from pagellm import BeamSearchParams
+
+    beams = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=2, max_tokens=6))[0]
+    assert len(beams.sequences) == 2
+    greedy = llm.generate([PROMPTS[0]], _greedy(), use_tqdm=False)[0]
+    assert beams.sequences[0].tokens[:len(greedy.prompt_token_ids)] == list(greedy.prompt_token_ids)
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
 def test_tensor_parallel_equals_transformers(llava_models):

@@ -1,0 +1,116 @@
+"""Images through `pagellm serve` with the official openai client: image_url parts (data: and http:// URLs) in chat
+completions, streamed and not, give the offline engine's tokens; bad image parts are a 400 naming the problem, and
+the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import threading
+
+import httpx
+import pytest
+from multimodal_models import images
+
+from pagellm import LLM, SamplingParams
+from tests.entrypoints.server_utils import RemoteServer
+
+IMGS = images(2)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(img) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png(img)).decode()
+
+
+@pytest.fixture(scope="module")
+def server(llava_models):
+    s = RemoteServer([llava_models["llava"], "--served-model-name", "llava", "--max-model-len", "256",
+                      "--limit-mm-per-prompt", '{"image": 2}'])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def image_host(tmp_path_factory):
+    """A loopback HTTP server holding IMGS[1] as /cat.png."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "cat.png").write_bytes(_png(IMGS[1]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _parts(url: str) -> list[dict]:
+    return [{"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": " in the picture?"}]
+
+
+def test_chat_with_images_through_the_openai_client(server, llava_models, image_host):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="x")
+    llm = LLM(llava_models["llava"], max_model_len=256)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for img, url in ((IMGS[0], _data_url(IMGS[0])), (IMGS[1], image_host + "/cat.png")):
+        ref = llm.chat([{"role": "user", "content": _parts(_data_url(img))}], sp, use_tqdm=False)[0]
+        msgs = [{"role": "user", "content": _parts(url)}]
+        resp = client.chat.completions.create(model="llava", messages=msgs, max_tokens=12, temperature=0.0,
+                                              extra_body={"ignore_eos": True})
+        assert resp.choices[0].message.content == ref.outputs[0].text
+        assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
+        stream = client.chat.completions.create(model="llava", messages=msgs, max_tokens=12, temperature=0.0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+    # two images in one message, and one in each of two messages
+    two = [{"role": "user", "content": _parts(_data_url(IMGS[0])) + _parts(_data_url(IMGS[1]))}]
+    assert client.chat.completions.create(model="llava", messages=two, max_tokens=4).usage.prompt_tokens > 32
+
+
+def test_bad_image_parts_are_a_400(server, image_host):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="x")
+    cases = [
+        (_parts("data:image/png;base64," + base64.b64encode(b"not a png").decode()), "not an image"),
+        (_parts(image_host + "/missing.png"), "cannot fetch the image"),
+        (_parts("file:///etc/hostname"), "allowed-local-media-path"),
+        (_parts("ftp://example/x.png"), "unsupported image URL"),
+        (_parts(_data_url(IMGS[0])) * 3, "at most 2 image"),
+        ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "unsupported content part"),
+        ([{"type": "image_url", "image_url": "data:,"}], "image_url"),
+    ]
+    for content, match in cases:
+        with pytest.raises(BadRequestError, match=match):
+            client.chat.completions.create(model="llava", messages=[{"role": "user", "content": content}],
+                                           max_tokens=2)
+    ok = client.chat.completions.create(model="llava", max_tokens=2,
+                                        messages=[{"role": "user", "content": _parts(_data_url(IMGS[0]))}])
+    assert ok.choices[0].finish_reason == "length"
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "pagellm:num_requests_running 0.0" in metrics
+
+
+def test_images_on_a_text_model_are_a_400(tiny_models):
+    from openai import BadRequestError, OpenAI
+
+    s = RemoteServer([tiny_models["llama"], "--max-model-len", "128"])
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="x")
+        with pytest.raises(BadRequestError, match="takes text only"):
+            client.chat.completions.create(model=tiny_models["llama"], max_tokens=2,
+                                           messages=[{"role": "user", "content": _parts(_data_url(IMGS[0]))}])
+        text_parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]
+        assert client.chat.completions.create(model=tiny_models["llama"], max_tokens=2,
+                                              messages=[{"role": "user", "content": text_parts}]).choices
+    finally:
+        s.stop()
