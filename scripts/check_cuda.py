@@ -2,7 +2,7 @@
 
     python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [--attention-backend NAME]
                                  [--hf-device cpu] [--num-scheduler-steps K] [--speculative K] [--lora]
-                                 [--pooling] [MODEL_DIR ...]
+                                 [--pooling] [--images] [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
@@ -12,9 +12,9 @@ per step with --speculative, whose steps with drafts run eagerly; every prompt t
 on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights;
 with --pooling, the checkpoint's decoder as an embedding model (mean and last-token pooling, chunked prompts) and with
 a random classification head, plus a tiny BERT embedder and cross-encoder, against transformers' hidden states and
-logits) and transformers on
-the same checkpoint and prompts; prints per-model
-agreement and exits non-zero on any mismatch. `--hf-device cpu` runs the reference on the CPU instead
+logits; with --images, a tiny LLaVA with image prompts, chunked and whole, against transformers' LLaVA) and
+transformers on the same checkpoint and prompts; prints per-model agreement and exits non-zero on any mismatch.
+`--hf-device cpu` runs the reference on the CPU instead
 (to tell a GPU-side difference of transformers from one of pagellm).
 """
 
@@ -191,6 +191,43 @@ def check_bert(hf_device: str = "cuda") -> bool:
     return ok
 
 
+@torch.no_grad()
+def check_llava(hf_device: str = "cuda", enforce_eager: bool = False) -> bool:
+    """A tiny LLaVA (CLIP tower + LLaMA) with prompts of zero to two images, prompts whole and in 8-token chunks,
+    against transformers' LlavaForConditionalGeneration: greedy tokens equal."""
+    from multimodal_models import build_llava, images
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    from pagellm import LLM, SamplingParams
+
+    path = build_llava(os.path.join(tempfile.mkdtemp(prefix="pagellm-llava-"), "llava"))
+    imgs = images(3)
+    prompts = [{"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": imgs[0]}},
+               {"prompt": "<image>To be<image>, or not", "multi_modal_data": {"image": imgs[1:]}},
+               "Paged attention stores keys"]
+    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                       attn_implementation="eager").to(hf_device).eval()
+    proc = AutoImageProcessor.from_pretrained(path)
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ok = True
+    for chunk in (None, 8):
+        llm = LLM(path, device="cuda", max_model_len=256, enforce_eager=enforce_eager, max_num_batched_tokens=chunk)
+        for p, out in zip(prompts, llm.generate(prompts, sp, use_tqdm=False)):
+            ids = torch.tensor([out.prompt_token_ids], device=hf_device)
+            kw = {}
+            if isinstance(p, dict):
+                ims = p["multi_modal_data"]["image"]
+                kw["pixel_values"] = proc(images=ims if isinstance(ims, list) else [ims],
+                                          return_tensors="pt")["pixel_values"].to(hf_device)
+            ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, **kw)[0, ids.shape[1]:].tolist()
+            ok &= list(out.outputs[0].token_ids) == ref
+        del llm
+    print(f"llava (images, {'eager' if enforce_eager else 'graphs'}): {'equal to HF' if ok else 'MISMATCH'}",
+          flush=True)
+    return ok
+
+
 def main() -> int:
     args = sys.argv[1:]
     eager = "--enforce-eager" in args
@@ -207,6 +244,8 @@ def main() -> int:
 
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
+    if "--images" in args:
+        return 0 if check_llava(hf_device, eager) else 1
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,
