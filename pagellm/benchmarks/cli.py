@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "profile": ("profile", "Where a decode step goes: wall vs device busy time, top kernels / operators."),
     "speculative": ("speculative", "Speculative decoding (n-gram drafts) against plain decoding on the same requests."),
     "embed": ("embed", "Embedding throughput of the pooling runner against transformers on the same prompts."),
+    "images": ("images", "Throughput on prompts with images (LLaVA) against transformers on the same requests."),
     "lora": ("lora", "What serving LoRA adapters costs: base model vs one adapter vs mixed adapters."),
     "quality": ("quality", "Greedy agreement and perplexity of a quantized / 8-bit-cache run against float32."),
 }

@@ -1,0 +1,16 @@
+"""`pagellm bench images` runs end to end on the tiny LLaVA: both engines, the ratio, and the same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_benchmarks import bench
+
+
+def test_smoke_bench_images(llava_models, tmp_path):
+    out = tmp_path / "images.json"
+    text = bench("images", "--model", llava_models["llava"], "--num-prompts", "5", "--min-len", "2", "--max-len", "9",
+                 "--output-len", "6", "--hf-batch-size", "2", "--rounds", "1", "--output-json", str(out))
+    report = json.loads(out.read_text())
+    assert "pagellm / transformers" in text and report["speedup"] > 0
+    assert report["image_tokens"] == 16 and report["same_tokens"] == 5
