@@ -109,7 +109,9 @@ def test_bad_requests(client, server):
             ({"previous_response_id": "resp_1"}, "previous_response_id is not supported"),
             ({"tools": [{"type": "web_search"}]}, "tool type 'web_search' is not supported"),
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-             "unsupported content part type 'input_image'"),
+             "takes text only"),
+            ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+             "unsupported content part type 'input_file'"),
             ({"max_output_tokens": 100000}, "maximum context length")):
         with pytest.raises(BadRequestError, match=match):
             client.responses.create(**{"model": "demo", "input": "hi", **kwargs})

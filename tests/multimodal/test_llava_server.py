@@ -76,6 +76,21 @@ def test_chat_with_images_through_the_openai_client(server, llava_models, image_
     assert client.chat.completions.create(model="llava", messages=two, max_tokens=4).usage.prompt_tokens > 32
 
 
+def test_responses_api_input_image(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="x")
+    url = _data_url(IMGS[1])
+    chat = client.chat.completions.create(model="llava", messages=[{"role": "user", "content": _parts(url)}],
+                                          max_tokens=8, temperature=0.0)
+    resp = client.responses.create(model="llava", max_output_tokens=8, temperature=0.0, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "What is"},
+                                     {"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": " in the picture?"}]}])
+    assert resp.output_text == chat.choices[0].message.content
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
+
+
 def test_bad_image_parts_are_a_400(server, image_host):
     from openai import BadRequestError, OpenAI
 

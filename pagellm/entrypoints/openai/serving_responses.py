@@ -32,19 +32,27 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content for the chat template: its text, or chat content parts when it holds images
+    (input_image parts, with an image_url: a data: or http(s) URL)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of content parts.", param="input")
-    out = []
+    parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        else:
             raise APIError(400, f"unsupported content part type {kind!r} in {where}: this server takes text "
-                                "(input_text / output_text) only.", param="input", code="unsupported_parameter")
-        out.append(part["text"])
-    return "".join(out)
+                                "(input_text / output_text) and input_image (with an image_url) parts.",
+                           param="input", code="unsupported_parameter")
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
