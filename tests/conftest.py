@@ -26,6 +26,20 @@ def tiny_models() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def llava_models() -> dict[str, str]:
+    """Tiny LLaVA checkpoints (tests/fixtures/multimodal_models.py)."""
+    from multimodal_models import build_llava
+
+    root = os.path.join(MODELS_DIR, "multimodal")
+    return {
+        # llava-1.5's choice: the second-to-last layer, the class token dropped
+        "llava": build_llava(os.path.join(root, "llava")),
+        # two feature layers concatenated, the class token kept
+        "llava-full": build_llava(os.path.join(root, "llava-full"), strategy="full", feature_layer=[-2, -1]),
+    }
+
+
+@pytest.fixture(scope="session")
 def llama_path(tiny_models) -> str:
     return tiny_models["llama"]
 

@@ -12,12 +12,12 @@ from pagellm.models.registry import FALLBACK, MODELS, get_model_class, model_tab
 from tests.conftest import ARCHS
 
 
-def test_every_registered_architecture_imports_and_has_a_parity_fixture(tiny_models):
+def test_every_registered_architecture_imports_and_has_a_parity_fixture(tiny_models, llava_models):
     import json
 
     covered = set()
-    for arch in ARCHS:
-        with open(f"{tiny_models[arch]}/config.json") as f:
+    for path in [tiny_models[arch] for arch in ARCHS] + list(llava_models.values()):  # llava: tests/multimodal
+        with open(f"{path}/config.json") as f:
             covered.update(json.load(f)["architectures"])
     for arch in MODELS:
         assert get_model_class(arch).__name__ == arch

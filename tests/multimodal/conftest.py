@@ -1,27 +1,11 @@
-"""The LLaVA checkpoints of the tests (tests/fixtures/multimodal_models.py), built once per session, and
-transformers' LlavaForConditionalGeneration as the reference."""
+"""transformers' LlavaForConditionalGeneration as the reference for the LLaVA checkpoints (`llava_models`, in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
 import functools
-import os
 
-import pytest
 import torch
-from multimodal_models import build_llava  # tests/fixtures is on sys.path (tests/conftest.py)
-
-from tests.conftest import MODELS_DIR
-
-
-@pytest.fixture(scope="session")
-def llava_models(tiny_models) -> dict[str, str]:
-    root = os.path.join(MODELS_DIR, "multimodal")
-    return {
-        # llava-1.5's choice: the second-to-last layer, the class token dropped
-        "llava": build_llava(os.path.join(root, "llava")),
-        # two feature layers concatenated, the class token kept
-        "llava-full": build_llava(os.path.join(root, "llava-full"), strategy="full", feature_layer=[-2, -1]),
-    }
 
 
 @functools.lru_cache(maxsize=4)
