@@ -12,7 +12,9 @@ engine process, tokenization and detokenization beside the HTTP server.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 from pagellm.config import EngineConfig
@@ -31,12 +33,22 @@ logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str) -> Any:
+    """transformers' tokenizer of the directory; a chat template found only in the processor's chat_template.json
+    (llava-hf checkpoints) becomes the tokenizer's."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"no usable tokenizer in {path!r}: {e}") from e
+    processor_template = os.path.join(path, "chat_template.json")
+    if not getattr(tok, "chat_template", None) and os.path.isfile(processor_template):
+        try:
+            with open(processor_template) as f:
+                tok.chat_template = json.load(f)["chat_template"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("ignoring %s: %s", processor_template, e)
+    return tok
 
 
 class LLMEngine:

@@ -229,3 +229,44 @@ def test_bad_multimodal_input_fails_alone(llava_models, tiny_models, tmp_path):
         LLM(path, runner="pooling")
     with pytest.raises(ValueError, match="not 'audio'"):
         LLM(path, limit_mm_per_prompt={"audio": 1})
+
+
+@pytest.mark.parametrize("layout", ["llava-hf", "transformers-5"])
+def test_checkpoint_name_layouts(llava_models, tmp_path, layout):
+    """llava-hf checkpoints name the vision tower's weights under vision_model. (and ship the chat template as the
+    processor's chat_template.json); transformers 5 puts the language model and the tower under model. and the LM
+    head at the top: both load to the same model."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = llava_models["llava"]
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(f"{src}/{f}", tmp_path / f)
+    with open(f"{src}/chat_template.jinja") as f:
+        template = f.read()
+    if layout == "llava-hf":
+        (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    else:
+        (tmp_path / "chat_template.jinja").write_text(template)
+    state = load_file(f"{src}/model.safetensors")
+
+    def rename(name: str) -> str:
+        if layout == "llava-hf":
+            return name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        if name.startswith("language_model.model."):
+            return "model.language_model." + name[len("language_model.model."):]
+        if name.startswith("language_model.lm_head."):
+            return name[len("language_model."):]
+        return "model." + name
+
+    renamed = {rename(k): v for k, v in state.items()}
+    assert set(renamed) != set(state)
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    llm = LLM(str(tmp_path), max_model_len=256)
+    _check_against_hf(src, PROMPTS[:2], llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False))
+    assert llm.get_tokenizer().chat_template == template
+    msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
+    assert llm.get_tokenizer().decode(llm.chat(msg, _greedy(), use_tqdm=False)[0].prompt_token_ids).startswith(
+        "<|user|>" + "<image>" * 16 + "hi<|end|>")
