@@ -36,6 +36,9 @@ def llava_models() -> dict[str, str]:
         "llava": build_llava(os.path.join(root, "llava")),
         # two feature layers concatenated, the class token kept
         "llava-full": build_llava(os.path.join(root, "llava-full"), strategy="full", feature_layer=[-2, -1]),
+        # a SigLIP tower (no class token) and a Qwen2 language model with tied embeddings (LLaVA-Interleave-Qwen)
+        "llava-siglip": build_llava(os.path.join(root, "llava-siglip"), strategy="full", feature_layer=-1,
+                                    siglip=True),
     }
 
 

@@ -53,11 +53,12 @@ def text_model_class(config) -> type[CausalLM]:
 
 
 def image_tokens(config) -> int:
-    """Placeholder tokens (positions) one image fills: a feature per patch, plus the class token with strategy
-    "full"."""
+    """Placeholder tokens (positions) one image fills: a feature per position of the vision tower's output (the
+    patches, and CLIP's class token), less the first with strategy "default" (transformers drops it)."""
     v = config.vision_config
     patches = (v.image_size // v.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    cls = 0 if v.model_type.startswith("siglip") else 1  # SigLIP has no class token
+    return patches + cls - (1 if config.vision_feature_select_strategy == "default" else 0)
 
 
 class LlavaMultiModalProjector(nn.Module):

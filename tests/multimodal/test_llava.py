@@ -44,7 +44,7 @@ def _greedy() -> SamplingParams:
     return SamplingParams(max_tokens=N, temperature=0.0, logprobs=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("name", ["llava", "llava-full"])
+@pytest.mark.parametrize("name", ["llava", "llava-full", "llava-siglip"])
 def test_greedy_equals_transformers(llava_models, name):
     llm = LLM(llava_models[name], max_model_len=256)
     outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
