@@ -270,3 +270,16 @@ def test_checkpoint_name_layouts(llava_models, tmp_path, layout):
     msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
     assert llm.get_tokenizer().decode(llm.chat(msg, _greedy(), use_tqdm=False)[0].prompt_token_ids).startswith(
         "<|user|>" + "<image>" * 16 + "hi<|end|>")
+
+
+def test_quantization_covers_the_language_model(llava_models):
+    """--quantization int8 quantizes the language model's projections; the vision tower and projector keep the
+    compute dtype. (Output quality under quantization is `pagellm bench quality`'s business.)"""
+    import torch
+
+    llm = LLM(llava_models["llava"], max_model_len=256, quantization="int8")
+    model = llm.llm_engine.executor.runner.model
+    q = model.language_model.model.layers[0].self_attn.qkv_proj
+    assert q.qweight.dtype == torch.int8 and not hasattr(q, "weight")
+    assert all(p.dtype == torch.float32 for p in model.vision_tower.parameters())
+    assert len(llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)[1].outputs[0].token_ids) == N
