@@ -263,9 +263,13 @@ def test_too_large_max_tokens_names_max_tokens(server):
 
 def test_unsupported_content_parts_say_so(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]})
     err = assert_openai_error(r, 400, "messages")
-    assert "unsupported content part type 'image_url'" in err["message"]
+    assert "unsupported content part type 'input_audio'" in err["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})  # a text-only model
+    err = assert_openai_error(r, 400, "messages")
+    assert "takes text only" in err["message"]
 
 
 def test_auth_comes_before_body_validation():
