@@ -43,6 +43,23 @@ def write_report(report: dict, path: str | None) -> dict:
     return report
 
 
+def median_times(runs: dict[str, Any], inputs: list[Any], device: str) -> dict[str, float]:
+    """Median seconds of each run over the rounds' inputs (one round per input), the runs taking turns first
+    (alternate order each round) so that neither always runs on a warmer or a busier machine."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r, x in enumerate(inputs):
+        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+            sync_device(device)
+            t = time.perf_counter()
+            runs[name](x)
+            sync_device(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def sync_device(device: str) -> None:
     """Wait for the device's queued work before reading a clock (nothing to wait for on CPU)."""
     if device.startswith("cuda"):

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
-from pagellm.benchmarks.common import add_model_args, llm_kwargs, sync_device, write_report
+from pagellm.benchmarks.common import add_model_args, llm_kwargs, median_times, write_report
 
 
 def hf_embed(model, prompts: list[list[int]], batch_size: int, pooling: str, device: str):
@@ -85,19 +83,9 @@ def main(ns: argparse.Namespace) -> dict:
     warm = make_prompts(ns.rounds)
     a, b = (fn(warm) for fn in runs.values())  # warm-up, and the embeddings compared below
     diff = float((a - b).abs().max())
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    tokens = 0
-    for r in range(ns.rounds):
-        prompts = make_prompts(r)
-        tokens += sum(len(p) for p in prompts)
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            sync_device(ns.device)
-            t = time.perf_counter()
-            runs[name](prompts)
-            sync_device(ns.device)
-            times[name].append(time.perf_counter() - t)
-    tokens //= ns.rounds  # per round, on average
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    rounds = [make_prompts(r) for r in range(ns.rounds)]
+    tokens = sum(len(p) for prompts in rounds for p in prompts) // ns.rounds  # per round, on average
+    med = median_times(runs, rounds, ns.device)
     first = next(iter(med.values()))
     shared = f" after a shared {ns.prefix_len}-token prefix" if ns.prefix_len else ""
     print(f"{ns.num_prompts} prompts of {ns.min_len}-{ns.max_len} tokens{shared} ({tokens} per round), {ns.pooling} "

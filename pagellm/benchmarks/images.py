@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import tempfile
-import time
 
-from pagellm.benchmarks.common import sync_device, write_report
+from pagellm.benchmarks.common import median_times, write_report
 
 
 def build_demo_llava(out: str) -> str:
@@ -124,16 +122,7 @@ def main(ns: argparse.Namespace) -> dict:
     warm = make_requests(ns.rounds)
     a, b = (fn(warm) for fn in runs.values())  # warm-up, and the agreement below
     same = sum(x == y for x, y in zip(a, b))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(ns.rounds):
-        reqs = make_requests(r)
-        for name in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-            sync_device(ns.device)
-            t = time.perf_counter()
-            runs[name](reqs)
-            sync_device(ns.device)
-            times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = median_times(runs, [make_requests(r) for r in range(ns.rounds)], ns.device)
     out_tokens = ns.num_prompts * ns.output_len
     first = med["pagellm"]
     print(f"{ns.num_prompts} requests: one image ({mm.image_tokens} positions) + {ns.min_len}-{ns.max_len} text "
