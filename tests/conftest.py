@@ -26,9 +26,9 @@ def tiny_models() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def llava_models() -> dict[str, str]:
-    """Tiny LLaVA checkpoints (tests/fixtures/multimodal_models.py)."""
-    from multimodal_models import build_llava
+def vlm_models() -> dict[str, str]:
+    """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
+    from multimodal_models import build_llava, build_qwen2_vl
 
     root = os.path.join(MODELS_DIR, "multimodal")
     return {
@@ -39,6 +39,8 @@ def llava_models() -> dict[str, str]:
         # a SigLIP tower (no class token) and a Qwen2 language model with tied embeddings (LLaVA-Interleave-Qwen)
         "llava-siglip": build_llava(os.path.join(root, "llava-siglip"), strategy="full", feature_layer=-1,
                                     siglip=True),
+        "qwen2-vl": build_qwen2_vl(os.path.join(root, "qwen2-vl")),
+        "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
     }
 
 

@@ -83,7 +83,9 @@ def main(ns: argparse.Namespace) -> dict:
 
     path = ns.model or build_demo_llava(os.path.join(tempfile.gettempdir(), "pagellm-bench-llava"))
     llm = LLM(path, dtype=ns.dtype, device=ns.device, max_num_seqs=ns.num_prompts)
-    mm = llm.llm_engine.input_processor.mm
+    mm = llm.llm_engine.config.model.multimodal
+    if mm is None or mm.image_tokens is None:
+        raise SystemExit("pagellm bench images runs LLaVA checkpoints (a fixed number of positions per image).")
     dtype = getattr(torch, llm.llm_engine.config.model.dtype)
     hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(ns.device).eval()
     hf.generation_config.eos_token_id = None  # every request runs to its length

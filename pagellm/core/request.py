@@ -153,6 +153,7 @@ class Request:
     policy: Any = None  # the SequenceGroupPolicy deciding forks and what to do with sampled tokens
     pooling_params: Any = None  # PoolingParams: a pooling model's request (its prompt is pooled, nothing sampled)
     mm_features: list | None = None  # MultiModalFeature per image (multimodal models): positions and pixel values
+    mm_rope: Any = None  # multimodal RoPE positions of the prompt (Qwen2-VL), for the worker
 
     @property
     def mm_end(self) -> int:

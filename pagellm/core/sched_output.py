@@ -44,6 +44,7 @@ class NewSeqData:
     lora_id: int = 0  # the LoRA adapter it runs with (0: none)
     pooling_params: Any = None  # PoolingParams of a pooling model's request: pooled once its prompt is computed
     mm_features: list | None = None  # the request's images (MultiModalFeature), while some of their positions remain
+    mm_rope: Any = None  # (a, b, (3, b - a) positions, delta): multimodal RoPE (Qwen2-VL) of a prompt with images
 
 
 @dataclass

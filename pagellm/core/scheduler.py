@@ -510,7 +510,7 @@ class Scheduler:
                 new_seqs.append(NewSeqData(
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
                     self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
-                    req.pooling_params, req.mm_features if computed < req.mm_end else None))
+                    req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)

@@ -337,6 +337,9 @@ class EngineArgs:
             limits[m] = n
         if self.enable_lora:
             raise ValueError(f"{cls.__name__}: LoRA adapters on a multimodal model are not supported.")
+        if hasattr(cls, "rope_positions") and self.num_scheduler_steps > 1:
+            raise ValueError(f"{cls.__name__} (multimodal RoPE) runs one decode step per round: num_scheduler_steps "
+                             f"must be 1, got {self.num_scheduler_steps}.")
         path = self.allowed_local_media_path or None
         if path is not None and not os.path.isdir(path):
             raise ValueError(f"allowed_local_media_path {path!r} is not a directory.")

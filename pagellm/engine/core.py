@@ -122,7 +122,7 @@ class EngineCore:
                       eos_token_ids=self.config.model.eos_token_ids,
                       base_seed=p.seed if p.seed is not None else self._rng.getrandbits(63),
                       cache_salt=salt, priority=inp.priority, lora_id=lora_id, policy=policy,
-                      pooling_params=inp.pooling, mm_features=inp.mm_features)
+                      pooling_params=inp.pooling, mm_features=inp.mm_features, mm_rope=inp.mm_rope)
         self.scheduler.add_request(req)
 
     def add_lora(self, lora) -> bool:

@@ -32,6 +32,7 @@ class ProcessedInput:
     lora: LoRARequest | None = None  # the LoRA adapter the request runs with (enable_lora)
     pooling: PoolingParams | None = None  # a pooling model's request (params then only carry its seed)
     mm_features: list | None = None  # MultiModalFeature per image, in prompt order (multimodal models)
+    mm_rope: Any = None  # multimodal RoPE (Qwen2-VL): (a, b, 3-D positions of prompt positions a..b-1, delta)
 
 
 class InputProcessor:
@@ -55,6 +56,7 @@ class InputProcessor:
             raise ValueError("this model runs as a pooling model (runner pooling): it serves LLM.embed / classify / "
                              "score / encode, not generation.")
         text, ids, salt, mm = self._prompt_ids(prompt, params.truncate_prompt_tokens)
+        rope = self.mm.rope_positions(ids, mm) if mm else None
         n = len(ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
@@ -74,7 +76,7 @@ class InputProcessor:
                 raise ParamError("structured_outputs need a tokenizer (the engine runs with skip_tokenizer_init).",
                                  param="structured_outputs")
             self.structured.compile(params.structured_outputs)  # fails here, before any work, if it cannot compile
-        return ProcessedInput(text, list(ids), params, salt, mm_features=mm)
+        return ProcessedInput(text, list(ids), params, salt, mm_features=mm, mm_rope=rope)
 
     def _prompt_ids(self, prompt: PromptType, truncate: int | None,
                     pooling: bool = False) -> tuple[str | None, list[int], str | None, list | None]:

@@ -262,6 +262,33 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal RoPE: positions (3, T) of (temporal, height, width); the rotary frequencies are split
+    into `mrope_section` parts, part i turned by position row i. Text positions are equal in all three rows, which
+    is plain RoPE: 1-D positions (T,) take the parent's path (and its fused kernel)."""
+
+    def __init__(self, hf_config, max_len: int, mrope_section: list[int]) -> None:
+        super().__init__(hf_config, max_len)
+        if 2 * sum(mrope_section) != self.rotary_dim:
+            raise ValueError(f"mrope_section {mrope_section} must add up to half the rotary dimension "
+                             f"({self.rotary_dim // 2}).")
+        self.mrope_section = list(mrope_section)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        parts_cos, parts_sin, start = [], [], 0
+        for i, n in enumerate(self.mrope_section):
+            rows = positions[i % 3]
+            parts_cos.append(self.cos[rows, start:start + n])
+            parts_sin.append(self.sin[rows, start:start + n])
+            start += n
+        cos, sin = torch.cat(parts_cos, -1), torch.cat(parts_sin, -1)  # (T, rotary_dim / 2)
+        cos = torch.cat((cos, cos), -1).to(q.dtype)[:, None, :]
+        sin = torch.cat((sin, sin), -1).to(q.dtype)[:, None, :]
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     rot, rest = (x, None) if rotary_dim == x.shape[-1] else (x[..., :rotary_dim], x[..., rotary_dim:])
     half = rot.shape[-1] // 2

@@ -89,8 +89,16 @@ class LlavaForConditionalGeneration(CausalLM):
         return tid if tid is not None else config.image_token_id
 
     @classmethod
-    def image_tokens(cls, config) -> int:
+    def image_tokens(cls, config) -> int | None:
+        """Positions every image fills (None: it depends on the image)."""
         return image_tokens(config)
+
+    @classmethod
+    def image_input(cls, config, image_processor, image) -> tuple[int, Any]:
+        """(positions the image fills, what the worker encodes): pixel values (3, H, W) as a float32 numpy array
+        (it crosses process pipes by value, where a torch tensor would go through shared memory)."""
+        pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return image_tokens(config), pixels.float().numpy().copy()
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -148,6 +156,13 @@ class LlavaForConditionalGeneration(CausalLM):
         return None if target is None else ("language_model." + target[0], target[1])
 
     # ---- forward ---------------------------------------------------------------------------------------------
+
+    def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The features (positions, text hidden) of each image, from what image_input made, in one batch."""
+        import numpy as np
+
+        pixels = torch.from_numpy(np.stack(data)).to(device, dtype)
+        return list(self.image_features(pixels))
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, image_tokens, text hidden): what the placeholders of N images hold."""

@@ -67,6 +67,12 @@ MODELS: dict[str, ModelEntry] = {
                                                 ("image inputs (CLIP / SigLIP vision tower, MLP projector)",
                                                  "a LLaMA-family language model"),
                                                 "LLaVA 1.5, BakLLaVA, LLaVA-Interleave"),
+    "Qwen2VLForConditionalGeneration": ModelEntry("pagellm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
+                                                  ("images at their own resolution", "multimodal RoPE (M-RoPE)",
+                                                   "Qwen2 language model"), "Qwen2-VL"),
+    "Qwen2_5_VLForConditionalGeneration": ModelEntry(
+        "pagellm.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration",
+        ("images at their own resolution", "multimodal RoPE (M-RoPE)", "windowed vision attention"), "Qwen2.5-VL"),
     FALLBACK: ModelEntry("pagellm.models.transformers_fallback:TransformersForCausalLM",
                          ("any decoder-only causal LM whose attention uses transformers' attention interface",),
                          "StableLM, OLMo (1), Cohere, InternLM, ..."),

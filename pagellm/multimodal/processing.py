@@ -2,17 +2,21 @@
 
     MultiModalProcessor(model_config, tokenizer).process(ids, {"image": [...]}) -> (ids, [MultiModalFeature])
 
-The prompt names where each image goes with one placeholder token (LLaVA's "<image>"); each placeholder becomes
-`image_tokens` of them, the positions the image's features fill. A prompt that arrives expanded already (as
-transformers' LlavaProcessor writes it) is taken as is. Pixel values come from the checkpoint's own image processor
-(preprocessor_config.json, through transformers' AutoImageProcessor), so resizing, cropping and normalization are
-the model's. Each image's identifier is a hash of its pixel values: the prefix cache tells images apart by it.
+The prompt names where each image goes with one placeholder token (LLaVA's "<image>", Qwen2-VL's "<|image_pad|>");
+each placeholder becomes as many of them as the image fills positions (fixed for LLaVA, the image's merged patch
+grid for Qwen2-VL). A prompt that arrives expanded already (as transformers' processors write it) is taken as is.
+Pixel values come from the checkpoint's own image processor (preprocessor_config.json, through transformers'
+AutoImageProcessor), so resizing, cropping and normalization are the model's; the model class turns its output
+into what the worker encodes (`image_input`). Each image's identifier is a hash of that: the prefix cache tells
+images apart by it. Models with multimodal RoPE also get the prompt's 3-D positions (`rope_positions`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
+
+import numpy as np
 
 from pagellm.multimodal.inputs import MultiModalFeature
 from pagellm.multimodal.media import MediaError, load_image
@@ -23,9 +27,12 @@ class MultiModalProcessor:
     def __init__(self, model_config, tokenizer: Any = None) -> None:
         from transformers import AutoImageProcessor
 
+        from pagellm.models.registry import get_model_class
+
         mm = model_config.multimodal
+        self.model_cls = get_model_class(model_config.architecture)
+        self.hf_config = model_config.hf_config
         self.placeholder_id = mm.placeholder_id
-        self.image_tokens = mm.image_tokens
         self.limits = dict(mm.limit_per_prompt)
         self.allowed_local_media_path = mm.allowed_local_media_path
         self.placeholder = tokenizer.convert_ids_to_tokens(mm.placeholder_id) if tokenizer is not None else None
@@ -57,31 +64,49 @@ class MultiModalProcessor:
             raise ParamError(f"at most {limit} image(s) per prompt (limit_mm_per_prompt), got {len(images)}.",
                              param="multi_modal_data")
         at = [i for i, t in enumerate(ids) if t == self.placeholder_id]
-        n, size = len(images), self.image_tokens
+        n = len(images)
+        inputs = [self.model_cls.image_input(self.hf_config, self.image_processor, self.load(img)) for img in images]
+        sizes = [size for size, _ in inputs]
         if len(at) == n:  # one placeholder per image: each becomes `size` of them
             out: list[int] = []
             spans, last = [], 0
-            for i in at:
+            for i, size in zip(at, sizes):
                 out += ids[last:i]
                 spans.append((len(out), size))
                 out += [self.placeholder_id] * size
                 last = i + 1
             ids = out + ids[last:]
-        elif len(at) == n * size and all(at[k + size - 1] - at[k] == size - 1 for k in range(0, len(at), size)):
-            spans = [(at[k], size) for k in range(0, len(at), size)]  # expanded already
+        elif len(at) == sum(sizes) and self._contiguous(at, sizes):  # expanded already
+            starts = np.cumsum([0] + sizes[:-1])
+            spans = [(at[k], size) for k, size in zip(starts, sizes)]
         else:
             raise ParamError(f"the prompt has {len(at)} image placeholder token(s) "
                              f"({self.placeholder or self.placeholder_id!r}) for {n} image(s): put one placeholder "
                              "where each image goes.", param="multi_modal_data")
         feats = []
-        for img, (start, length) in zip(images, spans):
-            pixels = self.pixel_values(self.load(img))
-            digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
-            feats.append(MultiModalFeature("image", digest, start, length, pixels))
+        for (start, length), (_, data) in zip(spans, inputs):
+            feats.append(MultiModalFeature("image", _digest(data), start, length, data))
         return ids, feats
 
-    def pixel_values(self, image) -> Any:
-        """(3, H, W) float32 pixel values of one RGB image, by the checkpoint's image processor: a numpy array (it
-        crosses process boundaries by value, where a torch tensor would go through shared memory)."""
-        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return pixels.float().numpy().copy()
+    def rope_positions(self, ids: list[int], features: list[MultiModalFeature]) -> Any:
+        fn = getattr(self.model_cls, "rope_positions", None)
+        return fn(self.hf_config, ids, features) if fn is not None else None
+
+    @staticmethod
+    def _contiguous(at: list[int], sizes: list[int]) -> bool:
+        k = 0
+        for size in sizes:
+            if at[k + size - 1] - at[k] != size - 1:
+                return False
+            k += size
+        return True
+
+
+def _digest(data: Any) -> str:
+    """sha256 of an image's processed arrays (shapes included)."""
+    h = hashlib.sha256()
+    for arr in (data.values() if isinstance(data, dict) else [data]):
+        arr = np.ascontiguousarray(arr)
+        h.update(str((arr.shape, arr.dtype.str)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()

@@ -69,8 +69,7 @@ class MultiModalInputs:
         unique: dict[str, object] = {}
         for _, f in todo:
             unique.setdefault(f.identifier, f)
-        pixels = torch.from_numpy(np.stack([f.data for f in unique.values()])).to(self.device, self.dtype)
-        out = self.model.image_features(pixels)
+        out = self.model.encode_images([f.data for f in unique.values()], self.device, self.dtype)
         self.num_encoded += len(unique)
         by_id = {ident: out[i] for i, ident in enumerate(unique)}
         for key, f in todo:

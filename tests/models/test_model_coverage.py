@@ -12,11 +12,11 @@ from pagellm.models.registry import FALLBACK, MODELS, get_model_class, model_tab
 from tests.conftest import ARCHS
 
 
-def test_every_registered_architecture_imports_and_has_a_parity_fixture(tiny_models, llava_models):
+def test_every_registered_architecture_imports_and_has_a_parity_fixture(tiny_models, vlm_models):
     import json
 
     covered = set()
-    for path in [tiny_models[arch] for arch in ARCHS] + list(llava_models.values()):  # llava: tests/multimodal
+    for path in [tiny_models[arch] for arch in ARCHS] + list(vlm_models.values()):  # llava: tests/multimodal
         with open(f"{path}/config.json") as f:
             covered.update(json.load(f)["architectures"])
     for arch in MODELS:

@@ -1,5 +1,5 @@
-"""transformers' LlavaForConditionalGeneration as the reference for the LLaVA checkpoints (`llava_models`, in
-tests/conftest.py)."""
+"""transformers' models (LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration, ...) as the reference for the
+vision-language checkpoints (`vlm_models`, in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,26 @@ import torch
 
 @functools.lru_cache(maxsize=4)
 def _hf(path: str):
-    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
     return model, AutoImageProcessor.from_pretrained(path)
 
 
 @torch.inference_mode()
-def hf_llava_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens: int):
-    """Greedy tokens of transformers' LLaVA for an expanded prompt and its images, and the logprob of each."""
+def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens: int):
+    """Greedy tokens of transformers' model for an expanded prompt and its images, and the logprob of each."""
     model, processor = _hf(path)
     ids = torch.tensor([prompt_ids])
-    kw = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]} if images else {}
+    kw = {}
+    if images:
+        x = processor(images=images, return_tensors="pt")
+        kw["pixel_values"] = x["pixel_values"]
+        if "image_grid_thw" in x:  # Qwen2-VL: the grids, and which tokens are image positions (for M-RoPE)
+            kw["image_grid_thw"] = x["image_grid_thw"]
+            kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
     tokens = out.sequences[0, len(prompt_ids):].tolist()

@@ -7,9 +7,9 @@ import json
 from tests.test_benchmarks import bench
 
 
-def test_smoke_bench_images(llava_models, tmp_path):
+def test_smoke_bench_images(vlm_models, tmp_path):
     out = tmp_path / "images.json"
-    text = bench("images", "--model", llava_models["llava"], "--num-prompts", "5", "--min-len", "2", "--max-len", "9",
+    text = bench("images", "--model", vlm_models["llava"], "--num-prompts", "5", "--min-len", "2", "--max-len", "9",
                  "--output-len", "6", "--hf-batch-size", "2", "--rounds", "1", "--output-json", str(out))
     report = json.loads(out.read_text())
     assert "pagellm / transformers" in text and report["speedup"] > 0

@@ -12,7 +12,7 @@ import pytest
 from multimodal_models import images
 
 from pagellm import LLM, SamplingParams
-from tests.multimodal.conftest import hf_llava_greedy
+from tests.multimodal.conftest import hf_vlm_greedy
 
 IMGS = images(4)
 PROMPTS = [
@@ -33,7 +33,7 @@ def _images(prompt) -> list:
 
 def _check_against_hf(path: str, prompts, outs) -> None:
     for p, out in zip(prompts, outs):
-        tokens, lps = hf_llava_greedy(path, list(out.prompt_token_ids), _images(p), N)
+        tokens, lps = hf_vlm_greedy(path, list(out.prompt_token_ids), _images(p), N)
         c = out.outputs[0]
         assert list(c.token_ids) == tokens
         got = [entry[t].logprob for entry, t in zip(c.logprobs, c.token_ids)]
@@ -45,18 +45,18 @@ def _greedy() -> SamplingParams:
 
 
 @pytest.mark.parametrize("name", ["llava", "llava-full", "llava-siglip"])
-def test_greedy_equals_transformers(llava_models, name):
-    llm = LLM(llava_models[name], max_model_len=256)
+def test_greedy_equals_transformers(vlm_models, name):
+    llm = LLM(vlm_models[name], max_model_len=256)
     outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(llava_models[name], PROMPTS, outs)
+    _check_against_hf(vlm_models[name], PROMPTS, outs)
     assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the image, not only the text, counts
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
-def test_prompt_equals_llava_processor(llava_models):
+def test_prompt_equals_llava_processor(vlm_models):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 
-    path = llava_models["llava"]
+    path = vlm_models["llava"]
     proc = LlavaProcessor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                           patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     llm = LLM(path, max_model_len=256)
@@ -74,8 +74,8 @@ def test_prompt_equals_llava_processor(llava_models):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_chunked_prefill_encodes_a_split_image_once(llava_models, async_scheduling):
-    path = llava_models["llava"]
+def test_chunked_prefill_encodes_a_split_image_once(vlm_models, async_scheduling):
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2, async_scheduling=async_scheduling)
     outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
     _check_against_hf(path, PROMPTS, outs)
@@ -83,12 +83,12 @@ def test_chunked_prefill_encodes_a_split_image_once(llava_models, async_scheduli
     assert not llm.llm_engine.executor.runner.mm.cache
 
 
-def test_emulated_cuda_graphs(llava_models, monkeypatch):
+def test_emulated_cuda_graphs(vlm_models, monkeypatch):
     """The GPU path (staged inputs, decode steps replayed as graphs, async scheduling): prompt steps with images
     run eagerly with their features, decode steps replay, a prefix hit that leaves one image position to compute
     does not replay."""
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
-    path = llava_models["llava"]
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True, block_size=4)
     outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
     _check_against_hf(path, PROMPTS, outs)
@@ -100,8 +100,8 @@ def test_emulated_cuda_graphs(llava_models, monkeypatch):
     _check_against_hf(path, [ends_in_image] * 2, [first, again])
 
 
-def test_prefix_cache_tells_images_apart(llava_models):
-    path = llava_models["llava"]
+def test_prefix_cache_tells_images_apart(vlm_models):
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, block_size=4)
     a, b = ({"prompt": "The quick brown fox jumps <image> over the dog", "multi_modal_data": {"image": img}}
             for img in (IMGS[0], IMGS[3]))
@@ -124,8 +124,8 @@ def test_prefix_cache_tells_images_apart(llava_models):
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_preemption_recomputes_images(llava_models):
-    path = llava_models["llava"]
+def test_preemption_recomputes_images(vlm_models):
+    path = vlm_models["llava"]
     prompts = PROMPTS * 2
     llm = LLM(path, max_model_len=256, block_size=4, num_gpu_blocks_override=24, enable_prefix_caching=False)
     outs = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), use_tqdm=False)
@@ -137,8 +137,8 @@ def test_preemption_recomputes_images(llava_models):
     assert not llm.llm_engine.executor.runner.mm.pending
 
 
-def test_parallel_samples_and_beams_with_images(llava_models):
-    llm = LLM(llava_models["llava"], max_model_len=256)
+def test_parallel_samples_and_beams_with_images(vlm_models):
+    llm = LLM(vlm_models["llava"], max_model_len=256)
     n2 = llm.generate([PROMPTS[1]], SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=7), use_tqdm=False)[0]
     alone = [llm.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i),
                           use_tqdm=False)[0].outputs[0].token_ids for i in range(2)]
@@ -152,8 +152,8 @@ def test_parallel_samples_and_beams_with_images(llava_models):
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
-def test_tensor_parallel_equals_transformers(llava_models):
-    path = llava_models["llava"]
+def test_tensor_parallel_equals_transformers(vlm_models):
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
     try:
         outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
@@ -168,8 +168,8 @@ def _data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_chat_with_images(llava_models, tmp_path):
-    path = llava_models["llava"]
+def test_chat_with_images(vlm_models, tmp_path):
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, allowed_local_media_path=str(tmp_path))
     IMGS[1].save(tmp_path / "cat.png")
     parts = [{"type": "text", "text": "To be"}, {"type": "image_url", "image_url": {"url": _data_url(IMGS[1])}},
@@ -190,8 +190,8 @@ def test_chat_with_images(llava_models, tmp_path):
     assert tok.decode(out.prompt_token_ids) == "<image>" * 16 + "\nTo be or not"
 
 
-def test_bad_multimodal_input_fails_alone(llava_models, tiny_models, tmp_path):
-    path = llava_models["llava"]
+def test_bad_multimodal_input_fails_alone(vlm_models, tiny_models, tmp_path):
+    path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, limit_mm_per_prompt={"image": 2})
     cases = [
         ({"prompt": "no placeholder", "multi_modal_data": {"image": IMGS[0]}}, "1 image"),
@@ -232,7 +232,7 @@ def test_bad_multimodal_input_fails_alone(llava_models, tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["llava-hf", "transformers-5"])
-def test_checkpoint_name_layouts(llava_models, tmp_path, layout):
+def test_checkpoint_name_layouts(vlm_models, tmp_path, layout):
     """llava-hf checkpoints name the vision tower's weights under vision_model. (and ship the chat template as the
     processor's chat_template.json); transformers 5 puts the language model and the tower under model. and the LM
     head at the top: both load to the same model."""
@@ -241,7 +241,7 @@ def test_checkpoint_name_layouts(llava_models, tmp_path, layout):
 
     from safetensors.torch import load_file, save_file
 
-    src = llava_models["llava"]
+    src = vlm_models["llava"]
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy(f"{src}/{f}", tmp_path / f)
     with open(f"{src}/chat_template.jinja") as f:
@@ -272,12 +272,12 @@ def test_checkpoint_name_layouts(llava_models, tmp_path, layout):
         "<|user|>" + "<image>" * 16 + "hi<|end|>")
 
 
-def test_quantization_covers_the_language_model(llava_models):
+def test_quantization_covers_the_language_model(vlm_models):
     """--quantization int8 quantizes the language model's projections; the vision tower and projector keep the
     compute dtype. (Output quality under quantization is `pagellm bench quality`'s business.)"""
     import torch
 
-    llm = LLM(llava_models["llava"], max_model_len=256, quantization="int8")
+    llm = LLM(vlm_models["llava"], max_model_len=256, quantization="int8")
     model = llm.llm_engine.executor.runner.model
     q = model.language_model.model.layers[0].self_attn.qkv_proj
     assert q.qweight.dtype == torch.int8 and not hasattr(q, "weight")

@@ -31,8 +31,8 @@ def _data_url(img) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(llava_models):
-    s = RemoteServer([llava_models["llava"], "--served-model-name", "llava", "--max-model-len", "256",
+def server(vlm_models):
+    s = RemoteServer([vlm_models["llava"], "--served-model-name", "llava", "--max-model-len", "256",
                       "--limit-mm-per-prompt", '{"image": 2}'])
     yield s
     s.stop()
@@ -55,11 +55,11 @@ def _parts(url: str) -> list[dict]:
             {"type": "text", "text": " in the picture?"}]
 
 
-def test_chat_with_images_through_the_openai_client(server, llava_models, image_host):
+def test_chat_with_images_through_the_openai_client(server, vlm_models, image_host):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="x")
-    llm = LLM(llava_models["llava"], max_model_len=256)
+    llm = LLM(vlm_models["llava"], max_model_len=256)
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     for img, url in ((IMGS[0], _data_url(IMGS[0])), (IMGS[1], image_host + "/cat.png")):
         ref = llm.chat([{"role": "user", "content": _parts(_data_url(img))}], sp, use_tqdm=False)[0]

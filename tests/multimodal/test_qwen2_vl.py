@@ -1,0 +1,120 @@
+"""Qwen2-VL and Qwen2.5-VL through pagellm against transformers on the same checkpoints: images of their own size
+(positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index + delta after
+it), over chunked prefill, prefix-cache hits, preemption, async scheduling and emulated CUDA graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from multimodal_models import images
+
+from pagellm import LLM, SamplingParams
+from tests.multimodal.test_llava import N, _check_against_hf, _greedy
+
+IMGS = images(4)
+P = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPTS = [
+    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[0]}},
+    {"prompt": f"{P}To be{P}, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[3]]}},
+    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[2]}},
+    "Paged attention stores keys",
+]
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+def test_greedy_equals_transformers(vlm_models, name):
+    llm = LLM(vlm_models[name], max_model_len=256)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(vlm_models[name], PROMPTS, outs)
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_prompt_and_positions_equal_transformers(vlm_models):
+    """Each pad becomes grid_t * grid_h * grid_w / merge^2 pads by transformers' image processor (what its
+    Qwen2VLProcessor writes), and the 3-D positions equal transformers' get_rope_index."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    path = vlm_models["qwen2-vl"]
+    llm = LLM(path, max_model_len=256)
+    ours = llm.llm_engine.input_processor.process(PROMPTS[1], _greedy())
+    grid = AutoImageProcessor.from_pretrained(path)(images=PROMPTS[1]["multi_modal_data"]["image"],
+                                                    return_tensors="pt")["image_grid_thw"]
+    sizes = (grid.prod(-1) // 4).tolist()
+    assert [f.length for f in ours.mm_features] == sizes
+    assert grid[0].tolist() != grid[1].tolist()  # each image its own grid (rows x columns differ)
+    tok = AutoTokenizer.from_pretrained(path)
+    text = PROMPTS[1]["prompt"].replace("<|image_pad|>", "\0")
+    for n in sizes:
+        text = text.replace("\0", "<|image_pad|>" * n, 1)
+    assert ours.prompt_token_ids == tok.encode(text)
+    hf = AutoModelForImageTextToText.from_pretrained(path)
+    ids = torch.tensor([ours.prompt_token_ids])
+    ref, delta = hf.model.get_rope_index(ids, (ids == hf.config.image_token_id).int(), grid)
+    a, b, table, d = ours.mm_rope
+    n = len(ours.prompt_token_ids)
+    mine = np.repeat(np.arange(n)[None], 3, 0)
+    mine[:, a:b] = table
+    mine[:, b:] += d
+    assert (mine == ref[:, 0].numpy()).all() and d == int(delta) and d < 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
+    path = vlm_models["qwen2-vl"]
+    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=3, block_size=4,
+              async_scheduling=async_scheduling)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(path, PROMPTS, outs)
+    again = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
+    assert all(o.num_cached_tokens > 0 for o in again)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
+    tight = LLM(path, max_model_len=256, block_size=4, num_gpu_blocks_override=20, enable_prefix_caching=False)
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    got = tight.generate(PROMPTS * 2, sp, use_tqdm=False)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    ref = LLM(path, max_model_len=256).generate(PROMPTS * 2, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
+
+
+def test_emulated_cuda_graphs_decode_with_the_rope_offset(vlm_models, monkeypatch):
+    """Decode steps replay graphs with 1-D positions index + delta; prompt steps with images run eagerly with
+    3-D positions."""
+    monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    path = vlm_models["qwen2-vl"]
+    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(path, PROMPTS, outs)
+    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+
+
+def test_chat_and_refusals(vlm_models):
+    path = vlm_models["qwen2-vl"]
+    llm = LLM(path, max_model_len=256)
+    msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
+    out = llm.chat(msg, _greedy(), use_tqdm=False)[0]
+    text = llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert text.startswith("<|user|><|vision_start|><|image_pad|>") and "<|vision_end|>hi<|end|>" in text
+    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[0]}}], [out])
+    with pytest.raises(ValueError, match="num_scheduler_steps must be 1"):
+        LLM(path, num_scheduler_steps=4)
+    assert len(out.outputs[0].token_ids) == N
+
+
+def test_mrope_rotary_equals_transformers():
+    """The rotary part alone: 3-D positions turn each frequency section by its own row, as transformers does."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, apply_rotary_pos_emb
+
+    from pagellm.models.layers import MRotaryEmbedding
+
+    cfg = Qwen2VLConfig(text_config=dict(hidden_size=64, num_attention_heads=4, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})).text_config
+    pos = torch.tensor([[0, 1, 2, 2, 2, 5], [0, 1, 2, 3, 3, 5], [0, 1, 2, 2, 3, 5]])
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    mq, mk = MRotaryEmbedding(cfg, 32, [2, 3, 3])(pos, q, k)
+    cos, sin = Qwen2VLRotaryEmbedding(cfg)(q, pos[:, None, :])
+    rq, rk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    assert torch.allclose(mq, rq[0].transpose(0, 1), atol=1e-5) and torch.allclose(mk, rk[0].transpose(0, 1), atol=1e-5)
