@@ -12,7 +12,7 @@ per step with --speculative, whose steps with drafts run eagerly; every prompt t
 on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights;
 with --pooling, the checkpoint's decoder as an embedding model (mean and last-token pooling, chunked prompts) and with
 a random classification head, plus a tiny BERT embedder and cross-encoder, against transformers' hidden states and
-logits; with --images, a tiny LLaVA with image prompts, chunked and whole, against transformers' LLaVA) and
+logits; with --images, a tiny LLaVA and a tiny Qwen2-VL with image prompts, chunked and whole) and
 transformers on the same checkpoint and prompts; prints per-model agreement and exits non-zero on any mismatch.
 `--hf-device cpu` runs the reference on the CPU instead
 (to tell a GPU-side difference of transformers from one of pagellm).
@@ -192,21 +192,23 @@ def check_bert(hf_device: str = "cuda") -> bool:
 
 
 @torch.no_grad()
-def check_llava(hf_device: str = "cuda", enforce_eager: bool = False) -> bool:
-    """A tiny LLaVA (CLIP tower + LLaMA) with prompts of zero to two images, prompts whole and in 8-token chunks,
-    against transformers' LlavaForConditionalGeneration: greedy tokens equal."""
-    from multimodal_models import build_llava, images
-    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -> bool:
+    """A tiny vision-language model (llava: CLIP + LLaMA; qwen2-vl: M-RoPE) with prompts of zero to two images,
+    prompts whole and in 8-token chunks, against transformers on the same device: greedy tokens equal."""
+    from multimodal_models import build_llava, build_qwen2_vl, images
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from pagellm import LLM, SamplingParams
 
-    path = build_llava(os.path.join(tempfile.mkdtemp(prefix="pagellm-llava-"), "llava"))
+    tmp = tempfile.mkdtemp(prefix=f"pagellm-{kind}-")
+    path = build_llava(os.path.join(tmp, kind)) if kind == "llava" else build_qwen2_vl(os.path.join(tmp, kind))
+    ph = "<image>" if kind == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
     imgs = images(3)
-    prompts = [{"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": imgs[0]}},
-               {"prompt": "<image>To be<image>, or not", "multi_modal_data": {"image": imgs[1:]}},
+    prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
+               {"prompt": f"{ph}To be{ph}, or not", "multi_modal_data": {"image": imgs[1:]}},
                "Paged attention stores keys"]
-    hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                       attn_implementation="eager").to(hf_device).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation="eager").to(hf_device).eval()
     proc = AutoImageProcessor.from_pretrained(path)
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     ok = True
@@ -217,13 +219,16 @@ def check_llava(hf_device: str = "cuda", enforce_eager: bool = False) -> bool:
             kw = {}
             if isinstance(p, dict):
                 ims = p["multi_modal_data"]["image"]
-                kw["pixel_values"] = proc(images=ims if isinstance(ims, list) else [ims],
-                                          return_tensors="pt")["pixel_values"].to(hf_device)
+                x = proc(images=ims if isinstance(ims, list) else [ims], return_tensors="pt")
+                kw["pixel_values"] = x["pixel_values"].to(hf_device)
+                if "image_grid_thw" in x:
+                    kw["image_grid_thw"] = x["image_grid_thw"].to(hf_device)
+                    kw["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
             ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                               eos_token_id=None, pad_token_id=0, **kw)[0, ids.shape[1]:].tolist()
             ok &= list(out.outputs[0].token_ids) == ref
         del llm
-    print(f"llava (images, {'eager' if enforce_eager else 'graphs'}): {'equal to HF' if ok else 'MISMATCH'}",
+    print(f"{kind} (images, {'eager' if enforce_eager else 'graphs'}): {'equal to HF' if ok else 'MISMATCH'}",
           flush=True)
     return ok
 
@@ -245,7 +250,7 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     if "--images" in args:
-        return 0 if check_llava(hf_device, eager) else 1
+        return 0 if all([check_vlm(k, hf_device, eager) for k in ("llava", "qwen2-vl")]) else 1
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,

@@ -30,7 +30,7 @@
 #               demo model's speedup at batch 1 and 16 (pagellm bench speculative)
 #   lora        a random LoRA adapter on every projection against HF with it merged, CUDA graphs then eager
 #   pooling     decoders as embedding models (mean / last-token pooling, chunked) and classifiers against HF
-#   images      a tiny LLaVA with image prompts (whole and chunked) against HF, graphs and eager
+#   images      a tiny LLaVA and a tiny Qwen2-VL with image prompts (whole and chunked) against HF, graphs and eager
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
@@ -138,7 +138,7 @@ stage_gpu_tests() {
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
                   [nosync]=90 [gemma2]=90 [profile_sync]=120 [multistep]=300
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400 [spec]=150 [lora]=150
-                  [pooling]=120 [images]=120)
+                  [pooling]=120 [images]=180)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
                                    ablations cases)
