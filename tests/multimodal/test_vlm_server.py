@@ -129,3 +129,27 @@ def test_images_on_a_text_model_are_a_400(tiny_models):
                                               messages=[{"role": "user", "content": text_parts}]).choices
     finally:
         s.stop()
+
+
+def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
+    """Qwen2-VL behind the server: its template writes the vision tokens, the image fills its own grid's positions,
+    and the reply (streamed too) equals the offline engine's."""
+    from openai import OpenAI
+
+    path = vlm_models["qwen2-vl"]
+    s = RemoteServer([path, "--served-model-name", "qwen", "--max-model-len", "256"])
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="x")
+        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        for img in IMGS:
+            msgs = [{"role": "user", "content": _parts(_data_url(img))}]
+            ref = LLM(path, max_model_len=256).chat(msgs, sp, use_tqdm=False)[0]
+            resp = client.chat.completions.create(model="qwen", messages=msgs, max_tokens=12, temperature=0.0,
+                                                  extra_body={"ignore_eos": True})
+            assert resp.choices[0].message.content == ref.outputs[0].text
+            assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
+            stream = client.chat.completions.create(model="qwen", messages=msgs, max_tokens=12, temperature=0.0,
+                                                    stream=True, extra_body={"ignore_eos": True})
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+    finally:
+        s.stop()
