@@ -1,6 +1,6 @@
 """Qwen2-VL and Qwen2.5-VL through pagellm against transformers on the same checkpoints: images of their own size
 (positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index + delta after
-it), over chunked prefill, prefix-cache hits, preemption, async scheduling and emulated CUDA graphs."""
+it), over chunked prefill, prefix-cache hits, preemption, async scheduling, emulated CUDA graphs and TP=2."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def test_greedy_equals_transformers(vlm_models, name):
     _check_against_hf(vlm_models[name], PROMPTS, outs)
     assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_tensor_parallel_equals_transformers(vlm_models):
+    path = vlm_models["qwen2-vl"]
+    llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
+    try:
+        outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    _check_against_hf(path, PROMPTS, outs)
 
 
 def test_prompt_and_positions_equal_transformers(vlm_models):
