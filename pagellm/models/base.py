@@ -72,3 +72,32 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class VisionLanguageModel(CausalLM):
+    """A vision encoder in front of a native decoder (`self.language_model`, any class whose forward takes
+    `inputs_embeds`). Subclasses build both and declare how images become features (models/llava.py,
+    models/qwen2_vl.py; the contract is in docs/ARCHITECTURE.md, "Multimodal models")."""
+
+    modalities = ("image",)  # what a prompt may carry besides text
+    language_model: nn.Module
+
+    def _language(self, name: str) -> tuple[str, Any] | None:
+        """A checkpoint name of the decoder (its own naming: "model.layers.0...", "lm_head.weight") -> ours."""
+        target = self.language_model.map_weight(name)
+        return None if target is None else ("language_model." + target[0], target[1])
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`mm_embeds`: (batch indices, features) of this step's image positions, put in place of their embeddings."""
+        x = self.embed(input_ids)
+        if mm_embeds is not None:
+            index, features = mm_embeds
+            x = x.index_copy(0, index, features.to(x.dtype))
+        return self.language_model(input_ids, positions, kv_caches, meta, backend, inputs_embeds=x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden)

@@ -26,7 +26,7 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import CausalLM, VisionLanguageModel
 from pagellm.models.layers import activation
 from pagellm.models.parallel_layers import SINGLE
 
@@ -76,9 +76,7 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(CausalLM):
-    modalities = ("image",)  # what a prompt may carry besides text
-
+class LlavaForConditionalGeneration(VisionLanguageModel):
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
         return text_model_class(config).geometry(config.text_config, tp_size)
@@ -151,10 +149,6 @@ class LlavaForConditionalGeneration(CausalLM):
             return name, None
         return None  # (e.g. image_newline of LLaVA-NeXT checkpoints: refused at start-up by the architecture)
 
-    def _language(self, name: str) -> tuple[str, Any] | None:
-        target = self.language_model.map_weight(name)
-        return None if target is None else ("language_model." + target[0], target[1])
-
     # ---- forward ---------------------------------------------------------------------------------------------
 
     def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -177,14 +171,3 @@ class LlavaForConditionalGeneration(CausalLM):
         if self.image_token_id >= self.vocab_size:  # a placeholder outside the text vocabulary: its row is replaced
             input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         return self.language_model.embed(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
-                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        if mm_embeds is not None:
-            index, features = mm_embeds
-            x = x.index_copy(0, index, features.to(x.dtype))
-        return self.language_model(input_ids, positions, kv_caches, meta, backend, inputs_embeds=x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.language_model.compute_logits(hidden)

@@ -29,7 +29,7 @@ import torch
 
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import VisionLanguageModel
 from pagellm.models.layers import MRotaryEmbedding
 from pagellm.models.llama import Qwen2ForCausalLM
 from pagellm.models.parallel_layers import SINGLE
@@ -42,8 +42,7 @@ def _text_config(config):
     return text
 
 
-class Qwen2VLForConditionalGeneration(CausalLM):
-    modalities = ("image",)
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     vision_module = "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"
 
     @classmethod
@@ -116,30 +115,12 @@ class Qwen2VLForConditionalGeneration(CausalLM):
             return self._language(name)
         return None
 
-    def _language(self, name: str) -> tuple[str, Any] | None:
-        target = self.language_model.map_weight(name)
-        return None if target is None else ("language_model." + target[0], target[1])
-
     def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         pixels = torch.from_numpy(np.concatenate([d["pixel_values"] for d in data])).to(device, dtype)
         grid = torch.from_numpy(np.stack([d["image_grid_thw"] for d in data])).to(device)
         out = self.visual(pixels, grid_thw=grid)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return list(torch.split(feats, (grid.prod(-1) // self.merge ** 2).tolist()))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
-                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        if mm_embeds is not None:
-            index, features = mm_embeds
-            x = x.index_copy(0, index, features.to(x.dtype))
-        return self.language_model(input_ids, positions, kv_caches, meta, backend, inputs_embeds=x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.language_model.compute_logits(hidden)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):  # noqa: N801 - transformers' name

@@ -152,14 +152,18 @@ def test_parallel_samples_and_beams_with_images(vlm_models):
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
-def test_tensor_parallel_equals_transformers(vlm_models):
-    path = vlm_models["llava"]
+def check_tensor_parallel(path: str, prompts) -> None:
+    """TP=2 (the vision tower replicated, the language model sharded) against transformers."""
     llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
     try:
-        outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+        outs = llm.generate(prompts, _greedy(), use_tqdm=False)
     finally:
         llm.llm_engine.shutdown()
-    _check_against_hf(path, PROMPTS, outs)
+    _check_against_hf(path, prompts, outs)
+
+
+def test_tensor_parallel_equals_transformers(vlm_models):
+    check_tensor_parallel(vlm_models["llava"], PROMPTS)
 
 
 def _data_url(img) -> str:

@@ -10,7 +10,7 @@ import torch
 from multimodal_models import images
 
 from pagellm import LLM, SamplingParams
-from tests.multimodal.test_llava import N, _check_against_hf, _greedy
+from tests.multimodal.test_llava import N, _check_against_hf, _greedy, check_tensor_parallel
 
 IMGS = images(4)
 P = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -32,13 +32,7 @@ def test_greedy_equals_transformers(vlm_models, name):
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):
-    path = vlm_models["qwen2-vl"]
-    llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
-    try:
-        outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    _check_against_hf(path, PROMPTS, outs)
+    check_tensor_parallel(vlm_models["qwen2-vl"], PROMPTS)
 
 
 def test_prompt_and_positions_equal_transformers(vlm_models):

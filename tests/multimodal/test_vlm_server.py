@@ -50,6 +50,16 @@ def image_host(tmp_path_factory):
     httpd.shutdown()
 
 
+def _assert_served_like(client, model: str, msgs: list, ref) -> None:
+    """The reply to msgs, streamed and not, is the offline engine's `ref` (12 greedy tokens, EOS ignored)."""
+    kw = dict(model=model, messages=msgs, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+    resp = client.chat.completions.create(**kw)
+    assert resp.choices[0].message.content == ref.outputs[0].text
+    assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
+    stream = client.chat.completions.create(**kw, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+
+
 def _parts(url: str) -> list[dict]:
     return [{"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": " in the picture?"}]
@@ -63,14 +73,7 @@ def test_chat_with_images_through_the_openai_client(server, vlm_models, image_ho
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     for img, url in ((IMGS[0], _data_url(IMGS[0])), (IMGS[1], image_host + "/cat.png")):
         ref = llm.chat([{"role": "user", "content": _parts(_data_url(img))}], sp, use_tqdm=False)[0]
-        msgs = [{"role": "user", "content": _parts(url)}]
-        resp = client.chat.completions.create(model="llava", messages=msgs, max_tokens=12, temperature=0.0,
-                                              extra_body={"ignore_eos": True})
-        assert resp.choices[0].message.content == ref.outputs[0].text
-        assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
-        stream = client.chat.completions.create(model="llava", messages=msgs, max_tokens=12, temperature=0.0,
-                                                stream=True, extra_body={"ignore_eos": True})
-        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+        _assert_served_like(client, "llava", [{"role": "user", "content": _parts(url)}], ref)
     # two images in one message, and one in each of two messages
     two = [{"role": "user", "content": _parts(_data_url(IMGS[0])) + _parts(_data_url(IMGS[1]))}]
     assert client.chat.completions.create(model="llava", messages=two, max_tokens=4).usage.prompt_tokens > 32
@@ -143,13 +146,6 @@ def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
         sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         for img in IMGS:
             msgs = [{"role": "user", "content": _parts(_data_url(img))}]
-            ref = LLM(path, max_model_len=256).chat(msgs, sp, use_tqdm=False)[0]
-            resp = client.chat.completions.create(model="qwen", messages=msgs, max_tokens=12, temperature=0.0,
-                                                  extra_body={"ignore_eos": True})
-            assert resp.choices[0].message.content == ref.outputs[0].text
-            assert resp.usage.prompt_tokens == len(ref.prompt_token_ids)
-            stream = client.chat.completions.create(model="qwen", messages=msgs, max_tokens=12, temperature=0.0,
-                                                    stream=True, extra_body={"ignore_eos": True})
-            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.outputs[0].text
+            _assert_served_like(client, "qwen", msgs, LLM(path, max_model_len=256).chat(msgs, sp, use_tqdm=False)[0])
     finally:
         s.stop()
