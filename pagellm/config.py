@@ -53,6 +53,7 @@ class MultiModalConfig:
     image_tokens: int  # positions one image fills (its features)
     limit_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
     allowed_local_media_path: str | None = None  # file:// image URLs are read only under this directory
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)  # for the image processor (--mm-processor-kwargs)
 
 
 @dataclass(frozen=True)

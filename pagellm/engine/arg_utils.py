@@ -111,6 +111,10 @@ class EngineArgs:
     limit_mm_per_prompt: dict | None = _f(
         None, "Multimodal models: the most items of each modality one prompt may carry, a JSON object as in vLLM: "
               "'{\"image\": 2}' (default 999 per modality; 0 refuses that modality).")
+    mm_processor_kwargs: dict | None = _f(
+        None, "Multimodal models: settings for the checkpoint's image processor, a JSON object as in vLLM, e.g. "
+              "'{\"max_pixels\": 1003520}' (Qwen2-VL: the most pixels an image keeps, so the most positions it "
+              "fills); a request's own mm_processor_kwargs go on top.")
     allowed_local_media_path: str = _f(
         "", "Multimodal models: a directory whose files requests may name as file:// image URLs (default: none; "
             "only for trusted clients).")
@@ -325,8 +329,9 @@ class EngineArgs:
         naming the flag); None for a text-only model, which refuses the multimodal flags."""
         modalities = getattr(cls, "modalities", ())
         if not modalities:
-            if self.limit_mm_per_prompt:
-                raise ValueError(f"limit_mm_per_prompt applies to multimodal models; {cls.__name__} takes text only.")
+            for name in ("limit_mm_per_prompt", "mm_processor_kwargs"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to multimodal models; {cls.__name__} takes text only.")
             return None
         limits = {m: 999 for m in modalities}
         for m, n in (self.limit_mm_per_prompt or {}).items():
@@ -343,8 +348,11 @@ class EngineArgs:
         path = self.allowed_local_media_path or None
         if path is not None and not os.path.isdir(path):
             raise ValueError(f"allowed_local_media_path {path!r} is not a directory.")
+        kwargs = self.mm_processor_kwargs or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"mm_processor_kwargs must be a dict (JSON object), got {type(kwargs).__name__}.")
         return MultiModalConfig(cls.placeholder_id(hf), cls.image_tokens(hf), limits,
-                                os.path.realpath(path) if path else None)
+                                os.path.realpath(path) if path else None, dict(kwargs))
 
     def _runner(self, path: str, hf) -> tuple[str, Any]:
         """The native architecture that runs the checkpoint, and the pooler when it runs as a pooling model."""

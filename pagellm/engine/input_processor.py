@@ -93,7 +93,8 @@ class InputProcessor:
             if truncate is not None:
                 raise ParamError("truncate_prompt_tokens cannot cut a prompt with images.",
                                  param="truncate_prompt_tokens")
-            ids, mm = self.mm.process(list(ids), data if data is not None else {})
+            ids, mm = self.mm.process(list(ids), data if data is not None else {}, prompt.get("mm_processor_kwargs")
+                                      if isinstance(prompt, dict) else None)
             mm = mm or None
         if truncate is not None and len(ids) > truncate:
             ids = ids[-truncate:]

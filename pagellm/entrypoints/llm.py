@@ -138,15 +138,18 @@ class LLM:
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
              tools: list[dict[str, Any]] | None = None,
-             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, with the tokenizer's chat template
         (`chat_template_kwargs`: more template variables, e.g. {"enable_thinking": False}; `tools`: OpenAI-style
         tool definitions for the template; `lora_request` as in generate). A multimodal model's messages may hold
         images: content parts {"type": "image_url", "image_url": {"url": ...}} or {"type": "image_pil",
-        "image_pil": image}."""
+        "image_pil": image}; `mm_processor_kwargs` go to the image processor for them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self._chat_prompt(c, chat_template, add_generation_prompt, continue_final_message,
                                      chat_template_kwargs, tools) for c in convs]
+        if mm_processor_kwargs is not None:
+            prompts = [{**p, "mm_processor_kwargs": mm_processor_kwargs} for p in prompts]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def _chat_prompt(self, conversation: ChatMessages, chat_template: str | None, add_generation_prompt: bool,

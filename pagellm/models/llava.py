@@ -92,10 +92,14 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         return image_tokens(config)
 
     @classmethod
-    def image_input(cls, config, image_processor, image) -> tuple[int, Any]:
+    def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
         """(positions the image fills, what the worker encodes): pixel values (3, H, W) as a float32 numpy array
-        (it crosses process pipes by value, where a torch tensor would go through shared memory)."""
-        pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        (it crosses process pipes by value, where a torch tensor would go through shared memory). `kwargs`: the
+        request's settings for the image processor."""
+        pixels = image_processor(images=[image], return_tensors="pt", **kwargs)["pixel_values"][0]
+        if pixels.shape[-2:] != (config.vision_config.image_size,) * 2:
+            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])} pixels; the vision tower takes "
+                             f"{config.vision_config.image_size} x {config.vision_config.image_size}.")
         return image_tokens(config), pixels.float().numpy().copy()
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:

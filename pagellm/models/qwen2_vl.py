@@ -58,8 +58,8 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         return None  # an image fills as many positions as its merged patch grid has cells
 
     @classmethod
-    def image_input(cls, config, image_processor, image) -> tuple[int, Any]:
-        out = image_processor(images=[image], return_tensors="pt")
+    def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
+        out = image_processor(images=[image], return_tensors="pt", **kwargs)
         grid = out["image_grid_thw"][0].numpy().astype(np.int64)
         merge = config.vision_config.spatial_merge_size
         data = {"pixel_values": out["pixel_values"].float().numpy().copy(), "image_grid_thw": grid}

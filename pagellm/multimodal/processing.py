@@ -37,10 +37,10 @@ class MultiModalProcessor:
         self.allowed_local_media_path = mm.allowed_local_media_path
         self.placeholder = tokenizer.convert_ids_to_tokens(mm.placeholder_id) if tokenizer is not None else None
         try:
-            self.image_processor = AutoImageProcessor.from_pretrained(model_config.model)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"the multimodal model {model_config.model!r} has no usable image processor "
-                                    f"(preprocessor_config.json): {e}") from None
+            self.image_processor = AutoImageProcessor.from_pretrained(model_config.model, **mm.processor_kwargs)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"the multimodal model {model_config.model!r} has no usable image processor "
+                             f"(preprocessor_config.json, mm_processor_kwargs {mm.processor_kwargs}): {e}") from None
 
     def load(self, source: Any):
         """An RGB PIL image from a PIL image, bytes or a URL; ParamError (param multi_modal_data) otherwise."""
@@ -49,7 +49,9 @@ class MultiModalProcessor:
         except MediaError as e:
             raise ParamError(str(e), param="multi_modal_data") from None
 
-    def process(self, ids: list[int], data: Any) -> tuple[list[int], list[MultiModalFeature]]:
+    def process(self, ids: list[int], data: Any,
+                kwargs: dict[str, Any] | None = None) -> tuple[list[int], list[MultiModalFeature]]:
+        """`kwargs`: the request's mm_processor_kwargs, passed to the image processor for its images."""
         if not isinstance(data, dict):
             raise ParamError(f"multi_modal_data must be a dict such as {{'image': [images]}}, got "
                              f"{type(data).__name__}.", param="multi_modal_data")
@@ -65,7 +67,10 @@ class MultiModalProcessor:
                              param="multi_modal_data")
         at = [i for i, t in enumerate(ids) if t == self.placeholder_id]
         n = len(images)
-        inputs = [self.model_cls.image_input(self.hf_config, self.image_processor, self.load(img)) for img in images]
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ParamError(f"mm_processor_kwargs must be a dict, got {type(kwargs).__name__}.",
+                             param="mm_processor_kwargs")
+        inputs = [self._image_input(self.load(img), kwargs or {}) for img in images]
         sizes = [size for size, _ in inputs]
         if len(at) == n:  # one placeholder per image: each becomes `size` of them
             out: list[int] = []
@@ -87,6 +92,15 @@ class MultiModalProcessor:
         for (start, length), (_, data) in zip(spans, inputs):
             feats.append(MultiModalFeature("image", _digest(data), start, length, data))
         return ids, feats
+
+    def _image_input(self, image, kwargs: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            return self.model_cls.image_input(self.hf_config, self.image_processor, image, **kwargs)
+        except (TypeError, ValueError) as e:
+            if not kwargs:
+                raise
+            raise ParamError(f"the image processor refused mm_processor_kwargs {kwargs}: {e}",
+                             param="mm_processor_kwargs") from None
 
     def rope_positions(self, ids: list[int], features: list[MultiModalFeature]) -> Any:
         fn = getattr(self.model_cls, "rope_positions", None)

@@ -10,18 +10,23 @@ import torch
 
 @functools.lru_cache(maxsize=4)
 def _hf(path: str):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
     model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
-    return model, AutoImageProcessor.from_pretrained(path)
+    return model
 
 
 @torch.inference_mode()
-def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens: int):
-    """Greedy tokens of transformers' model for an expanded prompt and its images, and the logprob of each."""
-    model, processor = _hf(path)
+def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens: int,
+                  processor_kwargs: dict | None = None):
+    """Greedy tokens of transformers' model for an expanded prompt and its images (through the checkpoint's image
+    processor built with `processor_kwargs`), and the logprob of each."""
+    from transformers import AutoImageProcessor
+
+    model = _hf(path)
+    processor = AutoImageProcessor.from_pretrained(path, **(processor_kwargs or {}))
     ids = torch.tensor([prompt_ids])
     kw = {}
     if images:

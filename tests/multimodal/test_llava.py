@@ -31,9 +31,9 @@ def _images(prompt) -> list:
     return list(img) if isinstance(img, list) else [img]
 
 
-def _check_against_hf(path: str, prompts, outs) -> None:
+def _check_against_hf(path: str, prompts, outs, processor_kwargs: dict | None = None) -> None:
     for p, out in zip(prompts, outs):
-        tokens, lps = hf_vlm_greedy(path, list(out.prompt_token_ids), _images(p), N)
+        tokens, lps = hf_vlm_greedy(path, list(out.prompt_token_ids), _images(p), N, processor_kwargs)
         c = out.outputs[0]
         assert list(c.token_ids) == tokens
         got = [entry[t].logprob for entry, t in zip(c.logprobs, c.token_ids)]

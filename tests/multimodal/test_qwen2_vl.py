@@ -122,3 +122,35 @@ def test_mrope_rotary_equals_transformers():
     cos, sin = Qwen2VLRotaryEmbedding(cfg)(q, pos[:, None, :])
     rq, rk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     assert torch.allclose(mq, rq[0].transpose(0, 1), atol=1e-5) and torch.allclose(mk, rk[0].transpose(0, 1), atol=1e-5)
+
+
+def test_mm_processor_kwargs(vlm_models):
+    """--mm-processor-kwargs (engine) and a request's mm_processor_kwargs reach the image processor: max_pixels
+    bounds the positions an image fills, as transformers' processor built with it does."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    path = vlm_models["qwen2-vl"]
+    big = {"max_pixels": 112 * 112}  # the checkpoint's own bound is 56 x 56
+    photo = Image.fromarray(np.random.default_rng(5).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    prompts = [{**PROMPTS[0], "multi_modal_data": {"image": photo}}, *PROMPTS[1:]]
+    llm = LLM(path, max_model_len=256, mm_processor_kwargs=big)
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    _check_against_hf(path, prompts, outs, big)
+    grid = AutoImageProcessor.from_pretrained(path, **big)(images=[photo], return_tensors="pt")["image_grid_thw"]
+    plain = LLM(path, max_model_len=256)
+    n_big = outs[0].prompt_token_ids.count(llm.llm_engine.config.model.multimodal.placeholder_id)
+    assert n_big == int(grid.prod()) // 4
+    default = plain.generate(prompts[:1], _greedy(), use_tqdm=False)[0]
+    assert len(default.prompt_token_ids) < len(outs[0].prompt_token_ids)
+    per_request = plain.generate([{**prompts[0], "mm_processor_kwargs": big}], _greedy(), use_tqdm=False)[0]
+    assert per_request.prompt_token_ids == outs[0].prompt_token_ids
+    assert per_request.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    chat = [{"role": "user", "content": [{"type": "image_pil", "image_pil": photo}]}]
+    assert len(plain.chat(chat, _greedy(), use_tqdm=False, mm_processor_kwargs=big)[0].prompt_token_ids) > \
+        len(plain.chat(chat, _greedy(), use_tqdm=False)[0].prompt_token_ids)
+    with pytest.raises(ValueError, match="mm_processor_kwargs") as e:
+        plain.generate([{**PROMPTS[0], "mm_processor_kwargs": {"no_such_setting": 1}}], _greedy(), use_tqdm=False)
+    assert e.value.param == "mm_processor_kwargs"
+    with pytest.raises(ValueError, match="mm_processor_kwargs applies to multimodal models"):
+        LLM(vlm_models["llava"].replace("multimodal/llava", "llama"), mm_processor_kwargs=big)

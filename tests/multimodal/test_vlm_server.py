@@ -136,8 +136,10 @@ def test_images_on_a_text_model_are_a_400(tiny_models):
 
 def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
     """Qwen2-VL behind the server: its template writes the vision tokens, the image fills its own grid's positions,
-    and the reply (streamed too) equals the offline engine's."""
-    from openai import OpenAI
+    and the reply (streamed too) equals the offline engine's; mm_processor_kwargs reach the image processor."""
+    import numpy as np
+    from openai import BadRequestError, OpenAI
+    from PIL import Image
 
     path = vlm_models["qwen2-vl"]
     s = RemoteServer([path, "--served-model-name", "qwen", "--max-model-len", "256"])
@@ -147,5 +149,14 @@ def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
         for img in IMGS:
             msgs = [{"role": "user", "content": _parts(_data_url(img))}]
             _assert_served_like(client, "qwen", msgs, LLM(path, max_model_len=256).chat(msgs, sp, use_tqdm=False)[0])
+        # the image processor's settings per request (vLLM's mm_processor_kwargs): more pixels, more positions
+        photo = Image.fromarray(np.random.default_rng(5).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+        msgs = [{"role": "user", "content": _parts(_data_url(photo))}]
+        sizes = [client.chat.completions.create(model="qwen", messages=msgs, max_tokens=1, extra_body=extra)
+                 .usage.prompt_tokens for extra in ({}, {"mm_processor_kwargs": {"max_pixels": 112 * 112}})]
+        assert sizes[0] < sizes[1]
+        with pytest.raises(BadRequestError, match="mm_processor_kwargs"):
+            client.chat.completions.create(model="qwen", messages=msgs, max_tokens=1,
+                                           extra_body={"mm_processor_kwargs": {"no_such_setting": 1}})
     finally:
         s.stop()

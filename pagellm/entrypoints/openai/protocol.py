@@ -306,6 +306,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     include_reasoning: bool = True  # with --reasoning-parser: False drops the reasoning from the reply
     chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
+    mm_processor_kwargs: dict[str, Any] | None = None  # multimodal models: the image processor's settings (vLLM's)
 
 
 class PromptTokensDetails(BaseModel):

@@ -68,7 +68,10 @@ def chat_prompt(state: ServingState, req: ChatCompletionRequest) -> dict[str, An
         raise
     except Exception as e:  # template errors are the request's fault
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from e
-    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else {"prompt_token_ids": ids}
+    if not images:
+        return {"prompt_token_ids": ids}
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images},
+            "mm_processor_kwargs": req.mm_processor_kwargs}
 
 
 def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> ChatLogprobs:
