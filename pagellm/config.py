@@ -33,7 +33,7 @@ class PoolerConfig:
     """How a pooling model (`runner="pooling"`) turns a prompt's hidden states into its output (vLLM's
     `pooler_config`, read from sentence-transformers' modules.json when the checkpoint has one)."""
 
-    task: str  # embed | classify: what the model serves (the architecture, or --convert)
+    task: str  # embed | classify | token_classify: what the model serves (the architecture, or --convert)
     hidden_size: int  # features of an embedding
     pooling_type: str = "LAST"  # LAST | MEAN | CLS: the prompt token(s) whose hidden states are pooled
     normalize: bool = True  # embed: L2-normalize, unless the request says otherwise

@@ -8,6 +8,7 @@ its task:
     token_embed    every prompt token's hidden state; normalize
     classify       the class probabilities of a *ForSequenceClassification head; use_activation
     score          classify's head on a text pair (cross-encoders); use_activation
+    token_classify the class probabilities of every prompt token (*ForTokenClassification: NER); use_activation
 
 Pure Python: imported by `core/`, so no torch here.
 """
@@ -18,12 +19,14 @@ from dataclasses import dataclass, fields
 
 from pagellm.sampling_params import ParamError
 
-POOLING_TASKS = ("embed", "token_embed", "classify", "score")
+POOLING_TASKS = ("embed", "token_embed", "classify", "score", "token_classify")
+TOKEN_TASKS = ("token_embed", "token_classify")  # one output row per prompt token
 _TASK_FIELDS = {
     "embed": ("dimensions", "normalize"),
     "token_embed": ("normalize",),
     "classify": ("use_activation",),
     "score": ("use_activation",),
+    "token_classify": ("use_activation",),
 }
 
 
@@ -40,8 +43,8 @@ class PoolingParams:
     needs_all_hidden = False
 
     def pooling_kind(self, pooling_type: str) -> str:
-        """Which positions this request pools under the model's pooling_type: ALL for token_embed, else it."""
-        return "ALL" if self.task == "token_embed" else pooling_type
+        """Which positions this request pools under the model's pooling_type: ALL for the token tasks, else it."""
+        return "ALL" if self.task in TOKEN_TASKS else pooling_type
 
     def __post_init__(self) -> None:
         t = self.truncate_prompt_tokens

@@ -124,11 +124,14 @@ class InputProcessor:
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling params must be PoolingParams, got {type(params).__name__}.")
         task = params.task or pooler.task
-        served = ("embed", "token_embed") if pooler.task == "embed" else ("classify", "score")
+        served = {"embed": ("embed", "token_embed"), "classify": ("classify", "score"),
+                  "token_classify": ("token_classify",)}[pooler.task]
         if task not in served:
-            raise ParamError(f"this model serves {' and '.join(served)} (runner pooling, convert {pooler.task}); the "
-                             f"{task} task needs a model converted to "
-                             f"{'classify' if pooler.task == 'embed' else 'embed'}.", param="task")
+            need = {"embed": "embed", "token_embed": "embed", "classify": "classify", "score": "classify",
+                    "token_classify": "a *ForTokenClassification checkpoint"}[task]
+            raise ParamError(f"this model serves {' and '.join(served)} (runner pooling, task {pooler.task}); the "
+                             f"{task} task needs {need if ' ' in need else 'a model converted to ' + need}.",
+                             param="task")
         params = params.clone(task=task)
         params.check_task()
         if params.dimensions is not None:

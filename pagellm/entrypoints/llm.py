@@ -180,7 +180,8 @@ class LLM:
                truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
         """A pooling model's raw outputs, one per prompt (`outputs.data`, a float32 tensor). `pooling_task`: embed
         or token_embed (embedding models: the pooled vector, or one per prompt token), classify or score
-        (classification models); default: what the model serves."""
+        (classification models), token_classify (*ForTokenClassification: class probabilities per prompt token);
+        default: what the model serves."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)

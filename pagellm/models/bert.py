@@ -108,6 +108,8 @@ class BertModel(CausalLM):
         self.task = self.pooler_config.task if hasattr(self, "pooler_config") else "embed"
         if self.task == "classify":
             self._classification_head(e, len(self.pooler_config.labels))
+        elif self.task == "token_classify":  # *ForTokenClassification: a linear head on every token, no pooler
+            self.classifier = Linear(e, len(self.pooler_config.labels), bias=True)
         self.sep_token_id = _sep_token_id(config)
 
     def _classification_head(self, hidden: int, num_labels: int) -> None:
@@ -122,8 +124,10 @@ class BertModel(CausalLM):
 
     def hf_name(self, name: str) -> str | None:
         name = name.removeprefix("bert.")
-        if name.startswith(("pooler.", "classifier.")) and self.task != "classify":
+        if name.startswith("pooler.") and self.task != "classify":
             return None  # an embedding model pools the encoder's hidden states; BertModel's pooler is not used
+        if name.startswith("classifier.") and self.task not in ("classify", "token_classify"):
+            return None
         if name.startswith(("cls.", "embeddings.position_ids")):
             return None  # a masked-LM head; a buffer
         return name
@@ -157,6 +161,8 @@ class BertModel(CausalLM):
         return x
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.task == "token_classify":
+            return self.classifier(pooled).float()
         return self.classifier(torch.tanh(self.pooler.dense(pooled))).float()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,6 +201,8 @@ class RobertaModel(BertModel):
         return out
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.task == "token_classify":
+            return self.classifier(pooled).float()
         head = self.classifier
         return head.out_proj(torch.tanh(head.dense(pooled))).float()
 

@@ -28,9 +28,12 @@ POOLING_TYPES = ("LAST", "MEAN", "CLS")
 
 def pooling_task_of(arch: str) -> str | None:
     """The task an architecture name declares (vLLM's table): classify for *ForSequenceClassification,
-    embed for *Model / *ForTextEncoding / *EmbeddingModel, None for a generative one."""
+    token_classify for *ForTokenClassification, embed for *Model / *ForTextEncoding / *EmbeddingModel, None for a
+    generative one."""
     if arch.endswith(("ForSequenceClassification", "ClassificationModel")):
         return "classify"
+    if arch.endswith("ForTokenClassification"):
+        return "token_classify"
     if arch.endswith(("ForTextEncoding", "EmbeddingModel")) or (arch.endswith("Model")
                                                                  and not arch.endswith("LMHeadModel")):
         return "embed"
@@ -97,7 +100,7 @@ def make_pooler_config(path: str, hf, task: str, overrides: dict | None, default
                                      or not 1 <= default_dims <= hidden):
         raise ValueError(f"pooler_config.dimensions must be an integer in [1, {hidden}], got {default_dims!r}.")
     labels: tuple[str, ...] = ()
-    if task == "classify":
+    if task in ("classify", "token_classify"):
         n = getattr(hf, "num_labels", None) or len(getattr(hf, "id2label", None) or {}) or 2
         id2label = getattr(hf, "id2label", None) or {}
         labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n))
@@ -121,6 +124,9 @@ class _PoolingMixin:
         pc = self.pooler_config
         if pc.task == "classify":
             self.score = nn.Linear(pc.hidden_size, len(pc.labels), bias=False)  # transformers' classification head
+        elif pc.task == "token_classify":  # transformers' token classification head has a bias (by default)
+            bias = bool(getattr(self.config, "token_classification_bias", True))
+            self.score = nn.Linear(pc.hidden_size, len(pc.labels), bias=bias)
         names = [n for n, _ in self.named_parameters()]
         self._param_names = set(names)
         firsts = [n.split(".")[0] for n in names if n.split(".")[0] != "score"]
@@ -128,7 +134,7 @@ class _PoolingMixin:
 
     def map_weight(self, name: str):
         if name.startswith("score."):
-            return (name, None) if self.pooler_config.task == "classify" else None
+            return (name, None) if self.pooler_config.task in ("classify", "token_classify") else None
         if name.startswith(("lm_head.", "embed_out.")) and not any(n.startswith(name.split(".")[0] + ".")
                                                                     for n in self._param_names):
             return None  # a causal LM checkpoint run as a pooling model: its LM head is not used
@@ -217,13 +223,15 @@ class Pooler:
 
     @torch.inference_mode()
     def head(self, pooled: torch.Tensor, params) -> torch.Tensor:
-        """(m, hidden) pooled states -> the task's output in float32: (hidden,) / (m, hidden) embeddings, or
-        (num_labels,) class probabilities (scores)."""
+        """(m, hidden) pooled states -> the task's output in float32: (hidden,) / (m, hidden) embeddings,
+        (num_labels,) class probabilities (scores), or (m, num_labels) per token (token_classify)."""
         c = self.config
-        if params.task in ("classify", "score"):
-            logits = self.model.classify(pooled)[0]
+        if params.task in ("classify", "score", "token_classify"):
+            logits = self.model.classify(pooled)
+            if params.task != "token_classify":
+                logits = logits[0]
             if params.use_activation if params.use_activation is not None else c.use_activation:
-                logits = torch.sigmoid(logits) if logits.numel() == 1 else torch.softmax(logits, dim=-1)
+                logits = torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, dim=-1)
             return logits
         x = pooled.float()
         dims = params.dimensions or c.dimensions

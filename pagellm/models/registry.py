@@ -101,6 +101,15 @@ POOLING_MODELS: dict[str, ModelEntry] = {
                                                       ("encoder-only, bidirectional attention",
                                                        "pooling only (classify, score: cross-encoders)"),
                                                       "bge-reranker-v2-m3, XLM-R classifiers"),
+    "BertForTokenClassification": ModelEntry("pagellm.models.bert:BertModel",
+                                             ("encoder-only, bidirectional attention",
+                                              "pooling only (token_classify: a label per token)"), "BERT NER taggers"),
+    "RobertaForTokenClassification": ModelEntry("pagellm.models.bert:RobertaModel",
+                                                ("encoder-only, bidirectional attention",
+                                                 "pooling only (token_classify)"), "RoBERTa taggers"),
+    "XLMRobertaForTokenClassification": ModelEntry("pagellm.models.bert:RobertaModel",
+                                                   ("encoder-only, bidirectional attention",
+                                                    "pooling only (token_classify)"), "XLM-R NER taggers"),
 }
 
 

@@ -36,4 +36,8 @@ def pooling_models(tiny_models) -> dict[str, str]:
     out["xlmr"] = build_roberta(os.path.join(root, "xlmr"), xlm=True)
     out["xlmr-cross"] = build_roberta(os.path.join(root, "xlmr-cross"), num_labels=1, xlm=True)
     out["roberta-cls"] = build_roberta(os.path.join(root, "roberta-cls"), num_labels=3)
+    for arch in ("llama", "qwen2"):  # token classification (NER-style taggers)
+        out[f"{arch}-tok"] = build_classifier(tiny_models[arch], os.path.join(root, f"{arch}-tok"), 4, per_token=True)
+    out["bert-tok"] = build_bert(os.path.join(root, "bert-tok"), num_labels=5, per_token=True)
+    out["roberta-tok"] = build_roberta(os.path.join(root, "roberta-tok"), num_labels=5, per_token=True)
     return out

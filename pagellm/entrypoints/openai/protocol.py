@@ -594,7 +594,7 @@ class PoolingRequest(PoolingFields):
     """vLLM's generic /pooling: the model's raw output per input, for any task it serves."""
 
     input: PoolingInput
-    task: Literal["embed", "token_embed", "classify"] | None = None  # default: what the model serves
+    task: Literal["embed", "token_embed", "classify", "token_classify"] | None = None  # default: the model's task
     normalize: bool | None = None
     use_activation: bool | None = None
 
@@ -602,7 +602,7 @@ class PoolingRequest(PoolingFields):
 class PoolingData(BaseModel):
     index: int
     object: str = "pooling"
-    data: list[Any]  # (hidden,) / (labels,), or one row per prompt token (token_embed)
+    data: list[Any]  # (hidden,) / (labels,), or one row per prompt token (token_embed, token_classify)
 
 
 class PoolingResponseList(PoolingResponse):

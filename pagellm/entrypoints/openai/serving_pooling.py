@@ -149,7 +149,7 @@ async def create_embedding(state: ServingState, req: EmbeddingRequest) -> Embedd
 
 async def create_pooling(state: ServingState, req: PoolingRequest) -> PoolingResponseList:
     check_request(state, req, "/pooling")
-    task = req.task or _model_task(state, "Pooling", ("embed", "classify"))
+    task = req.task or _model_task(state, "Pooling", ("embed", "classify", "token_classify"))
     params = _params(req, task, normalize=req.normalize, use_activation=req.use_activation)  # checked per task
     outs = await _pool(state, _input_prompts(req.input), params, "pool", req.priority)
     data = [PoolingData(index=i, data=o.outputs.data.tolist()) for i, o in enumerate(outs)]
