@@ -50,10 +50,22 @@ def _cpu_tag() -> str:
 
 @functools.lru_cache(maxsize=1)
 def load_extension():
-    from torch.utils.cpp_extension import load
+    """The compiled extension: imported straight from torch's build directory when this CPU's build is there,
+    else compiled (torch.utils.cpp_extension.load). Importing directly skips torch's build lock, which a process
+    killed while loading leaves behind and every later load would wait on forever."""
+    import importlib.machinery
+    import importlib.util
+
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     name = f"pagellm_paged_attention_{_cpu_tag()}"
-    logger.info("loading the paged-attention kernel %s (compiled on first use)", name)
+    built = os.path.join(_get_build_directory(name, verbose=False), name + importlib.machinery.EXTENSION_SUFFIXES[-1])
+    if os.path.isfile(built):
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    logger.info("compiling the paged-attention kernel %s (first use on this machine)", name)
     return load(name=name, sources=_SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
 

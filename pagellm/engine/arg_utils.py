@@ -118,6 +118,12 @@ class EngineArgs:
     allowed_local_media_path: str = _f(
         "", "Multimodal models: a directory whose files requests may name as file:// image URLs (default: none; "
             "only for trusted clients).")
+    otlp_traces_endpoint: str | None = _f(
+        None, "Send an OpenTelemetry span per finished request (vLLM's llm_request: sampling parameters, token "
+              "counts, queue / first-token / end-to-end latencies) to this OTLP endpoint, e.g. "
+              "http://collector:4318/v1/traces (HTTP/protobuf; gRPC with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc). "
+              "Needs pip install 'pagellm[otel]'. The server continues a trace the request's traceparent header "
+              "names.")
     enable_lora: bool = _f(False, "Serve LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors) "
                                   "beside the base model: LLM.generate(..., lora_request=LoRARequest(name, id, path)), "
                                   "or `pagellm serve --lora-modules name=path` and the name as the request's model. "

@@ -55,6 +55,11 @@ class LLM:
         if self.engine_args.data_parallel_size != 1:
             raise ValueError("data_parallel_size is for `pagellm serve` (replicas behind one server); offline, "
                              "run one LLM per replica.")
+        self.tracer = None  # a span per finished request (otlp_traces_endpoint)
+        if self.engine_args.otlp_traces_endpoint:
+            from pagellm.tracing import init_tracer
+
+            self.tracer = init_tracer(self.engine_args.otlp_traces_endpoint)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
 
@@ -67,8 +72,11 @@ class LLM:
         return SamplingParams(**self.llm_engine.config.model.default_sampling)
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers now (they also stop when the LLM is collected or the process exits)."""
+        """Stop tensor-parallel workers now (they also stop when the LLM is collected or the process exits), and
+        send the trace spans still queued."""
         self.llm_engine.shutdown()
+        if self.tracer is not None:
+            self.tracer.flush()
 
     def __enter__(self) -> LLM:
         return self
@@ -291,6 +299,11 @@ class LLM:
             bar.close()
         if engine.dead is not None:
             raise EngineDeadError(f"the engine died while generating: {engine.dead}")
+        if self.tracer is not None:
+            name = engine.config.model.served_model_name
+            for rid, inp in zip(ids, inputs):
+                if isinstance(finals[rid], RequestOutput):
+                    self.tracer.request_span(finals[rid], inp.params, name)
         return [finals[r] for r in ids]
 
 

@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 class RemoteServer:
-    def __init__(self, args: list[str], timeout: float = 120, tries: int = 3) -> None:
+    def __init__(self, args: list[str], timeout: float = 120, tries: int = 3,
+                 env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # The port is free when picked but bound only after the model loads; in between another socket (a
         # tensor-parallel group's, say) may take it. Then the server exits at once: start again on another port.
         for attempt in range(tries):
@@ -35,7 +37,7 @@ class RemoteServer:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", *args, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

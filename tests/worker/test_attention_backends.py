@@ -1,5 +1,6 @@
 """Every attention backend matches torch_ref (the oracle) on random paged caches."""
 
+import os
 import random
 
 import pytest
@@ -275,3 +276,26 @@ def test_launch_settings_of_the_triton_kernel_from_the_environment():
     for bad in ("tile_n=48", "tile_n=0", "warps=4", "num_stages", "num_warps=x"):
         with pytest.raises(ValueError, match="PAGELLM_ATTENTION_LAUNCH"):
             launch_settings(bad)
+
+
+def test_cpu_kernel_loads_past_a_stale_build_lock():
+    """A process killed while loading the extension leaves torch's build lock behind; the next load imports the
+    built kernel directly instead of waiting on that lock forever."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pagellm.attention.cpu_paged import _cpu_tag, load_extension
+
+    load_extension()  # built (or found) here
+    name = f"pagellm_paged_attention_{_cpu_tag()}"
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    open(lock, "w").close()
+    try:
+        r = subprocess.run([sys.executable, "-c", "from pagellm.attention.cpu_paged import load_extension; "
+                            "print(hasattr(load_extension(), 'paged_attention'))"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "True", r.stderr[-2000:]
+    finally:
+        os.remove(lock)

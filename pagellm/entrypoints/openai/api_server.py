@@ -68,6 +68,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.reasoning import PARSERS
 from pagellm.entrypoints.openai.serving_chat import create_chat_completion
 from pagellm.entrypoints.openai.serving_common import (
+    TRACE_CONTEXT,
     APIError,
     ServingState,
     api_error_from,
@@ -84,6 +85,7 @@ from pagellm.entrypoints.openai.serving_pooling import (
 )
 from pagellm.entrypoints.openai.serving_responses import create_response
 from pagellm.entrypoints.openai.tool_calls import template_messages
+from pagellm.tracing import init_tracer, trace_headers
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +170,8 @@ def build_app(state: ServingState, api_key: str | None = None,
 
     async def respond(request: Request, coro):
         """Run a handler; a client that leaves before a non-streaming answer is ready aborts its requests."""
+        if state.tracer is not None:
+            TRACE_CONTEXT.set(trace_headers(request.headers))
         work = asyncio.ensure_future(coro)
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
@@ -389,6 +393,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                          lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())},
                          allow_runtime_lora_updating=runtime_lora)
+    if getattr(ns, "otlp_traces_endpoint", None):
+        state.tracer = init_tracer(ns.otlp_traces_endpoint)
     if state.reasoning_parser is not None:
         state.reasoning_tokens = state.reasoning_parser.token_ids(engine.tokenizer)
     state.metrics.attach_engine(engine)

@@ -13,6 +13,7 @@ they are testable without a server.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -80,6 +81,7 @@ class ServingState:
     reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in replies
     lora_modules: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoRARequest (--lora-modules)
+    tracer: Any = None  # RequestTracer: a span per finished request (--otlp-traces-endpoint)
     allow_runtime_lora_updating: bool = False  # the load/unload routes (--allow-runtime-lora-updating)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
@@ -206,6 +208,10 @@ class _Timing:
     finished: bool = False
 
 
+# The W3C trace context (traceparent, tracestate) of the HTTP request being served, set by the route.
+TRACE_CONTEXT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("trace_context", default=None)
+
+
 async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: str) -> AsyncIterator[
         tuple[int, RequestOutput]]:
     """Run one engine request per input concurrently; yield (input index, output) as they come.
@@ -227,6 +233,8 @@ async def run_all(state: ServingState, inputs: list[ProcessedInput], base_id: st
                 if out.finished:
                     t.finished = True
                     state.metrics.request_finished(out, inp.params, t.start, t.first, t.tokens, now)
+                    if state.tracer is not None:
+                        state.tracer.request_span(out, inp.params, state.model_name, TRACE_CONTEXT.get(), t.tokens)
                 await queue.put((i, out))
             await queue.put((i, None))
         except BaseException as e:  # noqa: BLE001 - delivered to the consumer
