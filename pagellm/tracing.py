@@ -119,17 +119,12 @@ def _request_span(tracer: Any, out: Any, params: Any, model: str, headers: dict[
         a.USAGE_PROMPT_TOKENS: len(out.prompt_token_ids), a.USAGE_COMPLETION_TOKENS: completion,
         a.USAGE_NUM_SEQUENCES: int(getattr(params, "best_of", None) or params.n),
     }
-    if arrival is not None and scheduled is not None:
-        attrs[a.LATENCY_TIME_IN_QUEUE] = max(0.0, scheduled - arrival)
-    if arrival is not None and first_token is not None:
-        attrs[a.LATENCY_TIME_TO_FIRST_TOKEN] = max(0.0, first_token - arrival)
-    if arrival is not None and finished is not None:
-        attrs[a.LATENCY_E2E] = max(0.0, finished - arrival)
-    if scheduled is not None and first_token is not None:
-        attrs[a.LATENCY_TIME_IN_MODEL_PREFILL] = max(0.0, first_token - scheduled)
-    if first_token is not None and finished is not None:
-        attrs[a.LATENCY_TIME_IN_MODEL_DECODE] = max(0.0, finished - first_token)
-    if scheduled is not None and finished is not None:
-        attrs[a.LATENCY_TIME_IN_MODEL_INFERENCE] = max(0.0, finished - scheduled)
+    for name, start, end in ((a.LATENCY_TIME_IN_QUEUE, arrival, scheduled),
+                             (a.LATENCY_TIME_TO_FIRST_TOKEN, arrival, first_token), (a.LATENCY_E2E, arrival, finished),
+                             (a.LATENCY_TIME_IN_MODEL_PREFILL, scheduled, first_token),
+                             (a.LATENCY_TIME_IN_MODEL_DECODE, first_token, finished),
+                             (a.LATENCY_TIME_IN_MODEL_INFERENCE, scheduled, finished)):
+        if start is not None and end is not None:
+            attrs[name] = max(0.0, end - start)
     span.set_attributes(attrs)
     span.end(end_time=wall(finished) or wall_now)
