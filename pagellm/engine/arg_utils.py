@@ -346,8 +346,6 @@ class EngineArgs:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"limit_mm_per_prompt[{m!r}] must be an integer >= 0, got {n!r}.")
             limits[m] = n
-        if self.enable_lora:
-            raise ValueError(f"{cls.__name__}: LoRA adapters on a multimodal model are not supported.")
         if hasattr(cls, "rope_positions") and self.num_scheduler_steps > 1:
             raise ValueError(f"{cls.__name__} (multimodal RoPE) runs one decode step per round: num_scheduler_steps "
                              f"must be 1, got {self.num_scheduler_steps}.")
