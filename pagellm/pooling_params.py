@@ -21,6 +21,9 @@ from pagellm.sampling_params import ParamError
 
 POOLING_TASKS = ("embed", "token_embed", "classify", "score", "token_classify")
 TOKEN_TASKS = ("token_embed", "token_classify")  # one output row per prompt token
+# What a pooling model serves, by its task (the architecture, or --convert): the request tasks it takes.
+SERVED_TASKS = {"embed": ("embed", "token_embed"), "classify": ("classify", "score"),
+                "token_classify": ("token_classify",)}
 _TASK_FIELDS = {
     "embed": ("dimensions", "normalize"),
     "token_embed": ("normalize",),

@@ -52,9 +52,25 @@ def content_format(template: str | None) -> str:
     return "openai" if template and _ITERATES_CONTENT.search(template) else "string"
 
 
-def split_media(conversation: list[dict[str, Any]], placeholder: str | None, load: Any,
+def chat_prompt(tokenizer: Any, mm: Any, conversation: list[dict[str, Any]], chat_template: str | None = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+                mm_processor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine prompt of a conversation: token ids by the chat template, and the images its messages hold
+    (`mm`: the engine's MultiModalProcessor, None for a text-only model) with `mm_processor_kwargs` for them."""
+    conv, images = split_media(conversation, mm, chat_template or getattr(tokenizer, "chat_template", None))
+    prompt: dict[str, Any] = {"prompt_token_ids": apply_chat_template(
+        tokenizer, conv, chat_template, add_generation_prompt, continue_final_message, tools, template_kwargs)}
+    if images:
+        prompt["multi_modal_data"] = {"image": images}
+        if mm_processor_kwargs is not None:
+            prompt["mm_processor_kwargs"] = mm_processor_kwargs
+    return prompt
+
+
+def split_media(conversation: list[dict[str, Any]], mm: Any,
                 template: str | None) -> tuple[list[dict[str, Any]], list[Any]]:
-    """(messages for the template, the images in order, each loaded by `load`). `load` None: the model takes text
+    """(messages for the template, the images in order, each loaded by `mm.load`). `mm` None: the model takes text
     only, and an image part is a ParamError (param 'messages')."""
     fmt = content_format(template)
     images: list[Any] = []
@@ -65,7 +81,7 @@ def split_media(conversation: list[dict[str, Any]], placeholder: str | None, loa
                                                     for p in content):
             out.append(m)
             continue
-        if load is None:
+        if mm is None:
             raise ParamError("this model takes text only: a message's content may not hold images.",
                              param="messages")
         parts, texts = [], []
@@ -79,15 +95,15 @@ def split_media(conversation: list[dict[str, Any]], placeholder: str | None, loa
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
                     raise ParamError("an image_url content part needs image_url.url, a string.", param="messages")
-                images.append(load(url))
+                images.append(mm.load(url))
                 parts.append({"type": "image"})
             elif kind == "image_pil":
-                images.append(load(part.get("image_pil")))
+                images.append(mm.load(part.get("image_pil")))
                 parts.append({"type": "image"})
             else:
                 raise ParamError(f"unsupported content part type {kind!r}: text, image_url and image_pil are "
                                  "taken.", param="messages")
         n = sum(p["type"] == "image" for p in parts)
-        text = parts if fmt == "openai" else "".join(f"{placeholder}\n" for _ in range(n)) + "".join(texts)
+        text = parts if fmt == "openai" else "".join(f"{mm.placeholder}\n" for _ in range(n)) + "".join(texts)
         out.append({**m, "content": text})
     return out, images

@@ -15,7 +15,7 @@ from typing import Any
 
 from pagellm.config import ModelConfig
 from pagellm.lora.request import LoRARequest
-from pagellm.pooling_params import PoolingParams
+from pagellm.pooling_params import SERVED_TASKS, PoolingParams
 from pagellm.sampling_params import ParamError, SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -56,7 +56,7 @@ class InputProcessor:
             raise ValueError("this model runs as a pooling model (runner pooling): it serves LLM.embed / classify / "
                              "score / encode, not generation.")
         text, ids, salt, mm = self._prompt_ids(prompt, params.truncate_prompt_tokens)
-        rope = self.mm.rope_positions(ids, mm) if mm else None
+        rope = self.mm.rope_positions(mm) if mm else None
         n = len(ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
@@ -124,14 +124,12 @@ class InputProcessor:
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling params must be PoolingParams, got {type(params).__name__}.")
         task = params.task or pooler.task
-        served = {"embed": ("embed", "token_embed"), "classify": ("classify", "score"),
-                  "token_classify": ("token_classify",)}[pooler.task]
+        served = SERVED_TASKS[pooler.task]
         if task not in served:
-            need = {"embed": "embed", "token_embed": "embed", "classify": "classify", "score": "classify",
-                    "token_classify": "a *ForTokenClassification checkpoint"}[task]
+            need = next(model_task for model_task, tasks in SERVED_TASKS.items() if task in tasks)
+            how = "a *ForTokenClassification checkpoint" if need == "token_classify" else f"a model converted to {need}"
             raise ParamError(f"this model serves {' and '.join(served)} (runner pooling, task {pooler.task}); the "
-                             f"{task} task needs {need if ' ' in need else 'a model converted to ' + need}.",
-                             param="task")
+                             f"{task} task needs {how}.", param="task")
         params = params.clone(task=task)
         params.check_task()
         if params.dimensions is not None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.core.scheduler import check_priority
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.chat_utils import apply_chat_template, split_media
+from pagellm.engine.chat_utils import apply_chat_template, chat_prompt
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import EngineDeadError, LLMEngine
 from pagellm.lora.request import LoRARequest
@@ -154,24 +154,10 @@ class LLM:
         images: content parts {"type": "image_url", "image_url": {"url": ...}} or {"type": "image_pil",
         "image_pil": image}; `mm_processor_kwargs` go to the image processor for them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self._chat_prompt(c, chat_template, add_generation_prompt, continue_final_message,
-                                     chat_template_kwargs, tools) for c in convs]
-        if mm_processor_kwargs is not None:
-            prompts = [{**p, "mm_processor_kwargs": mm_processor_kwargs} for p in prompts]
+        prompts = [chat_prompt(self.get_tokenizer(), self.llm_engine.input_processor.mm, c, chat_template,
+                               add_generation_prompt, continue_final_message, tools, chat_template_kwargs,
+                               mm_processor_kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
-
-    def _chat_prompt(self, conversation: ChatMessages, chat_template: str | None, add_generation_prompt: bool,
-                     continue_final_message: bool, chat_template_kwargs: dict[str, Any] | None,
-                     tools: list[dict[str, Any]] | None) -> dict[str, Any]:
-        mm = self.llm_engine.input_processor.mm
-        tok = self.get_tokenizer()
-        conv, images = split_media(conversation, mm.placeholder if mm else None, mm.load if mm else None,
-                                   chat_template or getattr(tok, "chat_template", None))
-        prompt: dict[str, Any] = {"prompt_token_ids": self.apply_chat_template(
-            conv, chat_template, add_generation_prompt, continue_final_message, chat_template_kwargs, tools)}
-        if images:
-            prompt["multi_modal_data"] = {"image": images}
-        return prompt
 
     def apply_chat_template(self, conversation: ChatMessages, chat_template: str | None = None,
                             add_generation_prompt: bool = True, continue_final_message: bool = False,

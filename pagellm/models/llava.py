@@ -112,7 +112,8 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         vision._attn_implementation = "sdpa"
         self.vision_tower = AutoModel.from_config(vision)  # transformers' CLIP / SigLIP vision model
         self.multi_modal_projector = LlavaMultiModalProjector(config)
-        self.feature_layer = config.vision_feature_layer
+        layers = config.vision_feature_layer
+        self.feature_layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # concatenated
         self.drop_cls = config.vision_feature_select_strategy == "default"
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "
@@ -122,10 +123,6 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         # Newer transformers' vision models hold their layers directly; llava-hf checkpoints name them under
         # "vision_model." (the older module layout).
         self._vision_names = {n for n, _ in self.vision_tower.named_parameters()}
-
-    @property
-    def feature_layer_is_list(self) -> bool:
-        return isinstance(self.feature_layer, (list, tuple))
 
     # ---- weights ---------------------------------------------------------------------------------------------
 
@@ -165,8 +162,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, image_tokens, text hidden): what the placeholders of N images hold."""
         out = self.vision_tower(pixel_values, output_hidden_states=True)
-        layers = self.feature_layer if self.feature_layer_is_list else [self.feature_layer]
-        feats = [out.hidden_states[i] for i in layers]
+        feats = [out.hidden_states[i] for i in self.feature_layers]
         if self.drop_cls:
             feats = [f[:, 1:] for f in feats]
         return self.multi_modal_projector(torch.cat(feats, dim=-1))

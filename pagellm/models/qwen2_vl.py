@@ -66,14 +66,15 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         return int(grid.prod()) // merge ** 2, data
 
     @classmethod
-    def rope_positions(cls, config, ids: list[int], features: list) -> tuple[int, int, np.ndarray, int] | None:
+    def rope_positions(cls, config, features: list) -> tuple[int, int, np.ndarray, int] | None:
         """(a, b, table, delta): the 3-D positions (3, b - a) of prompt positions a..b-1 (the first image's start to
         the last one's end); positions before a are plain, positions from b on are index + delta. None without
         images."""
         if not features:
             return None
         merge = config.vision_config.spatial_merge_size
-        parts, cur, last = [], 0, 0
+        a, b = features[0].offset, features[-1].end
+        parts, cur, last = [], a, a  # plain positions up to the first image
         for f in features:
             n = f.offset - last  # text before this image
             parts.append(np.broadcast_to(np.arange(cur, cur + n), (3, n)))
@@ -84,9 +85,7 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
             parts.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
             cur += max(gh, gw)
             last = f.end
-        a, b = features[0].offset, features[-1].end
-        table = np.concatenate(parts, axis=1)[:, a:].astype(np.int64)
-        return a, b, np.ascontiguousarray(table), cur - b
+        return a, b, np.concatenate(parts, axis=1).astype(np.int64), cur - b
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()

@@ -102,9 +102,9 @@ class MultiModalProcessor:
             raise ParamError(f"the image processor refused mm_processor_kwargs {kwargs}: {e}",
                              param="mm_processor_kwargs") from None
 
-    def rope_positions(self, ids: list[int], features: list[MultiModalFeature]) -> Any:
+    def rope_positions(self, features: list[MultiModalFeature]) -> Any:
         fn = getattr(self.model_cls, "rope_positions", None)
-        return fn(self.hf_config, ids, features) if fn is not None else None
+        return fn(self.hf_config, features) if fn is not None else None
 
     @staticmethod
     def _contiguous(at: list[int], sizes: list[int]) -> bool:

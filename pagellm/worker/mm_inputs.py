@@ -4,6 +4,10 @@
     step(seq_ids, starts, counts, cu) -> (index, features) | None
         index (M,): the batch rows of this step that are image positions; features (M, hidden): what they hold
 
+RopeRows (multimodal RoPE, Qwen2-VL): per InputBatch row, the prompt's image stretch [a, b), the 3-D positions
+of that stretch and the rotary offset after it, so a step's rotary positions are one vectorized expression
+(index + delta past b) and the table is read only for tokens inside a stretch.
+
 An image is encoded (vision tower + projector, one batched call for the step's new images) the first time a step
 computes any of its positions, and its features are kept until the chunk that computes its last position: a chunked
 prefill that splits an image encodes it once. A sequence that comes back after preemption brings its images again
@@ -74,3 +78,34 @@ class MultiModalInputs:
         by_id = {ident: out[i] for i, ident in enumerate(unique)}
         for key, f in todo:
             self.cache[key] = by_id[f.identifier]
+
+
+class RopeRows:
+    def __init__(self, num_rows: int) -> None:
+        self.lo = np.zeros(num_rows, dtype=np.int64)  # the image stretch [lo, hi) of each row's prompt (empty: 0, 0)
+        self.hi = np.zeros(num_rows, dtype=np.int64)
+        self.delta = np.zeros(num_rows, dtype=np.int64)  # rotary position - index from hi on
+        self.tables: dict[int, np.ndarray] = {}  # row -> (3, hi - lo) positions of the stretch
+
+    def set(self, row: int, rope: tuple | None) -> None:
+        """A new sequence in `row`: its request's (a, b, table, delta), or None (no images)."""
+        a, b, table, delta = rope if rope is not None else (0, 0, None, 0)
+        self.lo[row], self.hi[row], self.delta[row] = a, b, delta
+        if table is None:
+            self.tables.pop(row, None)
+        else:
+            self.tables[row] = table
+
+    def positions(self, tok_rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The step's rotary positions (T,), and (3, T) ones when a token lies in an image stretch (else None)."""
+        lo, hi = self.lo[tok_rows], self.hi[tok_rows]
+        rope = positions + np.where(positions >= hi, self.delta[tok_rows], 0)
+        inside = np.flatnonzero((positions >= lo) & (positions < hi))
+        if not len(inside):
+            return rope, None
+        rope3 = np.repeat(rope[None], 3, axis=0)
+        rows = tok_rows[inside]
+        for row in np.unique(rows):
+            at = inside[rows == row]
+            rope3[:, at] = self.tables[int(row)][:, positions[at] - self.lo[row]]
+        return rope, rope3

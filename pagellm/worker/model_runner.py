@@ -153,11 +153,13 @@ class ModelRunner:
 
             self.pooler = Pooler(self.model, config.model.pooler)
         self.mm = None  # MultiModalInputs: the images of the sequences held, encoded when their positions are computed
-        self.mrope: dict[int, tuple] = {}  # seq_id -> multimodal RoPE (a, b, table, delta) of its prompt (Qwen2-VL)
+        self.rope = None  # multimodal RoPE (Qwen2-VL): each batch row's prompt image stretch and rotary offset
         if config.model.multimodal is not None:
-            from pagellm.worker.mm_inputs import MultiModalInputs
+            from pagellm.worker.mm_inputs import MultiModalInputs, RopeRows
 
             self.mm = MultiModalInputs(self.model, self.device, torch_dtype(config.model.dtype))
+            if hasattr(self.model, "rope_positions"):
+                self.rope = RopeRows(config.scheduler.max_num_seqs)
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -334,13 +336,12 @@ class ModelRunner:
                 self.pooler.forget(seq_id)
             if self.mm is not None:
                 self.mm.forget(seq_id)
-                self.mrope.pop(seq_id, None)
         for d in sched.new_seqs:
             self.batch.add(d)
             if d.mm_features:
                 self.mm.add(d.seq_id, d.mm_features)
-            if d.mm_rope is not None:
-                self.mrope[d.seq_id] = d.mm_rope
+            if self.rope is not None:  # every new row: a row reused from another sequence must not keep its offset
+                self.rope.set(self.batch.row_of[d.seq_id], d.mm_rope)
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
@@ -378,8 +379,8 @@ class ModelRunner:
         max_blocks = int(-(-(seq_lens if multi_counts is None else starts + multi_counts).max() // bs))
         max_query_len = int(counts.max())
         rope, rope3 = positions, None  # rotary positions; (3, total) when a prompt's image stretch is in the step
-        if self.mrope:
-            rope, rope3 = self._rope_positions(seq_ids, cu, positions)
+        if self.rope is not None:
+            rope, rope3 = self.rope.positions(tok_rows, positions)
         arrays = dict(input_ids=input_ids, positions=rope, slot_mapping=slots, query_start_loc=cu,
                       seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
                       paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
@@ -427,30 +428,6 @@ class ModelRunner:
             t["positions"] = t["positions"].to(self.device, non_blocking=True)
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
                            [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool, mm)
-
-    def _rope_positions(self, seq_ids: list[int], cu: np.ndarray,
-                        positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Multimodal RoPE: each token's rotary position (index + delta after its prompt's image stretch), and the
-        (3, T) positions when some token of the step lies in a stretch (None otherwise: 1-D positions suffice)."""
-        rope = positions.copy()
-        inside = []
-        for k, sid in enumerate(seq_ids):
-            info = self.mrope.get(sid)
-            if info is None:
-                continue
-            a, b, table, delta = info
-            lo, hi = int(cu[k]), int(cu[k + 1])
-            p = positions[lo:hi]
-            rope[lo:hi] = np.where(p >= b, p + delta, p)
-            at = np.flatnonzero((p >= a) & (p < b))
-            if len(at):
-                inside.append((at + lo, table[:, p[at] - a]))
-        if not inside:
-            return rope, None
-        rope3 = np.repeat(rope[None], 3, axis=0)
-        for idx, cols in inside:
-            rope3[:, idx] = cols
-        return rope, rope3
 
     def _spec_inputs(self, spec_ids: dict[int, list[int]], seq_ids: list[int], rows: np.ndarray, cu: np.ndarray,
                      n_draft: np.ndarray, sample_idx: np.ndarray) -> tuple[_SpecInputs, np.ndarray]:

@@ -9,6 +9,7 @@ import base64
 import io
 
 import pytest
+import torch
 from multimodal_models import images
 
 from pagellm import LLM, SamplingParams
@@ -137,18 +138,33 @@ def test_preemption_recomputes_images(vlm_models):
     assert not llm.llm_engine.executor.runner.mm.pending
 
 
+@torch.inference_mode()
 def test_parallel_samples_and_beams_with_images(vlm_models):
     llm = LLM(vlm_models["llava"], max_model_len=256)
     n2 = llm.generate([PROMPTS[1]], SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=7), use_tqdm=False)[0]
     alone = [llm.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i),
                           use_tqdm=False)[0].outputs[0].token_ids for i in range(2)]
     assert [c.token_ids for c in sorted(n2.outputs, key=lambda c: c.index)] == alone
-    from pagellm import BeamSearchParams
+    from transformers import AutoImageProcessor
 
-    beams = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=2, max_tokens=6))[0]
-    assert len(beams.sequences) == 2
-    greedy = llm.generate([PROMPTS[0]], _greedy(), use_tqdm=False)[0]
-    assert beams.sequences[0].tokens[:len(greedy.prompt_token_ids)] == list(greedy.prompt_token_ids)
+    from pagellm import BeamSearchParams
+    from tests.multimodal.conftest import _hf
+
+    beams = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=3, max_tokens=12), use_tqdm=False)[0]
+    prompt = llm.llm_engine.input_processor.process(PROMPTS[0], _greedy()).prompt_token_ids
+    ids = torch.tensor([prompt])
+    pixels = AutoImageProcessor.from_pretrained(vlm_models["llava"])(images=[IMGS[0]], return_tensors="pt")
+    eos = sorted(llm.llm_engine.config.model.eos_token_ids)
+    ref = _hf(vlm_models["llava"]).generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=3,
+                                            num_return_sequences=3, do_sample=False, max_new_tokens=12,
+                                            pixel_values=pixels["pixel_values"], eos_token_id=eos, pad_token_id=0)
+    hf_beams = []
+    for row in ref.tolist():  # transformers' beams, cut after their EOS (padding follows it)
+        gen = row[len(prompt):]
+        cut = next((i + 1 for i, t in enumerate(gen) if t in eos), len(gen))
+        hf_beams.append(gen[:cut])
+    assert [b.tokens[len(prompt):] for b in beams.sequences] == hf_beams  # transformers' num_beams, with the image
+    assert all(b.tokens[:len(prompt)] == prompt for b in beams.sequences)
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pagellm.engine.chat_utils import apply_chat_template, split_media
+from pagellm.engine.chat_utils import chat_prompt
 from pagellm.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -46,7 +46,7 @@ from pagellm.outputs import Logprob
 from pagellm.sampling_params import ParamError, RequestOutputKind
 
 
-def chat_prompt(state: ServingState, req: ChatCompletionRequest) -> dict[str, Any]:
+def chat_request_prompt(state: ServingState, req: ChatCompletionRequest) -> dict[str, Any]:
     """The engine prompt of a conversation: token ids by the chat template, and the images of its messages (CPU and
     network work: callers run it off the event loop)."""
     if not req.messages:
@@ -57,21 +57,14 @@ def chat_prompt(state: ServingState, req: ChatCompletionRequest) -> dict[str, An
                        code="untrusted_chat_template")
     conv = template_messages(req)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    template = req.chat_template or state.chat_template
-    mm = state.engine.input_processor.mm
-    conv, images = split_media(conv, mm.placeholder if mm else None, mm.load if mm else None,
-                               template or getattr(state.tokenizer, "chat_template", None))
     try:
-        ids = apply_chat_template(state.tokenizer, conv, template, req.add_generation_prompt,
-                                  req.continue_final_message, tools, req.chat_template_kwargs)
+        return chat_prompt(state.tokenizer, state.engine.input_processor.mm, conv,
+                           req.chat_template or state.chat_template, req.add_generation_prompt,
+                           req.continue_final_message, tools, req.chat_template_kwargs, req.mm_processor_kwargs)
     except ParamError:
         raise
     except Exception as e:  # template errors are the request's fault
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from e
-    if not images:
-        return {"prompt_token_ids": ids}
-    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images},
-            "mm_processor_kwargs": req.mm_processor_kwargs}
 
 
 def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> ChatLogprobs:
@@ -163,7 +156,7 @@ async def create_chat_completion(state: ServingState,
         params.structured_outputs = constraint  # the call is valid by construction
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     state.engine.check_capacity(1)
-    prompt = await asyncio.to_thread(chat_prompt, state, req)
+    prompt = await asyncio.to_thread(chat_request_prompt, state, req)
     ids = prompt["prompt_token_ids"]
     prompt_text = None
     if state.reasoning_parser is not None:  # where the output starts: inside the thinking or not
