@@ -100,12 +100,16 @@ class CacheConfig:
 class SpeculativeConfig:
     """Speculative decoding (`--speculative-config`, vLLM's names). method "ngram": the draft tokens are the ones
     that followed the latest earlier occurrence of the sequence's last n tokens (prompt lookup), n from
-    prompt_lookup_max down to prompt_lookup_min; the model checks them all in one step."""
+    prompt_lookup_max down to prompt_lookup_min. method "draft_model": a smaller model with the same tokenizer
+    (`model`, its ModelConfig in `draft`) proposes them greedily, one forward pass per draft token. Either way
+    the model checks them all in one step."""
 
-    method: str = "ngram"
+    method: str = "ngram"  # ngram | draft_model
     num_speculative_tokens: int = 3  # draft tokens per sequence and step
     prompt_lookup_max: int = 5  # longest n-gram matched
     prompt_lookup_min: int = 5  # shortest n-gram matched
+    model: str | None = None  # draft_model: the draft checkpoint's directory
+    draft: ModelConfig | None = field(default=None, compare=False, repr=False)  # draft_model: how it runs
 
 
 @dataclass(frozen=True)

@@ -33,13 +33,14 @@ them all; their slots are allocated now, and the tokens past a stop are dropped 
 back. Scheduling, stop checks and outputs then run once per K tokens. The requests above keep the engine at
 one step while they live; penalties and min_tokens run in rounds (the worker counts and bans per step).
 
-Speculative decoding (`speculative` config, method ngram): a decoding sequence of a request that may speculate
-(`_may_speculate`) gets its last token plus up to k draft tokens from NgramProposer, with slots for all of
-them. The worker samples at each of those positions and keeps the samples while they equal the drafts
-(plus the first that differs); the results roll num_computed_tokens back by the drafts it rejected
-(`_apply_verdicts`), whose slots are written again by later steps. Blocks are entered in the prefix cache
-only up to the known tokens, so a draft's K/V is never shared. Drafts come from the tokens on the host, so
-such requests, like the ones above, keep the engine at one step at a time while they live.
+Speculative decoding (`speculative` config): a decoding sequence of a request that may speculate
+(`_may_speculate`) gets its last token plus up to k draft tokens from NgramProposer (method ngram), or k
+placeholders that the worker's draft model fills in (method draft_model), with slots for all of them. The
+worker samples at each of those positions and keeps the samples while they equal the drafts (plus the first
+that differs); the results roll num_computed_tokens back by the drafts it rejected (`_apply_verdicts`), whose
+slots are written again by later steps. Blocks are entered in the prefix cache only up to the known tokens,
+so a draft's K/V is never shared. Drafts come from the tokens on the host (n-grams, and the draft model's
+first input), so such requests, like the ones above, keep the engine at one step at a time while they live.
 
 LoRA (`max_loras` > 0): the running requests use at most max_loras distinct adapters (the worker has that many
 slots); a waiting request of another adapter is passed over, keeping its place in the queue, until one of
@@ -72,7 +73,7 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     SeqDelta,
 )
-from pagellm.core.speculative import NgramProposer
+from pagellm.core.speculative import make_proposer
 from pagellm.sampling_params import ParamError
 
 
@@ -175,7 +176,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_loras = max_loras  # distinct LoRA adapters among running requests (0: LoRA off)
         spec = config.speculative
-        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.proposer = make_proposer(spec) if spec is not None else None
         self._spec_reqs: set[str] = set()  # live requests whose sequences decode with draft tokens
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted_tokens = 0  # sequence steps, tokens, kept
 

@@ -1,6 +1,7 @@
-"""Draft tokens for speculative decoding, proposed on the host from a sequence's own tokens (n-gram lookup).
+"""Draft tokens for speculative decoding, as the scheduler asks for them.
 
-    NgramProposer.propose(seq_id, token_ids, k) -> up to k draft tokens
+    NgramProposer.propose(seq_id, token_ids, k) -> up to k draft tokens (n-gram lookup, on the host)
+    DraftModelSlots.propose(seq_id, token_ids, k) -> k placeholders (-1) the worker's draft model fills in
 
 The sequence's last n tokens are looked up earlier in its tokens (prompt and output); the tokens that
 followed the match are the drafts. The longest match wins (n from prompt_lookup_max down to
@@ -77,3 +78,21 @@ class NgramProposer:
 
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
+
+
+class DraftModelSlots:
+    """method draft_model: the drafts are the draft model's greedy tokens, computed by the worker at the start
+    of the step that checks them (worker/drafter.py), so the scheduler schedules k placeholders per sequence."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = config.num_speculative_tokens
+
+    def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        return [-1] * min(k, self.k)
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
+def make_proposer(config: SpeculativeConfig) -> NgramProposer | DraftModelSlots:
+    return DraftModelSlots(config) if config.method == "draft_model" else NgramProposer(config)

@@ -236,6 +236,8 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
+        if speculative is not None and speculative.method == "draft_model":
+            speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
         if model_cfg.pooler is not None:
             if speculative is not None:
                 raise ValueError("speculative_config is for generative models; this one runs as a pooling model "
@@ -330,6 +332,48 @@ class EngineArgs:
             multimodal=self._multimodal_config(cls, hf),
         )
 
+    def _draft_model_config(self, path: str, target: ModelConfig) -> ModelConfig:
+        """The draft model of speculative decoding, run like the target (dtype, load format, device) at the
+        target's max_model_len; a ValueError naming speculative_config where the pair cannot work."""
+        from pagellm.models.registry import get_model_class
+
+        if target.multimodal is not None or target.pooler is not None:
+            raise ValueError("speculative_config: a draft model needs a text-only generative model; "
+                             f"{target.architecture} is not one.")
+        if target.sliding_window is not None:
+            raise ValueError("speculative_config: a draft model reads the whole context, but this model frees the "
+                             f"blocks that fall behind its sliding window ({target.sliding_window} tokens).")
+        if self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: a draft model needs tensor_parallel_size=1, got "
+                             f"{self.tensor_parallel_size}.")
+        if self.num_scheduler_steps > 1:
+            raise ValueError("speculative_config: a draft model runs one step per round: num_scheduler_steps "
+                             f"must be 1, got {self.num_scheduler_steps}.")
+        args = dataclasses.replace(self, model=path, tokenizer=None, skip_tokenizer_init=True, dtype=target.dtype,
+                                   max_model_len=None, runner="generate", convert="auto", pooler_config=None,
+                                   quantization=None, enable_lora=False, limit_mm_per_prompt=None,
+                                   mm_processor_kwargs=None, generation_config="vllm",
+                                   override_generation_config=None)
+        try:
+            draft = args._model_config()
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"speculative_config.model: {e}") from None
+        cls = get_model_class(draft.architecture)
+        if getattr(cls, "modalities", ()):
+            raise ValueError(f"speculative_config.model: {draft.architecture} is multimodal; a draft model takes "
+                             "text only.")
+        if draft.max_model_len < target.max_model_len:
+            raise ValueError(f"speculative_config.model: the draft model's maximum length ({draft.max_model_len}) "
+                             f"is below max_model_len ({target.max_model_len}).")
+        if draft.vocab_size < target.vocab_size:
+            raise ValueError(f"speculative_config.model: the draft model's vocabulary ({draft.vocab_size} tokens) is "
+                             f"smaller than the model's ({target.vocab_size}); it must embed every token the model "
+                             "may produce (a draft model shares the model's tokenizer).")
+        if draft.sliding_window is not None and draft.sliding_window < target.max_model_len:
+            raise ValueError(f"speculative_config.model: the draft model has a sliding window "
+                             f"({draft.sliding_window}); a draft model must read the whole context.")
+        return dataclasses.replace(draft, max_model_len=target.max_model_len)
+
     def _multimodal_config(self, cls, hf) -> MultiModalConfig | None:
         """A multimodal architecture's placeholder, its image size in tokens and the per-prompt limits (ValueError
         naming the flag); None for a text-only model, which refuses the multimodal flags."""
@@ -423,23 +467,44 @@ def lora_modules(entries: list) -> tuple:
 
 
 def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
-    """`--speculative-config` as a SpeculativeConfig (vLLM's fields and defaults), or a ValueError naming the field."""
+    """`--speculative-config` as a SpeculativeConfig (vLLM's fields and defaults), or a ValueError naming the field.
+    A draft model's ModelConfig is added by EngineArgs (`_draft_model_config`), which knows the target's."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
         raise ValueError(f"speculative_config must be a dict (JSON object), got {type(spec).__name__}.")
-    fields = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+    fields = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+              "draft_tensor_parallel_size")
     unknown = sorted(set(spec) - set(fields))
     if unknown:
         raise ValueError(f"speculative_config: unknown fields {unknown}; it takes {', '.join(fields)}.")
-    method = spec.get("method", "ngram")
-    if method not in ("ngram", "[ngram]"):
-        raise ValueError(f"speculative_config.method must be 'ngram' (the only method pagellm has: no draft model "
-                         f"is needed), got {method!r}.")
+    model = spec.get("model")
+    method = spec.get("method")
+    if method is None:  # vLLM infers it from the model: "ngram" names the method, a path a draft model
+        method = "ngram" if model in (None, "ngram", "[ngram]") else "draft_model"
+    if method == "[ngram]":
+        method = "ngram"
+    if method not in ("ngram", "draft_model"):
+        raise ValueError(f"speculative_config.method must be 'ngram' or 'draft_model' (pagellm has no EAGLE, "
+                         f"Medusa or MTP heads), got {method!r}.")
     k = spec.get("num_speculative_tokens")
     if k is None:
         raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
     _positive("speculative_config.num_speculative_tokens", k)
+    if method == "draft_model":
+        if not isinstance(model, str) or not model:
+            raise ValueError("speculative_config.model must be the draft checkpoint's directory for method "
+                             f"'draft_model', got {model!r}.")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if name in spec:
+                raise ValueError(f"speculative_config.{name} applies to method 'ngram', not 'draft_model'.")
+        tp = spec.get("draft_tensor_parallel_size", 1)
+        if tp != 1:
+            raise ValueError(f"speculative_config.draft_tensor_parallel_size must be 1 (the draft model runs "
+                             f"unsharded), got {tp!r}.")
+        return SpeculativeConfig("draft_model", k, model=model)
+    if "draft_tensor_parallel_size" in spec:
+        raise ValueError("speculative_config.draft_tensor_parallel_size applies to method 'draft_model'.")
     lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
     for name, v in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
         if v is not None:

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from pagellm.attention.backend import KVCache, as_bytes
-from pagellm.config import EngineConfig
+from pagellm.config import EngineConfig, ModelConfig
 from pagellm.worker.step_buffers import to_device
 
 logger = logging.getLogger(__name__)
@@ -41,9 +41,14 @@ def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
 
 
 def bytes_per_block(config: EngineConfig) -> int:
-    m = config.model
+    """K and V of one block in every layer; with a draft model (speculative decoding), its layers too: both
+    caches have the same number of blocks."""
+    models = [config.model]
+    spec = config.scheduler.speculative
+    if spec is not None and spec.draft is not None:
+        models.append(spec.draft)
     elem = torch.empty((), dtype=kv_cache_dtype(config)).element_size()
-    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+    return sum(2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem for m in models)
 
 
 def determine_num_blocks(config: EngineConfig) -> int:
@@ -87,8 +92,9 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
-    m = config.model
+def allocate_kv_cache(config: EngineConfig, num_blocks: int, draft: ModelConfig | None = None) -> list[KVCache]:
+    """The cache of the model (or of the draft model `draft`: same blocks, its own layers and heads)."""
+    m = config.model if draft is None else draft
     shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
     t0 = time.perf_counter()
@@ -103,9 +109,10 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
             # steps until every block has been used once (measured: up to a third of a step's time).
             as_bytes(k).zero_()
             as_bytes(v).zero_()
-    gib = num_blocks * bytes_per_block(config) / 2**30
-    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs", num_blocks,
-                config.cache.block_size, num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
+    gib = sum(2 * k.numel() * k.element_size() for k, _ in caches) / 2**30
+    logger.info("KV cache%s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
+                "" if draft is None else " of the draft model", num_blocks, config.cache.block_size,
+                num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
     return caches
 
 

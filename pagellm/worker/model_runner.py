@@ -160,6 +160,12 @@ class ModelRunner:
             self.mm = MultiModalInputs(self.model, self.device, torch_dtype(config.model.dtype))
             if hasattr(self.model, "rope_positions"):
                 self.rope = RopeRows(config.scheduler.max_num_seqs)
+        self.drafter = None  # speculative decoding with a draft model: its model, cache and proposals
+        spec = config.scheduler.speculative
+        if spec is not None and spec.draft is not None:
+            from pagellm.worker.drafter import Drafter
+
+            self.drafter = Drafter(config, self.backend, self.device)
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -170,10 +176,13 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         why_not = self._why_no_graphs()
         # CUDA graphs pad decode batches with rows whose K/V land in one scratch block past the last; multi-step
-        # decode sends the steps past a sequence's last token there.
-        scratch = why_not is None or self.config.scheduler.num_scheduler_steps > 1
+        # decode sends the steps past a sequence's last token there, and a draft model its passes past a sequence's
+        # drafts.
+        scratch = why_not is None or self.config.scheduler.num_scheduler_steps > 1 or self.drafter is not None
         self.kv_caches = allocate_kv_cache(self.config, num_blocks + scratch)
         self.scratch_slot = num_blocks * self.block_size
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_blocks + scratch)
         if why_not is None:
             if self.lora is not None:  # the graphs hold the adapters' update: it runs in every step
                 self.lora.always = True
@@ -192,6 +201,8 @@ class ModelRunner:
             return "a pooling model computes prompts only (the graphs serve decode steps)"
         if self.tp.size > 1:
             return "tensor parallelism"
+        if self.drafter is not None:
+            return "speculative decoding with a draft model (its passes and the checks run eagerly)"
         if not hasattr(self.backend, "attention") and not self.emulate_graphs:
             return f"attention backend {self.backend.name} reads host-side metadata"
         return graphs_supported(self.model)
@@ -218,7 +229,12 @@ class ModelRunner:
         if sched.is_empty:
             return res
         copy_blocks(self.kv_caches, sched.blocks_to_copy)
-        inputs = self._prepare_inputs(sched)
+        drafts = None
+        if self.drafter is not None:
+            copy_blocks(self.drafter.kv_caches, sched.blocks_to_copy)
+            if sched.spec_token_ids:  # the placeholders become the draft model's tokens
+                drafts = self.drafter.propose(self.batch, sched.spec_token_ids, self.scratch_slot)
+        inputs = self._prepare_inputs(sched, drafts)
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
         elif inputs.mm is not None:
@@ -226,6 +242,8 @@ class ModelRunner:
                                 mm_embeds=inputs.mm)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+        if self.drafter is not None:
+            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta)
         driver = self.tp.is_driver
         if self.pooler is not None:
             if driver:
@@ -346,7 +364,8 @@ class ModelRunner:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
 
-    def _prepare_inputs(self, sched: SchedulerOutput) -> _StepInputs:
+    def _prepare_inputs(self, sched: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> _StepInputs:
+        """`drafts`: a draft model's tokens for the scheduler's placeholders (sched.spec_token_ids)."""
         b = self.batch
         seq_ids = list(sched.num_scheduled_tokens)
         rows = np.fromiter((b.row_of[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
@@ -367,7 +386,7 @@ class ModelRunner:
         bs = self.block_size
         slots = b.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
         seq_lens = starts + counts
-        spec_ids = sched.spec_token_ids
+        spec_ids = sched.spec_token_ids if drafts is None else drafts
         n_draft = (np.fromiter((len(spec_ids.get(s, ())) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
                    if spec_ids else None)
         # the chunk reaches the last known token (before any drafts): sample

@@ -194,7 +194,8 @@ def test_steps_with_drafts_yield_several_tokens():
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min .4. must be"),
     ({"num_speculative_tokens": 2, "prompt_lookup_max": 0}, "prompt_lookup_max must be a positive integer"),
-    ({"num_speculative_tokens": 2, "model": "draft"}, "unknown fields \\['model'\\]"),
+    ({"num_speculative_tokens": 2, "model": "draft"}, "speculative_config.model: model directory 'draft' does not"),
+    ({"num_speculative_tokens": 2, "drafter": "x"}, "unknown fields \\['drafter'\\]"),
     ("ngram", "must be a dict"),
 ])
 def test_bad_speculative_config(spec, match):
