@@ -34,14 +34,19 @@ def accepted(llm):
     return llm.llm_engine.get_stats().spec_num_accepted_tokens
 
 
-@pytest.fixture(scope="module")
-def hf_long():
+def hf_long_outputs():
+    """Hugging Face's greedy tokens and logprobs for PROMPTS under LONG (the demo model)."""
     from transformers import AutoTokenizer
 
     from tests.hf_reference import hf_greedy
 
     tok = AutoTokenizer.from_pretrained(DEMO)
     return [hf_greedy(DEMO, tok(p)["input_ids"], sp.max_tokens) for p, sp in zip(PROMPTS, LONG)]
+
+
+@pytest.fixture(scope="module")
+def hf_long():
+    return hf_long_outputs()
 
 
 @pytest.mark.parametrize("backend", ["torch_ref", "cpu_paged"])

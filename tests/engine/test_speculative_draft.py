@@ -19,7 +19,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.engine.arg_utils import EngineArgs
 from tests.engine.test_async_scheduling import assert_all_free, tokens_and_logprobs
 from tests.engine.test_multi_step import MIXED, assert_same_outputs, summary
-from tests.engine.test_speculative import LONG, accepted, generate, hf_long  # noqa: F401 (fixture)
+from tests.engine.test_speculative import LONG, accepted, generate, hf_long_outputs
 from tests.worker.test_cuda_graphs import DEMO, PROMPTS, assert_same
 
 
@@ -41,6 +41,11 @@ def draft2(tmp_path_factory) -> str:
     save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2},
               os.path.join(out, "model.safetensors"))
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_long():
+    return hf_long_outputs()
 
 
 def spec(draft, k=4):
