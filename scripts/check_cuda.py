@@ -1,15 +1,18 @@
 """Check the engine on a CUDA GPU against Hugging Face on the same GPU (greedy tokens, logprobs).
 
     python scripts/check_cuda.py [--enforce-eager] [--no-async-scheduling] [--attention-backend NAME]
-                                 [--hf-device cpu] [--num-scheduler-steps K] [--speculative K] [--lora]
+                                 [--hf-device cpu] [--num-scheduler-steps K] [--speculative K]
+                                 [--draft-model DIR|self] [--lora]
                                  [--pooling] [--images] [MODEL_DIR ...]
         (default: the tiny test checkpoints, built if missing, and the demo model)
 
 Runs pagellm with device="cuda" (the default attention backend there: the Triton kernel; decode
 batches through CUDA graphs unless --enforce-eager; the next step scheduled while one runs unless
 --no-async-scheduling; K decode steps per scheduling round with --num-scheduler-steps; K n-gram draft tokens
-per step with --speculative, whose steps with drafts run eagerly; every prompt through a random rank-8 LoRA adapter
-on all attention and MLP projections with --lora, against transformers with the adapter merged into its weights;
+per step with --speculative, whose steps with drafts run eagerly (with --draft-model, a draft model's K drafts
+instead: DIR, or `self` for each checked model as its own draft; every step then runs eagerly); every prompt
+through a random rank-8 LoRA adapter on all attention and MLP projections with --lora, against transformers with
+the adapter merged into its weights;
 with --pooling, the checkpoint's decoder as an embedding model (mean and last-token pooling, chunked prompts) and with
 a random classification head, plus a tiny BERT embedder and cross-encoder, against transformers' hidden states and
 logits; with --images, a tiny LLaVA and a tiny Qwen2-VL with image prompts, chunked and whole) and
@@ -67,9 +70,17 @@ def random_adapter(hf, out_dir: str, rank: int = 8, alpha: int = 16) -> str:
     return out_dir
 
 
+def spec_config(path: str, k: int, draft: str | None) -> dict | None:
+    if not k:
+        return None
+    if draft:
+        return {"model": path if draft == "self" else draft, "num_speculative_tokens": k}
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
 def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bool = False,
           async_scheduling: bool = True, attention_backend: str = "auto", hf_device: str = "cuda",
-          num_scheduler_steps: int = 1, speculative: int = 0, lora: bool = False) -> bool:
+          num_scheduler_steps: int = 1, speculative: int = 0, lora: bool = False, draft: str | None = None) -> bool:
     from transformers import AutoModelForCausalLM
 
     from pagellm import LLM, LoRARequest, SamplingParams
@@ -82,12 +93,11 @@ def check(path: str, n_prompts: int = 8, max_tokens: int = 24, enforce_eager: bo
     llm = LLM(path, device="cuda", num_gpu_blocks_override=512, enforce_eager=enforce_eager, enable_lora=lora,
               async_scheduling=async_scheduling, max_num_seqs=6,  # fewer rows than prompts
               attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
-              speculative_config={"method": "ngram", "num_speculative_tokens": speculative, "prompt_lookup_max": 3,
-                                  "prompt_lookup_min": 1} if speculative else None)
+              speculative_config=spec_config(path, speculative, draft))
     vocab = llm.llm_engine.config.model.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(8, vocab) for _ in range(rng.randint(1, 90))] for _ in range(n_prompts)]
-    if speculative:  # prompts that repeat themselves, so that drafts are found and some accepted
+    if speculative and not draft:  # prompts that repeat themselves, so that drafts are found and some accepted
         prompts = [p[:12] * 4 for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     t = time.perf_counter()
@@ -241,7 +251,8 @@ def main() -> int:
     hf_device = args[args.index("--hf-device") + 1] if "--hf-device" in args else "cuda"
     steps = int(args[args.index("--num-scheduler-steps") + 1]) if "--num-scheduler-steps" in args else 1
     spec = int(args[args.index("--speculative") + 1]) if "--speculative" in args else 0
-    valued = ("--attention-backend", "--hf-device", "--num-scheduler-steps", "--speculative")
+    draft = args[args.index("--draft-model") + 1] if "--draft-model" in args else None
+    valued = ("--attention-backend", "--hf-device", "--num-scheduler-steps", "--speculative", "--draft-model")
     lora = "--lora" in args
     paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] not in valued)]
     if not paths:
@@ -254,7 +265,8 @@ def main() -> int:
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,
-                     num_scheduler_steps=steps, speculative=spec, lora=lora) for p in paths]
+                     num_scheduler_steps=steps, speculative=spec or (3 if draft else 0), lora=lora, draft=draft)
+               for p in paths]
     return 0 if all(results) else 1
 
 

@@ -27,7 +27,8 @@
 #   cases       every attention case on the GPU (windows, soft-cap, head sizes, fp8)
 #   gpu_tests   every test that needs a CUDA GPU
 #   spec        speculative decoding (n-gram drafts): greedy output against HF with 4 drafts per step, and the
-#               demo model's speedup at batch 1 and 16 (pagellm bench speculative)
+#               demo model's speedup at batch 1 and 16 (pagellm bench speculative); then with a draft model (each
+#               model as its own draft against HF; the demo model with its shipped 2-layer draft at batch 1)
 #   lora        a random LoRA adapter on every projection against HF with it merged, CUDA graphs then eager
 #   pooling     decoders as embedding models (mean / last-token pooling, chunked) and classifiers against HF
 #   images      a tiny LLaVA and a tiny Qwen2-VL with image prompts (whole and chunked) against HF, graphs and eager
@@ -120,6 +121,9 @@ stage_spec() {
     $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/mistral pagellm/assets/shakespeare-llama --speculative 4
     $PY -m pagellm bench speculative --device cuda --rounds 3 --output-json "$OUT/speculative_b1.json"
     $PY -m pagellm bench speculative --device cuda --rounds 3 --batch-size 16 --output-json "$OUT/speculative_b16.json"
+    $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 pagellm/assets/shakespeare-llama --draft-model self
+    $PY -m pagellm bench speculative --device cuda --rounds 3 --draft-model pagellm/assets/shakespeare-llama-draft \
+        --output-json "$OUT/speculative_draft_b1.json"
 }
 stage_lora() {
     $PY scripts/check_cuda.py $MODELS/llama $MODELS/gpt2 $MODELS/gpt_neox $MODELS/gemma3 pagellm/assets/shakespeare-llama \

@@ -294,6 +294,19 @@ def test_smoke_speculative(tmp_path):
     assert 0 < report["acceptance_rate"] <= 1 and report["tokens_per_step_with_drafts"] > 1
 
 
+def test_smoke_speculative_draft_model(tmp_path):
+    """--draft-model: the demo model as its own draft agrees on every greedy token (k + 1 tokens per step)."""
+    from tests.worker.test_cuda_graphs import DEMO
+
+    out = tmp_path / "spec.json"
+    text = bench("speculative", "--draft-model", DEMO, "--num-speculative-tokens", "3", "--output-len", "40",
+                 "--rounds", "1", "--output-json", str(out))
+    report = json.loads(out.read_text())
+    assert "same tokens as plain decoding: yes" in text and "draft model" in text
+    assert report["method"] == "draft_model" and report["acceptance_rate"] == 1.0
+    assert report["steps_per_token"]["draft"] <= 0.3
+
+
 def test_smoke_lora(llama_path, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora.json"

@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "peak": ("peak", "GEMM rate, memory bandwidth and the workload's throughput bound."),
     "attention": ("attention", "Paged-attention kernel micro-benchmark: time per call and achieved GB/s."),
     "profile": ("profile", "Where a decode step goes: wall vs device busy time, top kernels / operators."),
-    "speculative": ("speculative", "Speculative decoding (n-gram drafts) against plain decoding on the same requests."),
+    "speculative": ("speculative", "Speculative decoding (n-gram or draft-model drafts) against plain decoding."),
     "embed": ("embed", "Embedding throughput of the pooling runner against transformers on the same prompts."),
     "images": ("images", "Throughput on prompts with images (LLaVA) against transformers on the same requests."),
     "lora": ("lora", "What serving LoRA adapters costs: base model vs one adapter vs mixed adapters."),

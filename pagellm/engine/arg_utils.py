@@ -87,14 +87,16 @@ class EngineArgs:
         choices=("fcfs", "priority"))
     speculative_config: dict | None = _f(
         None, "Speculative decoding, a JSON object as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}'. Each decoding sequence proposes up to "
-              "num_speculative_tokens tokens, those that followed the latest earlier occurrence of its last n tokens "
-              "(n from prompt_lookup_max down to prompt_lookup_min; both 5 when neither is given), and one step "
-              "checks them all: a step yields every proposed token the model agrees with, plus one. Outputs are the "
-              "same as without it, sampled ones included (each position samples with its own seed and output index). "
-              "Sequences with structured outputs or beam search, and steps with prompt tokens of the same "
-              "sequence, do not speculate; a request that speculates runs steps one at a time (no async "
-              "scheduling, no multi-step rounds) while it lives.")
+              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"model\": \"DRAFT_DIR\", "
+              "\"num_speculative_tokens\": 4}' (method draft_model). Each decoding sequence proposes up to "
+              "num_speculative_tokens tokens: with ngram those that followed the latest earlier occurrence of its last "
+              "n tokens (n from prompt_lookup_max down to prompt_lookup_min; both 5 when neither is given), with a "
+              "draft model (a smaller checkpoint with the same tokenizer, its own KV cache beside the model's) its "
+              "greedy tokens; one step checks them all: a step yields every proposed token the model agrees with, "
+              "plus one. Outputs are the same as without it, sampled ones included (each position samples with its "
+              "own seed and output index). Sequences with structured outputs or beam search, and steps with prompt "
+              "tokens of the same sequence, do not speculate; a request that speculates runs steps one at a time (no "
+              "async scheduling, no multi-step rounds) while it lives.")
     runner: str = _f("auto", "What the model serves: generate (text), pooling (embeddings, classification: "
                              "LLM.embed / classify / score, /v1/embeddings, /classify, /score, /rerank), or auto: "
                              "pooling for *Model and *ForSequenceClassification checkpoints, else generate.",
