@@ -249,3 +249,19 @@ def test_draft_models_that_cannot_serve(tiny_models):
 
     both = cfg(DEMO, DEMO)
     assert bytes_per_block(both) == 2 * bytes_per_block(EngineArgs(model=DEMO).create_engine_config())
+
+
+def test_the_shipped_draft_model_of_the_demo_model():
+    """pagellm/assets/shakespeare-llama-draft: trained on the demo model's texts with its tokenizer, it proposes
+    what the demo model writes often enough that greedy decoding takes far fewer steps than tokens."""
+    draft = os.path.join(os.path.dirname(DEMO), "shakespeare-llama-draft")
+    with open(os.path.join(draft, "tokenizer.json")) as a, open(os.path.join(DEMO, "tokenizer.json")) as b:
+        assert a.read() == b.read()
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    runs = []
+    for d in (None, draft):
+        llm = make(d)
+        out = generate(llm, params, ["My lord,"])[0]
+        runs.append((llm.llm_engine.stats.num_steps, out.outputs[0].token_ids))
+    assert runs[1][1] == runs[0][1]
+    assert runs[0][0] == 100 and runs[1][0] < 50 and acceptance(llm) > 0.3
