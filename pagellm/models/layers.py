@@ -16,6 +16,7 @@ covers all of them). The loader (models/loader.py) only routes names.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -33,6 +34,8 @@ from pagellm.models.weight_utils import (  # noqa: F401 - the loaders' home; re-
     set_weight_loader,
     transposed_loader,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:
@@ -213,17 +216,23 @@ class FusedMoE(nn.Module):
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 
 
-def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(hf_config, layer_type: str | None = None, max_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling, from Hugging Face's own RoPE initialisers. `layer_type`: configs
-    whose rope_parameters differ per kind of layer (Gemma 3: {"sliding_attention": ..., "full_attention": ...})."""
+    whose rope_parameters differ per kind of layer (Gemma 3: {"sliding_attention": ..., "full_attention": ...}).
+
+    LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) has two sets of factors: transformers turns a sequence with the
+    short ones while it fits original_max_position_embeddings and recomputes it with the long ones once it is
+    longer. Here, as in vLLM, `max_len` (max_model_len) picks one set for every sequence: the short factors when no
+    sequence can outgrow the original length, the long ones otherwise (transformers' output for prompts longer
+    than that length; shorter prompts are turned as transformers would turn them past it)."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     if layer_type is not None:
         params = params[layer_type]
     scaling = getattr(hf_config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type in ("dynamic", "longrope"):
+    if rope_type == "dynamic":
         raise ValueError(f"rope_scaling type {rope_type!r} depends on the batch's sequence length and is not "
-                         "supported; supported: default, linear, llama3, yarn.")
+                         "supported; supported: default, linear, llama3, yarn, longrope.")
     if rope_type == "default":
         base = params.get("rope_theta") or getattr(hf_config, "rope_theta", 10000.0)
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -232,6 +241,14 @@ def rope_inv_freq(hf_config, layer_type: str | None = None) -> tuple[torch.Tenso
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     fn = ROPE_INIT_FUNCTIONS[rope_type]
+    if rope_type == "longrope":
+        original = params.get("original_max_position_embeddings") or hf_config.original_max_position_embeddings
+        long = max_len is not None and max_len > original
+        logger.info("LongRoPE: the %s factors for every sequence (max_model_len %s %s original_max_position_embeddings "
+                    "%d)", "long" if long else "short", max_len, ">" if long else "<=", original)
+        kw = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, attn_scaling = fn(hf_config, None, seq_len=max_len, **kw)
+        return inv_freq.float(), float(attn_scaling)
     try:
         inv_freq, attn_scaling = fn(hf_config) if layer_type is None else fn(hf_config, layer_type=layer_type)
     except TypeError:  # transformers 4.x signature
@@ -244,7 +261,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, hf_config, max_len: int, layer_type: str | None = None) -> None:
         super().__init__()
-        inv_freq, attn_scaling = rope_inv_freq(hf_config, layer_type)
+        inv_freq, attn_scaling = rope_inv_freq(hf_config, layer_type, max_len)
         freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, rotary_dim)
         self.register_buffer("cos", emb.cos() * attn_scaling, persistent=False)
