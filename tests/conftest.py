@@ -28,7 +28,7 @@ def tiny_models() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vlm_models() -> dict[str, str]:
     """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
-    from multimodal_models import build_llava, build_qwen2_vl
+    from multimodal_models import build_gemma3, build_llava, build_qwen2_vl
 
     root = os.path.join(MODELS_DIR, "multimodal")
     return {
@@ -41,6 +41,8 @@ def vlm_models() -> dict[str, str]:
                                     siglip=True),
         "qwen2-vl": build_qwen2_vl(os.path.join(root, "qwen2-vl")),
         "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
+        # SigLIP pooled to 4 positions per image, Gemma 3's decoder, bidirectional attention within an image
+        "gemma3": build_gemma3(os.path.join(root, "gemma3")),
     }
 
 

@@ -61,6 +61,9 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     max_query_len: int = 0  # most new tokens of one sequence (1: a decode-only batch); 0 = derive it
+    # images whose positions attend to each other both ways (Gemma 3), computed whole in this step: (first batch
+    # row, rows, first position, image start, image end, the sequence's block table row on the device)
+    image_blocks: list | None = None
 
     def __post_init__(self) -> None:
         if not self.max_query_len:
@@ -189,6 +192,12 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
     mask = k_pos <= q_pos
     if params.sliding_window is not None:
         mask &= k_pos > q_pos - params.sliding_window
+    return masked_attention(qi, ki, vi, mask, params)
+
+
+def masked_attention(qi: torch.Tensor, ki: torch.Tensor, vi: torch.Tensor, mask: torch.Tensor,
+                     params: AttentionParams) -> torch.Tensor:
+    """qi (1, H, L, D), ki / vi (1, H, n, D), mask (L, n) of the keys each query sees -> (L, H, D)."""
     if params.logits_soft_cap is None:
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=params.scale)
         return out[0].transpose(0, 1)
@@ -196,8 +205,49 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
     cap = params.logits_soft_cap
     scores = torch.tanh(torch.matmul(qi[0], ki[0].transpose(1, 2)) * params.scale / cap) * cap  # (H, L, n)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qi.dtype)
     return torch.matmul(probs, vi[0]).transpose(0, 1)
+
+
+def image_block_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                          params: AttentionParams) -> None:
+    """Gemma 3: the rows of an image computed in this step attend to every position of that image, later ones
+    included, besides what causal attention gives them (transformers' mask: causal OR the same image, then the
+    layer's window). The backend has written the step's K/V and computed the rows causally; they are computed
+    again here from the cache, over the keys up to the image's end.
+
+        image at 10 .. 13, window 12: query 11 sees keys 0 .. 13 (a global layer), 0 .. 13 (sliding: 11 - 0 < 12)
+    """
+    for row, n, pos, lo, hi, table in meta.image_blocks:
+        start = params.first_key(pos)
+        k, v = gather_context(kv_cache, table, start, hi)
+        k, v = from_cache(k, q.dtype, params.k_scale), from_cache(v, q.dtype, params.v_scale)
+        groups = q.shape[1] // k.shape[1]
+        qi = q[row:row + n].transpose(0, 1)[None]
+        ki = expand_kv(k, groups).transpose(0, 1)[None]
+        vi = expand_kv(v, groups).transpose(0, 1)[None]
+        q_pos = torch.arange(pos, pos + n, device=q.device)[:, None]
+        k_pos = torch.arange(start, hi, device=q.device)[None, :]
+        mask = (k_pos <= q_pos) | (k_pos >= lo)  # every key up to hi: causal, or inside the image
+        if params.sliding_window is not None:
+            mask &= q_pos - k_pos < params.sliding_window
+        out[row:row + n] = masked_attention(qi, ki, vi, mask, params)
+
+
+def gather_context(kv_cache: KVCache, block_table: torch.Tensor, start: int,
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions start .. seq_len - 1 of one sequence: each (seq_len - start, kv_heads, head_dim).
+
+    block_size 4, start 6, seq_len 10: blocks table[1], table[2] are read, rows 2.. of the first.
+    """
+    k_cache, v_cache = kv_cache
+    bs, kvh, d = k_cache.shape[1:]
+    first = start // bs
+    blocks = block_table[first: -(-seq_len // bs)].long()
+    skip = start - first * bs
+    k = k_cache[blocks].reshape(-1, kvh, d)[skip:seq_len - first * bs]
+    v = v_cache[blocks].reshape(-1, kvh, d)[skip:seq_len - first * bs]
+    return k, v
 
 
 def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

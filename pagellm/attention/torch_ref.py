@@ -19,6 +19,7 @@ from pagellm.attention.backend import (
     PagedBackendBase,
     dense_attention,
     from_cache,
+    gather_context,
     is_fp8,
 )
 
@@ -29,22 +30,6 @@ class TorchRefBackend(PagedBackendBase):
     def paged(self, out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
               params: AttentionParams) -> None:
         paged_attention_ref(out, q, kv_cache, meta, params, meta.paged_seqs)
-
-
-def gather_context(kv_cache: KVCache, block_table: torch.Tensor, start: int,
-                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of positions start .. seq_len - 1 of one sequence: each (seq_len - start, kv_heads, head_dim).
-
-    block_size 4, start 6, seq_len 10: blocks table[1], table[2] are read, rows 2.. of the first.
-    """
-    k_cache, v_cache = kv_cache
-    bs, kvh, d = k_cache.shape[1:]
-    first = start // bs
-    blocks = block_table[first: -(-seq_len // bs)].long()
-    skip = start - first * bs
-    k = k_cache[blocks].reshape(-1, kvh, d)[skip:seq_len - first * bs]
-    v = v_cache[blocks].reshape(-1, kvh, d)[skip:seq_len - first * bs]
-    return k, v
 
 
 def paged_attention_ref(out: torch.Tensor, q: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,

@@ -93,6 +93,17 @@ def _may_speculate(req: Request) -> bool:
     return not _reads_sampled_tokens(req) and req.sampling_params.structured_outputs is None
 
 
+def _cut_before_whole_image(req: Request, start: int, num_new: int) -> int:
+    """A chunk [start, start + num_new) shortened so that it does not end inside an image whose positions attend to
+    each other both ways (Gemma 3): such an image is computed in one step, from its first position not yet computed
+    (0: the sequence waits for a step with room for it)."""
+    end = start + num_new
+    for f in req.mm_features:
+        if f.whole and f.offset < end < f.end:
+            return max(f.offset - start, 0)
+    return num_new
+
+
 def check_request_fits(config: SchedulerConfig, block_size: int, num_blocks: int, sliding_window: int | None,
                        num_prompt_tokens: int, max_tokens: int, max_seqs: int) -> None:
     """ValueError if a request of this shape could never run, however empty the engine (usable away from the
@@ -445,6 +456,8 @@ class Scheduler:
         num_new = min(target - computed - cached, plan.budget)
         if num_new < target - computed - cached and not self.config.chunked_prefill:
             return True  # an encoder-only model's prompt is computed whole: it waits for a step with room
+        if num_new < target - computed - cached and req.mm_features:
+            num_new = _cut_before_whole_image(req, computed + cached, num_new)
         if num_new <= 0 and not cached:
             return True
         alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)

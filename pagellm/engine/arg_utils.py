@@ -202,6 +202,11 @@ class EngineArgs:
         from pagellm.models.registry import get_model_class
 
         encoder = getattr(get_model_class(model_cfg.architecture), "is_encoder", False)
+        mm = model_cfg.multimodal
+        if (mm is not None and getattr(get_model_class(model_cfg.architecture), "bidirectional_images", False)
+                and batched < mm.image_tokens):
+            raise ValueError(f"{model_cfg.architecture} computes an image's {mm.image_tokens} positions in one step: "
+                             f"max_num_batched_tokens ({batched}) must be >= {mm.image_tokens}.")
         prefix_caching, num_blocks = self.enable_prefix_caching, self.num_gpu_blocks_override
         if encoder:  # bidirectional attention: whole prompts in one step, nothing cached or shared
             if batched < max_len:

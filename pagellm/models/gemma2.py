@@ -105,10 +105,11 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         else:
             self.rotaries = None
 
-    def forward(self, input_ids, positions, kv_caches, meta, backend):
+    def forward(self, input_ids, positions, kv_caches, meta, backend, inputs_embeds=None):
         if self.rotaries is None:
-            return super().forward(input_ids, positions, kv_caches, meta, backend)
-        x = self.embed(input_ids)
+            return super().forward(input_ids, positions, kv_caches, meta, backend, inputs_embeds=inputs_embeds)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         for layer, kind, kv_cache in zip(self.model.layers, self.layer_rotary, kv_caches):
             x = layer(positions, x, self.rotaries[kind], kv_cache, meta, backend)
         return self.model.norm(x)
+

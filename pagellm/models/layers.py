@@ -22,7 +22,13 @@ import os
 import torch
 from torch import nn
 
-from pagellm.attention.backend import AttentionBackend, AttentionMetadata, AttentionParams, KVCache
+from pagellm.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionParams,
+    KVCache,
+    image_block_attention,
+)
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part
 from pagellm.models.weight_utils import (  # noqa: F401 - the loaders' home; re-exported for model files
@@ -333,4 +339,6 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.params)
+        if meta.image_blocks:  # Gemma 3's images attend to themselves both ways
+            image_block_attention(out, q, kv_cache, meta, self.params)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -14,6 +14,7 @@ class MultiModalFeature:
     offset: int  # first prompt position of its placeholders
     length: int  # placeholder positions it fills (one feature each)
     data: Any = None  # pixel values (3, H, W), a float32 numpy array
+    whole: bool = False  # its positions attend to each other both ways (Gemma 3): computed in one step
 
     @property
     def end(self) -> int:

@@ -3,6 +3,8 @@
     add(seq_id, features) / forget(seq_id)            as sequences arrive and leave (finish, preemption)
     step(seq_ids, starts, counts, cu) -> (index, features) | None
         index (M,): the batch rows of this step that are image positions; features (M, hidden): what they hold
+    whole_blocks: after step(), the images of the step whose positions attend to each other both ways (Gemma 3):
+        (first batch row, rows, first position, image start, image end, sequence index in the step) each
 
 RopeRows (multimodal RoPE, Qwen2-VL): per InputBatch row, the prompt's image stretch [a, b), the 3-D positions
 of that stretch and the rotary offset after it, so a step's rotary positions are one vectorized expression
@@ -28,6 +30,7 @@ class MultiModalInputs:
         self.pending: dict[int, list] = {}  # seq_id -> its MultiModalFeatures with positions left to compute
         self.cache: dict[tuple[int, str], torch.Tensor] = {}  # (seq_id, identifier) -> (length, hidden) features
         self.num_encoded = 0  # images run through the vision encoder so far
+        self.whole_blocks: list[tuple[int, int, int, int, int, int]] = []  # this step's bidirectional images
 
     def add(self, seq_id: int, features: list) -> None:
         self.pending[seq_id] = list(features)
@@ -39,6 +42,7 @@ class MultiModalInputs:
 
     def step(self, seq_ids: list[int], starts: np.ndarray, counts: np.ndarray,
              cu: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self.whole_blocks = []
         if not self.pending:
             return None
         parts = []  # (cache key, first feature row, end row, first batch row)
@@ -51,6 +55,10 @@ class MultiModalInputs:
                 if f.overlaps(s, e):
                     lo, hi = max(s, f.offset), min(e, f.end)
                     parts.append(((sid, f.identifier), f, lo - f.offset, hi - f.offset, int(cu[k]) + lo - s))
+                    if f.whole:
+                        if hi != f.end:
+                            raise RuntimeError("a step ends inside an image whose positions attend to each other")
+                        self.whole_blocks.append((int(cu[k]) + lo - s, hi - lo, lo, f.offset, f.end, k))
             left = [f for f in feats if f.end > e]
             if left:
                 self.pending[sid] = left

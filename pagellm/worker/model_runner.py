@@ -441,6 +441,9 @@ class ModelRunner:
         pool = None
         if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)
             pool = list(zip(seq_ids, cu[:-1].tolist(), cu[1:].tolist(), fresh.tolist(), ends_known.tolist()))
+        if mm is not None and self.mm.whole_blocks:  # Gemma 3: images attend to themselves both ways
+            meta.image_blocks = [(row, n, pos, lo, hi, t["block_tables"][k])
+                                 for row, n, pos, lo, hi, k in self.mm.whole_blocks]
         if rope3 is not None:
             t["positions"] = torch.zeros(3, padded, dtype=torch.int64)
             t["positions"][:, :total] = torch.from_numpy(rope3)

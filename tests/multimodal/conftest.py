@@ -35,6 +35,8 @@ def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens
         if "image_grid_thw" in x:  # Qwen2-VL: the grids, and which tokens are image positions (for M-RoPE)
             kw["image_grid_thw"] = x["image_grid_thw"]
             kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+        if model.config.model_type == "gemma3":  # as its processor marks them: image positions attend both ways
+            kw["token_type_ids"] = (ids == model.config.image_token_index).long()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
     tokens = out.sequences[0, len(prompt_ids):].tolist()

@@ -1,0 +1,144 @@
+"""Gemma 3 with images (Gemma3ForConditionalGeneration: gemma-3-4b/12b/27b, MedGemma).
+
+    pixel_values (N, 3, 896, 896) -> SigLIP (transformers' module) -> last hidden state (N, 4096 patches, vision
+        hidden) -> average pool 4x4 over the patch grid -> (N, 256, vision hidden) -> Gemma RMSNorm -> x W
+        -> image features (N, mm_tokens_per_image, text hidden)
+    input_ids -> Gemma 3's scaled embeddings, the rows of image positions replaced by the features -> pagellm's
+        Gemma3ForCausalLM -> hidden
+
+The prompt holds "<start_of_image>" where an image goes; as Gemma 3's processor does, it becomes
+"\\n\\n<start_of_image>" + mm_tokens_per_image x "<image_soft_token>" + "<end_of_image>\\n\\n", the features filling
+the soft tokens (`image_replacement`). Those positions attend to each other both ways (transformers builds the
+mask from the processor's token_type_ids): an image's positions are computed in one step (the scheduler does not
+end a chunk inside one), and the attention layers recompute their rows with the image's later keys too
+(attention/backend.py, `image_block_attention`). Everything else is Gemma 3's text path, sharded as usual; the
+vision tower and projector are replicated.
+
+Checkpoint names: the hub's ("language_model.model.*", "vision_tower.vision_model.*", "multi_modal_projector.*")
+and transformers 5's ("model.language_model.*", "model.vision_tower.*", "lm_head.*").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagellm.config import ModelGeometry
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.base import VisionLanguageModel
+from pagellm.models.gemma2 import Gemma3ForCausalLM
+from pagellm.models.layers import GemmaRMSNorm
+from pagellm.models.parallel_layers import SINGLE
+
+
+class Gemma3MultiModalProjector(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        v = config.vision_config
+        self.mm_input_projection_weight = nn.Parameter(torch.empty(v.hidden_size, config.text_config.hidden_size))
+        self.mm_soft_emb_norm = GemmaRMSNorm(v.hidden_size, eps=v.layer_norm_eps)
+        self.patches_per_side = v.image_size // v.patch_size
+        tokens_per_side = int(config.mm_tokens_per_image ** 0.5)
+        self.kernel = self.patches_per_side // tokens_per_side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, patches, vision hidden) -> (N, mm_tokens_per_image, text hidden)
+        n, _, h = x.shape
+        grid = x.transpose(1, 2).reshape(n, h, self.patches_per_side, self.patches_per_side)
+        pooled = nn.functional.avg_pool2d(grid, self.kernel, self.kernel).flatten(2).transpose(1, 2)
+        return torch.matmul(self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight).type_as(x)
+
+
+class Gemma3ForConditionalGeneration(VisionLanguageModel):
+    bidirectional_images = True  # an image's positions attend to each other both ways
+
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        return Gemma3ForCausalLM.geometry(config.text_config, tp_size)
+
+    @classmethod
+    def placeholder_id(cls, config) -> int:
+        """What the prompt holds where an image goes: <start_of_image>."""
+        return config.boi_token_index
+
+    @classmethod
+    def feature_token_id(cls, config) -> int:
+        """The positions an image's features fill: <image_soft_token>."""
+        return config.image_token_index
+
+    @classmethod
+    def image_tokens(cls, config) -> int:
+        return config.mm_tokens_per_image
+
+    @classmethod
+    def image_replacement(cls, config, tokenizer) -> tuple[list[int], list[int]]:
+        """What surrounds an image's soft tokens in place of the prompt's <start_of_image>: ("\\n\\n<start_of_image>",
+        "<end_of_image>\\n\\n") as token ids (without a tokenizer, prompts must come expanded)."""
+        if tokenizer is None:
+            raise ValueError("expanding <start_of_image> needs the tokenizer; without one, send the prompt expanded "
+                             "as Gemma 3's processor writes it.")
+        newlines = tokenizer.encode("\n\n", add_special_tokens=False)
+        return newlines + [config.boi_token_index], [config.eoi_token_index] + newlines
+
+    @classmethod
+    def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
+        out = image_processor(images=[image], return_tensors="pt", **kwargs)
+        pixels = out["pixel_values"]
+        if pixels.shape[0] != 1:
+            raise ValueError(f"the image processor made {pixels.shape[0]} crops of one image (pan and scan); "
+                             "pagellm takes one per image.")
+        size = config.vision_config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])} pixels; the vision tower takes "
+                             f"{size} x {size}.")
+        return config.mm_tokens_per_image, pixels[0].float().numpy().copy()
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        self.language_model = Gemma3ForCausalLM(config.text_config, max_model_len, tp)
+        vision = config.vision_config
+        vision._attn_implementation = "sdpa"
+        self.vision_tower = AutoModel.from_config(vision)  # transformers' SigLIP vision model
+        self.multi_modal_projector = Gemma3MultiModalProjector(config)
+        self.image_token_id = config.image_token_index
+        self.vocab_size = config.text_config.vocab_size
+        self._vision_names = {n for n, _ in self.vision_tower.named_parameters()}
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        for prefix in ("model.", ""):
+            if name.startswith(prefix + "language_model."):
+                rest = name[len(prefix + "language_model."):]
+                if prefix == "model.":
+                    rest = "model." + rest  # transformers 5: model.language_model.layers.* -> model.layers.*
+                return self._language(rest)
+        if name.startswith("lm_head."):
+            return self._language(name)
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name.startswith("vision_tower."):
+            rest = name[len("vision_tower."):]
+            if rest not in self._vision_names and rest.startswith("vision_model."):
+                rest = rest[len("vision_model."):]
+            elif rest not in self._vision_names and "vision_model." + rest in self._vision_names:
+                rest = "vision_model." + rest
+            if rest.endswith("position_ids"):
+                return None
+            return "vision_tower." + rest, None
+        if name.startswith("multi_modal_projector."):
+            return name, None
+        return None
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+
+    def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        pixels = torch.from_numpy(np.stack(data)).to(device, dtype)
+        hidden = self.vision_tower(pixel_values=pixels).last_hidden_state
+        return list(self.multi_modal_projector(hidden))
