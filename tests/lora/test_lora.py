@@ -145,9 +145,12 @@ def test_prefix_cache_is_per_adapter(tiny_models, adapters):
     assert tokens_and_logprobs(base)[0] != tokens_and_logprobs(first)[0]
 
 
-def test_speculative_decoding_and_preemption_with_adapters(tiny_models, adapters):
-    """Drafts checked under an adapter, and requests preempted and recomputed from a short pool: still PEFT's."""
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_and_preemption_with_adapters(tiny_models, adapters, method):
+    """Drafts checked under an adapter (n-grams, or the base model as a draft without the adapter), and requests
+    preempted and recomputed from a short pool: still PEFT's."""
+    spec = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+            if method == "ngram" else {"model": tiny_models["llama"], "num_speculative_tokens": 3})
     llm = LLM(tiny_models["llama"], enable_lora=True, max_lora_rank=8, num_gpu_blocks_override=12, block_size=4,
               speculative_config=spec, max_num_seqs=4)
     lora = LoRARequest("llama_all", 1, adapters["llama_all"][1])
