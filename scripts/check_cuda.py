@@ -206,15 +206,16 @@ def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -
     """A tiny vision-language model (llava: CLIP + LLaMA; qwen2-vl: M-RoPE; gemma3: images attending to themselves
     both ways) with prompts of zero to two images,
     prompts whole and in 8-token chunks, against transformers on the same device: greedy tokens equal."""
-    from multimodal_models import build_gemma3, build_llava, build_qwen2_vl, images
+    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_qwen2_vl, images
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from pagellm import LLM, SamplingParams
 
     tmp = tempfile.mkdtemp(prefix=f"pagellm-{kind}-")
-    build = {"llava": build_llava, "qwen2-vl": build_qwen2_vl, "gemma3": build_gemma3}[kind]
+    build = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
+             "gemma3": build_gemma3}[kind]
     path = build(os.path.join(tmp, kind))
-    ph = {"llava": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    ph = {"llava": "<image>", "llava-next": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
           "gemma3": "<start_of_image>"}[kind]
     imgs = images(3)
     prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
@@ -234,6 +235,8 @@ def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -
                 ims = p["multi_modal_data"]["image"]
                 x = proc(images=ims if isinstance(ims, list) else [ims], return_tensors="pt")
                 kw["pixel_values"] = x["pixel_values"].to(hf_device)
+                if "image_sizes" in x:
+                    kw["image_sizes"] = x["image_sizes"].to(hf_device)
                 if "image_grid_thw" in x:
                     kw["image_grid_thw"] = x["image_grid_thw"].to(hf_device)
                     kw["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
@@ -266,7 +269,7 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     if "--images" in args:
-        return 0 if all([check_vlm(k, hf_device, eager) for k in ("llava", "qwen2-vl", "gemma3")]) else 1
+        return 0 if all([check_vlm(k, hf_device, eager) for k in ("llava", "llava-next", "qwen2-vl", "gemma3")]) else 1
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,

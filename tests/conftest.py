@@ -28,7 +28,7 @@ def tiny_models() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vlm_models() -> dict[str, str]:
     """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
-    from multimodal_models import build_gemma3, build_llava, build_qwen2_vl
+    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_qwen2_vl
 
     root = os.path.join(MODELS_DIR, "multimodal")
     return {
@@ -39,6 +39,8 @@ def vlm_models() -> dict[str, str]:
         # a SigLIP tower (no class token) and a Qwen2 language model with tied embeddings (LLaVA-Interleave-Qwen)
         "llava-siglip": build_llava(os.path.join(root, "llava-siglip"), strategy="full", feature_layer=-1,
                                     siglip=True),
+        # anyres tiles (grids up to 2x2), a row-end newline feature: positions depend on the image's size
+        "llava-next": build_llava_next(os.path.join(root, "llava-next")),
         "qwen2-vl": build_qwen2_vl(os.path.join(root, "qwen2-vl")),
         "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
         # SigLIP pooled to 4 positions per image, Gemma 3's decoder, bidirectional attention within an image

@@ -171,3 +171,69 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         if self.image_token_id >= self.vocab_size:  # a placeholder outside the text vocabulary: its row is replaced
             input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         return self.language_model.embed(input_ids)
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-NeXT (LLaVA 1.6): "anyres" images. The image processor cuts an image into a grid of tower-sized tiles
+    (the grid of image_grid_pinpoints that fits the image best) plus the whole image resized; every tile goes
+    through the tower and projector, the tiles' features are laid out as the grid, cropped back to the image's
+    aspect ratio, and each row ends with the learned `image_newline`; the whole image's features come first.
+    So an image fills base + rows x (columns + 1) positions, which depends on its size (`num_positions`).
+    transformers' own `pack_image_features` does the layout, on the tiles pagellm encodes in one batch."""
+
+    @classmethod
+    def image_tokens(cls, config) -> int | None:
+        return None  # depends on the image's size
+
+    @classmethod
+    def num_positions(cls, config, height: int, width: int) -> int:
+        """Positions an image of height x width pixels fills (transformers' processor's count)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        v = config.vision_config
+        side = v.image_size // v.patch_size
+        rows, cols = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, v.image_size)
+        h, w = rows * side, cols * side
+        if width / height > w / h:  # unpad_image's arithmetic: the padding of the longer side is cropped
+            h -= 2 * ((h - int(round(height * (w / width), 7))) // 2)
+        else:
+            w -= 2 * ((w - int(round(width * (h / height), 7))) // 2)
+        return image_tokens(config) + h * (w + 1)
+
+    @classmethod
+    def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
+        out = image_processor(images=[image], return_tensors="pt", **kwargs)
+        pixels, size = out["pixel_values"][0], out["image_sizes"][0]
+        if pixels.shape[-2:] != (config.vision_config.image_size,) * 2:
+            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])}-pixel tiles; the vision tower "
+                             f"takes {config.vision_config.image_size} x {config.vision_config.image_size}.")
+        height, width = (int(x) for x in size)
+        return cls.num_positions(config, height, width), {"pixel_values": pixels.float().numpy().copy(),
+                                                          "image_size": size.numpy().copy()}
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__(config, max_model_len, tp)
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        if image_tokens(config) != side * side:
+            raise ValueError("LLaVA-NeXT lays each tile's features out as a grid: vision_feature_select_strategy "
+                             "must drop the class token of a CLIP tower (default).")
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        if name in ("image_newline", "model.image_newline"):
+            return "image_newline", None
+        return super().map_weight(name)
+
+    def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        import numpy as np
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+        tiles = [d["pixel_values"] for d in data]
+        pixels = torch.from_numpy(np.concatenate(tiles)).to(device, dtype)
+        feats = list(self.image_features(pixels).split([len(t) for t in tiles]))
+        sizes = torch.from_numpy(np.stack([d["image_size"] for d in data]))
+        pack = LlavaNextModel.pack_image_features  # transformers' layout; it reads self.config only
+        packed, lens = pack(self, feats, sizes, self.config.vision_feature_select_strategy, self.image_newline)
+        if isinstance(packed, torch.Tensor):  # older transformers: one tensor of every image's features
+            packed = packed.split([int(n) for n in lens])
+        return list(packed)

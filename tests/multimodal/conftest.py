@@ -32,6 +32,8 @@ def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens
     if images:
         x = processor(images=images, return_tensors="pt")
         kw["pixel_values"] = x["pixel_values"]
+        if "image_sizes" in x:  # LLaVA-NeXT: each image's size, for its tile grid
+            kw["image_sizes"] = x["image_sizes"]
         if "image_grid_thw" in x:  # Qwen2-VL: the grids, and which tokens are image positions (for M-RoPE)
             kw["image_grid_thw"] = x["image_grid_thw"]
             kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()

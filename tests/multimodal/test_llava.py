@@ -168,9 +168,9 @@ def test_parallel_samples_and_beams_with_images(vlm_models):
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
-def check_tensor_parallel(path: str, prompts) -> None:
+def check_tensor_parallel(path: str, prompts, max_model_len: int = 256) -> None:
     """TP=2 (the vision tower replicated, the language model sharded) against transformers."""
-    llm = LLM(path, max_model_len=256, tensor_parallel_size=2)
+    llm = LLM(path, max_model_len=max_model_len, tensor_parallel_size=2)
     try:
         outs = llm.generate(prompts, _greedy(), use_tqdm=False)
     finally:

@@ -1,0 +1,82 @@
+"""LLaVA-NeXT (anyres) through pagellm against transformers' LlavaNextForConditionalGeneration on the same checkpoint:
+images of different sizes fill different numbers of positions (LlavaNextProcessor's count), and greedy tokens and
+logprobs equal transformers' over mixed batches, chunked prefill, prefix-cache hits, preemption and TP=2."""
+
+from __future__ import annotations
+
+import pytest
+from multimodal_models import images
+
+from pagellm import LLM, SamplingParams
+from tests.multimodal.test_llava import _check_against_hf, _greedy, check_tensor_parallel
+
+IMGS = images(4)  # 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
+PROMPTS = [
+    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[0]}},
+    {"prompt": "<image>To be<image>, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
+    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[3]}},
+    "Paged attention stores keys",
+]
+
+
+def test_greedy_equals_transformers(vlm_models):
+    llm = LLM(vlm_models["llava-next"], max_model_len=512)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(vlm_models["llava-next"], PROMPTS, outs)
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_positions_per_image_equal_the_processor(vlm_models):
+    """LlavaNextProcessor (as llava-hf configures it: the class token counted, then dropped) writes the same
+    prompt, and images of other sizes fill other numbers of positions."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextProcessor
+
+    path = vlm_models["llava-next"]
+    llm = LLM(path, max_model_len=512)
+    proc = LlavaNextProcessor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                              patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    lengths = set()
+    for p in PROMPTS[:3]:
+        ours = llm.llm_engine.input_processor.process(p, _greedy())
+        imgs = p["multi_modal_data"]["image"]
+        ref = proc(text=p["prompt"], images=imgs if isinstance(imgs, list) else [imgs], return_tensors="pt")
+        assert ours.prompt_token_ids == ref["input_ids"][0].tolist()
+        lengths |= {f.length for f in ours.mm_features}
+    assert len(lengths) >= 3
+
+
+def test_chunks_prefix_hits_and_preemption(vlm_models):
+    path = vlm_models["llava-next"]
+    llm = LLM(path, max_model_len=512, max_num_batched_tokens=16, max_num_seqs=3, block_size=4)
+    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
+    _check_against_hf(path, PROMPTS, outs)
+    again = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
+    assert all(o.num_cached_tokens > 0 for o in again)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
+    tight = LLM(path, max_model_len=512, block_size=8, num_gpu_blocks_override=48, enable_prefix_caching=False)
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    got = tight.generate(PROMPTS * 2, sp, use_tqdm=False)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    ref = LLM(path, max_model_len=512).generate(PROMPTS * 2, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
+
+
+def test_tensor_parallel_equals_transformers(vlm_models):
+    check_tensor_parallel(vlm_models["llava-next"], PROMPTS, max_model_len=512)
+
+
+def test_full_strategy_is_refused(vlm_models, tmp_path):
+    import json
+    import shutil
+
+    path = str(tmp_path / "full")
+    shutil.copytree(vlm_models["llava-next"], path)
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    cfg["vision_feature_select_strategy"] = "full"
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="must drop the class token"):
+        LLM(path, max_model_len=512)
