@@ -160,3 +160,22 @@ def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
                                            extra_body={"mm_processor_kwargs": {"no_such_setting": 1}})
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llava-next"])
+def test_gemma3_and_llava_next_chat_through_the_openai_client(vlm_models, name):
+    """Gemma 3 (its template writes <start_of_image>, expanded around the soft tokens; images attend to themselves
+    both ways) and LLaVA-NeXT (anyres tiles) behind the server: replies, streamed too, equal the offline engine's."""
+    from openai import OpenAI
+
+    path = vlm_models[name]
+    s = RemoteServer([path, "--served-model-name", name, "--max-model-len", "512"])
+    try:
+        client = OpenAI(base_url=s.url + "/v1", api_key="x")
+        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        llm = LLM(path, max_model_len=512)
+        for img in IMGS[:2]:
+            msgs = [{"role": "user", "content": _parts(_data_url(img))}]
+            _assert_served_like(client, name, msgs, llm.chat(msgs, sp, use_tqdm=False)[0])
+    finally:
+        s.stop()
