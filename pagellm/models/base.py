@@ -101,3 +101,40 @@ class VisionLanguageModel(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden)
+
+
+class TowerProjectorLayout:
+    """Checkpoint names of a `vision_tower` (a transformers vision model), a `multi_modal_projector` and a
+    `language_model` (LLaVA, Gemma 3), in the hub's layout ("language_model.model.*", "language_model.lm_head.*",
+    "vision_tower.vision_model.*", "multi_modal_projector.*") and in transformers 5's ("model.language_model.*",
+    "lm_head.*", "model.vision_tower.*"). Newer transformers' vision models hold their layers directly, where older
+    checkpoints name them under "vision_model.": a name is matched to the module's own."""
+
+    vision_tower: nn.Module
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        for prefix in ("model.", ""):
+            if name.startswith(prefix + "language_model."):
+                rest = name[len(prefix + "language_model."):]
+                if prefix == "model.":
+                    rest = "model." + rest  # transformers 5: model.language_model.layers.* -> model.layers.*
+                return self._language(rest)
+        if name.startswith("lm_head."):
+            return self._language(name)
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if name.startswith("vision_tower."):
+            rest = name[len("vision_tower."):]
+            names = self.__dict__.get("_vision_names")
+            if names is None:
+                names = self.__dict__["_vision_names"] = {n for n, _ in self.vision_tower.named_parameters()}
+            if rest not in names and rest.startswith("vision_model."):
+                rest = rest[len("vision_model."):]
+            elif rest not in names and "vision_model." + rest in names:
+                rest = "vision_model." + rest
+            if rest.endswith("position_ids"):
+                return None
+            return "vision_tower." + rest, None
+        if name.startswith("multi_modal_projector."):
+            return name, None
+        return None  # (e.g. image_newline of LLaVA-NeXT checkpoints, which its class maps itself)

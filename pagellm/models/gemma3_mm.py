@@ -28,7 +28,7 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import VisionLanguageModel
+from pagellm.models.base import TowerProjectorLayout, VisionLanguageModel
 from pagellm.models.gemma2 import Gemma3ForCausalLM
 from pagellm.models.layers import GemmaRMSNorm
 from pagellm.models.parallel_layers import SINGLE
@@ -52,7 +52,7 @@ class Gemma3MultiModalProjector(nn.Module):
         return torch.matmul(self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight).type_as(x)
 
 
-class Gemma3ForConditionalGeneration(VisionLanguageModel):
+class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     bidirectional_images = True  # an image's positions attend to each other both ways
 
     @classmethod
@@ -108,33 +108,6 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
         self.multi_modal_projector = Gemma3MultiModalProjector(config)
         self.image_token_id = config.image_token_index
         self.vocab_size = config.text_config.vocab_size
-        self._vision_names = {n for n, _ in self.vision_tower.named_parameters()}
-
-    # ---- weights ---------------------------------------------------------------------------------------------
-
-    def map_weight(self, name: str) -> tuple[str, Any] | None:
-        for prefix in ("model.", ""):
-            if name.startswith(prefix + "language_model."):
-                rest = name[len(prefix + "language_model."):]
-                if prefix == "model.":
-                    rest = "model." + rest  # transformers 5: model.language_model.layers.* -> model.layers.*
-                return self._language(rest)
-        if name.startswith("lm_head."):
-            return self._language(name)
-        if name.startswith("model."):
-            name = name[len("model."):]
-        if name.startswith("vision_tower."):
-            rest = name[len("vision_tower."):]
-            if rest not in self._vision_names and rest.startswith("vision_model."):
-                rest = rest[len("vision_model."):]
-            elif rest not in self._vision_names and "vision_model." + rest in self._vision_names:
-                rest = "vision_model." + rest
-            if rest.endswith("position_ids"):
-                return None
-            return "vision_tower." + rest, None
-        if name.startswith("multi_modal_projector."):
-            return name, None
-        return None
 
     # ---- forward ---------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM, VisionLanguageModel
+from pagellm.models.base import CausalLM, TowerProjectorLayout, VisionLanguageModel
 from pagellm.models.layers import activation
 from pagellm.models.parallel_layers import SINGLE
 
@@ -76,7 +76,7 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(VisionLanguageModel):
+class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
         return text_model_class(config).geometry(config.text_config, tp_size)
@@ -120,35 +120,6 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
                              "supported (default or full).")
         self.image_token_id = self.placeholder_id(config)
         self.vocab_size = config.text_config.vocab_size
-        # Newer transformers' vision models hold their layers directly; llava-hf checkpoints name them under
-        # "vision_model." (the older module layout).
-        self._vision_names = {n for n, _ in self.vision_tower.named_parameters()}
-
-    # ---- weights ---------------------------------------------------------------------------------------------
-
-    def map_weight(self, name: str) -> tuple[str, Any] | None:
-        for prefix in ("model.", ""):
-            if name.startswith(prefix + "language_model."):
-                rest = name[len(prefix + "language_model."):]
-                if prefix == "model.":
-                    rest = "model." + rest  # transformers 5: model.language_model.layers.* -> model.layers.*
-                return self._language(rest)
-        if name.startswith("lm_head."):
-            return self._language(name)
-        if name.startswith("model."):
-            name = name[len("model."):]
-        if name.startswith("vision_tower."):
-            rest = name[len("vision_tower."):]
-            if rest not in self._vision_names and rest.startswith("vision_model."):
-                rest = rest[len("vision_model."):]
-            elif rest not in self._vision_names and "vision_model." + rest in self._vision_names:
-                rest = "vision_model." + rest
-            if rest.endswith("position_ids"):
-                return None
-            return "vision_tower." + rest, None
-        if name.startswith("multi_modal_projector."):
-            return name, None
-        return None  # (e.g. image_newline of LLaVA-NeXT checkpoints: refused at start-up by the architecture)
 
     # ---- forward ---------------------------------------------------------------------------------------------
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 import pytest
 from multimodal_models import images
 
-from pagellm import LLM, SamplingParams
-from tests.multimodal.test_llava import _check_against_hf, _greedy, check_tensor_parallel
+from pagellm import LLM
+from tests.multimodal.test_llava import (
+    _check_against_hf,
+    _greedy,
+    check_chunks_prefix_hits_and_preemption,
+    check_tensor_parallel,
+)
 
 IMGS = images(4)
 P = "<start_of_image>"
@@ -66,21 +71,8 @@ def test_prompt_equals_gemma3_processor(vlm_models):
 def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
     """Chunks of 6 tokens: a chunk that would end inside an image stops before it, and the image (4 positions) is
     computed whole in the next step, with its later keys."""
-    path = vlm_models["gemma3"]
-    llm = LLM(path, max_model_len=256, max_num_batched_tokens=6, max_num_seqs=3, block_size=4,
-              async_scheduling=async_scheduling)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    again = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
-    assert all(o.num_cached_tokens > 0 for o in again)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
-    tight = LLM(path, max_model_len=256, block_size=4, num_gpu_blocks_override=24, enable_prefix_caching=False)
-    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    got = tight.generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert tight.llm_engine.scheduler.num_preemptions > 0
-    ref = LLM(path, max_model_len=256).generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
+    check_chunks_prefix_hits_and_preemption(vlm_models["gemma3"], PROMPTS, chunk=6, blocks=24,
+                                            async_scheduling=async_scheduling)
 
 
 def test_a_chunk_never_ends_inside_an_image():

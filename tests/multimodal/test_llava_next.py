@@ -7,8 +7,13 @@ from __future__ import annotations
 import pytest
 from multimodal_models import images
 
-from pagellm import LLM, SamplingParams
-from tests.multimodal.test_llava import _check_against_hf, _greedy, check_tensor_parallel
+from pagellm import LLM
+from tests.multimodal.test_llava import (
+    _check_against_hf,
+    _greedy,
+    check_chunks_prefix_hits_and_preemption,
+    check_tensor_parallel,
+)
 
 IMGS = images(4)  # 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
 PROMPTS = [
@@ -47,20 +52,8 @@ def test_positions_per_image_equal_the_processor(vlm_models):
 
 
 def test_chunks_prefix_hits_and_preemption(vlm_models):
-    path = vlm_models["llava-next"]
-    llm = LLM(path, max_model_len=512, max_num_batched_tokens=16, max_num_seqs=3, block_size=4)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    again = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
-    assert all(o.num_cached_tokens > 0 for o in again)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
-    tight = LLM(path, max_model_len=512, block_size=8, num_gpu_blocks_override=48, enable_prefix_caching=False)
-    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    got = tight.generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert tight.llm_engine.scheduler.num_preemptions > 0
-    ref = LLM(path, max_model_len=512).generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
+    check_chunks_prefix_hits_and_preemption(vlm_models["llava-next"], PROMPTS, chunk=16, blocks=48, block_size=8,
+                                            max_model_len=512, max_tokens=40)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):

@@ -9,8 +9,14 @@ import pytest
 import torch
 from multimodal_models import images
 
-from pagellm import LLM, SamplingParams
-from tests.multimodal.test_llava import N, _check_against_hf, _greedy, check_tensor_parallel
+from pagellm import LLM
+from tests.multimodal.test_llava import (
+    N,
+    _check_against_hf,
+    _greedy,
+    check_chunks_prefix_hits_and_preemption,
+    check_tensor_parallel,
+)
 
 IMGS = images(4)
 P = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -66,21 +72,8 @@ def test_prompt_and_positions_equal_transformers(vlm_models):
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
-    path = vlm_models["qwen2-vl"]
-    llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=3, block_size=4,
-              async_scheduling=async_scheduling)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    again = llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)
-    assert all(o.num_cached_tokens > 0 for o in again)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
-    tight = LLM(path, max_model_len=256, block_size=4, num_gpu_blocks_override=20, enable_prefix_caching=False)
-    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    got = tight.generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert tight.llm_engine.scheduler.num_preemptions > 0
-    ref = LLM(path, max_model_len=256).generate(PROMPTS * 2, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
+    check_chunks_prefix_hits_and_preemption(vlm_models["qwen2-vl"], PROMPTS, chunk=8, blocks=20,
+                                            async_scheduling=async_scheduling)
 
 
 def test_emulated_cuda_graphs_decode_with_the_rope_offset(vlm_models, monkeypatch):
