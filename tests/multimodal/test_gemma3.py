@@ -13,6 +13,8 @@ from tests.multimodal.test_llava import (
     _check_against_hf,
     _greedy,
     check_chunks_prefix_hits_and_preemption,
+    check_emulated_graphs,
+    check_greedy,
     check_tensor_parallel,
 )
 
@@ -27,11 +29,7 @@ PROMPTS = [
 
 
 def test_greedy_equals_transformers(vlm_models):
-    llm = LLM(vlm_models["gemma3"], max_model_len=256)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(vlm_models["gemma3"], PROMPTS, outs)
-    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
-    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+    check_greedy(vlm_models["gemma3"], PROMPTS)
 
 
 def test_images_attend_to_themselves_both_ways(vlm_models, monkeypatch):
@@ -91,11 +89,7 @@ def test_a_chunk_never_ends_inside_an_image():
 
 def test_emulated_cuda_graphs(vlm_models, monkeypatch):
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
-    path = vlm_models["gemma3"]
-    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+    check_emulated_graphs(vlm_models["gemma3"], PROMPTS)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):

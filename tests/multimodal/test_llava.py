@@ -47,11 +47,27 @@ def _greedy() -> SamplingParams:
 
 @pytest.mark.parametrize("name", ["llava", "llava-full", "llava-siglip"])
 def test_greedy_equals_transformers(vlm_models, name):
-    llm = LLM(vlm_models[name], max_model_len=256)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(vlm_models[name], PROMPTS, outs)
+    check_greedy(vlm_models[name], PROMPTS)
+
+
+def check_greedy(path: str, prompts, max_model_len: int = 256) -> None:
+    """Greedy tokens and logprobs against transformers for prompts 0 and 2 (the same text, other images), 1 (two
+    images) and 3 (text only); every block back."""
+    llm = LLM(path, max_model_len=max_model_len)
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    _check_against_hf(path, prompts, outs)
     assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the image, not only the text, counts
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def check_emulated_graphs(path: str, prompts, **kw) -> LLM:
+    """The GPU path on CPU (staged inputs, decode steps replayed as graphs, async scheduling) against transformers
+    (the caller sets PAGELLM_EMULATE_CUDA_GRAPHS)."""
+    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True, **kw)
+    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    _check_against_hf(path, prompts, outs)
+    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+    return llm
 
 
 def test_prompt_equals_llava_processor(vlm_models):
@@ -90,10 +106,7 @@ def test_emulated_cuda_graphs(vlm_models, monkeypatch):
     does not replay."""
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
     path = vlm_models["llava"]
-    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True, block_size=4)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+    llm = check_emulated_graphs(path, PROMPTS, block_size=4)
     ends_in_image = {"prompt": "The quick brown fox<image>", "multi_modal_data": {"image": IMGS[0]}}
     first = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]
     again = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]

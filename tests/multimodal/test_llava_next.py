@@ -9,9 +9,9 @@ from multimodal_models import images
 
 from pagellm import LLM
 from tests.multimodal.test_llava import (
-    _check_against_hf,
     _greedy,
     check_chunks_prefix_hits_and_preemption,
+    check_greedy,
     check_tensor_parallel,
 )
 
@@ -25,11 +25,7 @@ PROMPTS = [
 
 
 def test_greedy_equals_transformers(vlm_models):
-    llm = LLM(vlm_models["llava-next"], max_model_len=512)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(vlm_models["llava-next"], PROMPTS, outs)
-    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
-    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+    check_greedy(vlm_models["llava-next"], PROMPTS, max_model_len=512)
 
 
 def test_positions_per_image_equal_the_processor(vlm_models):

@@ -15,6 +15,8 @@ from tests.multimodal.test_llava import (
     _check_against_hf,
     _greedy,
     check_chunks_prefix_hits_and_preemption,
+    check_emulated_graphs,
+    check_greedy,
     check_tensor_parallel,
 )
 
@@ -30,11 +32,7 @@ PROMPTS = [
 
 @pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
 def test_greedy_equals_transformers(vlm_models, name):
-    llm = LLM(vlm_models[name], max_model_len=256)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(vlm_models[name], PROMPTS, outs)
-    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
-    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+    check_greedy(vlm_models[name], PROMPTS)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):
@@ -80,11 +78,7 @@ def test_emulated_cuda_graphs_decode_with_the_rope_offset(vlm_models, monkeypatc
     """Decode steps replay graphs with 1-D positions index + delta; prompt steps with images run eagerly with
     3-D positions."""
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
-    path = vlm_models["qwen2-vl"]
-    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
-    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
+    check_emulated_graphs(vlm_models["qwen2-vl"], PROMPTS)
 
 
 def test_chat_and_refusals(vlm_models):
