@@ -6,26 +6,21 @@ prefix-cache hits, preemption, async scheduling, emulated CUDA graphs and TP=2; 
 from __future__ import annotations
 
 import pytest
-from multimodal_models import images
 
 from pagellm import LLM
 from tests.multimodal.test_llava import (
+    IMGS,
     _check_against_hf,
     _greedy,
     check_chunks_prefix_hits_and_preemption,
     check_emulated_graphs,
     check_greedy,
     check_tensor_parallel,
+    prompts_with,
 )
 
-IMGS = images(4)
 P = "<start_of_image>"
-PROMPTS = [
-    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[0]}},
-    {"prompt": f"{P}To be{P}, or not to be, that is the question", "multi_modal_data": {"image": IMGS[1:3]}},
-    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[3]}},  # same text, another image
-    "Paged attention stores keys",  # text only
-]
+PROMPTS = prompts_with(P)
 
 
 def test_greedy_equals_transformers(vlm_models):

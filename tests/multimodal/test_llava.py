@@ -16,12 +16,20 @@ from pagellm import LLM, SamplingParams
 from tests.multimodal.conftest import hf_vlm_greedy
 
 IMGS = images(4)
-PROMPTS = [
-    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[0]}},
-    {"prompt": "<image>To be<image>, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
-    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[3]}},  # same text, another image
-    "Paged attention stores keys",  # text only
-]
+
+
+def prompts_with(placeholder: str) -> list:
+    """The prompts every vision-language test runs, with the model's image placeholder."""
+    p = placeholder
+    return [
+        {"prompt": f"The quick {p} brown fox", "multi_modal_data": {"image": IMGS[0]}},
+        {"prompt": f"{p}To be{p}, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
+        {"prompt": f"The quick {p} brown fox", "multi_modal_data": {"image": IMGS[3]}},  # same text, another image
+        "Paged attention stores keys",  # text only
+    ]
+
+
+PROMPTS = prompts_with("<image>")
 N = 10
 
 

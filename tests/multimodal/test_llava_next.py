@@ -5,7 +5,6 @@ logprobs equal transformers' over mixed batches, chunked prefill, prefix-cache h
 from __future__ import annotations
 
 import pytest
-from multimodal_models import images
 
 from pagellm import LLM
 from tests.multimodal.test_llava import (
@@ -13,15 +12,11 @@ from tests.multimodal.test_llava import (
     check_chunks_prefix_hits_and_preemption,
     check_greedy,
     check_tensor_parallel,
+    prompts_with,
 )
 
-IMGS = images(4)  # 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
-PROMPTS = [
-    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[0]}},
-    {"prompt": "<image>To be<image>, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
-    {"prompt": "The quick <image> brown fox", "multi_modal_data": {"image": IMGS[3]}},
-    "Paged attention stores keys",
-]
+# IMGS: 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
+PROMPTS = prompts_with("<image>")
 
 
 def test_greedy_equals_transformers(vlm_models):

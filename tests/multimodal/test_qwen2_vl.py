@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from multimodal_models import images
 
 from pagellm import LLM
 from tests.multimodal.test_llava import (
+    IMGS,
     N,
     _check_against_hf,
     _greedy,
@@ -18,16 +18,11 @@ from tests.multimodal.test_llava import (
     check_emulated_graphs,
     check_greedy,
     check_tensor_parallel,
+    prompts_with,
 )
 
-IMGS = images(4)
 P = "<|vision_start|><|image_pad|><|vision_end|>"
-PROMPTS = [
-    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[0]}},
-    {"prompt": f"{P}To be{P}, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[3]]}},
-    {"prompt": f"The quick {P} brown fox", "multi_modal_data": {"image": IMGS[2]}},
-    "Paged attention stores keys",
-]
+PROMPTS = prompts_with(P)
 
 
 @pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
