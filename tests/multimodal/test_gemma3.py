@@ -9,9 +9,9 @@ import pytest
 
 from pagellm import LLM
 from tests.multimodal.test_llava import (
-    IMGS,
     _check_against_hf,
     _greedy,
+    check_chat_with_an_image,
     check_chunks_prefix_hits_and_preemption,
     check_emulated_graphs,
     check_greedy,
@@ -92,12 +92,7 @@ def test_tensor_parallel_equals_transformers(vlm_models):
 
 
 def test_chat_and_limits(vlm_models):
-    path = vlm_models["gemma3"]
-    llm = LLM(path, max_model_len=256)
-    msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
-    out = llm.chat(msg, _greedy(), use_tqdm=False)[0]
-    text = llm.get_tokenizer().decode(out.prompt_token_ids)
+    _, text = check_chat_with_an_image(vlm_models["gemma3"])
     assert text.startswith("<start_of_turn>user\n\n\n<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>")
-    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[0]}}], [out])
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(3\) must be >= 4"):
-        LLM(path, max_model_len=256, max_num_batched_tokens=3)
+        LLM(vlm_models["gemma3"], max_model_len=256, max_num_batched_tokens=3)

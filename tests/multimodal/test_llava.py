@@ -68,6 +68,16 @@ def check_greedy(path: str, prompts, max_model_len: int = 256) -> None:
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
+def check_chat_with_an_image(path: str) -> tuple[LLM, str]:
+    """LLM.chat with an image_pil part and text, against transformers; the engine and the rendered prompt's text."""
+    llm = LLM(path, max_model_len=256)
+    msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
+    out = llm.chat(msg, _greedy(), use_tqdm=False)[0]
+    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[0]}}], [out])
+    assert len(out.outputs[0].token_ids) == N
+    return llm, llm.get_tokenizer().decode(out.prompt_token_ids)
+
+
 def check_emulated_graphs(path: str, prompts, **kw) -> LLM:
     """The GPU path on CPU (staged inputs, decode steps replayed as graphs, async scheduling) against transformers
     (the caller sets PAGELLM_EMULATE_CUDA_GRAPHS)."""
