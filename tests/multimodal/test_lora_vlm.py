@@ -1,5 +1,5 @@
 """LoRA adapters on a vision-language model's decoder: PEFT's greedy tokens and logprobs for prompts with images,
-for LLaVA and Qwen2-VL; an adapter on the vision tower is refused with the reason."""
+for LLaVA, LLaVA-NeXT, Qwen2-VL and Gemma 3; an adapter on the vision tower is refused with the reason."""
 
 from __future__ import annotations
 
@@ -28,18 +28,18 @@ def _adapter(path: str, out: str, targets) -> object:
     return peft.eval()
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("name", ["llava", "llava-next", "qwen2-vl", "gemma3"])
 @torch.inference_mode()
 def test_adapter_equals_peft(vlm_models, tmp_path, name):
     from transformers import AutoImageProcessor
 
     path = vlm_models[name]
     peft = _adapter(path, str(tmp_path / "a"), DECODER)
-    ph = "<image>" if name == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    ph = {"qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>"}.get(name, "<image>")
     imgs = images(2)
     prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
                {"prompt": f"{ph}To be, or not", "multi_modal_data": {"image": imgs[1]}}]
-    llm = LLM(path, max_model_len=256, enable_lora=True, max_lora_rank=8)
+    llm = LLM(path, max_model_len=512, enable_lora=True, max_lora_rank=8)
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
     lora = LoRARequest("a", 1, str(tmp_path / "a"))
     outs = llm.generate(prompts, sp, lora_request=lora, use_tqdm=False)
@@ -51,6 +51,10 @@ def test_adapter_equals_peft(vlm_models, tmp_path, name):
         kw = {"pixel_values": x["pixel_values"]}
         if "image_grid_thw" in x:
             kw.update(image_grid_thw=x["image_grid_thw"], mm_token_type_ids=(ids == peft.config.image_token_id).int())
+        if "image_sizes" in x:
+            kw["image_sizes"] = x["image_sizes"]
+        if name == "gemma3":
+            kw["token_type_ids"] = (ids == peft.config.image_token_index).long()
         g = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                           eos_token_id=None, output_logits=True, return_dict_in_generate=True, **kw)
         tokens = g.sequences[0, ids.shape[1]:].tolist()
@@ -64,7 +68,7 @@ def test_adapter_equals_peft(vlm_models, tmp_path, name):
 def test_vision_tower_adapter_is_refused(vlm_models, tmp_path):
     path = vlm_models["llava"]
     _adapter(path, str(tmp_path / "v"), ["q_proj"])  # matches the CLIP tower's attention too
-    llm = LLM(path, max_model_len=256, enable_lora=True, max_lora_rank=8)
+    llm = LLM(path, max_model_len=512, enable_lora=True, max_lora_rank=8)
     with pytest.raises(ValueError, match="vision_tower.*not a linear layer of the decoder"):
         llm.generate(["hi"], SamplingParams(max_tokens=2), lora_request=LoRARequest("v", 1, str(tmp_path / "v")),
                      use_tqdm=False)
