@@ -1,12 +1,14 @@
 """Throughput on prompts with images: pagellm against transformers on the same requests, median over rounds.
 
-    pagellm bench images [--model DIR | --family llava|qwen2-vl] [--num-prompts 32] [--min-len 16] [--max-len 64]
+    pagellm bench images [--model DIR | --family llava|qwen2-vl|gemma3] [--num-prompts 32] [--min-len 16] [--max-len 64]
         [--output-len 64] [--hf-batch-size 16] [--rounds 3] [--device cpu|cuda]
 
 Without --model, a checkpoint of --family is built once (in the system temp directory) from the demo model's shape
 and tokenizer (plus the family's image tokens), with random weights: llava, a CLIP tower of 4 layers, hidden 256,
 on 224x224 images in 32x32 patches (49 positions per image); qwen2-vl, a 4-block vision transformer on 14x14
-patches merged 2x2, images resized to 112-224 pixels a side (16 to 64 positions, by their shape), multimodal RoPE.
+patches merged 2x2, images resized to 112-224 pixels a side (16 to 64 positions, by their shape), multimodal RoPE;
+gemma3, a 4-layer SigLIP tower on 224x224 images in 14x14 patches pooled 4x4 (16 positions per image, attending to
+each other both ways) and Gemma 3's decoder in the demo model's shape (sliding and global layers).
 Each request is one image (random pixels, its own; 240x320) and a text of --min-len to --max-len random tokens
 around it; each generates --output-len tokens (greedy, EOS ignored). transformers runs static batches of
 --hf-batch-size (left-padded, the batch's images through the checkpoint's processor) through the model's generate;
@@ -47,6 +49,25 @@ def build_demo(family: str, out: str) -> str:
         tf.LlavaForConditionalGeneration(cfg).save_pretrained(out)
         tf.CLIPImageProcessor(size={"shortest_edge": 224},
                               crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    elif family == "gemma3":
+        names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        tok.add_special_tokens({"additional_special_tokens": list(names.values())})
+        tok.save_pretrained(out)  # reloaded with Gemma 3's named tokens, which its processor reads
+        tok = tf.AutoTokenizer.from_pretrained(out, extra_special_tokens=names)
+        ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+        text = tf.Gemma3TextConfig(
+            vocab_size=len(tok), hidden_size=demo.hidden_size, intermediate_size=demo.intermediate_size,
+            num_hidden_layers=demo.num_hidden_layers, num_attention_heads=demo.num_attention_heads,
+            num_key_value_heads=demo.num_key_value_heads, head_dim=demo.head_dim,
+            query_pre_attn_scalar=demo.head_dim, max_position_embeddings=demo.max_position_embeddings,
+            sliding_window=64, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+        vision = tf.SiglipVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                       num_attention_heads=4, image_size=224, patch_size=14, vision_use_head=False)
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                              boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                              image_token_index=ids["image_token"], architectures=["Gemma3ForConditionalGeneration"])
+        tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(out)
+        tf.Gemma3ImageProcessor(size={"height": 224, "width": 224}).save_pretrained(out)
     else:
         names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
         tok.add_special_tokens({"additional_special_tokens": names})
@@ -85,6 +106,10 @@ def _hf_generate(model, processor, batch: list[tuple[list[int], object]], new: i
     if "image_grid_thw" in x:  # Qwen2-VL: the grids, and where the image positions are (multimodal RoPE)
         kw["image_grid_thw"] = x["image_grid_thw"].to(dev)
         kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int().to(dev)
+    if "image_sizes" in x:  # LLaVA-NeXT: each image's size, for its tile grid
+        kw["image_sizes"] = x["image_sizes"].to(dev)
+    if model.config.model_type == "gemma3":  # as its processor marks them: image positions attend both ways
+        kw["token_type_ids"] = (ids == model.config.image_token_index).long().to(dev)
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, do_sample=False,
                              pad_token_id=0, **kw)
@@ -115,6 +140,8 @@ def main(ns: argparse.Namespace) -> dict:
     sp = SamplingParams(max_tokens=ns.output_len, temperature=0.0, ignore_eos=True)
     image_ph = tok.encode(mm_text(tok, mm.placeholder_id), add_special_tokens=False)
 
+    sizes: list[int] = []  # positions each request's image fills
+
     def make_requests(seed: int) -> list[tuple[list[int], object]]:
         rng = random.Random(seed)
         nrng = np.random.default_rng(seed)
@@ -127,6 +154,7 @@ def main(ns: argparse.Namespace) -> dict:
             expanded = llm.llm_engine.input_processor.process(  # as HF takes it
                 {"prompt_token_ids": text[:cut] + image_ph + text[cut:], "multi_modal_data": {"image": img}}, sp)
             reqs.append((expanded.prompt_token_ids, img))
+            sizes.append(sum(f.length for f in expanded.mm_features))
         return reqs
 
     def run_pagellm(reqs):
@@ -147,7 +175,7 @@ def main(ns: argparse.Namespace) -> dict:
     med = median_times(runs, [make_requests(r) for r in range(ns.rounds)], ns.device)
     out_tokens = ns.num_prompts * ns.output_len
     first = med["pagellm"]
-    positions = sum(r[0].count(mm.placeholder_id) for r in warm) / len(warm)
+    positions = sum(sizes) / len(sizes)
     print(f"{ns.num_prompts} requests: one image ({positions:.0f} positions) + {ns.min_len}-{ns.max_len} text "
           f"tokens, {ns.output_len} output tokens each; {llm.llm_engine.config.model.dtype} on {ns.device}; medians "
           f"of {ns.rounds} rounds")
@@ -162,9 +190,9 @@ def main(ns: argparse.Namespace) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="A LLaVA or Qwen2-VL checkpoint directory (default: one of --family "
+    p.add_argument("--model", default=None, help="A vision-language checkpoint directory (default: one of --family "
                                                  "built from the demo model's shape, random weights).")
-    p.add_argument("--family", default="llava", choices=["llava", "qwen2-vl"])
+    p.add_argument("--family", default="llava", choices=["llava", "qwen2-vl", "gemma3"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-prompts", type=int, default=32)
