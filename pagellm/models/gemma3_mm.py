@@ -65,23 +65,19 @@ class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
         return config.boi_token_index
 
     @classmethod
-    def feature_token_id(cls, config) -> int:
-        """The positions an image's features fill: <image_soft_token>."""
-        return config.image_token_index
-
-    @classmethod
     def image_tokens(cls, config) -> int:
         return config.mm_tokens_per_image
 
     @classmethod
-    def image_replacement(cls, config, tokenizer) -> tuple[list[int], list[int]]:
-        """What surrounds an image's soft tokens in place of the prompt's <start_of_image>: ("\\n\\n<start_of_image>",
-        "<end_of_image>\\n\\n") as token ids (without a tokenizer, prompts must come expanded)."""
+    def image_prompt(cls, config, tokenizer, size: int, data: Any) -> tuple[list[int], int, int]:
+        """What replaces the prompt's <start_of_image>: "\\n\\n<start_of_image>", the soft tokens the features fill,
+        "<end_of_image>\\n\\n" (without a tokenizer, prompts must come expanded)."""
         if tokenizer is None:
             raise ValueError("expanding <start_of_image> needs the tokenizer; without one, send the prompt expanded "
                              "as Gemma 3's processor writes it.")
         newlines = tokenizer.encode("\n\n", add_special_tokens=False)
-        return newlines + [config.boi_token_index], [config.eoi_token_index] + newlines
+        before = newlines + [config.boi_token_index]
+        return before + [config.image_token_index] * size + [config.eoi_token_index] + newlines, len(before), size
 
     @classmethod
     def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:

@@ -3,10 +3,12 @@
     MultiModalProcessor(model_config, tokenizer).process(ids, {"image": [...]}) -> (ids, [MultiModalFeature])
 
 The prompt names where each image goes with one placeholder token (LLaVA's "<image>", Qwen2-VL's "<|image_pad|>",
-Gemma 3's "<start_of_image>"); each placeholder becomes as many feature tokens as the image fills positions (fixed
-for LLaVA and Gemma 3, the image's merged patch grid for Qwen2-VL), with what the model puts around them (Gemma 3:
-"\n\n<start_of_image>" before, "<end_of_image>\n\n" after: `image_replacement`). A prompt that arrives expanded
-already (as transformers' processors write it) is taken as is.
+Gemma 3's "<start_of_image>", Mistral 3's "[IMG]"); each placeholder becomes the tokens of the image's positions: by
+default as many placeholders as the image fills positions (fixed for LLaVA and Gemma 3, the image's merged patch grid
+for Qwen2-VL); a model may lay them out itself (`image_prompt`: Gemma 3 puts "\n\n<start_of_image>" before its soft
+tokens and "<end_of_image>\n\n" after; Mistral 3 ends each row of [IMG] with [IMG_BREAK], the last with [IMG_END]).
+A prompt that arrives expanded already (as transformers' processors write it: each image's tokens in order, no other
+placeholder) is taken as is.
 Pixel values come from the checkpoint's own image processor (preprocessor_config.json, through transformers'
 AutoImageProcessor), so resizing, cropping and normalization are the model's; the model class turns its output
 into what the worker encodes (`image_input`). Each image's identifier is a hash of that: the prefix cache tells
@@ -35,8 +37,6 @@ class MultiModalProcessor:
         self.model_cls = get_model_class(model_config.architecture)
         self.hf_config = model_config.hf_config
         self.placeholder_id = mm.placeholder_id
-        fid = getattr(self.model_cls, "feature_token_id", None)
-        self.feature_id = fid(self.hf_config) if fid is not None else mm.placeholder_id  # what features fill
         self.whole = bool(getattr(self.model_cls, "bidirectional_images", False))
         self.tokenizer = tokenizer
         self.limits = dict(mm.limit_per_prompt)
@@ -72,30 +72,23 @@ class MultiModalProcessor:
             raise ParamError(f"at most {limit} image(s) per prompt (limit_mm_per_prompt), got {len(images)}.",
                              param="multi_modal_data")
         at = [i for i, t in enumerate(ids) if t == self.placeholder_id]
-        feat_at = at if self.feature_id == self.placeholder_id else [i for i, t in enumerate(ids)
-                                                                         if t == self.feature_id]
         n = len(images)
         if kwargs is not None and not isinstance(kwargs, dict):
             raise ParamError(f"mm_processor_kwargs must be a dict, got {type(kwargs).__name__}.",
                              param="mm_processor_kwargs")
         inputs = [self._image_input(self.load(img), kwargs or {}) for img in images]
-        sizes = [size for size, _ in inputs]
-        expanded = (feat_at and len(feat_at) == sum(sizes) and self._contiguous(feat_at, sizes)
-                    and (self.feature_id != self.placeholder_id or len(at) != n))
-        if expanded:  # as transformers' processors write it
-            starts = np.cumsum([0] + sizes[:-1])
-            spans = [(feat_at[k], size) for k, size in zip(starts, sizes)]
-        elif len(at) == n:  # one placeholder per image: each becomes `size` feature tokens (and what surrounds them)
-            before, after = self._surroundings()
+        layouts = [self._image_prompt(size, data) for size, data in inputs]  # (tokens, feature start, length)
+        spans = self._expanded(ids, layouts)
+        if spans is None and len(at) == n:  # one placeholder per image: each becomes its image's tokens
             out: list[int] = []
             spans, last = [], 0
-            for i, size in zip(at, sizes):
-                out += ids[last:i] + before
-                spans.append((len(out), size))
-                out += [self.feature_id] * size + after
+            for i, (tokens, start, length) in zip(at, layouts):
+                out += ids[last:i]
+                spans.append((len(out) + start, length))
+                out += tokens
                 last = i + 1
             ids = out + ids[last:]
-        else:
+        elif spans is None:
             raise ParamError(f"the prompt has {len(at)} image placeholder token(s) "
                              f"({self.placeholder or self.placeholder_id!r}) for {n} image(s): put one placeholder "
                              "where each image goes.", param="multi_modal_data")
@@ -104,14 +97,32 @@ class MultiModalProcessor:
             feats.append(MultiModalFeature("image", _digest(data), start, length, data, whole=self.whole))
         return ids, feats
 
-    def _surroundings(self) -> tuple[list[int], list[int]]:
-        fn = getattr(self.model_cls, "image_replacement", None)
+    def _image_prompt(self, size: int, data: Any) -> tuple[list[int], int, int]:
+        """The tokens of an image's positions, and where its features go among them (start, length)."""
+        fn = getattr(self.model_cls, "image_prompt", None)
         if fn is None:
-            return [], []
+            return [self.placeholder_id] * size, 0, size
         try:
-            return fn(self.hf_config, self.tokenizer)
+            return fn(self.hf_config, self.tokenizer, size, data)
         except ValueError as e:
             raise ParamError(str(e), param="multi_modal_data") from None
+
+    def _expanded(self, ids: list[int], layouts: list[tuple[list[int], int, int]]) -> list[tuple[int, int]] | None:
+        """The feature spans of a prompt that holds each image's tokens already, in order, and no placeholder
+        besides theirs; None otherwise."""
+        ph = self.placeholder_id
+        if sum(t == ph for t in ids) != sum(tokens.count(ph) for tokens, _, _ in layouts) or not layouts:
+            return None
+        spans, pos = [], 0
+        for tokens, start, length in layouts:
+            k = len(tokens)
+            i = next((i for i in range(pos, len(ids) - k + 1) if ids[i] == tokens[0] and ids[i:i + k] == tokens),
+                     None)
+            if i is None:
+                return None
+            spans.append((i + start, length))
+            pos = i + k
+        return spans
 
     def _image_input(self, image, kwargs: dict[str, Any]) -> tuple[int, Any]:
         try:
@@ -126,14 +137,6 @@ class MultiModalProcessor:
         fn = getattr(self.model_cls, "rope_positions", None)
         return fn(self.hf_config, features) if fn is not None else None
 
-    @staticmethod
-    def _contiguous(at: list[int], sizes: list[int]) -> bool:
-        k = 0
-        for size in sizes:
-            if at[k + size - 1] - at[k] != size - 1:
-                return False
-            k += size
-        return True
 
 
 def _digest(data: Any) -> str:
