@@ -28,7 +28,7 @@ def tiny_models() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vlm_models() -> dict[str, str]:
     """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
-    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_qwen2_vl
+    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_mistral3, build_qwen2_vl
 
     root = os.path.join(MODELS_DIR, "multimodal")
     return {
@@ -45,6 +45,8 @@ def vlm_models() -> dict[str, str]:
         "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
         # SigLIP pooled to 4 positions per image, Gemma 3's decoder, bidirectional attention within an image
         "gemma3": build_gemma3(os.path.join(root, "gemma3")),
+        # Pixtral: images at their own size, 2x2 patch merger, [IMG_BREAK] / [IMG_END] row ends
+        "mistral3": build_mistral3(os.path.join(root, "mistral3")),
     }
 
 

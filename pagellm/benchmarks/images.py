@@ -132,7 +132,11 @@ def main(ns: argparse.Namespace) -> dict:
     dtype = getattr(torch, llm.llm_engine.config.model.dtype)
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(ns.device).eval()
     hf.generation_config.eos_token_id = None  # every request runs to its length
-    processor = AutoImageProcessor.from_pretrained(path)
+    kw = {}
+    if hf.config.model_type == "mistral3":  # as PixtralProcessor asks for it: patches of the merged size
+        side = hf.config.vision_config.patch_size * hf.config.spatial_merge_size
+        kw["patch_size"] = {"height": side, "width": side}
+    processor = AutoImageProcessor.from_pretrained(path, **kw)
     vocab = llm.llm_engine.config.model.vocab_size
     tok = llm.get_tokenizer()
     special = set(tok.all_special_ids) | {mm.placeholder_id}

@@ -26,7 +26,11 @@ def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens
     from transformers import AutoImageProcessor
 
     model = _hf(path)
-    processor = AutoImageProcessor.from_pretrained(path, **(processor_kwargs or {}))
+    processor_kwargs = dict(processor_kwargs or {})
+    if model.config.model_type == "mistral3":  # as PixtralProcessor asks for it: patches of the merged size
+        side = model.config.vision_config.patch_size * model.config.spatial_merge_size
+        processor_kwargs.setdefault("patch_size", {"height": side, "width": side})
+    processor = AutoImageProcessor.from_pretrained(path, **processor_kwargs)
     ids = torch.tensor([prompt_ids])
     kw = {}
     if images:

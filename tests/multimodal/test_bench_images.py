@@ -1,5 +1,5 @@
-"""`pagellm bench images` runs end to end on the tiny LLaVA, Qwen2-VL, LLaVA-NeXT and Gemma 3: both engines, the
-ratio, and the same greedy tokens."""
+"""`pagellm bench images` runs end to end on the tiny LLaVA, Qwen2-VL, LLaVA-NeXT, Gemma 3 and Mistral 3: both
+engines, the ratio, and the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from tests.test_benchmarks import bench
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2-vl", "llava-next", "gemma3"])
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl", "llava-next", "gemma3", "mistral3"])
 def test_smoke_bench_images(vlm_models, tmp_path, name):
     out = tmp_path / "images.json"
     text = bench("images", "--model", vlm_models[name], "--num-prompts", "5", "--min-len", "2", "--max-len", "9",

@@ -1,5 +1,5 @@
 """LoRA adapters on a vision-language model's decoder: PEFT's greedy tokens and logprobs for prompts with images,
-for LLaVA, LLaVA-NeXT, Qwen2-VL and Gemma 3; an adapter on the vision tower is refused with the reason."""
+for LLaVA, LLaVA-NeXT, Qwen2-VL, Gemma 3 and Mistral 3; an adapter on the vision tower is refused with the reason."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ def _adapter(path: str, out: str, targets) -> object:
     return peft.eval()
 
 
-@pytest.mark.parametrize("name", ["llava", "llava-next", "qwen2-vl", "gemma3"])
+@pytest.mark.parametrize("name", ["llava", "llava-next", "qwen2-vl", "gemma3", "mistral3"])
 @torch.inference_mode()
 def test_adapter_equals_peft(vlm_models, tmp_path, name):
     from transformers import AutoImageProcessor
 
     path = vlm_models[name]
     peft = _adapter(path, str(tmp_path / "a"), DECODER)
-    ph = {"qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>"}.get(name, "<image>")
+    ph = {"qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>",
+          "mistral3": "[IMG]"}.get(name, "<image>")
     imgs = images(2)
     prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
                {"prompt": f"{ph}To be, or not", "multi_modal_data": {"image": imgs[1]}}]
@@ -44,7 +45,9 @@ def test_adapter_equals_peft(vlm_models, tmp_path, name):
     lora = LoRARequest("a", 1, str(tmp_path / "a"))
     outs = llm.generate(prompts, sp, lora_request=lora, use_tqdm=False)
     base = llm.generate(prompts, sp, use_tqdm=False)
-    processor = AutoImageProcessor.from_pretrained(path)
+    # Mistral 3: the merged patch size, as PixtralProcessor asks for it
+    processor = AutoImageProcessor.from_pretrained(path, **({"patch_size": {"height": 14, "width": 14}}
+                                                            if name == "mistral3" else {}))
     for p, out, b in zip(prompts, outs, base):
         ids = torch.tensor([out.prompt_token_ids])
         x = processor(images=[p["multi_modal_data"]["image"]], return_tensors="pt")

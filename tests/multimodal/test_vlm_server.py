@@ -162,10 +162,11 @@ def test_qwen2_vl_chat_through_the_openai_client(vlm_models):
         s.stop()
 
 
-@pytest.mark.parametrize("name", ["gemma3", "llava-next"])
-def test_gemma3_and_llava_next_chat_through_the_openai_client(vlm_models, name):
+@pytest.mark.parametrize("name", ["gemma3", "llava-next", "mistral3"])
+def test_gemma3_llava_next_and_mistral3_chat_through_the_openai_client(vlm_models, name):
     """Gemma 3 (its template writes <start_of_image>, expanded around the soft tokens; images attend to themselves
-    both ways) and LLaVA-NeXT (anyres tiles) behind the server: replies, streamed too, equal the offline engine's."""
+    both ways), LLaVA-NeXT (anyres tiles) and Mistral 3 (grids of [IMG] rows) behind the server: replies, streamed
+    too, equal the offline engine's."""
     from openai import OpenAI
 
     path = vlm_models[name]
