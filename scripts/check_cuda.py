@@ -206,24 +206,25 @@ def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -
     """A tiny vision-language model (llava: CLIP + LLaMA; qwen2-vl: M-RoPE; gemma3: images attending to themselves
     both ways) with prompts of zero to two images,
     prompts whole and in 8-token chunks, against transformers on the same device: greedy tokens equal."""
-    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_qwen2_vl, images
+    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_mistral3, build_qwen2_vl, images
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from pagellm import LLM, SamplingParams
 
     tmp = tempfile.mkdtemp(prefix=f"pagellm-{kind}-")
     build = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
-             "gemma3": build_gemma3}[kind]
+             "gemma3": build_gemma3, "mistral3": build_mistral3}[kind]
     path = build(os.path.join(tmp, kind))
     ph = {"llava": "<image>", "llava-next": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
-          "gemma3": "<start_of_image>"}[kind]
+          "gemma3": "<start_of_image>", "mistral3": "[IMG]"}[kind]
     imgs = images(3)
     prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
                {"prompt": f"{ph}To be{ph}, or not", "multi_modal_data": {"image": imgs[1:]}},
                "Paged attention stores keys"]
     hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
                                                      attn_implementation="eager").to(hf_device).eval()
-    proc = AutoImageProcessor.from_pretrained(path)
+    side = {"patch_size": {"height": 14, "width": 14}} if kind == "mistral3" else {}  # PixtralProcessor's patches
+    proc = AutoImageProcessor.from_pretrained(path, **side)
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     ok = True
     for chunk in (None, 8):
@@ -269,7 +270,8 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     if "--images" in args:
-        return 0 if all([check_vlm(k, hf_device, eager) for k in ("llava", "llava-next", "qwen2-vl", "gemma3")]) else 1
+        kinds = ("llava", "llava-next", "qwen2-vl", "gemma3", "mistral3")
+        return 0 if all([check_vlm(k, hf_device, eager) for k in kinds]) else 1
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
     results = [check(p, enforce_eager=eager, async_scheduling=overlap, attention_backend=backend, hf_device=hf_device,

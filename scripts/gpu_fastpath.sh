@@ -31,7 +31,7 @@
 #               model as its own draft against HF; the demo model with its shipped 2-layer draft at batch 1)
 #   lora        a random LoRA adapter on every projection against HF with it merged, CUDA graphs then eager
 #   pooling     decoders as embedding models (mean / last-token pooling, chunked) and classifiers against HF
-#   images      a tiny LLaVA, LLaVA-NeXT, Qwen2-VL and Gemma 3 with image prompts (whole and chunked) against HF, graphs and eager
+#   images      tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Gemma 3 and Mistral 3 with image prompts (whole and chunked) against HF, graphs and eager
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-/tmp/gpu_fastpath}}
