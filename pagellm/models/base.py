@@ -112,6 +112,18 @@ class TowerProjectorLayout:
 
     vision_tower: nn.Module
 
+    def init_parts(self, config, language_model: nn.Module, projector: nn.Module) -> None:
+        """The language model, transformers' vision model for config.vision_config (SDPA attention) and the
+        projector, as `language_model`, `vision_tower` and `multi_modal_projector`."""
+        from transformers import AutoModel
+
+        self.config = config
+        self.language_model = language_model
+        vision = config.vision_config
+        vision._attn_implementation = "sdpa"
+        self.vision_tower = AutoModel.from_config(vision)
+        self.multi_modal_projector = projector
+
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         for prefix in ("model.", ""):
             if name.startswith(prefix + "language_model."):

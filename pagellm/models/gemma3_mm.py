@@ -94,14 +94,9 @@ class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        from transformers import AutoModel
-
-        self.config = config
-        self.language_model = Gemma3ForCausalLM(config.text_config, max_model_len, tp)
-        vision = config.vision_config
-        vision._attn_implementation = "sdpa"
-        self.vision_tower = AutoModel.from_config(vision)  # transformers' SigLIP vision model
-        self.multi_modal_projector = Gemma3MultiModalProjector(config)
+        # transformers' SigLIP vision model
+        self.init_parts(config, Gemma3ForCausalLM(config.text_config, max_model_len, tp),
+                        Gemma3MultiModalProjector(config))
         self.image_token_id = config.image_token_index
         self.vocab_size = config.text_config.vocab_size
 

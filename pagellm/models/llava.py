@@ -104,14 +104,9 @@ class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        from transformers import AutoModel
-
-        self.config = config
-        self.language_model = text_model_class(config)(config.text_config, max_model_len, tp)
-        vision = config.vision_config
-        vision._attn_implementation = "sdpa"
-        self.vision_tower = AutoModel.from_config(vision)  # transformers' CLIP / SigLIP vision model
-        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        # transformers' CLIP / SigLIP vision model
+        self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
+                        LlavaMultiModalProjector(config))
         layers = config.vision_feature_layer
         self.feature_layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # concatenated
         self.drop_cls = config.vision_feature_select_strategy == "default"

@@ -73,15 +73,11 @@ class Mistral3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        from transformers import AutoModel
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
 
-        self.config = config
-        self.language_model = text_model_class(config)(config.text_config, max_model_len, tp)
-        vision = config.vision_config
-        vision._attn_implementation = "sdpa"
-        self.vision_tower = AutoModel.from_config(vision)  # transformers' Pixtral vision model
-        self.multi_modal_projector = Mistral3MultiModalProjector(config)
+        # transformers' Pixtral vision model and Mistral 3's projector (RMSNorm, patch merger, MLP)
+        self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
+                        Mistral3MultiModalProjector(config))
         layers = config.vision_feature_layer
         self.feature_layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # concatenated
         self.image_token_id = config.image_token_index

@@ -8,23 +8,14 @@ from __future__ import annotations
 import pytest
 
 from pagellm import LLM
-from tests.multimodal.test_llava import (
-    _check_against_hf,
-    _greedy,
-    check_chat_with_an_image,
-    check_chunks_prefix_hits_and_preemption,
-    check_emulated_graphs,
-    check_greedy,
-    check_tensor_parallel,
-    prompts_with,
-)
+from tests.multimodal import checks
 
 P = "<start_of_image>"
-PROMPTS = prompts_with(P)
+PROMPTS = checks.prompts_with(P)
 
 
 def test_greedy_equals_transformers(vlm_models):
-    check_greedy(vlm_models["gemma3"], PROMPTS)
+    checks.greedy_equals_hf(vlm_models["gemma3"], PROMPTS)
 
 
 def test_images_attend_to_themselves_both_ways(vlm_models, monkeypatch):
@@ -34,9 +25,9 @@ def test_images_attend_to_themselves_both_ways(vlm_models, monkeypatch):
 
     monkeypatch.setattr(layers, "image_block_attention", lambda *a: None)
     llm = LLM(vlm_models["gemma3"], max_model_len=256)
-    outs = llm.generate(PROMPTS[:1], _greedy(), use_tqdm=False)
+    outs = llm.generate(PROMPTS[:1], checks.greedy(), use_tqdm=False)
     with pytest.raises(AssertionError):
-        _check_against_hf(vlm_models["gemma3"], PROMPTS[:1], outs)
+        checks.against_hf(vlm_models["gemma3"], PROMPTS[:1], outs)
 
 
 def test_prompt_equals_gemma3_processor(vlm_models):
@@ -49,13 +40,13 @@ def test_prompt_equals_gemma3_processor(vlm_models):
     proc = AutoProcessor.from_pretrained(path)
     p = PROMPTS[1]
     ref = proc(text=p["prompt"], images=p["multi_modal_data"]["image"], return_tensors="pt")
-    ours = llm.llm_engine.input_processor.process(p, _greedy())
+    ours = llm.llm_engine.input_processor.process(p, checks.greedy())
     assert ours.prompt_token_ids == ref["input_ids"][0].tolist()
     soft = (ref["token_type_ids"][0] == 1).nonzero().flatten().tolist()
     assert [i for f in ours.mm_features for i in range(f.offset, f.end)] == soft
     assert all(f.whole for f in ours.mm_features)
     again = llm.llm_engine.input_processor.process({"prompt_token_ids": ours.prompt_token_ids,
-                                                    "multi_modal_data": p["multi_modal_data"]}, _greedy())
+                                                    "multi_modal_data": p["multi_modal_data"]}, checks.greedy())
     assert again.prompt_token_ids == ours.prompt_token_ids
     assert [(f.offset, f.length) for f in again.mm_features] == [(f.offset, f.length) for f in ours.mm_features]
 
@@ -64,7 +55,7 @@ def test_prompt_equals_gemma3_processor(vlm_models):
 def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
     """Chunks of 6 tokens: a chunk that would end inside an image stops before it, and the image (4 positions) is
     computed whole in the next step, with its later keys."""
-    check_chunks_prefix_hits_and_preemption(vlm_models["gemma3"], PROMPTS, chunk=6, blocks=24,
+    checks.chunks_prefix_hits_and_preemption(vlm_models["gemma3"], PROMPTS, chunk=6, blocks=24,
                                             async_scheduling=async_scheduling)
 
 
@@ -84,15 +75,15 @@ def test_a_chunk_never_ends_inside_an_image():
 
 def test_emulated_cuda_graphs(vlm_models, monkeypatch):
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
-    check_emulated_graphs(vlm_models["gemma3"], PROMPTS)
+    checks.emulated_graphs(vlm_models["gemma3"], PROMPTS)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):
-    check_tensor_parallel(vlm_models["gemma3"], PROMPTS)
+    checks.tensor_parallel(vlm_models["gemma3"], PROMPTS)
 
 
 def test_chat_and_limits(vlm_models):
-    _, text = check_chat_with_an_image(vlm_models["gemma3"])
+    _, text = checks.chat_with_an_image(vlm_models["gemma3"])
     assert text.startswith("<start_of_turn>user\n\n\n<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>")
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(3\) must be >= 4"):
         LLM(vlm_models["gemma3"], max_model_len=256, max_num_batched_tokens=3)

@@ -10,82 +10,26 @@ import io
 
 import pytest
 import torch
-from multimodal_models import images
 
 from pagellm import LLM, SamplingParams
-from tests.multimodal.conftest import hf_vlm_greedy
-
-IMGS = images(4)
-
-
-def prompts_with(placeholder: str) -> list:
-    """The prompts every vision-language test runs, with the model's image placeholder."""
-    p = placeholder
-    return [
-        {"prompt": f"The quick {p} brown fox", "multi_modal_data": {"image": IMGS[0]}},
-        {"prompt": f"{p}To be{p}, or not to be", "multi_modal_data": {"image": [IMGS[1], IMGS[2]]}},
-        {"prompt": f"The quick {p} brown fox", "multi_modal_data": {"image": IMGS[3]}},  # same text, another image
-        "Paged attention stores keys",  # text only
-    ]
-
+from tests.multimodal.checks import (
+    IMGS,
+    N,
+    against_hf,
+    emulated_graphs,
+    greedy,
+    greedy_equals_hf,
+    images_of,
+    prompts_with,
+    tensor_parallel,
+)
 
 PROMPTS = prompts_with("<image>")
-N = 10
-
-
-def _images(prompt) -> list:
-    if isinstance(prompt, str):
-        return []
-    img = prompt["multi_modal_data"]["image"]
-    return list(img) if isinstance(img, list) else [img]
-
-
-def _check_against_hf(path: str, prompts, outs, processor_kwargs: dict | None = None) -> None:
-    for p, out in zip(prompts, outs):
-        tokens, lps = hf_vlm_greedy(path, list(out.prompt_token_ids), _images(p), N, processor_kwargs)
-        c = out.outputs[0]
-        assert list(c.token_ids) == tokens
-        got = [entry[t].logprob for entry, t in zip(c.logprobs, c.token_ids)]
-        assert got == pytest.approx(lps, abs=2e-4)
-
-
-def _greedy() -> SamplingParams:
-    return SamplingParams(max_tokens=N, temperature=0.0, logprobs=0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("name", ["llava", "llava-full", "llava-siglip"])
 def test_greedy_equals_transformers(vlm_models, name):
-    check_greedy(vlm_models[name], PROMPTS)
-
-
-def check_greedy(path: str, prompts, max_model_len: int = 256) -> None:
-    """Greedy tokens and logprobs against transformers for prompts 0 and 2 (the same text, other images), 1 (two
-    images) and 3 (text only); every block back."""
-    llm = LLM(path, max_model_len=max_model_len)
-    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    _check_against_hf(path, prompts, outs)
-    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the image, not only the text, counts
-    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
-
-
-def check_chat_with_an_image(path: str) -> tuple[LLM, str]:
-    """LLM.chat with an image_pil part and text, against transformers; the engine and the rendered prompt's text."""
-    llm = LLM(path, max_model_len=256)
-    msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
-    out = llm.chat(msg, _greedy(), use_tqdm=False)[0]
-    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[0]}}], [out])
-    assert len(out.outputs[0].token_ids) == N
-    return llm, llm.get_tokenizer().decode(out.prompt_token_ids)
-
-
-def check_emulated_graphs(path: str, prompts, **kw) -> LLM:
-    """The GPU path on CPU (staged inputs, decode steps replayed as graphs, async scheduling) against transformers
-    (the caller sets PAGELLM_EMULATE_CUDA_GRAPHS)."""
-    llm = LLM(path, max_model_len=256, attention_backend="torch_ref", async_scheduling=True, **kw)
-    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    _check_against_hf(path, prompts, outs)
-    assert sum(llm.llm_engine.executor.runner.graphs.replays.values()) > 5
-    return llm
+    greedy_equals_hf(vlm_models[name], PROMPTS)
 
 
 def test_prompt_equals_llava_processor(vlm_models):
@@ -95,15 +39,15 @@ def test_prompt_equals_llava_processor(vlm_models):
     proc = LlavaProcessor(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                           patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     llm = LLM(path, max_model_len=256)
-    ours = llm.llm_engine.input_processor.process(PROMPTS[1], _greedy())
-    theirs = proc(text=PROMPTS[1]["prompt"], images=_images(PROMPTS[1]), return_tensors="pt")
+    ours = llm.llm_engine.input_processor.process(PROMPTS[1], greedy())
+    theirs = proc(text=PROMPTS[1]["prompt"], images=images_of(PROMPTS[1]), return_tensors="pt")
     assert ours.prompt_token_ids == theirs["input_ids"][0].tolist()
     image_id = llm.llm_engine.config.model.multimodal.placeholder_id
     at = [i for i, t in enumerate(ours.prompt_token_ids) if t == image_id]
     assert [p for f in ours.mm_features for p in range(f.offset, f.end)] == at and len(at) == 32
     # a prompt that arrives expanded (as LlavaProcessor writes it) is taken as is
     again = llm.llm_engine.input_processor.process(
-        {"prompt_token_ids": ours.prompt_token_ids, "multi_modal_data": PROMPTS[1]["multi_modal_data"]}, _greedy())
+        {"prompt_token_ids": ours.prompt_token_ids, "multi_modal_data": PROMPTS[1]["multi_modal_data"]}, greedy())
     assert again.prompt_token_ids == ours.prompt_token_ids
     assert [f.identifier for f in again.mm_features] == [f.identifier for f in ours.mm_features]
 
@@ -112,8 +56,8 @@ def test_prompt_equals_llava_processor(vlm_models):
 def test_chunked_prefill_encodes_a_split_image_once(vlm_models, async_scheduling):
     path = vlm_models["llava"]
     llm = LLM(path, max_model_len=256, max_num_batched_tokens=8, max_num_seqs=2, async_scheduling=async_scheduling)
-    outs = llm.generate(PROMPTS, _greedy(), use_tqdm=False)
-    _check_against_hf(path, PROMPTS, outs)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    against_hf(path, PROMPTS, outs)
     assert llm.llm_engine.executor.runner.mm.num_encoded == 4  # 16 positions per image over 8-token chunks
     assert not llm.llm_engine.executor.runner.mm.cache
 
@@ -124,12 +68,12 @@ def test_emulated_cuda_graphs(vlm_models, monkeypatch):
     does not replay."""
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
     path = vlm_models["llava"]
-    llm = check_emulated_graphs(path, PROMPTS, block_size=4)
+    llm = emulated_graphs(path, PROMPTS, block_size=4)
     ends_in_image = {"prompt": "The quick brown fox<image>", "multi_modal_data": {"image": IMGS[0]}}
-    first = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]
-    again = llm.generate([ends_in_image], _greedy(), use_tqdm=False)[0]
+    first = llm.generate([ends_in_image], greedy(), use_tqdm=False)[0]
+    again = llm.generate([ends_in_image], greedy(), use_tqdm=False)[0]
     assert again.num_cached_tokens == len(first.prompt_token_ids) - 1  # only the image's last position is computed
-    _check_against_hf(path, [ends_in_image] * 2, [first, again])
+    against_hf(path, [ends_in_image] * 2, [first, again])
 
 
 def test_prefix_cache_tells_images_apart(vlm_models):
@@ -137,21 +81,21 @@ def test_prefix_cache_tells_images_apart(vlm_models):
     llm = LLM(path, max_model_len=256, block_size=4)
     a, b = ({"prompt": "The quick brown fox jumps <image> over the dog", "multi_modal_data": {"image": img}}
             for img in (IMGS[0], IMGS[3]))
-    offset = llm.llm_engine.input_processor.process(a, _greedy()).mm_features[0].offset
+    offset = llm.llm_engine.input_processor.process(a, greedy()).mm_features[0].offset
     assert offset >= 4
-    first = llm.generate([a], _greedy(), use_tqdm=False)[0]
-    other = llm.generate([b], _greedy(), use_tqdm=False)[0]  # same text, another image
-    _check_against_hf(path, [a, b], [first, other])
+    first = llm.generate([a], greedy(), use_tqdm=False)[0]
+    other = llm.generate([b], greedy(), use_tqdm=False)[0]  # same text, another image
+    against_hf(path, [a, b], [first, other])
     assert other.num_cached_tokens == offset // 4 * 4  # the blocks before the image only
-    same = llm.generate([a], _greedy(), use_tqdm=False)[0]
+    same = llm.generate([a], greedy(), use_tqdm=False)[0]
     n = len(first.prompt_token_ids)
     assert same.num_cached_tokens == (n - 1) // 4 * 4
     assert same.outputs[0].token_ids == first.outputs[0].token_ids
     # a hit that ends inside the image: the worker encodes it again for the positions left
     llm2 = LLM(path, max_model_len=256, block_size=4)
     llm2.generate([{"prompt": "The quick brown fox jumps <image>", "multi_modal_data": {"image": IMGS[0]}}],
-                  _greedy(), use_tqdm=False)
-    again = llm2.generate([a], _greedy(), use_tqdm=False)[0]
+                  greedy(), use_tqdm=False)
+    again = llm2.generate([a], greedy(), use_tqdm=False)[0]
     assert offset < again.num_cached_tokens < offset + 16
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
@@ -182,7 +126,7 @@ def test_parallel_samples_and_beams_with_images(vlm_models):
     from tests.multimodal.conftest import _hf
 
     beams = llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=3, max_tokens=12), use_tqdm=False)[0]
-    prompt = llm.llm_engine.input_processor.process(PROMPTS[0], _greedy()).prompt_token_ids
+    prompt = llm.llm_engine.input_processor.process(PROMPTS[0], greedy()).prompt_token_ids
     ids = torch.tensor([prompt])
     pixels = AutoImageProcessor.from_pretrained(vlm_models["llava"])(images=[IMGS[0]], return_tensors="pt")
     eos = sorted(llm.llm_engine.config.model.eos_token_ids)
@@ -199,41 +143,8 @@ def test_parallel_samples_and_beams_with_images(vlm_models):
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
 
 
-def check_chunks_prefix_hits_and_preemption(path: str, prompts, chunk: int, blocks: int, block_size: int = 4,
-                                            max_model_len: int = 256, max_tokens: int = 30,
-                                            async_scheduling: bool = False) -> None:
-    """Chunks of `chunk` tokens against transformers; the prompts again (prefix-cache hits, the same tokens); a pool
-    of `blocks` blocks that preempts and recomputes, against an engine with room (the same tokens, every block
-    back)."""
-    llm = LLM(path, max_model_len=max_model_len, max_num_batched_tokens=chunk, max_num_seqs=3, block_size=block_size,
-              async_scheduling=async_scheduling)
-    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    _check_against_hf(path, prompts, outs)
-    again = llm.generate(prompts[:2], _greedy(), use_tqdm=False)
-    assert all(o.num_cached_tokens > 0 for o in again)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
-    tight = LLM(path, max_model_len=max_model_len, block_size=block_size, num_gpu_blocks_override=blocks,
-                enable_prefix_caching=False)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    got = tight.generate(prompts * 2, sp, use_tqdm=False)
-    assert tight.llm_engine.scheduler.num_preemptions > 0
-    ref = LLM(path, max_model_len=max_model_len).generate(prompts * 2, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
-
-
-def check_tensor_parallel(path: str, prompts, max_model_len: int = 256) -> None:
-    """TP=2 (the vision tower replicated, the language model sharded) against transformers."""
-    llm = LLM(path, max_model_len=max_model_len, tensor_parallel_size=2)
-    try:
-        outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    _check_against_hf(path, prompts, outs)
-
-
 def test_tensor_parallel_equals_transformers(vlm_models):
-    check_tensor_parallel(vlm_models["llava"], PROMPTS)
+    tensor_parallel(vlm_models["llava"], PROMPTS)
 
 
 def _data_url(img) -> str:
@@ -248,19 +159,19 @@ def test_chat_with_images(vlm_models, tmp_path):
     IMGS[1].save(tmp_path / "cat.png")
     parts = [{"type": "text", "text": "To be"}, {"type": "image_url", "image_url": {"url": _data_url(IMGS[1])}},
              {"type": "text", "text": " or not"}]
-    by_url = llm.chat([{"role": "user", "content": parts}], _greedy(), use_tqdm=False)[0]
+    by_url = llm.chat([{"role": "user", "content": parts}], greedy(), use_tqdm=False)[0]
     tok = llm.get_tokenizer()
     assert tok.decode(by_url.prompt_token_ids).startswith("<|user|>To be" + "<image>" * 16 + " or not<|end|>")
-    _check_against_hf(path, [{"multi_modal_data": {"image": IMGS[1]}}], [by_url])
+    against_hf(path, [{"multi_modal_data": {"image": IMGS[1]}}], [by_url])
     pil = [{**parts[1], "type": "image_pil", "image_pil": IMGS[1]} if p["type"] == "image_url" else p for p in parts]
-    by_pil = llm.chat([{"role": "user", "content": pil}], _greedy(), use_tqdm=False)[0]
+    by_pil = llm.chat([{"role": "user", "content": pil}], greedy(), use_tqdm=False)[0]
     local = [{**p, "image_url": {"url": f"file://{tmp_path}/cat.png"}} if p["type"] == "image_url" else p
              for p in parts]
-    by_file = llm.chat([{"role": "user", "content": local}], _greedy(), use_tqdm=False)[0]
+    by_file = llm.chat([{"role": "user", "content": local}], greedy(), use_tqdm=False)[0]
     assert by_pil.outputs[0].token_ids == by_file.outputs[0].token_ids == by_url.outputs[0].token_ids
     # a template that reads content as a string gets the placeholder before the message's text (vLLM's rule)
     plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    out = llm.chat([{"role": "user", "content": parts}], _greedy(), chat_template=plain, use_tqdm=False)[0]
+    out = llm.chat([{"role": "user", "content": parts}], greedy(), chat_template=plain, use_tqdm=False)[0]
     assert tok.decode(out.prompt_token_ids) == "<image>" * 16 + "\nTo be or not"
 
 
@@ -280,23 +191,23 @@ def test_bad_multimodal_input_fails_alone(vlm_models, tiny_models, tmp_path):
     ]
     for prompt, match in cases:
         if match is None:
-            assert llm.generate([prompt], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+            assert llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids
             continue
         with pytest.raises(ValueError, match=match) as e:
-            llm.generate([prompt], _greedy(), use_tqdm=False)
+            llm.generate([prompt], greedy(), use_tqdm=False)
         assert getattr(e.value, "param", "multi_modal_data") == "multi_modal_data"
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, truncate_prompt_tokens=20), use_tqdm=False)
     too_long = {"prompt": "x " * 200 + "<image>", "multi_modal_data": {"image": IMGS[0]}}
     with pytest.raises(ValueError, match="max_model_len"):
-        llm.generate([too_long], _greedy(), use_tqdm=False)
+        llm.generate([too_long], greedy(), use_tqdm=False)
     assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
-    _check_against_hf(path, PROMPTS[:1], llm.generate(PROMPTS[:1], _greedy(), use_tqdm=False))  # still serving
+    against_hf(path, PROMPTS[:1], llm.generate(PROMPTS[:1], greedy(), use_tqdm=False))  # still serving
     text = LLM(tiny_models["llama"], max_model_len=128)
     with pytest.raises(ValueError, match="takes text only"):
-        text.generate([{"prompt": "hi", "multi_modal_data": {"image": IMGS[0]}}], _greedy(), use_tqdm=False)
+        text.generate([{"prompt": "hi", "multi_modal_data": {"image": IMGS[0]}}], greedy(), use_tqdm=False)
     with pytest.raises(ValueError, match="takes text only"):
-        text.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}]}], _greedy())
+        text.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}]}], greedy())
     with pytest.raises(ValueError, match="limit_mm_per_prompt applies to multimodal models"):
         LLM(tiny_models["llama"], limit_mm_per_prompt={"image": 1})
     with pytest.raises(ValueError, match="runner generate"):
@@ -339,10 +250,10 @@ def test_checkpoint_name_layouts(vlm_models, tmp_path, layout):
     assert set(renamed) != set(state)
     save_file(renamed, str(tmp_path / "model.safetensors"))
     llm = LLM(str(tmp_path), max_model_len=256)
-    _check_against_hf(src, PROMPTS[:2], llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False))
+    against_hf(src, PROMPTS[:2], llm.generate(PROMPTS[:2], greedy(), use_tqdm=False))
     assert llm.get_tokenizer().chat_template == template
     msg = [{"role": "user", "content": [{"type": "image_pil", "image_pil": IMGS[0]}, {"type": "text", "text": "hi"}]}]
-    assert llm.get_tokenizer().decode(llm.chat(msg, _greedy(), use_tqdm=False)[0].prompt_token_ids).startswith(
+    assert llm.get_tokenizer().decode(llm.chat(msg, greedy(), use_tqdm=False)[0].prompt_token_ids).startswith(
         "<|user|>" + "<image>" * 16 + "hi<|end|>")
 
 
@@ -356,4 +267,4 @@ def test_quantization_covers_the_language_model(vlm_models):
     q = model.language_model.model.layers[0].self_attn.qkv_proj
     assert q.qweight.dtype == torch.int8 and not hasattr(q, "weight")
     assert all(p.dtype == torch.float32 for p in model.vision_tower.parameters())
-    assert len(llm.generate(PROMPTS[:2], _greedy(), use_tqdm=False)[1].outputs[0].token_ids) == N
+    assert len(llm.generate(PROMPTS[:2], greedy(), use_tqdm=False)[1].outputs[0].token_ids) == N

@@ -7,20 +7,14 @@ from __future__ import annotations
 import pytest
 
 from pagellm import LLM
-from tests.multimodal.test_llava import (
-    _greedy,
-    check_chunks_prefix_hits_and_preemption,
-    check_greedy,
-    check_tensor_parallel,
-    prompts_with,
-)
+from tests.multimodal import checks
 
-# IMGS: 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
-PROMPTS = prompts_with("<image>")
+# checks.IMGS: 40x24, 36x32, 32x40, 28x48 (width x height): wide and tall, different grids and crops
+PROMPTS = checks.prompts_with("<image>")
 
 
 def test_greedy_equals_transformers(vlm_models):
-    check_greedy(vlm_models["llava-next"], PROMPTS, max_model_len=512)
+    checks.greedy_equals_hf(vlm_models["llava-next"], PROMPTS, max_model_len=512)
 
 
 def test_positions_per_image_equal_the_processor(vlm_models):
@@ -34,7 +28,7 @@ def test_positions_per_image_equal_the_processor(vlm_models):
                               patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     lengths = set()
     for p in PROMPTS[:3]:
-        ours = llm.llm_engine.input_processor.process(p, _greedy())
+        ours = llm.llm_engine.input_processor.process(p, checks.greedy())
         imgs = p["multi_modal_data"]["image"]
         ref = proc(text=p["prompt"], images=imgs if isinstance(imgs, list) else [imgs], return_tensors="pt")
         assert ours.prompt_token_ids == ref["input_ids"][0].tolist()
@@ -43,12 +37,12 @@ def test_positions_per_image_equal_the_processor(vlm_models):
 
 
 def test_chunks_prefix_hits_and_preemption(vlm_models):
-    check_chunks_prefix_hits_and_preemption(vlm_models["llava-next"], PROMPTS, chunk=16, blocks=48, block_size=8,
+    checks.chunks_prefix_hits_and_preemption(vlm_models["llava-next"], PROMPTS, chunk=16, blocks=48, block_size=8,
                                             max_model_len=512, max_tokens=40)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):
-    check_tensor_parallel(vlm_models["llava-next"], PROMPTS, max_model_len=512)
+    checks.tensor_parallel(vlm_models["llava-next"], PROMPTS, max_model_len=512)
 
 
 def test_full_strategy_is_refused(vlm_models, tmp_path):

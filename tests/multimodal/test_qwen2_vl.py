@@ -9,28 +9,19 @@ import pytest
 import torch
 
 from pagellm import LLM
-from tests.multimodal.test_llava import (
-    _check_against_hf,
-    _greedy,
-    check_chat_with_an_image,
-    check_chunks_prefix_hits_and_preemption,
-    check_emulated_graphs,
-    check_greedy,
-    check_tensor_parallel,
-    prompts_with,
-)
+from tests.multimodal import checks
 
 P = "<|vision_start|><|image_pad|><|vision_end|>"
-PROMPTS = prompts_with(P)
+PROMPTS = checks.prompts_with(P)
 
 
 @pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
 def test_greedy_equals_transformers(vlm_models, name):
-    check_greedy(vlm_models[name], PROMPTS)
+    checks.greedy_equals_hf(vlm_models[name], PROMPTS)
 
 
 def test_tensor_parallel_equals_transformers(vlm_models):
-    check_tensor_parallel(vlm_models["qwen2-vl"], PROMPTS)
+    checks.tensor_parallel(vlm_models["qwen2-vl"], PROMPTS)
 
 
 def test_prompt_and_positions_equal_transformers(vlm_models):
@@ -40,7 +31,7 @@ def test_prompt_and_positions_equal_transformers(vlm_models):
 
     path = vlm_models["qwen2-vl"]
     llm = LLM(path, max_model_len=256)
-    ours = llm.llm_engine.input_processor.process(PROMPTS[1], _greedy())
+    ours = llm.llm_engine.input_processor.process(PROMPTS[1], checks.greedy())
     grid = AutoImageProcessor.from_pretrained(path)(images=PROMPTS[1]["multi_modal_data"]["image"],
                                                     return_tensors="pt")["image_grid_thw"]
     sizes = (grid.prod(-1) // 4).tolist()
@@ -64,7 +55,7 @@ def test_prompt_and_positions_equal_transformers(vlm_models):
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
-    check_chunks_prefix_hits_and_preemption(vlm_models["qwen2-vl"], PROMPTS, chunk=8, blocks=20,
+    checks.chunks_prefix_hits_and_preemption(vlm_models["qwen2-vl"], PROMPTS, chunk=8, blocks=20,
                                             async_scheduling=async_scheduling)
 
 
@@ -72,11 +63,11 @@ def test_emulated_cuda_graphs_decode_with_the_rope_offset(vlm_models, monkeypatc
     """Decode steps replay graphs with 1-D positions index + delta; prompt steps with images run eagerly with
     3-D positions."""
     monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
-    check_emulated_graphs(vlm_models["qwen2-vl"], PROMPTS)
+    checks.emulated_graphs(vlm_models["qwen2-vl"], PROMPTS)
 
 
 def test_chat_and_refusals(vlm_models):
-    _, text = check_chat_with_an_image(vlm_models["qwen2-vl"])
+    _, text = checks.chat_with_an_image(vlm_models["qwen2-vl"])
     assert text.startswith("<|user|><|vision_start|><|image_pad|>") and "<|vision_end|>hi<|end|>" in text
     with pytest.raises(ValueError, match="num_scheduler_steps must be 1"):
         LLM(vlm_models["qwen2-vl"], num_scheduler_steps=4)
@@ -110,22 +101,22 @@ def test_mm_processor_kwargs(vlm_models):
     photo = Image.fromarray(np.random.default_rng(5).integers(0, 256, (120, 160, 3), dtype=np.uint8))
     prompts = [{**PROMPTS[0], "multi_modal_data": {"image": photo}}, *PROMPTS[1:]]
     llm = LLM(path, max_model_len=256, mm_processor_kwargs=big)
-    outs = llm.generate(prompts, _greedy(), use_tqdm=False)
-    _check_against_hf(path, prompts, outs, big)
+    outs = llm.generate(prompts, checks.greedy(), use_tqdm=False)
+    checks.against_hf(path, prompts, outs, big)
     grid = AutoImageProcessor.from_pretrained(path, **big)(images=[photo], return_tensors="pt")["image_grid_thw"]
     plain = LLM(path, max_model_len=256)
     n_big = outs[0].prompt_token_ids.count(llm.llm_engine.config.model.multimodal.placeholder_id)
     assert n_big == int(grid.prod()) // 4
-    default = plain.generate(prompts[:1], _greedy(), use_tqdm=False)[0]
+    default = plain.generate(prompts[:1], checks.greedy(), use_tqdm=False)[0]
     assert len(default.prompt_token_ids) < len(outs[0].prompt_token_ids)
-    per_request = plain.generate([{**prompts[0], "mm_processor_kwargs": big}], _greedy(), use_tqdm=False)[0]
+    per_request = plain.generate([{**prompts[0], "mm_processor_kwargs": big}], checks.greedy(), use_tqdm=False)[0]
     assert per_request.prompt_token_ids == outs[0].prompt_token_ids
     assert per_request.outputs[0].token_ids == outs[0].outputs[0].token_ids
     chat = [{"role": "user", "content": [{"type": "image_pil", "image_pil": photo}]}]
-    assert len(plain.chat(chat, _greedy(), use_tqdm=False, mm_processor_kwargs=big)[0].prompt_token_ids) > \
-        len(plain.chat(chat, _greedy(), use_tqdm=False)[0].prompt_token_ids)
+    assert len(plain.chat(chat, checks.greedy(), use_tqdm=False, mm_processor_kwargs=big)[0].prompt_token_ids) > \
+        len(plain.chat(chat, checks.greedy(), use_tqdm=False)[0].prompt_token_ids)
     with pytest.raises(ValueError, match="mm_processor_kwargs") as e:
-        plain.generate([{**PROMPTS[0], "mm_processor_kwargs": {"no_such_setting": 1}}], _greedy(), use_tqdm=False)
+        plain.generate([{**PROMPTS[0], "mm_processor_kwargs": {"no_such_setting": 1}}], checks.greedy(), use_tqdm=False)
     assert e.value.param == "mm_processor_kwargs"
     with pytest.raises(ValueError, match="mm_processor_kwargs applies to multimodal models"):
         LLM(vlm_models["llava"].replace("multimodal/llava", "llama"), mm_processor_kwargs=big)
