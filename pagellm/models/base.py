@@ -124,6 +124,21 @@ class TowerProjectorLayout:
         self.vision_tower = AutoModel.from_config(vision)
         self.multi_modal_projector = projector
 
+    def feature_layers(self, out) -> list[torch.Tensor]:
+        """The vision tower's hidden states of config.vision_feature_layer (one index, or a list: concatenated)."""
+        layers = self.config.vision_feature_layer
+        return [out.hidden_states[i] for i in (layers if isinstance(layers, (list, tuple)) else [layers])]
+
+    @staticmethod
+    def tower_pixels(config, pixels: torch.Tensor) -> Any:
+        """Pixel values (..., 3, S, S) of a tower that takes S x S images, as a float32 numpy array (it crosses
+        process pipes by value, where a torch tensor would go through shared memory); ValueError for another size."""
+        size = config.vision_config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])} pixels; the vision tower takes "
+                             f"{size} x {size}.")
+        return pixels.float().numpy().copy()
+
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         for prefix in ("model.", ""):
             if name.startswith(prefix + "language_model."):

@@ -112,4 +112,3 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         for layer, kind, kv_cache in zip(self.model.layers, self.layer_rotary, kv_caches):
             x = layer(positions, x, self.rotaries[kind], kv_cache, meta, backend)
         return self.model.norm(x)
-

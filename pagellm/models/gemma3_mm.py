@@ -86,19 +86,13 @@ class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
         if pixels.shape[0] != 1:
             raise ValueError(f"the image processor made {pixels.shape[0]} crops of one image (pan and scan); "
                              "pagellm takes one per image.")
-        size = config.vision_config.image_size
-        if tuple(pixels.shape[-2:]) != (size, size):
-            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])} pixels; the vision tower takes "
-                             f"{size} x {size}.")
-        return config.mm_tokens_per_image, pixels[0].float().numpy().copy()
+        return config.mm_tokens_per_image, cls.tower_pixels(config, pixels[0])
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         # transformers' SigLIP vision model
         self.init_parts(config, Gemma3ForCausalLM(config.text_config, max_model_len, tp),
                         Gemma3MultiModalProjector(config))
-        self.image_token_id = config.image_token_index
-        self.vocab_size = config.text_config.vocab_size
 
     # ---- forward ---------------------------------------------------------------------------------------------
 

@@ -93,22 +93,16 @@ class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
 
     @classmethod
     def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
-        """(positions the image fills, what the worker encodes): pixel values (3, H, W) as a float32 numpy array
-        (it crosses process pipes by value, where a torch tensor would go through shared memory). `kwargs`: the
-        request's settings for the image processor."""
+        """(positions the image fills, what the worker encodes: pixel values (3, H, W)). `kwargs`: the request's
+        settings for the image processor."""
         pixels = image_processor(images=[image], return_tensors="pt", **kwargs)["pixel_values"][0]
-        if pixels.shape[-2:] != (config.vision_config.image_size,) * 2:
-            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])} pixels; the vision tower takes "
-                             f"{config.vision_config.image_size} x {config.vision_config.image_size}.")
-        return image_tokens(config), pixels.float().numpy().copy()
+        return image_tokens(config), cls.tower_pixels(config, pixels)
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         # transformers' CLIP / SigLIP vision model
         self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
                         LlavaMultiModalProjector(config))
-        layers = config.vision_feature_layer
-        self.feature_layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # concatenated
         self.drop_cls = config.vision_feature_select_strategy == "default"
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "
@@ -128,7 +122,7 @@ class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, image_tokens, text hidden): what the placeholders of N images hold."""
         out = self.vision_tower(pixel_values, output_hidden_states=True)
-        feats = [out.hidden_states[i] for i in self.feature_layers]
+        feats = self.feature_layers(out)
         if self.drop_cls:
             feats = [f[:, 1:] for f in feats]
         return self.multi_modal_projector(torch.cat(feats, dim=-1))
@@ -169,12 +163,9 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     @classmethod
     def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
         out = image_processor(images=[image], return_tensors="pt", **kwargs)
-        pixels, size = out["pixel_values"][0], out["image_sizes"][0]
-        if pixels.shape[-2:] != (config.vision_config.image_size,) * 2:
-            raise ValueError(f"the image processor made {tuple(pixels.shape[-2:])}-pixel tiles; the vision tower "
-                             f"takes {config.vision_config.image_size} x {config.vision_config.image_size}.")
+        pixels, size = out["pixel_values"][0], out["image_sizes"][0]  # the tiles (P, 3, S, S)
         height, width = (int(x) for x in size)
-        return cls.num_positions(config, height, width), {"pixel_values": pixels.float().numpy().copy(),
+        return cls.num_positions(config, height, width), {"pixel_values": cls.tower_pixels(config, pixels),
                                                           "image_size": size.numpy().copy()}
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:

@@ -78,8 +78,6 @@ class Mistral3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel
         # transformers' Pixtral vision model and Mistral 3's projector (RMSNorm, patch merger, MLP)
         self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
                         Mistral3MultiModalProjector(config))
-        layers = config.vision_feature_layer
-        self.feature_layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]  # concatenated
         self.image_token_id = config.image_token_index
 
     def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -93,7 +91,7 @@ class Mistral3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel
         image_sizes = torch.tensor(sizes)
         out = self.vision_tower(torch.from_numpy(pixels).to(device, dtype), image_sizes=image_sizes,
                                 output_hidden_states=True)
-        feats = torch.cat([out.hidden_states[i] for i in self.feature_layers], dim=-1).squeeze(0)
+        feats = torch.cat(self.feature_layers(out), dim=-1).squeeze(0)
         feats = self.multi_modal_projector(feats, image_sizes)
         side = self.merged_patch(self.config)
         grids = []

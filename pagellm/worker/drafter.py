@@ -42,8 +42,7 @@ class Drafter:
         from pagellm.worker.model_runner import MIN_BATCH_ROWS, load_model
 
         spec = config.scheduler.speculative
-        self.draft_config = spec.draft
-        self.config = dataclasses.replace(config, model=spec.draft, lora=None)
+        self.config = dataclasses.replace(config, model=spec.draft, lora=None)  # the draft's model and cache
         self.model = load_model(self.config)
         self.backend = backend
         self.device = device
@@ -53,7 +52,7 @@ class Drafter:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """num_blocks: the target cache's count, its scratch block included."""
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks, draft=self.draft_config)
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks)
 
     def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         """Compute the target's batch into the draft cache (the hidden states are not needed)."""
@@ -68,7 +67,7 @@ class Drafter:
             raise RuntimeError("a sequence speculates with tokens the host does not hold")
         bs, dev, b = self.config.cache.block_size, self.device, len(rows)
         cu = np.arange(b + 1, dtype=np.int64)
-        cu_dev = to_device(cu.astype(np.int32), dev)
+        cu_list, cu_dev = cu.tolist(), to_device(cu.astype(np.int32), dev)  # one query token per sequence and pass
         max_blocks = int(-(-(n + ks).max() // bs))
         tables = to_device(batch.block_table[rows, :max_blocks], dev)
         pad = max(b, self.min_rows)
@@ -86,7 +85,7 @@ class Drafter:
             meta = AttentionMetadata(
                 num_tokens=b, slot_mapping=to_device(slots, dev), query_start_loc=cu_dev,
                 seq_lens=to_device(lens.astype(np.int32), dev), block_tables=tables,
-                paged_seq_ids=to_device(paged, dev), query_start_loc_cpu=cu.tolist(), seq_lens_cpu=lens.tolist(),
+                paged_seq_ids=to_device(paged, dev), query_start_loc_cpu=cu_list, seq_lens_cpu=lens.tolist(),
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(lens.max()),
                 block_size=bs, max_query_len=1)
             pos_pad[:b] = pos

@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from pagellm.attention.backend import KVCache, as_bytes
-from pagellm.config import EngineConfig, ModelConfig
+from pagellm.config import EngineConfig
 from pagellm.worker.step_buffers import to_device
 
 logger = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-def allocate_kv_cache(config: EngineConfig, num_blocks: int, draft: ModelConfig | None = None) -> list[KVCache]:
-    """The cache of the model (or of the draft model `draft`: same blocks, its own layers and heads)."""
-    m = config.model if draft is None else draft
+def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
+    """The cache of config.model (a draft model's: an EngineConfig whose model is the draft, the same blocks)."""
+    m = config.model
     shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
     t0 = time.perf_counter()
@@ -110,8 +110,8 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int, draft: ModelConfig 
             as_bytes(k).zero_()
             as_bytes(v).zero_()
     gib = sum(2 * k.numel() * k.element_size() for k, _ in caches) / 2**30
-    logger.info("KV cache%s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
-                "" if draft is None else " of the draft model", num_blocks, config.cache.block_size,
+    logger.info("KV cache of %s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
+                m.architecture, num_blocks, config.cache.block_size,
                 num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
     return caches
 
