@@ -18,6 +18,7 @@ class ModelGeometry:
     num_kv_heads: int  # K/V heads per layer (1 for multi-query attention)
     head_dim: int
     sliding_windows: tuple[int | None, ...] = ()  # per layer: keys a query sees, None = the whole context
+    kv_shared: bool = False  # V is K: one cache tensor per layer (MLA's latent cache, DeepSeek)
 
     def kv_sliding_window(self, max_model_len: int) -> int | None:
         """The window after which a token's K/V is dead in every layer (blocks may be freed), else None."""
@@ -70,6 +71,7 @@ class ModelConfig:
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    kv_shared: bool = False  # V is K: each layer caches one tensor (multi-head latent attention)
     sliding_window: int | None = None  # every layer's window is at most this: older K/V blocks are freed
     eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json, config.json and the tokenizer
     load_format: str = "auto"  # auto | safetensors | pt | dummy

@@ -156,7 +156,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: Attentio
     kvh, d = k_cache.shape[-2], k_cache.shape[-1]
     ks, vs = (params.k_scale, params.v_scale) if params is not None else (1.0, 1.0)
     as_bytes(k_cache).view(-1, kvh, d).index_copy_(0, meta.slot_mapping, as_bytes(to_cache(k[:n], k_cache.dtype, ks)))
-    as_bytes(v_cache).view(-1, kvh, d).index_copy_(0, meta.slot_mapping, as_bytes(to_cache(v[:n], v_cache.dtype, vs)))
+    if v_cache is not k_cache:  # (one tensor where V is K: MLA's latent cache)
+        as_bytes(v_cache).view(-1, kvh, d).index_copy_(0, meta.slot_mapping,
+                                                       as_bytes(to_cache(v[:n], v_cache.dtype, vs)))
 
 
 def fresh_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

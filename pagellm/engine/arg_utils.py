@@ -327,6 +327,7 @@ class EngineArgs:
             num_layers=geometry.num_layers,
             num_kv_heads=geometry.num_kv_heads,
             head_dim=geometry.head_dim,
+            kv_shared=geometry.kv_shared,
             sliding_window=geometry.kv_sliding_window(max_len),
             eos_token_ids=_eos_ids(path, hf) | _eos_ids(path, text),
             load_format=self.load_format,

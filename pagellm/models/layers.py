@@ -203,6 +203,10 @@ class FusedMoE(nn.Module):
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, k)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.dispatch(x, weights, experts)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (T, H) through the experts a router chose: experts (T, k) ids, weights (T, k) -> (T, H)."""
         weights = weights.to(x.dtype)
         flat = experts.flatten()  # pair p = (token p // k, expert flat[p])
         order = torch.argsort(flat, stable=True)

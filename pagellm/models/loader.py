@@ -3,6 +3,8 @@
     iterate_weights(dir, load_format) -> (name, tensor) ...     (safetensors, sharded or not, or .bin)
     load_weights(model, weights)                                 (HF names, packed parts, Conv1D transposes)
     init_dummy_weights(model, seed)                              (load_format="dummy", for benchmarks)
+    finish_loading(model, device, dtype)                         (the cast, float32 where a model keeps it,
+                                                                  the model's own after_load())
 
 Models keep Hugging Face's module names. The model routes a checkpoint name to
 (parameter, shard) with `map_weight` (models/base.py); the parameter's own
@@ -107,6 +109,22 @@ def _covered(param: torch.Tensor, shards: set) -> bool:
         return True
     need = getattr(param, "shard_ids", None)
     return need is not None and need <= shards
+
+
+def finish_loading(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The loaded model on `device` in `dtype`, except the parameters whose names end with one of the model's
+    `keep_float32` (DeepSeek's routers: Hugging Face keeps them in float32), then `model.after_load()` if it has one
+    (work on the final weights: DeepSeek splits kv_b_proj for its latent attention)."""
+    keep = getattr(model, "keep_float32", ())
+    kept = {n: p.detach().float() for n, p in model.named_parameters() if keep and n.endswith(keep)}
+    model = model.to(device=device, dtype=dtype).eval()
+    if kept:
+        params = dict(model.named_parameters())
+        for n, t in kept.items():
+            params[n].data = t.to(device)
+    if hasattr(model, "after_load"):
+        model.after_load()
+    return model
 
 
 def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:

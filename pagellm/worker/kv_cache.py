@@ -6,7 +6,8 @@ Layout per layer, for K and for V:
         block b, slot o  <->  token at position p of a sequence with table[p // block_size] == b,
                               o == p % block_size
 
-Viewed as (num_blocks * block_size, kv_heads, head_dim), a token's K/V is one
+A model whose V is its K (ModelConfig.kv_shared: DeepSeek's latent cache) has one tensor per layer, passed as
+both. Viewed as (num_blocks * block_size, kv_heads, head_dim), a token's K/V is one
 row at index `slot = b * block_size + o`, which makes the per-step write a
 single index_copy_ and a sequence's context a gather of whole blocks.
 """
@@ -41,14 +42,15 @@ def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
 
 
 def bytes_per_block(config: EngineConfig) -> int:
-    """K and V of one block in every layer; with a draft model (speculative decoding), its layers too: both
+    """K and V of one block in every layer (one tensor where V is K: MLA); with a draft model (speculative decoding), its layers too: both
     caches have the same number of blocks."""
     models = [config.model]
     spec = config.scheduler.speculative
     if spec is not None and spec.draft is not None:
         models.append(spec.draft)
     elem = torch.empty((), dtype=kv_cache_dtype(config)).element_size()
-    return sum(2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem for m in models)
+    return sum((1 if m.kv_shared else 2) * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
+               for m in models)
 
 
 def determine_num_blocks(config: EngineConfig) -> int:
@@ -98,18 +100,19 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
     t0 = time.perf_counter()
-    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-              for _ in range(m.num_layers)]
+    caches = []
+    for _ in range(m.num_layers):
+        k = torch.empty(shape, dtype=dtype, device=device)
+        caches.append((k, k if m.kv_shared else torch.empty(shape, dtype=dtype, device=device)))
     for k, v in caches:
-        _advise_huge_pages(k)
-        _advise_huge_pages(v)
-        if device.type == "cpu":
-            # Touch every page now, as a GPU cache is committed up front: the block pool hands out blocks in
-            # LRU order, so a lazily faulted cache takes its page faults (2 MiB zero-fills) inside decode
-            # steps until every block has been used once (measured: up to a third of a step's time).
-            as_bytes(k).zero_()
-            as_bytes(v).zero_()
-    gib = sum(2 * k.numel() * k.element_size() for k, _ in caches) / 2**30
+        for t in (k,) if v is k else (k, v):
+            _advise_huge_pages(t)
+            if device.type == "cpu":
+                # Touch every page now, as a GPU cache is committed up front: the block pool hands out blocks in
+                # LRU order, so a lazily faulted cache takes its page faults (2 MiB zero-fills) inside decode
+                # steps until every block has been used once (measured: up to a third of a step's time).
+                as_bytes(t).zero_()
+    gib = sum((1 if v is k else 2) * k.numel() * k.element_size() for k, v in caches) / 2**30
     logger.info("KV cache of %s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
                 m.architecture, num_blocks, config.cache.block_size,
                 num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
@@ -124,5 +127,5 @@ def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None
     src = to_device([s for s, _ in copies], device, torch.long)
     dst = to_device([d for _, d in copies], device, torch.long)
     for k, v in kv_caches:
-        for t in (as_bytes(k), as_bytes(v)):
+        for t in (as_bytes(k),) if v is k else (as_bytes(k), as_bytes(v)):
             t.index_copy_(0, dst, t.index_select(0, src))

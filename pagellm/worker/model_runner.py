@@ -46,7 +46,7 @@ from pagellm.attention.registry import get_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.loader import init_dummy_weights, iterate_weights, load_weights
+from pagellm.models.loader import finish_loading, init_dummy_weights, iterate_weights, load_weights
 from pagellm.models.parallel_layers import SINGLE
 from pagellm.models.registry import get_model_class
 from pagellm.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
@@ -106,7 +106,7 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
         from pagellm.quantization import finish_model
 
         finish_model(model, method, dtype, device)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = finish_loading(model, device, dtype)
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded %s (%.1fM parameters%s, %s) in %.1fs", m.architecture, n / 1e6,
                 f" on rank {tp.rank} of {tp.size}" if tp.size > 1 else "", m.dtype, time.perf_counter() - t0)
