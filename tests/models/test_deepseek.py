@@ -36,8 +36,6 @@ def test_the_cache_holds_one_latent_vector_per_token_and_layer(tiny_models, arch
     caches = llm.llm_engine.executor.runner.kv_caches
     assert len(caches) == hf.num_hidden_layers and all(k is v for k, v in caches)
     assert tuple(caches[0][0].shape) == (32, 8, 1, 40)
-    mha = 4 * ((16 + 8) + 16)  # what the cache of expanded per-head keys and values would hold per token and layer
-    assert mha / 40 == 4.0
 
 
 @pytest.mark.parametrize("v3", [False, True])
