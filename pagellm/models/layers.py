@@ -166,8 +166,11 @@ class FusedMoE(nn.Module):
     Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down
     projection. Checkpoints give one expert part at a time (shard (e, 0 | 1) for w13, e for w2)
     or the whole stacked tensor (shard None). Tensor parallel: every rank holds every expert's slice
-    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end.
+    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end. FP8 checkpoints keep the
+    experts in 8 bits, each expert's weights widened when a step uses it (quantization/fp8.py: `quant_method`).
     """
+
+    quant_method = None  # set by an FP8 checkpoint's method: expert_weights(moe, e, dtype) -> (w13[e], w2[e])
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str,
                  renormalize: bool, tp: TPGroup = SINGLE) -> None:
@@ -220,8 +223,10 @@ class FusedMoE(nn.Module):
             if n == 0:
                 continue
             seg = slice(start, start + n)
-            gate, up = torch.nn.functional.linear(rows[seg], self.w13[e]).chunk(2, dim=-1)
-            out_rows[seg] = torch.nn.functional.linear(self.act(gate) * up, self.w2[e]) * pair_weights[seg]
+            w13, w2 = (self.w13[e], self.w2[e]) if self.quant_method is None else \
+                self.quant_method.expert_weights(self, e, x.dtype)
+            gate, up = torch.nn.functional.linear(rows[seg], w13).chunk(2, dim=-1)
+            out_rows[seg] = torch.nn.functional.linear(self.act(gate) * up, w2) * pair_weights[seg]
             start += n
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 

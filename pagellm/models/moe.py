@@ -22,8 +22,8 @@ from pagellm.models.layers import FusedMoE, GatedMLP
 from pagellm.models.llama import AttentionOptions, LlamaForCausalLM
 from pagellm.models.parallel_layers import SINGLE, Linear
 
-# experts.<e>.<projection>.weight -> (FusedMoE parameter, shard id)
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+# experts.<e>.<projection>.weight -> (FusedMoE parameter, shard id); FP8 checkpoints' scales beside each weight
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|weight_scale|weight_scale_inv)$")
 _PART = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
          "w2": ("w2", None), "down_proj": ("w2", None)}
 _STACKED = {"experts.gate_up_proj": "experts.w13", "experts.down_proj": "experts.w2"}
@@ -33,9 +33,10 @@ def map_expert_weight(name: str) -> tuple[str, Any] | None:
     """An expert tensor's (parameter, shard), or None if `name` is not an expert tensor."""
     m = _EXPERT.match(name)
     if m:
-        prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+        prefix, expert, proj, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
         param, part = _PART[proj]
-        return f"{prefix}.experts.{param}", (expert, part) if part is not None else expert
+        suffix = kind.removeprefix("weight")  # "", "_scale", "_scale_inv"
+        return f"{prefix}.experts.{param}{suffix}", (expert, part) if part is not None else expert
     for stacked, ours in _STACKED.items():
         if name.endswith("." + stacked):
             return name[: -len(stacked)] + ours, None

@@ -90,12 +90,27 @@ def quantized_layers(model):
             yield name, module
 
 
+def expert_layers(model):
+    """(name, FusedMoE) for every mixture of experts: FP8 checkpoints store the experts in 8 bits too."""
+    from pagellm.models.layers import FusedMoE
+
+    for name, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            yield name, module
+
+
 def prepare_model(model, method) -> None:
     """Before weights load: let the method replace the layers' parameters (int4 and fp8 checkpoints)."""
     if method.name == "fp8":  # static activation scales of FP8 checkpoints are not used
         model.skip_weights = (*model.skip_weights, ".input_scale", ".activation_scale")
     for name, layer in quantized_layers(model):
         method.prepare(name, layer)
+    for name, moe in expert_layers(model):
+        if method.name == "fp8":
+            method.prepare_experts(name, moe)
+        elif method.name in ("gptq", "awq"):
+            raise ValueError(f"{method.name} checkpoints of mixture-of-experts models are not supported: pagellm "
+                             f"does not read 4-bit experts ({name}); an FP8 or unquantized checkpoint of the model is.")
 
 
 def finish_model(model, method, dtype, device) -> None:
@@ -104,4 +119,6 @@ def finish_model(model, method, dtype, device) -> None:
     for _, layer in quantized_layers(model):
         if method.finish(layer, dtype, device):
             n += 1
-    logger.info("quantization %s: %d linear layers (%s)", method.name, n, method.describe())
+    experts = sum(method.finish_experts(moe, device) for _, moe in expert_layers(model)) if method.name == "fp8" else 0
+    logger.info("quantization %s: %d linear layers%s (%s)", method.name, n,
+                f", {experts} mixtures of experts" if experts else "", method.describe())

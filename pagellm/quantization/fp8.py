@@ -12,7 +12,10 @@
 A matmul dequantizes the layer's weight into the compute dtype and multiplies (weight-only): the memory is
 saved, not time. Activation scales (`input_scale`) are not used. Packed projections keep each part's scales:
 per-tensor scales become per-row, block scales are placed at their part's block rows, so tensor parallelism
-slices them like the weight (shards must start on a block boundary).
+slices them like the weight (shards must start on a block boundary; an unsharded tensor's last block row and
+column may be cut short, as DeepSeek-V3's kv_a_proj_with_mqa: 576 rows of 128-row blocks). Mixtures of experts
+keep their experts in fp8 as well (one tensor per expert and projection, as DeepSeek-V3 and Qwen3-MoE FP8 store
+them), each expert widened when a step routes tokens to it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
         return w.mul_(scale)
     bn, bk = block
     n, k = w.shape
+    if n % bn or k % bk:  # a last block row / column cut short (DeepSeek-V3's 576-row kv_a_proj_with_mqa)
+        return w.mul_(scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k])
     return w.view(n // bn, bn, k // bk, bk).mul_(scale[:, None, :, None]).view(n, k)
 
 
@@ -104,13 +109,17 @@ class Fp8Method:
             set_weight_loader(layer.weight_scale, self._tensor_scale_loader(layer, column), shard_ids)
         else:
             bn, bk = self.block
-            if n % bn or k % bk:
-                raise ValueError(f"{name}: its {n} x {k} weight (per rank) is not made of {bn} x {bk} blocks.")
-            if column and any(p.start % bn or p.size % bn for p in layer.parts):
-                raise ValueError(f"{name}: a part or tensor-parallel shard does not start on a {bn}-row block.")
-            if not column and layer.in_start % bk:
-                raise ValueError(f"{name}: a tensor-parallel shard does not start on a {bk}-column block.")
-            layer.register_parameter("weight_scale_inv", torch.nn.Parameter(torch.ones(n // bn, k // bk),
+            # The dimension that is split (a column-parallel layer's rows over ranks or packed parts, a row-parallel
+            # layer's columns over ranks) must be made of whole blocks; a dimension held whole may end in a block cut
+            # short (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows of 128-row blocks).
+            if column and len(layer.parts) > 1 or column and layer.parts[0].size != layer.parts[0].full_size:
+                if any(p.start % bn or p.size % bn for p in layer.parts):
+                    raise ValueError(f"{name}: a part or tensor-parallel shard of its {n} rows (per rank) is not "
+                                     f"made of {bn}-row blocks.")
+            if not column and layer.tp.size > 1 and (layer.in_start % bk or k % bk):
+                raise ValueError(f"{name}: a tensor-parallel shard of its {k} columns (per rank) is not made of "
+                                 f"{bk}-column blocks.")
+            layer.register_parameter("weight_scale_inv", torch.nn.Parameter(torch.ones(-(-n // bn), -(-k // bk)),
                                                                             requires_grad=False))
             set_weight_loader(layer.weight_scale_inv, self._block_scale_loader(layer, column), shard_ids)
         layer.fp8_checkpoint = True
@@ -144,7 +153,7 @@ class Fp8Method:
 
         def load(param: torch.Tensor, tensor, shard_id=None) -> None:
             if not column:
-                copy_into(param, ckpt_narrow(tensor, 1, layer.in_start // bk, layer.in_features // bk).float())
+                copy_into(param, ckpt_narrow(tensor, 1, layer.in_start // bk, param.shape[1]).float())
                 return
             parts = list(enumerate(layer.parts)) if shard_id is None else [(shard_id, layer.parts[shard_id])]
             for i, part in parts:
@@ -153,9 +162,81 @@ class Fp8Method:
                 want = -(-(sum(p.full_size for p in layer.parts) if shard_id is None else part.full_size) // bn)
                 if have != want:
                     raise ValueError(f"checkpoint has {have} block rows of scales, the model expects {want}")
-                rows = ckpt_narrow(tensor, 0, src, part.size // bn).float()
-                copy_into(param[layer.offsets[i] // bn:(layer.offsets[i] + part.size) // bn], rows)
+                rows = ckpt_narrow(tensor, 0, src, -(-part.size // bn)).float()
+                copy_into(param[layer.offsets[i] // bn:-(-(layer.offsets[i] + part.size) // bn)], rows)
         return load
+
+    # -- FP8 checkpoints of mixtures of experts: experts.<e>.<gate|up|down>_proj.weight and their scales ------
+
+    def prepare_experts(self, name: str, moe) -> None:
+        """FusedMoE's w13 (E, 2I, H) and w2 (E, H, I) in fp8, with w13_scale / w2_scale (one scalar per expert
+        tensor: (E, 2) and (E, 1)) or w13_scale_inv (E, 2I / bn, H / bk) / w2_scale_inv (E, H / bn, I / bk)."""
+        if not self.checkpoint or any(name == m or name.endswith("." + m) or f".{m}." in f".{name}."
+                                      for m in self.skip):
+            return
+        e, rows, h = moe.w13.shape
+        local = moe.intermediate_size
+        for pname in ("w13", "w2"):
+            old = getattr(moe, pname)
+            loader, ids = old.weight_loader, old.shard_ids
+            delattr(moe, pname)
+            moe.register_parameter(pname, torch.nn.Parameter(torch.zeros(old.shape, dtype=FP8), requires_grad=False))
+            set_weight_loader(getattr(moe, pname), loader, ids)
+        if self.block is None:
+            shapes = {"w13_scale": (e, 2), "w2_scale": (e, 1)}
+        else:
+            bn, bk = self.block
+            if local % bn or local % bk or h % bn or h % bk or moe.i_start % bn or moe.i_start % bk:
+                raise ValueError(f"{name}: its experts ({local} intermediate rows per rank, hidden {h}) are not made "
+                                 f"of {bn} x {bk} blocks.")
+            shapes = {"w13_scale_inv": (e, 2 * local // bn, h // bk), "w2_scale_inv": (e, h // bn, local // bk)}
+        for pname, shape in shapes.items():
+            moe.register_parameter(pname, torch.nn.Parameter(torch.ones(shape), requires_grad=False))
+            target = moe.w13 if pname.startswith("w13") else moe.w2
+            set_weight_loader(getattr(moe, pname), self._expert_scale_loader(moe, pname), target.shard_ids)
+        moe.fp8_checkpoint = True
+
+    def _expert_scale_loader(self, moe, pname: str):
+        block = self.block
+
+        def load(param: torch.Tensor, tensor, shard_id=None) -> None:
+            if shard_id is None:
+                raise ValueError("FP8 experts stored stacked (experts.gate_up_proj) are not supported: pagellm reads "
+                                 "one tensor per expert and projection.")
+            e, part = shard_id if isinstance(shard_id, tuple) else (shard_id, None)
+            if block is None:
+                with torch.no_grad():
+                    param[e, part or 0] = float(ckpt_full(tensor).float().reshape(-1)[0])
+                return
+            bn, bk = block
+            if part is not None:  # gate (0) or up (1): (I / bn, H / bk) of this rank's rows
+                n = param.shape[1] // 2
+                copy_into(param[e, part * n:(part + 1) * n], ckpt_narrow(tensor, 0, moe.i_start // bn, n).float())
+            else:  # down: (H / bn, I / bk), this rank's columns
+                copy_into(param[e], ckpt_narrow(tensor, 1, moe.i_start // bk, param.shape[2]).float())
+        return load
+
+    def finish_experts(self, moe, device: torch.device) -> bool:
+        if not getattr(moe, "fp8_checkpoint", False):
+            return False
+        local = moe.intermediate_size
+        if self.block is None:  # per-row scales (E, rows, 1): gate rows, up rows; down rows
+            s13 = moe.w13_scale.data.float().repeat_interleave(local, dim=1)[..., None]
+            s2 = moe.w2_scale.data.float().expand(-1, moe.w2.shape[1])[..., None]
+        else:
+            s13, s2 = moe.w13_scale_inv.data.float(), moe.w2_scale_inv.data.float()
+        moe.fp8_w13, moe.fp8_w2 = moe.w13.data.to(device), moe.w2.data.to(device)  # plain attributes: not cast
+        moe.fp8_w13_scale, moe.fp8_w2_scale = s13.to(device), s2.to(device)
+        for pname in ("w13", "w2", "w13_scale", "w2_scale", "w13_scale_inv", "w2_scale_inv"):
+            if hasattr(moe, pname):
+                delattr(moe, pname)
+        moe.quant_method = self
+        return True
+
+    def expert_weights(self, moe, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (2I, H) gate/up and (H, I) down weights in the compute dtype."""
+        return (dequantize_fp8(moe.fp8_w13[e], moe.fp8_w13_scale[e], self.block).to(dtype),
+                dequantize_fp8(moe.fp8_w2[e], moe.fp8_w2_scale[e], self.block).to(dtype))
 
     # -- after loading ---------------------------------------------------------------------------------
 

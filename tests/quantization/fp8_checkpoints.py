@@ -2,9 +2,11 @@
 
     build_fp8(src, dst, block=None | (bn, bk)) -> (dst, dequantized_dir)
 
-Every q/k/v/o/gate/up/down projection becomes float8 e4m3 with its scales; the other tensors are copied.
+Every q/k/v/o/gate/up/down projection (experts' too; or the names given) becomes float8 e4m3 with its scales; the
+other tensors are copied.
     per-tensor (block None)   weight (N, K) fp8, weight_scale () float32, input_scale () float32 (AutoFP8)
-    block-wise (bn, bk)       weight (N, K) fp8, weight_scale_inv (N/bn, K/bk) float32 ("weight_block_size")
+    block-wise (bn, bk)       weight (N, K) fp8, weight_scale_inv (ceil(N/bn), ceil(K/bk)) float32
+                              ("weight_block_size"; the last block row / column may be cut short)
 Beside it, `dequantized_dir` holds the same model with each projection replaced by q * scale in float32: the
 model a correct FP8 loader computes, and one transformers loads as a plain checkpoint.
 """
@@ -29,14 +31,18 @@ def quantize(w: torch.Tensor, block: tuple[int, int] | None):
         return q, s.reshape(()), q.float() * s
     bn, bk = block
     n, k = w.shape
-    blocks = w.view(n // bn, bn, k // bk, bk)
-    s = blocks.abs().amax(dim=(1, 3)) / 448.0  # (N/bn, K/bk)
-    q = (blocks / s[:, None, :, None]).view(n, k).to(torch.float8_e4m3fn)
-    deq = (q.float().view(n // bn, bn, k // bk, bk) * s[:, None, :, None]).view(n, k)
-    return q, s, deq
+    pn, pk = -(-n // bn) * bn, -(-k // bk) * bk  # a last block cut short: computed on a zero-padded copy
+    padded = torch.zeros(pn, pk)
+    padded[:n, :k] = w
+    blocks = padded.view(pn // bn, bn, pk // bk, bk)
+    s = blocks.abs().amax(dim=(1, 3)) / 448.0  # (ceil(N/bn), ceil(K/bk))
+    q = (blocks / s[:, None, :, None]).view(pn, pk).to(torch.float8_e4m3fn)
+    deq = (q.float().view(pn // bn, bn, pk // bk, bk) * s[:, None, :, None]).view(pn, pk)
+    return q[:n, :k].contiguous(), s, deq[:n, :k].contiguous()
 
 
-def build_fp8(src: str, dst: str, block: tuple[int, int] | None = None) -> tuple[str, str]:
+def build_fp8(src: str, dst: str, block: tuple[int, int] | None = None,
+              projections: tuple[str, ...] = PROJECTIONS) -> tuple[str, str]:
     from safetensors.torch import load_file, save_file
 
     deq_dir = dst + "-dequantized"
@@ -45,7 +51,7 @@ def build_fp8(src: str, dst: str, block: tuple[int, int] | None = None) -> tuple
     state = load_file(os.path.join(src, "model.safetensors"))
     out, deq = {}, {}
     for name, t in state.items():
-        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+        if name.endswith(".weight") and name.split(".")[-2] in projections:
             q, s, d = quantize(t, block)
             base = name.removesuffix(".weight")
             out[name] = q

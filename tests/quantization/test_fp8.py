@@ -11,7 +11,7 @@ import torch
 from pagellm import LLM, SamplingParams
 from pagellm.quantization.fp8 import dequantize_fp8, quantize_fp8
 from tests.conftest import MODELS_DIR
-from tests.quantization.fp8_checkpoints import build_fp8
+from tests.quantization.fp8_checkpoints import PROJECTIONS, build_fp8
 from tests.quantization.test_int4 import PROMPTS, _check_against_hf
 
 
@@ -70,9 +70,38 @@ def test_fp8_errors(llama_path, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["weight_block_size"] = [24, 16]  # k_proj's 32 rows are not 24-row blocks
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="not made of 24 x 16 blocks|does not start on a 24-row block"):
+    with pytest.raises(ValueError, match="qkv_proj: a part or tensor-parallel shard of its 128 rows .* not made of 24-row blocks"):
         LLM(str(bad))
     cfg["quantization_config"]["weight_block_size"] = [16]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="weight_block_size must be two positive integers"):
         LLM(str(bad))
+
+
+MLA_PROJECTIONS = (*PROJECTIONS, "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+
+
+@pytest.mark.parametrize("arch, block", [("qwen3_moe", (16, 16)), ("qwen3_moe", None), ("deepseek_v3", (16, 16)),
+                                         ("deepseek_v2", None)])
+def test_fp8_mixture_of_experts_checkpoints_keep_their_experts_in_8_bits(tiny_models, arch, block):
+    """Experts stored one fp8 tensor per expert and projection with their scales (DeepSeek-V3, Qwen3-MoE FP8), and
+    DeepSeek's latent projections: kv_a_proj_with_mqa's 40 rows end in a block cut short (V3's 576 rows of 128)."""
+    name = f"{arch}-fp8-" + ("tensor" if block is None else f"b{block[0]}x{block[1]}")
+    path, deq = build_fp8(tiny_models[arch], os.path.join(MODELS_DIR, name), block, MLA_PROJECTIONS)
+    _check_against_hf(path, deq)
+    llm = LLM(path, num_gpu_blocks_override=16)
+    model = llm.llm_engine.executor.runner.model
+    experts = [m for m in model.modules() if hasattr(m, "fp8_w13")]
+    assert experts and all(m.fp8_w13.dtype == m.fp8_w2.dtype == torch.float8_e4m3fn for m in experts)
+    assert all(not hasattr(m, "w13") for m in experts)  # only the 8-bit experts stay resident
+
+
+def test_fp8_deepseek_v3_shards_over_two_ranks(tiny_models):
+    path, _ = build_fp8(tiny_models["deepseek_v3"], os.path.join(MODELS_DIR, "deepseek_v3-fp8-b16x16"), (16, 16),
+                        MLA_PROJECTIONS)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    want = [o.outputs[0].token_ids for o in LLM(path, num_gpu_blocks_override=64).generate(prompts, sp,
+                                                                                        use_tqdm=False)]
+    with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want

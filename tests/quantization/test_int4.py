@@ -82,3 +82,10 @@ def test_int4_config_errors(llama_path, tmp_path):
         LLM(path, quantization="awq")
     with pytest.raises(ValueError, match="needs a GPTQ checkpoint"):
         LLM(llama_path, quantization="gptq")
+
+
+def test_int4_mixture_of_experts_checkpoints_are_refused(tiny_models):
+    path, _ = build_int4(tiny_models["qwen3_moe"], os.path.join(MODELS_DIR, "qwen3_moe-gptq-g32"), "gptq", 32)
+    with pytest.raises(ValueError, match=r"gptq checkpoints of mixture-of-experts models are not supported: pagellm "
+                                         r"does not read 4-bit experts \(model.layers.0.mlp.experts\)"):
+        LLM(path, num_gpu_blocks_override=16)
