@@ -14,8 +14,8 @@ saved, not time. Activation scales (`input_scale`) are not used. Packed projecti
 per-tensor scales become per-row, block scales are placed at their part's block rows, so tensor parallelism
 slices them like the weight (shards must start on a block boundary; an unsharded tensor's last block row and
 column may be cut short, as DeepSeek-V3's kv_a_proj_with_mqa: 576 rows of 128-row blocks). Mixtures of experts
-keep their experts in fp8 as well (one tensor per expert and projection, as DeepSeek-V3 and Qwen3-MoE FP8 store
-them), each expert widened when a step routes tokens to it.
+keep their experts in fp8 as well (checkpoints: one tensor per expert and projection, as DeepSeek-V3 and Qwen3-MoE
+FP8 store them; at load time: per-row scales), each expert widened when a step routes tokens to it.
 """
 
 from __future__ import annotations
@@ -217,15 +217,25 @@ class Fp8Method:
         return load
 
     def finish_experts(self, moe, device: torch.device) -> bool:
-        if not getattr(moe, "fp8_checkpoint", False):
-            return False
+        """FP8 checkpoint experts as loaded; with --quantization fp8 (no FP8 checkpoint), every expert quantized
+        here, one scale per output row as the dense layers."""
+        if self.checkpoint and not getattr(moe, "fp8_checkpoint", False):
+            return False  # experts the checkpoint keeps unquantized
         local = moe.intermediate_size
-        if self.block is None:  # per-row scales (E, rows, 1): gate rows, up rows; down rows
+        if not self.checkpoint:
+            q13, s13 = quantize_fp8(moe.w13.data.flatten(0, 1))
+            q2, s2 = quantize_fp8(moe.w2.data.flatten(0, 1))
+            e = moe.w13.shape[0]
+            w13, w2 = q13.view(moe.w13.shape), q2.view(moe.w2.shape)
+            s13, s2 = s13.view(e, -1, 1), s2.view(e, -1, 1)
+        elif self.block is None:  # per-row scales (E, rows, 1): gate rows, up rows; down rows
+            w13, w2 = moe.w13.data, moe.w2.data
             s13 = moe.w13_scale.data.float().repeat_interleave(local, dim=1)[..., None]
             s2 = moe.w2_scale.data.float().expand(-1, moe.w2.shape[1])[..., None]
         else:
+            w13, w2 = moe.w13.data, moe.w2.data
             s13, s2 = moe.w13_scale_inv.data.float(), moe.w2_scale_inv.data.float()
-        moe.fp8_w13, moe.fp8_w2 = moe.w13.data.to(device), moe.w2.data.to(device)  # plain attributes: not cast
+        moe.fp8_w13, moe.fp8_w2 = w13.to(device), w2.to(device)  # plain attributes: not cast
         moe.fp8_w13_scale, moe.fp8_w2_scale = s13.to(device), s2.to(device)
         for pname in ("w13", "w2", "w13_scale", "w2_scale", "w13_scale_inv", "w2_scale_inv"):
             if hasattr(moe, pname):
@@ -235,8 +245,9 @@ class Fp8Method:
 
     def expert_weights(self, moe, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (2I, H) gate/up and (H, I) down weights in the compute dtype."""
-        return (dequantize_fp8(moe.fp8_w13[e], moe.fp8_w13_scale[e], self.block).to(dtype),
-                dequantize_fp8(moe.fp8_w2[e], moe.fp8_w2_scale[e], self.block).to(dtype))
+        block = self.block if self.checkpoint else None
+        return (dequantize_fp8(moe.fp8_w13[e], moe.fp8_w13_scale[e], block).to(dtype),
+                dequantize_fp8(moe.fp8_w2[e], moe.fp8_w2_scale[e], block).to(dtype))
 
     # -- after loading ---------------------------------------------------------------------------------
 

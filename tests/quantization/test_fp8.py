@@ -105,3 +105,20 @@ def test_fp8_deepseek_v3_shards_over_two_ranks(tiny_models):
                                                                                         use_tqdm=False)]
     with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
+
+
+def test_load_time_fp8_quantizes_the_experts_per_row(tiny_models):
+    """--quantization fp8 on a mixture of experts: each expert's rows get their own scale, as the dense layers'."""
+    path = tiny_models["deepseek_v3"]
+    dense = LLM(path, num_gpu_blocks_override=16).llm_engine.executor.runner.model
+    llm = LLM(path, quantization="fp8", num_gpu_blocks_override=16)
+    model = llm.llm_engine.executor.runner.model
+    moe, ref = model.model.layers[1].mlp.experts, dense.model.layers[1].mlp.experts
+    assert moe.fp8_w13.dtype == torch.float8_e4m3fn and not hasattr(moe, "w13")
+    for e in range(ref.w13.shape[0]):
+        w13, w2 = moe.quant_method.expert_weights(moe, e, torch.float32)
+        torch.testing.assert_close(w13, dequantize_fp8(*quantize_fp8(ref.w13[e]), None), rtol=0, atol=0)
+        torch.testing.assert_close(w2, dequantize_fp8(*quantize_fp8(ref.w2[e]), None), rtol=0, atol=0)
+    out = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 8
