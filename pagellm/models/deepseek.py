@@ -1,5 +1,6 @@
 """DeepSeek-V2 and DeepSeek-V3 (and V2-Lite, R1, Kimi-K2-style checkpoints): multi-head latent attention (MLA)
-over a latent KV cache, and a mixture of experts with shared experts and grouped routing.
+over a latent KV cache, and a mixture of experts with shared experts and grouped routing. GLM-4.5 (Glm4Moe: plain
+grouped-query attention with V3's experts) and GLM-4.7-Flash (Glm4MoeLite: V3 with its dense layers listed) too.
 
 Multi-head latent attention. Each token's keys and values for all heads come from one latent vector:
 
@@ -41,7 +42,7 @@ from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCac
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, RMSNorm, RotaryEmbedding
-from pagellm.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from pagellm.models.llama import AttentionOptions, LlamaDecoderLayer, LlamaForCausalLM
 from pagellm.models.moe import _MoEWeights
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear
 
@@ -189,6 +190,25 @@ class DeepseekMoE(nn.Module):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 
+def make_deepseek_mlp(config, layer_idx: int, v3: bool, tp: TPGroup = SINGLE) -> nn.Module:
+    """A dense gated MLP before first_k_dense_replace (or where config.mlp_layer_types says "dense": GLM), routed and
+    shared experts after."""
+    types = getattr(config, "mlp_layer_types", None)
+    dense = (types[layer_idx] == "dense" if types is not None
+             else layer_idx < (getattr(config, "first_k_dense_replace", 0) or 0))
+    if dense or not config.n_routed_experts:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                        bias=bool(getattr(config, "mlp_bias", False)), tp=tp)
+    return DeepseekMoE(config, v3, tp)
+
+
+def is_mtp_layer(config, name: str) -> bool:
+    """A checkpoint tensor of the multi-token-prediction layers stored after the decoder's (DeepSeek-V3's
+    model.layers.61.*, GLM-4.5's): not served (the speculative method that would use them is not implemented)."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config.num_hidden_layers
+
+
 class DeepseekDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         nn.Module.__init__(self)
@@ -218,16 +238,10 @@ class DeepseekV2ForCausalLM(_MoEWeights, LlamaForCausalLM):
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        if layer_idx < (getattr(config, "first_k_dense_replace", 0) or 0) or not config.n_routed_experts:
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            bias=bool(getattr(config, "mlp_bias", False)), tp=tp)
-        return DeepseekMoE(config, cls.v3, tp)
+        return make_deepseek_mlp(config, layer_idx, cls.v3, tp)
 
     def hf_name(self, name: str) -> str | None:
-        parts = name.split(".")
-        if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= self.config.num_hidden_layers:
-            return None  # V3's multi-token-prediction layers (model.layers.61.*): not served
-        return LlamaForCausalLM.hf_name(self, name)
+        return None if is_mtp_layer(self.config, name) else LlamaForCausalLM.hf_name(self, name)
 
     def after_load(self) -> None:
         """Once the weights are in the compute dtype and on the device (models/loader.py: finish_loading)."""
@@ -241,3 +255,29 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     chooses, experts chosen within the best groups."""
 
     v3 = True
+
+
+class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):
+    """GLM-4.7-Flash (Glm4MoeLite): DeepSeek-V3's latent attention and routing; config.mlp_layer_types names the
+    dense layers."""
+
+
+class Glm4MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
+    """GLM-4.5 / 4.6 / 4.7 (Glm4Moe): grouped-query attention with q/k/v biases, optional q/k norms and a partial
+    rotary (half the head), then DeepSeek-V3's experts (sigmoid routing with a score-correction bias, shared
+    experts) after the first first_k_dense_replace dense layers."""
+
+    packed_modules = {**LlamaForCausalLM.packed_modules}
+    keep_float32 = DeepseekV2ForCausalLM.keep_float32
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        return AttentionOptions(qkv_bias=bool(config.attention_bias), o_bias=False,
+                                qk_norm=bool(getattr(config, "use_qk_norm", False)))
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return make_deepseek_mlp(config, layer_idx, True, tp)
+
+    def hf_name(self, name: str) -> str | None:
+        return None if is_mtp_layer(self.config, name) else LlamaForCausalLM.hf_name(self, name)
