@@ -111,8 +111,8 @@ def _with_config(tmp_path, src, **changes):
 
 def test_unknown_model_type_is_a_clear_error(tmp_path, llama_path):
     path = _with_config(tmp_path, llama_path, model_type="fancy_new", architectures=["FancyNewForCausalLM"])
-    with pytest.raises(ValueError, match=r"(?s)fancy_new.*Natively supported architectures: GPT2LMHeadModel, "
-                                         r"GPTBigCodeForCausalLM, GPTNeoXForCausalLM"):
+    with pytest.raises(ValueError, match=r"(?s)fancy_new.*Natively supported architectures: DeepseekV2ForCausalLM, "
+                                         r"DeepseekV3ForCausalLM, GPT2LMHeadModel, GPTBigCodeForCausalLM"):
         LLM(path)
 
 
@@ -128,7 +128,7 @@ def test_model_without_the_attention_interface_is_refused_with_the_reason():
     from pagellm.models.registry import resolve_architecture
 
     with pytest.raises(ValueError, match=r"FalconForCausalLM's attention does not go through transformers' "
-                                         r"attention interface.*Natively supported architectures: GPT2LMHeadModel"):
+                                         r"attention interface.*Natively supported architectures: DeepseekV2ForCausalLM"):
         resolve_architecture(["FalconForCausalLM"], FalconConfig())
     with pytest.raises(ValueError, match="encoder-decoder"):
         resolve_architecture(["T5ForConditionalGeneration"], T5Config())

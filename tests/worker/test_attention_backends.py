@@ -299,3 +299,51 @@ def test_cpu_kernel_loads_past_a_stale_build_lock():
         assert r.stdout.strip() == "True", r.stderr[-2000:]
     finally:
         os.remove(lock)
+
+
+# Multi-head latent attention (DeepSeek): one K/V head whose V is its K, one cache tensor per layer passed as both,
+# with every query head on it; 576 = kv_lora_rank 512 + rope 64 (V2 / V3), 40 the tiny fixtures'.
+MLA_CASES = [(16, 576, [(0, 9), (40, 1), (23, 6)]), (4, 40, [(0, 5), (70, 1), (3, 1), (12, 9)])]
+
+
+@pytest.mark.parametrize("name", ["torch_ref", "cpu_paged"])
+@pytest.mark.parametrize("h, d, specs", MLA_CASES)
+def test_backends_attend_over_a_cache_whose_v_is_its_k(name, h, d, specs):
+    backend = get_attention_backend(name, "cpu")
+    q, k, _, cache, meta = make_case(3, h, 1, d, 16, specs, torch.float32, torch.float32)
+    shared = (cache[0], cache[0])
+    ref_cache = (cache[0].clone(), cache[0].clone())  # two tensors holding the same values
+    params = AttentionParams(0.1)
+    got = backend.forward(q, k, k, shared, meta, params)
+    ref = TorchRefBackend().forward(q, k, k, ref_cache, meta, params)
+    assert torch.equal(shared[0], ref_cache[0]) and torch.equal(ref_cache[0], ref_cache[1])  # the same writes
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+TRITON_MLA_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.worker.test_attention_backends import MLA_CASES, make_case
+from pagellm.attention.backend import AttentionParams, write_kv
+from pagellm.attention.torch_ref import TorchRefBackend
+from pagellm.attention.triton_paged import TritonPagedBackend
+for h, d, specs in MLA_CASES:
+    for splits in (1, 2):
+        q, k, _, cache, meta = make_case(3, h, 1, d, 16, specs, torch.float32, torch.float32)
+        shared = (cache[0], cache[0])
+        ref_cache = (cache[0].clone(), cache[0].clone())
+        params = AttentionParams(0.1)
+        write_kv(k, k, shared, meta, params)
+        got = torch.zeros_like(q)
+        TritonPagedBackend().attention(got, q, shared, meta, params, num_splits=splits)
+        ref = TorchRefBackend().forward(q, k, k, ref_cache, meta, params)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, d, splits, (got - ref).abs().max().item())
+print("ok")
+"""
+
+
+def test_triton_kernel_attends_over_a_cache_whose_v_is_its_k_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from tests.triton_script import run_script
+
+    run_script(TRITON_MLA_CHECK)
