@@ -17,10 +17,21 @@ a holder that this model's attention modules share, set only for the duration of
 (not every modeling file passes extra forward keywords down to its attention).
 
 Requirements, checked before loading (`fallback_unsupported_reason`): transformers has a causal-LM
-class for the config, the model is decoder-only, and its attention calls the attention interface
-(`_supports_attention_backend`, or the modeling file dispatches through ALL_ATTENTION_FUNCTIONS).
+class for the config, the model is decoder-only, its attention calls the attention interface
+(`_supports_attention_backend`, or the modeling file dispatches through ALL_ATTENTION_FUNCTIONS), every layer
+is an attention layer (config.layer_types), and the attention is plain causal attention (no chunked attention:
+Llama 4; attention sinks, which GPT-OSS passes to the interface, are refused when the call brings them).
 Sliding windows the model passes to the interface are honoured by the kernels; KV blocks are not
 freed early on this path.
+
+Once the weights are loaded, a probe checks what the flat batch relies on: that tokens meet only inside the
+attention interface. With every attention call answering zeros, the hidden state of a token must not change when
+another token does; a state-space, convolution or linear-attention layer (Mamba hybrids: Falcon-H1, Jamba, ...)
+mixes tokens outside it, which the flat batch would run across sequences and without their state: refused.
+
+Weights load through transformers' own `from_pretrained` (the model is built on the meta device first): its
+checkpoint conversions apply (mixture-of-experts checkpoints store one tensor per expert, which transformers 5
+stacks), as they do for transformers itself.
 """
 
 from __future__ import annotations
@@ -81,6 +92,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx: this model cannot run on the fallback")
+    for name in ("s_aux", "sinks"):  # (seen first by the probe after loading: the model is refused there)
+        if kwargs.get(name) is not None:
+            raise ValueError(f"cannot run {type(module).__name__}'s model on the transformers fallback: it passes "
+                             f"attention sinks ({name}) to the attention interface, and pagellm's paged attention "
+                             "has no sinks.")
+    if step is PROBE:  # the token-mixing probe: attention contributes nothing
+        return torch.zeros_like(query.transpose(1, 2)), None
     q = query[0].transpose(0, 1)  # (T, H, D)
     k = key[0].transpose(0, 1)  # (T, KVH, D)
     v = value[0].transpose(0, 1)
@@ -88,6 +106,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     params = AttentionParams(scale, sliding_window or None, softcap or None)
     out = step.backend.forward(q, k, v, step.kv_caches[layer], step.meta, params)  # (T, H, D)
     return out[None], None
+
+
+PROBE = object()  # StepHolder.current while the token-mixing probe runs
 
 
 def _register() -> None:
@@ -113,13 +134,18 @@ def fallback_unsupported_reason(hf_config) -> str | None:
     cls = hf_causal_lm_class(hf_config)
     if cls is None:
         return f"transformers has no causal-LM class for model_type {getattr(hf_config, 'model_type', '?')!r}"
-    if getattr(cls, "_supports_attention_backend", False):
-        return None
-    source = inspect.getsource(sys.modules[cls.__module__])
-    if "ALL_ATTENTION_FUNCTIONS" in source:
-        return None
-    return (f"{cls.__name__}'s attention does not go through transformers' attention interface, so the paged "
-            "KV cache cannot be plugged in")
+    other = sorted({t for t in (getattr(hf_config, "layer_types", None) or []) if "attention" not in str(t)})
+    if other:
+        return (f"its layers are not all attention layers ({', '.join(map(str, other))} in config.layer_types): "
+                "pagellm's cache holds attention keys and values, not the state such layers carry")
+    if getattr(hf_config, "attention_chunk_size", None):
+        return ("it uses chunked local attention (attention_chunk_size), which the paged kernels do not mask; "
+                "pagellm's attention is causal, with an optional sliding window")
+    if not getattr(cls, "_supports_attention_backend", False) and \
+            "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(sys.modules[cls.__module__]):
+        return (f"{cls.__name__}'s attention does not go through transformers' attention interface, so the paged "
+                "KV cache cannot be plugged in")
+    return None
 
 
 class TransformersForCausalLM(CausalLM):
@@ -145,15 +171,48 @@ class TransformersForCausalLM(CausalLM):
                        "(Hugging Face modules with pagellm's paged attention; slower than a native model)",
                        cls.__name__)
         self.config = config
-        self.hf = cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32)
-        self.hf.eval()
+        self.hf_class = cls
         self.steps = StepHolder()
-        layers = [m for m in self.hf.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        with torch.device("meta"):  # no memory until the weights come (load_checkpoint) or are made (materialize)
+            self._attach(cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32))
+
+    def _attach(self, hf) -> None:
+        self.hf = hf.eval()
+        layers = [m for m in hf.modules() if isinstance(getattr(m, "layer_idx", None), int)]
         if not layers:
-            raise ValueError(f"cannot run {cls.__name__} on the transformers fallback: no module has a layer_idx")
+            raise ValueError(f"cannot run {type(hf).__name__} on the transformers fallback: no module has a layer_idx")
         for m in layers:
             m.pagellm_steps = self.steps
-        self.tied = self.hf.get_output_embeddings().weight is self.hf.get_input_embeddings().weight
+        self.tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+
+    def load_checkpoint(self, model_dir: str, load_format: str) -> None:
+        """The checkpoint's weights through transformers' from_pretrained (its checkpoint conversions apply)."""
+        use_safetensors = {"safetensors": True, "pt": False}.get(load_format)
+        hf = self.hf_class.from_pretrained(model_dir, config=self.config, attn_implementation=ATTN_IMPLEMENTATION,
+                                           dtype=torch.float32, local_files_only=True, use_safetensors=use_safetensors)
+        self._attach(hf)
+
+    def materialize(self) -> None:
+        """Real (uninitialized) tensors in place of the meta ones, for load_format="dummy"."""
+        self.hf.to_empty(device="cpu")
+        self._attach(self.hf)
+
+    @torch.inference_mode()
+    def after_load(self) -> None:
+        """The token-mixing probe (module docstring): refuse a model whose tokens meet outside attention."""
+        emb = self.hf.get_input_embeddings().weight
+        vocab = emb.shape[0]
+        ids = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]], device=emb.device)
+        other = ids.clone()
+        other[0, 0] = 5 % vocab
+        pos = torch.arange(4, device=emb.device)[None]
+        with self.steps.active(PROBE):
+            a = self.hf.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            b = self.hf.base_model(input_ids=other, position_ids=pos, use_cache=False).last_hidden_state
+        if not torch.allclose(a[0, 1:].float(), b[0, 1:].float(), atol=1e-5, rtol=1e-4, equal_nan=True):
+            raise ValueError(f"cannot run {type(self.hf).__name__} on the transformers fallback: its tokens meet "
+                             "outside attention (a state-space, convolution or linear-attention layer), which the "
+                             "fallback's flat batch cannot run per sequence or carry from step to step.")
 
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         if any(s in name for s in self.skip_weights):

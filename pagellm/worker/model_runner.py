@@ -98,7 +98,11 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
         method = get_method(m.quantization, m.hf_config)
         prepare_model(model, method)
     if m.load_format == "dummy":
+        if hasattr(model, "materialize"):  # built on the meta device (the transformers fallback)
+            model.materialize()
         init_dummy_weights(model, m.seed)
+    elif hasattr(model, "load_checkpoint"):  # a model that loads its own checkpoint (the transformers fallback)
+        model.load_checkpoint(m.model, m.load_format)
     else:
         load_weights(model, iterate_weights(m.model, m.load_format))
     device, dtype = torch.device(config.device.device), torch_dtype(m.dtype)

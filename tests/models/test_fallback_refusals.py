@@ -1,0 +1,47 @@
+"""Models the transformers fallback cannot run correctly are refused with the reason, never run with wrong output:
+layers that are not attention (Mamba hybrids), tokens that meet outside attention (found by the probe after
+loading), attention sinks (GPT-OSS) and chunked attention (Llama 4). Each would otherwise give other tokens than
+transformers: the flat batch runs a state-space layer across sequences and without its state, and the paged
+kernels know neither sinks nor chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagellm import LLM
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+             tie_word_embeddings=False)
+
+
+def tiny_checkpoint(directory, model_type: str) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from make_models import make_tokenizer
+
+    tok = make_tokenizer()
+    base = AutoConfig.for_model(model_type)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), **{k: v for k, v in SMALL.items() if hasattr(base, k)})
+    torch.manual_seed(0)
+    path = str(directory / model_type)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    # Falcon-H1: attention and Mamba side by side in every layer, declared in layer_types: refused before loading
+    ("falcon_h1", r"its layers are not all attention layers \(hybrid in config.layer_types\)"),
+    # Jamba (Mamba layers between attention ones, no layer_types) and Qwen3-Next (linear attention, "linear_attention"
+    # in layer_types): the probe finds their tokens meeting outside attention
+    ("jamba", "its tokens meet outside attention"),
+    ("qwen3_next", "its tokens meet outside attention"),
+    ("gpt_oss", r"attention sinks \(s_aux\)"),
+    ("llama4_text", r"chunked local attention \(attention_chunk_size\)"),
+])
+def test_models_the_fallback_would_run_wrongly_are_refused_with_the_reason(tmp_path, model_type, reason):
+    path = tiny_checkpoint(tmp_path, model_type)
+    with pytest.raises(ValueError, match=f"transformers fallback.*{reason}|{reason}"):
+        LLM(path, num_gpu_blocks_override=16)
