@@ -12,7 +12,7 @@ contexts (cached + new) are 9, 5 and 40 tokens:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -29,7 +29,9 @@ class AttentionParams:
         p - sliding_window < j <= p        (sliding_window None: 0 <= j <= p)
 
     and its scores s = scale * q.k become cap * tanh(s / cap) before the softmax when
-    logits_soft_cap is set (Gemma 2).
+    logits_soft_cap is set (Gemma 2). With `sinks` (GPT-OSS: one learned logit per query head), the softmax
+    runs over the scores and the head's sink together, and the sink's weight is dropped: the output is
+    sum_j exp(s_j) v_j / (exp(sink) + sum_j exp(s_j)), attention that may go "nowhere".
 
     An 8-bit (fp8 e4m3) cache stores K / k_scale and V / v_scale, saturated to +-448; readers
     multiply back (the kernels fold k_scale into the query and v_scale into the output).
@@ -40,6 +42,7 @@ class AttentionParams:
     logits_soft_cap: float | None = None
     k_scale: float = 1.0  # per-tensor scales of an fp8 cache (1.0: vLLM's default without calibration)
     v_scale: float = 1.0
+    sinks: torch.Tensor | None = field(default=None, compare=False)  # (num_heads,) float32 logits, or None
 
     def first_key(self, query_pos: int) -> int:
         """The first key position a query at query_pos sees."""
@@ -184,7 +187,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
     qi = q.transpose(0, 1)[None]
     ki = expand_kv(k.to(q.dtype), groups).transpose(0, 1)[None]  # (1, H, n, D)
     vi = expand_kv(v.to(q.dtype), groups).transpose(0, 1)[None]
-    plain = params.sliding_window is None and params.logits_soft_cap is None
+    plain = params.sliding_window is None and params.logits_soft_cap is None and params.sinks is None
     if plain and (n == q_len or q_len == 1):  # causal from the start, or one query that sees every key
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=n == q_len > 1,
                                                                scale=params.scale)
@@ -200,14 +203,21 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
 def masked_attention(qi: torch.Tensor, ki: torch.Tensor, vi: torch.Tensor, mask: torch.Tensor,
                      params: AttentionParams) -> torch.Tensor:
     """qi (1, H, L, D), ki / vi (1, H, n, D), mask (L, n) of the keys each query sees -> (L, H, D)."""
-    if params.logits_soft_cap is None:
+    if params.logits_soft_cap is None and params.sinks is None:
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=params.scale)
         return out[0].transpose(0, 1)
-    # Soft-capping has no SDPA kernel: the eager formula (as Hugging Face's Gemma 2), softmax in float32.
+    # Soft-capping and sinks have no SDPA kernel: the eager formula (as Hugging Face's Gemma 2 and GPT-OSS), the
+    # softmax in float32.
+    scores = torch.matmul(qi[0], ki[0].transpose(1, 2)) * params.scale  # (H, L, n)
     cap = params.logits_soft_cap
-    scores = torch.tanh(torch.matmul(qi[0], ki[0].transpose(1, 2)) * params.scale / cap) * cap  # (H, L, n)
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qi.dtype)
+    if params.sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qi.dtype)
+    else:  # one more column, each head's sink, in the softmax; its weight dropped after
+        sink = params.sinks.to(scores.dtype)[:, None, None].expand(-1, scores.shape[1], 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)[..., :-1].to(qi.dtype)
     return torch.matmul(probs, vi[0]).transpose(0, 1)
 
 

@@ -23,11 +23,11 @@ def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qsl_ptr,
-                    num_seqs, scale, window, soft_cap, v_scale,
+                    sinks_ptr, num_seqs, scale, window, soft_cap, v_scale,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
                     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr, SLIDING: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr, SLIDING: tl.constexpr, SINKS: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -99,6 +99,12 @@ def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tab
 
     row = q_start + tok  # batch row of each tile row's token
     if NUM_SPLITS == 1:
+        if SINKS:  # each head's sink joins the softmax's sum (GPT-OSS), with no value
+            sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0)
+            m_fin = tl.maximum(m_i, sink)
+            alpha = tl.exp(m_i - m_fin)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.exp(sink - m_fin)
         res = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale
         o_off = row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -111,9 +117,9 @@ def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tab
         tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_ok)
 
 @triton.jit
-def merge_splits(out_ptr, part_out_ptr, part_ml_ptr, num_tokens, v_scale, stride_qt, stride_qh,
+def merge_splits(out_ptr, part_out_ptr, part_ml_ptr, sinks_ptr, num_tokens, v_scale, stride_qt, stride_qh,
                  H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 SP: tl.constexpr):
+                 SP: tl.constexpr, SINKS: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     if t >= num_tokens:
@@ -125,9 +131,14 @@ def merge_splits(out_ptr, part_out_ptr, part_ml_ptr, num_tokens, v_scale, stride
     m = tl.load(part_ml_ptr + base * 2, mask=sp_ok, other=float("-inf"))
     ll = tl.load(part_ml_ptr + base * 2 + 1, mask=sp_ok, other=0.0)
     m_all = tl.max(m, axis=0)
+    if SINKS:
+        sink = tl.load(sinks_ptr + h)
+        m_all = tl.maximum(m_all, sink)
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     w = tl.where(sp_ok & (m > float("-inf")), tl.exp(m - m_all), 0.0)  # splits that saw no key weigh 0
     denom = tl.sum(ll * w, axis=0)
+    if SINKS:  # the head's sink, once, in the sum
+        denom = denom + tl.exp(sink - m_all)
     acc = tl.load(part_out_ptr + base[:, None] * DP + d[None, :], mask=sp_ok[:, None], other=0.0)
     res = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom) * v_scale
     tl.store(out_ptr + t * stride_qt + h * stride_qh + d, res.to(out_ptr.dtype.element_ty), mask=d < D)

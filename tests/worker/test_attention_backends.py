@@ -95,13 +95,16 @@ def test_cpu_paged_matches_torch_ref(case, window, cap, dtype, cache_dtype, tol)
 
 
 @pytest.mark.parametrize("window, cap", PARAMS)
-def test_dense_attention_follows_the_definition(window, cap):
-    """torch_ref's building block against a loop that applies the window and cap per query."""
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_dense_attention_follows_the_definition(window, cap, with_sinks):
+    """torch_ref's building block against a loop that applies the window, cap and sink per query (a sink: one more
+    logit in the softmax's sum, without a value)."""
     g = torch.Generator().manual_seed(1)
     n, q_len, h, kvh, d, start = 19, 5, 4, 2, 8, 3
     q, k, v = (torch.randn(x, heads, d, generator=g, dtype=torch.float64)
                for x, heads in ((q_len, h), (n, kvh), (n, kvh)))
-    params = AttentionParams(0.3, window, cap)
+    sinks = torch.randn(h, generator=g, dtype=torch.float64) * 2 if with_sinks else None
+    params = AttentionParams(0.3, window, cap, sinks=sinks)
     got = dense_attention(q, k, v, start, params)
     for i in range(q_len):
         pos = start + n - q_len + i
@@ -110,7 +113,9 @@ def test_dense_attention_follows_the_definition(window, cap):
             s = (k[keys, head // 2] @ q[i, head]) * 0.3
             if cap is not None:
                 s = torch.tanh(s / cap) * cap
-            want = torch.softmax(s, 0) @ v[keys, head // 2]
+            e = torch.exp(s)
+            total = e.sum() + (torch.exp(sinks[head]) if with_sinks else 0.0)
+            want = (e / total) @ v[keys, head // 2]
             assert torch.allclose(got[i, head], want, atol=1e-10)
 
 
@@ -347,3 +352,54 @@ def test_triton_kernel_attends_over_a_cache_whose_v_is_its_k_in_the_interpreter(
     from tests.triton_script import run_script
 
     run_script(TRITON_MLA_CHECK)
+
+
+# GQA with fresh prompts and chunks, head_dim 128 (a compiled fixed shape), head_dim 20 (the scalar path), 2 query
+# heads per K/V head: attention sinks (GPT-OSS) in each of the kernel's paths
+SINK_CASES = [CASES[1], CASES[3], CASES[7], CASES[8]]
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+@pytest.mark.parametrize("window", [None, 7])
+def test_cpu_paged_applies_attention_sinks_like_torch_ref(case, window):
+    h, kvh, d, bs, specs = case
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float32)
+    ref_cache = (cache[0].clone(), cache[1].clone())
+    plain_cache = (cache[0].clone(), cache[1].clone())
+    sinks = torch.randn(h, generator=torch.Generator().manual_seed(5)) * 2
+    params = AttentionParams(d ** -0.5, window, None, sinks=sinks)
+    got = get_attention_backend("cpu_paged", "cpu").forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    plain = TorchRefBackend().forward(q, k, v, plain_cache, meta, AttentionParams(d ** -0.5, window))
+    assert (plain - ref).abs().max() > 1e-2  # the sinks matter
+
+
+TRITON_SINKS_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.worker.test_attention_backends import SINK_CASES, make_case
+from pagellm.attention.backend import AttentionParams, write_kv
+from pagellm.attention.torch_ref import TorchRefBackend
+from pagellm.attention.triton_paged import TritonPagedBackend
+for h, kvh, d, bs, specs in SINK_CASES:
+    for window in (None, 7):
+        for splits in (1, 3):
+            q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float32)
+            ref_cache = (cache[0].clone(), cache[1].clone())
+            sinks = torch.randn(h, generator=torch.Generator().manual_seed(5)) * 2
+            params = AttentionParams(d ** -0.5, window, None, sinks=sinks)
+            write_kv(k, v, cache, meta, params)
+            got = torch.zeros_like(q)
+            TritonPagedBackend().attention(got, q, cache, meta, params, num_splits=splits)
+            ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, d, window, splits, (got - ref).abs().max())
+print("ok")
+"""
+
+
+def test_triton_kernel_applies_attention_sinks_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from tests.triton_script import run_script
+
+    run_script(TRITON_SINKS_CHECK)

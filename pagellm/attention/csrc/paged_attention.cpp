@@ -18,6 +18,7 @@
 //   query_start   (num_seqs + 1,) int32        query token offsets
 //   seq_ids       (n,) int64                   which sequences to process
 //   window        keys a query sees, itself included (0: all); soft_cap: s -> cap * tanh(s / cap) (0: off)
+//   sinks         (num_heads,) float32 or empty: a logit per query head that joins the softmax's sum (GPT-OSS)
 // Query token i of a q_len-token chunk sits at position seq_len - q_len + i and sees keys 0..that position
 // (the last `window` of them under a sliding window).
 
@@ -159,11 +160,12 @@ inline void prefetch_block(const cache_t* base, int64_t n, int64_t token_stride,
 }
 
 // Scores -> unnormalised softmax weights in place; returns 1 / sum. Soft-capping (Gemma 2) first:
-// s -> cap * tanh(s / cap).
-inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
+// s -> cap * tanh(s / cap). A sink (not -inf) counts in the max and the sum, and has no value.
+inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap,
+                             float sink = -std::numeric_limits<float>::infinity()) {
   if (soft_cap > 0.f)
     for (int64_t j = 0; j < m; ++j) sg[j] = soft_cap * std::tanh(sg[j] / soft_cap);
-  float mx = -std::numeric_limits<float>::infinity();
+  float mx = sink;
   for (int64_t j = 0; j < m; ++j) mx = sg[j] > mx ? sg[j] : mx;
   vf16 vsum = vf16{};
   int64_t j = 0;
@@ -172,7 +174,7 @@ inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
     __builtin_memcpy(sg + j, &e, sizeof(e));
     vsum += e;
   }
-  float sum = hsum(vsum);
+  float sum = hsum(vsum) + (sink > -std::numeric_limits<float>::infinity() ? std::exp(sink - mx) : 0.f);
   for (; j < m; ++j) {
     sg[j] = std::exp(sg[j] - mx);
     sum += sg[j];
@@ -180,10 +182,14 @@ inline float softmax_weights(float* __restrict sg, int64_t m, float soft_cap) {
   return 1.f / sum;
 }
 
-// softmax_weights over each of `rows` score rows of length m; returns each row's 1 / sum.
-inline std::vector<float> softmax_rows(float* __restrict scores, int64_t rows, int64_t m, float soft_cap) {
+// softmax_weights over each of `rows` score rows of length m (row r's sink: sinks[r], if sinks); returns each
+// row's 1 / sum.
+inline std::vector<float> softmax_rows(float* __restrict scores, int64_t rows, int64_t m, float soft_cap,
+                                       const float* sinks) {
   std::vector<float> inv_sum(rows);
-  for (int64_t r = 0; r < rows; ++r) inv_sum[r] = softmax_weights(scores + r * m, m, soft_cap);
+  for (int64_t r = 0; r < rows; ++r)
+    inv_sum[r] = sinks != nullptr ? softmax_weights(scores + r * m, m, soft_cap, sinks[r])
+                                  : softmax_weights(scores + r * m, m, soft_cap);
   return inv_sum;
 }
 
@@ -216,8 +222,8 @@ template <typename cache_t>
 void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
                 const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
                 int64_t token_stride, int64_t block_stride, int64_t G, int64_t C, float soft_cap,
-                float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc, vf16* __restrict tacc,
-                float* __restrict out) {
+                const float* sinks, float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc,
+                vf16* __restrict tacc, float* __restrict out) {
   const int64_t QH = nh * G, D = C * 16, m = ctx - lo;
   for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
   const int64_t head_off = h0 * D;
@@ -260,7 +266,7 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
     }
   });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
-  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap);
+  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap, sinks);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
   for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
@@ -295,8 +301,8 @@ void attend_vec(const float* __restrict q, const cache_t* __restrict kc, const c
 template <int G, int C, typename cache_t>
 void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
                       const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t h0, int64_t nh,
-                      int64_t token_stride, int64_t block_stride, float soft_cap, float* __restrict scores,
-                      vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
+                      int64_t token_stride, int64_t block_stride, float soft_cap, const float* sinks,
+                      float* __restrict scores, vf16* __restrict qv, vf16* __restrict acc, float* __restrict out) {
   constexpr int64_t D = C * 16;
   const int64_t QH = nh * G, m = ctx - lo, head_off = h0 * D, row_bytes = nh * D * sizeof(cache_t);
   for (int64_t x = 0; x < QH * C; ++x) qv[x] = load16(q + x * 16);
@@ -336,7 +342,7 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
     }
   });
   // 2. softmax weights (unnormalised); out is scaled by 1 / sum at the end
-  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap);
+  const std::vector<float> inv_sum = softmax_rows(scores, QH, m, soft_cap, sinks);
   // 3. out[qh] = sum_j p[qh][j] v_j
   for (int64_t x = 0; x < QH * C; ++x) acc[x] = vf16{};
   for_each_block(vc, table, lo, ctx, bs, head_off, token_stride, block_stride, row_bytes,
@@ -366,7 +372,7 @@ void attend_vec_fixed(const float* __restrict q, const cache_t* __restrict kc, c
 
 template <typename cache_t>
 using fixed_fn = void (*)(const float*, const cache_t*, const cache_t*, const int32_t*, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, float, float*, vf16*, vf16*, float*);
+                          int64_t, int64_t, int64_t, int64_t, float, const float*, float*, vf16*, vf16*, float*);
 
 // The compiled shape for (G, C), or nullptr (then the generic attend_vec runs).
 template <typename cache_t>
@@ -383,7 +389,7 @@ template <typename cache_t>
 void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, const cache_t* __restrict vc,
                    const int32_t* __restrict table, int64_t lo, int64_t ctx, int64_t bs, int64_t head_off,
                    int64_t token_stride, int64_t block_stride, int64_t G, int64_t D, float soft_cap,
-                   float* __restrict scores, float* __restrict out) {
+                   const float* sinks, float* __restrict scores, float* __restrict out) {
   const int64_t m = ctx - lo;
   for (int64_t j = lo; j < ctx; ++j) {
     const cache_t* k = kc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
@@ -393,8 +399,7 @@ void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, cons
       scores[g * m + j - lo] = s;
     }
   }
-  std::vector<float> inv_sum(G);
-  for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_weights(scores + g * m, m, soft_cap);
+  const std::vector<float> inv_sum = softmax_rows(scores, G, m, soft_cap, sinks);
   std::fill(out, out + G * D, 0.f);
   for (int64_t j = lo; j < ctx; ++j) {
     const cache_t* v = vc + table[j / bs] * block_stride + (j % bs) * token_stride + head_off;
@@ -411,7 +416,7 @@ template <typename q_t, typename cache_t>
 void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
          const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& query_start,
          const torch::Tensor& seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
-         double v_scale) {
+         double v_scale, const torch::Tensor& sinks) {
   const int64_t H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
   const int64_t G = H / KVH;
@@ -426,6 +431,7 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
   const auto* qsl = query_start.data_ptr<int32_t>();
   const auto* ids = seq_ids.data_ptr<int64_t>();
   const int64_t n = seq_ids.size(0);
+  const float* sk = sinks.numel() > 0 ? sinks.data_ptr<float>() : nullptr;  // per query head
 
   // Work items: (sequence, query token, group of kv heads), flattened through a prefix sum.
   // Heads are split into groups only when (sequence, token) pairs alone would leave threads idle.
@@ -468,15 +474,17 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
       for (int64_t x = 0; x < QH * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
       const int32_t* table = bt + s * max_blocks;
       if (fixed != nullptr) {
-        fixed(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, fcap, scores.data(),
-              qv.data(), acc.data(), res.data());
+        fixed(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, fcap,
+              sk != nullptr ? sk + h0 * G : nullptr, scores.data(), qv.data(), acc.data(), res.data());
       } else if (vectorized) {
         attend_vec<cache_t>(qbuf.data(), kc, vc, table, lo, ctx, bs, h0, nh, token_stride, block_stride, G, D / 16,
-                            fcap, scores.data(), qv.data(), acc.data(), tacc.data(), res.data());
+                            fcap, sk != nullptr ? sk + h0 * G : nullptr, scores.data(), qv.data(), acc.data(),
+                            tacc.data(), res.data());
       } else {
         for (int64_t h = 0; h < nh; ++h)
           attend_scalar<cache_t>(qbuf.data() + h * G * D, kc, vc, table, lo, ctx, bs, (h0 + h) * D, token_stride,
-                                 block_stride, G, D, fcap, scores.data(), res.data() + h * G * D);
+                                 block_stride, G, D, fcap, sk != nullptr ? sk + (h0 + h) * G : nullptr,
+                                 scores.data(), res.data() + h * G * D);
       }
       q_t* dst = op + tok * H * D + h0 * G * D;
       if (fvscale != 1.0f)
@@ -491,16 +499,18 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start,
                      torch::Tensor seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
-                     double v_scale) {
+                     double v_scale, torch::Tensor sinks) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32 &&
               query_start.scalar_type() == torch::kInt32 && seq_ids.scalar_type() == torch::kInt64,
               "index tensors: int32 tables/lens/offsets, int64 seq_ids");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK(sinks.numel() == 0 || (sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous() &&
+                                     sinks.numel() == q.size(1)), "sinks: float32, one per query head");
   auto bt = block_tables.contiguous();
 #define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, soft_cap, \
-                                    k_scale, v_scale)
+                                    k_scale, v_scale, sinks)
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   if (qt == torch::kFloat32 && ct == torch::kFloat32) PAGELLM_RUN(float, float);
   else if (qt == torch::kFloat32 && ct == torch::kBFloat16) PAGELLM_RUN(float, c10::BFloat16);
