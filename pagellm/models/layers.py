@@ -223,12 +223,21 @@ class FusedMoE(nn.Module):
             if n == 0:
                 continue
             seg = slice(start, start + n)
-            w13, w2 = (self.w13[e], self.w2[e]) if self.quant_method is None else \
-                self.quant_method.expert_weights(self, e, x.dtype)
-            gate, up = torch.nn.functional.linear(rows[seg], w13).chunk(2, dim=-1)
-            out_rows[seg] = torch.nn.functional.linear(self.act(gate) * up, w2) * pair_weights[seg]
+            out_rows[seg] = self.expert_forward(e, rows[seg]) * pair_weights[seg]
             start += n
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (2I, H) gate/up and (H, I) down weights (widened from 8 bits when quantized)."""
+        if self.quant_method is None:
+            return self.w13[e], self.w2[e]
+        return self.quant_method.expert_weights(self, e, dtype)
+
+    def expert_forward(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert e on its rows (n, H) -> (n, H): down(act(gate(x)) * up(x))."""
+        w13, w2 = self.expert_weights(e, rows.dtype)
+        gate, up = torch.nn.functional.linear(rows, w13).chunk(2, dim=-1)
+        return torch.nn.functional.linear(self.act(gate) * up, w2)
 
 
 def rope_inv_freq(hf_config, layer_type: str | None = None, max_len: int | None = None) -> tuple[torch.Tensor, float]:

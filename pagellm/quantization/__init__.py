@@ -51,6 +51,11 @@ def resolve_quantization(requested: str | None, hf_config) -> str | None:
                              "quantization_config.")
         return requested
     method = str(qc.get("quant_method", "")).lower()
+    if method == "mxfp4":  # GPT-OSS's experts: the model widens them as they load (models/gpt_oss.py)
+        if getattr(hf_config, "model_type", None) != "gpt_oss":
+            raise ValueError("the checkpoint is quantized with 'mxfp4', which pagellm reads only for GPT-OSS's "
+                             f"experts (this is a {getattr(hf_config, 'model_type', '?')!r} checkpoint).")
+        return requested
     if method not in CHECKPOINT_METHODS:
         raise ValueError(f"the checkpoint is quantized with {method or 'an unnamed method'!r}; pagellm runs "
                          f"{', '.join(CHECKPOINT_METHODS)} checkpoints (or --quantization int8 on an unquantized one).")
