@@ -101,6 +101,10 @@ class EngineArgs:
                              "LLM.embed / classify / score, /v1/embeddings, /classify, /score, /rerank), or auto: "
                              "pooling for *Model and *ForSequenceClassification checkpoints, else generate.",
                      choices=("auto", "generate", "pooling"))
+    model_impl: str = _f("auto", "Which implementation runs the model (vLLM's --model-impl): pagellm's native one, "
+                                 "transformers' modules with pagellm's paged attention (the fallback), or auto: the "
+                                 "native one where there is one, else the fallback.",
+                         choices=("auto", "pagellm", "transformers"))
     convert: str = _f("auto", "With runner pooling: embed (pooled hidden states) or classify (the checkpoint's "
                               "classification head, `score.weight`); auto: classify for *ForSequenceClassification "
                               "checkpoints, else embed.", choices=("auto", "none", "embed", "classify"))
@@ -417,6 +421,8 @@ class EngineArgs:
 
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be auto, generate or pooling, got {self.runner!r}.")
+        if self.model_impl not in ("auto", "pagellm", "transformers"):
+            raise ValueError(f"model_impl must be auto, pagellm or transformers, got {self.model_impl!r}.")
         if self.convert not in ("auto", "none", "embed", "classify"):
             raise ValueError(f"convert must be auto, none, embed or classify, got {self.convert!r}.")
         archs = list(getattr(hf, "architectures", None) or [])
@@ -429,7 +435,10 @@ class EngineArgs:
             if declared or encoder:
                 raise ValueError(f"{archs} is a pooling architecture ({declared}); it cannot run with "
                                  "runner='generate'.")
-            return resolve_architecture(archs, hf), None
+            return resolve_architecture(archs, hf, self.model_impl), None
+        if self.model_impl == "transformers":
+            raise ValueError("pooling models run on pagellm's native models: model_impl='transformers' needs runner "
+                             "generate.")
         task = self.convert if self.convert in ("embed", "classify") else (declared or "embed")
         if encoder is not None:
             arch = encoder

@@ -148,19 +148,28 @@ def supported_architectures() -> list[str]:
     return sorted(a for a in MODELS if a != FALLBACK)
 
 
-def resolve_architecture(architectures: list[str] | None, hf_config=None) -> str:
+def resolve_architecture(architectures: list[str] | None, hf_config=None, model_impl: str = "auto") -> str:
     """The first architecture of config.json that pagellm runs natively; else the transformers
-    fallback if transformers can build it; ValueError naming the supported ones otherwise."""
-    for arch in architectures or []:
-        if arch in MODELS and arch != FALLBACK:
-            return arch
+    fallback if transformers can build it; ValueError naming the supported ones otherwise.
+    model_impl "pagellm" insists on a native one, "transformers" on the fallback."""
+    if model_impl != "transformers":
+        for arch in architectures or []:
+            if arch in MODELS and arch != FALLBACK:
+                return arch
     if hf_config is not None:
         from pagellm.models.transformers_fallback import fallback_unsupported_reason, hf_causal_lm_class
 
         hf_cls = hf_causal_lm_class(hf_config)  # what transformers would build for config.model_type
-        if hf_cls is not None and hf_cls.__name__ in MODELS:
+        if model_impl != "transformers" and hf_cls is not None and hf_cls.__name__ in MODELS:
             return hf_cls.__name__
+        if model_impl == "pagellm":
+            raise ValueError(f"model_impl='pagellm', but model architecture {architectures} has no native "
+                             f"implementation in pagellm. Natively supported architectures: "
+                             f"{', '.join(supported_architectures())}.")
         reason = fallback_unsupported_reason(hf_config)
+        if reason is not None and model_impl == "transformers":
+            raise ValueError(f"model_impl='transformers', but {architectures} cannot run on the transformers "
+                             f"fallback: {reason}.")
         if reason is None:
             return FALLBACK
         raise ValueError(f"model architecture {architectures} has no native implementation in pagellm and cannot "

@@ -49,7 +49,7 @@ def assert_same(a, b):
 # (>= tp and < 2 * tp); llama_tied_rope: one K/V head and a tied LM head; the others: every family's layers.
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
                                   "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
-                                  "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                                  "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
                                   "glm4_moe_lite"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]

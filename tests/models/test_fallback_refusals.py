@@ -38,10 +38,31 @@ def tiny_checkpoint(directory, model_type: str) -> str:
     # in layer_types): the probe finds their tokens meeting outside attention
     ("jamba", "its tokens meet outside attention"),
     ("qwen3_next", "its tokens meet outside attention"),
+    # GPT-OSS runs natively; on the fallback (model_impl="transformers") its sinks would be dropped
     ("gpt_oss", r"attention sinks \(s_aux\)"),
     ("llama4_text", r"chunked local attention \(attention_chunk_size\)"),
 ])
 def test_models_the_fallback_would_run_wrongly_are_refused_with_the_reason(tmp_path, model_type, reason):
     path = tiny_checkpoint(tmp_path, model_type)
     with pytest.raises(ValueError, match=f"transformers fallback.*{reason}|{reason}"):
-        LLM(path, num_gpu_blocks_override=16)
+        LLM(path, num_gpu_blocks_override=16, model_impl="transformers" if model_type == "gpt_oss" else "auto")
+
+
+def test_model_impl_picks_the_implementation(tiny_models):
+    """vLLM's --model-impl: transformers runs a natively supported model on the fallback (same tokens as
+    transformers), pagellm refuses a model without a native implementation."""
+    from pagellm import SamplingParams
+    from tests.hf_reference import hf_greedy
+
+    path = tiny_models["qwen3"]
+    llm = LLM(path, num_gpu_blocks_override=32, model_impl="transformers")
+    assert llm.llm_engine.config.model.architecture == "TransformersForCausalLM"
+    prompt = [5, 17, 99, 230, 41, 8]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(path, prompt, 10)[0]
+    with pytest.raises(ValueError, match="model_impl='pagellm', but model architecture .*StableLmForCausalLM.* has "
+                                         "no native implementation"):
+        LLM(tiny_models["stablelm"], model_impl="pagellm")
+    with pytest.raises(ValueError, match="model_impl must be auto, pagellm or transformers"):
+        LLM(path, model_impl="vllm")
