@@ -85,4 +85,5 @@ class CpuPagedBackend(PagedBackendBase):
             self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, meta.paged_seq_ids, params.scale,
                                      params.sliding_window or 0, params.logits_soft_cap or 0.0, params.k_scale,
-                                     params.v_scale, _NO_SINKS if params.sinks is None else params.sinks.float().contiguous())
+                                     params.v_scale,
+                                     _NO_SINKS if params.sinks is None else params.sinks.float().contiguous())

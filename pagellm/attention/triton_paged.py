@@ -159,7 +159,8 @@ class TritonPagedBackend(PagedBackendBase):
             dot_dtype = "fp32"
         self.attn_kernel[(p["grid0"], kvh, splits)](
             out, part_out, part_ml, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc,
-            out if sinks is None else sinks, meta.num_seqs, params.scale * params.k_scale, params.sliding_window or 2**30, cap or 1.0,
+            out if sinks is None else sinks, meta.num_seqs, params.scale * params.k_scale,
+            params.sliding_window or 2**30, cap or 1.0,
             params.v_scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             tables.stride(0),
             BLOCK_SIZE=bs, D=d, DP=dp, G=g, BLOCK_Q=p["BLOCK_Q"], BLOCK_M=p["BLOCK_M"], TILE_N=self.tile_n,

@@ -23,7 +23,8 @@ from pagellm.models.llama import AttentionOptions, LlamaForCausalLM
 from pagellm.models.parallel_layers import SINGLE, Linear
 
 # experts.<e>.<projection>.weight -> (FusedMoE parameter, shard id); FP8 checkpoints' scales beside each weight
-_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|weight_scale|weight_scale_inv)$")
+_EXPERT = re.compile(r"^(.*)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)"
+                     r"\.(weight|weight_scale|weight_scale_inv)$")
 _PART = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
          "w2": ("w2", None), "down_proj": ("w2", None)}
 _STACKED = {"experts.gate_up_proj": "experts.w13", "experts.down_proj": "experts.w2"}

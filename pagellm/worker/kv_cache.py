@@ -42,8 +42,8 @@ def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
 
 
 def bytes_per_block(config: EngineConfig) -> int:
-    """K and V of one block in every layer (one tensor where V is K: MLA); with a draft model (speculative decoding), its layers too: both
-    caches have the same number of blocks."""
+    """K and V of one block in every layer (one tensor where V is K: MLA); with a draft model (speculative
+    decoding), its layers too: both caches have the same number of blocks."""
     models = [config.model]
     spec = config.scheduler.speculative
     if spec is not None and spec.draft is not None:

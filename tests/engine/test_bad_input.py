@@ -128,7 +128,8 @@ def test_model_without_the_attention_interface_is_refused_with_the_reason():
     from pagellm.models.registry import resolve_architecture
 
     with pytest.raises(ValueError, match=r"FalconForCausalLM's attention does not go through transformers' "
-                                         r"attention interface.*Natively supported architectures: DeepseekV2ForCausalLM"):
+                                         r"attention interface.*Natively supported architectures: "
+                                         r"DeepseekV2ForCausalLM"):
         resolve_architecture(["FalconForCausalLM"], FalconConfig())
     with pytest.raises(ValueError, match="encoder-decoder"):
         resolve_architecture(["T5ForConditionalGeneration"], T5Config())

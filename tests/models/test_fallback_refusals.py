@@ -17,9 +17,8 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
 
 
 def tiny_checkpoint(directory, model_type: str) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from make_models import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = make_tokenizer()
     base = AutoConfig.for_model(model_type)

@@ -70,7 +70,8 @@ def test_fp8_errors(llama_path, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["weight_block_size"] = [24, 16]  # k_proj's 32 rows are not 24-row blocks
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="qkv_proj: a part or tensor-parallel shard of its 128 rows .* not made of 24-row blocks"):
+    with pytest.raises(ValueError, match="qkv_proj: a part or tensor-parallel shard of its 128 rows .* not made of "
+                                         "24-row blocks"):
         LLM(str(bad))
     cfg["quantization_config"]["weight_block_size"] = [16]
     (bad / "config.json").write_text(json.dumps(cfg))
