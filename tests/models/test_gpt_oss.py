@@ -14,6 +14,7 @@ import torch
 from pagellm import LLM, SamplingParams
 from pagellm.models.gpt_oss import FP4_VALUES, dequantize_mxfp4
 from tests.hf_reference import hf_greedy
+from tests.quantization.fp8_checkpoints import write_pair
 
 
 def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +33,8 @@ def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def build_mxfp4(src: str, dst: str) -> tuple[str, str]:
     """The checkpoint with its experts in MXFP4 (the hub's gpt-oss layout), and beside it the same model with those
     experts dequantized, which transformers loads as a plain checkpoint."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    deq_dir = dst + "-dequantized"
     state = load_file(os.path.join(src, "model.safetensors"))
     out, deq = {}, {}
     for name, t in state.items():
@@ -44,16 +44,8 @@ def build_mxfp4(src: str, dst: str) -> tuple[str, str]:
             deq[name] = dequantize_mxfp4(blocks, scales).transpose(1, 2).contiguous()
         else:
             out[name] = deq[name] = t
-    for d in (dst, deq_dir):
-        shutil.copytree(src, d, dirs_exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    save_file(deq, os.path.join(deq_dir, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    return dst, deq_dir
+    return write_pair(src, dst, out, deq, {"quant_method": "mxfp4",
+                                           "modules_to_not_convert": ["model.layers.*.self_attn"]})
 
 
 def test_mxfp4_dequantization_equals_transformers():

@@ -43,7 +43,7 @@ def quantize(w: torch.Tensor, block: tuple[int, int] | None):
 
 def build_fp8(src: str, dst: str, block: tuple[int, int] | None = None,
               projections: tuple[str, ...] = PROJECTIONS) -> tuple[str, str]:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     deq_dir = dst + "-dequantized"
     if os.path.isfile(os.path.join(dst, "model.safetensors")) and os.path.isdir(deq_dir):
@@ -63,16 +63,25 @@ def build_fp8(src: str, dst: str, block: tuple[int, int] | None = None,
             deq[name] = d
         else:
             out[name] = deq[name] = t
-    for d in (dst, deq_dir):
-        shutil.copytree(src, d, dirs_exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    save_file(deq, os.path.join(deq_dir, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        cfg = json.load(f)
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic" if block else "static"}
     if block:
         qc["weight_block_size"] = list(block)
-    cfg["quantization_config"] = qc
+    return write_pair(src, dst, out, deq, qc)
+
+
+def write_pair(src: str, dst: str, quantized: dict, dequantized: dict, quantization_config: dict) -> tuple[str, str]:
+    """`src` copied to dst (with the quantized tensors and config.json's quantization_config) and to
+    dst-dequantized (with the dequantized tensors): (dst, dst-dequantized)."""
+    from safetensors.torch import save_file
+
+    deq_dir = dst + "-dequantized"
+    for d in (dst, deq_dir):
+        shutil.copytree(src, d, dirs_exist_ok=True)
+    save_file(quantized, os.path.join(dst, "model.safetensors"))
+    save_file(dequantized, os.path.join(deq_dir, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = quantization_config
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     return dst, deq_dir

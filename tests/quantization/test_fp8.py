@@ -14,6 +14,9 @@ from tests.conftest import MODELS_DIR
 from tests.quantization.fp8_checkpoints import PROJECTIONS, build_fp8
 from tests.quantization.test_int4 import PROMPTS, _check_against_hf
 
+# DeepSeek's latent projections too (kv_a_proj_with_mqa's rows end in a block cut short)
+MLA_PROJECTIONS = (*PROJECTIONS, "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+
 
 @pytest.mark.parametrize("block", [None, (16, 16), (32, 64)])
 def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(llama_path, block):
@@ -29,8 +32,9 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(llama_path, 
     assert all(not hasattr(layer, "weight") for layer in layers)  # only the 8-bit weight stays resident
 
 
-def test_fp8_checkpoint_shards_over_two_ranks(llama_path):
-    path, _ = build_fp8(llama_path, os.path.join(MODELS_DIR, "llama-fp8-b16x16"), (16, 16))
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_fp8_checkpoint_shards_over_two_ranks(tiny_models, arch):
+    path, _ = build_fp8(tiny_models[arch], os.path.join(MODELS_DIR, f"{arch}-fp8-b16x16"), (16, 16), MLA_PROJECTIONS)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     want = [o.outputs[0].token_ids for o in LLM(path, num_gpu_blocks_override=64).generate(prompts, sp,
@@ -79,8 +83,6 @@ def test_fp8_errors(llama_path, tmp_path):
         LLM(str(bad))
 
 
-MLA_PROJECTIONS = (*PROJECTIONS, "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
-
 
 @pytest.mark.parametrize("arch, block", [("qwen3_moe", (16, 16)), ("qwen3_moe", None), ("deepseek_v3", (16, 16)),
                                          ("deepseek_v2", None)])
@@ -95,17 +97,6 @@ def test_fp8_mixture_of_experts_checkpoints_keep_their_experts_in_8_bits(tiny_mo
     experts = [m for m in model.modules() if hasattr(m, "fp8_w13")]
     assert experts and all(m.fp8_w13.dtype == m.fp8_w2.dtype == torch.float8_e4m3fn for m in experts)
     assert all(not hasattr(m, "w13") for m in experts)  # only the 8-bit experts stay resident
-
-
-def test_fp8_deepseek_v3_shards_over_two_ranks(tiny_models):
-    path, _ = build_fp8(tiny_models["deepseek_v3"], os.path.join(MODELS_DIR, "deepseek_v3-fp8-b16x16"), (16, 16),
-                        MLA_PROJECTIONS)
-    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    want = [o.outputs[0].token_ids for o in LLM(path, num_gpu_blocks_override=64).generate(prompts, sp,
-                                                                                        use_tqdm=False)]
-    with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
 
 
 def test_load_time_fp8_quantizes_the_experts_per_row(tiny_models):
