@@ -108,6 +108,10 @@ class EngineArgs:
     convert: str = _f("auto", "With runner pooling: embed (pooled hidden states) or classify (the checkpoint's "
                               "classification head, `score.weight`); auto: classify for *ForSequenceClassification "
                               "checkpoints, else embed.", choices=("auto", "none", "embed", "classify"))
+    hf_overrides: dict | None = _f(
+        None, "Values that replace config.json's (vLLM's --hf-overrides), a JSON object: "
+              "'{\"max_position_embeddings\": 8192}'; a nested object updates a nested config or dict "
+              "(rope_parameters, text_config) key by key.")
     pooler_config: dict | None = _f(
         None, "A pooling model's pooler, a JSON object as in vLLM: '{\"pooling_type\": \"MEAN\", \"normalize\": "
               "false}'. pooling_type LAST (decoders' default), CLS (BERT's and RoBERTa's) or MEAN; a "
@@ -301,6 +305,8 @@ class EngineArgs:
 
             raise ValueError(f"cannot read {path}/config.json: {e} Natively supported architectures: "
                              f"{', '.join(supported_architectures())}.") from None
+        if self.hf_overrides:
+            apply_hf_overrides(hf, self.hf_overrides)
         arch, pooler = self._runner(path, hf)
         cls = get_model_class(arch)
         if self.tensor_parallel_size > 1 and not cls.supports_tp:
@@ -577,6 +583,22 @@ def generation_defaults(model: str, source: str, override: dict | None = None) -
         logger.info("default sampling parameters from the generation config (%s): %s; requests that leave these "
                     "unset get them (--generation-config vllm: SamplingParams' own defaults)", source, out)
     return out
+
+
+def apply_hf_overrides(config, overrides: dict) -> None:
+    """--hf-overrides into a transformers config: each key replaces the config's value, except a JSON object given
+    for a nested config (updated key by key, recursively) or for a dict (merged)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"hf_overrides must be a JSON object, got {overrides!r}.")
+    for key, value in overrides.items():
+        current = getattr(config, key, None)
+        if isinstance(value, dict) and hasattr(current, "to_dict"):
+            apply_hf_overrides(current, value)
+        elif isinstance(value, dict) and isinstance(current, dict):
+            setattr(config, key, {**current, **value})
+        else:
+            setattr(config, key, value)
+    logger.info("config.json overridden by hf_overrides: %s", overrides)
 
 
 def _json_object(text: str) -> dict:
