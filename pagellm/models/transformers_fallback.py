@@ -193,9 +193,9 @@ class TransformersForCausalLM(CausalLM):
         self._attach(hf)
 
     def materialize(self) -> None:
-        """Real (uninitialized) tensors in place of the meta ones, for load_format="dummy"."""
-        self.hf.to_empty(device="cpu")
-        self._attach(self.hf)
+        """The model built again on the CPU, for load_format="dummy" (its buffers, such as RoPE's, computed)."""
+        self._attach(self.hf_class._from_config(self.config, attn_implementation=ATTN_IMPLEMENTATION,
+                                                dtype=torch.float32))
 
     @torch.inference_mode()
     def after_load(self) -> None:
