@@ -137,6 +137,7 @@ class ParallelConfig:
     distributed_executor_backend: str = "mp"  # mp: local worker processes | ray: Ray actors (multi-node)
     data_parallel_size: int = 1  # engine replicas behind one server, each with its own KV cache
     distributed_timeout_s: float = 60.0  # a collective waiting longer on a peer fails (dead or stuck worker)
+    enable_expert_parallel: bool = False  # MoE: each rank holds whole experts (E / tp of them), not I / tp of all
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ class TPGroup:
     device_group: Any = None  # torch.distributed group for tensors (None when size 1)
     cpu_group: Any = None  # gloo group for Python objects (None when size 1)
     comm: CommStats = field(default_factory=CommStats, compare=False)  # this group's own counters
+    expert_parallel: bool = False  # mixtures of experts split their experts over the ranks (FusedMoE)
 
     @property
     def is_driver(self) -> bool:
@@ -89,7 +90,7 @@ class TPGroup:
 
 
 def init_tp_group(rank: int, size: int, init_method: str, device: str = "cpu",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False) -> TPGroup:
     """Join the process group of `size` ranks at `init_method` (tcp://host:port) and return this rank's TPGroup."""
     if size == 1:
         return TPGroup()
@@ -99,4 +100,4 @@ def init_tp_group(rank: int, size: int, init_method: str, device: str = "cpu",
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return TPGroup(rank, size, dist.group.WORLD, cpu_group)
+    return TPGroup(rank, size, dist.group.WORLD, cpu_group, expert_parallel=expert_parallel)

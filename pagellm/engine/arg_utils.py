@@ -162,6 +162,10 @@ class EngineArgs:
               "multi-node; pip install pagellm[ray]).", choices=("mp", "ray"))
     data_parallel_size: int = _f(1, "Engine replicas behind one server (pagellm serve), each with its own KV "
                                     "cache; requests go to the least loaded.")
+    enable_expert_parallel: bool = _f(False, "Mixture-of-experts models under tensor parallelism: each rank holds "
+                                             "num_experts / tensor_parallel_size whole experts instead of a slice "
+                                             "of every expert (vLLM's flag); attention and shared experts stay "
+                                             "tensor-parallel.")
     distributed_timeout: float = _f(60.0, "Seconds a worker may keep the others waiting before the engine "
                                           "reports it dead.")
     generation_config: str = _f(
@@ -279,7 +283,8 @@ class EngineArgs:
                                       async_scheduling, self.num_scheduler_steps, self.scheduling_policy,
                                       speculative, chunked_prefill=not encoder),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
-                                    self.data_parallel_size, float(self.distributed_timeout)),
+                                    self.data_parallel_size, float(self.distributed_timeout),
+                                    bool(self.enable_expert_parallel)),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
             lora=lora,
         )

@@ -68,7 +68,8 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
 
     set_process_threads(config)
     p = config.parallel
-    tp = init_tp_group(rank, p.tensor_parallel_size, init_method, config.device.device, p.distributed_timeout_s)
+    tp = init_tp_group(rank, p.tensor_parallel_size, init_method, config.device.device, p.distributed_timeout_s,
+                       p.enable_expert_parallel)
     runner = ModelRunner(config, tp)
     while True:
         cmd = tp.broadcast_object(None)
@@ -99,7 +100,7 @@ class DriverRank:
         set_process_threads(config)
         p = config.parallel
         self.tp: TPGroup = init_tp_group(0, p.tensor_parallel_size, init_method, config.device.device,
-                                         p.distributed_timeout_s)
+                                         p.distributed_timeout_s, p.enable_expert_parallel)
         self.runner = ModelRunner(config, self.tp)
 
     def determine_num_blocks(self) -> int:

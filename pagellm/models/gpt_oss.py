@@ -73,7 +73,7 @@ class GptOssExperts(FusedMoE):
     def __init__(self, config, tp: TPGroup = SINGLE) -> None:
         super().__init__(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
                          config.intermediate_size, "silu", False, tp)
-        e, local = self.num_experts, self.intermediate_size
+        e, local = self.num_local_experts, self.intermediate_size
         self.b13 = nn.Parameter(torch.zeros(e, 2 * local))
         self.b2 = nn.Parameter(torch.zeros(e, config.hidden_size))
         self.alpha, self.limit = 1.702, float(getattr(config, "swiglu_limit", 7.0))
@@ -84,8 +84,9 @@ class GptOssExperts(FusedMoE):
         self._mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # blocks / scales waiting for their other half
 
     def load_gpt_oss(self, param: torch.Tensor, tensor, shard_id=None) -> None:
-        """shard_id: None (transformers' layout), or "blocks" / "scales" (MXFP4; widened once both came)."""
-        t = ckpt_full(tensor)
+        """shard_id: None (transformers' layout), or "blocks" / "scales" (MXFP4; widened once both came). Every
+        tensor is stacked over the experts: this rank's (all, or its own under expert parallelism) are kept."""
+        t = ckpt_full(tensor)[self.e_start:self.e_start + self.num_local_experts]
         if shard_id in ("blocks", "scales"):
             key = "w13" if param is self.w13 else "w2"
             pending = self._mxfp4.setdefault(key, {})
@@ -118,7 +119,7 @@ class GptOssExperts(FusedMoE):
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         out = torch.nn.functional.linear((up + 1) * (gate * torch.sigmoid(gate * self.alpha)), w2)
-        return out + self.b2[e] if self.tp.rank == 0 else out  # the bias once, before the all-reduce
+        return out + self.b2[e] if self.tp.rank == 0 or self.ep else out  # the bias once, before the all-reduce
 
 
 class GptOssMoE(nn.Module):

@@ -166,8 +166,10 @@ class FusedMoE(nn.Module):
     Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down
     projection. Checkpoints give one expert part at a time (shard (e, 0 | 1) for w13, e for w2)
     or the whole stacked tensor (shard None). Tensor parallel: every rank holds every expert's slice
-    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end. FP8 checkpoints keep the
-    experts in 8 bits, each expert's weights widened when a step uses it (quantization/fp8.py: `quant_method`).
+    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end. Expert parallel
+    (tp.expert_parallel): rank r holds experts [r * E / tp, (r + 1) * E / tp) whole, computes its experts' pairs
+    only, and the same all-reduce adds the ranks' parts. FP8 checkpoints keep the experts in 8 bits, each expert's
+    weights widened when a step uses it (quantization/fp8.py: `quant_method`).
     """
 
     quant_method = None  # set by an FP8 checkpoint's method: expert_weights(moe, e, dtype) -> (w13[e], w2[e])
@@ -178,27 +180,46 @@ class FusedMoE(nn.Module):
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.tp = tp
         self.full_intermediate = intermediate_size
-        self.i_start, self.intermediate_size = tp.shard(intermediate_size)
-        local = self.intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, local))
-        set_weight_loader(self.w13, self.load_expert, frozenset((e, j) for e in range(num_experts) for j in (0, 1)))
-        set_weight_loader(self.w2, self.load_expert, frozenset(range(num_experts)))
+        self.ep = tp.expert_parallel and tp.size > 1
+        if self.ep:  # whole experts: E / tp of them on each rank
+            if num_experts % tp.size:
+                raise ValueError(f"{num_experts} experts do not split over tensor_parallel_size={tp.size} "
+                                 "(enable_expert_parallel)")
+            self.e_start, self.num_local_experts = tp.shard(num_experts)
+            self.i_start, self.intermediate_size = 0, intermediate_size
+        else:
+            self.e_start, self.num_local_experts = 0, num_experts
+            self.i_start, self.intermediate_size = tp.shard(intermediate_size)
+        local, experts = self.intermediate_size, range(self.e_start, self.e_start + self.num_local_experts)
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * local, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, local))
+        set_weight_loader(self.w13, self.load_expert, frozenset((e, j) for e in experts for j in (0, 1)))
+        set_weight_loader(self.w2, self.load_expert, frozenset(experts))
         self.act = activation(act)
+
+    def local_expert(self, e: int) -> int | None:
+        """The index of (global) expert e among this rank's experts, or None when another rank holds it."""
+        i = e - self.e_start
+        return i if 0 <= i < self.num_local_experts else None
 
     def load_expert(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
         full, start, local = self.full_intermediate, self.i_start, self.intermediate_size
         if shard_id is None:  # stacked: gate_up (E, 2I, H) or down (E, H, I)
+            tensor = ckpt_narrow(tensor, 0, self.e_start, self.num_local_experts)
             if param is self.w2:
-                copy_into(param, ckpt_narrow(tensor, 2, start, local))
+                copy_into(param, tensor[:, :, start:start + local])
             else:
-                copy_into(param[:, :local], ckpt_narrow(tensor, 1, start, local))
-                copy_into(param[:, local:], ckpt_narrow(tensor, 1, full + start, local))
-        elif isinstance(shard_id, tuple):  # (expert, 0 gate | 1 up): (I, H)
-            e, part = shard_id
+                copy_into(param[:, :local], tensor[:, start:start + local])
+                copy_into(param[:, local:], tensor[:, full + start:full + start + local])
+            return
+        e = self.local_expert(shard_id[0] if isinstance(shard_id, tuple) else shard_id)
+        if e is None:
+            return  # another rank's expert
+        if isinstance(shard_id, tuple):  # (expert, 0 gate | 1 up): (I, H)
+            part = shard_id[1]
             copy_into(param[e, part * local:(part + 1) * local], ckpt_narrow(tensor, 0, start, local))
         else:  # one expert's down projection: (H, I)
-            copy_into(param[shard_id], ckpt_narrow(tensor, 1, start, local))
+            copy_into(param[e], ckpt_narrow(tensor, 1, start, local))
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # x (T, H), router_logits (T, E) -> (T, H)
@@ -217,24 +238,26 @@ class FusedMoE(nn.Module):
         tokens = order // self.top_k
         rows = x[tokens]  # (T * k, H), grouped by expert
         pair_weights = weights.flatten()[order, None]
-        out_rows = torch.empty_like(rows)
+        out_rows = torch.zeros_like(rows) if self.ep else torch.empty_like(rows)  # others' pairs: 0 here
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             seg = slice(start, start + n)
-            out_rows[seg] = self.expert_forward(e, rows[seg]) * pair_weights[seg]
             start += n
+            local = self.local_expert(e)
+            if local is not None:
+                out_rows[seg] = self.expert_forward(local, rows[seg]) * pair_weights[seg]
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's (2I, H) gate/up and (H, I) down weights (widened from 8 bits when quantized)."""
+        """This rank's expert e's (2I, H) gate/up and (H, I) down weights (widened from 8 bits when quantized)."""
         if self.quant_method is None:
             return self.w13[e], self.w2[e]
         return self.quant_method.expert_weights(self, e, dtype)
 
     def expert_forward(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        """Expert e on its rows (n, H) -> (n, H): down(act(gate(x)) * up(x))."""
+        """This rank's expert e on its rows (n, H) -> (n, H): down(act(gate(x)) * up(x))."""
         w13, w2 = self.expert_weights(e, rows.dtype)
         gate, up = torch.nn.functional.linear(rows, w13).chunk(2, dim=-1)
         return torch.nn.functional.linear(self.act(gate) * up, w2)

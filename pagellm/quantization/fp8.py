@@ -204,6 +204,9 @@ class Fp8Method:
                 raise ValueError("FP8 experts stored stacked (experts.gate_up_proj) are not supported: pagellm reads "
                                  "one tensor per expert and projection.")
             e, part = shard_id if isinstance(shard_id, tuple) else (shard_id, None)
+            e = moe.local_expert(e)
+            if e is None:
+                return  # another rank's expert (expert parallel)
             if block is None:
                 with torch.no_grad():
                     param[e, part or 0] = float(ckpt_full(tensor).float().reshape(-1)[0])

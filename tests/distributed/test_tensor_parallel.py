@@ -57,6 +57,23 @@ def test_tp2_greedy_equals_tp1(tiny_models, arch):
     assert_same(run(path, 2, prompts), run(path, 1, prompts))
 
 
+# mixtral: per-expert w1/w2/w3 tensors; qwen3_moe: a dense layer among sparse ones; deepseek_v3: grouped routing,
+# shared experts (tensor-parallel) beside the routed ones; gpt_oss: experts stacked in one tensor, biases
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_expert_parallel_greedy_equals_tp1(tiny_models, arch):
+    path = tiny_models[arch]
+    prompts = prompts_for(500)
+    assert_same(run(path, 2, prompts, enable_expert_parallel=True), run(path, 1, prompts))
+
+
+def test_expert_parallel_ranks_hold_whole_experts(tiny_models):
+    with LLM(tiny_models["qwen3_moe"], tensor_parallel_size=2, enable_expert_parallel=True,
+             num_gpu_blocks_override=64) as llm:
+        experts = llm.llm_engine.executor.driver.runner.model.model.layers[0].mlp.experts
+        assert (experts.num_local_experts, experts.e_start) == (2, 0)  # 4 experts: rank 0 holds 0 and 1
+        assert tuple(experts.w13.shape) == (2, 2 * 32, 64) and tuple(experts.w2.shape) == (2, 64, 32)  # all of I
+
+
 def test_each_rank_holds_its_shard(llama_path):
     with LLM(llama_path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
         model = llm.llm_engine.executor.driver.runner.model

@@ -32,14 +32,15 @@ def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(llama_path, 
     assert all(not hasattr(layer, "weight") for layer in layers)  # only the 8-bit weight stays resident
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_fp8_checkpoint_shards_over_two_ranks(tiny_models, arch):
+@pytest.mark.parametrize("arch, ep", [("llama", False), ("deepseek_v3", False), ("deepseek_v3", True)])
+def test_fp8_checkpoint_shards_over_two_ranks(tiny_models, arch, ep):
+    """Tensor parallel, and for DeepSeek-V3's experts expert parallel too (each rank loads its experts' scales)."""
     path, _ = build_fp8(tiny_models[arch], os.path.join(MODELS_DIR, f"{arch}-fp8-b16x16"), (16, 16), MLA_PROJECTIONS)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     want = [o.outputs[0].token_ids for o in LLM(path, num_gpu_blocks_override=64).generate(prompts, sp,
                                                                                         use_tqdm=False)]
-    with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
+    with LLM(path, tensor_parallel_size=2, num_gpu_blocks_override=64, enable_expert_parallel=ep) as llm:
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
 
 
