@@ -19,7 +19,7 @@ from tests.conftest import MODELS_DIR
 def pooling_models(tiny_models) -> dict[str, str]:
     root = os.path.join(MODELS_DIR, "pooling")
     out = {}
-    for arch in ("llama", "qwen3", "gpt2", "gpt_neox", "mistral", "gemma2"):
+    for arch in ("llama", "qwen3", "gpt2", "gpt_neox", "mistral", "gemma2", "deepseek_v3", "gpt_oss"):
         out[f"{arch}-embed"] = build_embed(tiny_models[arch], os.path.join(root, f"{arch}-embed"))
     out["llama-st-mean"] = build_embed(tiny_models["llama"], os.path.join(root, "llama-st-mean"), "mean_tokens")
     out["qwen2-st-last"] = build_embed(tiny_models["qwen2"], os.path.join(root, "qwen2-st-last"), "lasttoken")

@@ -43,7 +43,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gpt_neox", "mistral", "gemma2", "deepseek_v3",
+                                  "gpt_oss"])
 def test_embeddings_match_transformers(pooling_models, arch):
     path = pooling_models[f"{arch}-embed"]
     llm = LLM(path, max_model_len=256)
