@@ -12,7 +12,8 @@ from pagellm.entrypoints.openai.serving_chat import choice_message
 from tests.conftest import DEMO_MODEL
 from tests.entrypoints.server_utils import RemoteServer
 
-R1, QWEN3 = PARSERS["deepseek_r1"], PARSERS["qwen3"]
+R1, QWEN3, GPTOSS = PARSERS["deepseek_r1"], PARSERS["qwen3"], PARSERS["openai_gptoss"]
+HARMONY = "<|start|>user<|message|>Hi<|end|><|start|>assistant"  # the end of a rendered GPT-OSS prompt
 
 # (parser, end of the rendered prompt, output) -> (reasoning, content)
 CASES = [
@@ -33,6 +34,14 @@ CASES = [
     # tags that never complete stay text
     (QWEN3, "<think>", "a </thin", ("a </thin", None)),
     (QWEN3, "", "  <thi", (None, "  <thi")),
+    # GPT-OSS (harmony): the analysis message is the thinking, the final message the answer (its header dropped)
+    (GPTOSS, HARMONY, "<|channel|>analysis<|message|>User greets.<|end|><|start|>assistant<|channel|>final"
+                      "<|message|>Hello!", ("User greets.", "Hello!")),
+    (GPTOSS, HARMONY, "<|channel|>final<|message|>Hello!", (None, "Hello!")),  # no analysis at all
+    (GPTOSS, HARMONY, "<|channel|>analysis<|message|>cut short", ("cut short", None)),
+    (GPTOSS, HARMONY, "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>commentary to=f",
+     ("x", "<|start|>assistant<|channel|>commentary to=f")),  # another channel: left as text
+    (GPTOSS, HARMONY, "plain text", (None, "plain text")),
 ]
 
 
@@ -264,3 +273,47 @@ def test_offline_chat_passes_tools_to_the_template():
     assert llm.get_tokenizer().decode(ids).startswith("[tool get_weather]")
     out = llm.chat(MESSAGES, use_tqdm=False, chat_template=template, tools=tools)
     assert out[0].prompt_token_ids == ids
+
+
+@pytest.fixture(scope="module")
+def harmony_server(tmp_path_factory):
+    """A tiny model whose tokenizer has harmony's tags as special tokens, served with --reasoning-parser
+    openai_gptoss."""
+    import torch
+    from make_models import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>", "<|start|>", "<|end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>"
+                         "{% endfor %}<|start|>assistant")
+    path = str(tmp_path_factory.mktemp("harmony"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.2, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                                 architectures=["LlamaForCausalLM"])).save_pretrained(path)
+    tok.save_pretrained(path)
+    s = RemoteServer([path, "--served-model-name", "harmony", "--num-gpu-blocks-override", "128",
+                      "--reasoning-parser", "openai_gptoss"])
+    yield s, tok
+    s.stop()
+
+
+def test_harmony_tags_reach_the_parser(harmony_server):
+    """The chat reply keeps the special tokens the parser reads: what it returns is the parser's split of its own
+    output tokens decoded with the special tokens kept, harmony tags among them (a logit bias puts them there)."""
+    server, tok = harmony_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    bias = {str(tok.convert_tokens_to_ids(t)): 3 for t in ("<|channel|>", "<|message|>", "<|end|>")}
+    kw = dict(model="harmony", messages=MESSAGES, max_tokens=24, temperature=0, logit_bias=bias)
+    resp = client.chat.completions.create(**kw, extra_body={"return_token_ids": True})
+    raw = tok.decode(resp.choices[0].model_extra["token_ids"], skip_special_tokens=False)
+    assert "<|channel|>" in raw
+    want = GPTOSS.split(tok.decode(resp.model_extra["prompt_token_ids"]), raw)
+    msg = resp.choices[0].message
+    assert ((msg.model_extra or {}).get("reasoning"), msg.content) == want
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    streamed = ("".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) or None,
+                "".join(d.content or "" for d in deltas) or None)
+    assert streamed == want

@@ -14,6 +14,15 @@ is all reasoning, with no content.
 The split works on text, so tags that are one added token or several ordinary ones both work; a streamed piece
 that could be the beginning of a tag is held back until the next piece shows what it is.
 
+GPT-OSS (`openai_gptoss`, vLLM's name) writes OpenAI's harmony format, its tags special tokens (kept in the text
+for this parser: the request detokenizes with skip_special_tokens=False):
+
+    <|channel|>analysis<|message|>THINKING<|end|><|start|>assistant<|channel|>final<|message|>ANSWER
+
+The thinking is the analysis message; the answer is the final message, its header (with or without the
+`<|start|>assistant` that the prompt may already hold) dropped. The other harmony channels (commentary: tool
+calls) are not parsed: such output stays in the content as text.
+
 Structured outputs: where both tags are single tokens (Qwen3, DeepSeek-R1), a constrained reply may think first:
 the grammar waits for `</think>` when the output begins inside the thinking, and otherwise allows `<think>` as
 the first token beside its own (StructuredOutputsParams.think_tokens). Elsewhere the grammar applies from the
@@ -39,6 +48,8 @@ class ReasoningParser:
     start: str = "<think>"
     end: str = "</think>"
     implicit_start: bool = False  # an output after a prompt without tags begins inside the thinking
+    content_headers: tuple[str, ...] = ()  # text that opens the answer, dropped where the answer begins with it
+    keep_special_tokens: bool = False  # the tags are special tokens the detokenizer must keep (harmony)
 
     def begins_in_reasoning(self, prompt_text: str) -> bool:
         """Whether the output after this rendered prompt starts inside the thinking."""
@@ -64,6 +75,10 @@ class ReasoningParser:
 PARSERS = {
     "deepseek_r1": ReasoningParser("deepseek_r1", implicit_start=True),
     "qwen3": ReasoningParser("qwen3"),
+    "openai_gptoss": ReasoningParser("openai_gptoss", "<|channel|>analysis<|message|>", "<|end|>",
+                                     content_headers=("<|start|>assistant<|channel|>final<|message|>",
+                                                      "<|channel|>final<|message|>"),
+                                     keep_special_tokens=True),
 }
 
 
@@ -75,6 +90,7 @@ class ReasoningStream:
         self.state = "start"  # start (nothing but whitespace yet) -> reasoning -> content
         self.after_start = "reasoning" if in_reasoning else "content"
         self.pending = ""  # text held back: it may be the beginning of a tag
+        self.header_checked = not parser.content_headers  # the answer's opening was looked at (and dropped)
 
     def feed(self, piece: str, final: bool = False) -> tuple[str, str]:
         """`final`: this is the output's last piece; nothing is held back."""
@@ -97,4 +113,13 @@ class ReasoningStream:
                 self.pending = text[keep:]
                 return text[:keep], ""
             reasoning, text, self.state = text[:i], text[i + len(p.end):], "content"
+        if not self.header_checked:  # the answer's header (harmony), dropped once it is whole
+            header = next((h for h in p.content_headers if text.startswith(h)), None)
+            if header is not None:
+                text, self.header_checked = text[len(header):], True
+            elif not final and any(h.startswith(text) for h in p.content_headers):
+                self.pending = text  # (possibly) part of a header: wait for more
+                return reasoning, ""
+            else:
+                self.header_checked = True
         return reasoning, text
