@@ -366,9 +366,6 @@ class EngineArgs:
         if target.sliding_window is not None:
             raise ValueError("speculative_config: a draft model reads the whole context, but this model frees the "
                              f"blocks that fall behind its sliding window ({target.sliding_window} tokens).")
-        if self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config: a draft model needs tensor_parallel_size=1, got "
-                             f"{self.tensor_parallel_size}.")
         if self.num_scheduler_steps > 1:
             raise ValueError("speculative_config: a draft model runs one step per round: num_scheduler_steps "
                              f"must be 1, got {self.num_scheduler_steps}.")
@@ -376,7 +373,8 @@ class EngineArgs:
                                    max_model_len=None, runner="generate", convert="auto", pooler_config=None,
                                    quantization=None, enable_lora=False, limit_mm_per_prompt=None,
                                    mm_processor_kwargs=None, generation_config="vllm",
-                                   override_generation_config=None)
+                                   override_generation_config=None, hf_overrides=None,
+                                   tensor_parallel_size=1)  # unsharded: every rank runs the whole draft
         try:
             draft = args._model_config()
         except (ValueError, FileNotFoundError) as e:

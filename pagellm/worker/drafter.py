@@ -22,6 +22,10 @@ again with the same token once the target has checked the drafts:
 
 The draft tokens come to the host in one copy after the last pass (the target's inputs are built there).
 The draft's proposals only decide how many tokens a step keeps: the target's sampler decides every token.
+
+Tensor parallelism: the draft is not sharded (draft_tensor_parallel_size 1). Every rank holds the whole draft
+model and its cache, and runs the passes and mirror() on the same batch; rank 0's proposals are broadcast so that
+every rank builds the same input ids, whatever the ranks' rounding.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ import torch
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.config import EngineConfig
+from pagellm.distributed.parallel import TPGroup
 from pagellm.worker.kv_cache import allocate_kv_cache
 from pagellm.worker.step_buffers import to_device
 
 
 class Drafter:
-    def __init__(self, config: EngineConfig, backend, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, backend, device: torch.device, tp: TPGroup | None = None) -> None:
         from pagellm.worker.model_runner import MIN_BATCH_ROWS, load_model
 
         spec = config.scheduler.speculative
@@ -49,6 +54,7 @@ class Drafter:
         self.vocab = min(config.model.vocab_size, spec.draft.vocab_size)  # a draft token the target can embed
         self.kv_caches: list = []
         self.min_rows = MIN_BATCH_ROWS  # passes padded as the model's batches are (the same GEMM paths)
+        self.tp = tp  # the target's group: rank 0's proposals go to every rank
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """num_blocks: the target cache's count, its scratch block included."""
@@ -94,4 +100,6 @@ class Drafter:
             out.append(tokens)
             ids[:b] = tokens  # the next pass's input (stream-ordered after this pass on a GPU)
         drafts = torch.stack(out, dim=1).tolist()
+        if self.tp is not None and self.tp.size > 1:
+            drafts = self.tp.broadcast_object(drafts)
         return {s: d[:k] for s, d, k in zip(seq_ids, drafts, ks.tolist())}

@@ -169,7 +169,7 @@ class ModelRunner:
         if spec is not None and spec.draft is not None:
             from pagellm.worker.drafter import Drafter
 
-            self.drafter = Drafter(config, self.backend, self.device)
+            self.drafter = Drafter(config, self.backend, self.device, tp)
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)

@@ -82,6 +82,18 @@ def test_the_model_as_its_own_draft_agrees_on_every_greedy_token(hf_long):
     assert_all_free(llm)
 
 
+def test_tensor_parallel_target_with_a_whole_draft_on_every_rank(draft2, hf_long):
+    """TP=2: each rank runs the unsharded draft on the same batch, rank 0's proposals broadcast; greedy output
+    still equals transformers, and the model as its own draft still agrees on every token (both ranks' draft
+    caches in step)."""
+    with make(draft2, tensor_parallel_size=2) as llm:
+        assert_same(hf_long, tokens_and_logprobs(generate(llm, LONG)))
+        assert accepted(llm) > 10
+    with make(DEMO, k=3, tensor_parallel_size=2) as llm:
+        assert_same(hf_long, tokens_and_logprobs(generate(llm, LONG)))
+        assert acceptance(llm) == 1.0
+
+
 def test_sampling_stops_and_parallel_samples_match_plain_decoding(draft2):
     """Seeded sampling with top-p / top-k / min-p, logprobs, stop token ids and strings, n / best_of, streamed
     outputs, min_tokens, logit bias, penalties: the draft only decides how many tokens a step keeps."""
@@ -239,8 +251,8 @@ def test_draft_models_that_cannot_serve(tiny_models):
         cfg(DEMO, tiny_models["llama"], max_model_len=512)
     with pytest.raises(ValueError, match="sliding window"):
         cfg(tiny_models["mistral"], tiny_models["mistral"], max_model_len=256)
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
-        cfg(DEMO, DEMO, tensor_parallel_size=2)
+    sharded = cfg(DEMO, DEMO, tensor_parallel_size=2)  # the target sharded, the draft whole on every rank
+    assert sharded.model.num_kv_heads * 2 == sharded.scheduler.speculative.draft.num_kv_heads
     with pytest.raises(ValueError, match="num_scheduler_steps must be 1"):
         cfg(DEMO, DEMO, num_scheduler_steps=4)
     c = cfg(DEMO, DEMO, dtype="float32").scheduler.speculative
