@@ -2,6 +2,10 @@
 
     cls(hf_config, max_model_len, tp)             the model, holding only this rank's shard of every layer
     cls.geometry(hf_config, tp_size) -> ModelGeometry    layers, K/V heads per rank, head_dim, windows
+    model.load_checkpoint(dir, load_format)       the weights (default: load_weights over the checkpoint's tensors)
+    model.materialize()                           before dummy weights (a model built on the meta device)
+    model.after_load()                            once the weights are final, cast and on the device
+    keep_float32 = (".mlp.gate.weight", ...)      parameters the cast to the compute dtype leaves in float32
     model.map_weight(checkpoint name) -> (parameter name, shard id) | None
     model.forward(input_ids, positions, kv_caches, meta, backend) -> hidden (T, hidden)
     model.compute_logits(hidden (N, hidden)) -> (N, vocab) float32
@@ -17,6 +21,7 @@ is the parameter's own `weight_loader` (layers.py).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -31,6 +36,7 @@ class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, Any]] = {}
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
     supports_tp = True  # built from the parallel layers: can be sharded over tensor_parallel_size ranks
+    keep_float32: tuple[str, ...] = ()  # name suffixes of parameters kept in float32 (DeepSeek's routers)
 
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
@@ -67,6 +73,18 @@ class CausalLM(nn.Module):
             return ".".join(parts[:-2] + [target, parts[-1]]), shard
         return renamed, None
 
+    def load_checkpoint(self, model_dir: str, load_format: str) -> None:
+        """The checkpoint's weights, each through its parameter's loader (the transformers fallback overrides)."""
+        from pagellm.models.loader import iterate_weights, load_weights
+
+        load_weights(self, iterate_weights(model_dir, load_format))
+
+    def materialize(self) -> None:
+        """Real tensors for load_format="dummy" (nothing to do unless the model was built on the meta device)."""
+
+    def after_load(self) -> None:
+        """Work on the final weights (in the compute dtype, on the device): nothing by default."""
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend) -> torch.Tensor:
         raise NotImplementedError
 
@@ -90,6 +108,9 @@ class VisionLanguageModel(CausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed(input_ids)
 
+    def after_load(self) -> None:
+        self.language_model.after_load()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
                 mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`mm_embeds`: (batch indices, features) of this step's image positions, put in place of their embeddings."""
@@ -103,6 +124,27 @@ class VisionLanguageModel(CausalLM):
         return self.language_model.compute_logits(hidden)
 
 
+def text_model_class(config) -> type[CausalLM]:
+    """pagellm's native class for the language model of a multimodal config (ValueError when there is none, or when
+    it cannot take image features in place of token embeddings)."""
+    from pagellm.models.registry import FALLBACK, MODELS, get_model_class
+    from pagellm.models.transformers_fallback import hf_causal_lm_class
+
+    text = config.text_config
+    names = list(getattr(text, "architectures", None) or [])
+    hf_cls = hf_causal_lm_class(text)
+    names += [hf_cls.__name__] if hf_cls is not None else []
+    arch = next((a for a in names if a in MODELS and a != FALLBACK), None)
+    if arch is None:
+        raise ValueError(f"the language model of this multimodal checkpoint (model_type "
+                         f"{getattr(text, 'model_type', None)!r}) has no native implementation in pagellm.")
+    cls = get_model_class(arch)
+    if "inputs_embeds" not in inspect.signature(cls.forward).parameters:
+        raise ValueError(f"{arch} cannot serve as the language model of a multimodal checkpoint in pagellm "
+                         "(it takes token ids only).")
+    return cls
+
+
 class TowerProjectorLayout:
     """Checkpoint names of a `vision_tower` (a transformers vision model), a `multi_modal_projector` and a
     `language_model` (LLaVA, Gemma 3), in the hub's layout ("language_model.model.*", "language_model.lm_head.*",
@@ -112,13 +154,19 @@ class TowerProjectorLayout:
 
     vision_tower: nn.Module
 
-    def init_parts(self, config, language_model: nn.Module, projector: nn.Module) -> None:
-        """The language model, transformers' vision model for config.vision_config (SDPA attention) and the
-        projector, as `language_model`, `vision_tower` and `multi_modal_projector`."""
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        """The language model's cache geometry (the tower keeps no cache)."""
+        return text_model_class(config).geometry(config.text_config, tp_size)
+
+    def init_parts(self, config, max_model_len: int, tp, projector: nn.Module) -> None:
+        """The language model (pagellm's native class for config.text_config, sharded over `tp`), transformers'
+        vision model for config.vision_config (SDPA attention) and the projector, as `language_model`,
+        `vision_tower` and `multi_modal_projector`."""
         from transformers import AutoModel
 
         self.config = config
-        self.language_model = language_model
+        self.language_model = text_model_class(config)(config.text_config, max_model_len, tp)
         vision = config.vision_config
         vision._attn_implementation = "sdpa"
         self.vision_tower = AutoModel.from_config(vision)

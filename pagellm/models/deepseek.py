@@ -35,6 +35,8 @@ cache are replicated (every rank holds the whole latent cache); experts split as
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCac
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, RMSNorm, RotaryEmbedding
-from pagellm.models.llama import AttentionOptions, LlamaDecoderLayer, LlamaForCausalLM
+from pagellm.models.llama import AttentionOptions, LlamaForCausalLM
 from pagellm.models.moe import _MoEWeights
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear
 
@@ -68,9 +70,7 @@ class MLAttention(nn.Module):
     def __init__(self, config, layer_idx: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         h = config.num_attention_heads
-        if h % tp.size:
-            raise ValueError(f"{h} attention heads do not split over tensor_parallel_size={tp.size}")
-        self.num_heads = h // tp.size
+        self.num_heads = h // tp.size  # (geometry() checked that they split)
         self.nope, self.rope = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.rank = config.v_head_dim, config.kv_lora_rank
         qk, bias, hidden = self.nope + self.rope, bool(getattr(config, "attention_bias", False)), config.hidden_size
@@ -89,8 +89,8 @@ class MLAttention(nn.Module):
         self.register_buffer("rope_order", torch.cat((torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)))
                              if interleaved else None, persistent=False)
         self.attn = Attention(self.num_heads, self.rank + self.rope, 1, softmax_scale(config))
-        self.w_uk: torch.Tensor | None = None  # (H, nope, rank), from kv_b_proj by absorb()
-        self.w_uv: torch.Tensor | None = None  # (H, rank, v_dim)
+        self.register_buffer("w_uk", None, persistent=False)  # (H, nope, rank), from kv_b_proj by absorb()
+        self.register_buffer("w_uv", None, persistent=False)  # (H, rank, v_dim)
 
     def absorb(self, dtype: torch.dtype, device: torch.device) -> None:
         """Take W_UK and W_UV out of kv_b_proj (once its weights are loaded, quantized or not) and drop the layer:
@@ -102,12 +102,6 @@ class MLAttention(nn.Module):
         self.w_uk = w[:, :self.nope].contiguous()
         self.w_uv = w[:, self.nope:].transpose(1, 2).contiguous()
         del self.kv_b_proj
-
-    def _apply(self, fn, recurse=True):  # .to() moves the absorbed weights like parameters
-        super()._apply(fn, recurse)
-        if self.w_uk is not None:
-            self.w_uk, self.w_uv = fn(self.w_uk), fn(self.w_uv)
-        return self
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -209,32 +203,22 @@ def is_mtp_layer(config, name: str) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config.num_hidden_layers
 
 
-class DeepseekDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
-        nn.Module.__init__(self)
-        self.self_attn = MLAttention(config, layer_idx, tp)
-        self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.residual_scale = None
-
-
 class DeepseekV2ForCausalLM(_MoEWeights, LlamaForCausalLM):
     """DeepSeek-V2 / V2-Lite: MLA (q_lora_rank None: one q_proj), softmax routing, shared experts."""
 
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    decoder_layer = DeepseekDecoderLayer
     keep_float32 = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
     v3 = False
 
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        if config.num_attention_heads % tp_size:
-            raise ValueError(f"{config.num_attention_heads} attention heads do not split over "
-                             f"tensor_parallel_size={tp_size}")
-        layers = config.num_hidden_layers
-        return ModelGeometry(num_layers=layers, num_kv_heads=1, head_dim=config.kv_lora_rank + config.qk_rope_head_dim,
-                             sliding_windows=(None,) * layers, kv_shared=True)
+        """One latent "K/V head" whose V is its K, whole on every rank (the query heads split)."""
+        return dataclasses.replace(super().geometry(config, tp_size), num_kv_heads=1,
+                                   head_dim=config.kv_lora_rank + config.qk_rope_head_dim, kv_shared=True)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return MLAttention(config, layer_idx, tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
@@ -267,7 +251,6 @@ class Glm4MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
     rotary (half the head), then DeepSeek-V3's experts (sigmoid routing with a score-correction bias, shared
     experts) after the first first_k_dense_replace dense layers."""
 
-    packed_modules = {**LlamaForCausalLM.packed_modules}
     keep_float32 = DeepseekV2ForCausalLM.keep_float32
 
     @classmethod

@@ -26,10 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import TowerProjectorLayout, VisionLanguageModel
-from pagellm.models.gemma2 import Gemma3ForCausalLM
 from pagellm.models.layers import GemmaRMSNorm
 from pagellm.models.parallel_layers import SINGLE
 
@@ -54,10 +52,6 @@ class Gemma3MultiModalProjector(nn.Module):
 
 class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     bidirectional_images = True  # an image's positions attend to each other both ways
-
-    @classmethod
-    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return Gemma3ForCausalLM.geometry(config.text_config, tp_size)
 
     @classmethod
     def placeholder_id(cls, config) -> int:
@@ -91,8 +85,7 @@ class Gemma3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         # transformers' SigLIP vision model
-        self.init_parts(config, Gemma3ForCausalLM(config.text_config, max_model_len, tp),
-                        Gemma3MultiModalProjector(config))
+        self.init_parts(config, max_model_len, tp, Gemma3MultiModalProjector(config))
 
     # ---- forward ---------------------------------------------------------------------------------------------
 

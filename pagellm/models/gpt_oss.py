@@ -25,7 +25,7 @@ from torch import nn
 
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.layers import FusedMoE, RMSNorm, set_weight_loader
-from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
 from pagellm.models.parallel_layers import SINGLE, Linear
 from pagellm.models.weight_utils import ckpt_full, copy_into
 
@@ -134,18 +134,7 @@ class GptOssMoE(nn.Module):
         return self.experts.dispatch(x, torch.softmax(top.float(), dim=-1), ids)
 
 
-class GptOssDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
-        nn.Module.__init__(self)
-        self.self_attn = GptOssAttention(config, layer_idx, family.attention_options(config), tp)
-        self.mlp = GptOssMoE(config, tp)
-        self.input_layernorm = GptOssRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = GptOssRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.residual_scale = None
-
-
 class GptOssForCausalLM(LlamaForCausalLM):
-    decoder_layer = GptOssDecoderLayer
     norm_cls = GptOssRMSNorm
     _EXPERTS = {"gate_up_proj": "w13", "down_proj": "w2", "gate_up_proj_bias": "b13", "down_proj_bias": "b2",
                 "gate_up_proj_blocks": "w13", "gate_up_proj_scales": "w13", "down_proj_blocks": "w2",
@@ -155,6 +144,14 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def attention_options(cls, config) -> AttentionOptions:
         bias = bool(getattr(config, "attention_bias", True))
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GptOssAttention(config, layer_idx, cls.attention_options(config), tp)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GptOssMoE(config, tp)
 
     def map_weight(self, name: str):
         prefix, sep, last = name.rpartition(".experts.")

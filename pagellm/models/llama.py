@@ -7,8 +7,9 @@ and Gemma in their own files).
                                        RMSNorm -> mlp (gated MLP, or a mixture of experts) -> + residual] x L
                    -> norm -> hidden (T, hidden);   compute_logits(hidden[last positions]) -> (N, vocab)
 
-A family subclass overrides `attention_options` (projection biases, q/k norm) and `make_mlp`
-(dense or mixture of experts per layer); each layer's sliding window comes from the config.
+A family subclass overrides `attention_options` (projection biases, q/k norm), `make_attention` (another attention
+block: DeepSeek's latent attention, GPT-OSS's sinks) and `make_mlp` (dense or mixture of experts per layer); each
+layer's sliding window comes from the config.
 Tensor parallel: embeddings and the LM head split the vocabulary, q/k/v and gate/up are
 column-parallel (heads split, K/V heads replicated when fewer than ranks), o_proj and down_proj
 row-parallel; norms are replicated.
@@ -82,7 +83,7 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, family.attention_options(config), tp)
+        self.self_attn = family.make_attention(config, layer_idx, tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
         self.input_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.post_attention_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
@@ -116,6 +117,11 @@ class LlamaForCausalLM(CausalLM):
     def attention_options(cls, config) -> AttentionOptions:
         bias = bool(getattr(config, "attention_bias", False))
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        """The layer's attention block: LLaMA's, as attention_options shape it (DeepSeek: latent attention)."""
+        return LlamaAttention(config, layer_idx, cls.attention_options(config), tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

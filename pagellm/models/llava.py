@@ -18,38 +18,15 @@ Checkpoint names: llava-hf's ("language_model.model.*", "language_model.lm_head.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM, TowerProjectorLayout, VisionLanguageModel
+from pagellm.models.base import TowerProjectorLayout, VisionLanguageModel
 from pagellm.models.layers import activation
 from pagellm.models.parallel_layers import SINGLE
-
-
-def text_model_class(config) -> type[CausalLM]:
-    """pagellm's native class for the language model of a multimodal config (ValueError when there is none, or when
-    it cannot take image features in place of token embeddings)."""
-    from pagellm.models.registry import FALLBACK, MODELS, get_model_class
-    from pagellm.models.transformers_fallback import hf_causal_lm_class
-
-    text = config.text_config
-    names = list(getattr(text, "architectures", None) or [])
-    hf_cls = hf_causal_lm_class(text)
-    names += [hf_cls.__name__] if hf_cls is not None else []
-    arch = next((a for a in names if a in MODELS and a != FALLBACK), None)
-    if arch is None:
-        raise ValueError(f"the language model of this multimodal checkpoint (model_type "
-                         f"{getattr(text, 'model_type', None)!r}) has no native implementation in pagellm.")
-    cls = get_model_class(arch)
-    if "inputs_embeds" not in inspect.signature(cls.forward).parameters:
-        raise ValueError(f"{arch} cannot serve as the language model of a multimodal checkpoint in pagellm "
-                         "(it takes token ids only).")
-    return cls
 
 
 def image_tokens(config) -> int:
@@ -78,10 +55,6 @@ class LlavaMultiModalProjector(nn.Module):
 
 class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     @classmethod
-    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return text_model_class(config).geometry(config.text_config, tp_size)
-
-    @classmethod
     def placeholder_id(cls, config) -> int:
         tid = getattr(config, "image_token_index", None)
         return tid if tid is not None else config.image_token_id
@@ -101,8 +74,7 @@ class LlavaForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         # transformers' CLIP / SigLIP vision model
-        self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
-                        LlavaMultiModalProjector(config))
+        self.init_parts(config, max_model_len, tp, LlavaMultiModalProjector(config))
         self.drop_cls = config.vision_feature_select_strategy == "default"
         if config.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not "

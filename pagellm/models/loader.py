@@ -112,18 +112,19 @@ def _covered(param: torch.Tensor, shards: set) -> bool:
 
 
 def finish_loading(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The loaded model on `device` in `dtype`, except the parameters whose names end with one of the model's
-    `keep_float32` (DeepSeek's routers: Hugging Face keeps them in float32), then `model.after_load()` if it has one
-    (work on the final weights: DeepSeek splits kv_b_proj for its latent attention)."""
-    keep = getattr(model, "keep_float32", ())
-    kept = {n: p.detach().float() for n, p in model.named_parameters() if keep and n.endswith(keep)}
+    """The loaded model on `device` in `dtype`, except the parameters a model (or a model inside it: a
+    multimodal model's language model) lists in `keep_float32` (DeepSeek's routers: Hugging Face keeps them in
+    float32), then `model.after_load()` (work on the final weights: DeepSeek splits kv_b_proj)."""
+    kept = {}
+    for prefix, module in model.named_modules():
+        keep = getattr(module, "keep_float32", ())
+        if keep:
+            kept.update((n, p.detach().float()) for n, p in module.named_parameters(prefix=prefix) if n.endswith(keep))
     model = model.to(device=device, dtype=dtype).eval()
-    if kept:
-        params = dict(model.named_parameters())
-        for n, t in kept.items():
-            params[n].data = t.to(device)
-    if hasattr(model, "after_load"):
-        model.after_load()
+    params = dict(model.named_parameters())
+    for n, t in kept.items():
+        params[n].data = t.to(device)
+    model.after_load()
     return model
 
 

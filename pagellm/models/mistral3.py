@@ -20,18 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import TowerProjectorLayout, VisionLanguageModel
-from pagellm.models.llava import text_model_class
 from pagellm.models.parallel_layers import SINGLE
 
 
 class Mistral3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel):
-    @classmethod
-    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return text_model_class(config).geometry(config.text_config, tp_size)
-
     @classmethod
     def placeholder_id(cls, config) -> int:
         return config.image_token_index  # [IMG]
@@ -76,8 +70,7 @@ class Mistral3ForConditionalGeneration(TowerProjectorLayout, VisionLanguageModel
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
 
         # transformers' Pixtral vision model and Mistral 3's projector (RMSNorm, patch merger, MLP)
-        self.init_parts(config, text_model_class(config)(config.text_config, max_model_len, tp),
-                        Mistral3MultiModalProjector(config))
+        self.init_parts(config, max_model_len, tp, Mistral3MultiModalProjector(config))
         self.image_token_id = config.image_token_index
 
     def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -111,11 +111,7 @@ def prepare_model(model, method) -> None:
     for name, layer in quantized_layers(model):
         method.prepare(name, layer)
     for name, moe in expert_layers(model):
-        if method.name == "fp8":
-            method.prepare_experts(name, moe)
-        elif method.name in ("gptq", "awq"):
-            raise ValueError(f"{method.name} checkpoints of mixture-of-experts models are not supported: pagellm "
-                             f"does not read 4-bit experts ({name}); an FP8 or unquantized checkpoint of the model is.")
+        method.prepare_experts(name, moe)
 
 
 def finish_model(model, method, dtype, device) -> None:
@@ -124,6 +120,6 @@ def finish_model(model, method, dtype, device) -> None:
     for _, layer in quantized_layers(model):
         if method.finish(layer, dtype, device):
             n += 1
-    experts = sum(method.finish_experts(moe, device) for _, moe in expert_layers(model)) if method.name == "fp8" else 0
+    experts = sum(method.finish_experts(moe, device) for _, moe in expert_layers(model))
     logger.info("quantization %s: %d linear layers%s (%s)", method.name, n,
                 f", {experts} mixtures of experts" if experts else "", method.describe())

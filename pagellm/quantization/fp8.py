@@ -92,9 +92,13 @@ class Fp8Method:
 
     # -- FP8 checkpoints: fp8 parameters and their scales in place of the dense weight --------------------
 
+    def _converts(self, name: str) -> bool:
+        """Whether the checkpoint stores module `name` in fp8 (not in its modules_to_not_convert)."""
+        return self.checkpoint and not any(name == m or name.endswith("." + m) or f".{m}." in f".{name}."
+                                           for m in self.skip)
+
     def prepare(self, name: str, layer) -> None:
-        if not self.checkpoint or any(name == m or name.endswith("." + m) or f".{m}." in f".{name}."
-                                      for m in self.skip):
+        if not self._converts(name):
             return
         from pagellm.models.parallel_layers import ColumnParallelLinear
 
@@ -112,10 +116,10 @@ class Fp8Method:
             # The dimension that is split (a column-parallel layer's rows over ranks or packed parts, a row-parallel
             # layer's columns over ranks) must be made of whole blocks; a dimension held whole may end in a block cut
             # short (DeepSeek-V3's kv_a_proj_with_mqa: 576 rows of 128-row blocks).
-            if column and len(layer.parts) > 1 or column and layer.parts[0].size != layer.parts[0].full_size:
-                if any(p.start % bn or p.size % bn for p in layer.parts):
-                    raise ValueError(f"{name}: a part or tensor-parallel shard of its {n} rows (per rank) is not "
-                                     f"made of {bn}-row blocks.")
+            split = column and (len(layer.parts) > 1 or layer.parts[0].size != layer.parts[0].full_size)
+            if split and any(p.start % bn or p.size % bn for p in layer.parts):
+                raise ValueError(f"{name}: a part or tensor-parallel shard of its {n} rows (per rank) is not "
+                                 f"made of {bn}-row blocks.")
             if not column and layer.tp.size > 1 and (layer.in_start % bk or k % bk):
                 raise ValueError(f"{name}: a tensor-parallel shard of its {k} columns (per rank) is not made of "
                                  f"{bk}-column blocks.")
@@ -171,8 +175,7 @@ class Fp8Method:
     def prepare_experts(self, name: str, moe) -> None:
         """FusedMoE's w13 (E, 2I, H) and w2 (E, H, I) in fp8, with w13_scale / w2_scale (one scalar per expert
         tensor: (E, 2) and (E, 1)) or w13_scale_inv (E, 2I / bn, H / bk) / w2_scale_inv (E, H / bn, I / bk)."""
-        if not self.checkpoint or any(name == m or name.endswith("." + m) or f".{m}." in f".{name}."
-                                      for m in self.skip):
+        if not self._converts(name):
             return
         e, rows, h = moe.w13.shape
         local = moe.intermediate_size

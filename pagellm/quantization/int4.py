@@ -97,6 +97,13 @@ class Int4Method:
 
     # -- before loading: packed parameters in place of the dense weight -------------------------------
 
+    def prepare_experts(self, name: str, moe) -> None:
+        raise ValueError(f"{self.name} checkpoints of mixture-of-experts models are not supported: pagellm does not "
+                         f"read 4-bit experts ({name}); an FP8 or unquantized checkpoint of the model is.")
+
+    def finish_experts(self, moe, device) -> bool:
+        return False
+
     def prepare(self, name: str, layer) -> None:
         if any(name == m or name.startswith(m + ".") or name.endswith("." + m) or f".{m}." in f".{name}."
                for m in self.cfg.modules_to_not_convert):

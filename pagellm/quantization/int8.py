@@ -67,6 +67,12 @@ class Int8Method:
     def prepare(self, name: str, layer) -> None:
         pass  # weights load in full precision, then finish() quantizes them
 
+    def prepare_experts(self, name: str, moe) -> None:
+        pass  # mixture-of-experts experts stay in the compute dtype
+
+    def finish_experts(self, moe, device: torch.device) -> bool:
+        return False
+
     def finish(self, layer, dtype: torch.dtype, device: torch.device) -> bool:
         if self.scheme is None:
             self.scheme = "w8a8" if device.type == "cuda" or cpu_has_int8_dot() else "w8a16"

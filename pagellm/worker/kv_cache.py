@@ -41,6 +41,12 @@ def kv_cache_dtype(config: EngineConfig) -> torch.dtype:
     return torch_dtype(config.model.dtype if name == "auto" else name)
 
 
+def layer_tensors(kv: KVCache) -> tuple[torch.Tensor, ...]:
+    """A layer's cache tensors: K and V, or the one tensor that is both (MLA)."""
+    k, v = kv
+    return (k,) if v is k else (k, v)
+
+
 def bytes_per_block(config: EngineConfig) -> int:
     """K and V of one block in every layer (one tensor where V is K: MLA); with a draft model (speculative
     decoding), its layers too: both caches have the same number of blocks."""
@@ -104,15 +110,15 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     for _ in range(m.num_layers):
         k = torch.empty(shape, dtype=dtype, device=device)
         caches.append((k, k if m.kv_shared else torch.empty(shape, dtype=dtype, device=device)))
-    for k, v in caches:
-        for t in (k,) if v is k else (k, v):
+    for kv in caches:
+        for t in layer_tensors(kv):
             _advise_huge_pages(t)
             if device.type == "cpu":
                 # Touch every page now, as a GPU cache is committed up front: the block pool hands out blocks in
                 # LRU order, so a lazily faulted cache takes its page faults (2 MiB zero-fills) inside decode
                 # steps until every block has been used once (measured: up to a third of a step's time).
                 as_bytes(t).zero_()
-    gib = sum((1 if v is k else 2) * k.numel() * k.element_size() for k, v in caches) / 2**30
+    gib = sum(t.numel() * t.element_size() for kv in caches for t in layer_tensors(kv)) / 2**30
     logger.info("KV cache of %s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
                 m.architecture, num_blocks, config.cache.block_size,
                 num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
@@ -126,6 +132,6 @@ def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None
     device = kv_caches[0][0].device
     src = to_device([s for s, _ in copies], device, torch.long)
     dst = to_device([d for _, d in copies], device, torch.long)
-    for k, v in kv_caches:
-        for t in (as_bytes(k),) if v is k else (as_bytes(k), as_bytes(v)):
+    for kv in kv_caches:
+        for t in map(as_bytes, layer_tensors(kv)):
             t.index_copy_(0, dst, t.index_select(0, src))

@@ -46,7 +46,7 @@ from pagellm.attention.registry import get_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, PromptLogprobs, SampleResult, SchedulerOutput
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.loader import finish_loading, init_dummy_weights, iterate_weights, load_weights
+from pagellm.models.loader import finish_loading, init_dummy_weights
 from pagellm.models.parallel_layers import SINGLE
 from pagellm.models.registry import get_model_class
 from pagellm.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
@@ -98,13 +98,10 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
         method = get_method(m.quantization, m.hf_config)
         prepare_model(model, method)
     if m.load_format == "dummy":
-        if hasattr(model, "materialize"):  # built on the meta device (the transformers fallback)
-            model.materialize()
+        model.materialize()
         init_dummy_weights(model, m.seed)
-    elif hasattr(model, "load_checkpoint"):  # a model that loads its own checkpoint (the transformers fallback)
-        model.load_checkpoint(m.model, m.load_format)
     else:
-        load_weights(model, iterate_weights(m.model, m.load_format))
+        model.load_checkpoint(m.model, m.load_format)
     device, dtype = torch.device(config.device.device), torch_dtype(m.dtype)
     if method is not None:  # from the float32 (or checkpoint) weights, before the cast to the compute dtype
         from pagellm.quantization import finish_model
