@@ -136,18 +136,10 @@ class GptOssMoE(nn.Module):
 
 class GptOssForCausalLM(LlamaForCausalLM):
     norm_cls = GptOssRMSNorm
+    attention_cls = GptOssAttention  # LLaMA's, biases from config.attention_bias (true), and the sinks
     _EXPERTS = {"gate_up_proj": "w13", "down_proj": "w2", "gate_up_proj_bias": "b13", "down_proj_bias": "b2",
                 "gate_up_proj_blocks": "w13", "gate_up_proj_scales": "w13", "down_proj_blocks": "w2",
                 "down_proj_scales": "w2"}
-
-    @classmethod
-    def attention_options(cls, config) -> AttentionOptions:
-        bias = bool(getattr(config, "attention_bias", True))
-        return AttentionOptions(qkv_bias=bias, o_bias=bias)
-
-    @classmethod
-    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        return GptOssAttention(config, layer_idx, cls.attention_options(config), tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

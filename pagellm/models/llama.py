@@ -111,6 +111,7 @@ class LlamaForCausalLM(CausalLM):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
+    attention_cls: type[nn.Module] = LlamaAttention  # (config, layer_idx, AttentionOptions, tp)
     norm_cls: type[nn.Module] = RMSNorm
 
     @classmethod
@@ -120,8 +121,8 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        """The layer's attention block: LLaMA's, as attention_options shape it (DeepSeek: latent attention)."""
-        return LlamaAttention(config, layer_idx, cls.attention_options(config), tp)
+        """The layer's attention block: attention_cls, as attention_options shape it (DeepSeek: latent attention)."""
+        return cls.attention_cls(config, layer_idx, cls.attention_options(config), tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
