@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
          "gpt_neox", "opt", "opt_post_ln", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
          "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
-         "gpt_oss"]
+         "gpt_oss", "llama4"]
 FALLBACK_ARCHS = ["stablelm", "ernie4_5_moe"]  # no native implementation: the transformers fallback
 
 
@@ -29,7 +29,14 @@ def tiny_models() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vlm_models() -> dict[str, str]:
     """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
-    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_mistral3, build_qwen2_vl
+    from multimodal_models import (
+        build_gemma3,
+        build_llama4,
+        build_llava,
+        build_llava_next,
+        build_mistral3,
+        build_qwen2_vl,
+    )
 
     root = os.path.join(MODELS_DIR, "multimodal")
     return {
@@ -48,6 +55,8 @@ def vlm_models() -> dict[str, str]:
         "gemma3": build_gemma3(os.path.join(root, "gemma3")),
         # Pixtral: images at their own size, 2x2 patch merger, [IMG_BREAK] / [IMG_END] row ends
         "mistral3": build_mistral3(os.path.join(root, "mistral3")),
+        # Llama 4's language model in a multimodal checkpoint: pagellm serves its text (tests/models/test_llama4.py)
+        "llama4": build_llama4(os.path.join(root, "llama4")),
     }
 
 

@@ -28,6 +28,9 @@ class AttentionParams:
 
         p - sliding_window < j <= p        (sliding_window None: 0 <= j <= p)
 
+and, with attention_chunk_size C (Llama 4's local layers), only those in p's own chunk of C positions:
+j >= (p // C) * C. C = 4, p = 9: keys 8, 9.
+
     and its scores s = scale * q.k become cap * tanh(s / cap) before the softmax when
     logits_soft_cap is set (Gemma 2). With `sinks` (GPT-OSS: one learned logit per query head), the softmax
     runs over the scores and the head's sink together, and the sink's weight is dropped: the output is
@@ -43,10 +46,23 @@ class AttentionParams:
     k_scale: float = 1.0  # per-tensor scales of an fp8 cache (1.0: vLLM's default without calibration)
     v_scale: float = 1.0
     sinks: torch.Tensor | None = field(default=None, compare=False)  # (num_heads,) float32 logits, or None
+    attention_chunk_size: int | None = None  # keys only in the query's own chunk of this many positions
 
     def first_key(self, query_pos: int) -> int:
         """The first key position a query at query_pos sees."""
-        return 0 if self.sliding_window is None else max(0, query_pos - self.sliding_window + 1)
+        first = 0 if self.sliding_window is None else max(0, query_pos - self.sliding_window + 1)
+        chunk = self.attention_chunk_size
+        return first if chunk is None else max(first, query_pos // chunk * chunk)
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos (L, 1), k_pos (1, n) -> (L, n): the keys each query sees (causal, window, chunk)."""
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        chunk = self.attention_chunk_size
+        if chunk is not None:
+            mask &= k_pos >= torch.div(q_pos, chunk, rounding_mode="floor") * chunk
+        return mask
 
 
 @dataclass
@@ -187,17 +203,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_start: 
     qi = q.transpose(0, 1)[None]
     ki = expand_kv(k.to(q.dtype), groups).transpose(0, 1)[None]  # (1, H, n, D)
     vi = expand_kv(v.to(q.dtype), groups).transpose(0, 1)[None]
-    plain = params.sliding_window is None and params.logits_soft_cap is None and params.sinks is None
+    plain = (params.sliding_window is None and params.logits_soft_cap is None and params.sinks is None
+             and params.attention_chunk_size is None)
     if plain and (n == q_len or q_len == 1):  # causal from the start, or one query that sees every key
         out = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=n == q_len > 1,
                                                                scale=params.scale)
         return out[0].transpose(0, 1)
     q_pos = torch.arange(k_start + n - q_len, k_start + n, device=q.device)[:, None]  # (L, 1)
     k_pos = torch.arange(k_start, k_start + n, device=q.device)[None, :]  # (1, n)
-    mask = k_pos <= q_pos
-    if params.sliding_window is not None:
-        mask &= k_pos > q_pos - params.sliding_window
-    return masked_attention(qi, ki, vi, mask, params)
+    return masked_attention(qi, ki, vi, params.visible(q_pos, k_pos), params)
 
 
 def masked_attention(qi: torch.Tensor, ki: torch.Tensor, vi: torch.Tensor, mask: torch.Tensor,

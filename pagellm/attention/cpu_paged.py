@@ -84,6 +84,7 @@ class CpuPagedBackend(PagedBackendBase):
         with torch.profiler.record_function("pagellm::paged_attention"):
             self.ops.paged_attention(out, q, kv_cache[0], kv_cache[1], meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, meta.paged_seq_ids, params.scale,
-                                     params.sliding_window or 0, params.logits_soft_cap or 0.0, params.k_scale,
+                                     params.sliding_window or 0, params.attention_chunk_size or 0,
+                                     params.logits_soft_cap or 0.0, params.k_scale,
                                      params.v_scale,
                                      _NO_SINKS if params.sinks is None else params.sinks.float().contiguous())

@@ -23,12 +23,12 @@ def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, qsl_ptr,
-                    sinks_ptr, num_seqs, scale, window, soft_cap, v_scale,
+                    sinks_ptr, num_seqs, scale, window, chunk, soft_cap, v_scale,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab,
                     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-                    NUM_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr, SLIDING: tl.constexpr, SINKS: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+                    NUM_SPLITS: tl.constexpr, SOFT_CAP: tl.constexpr, SLIDING: tl.constexpr, CHUNKED: tl.constexpr,
+                    SINKS: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -49,12 +49,15 @@ def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tab
     q_off = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
 
-    # Keys this query block sees: lo .. hi - 1 (lo > 0 only under a sliding window).
+    # Keys this query block sees: lo .. hi - 1 (lo > 0 only under a sliding window or chunked attention).
     last_tok = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
     hi = n - q_len + last_tok + 1
+    first_q = n - q_len + qb * BLOCK_Q
     lo = 0
     if SLIDING:
-        lo = tl.maximum(n - q_len + qb * BLOCK_Q - window + 1, 0)
+        lo = tl.maximum(first_q - window + 1, 0)
+    if CHUNKED:
+        lo = tl.maximum(lo, first_q // chunk * chunk)
     first_tile = lo // TILE_N
     num_tiles = tl.cdiv(hi, TILE_N) - first_tile
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
@@ -84,6 +87,8 @@ def paged_attention(out_ptr, part_out_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tab
         visible = k_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if SLIDING:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        if CHUNKED:
+            visible = visible & (pos[None, :] >= (q_pos // chunk * chunk)[:, None])
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet

@@ -24,7 +24,7 @@ log-sum-exp.
 
 Keys are gathered a tile at a time by position (block table lookup per key), so the tile size is
 independent of the cache's block size; positions before the first key a query block can see
-(sliding window) are never loaded, because their blocks may already belong to another sequence.
+(sliding window, chunked attention) are never loaded, because their blocks may already belong to another sequence.
 Soft-capping, attention sinks (a per-head logit added to the softmax's sum once, at the end or in the merge), head
 sizes that are not a power of two (padded and masked) and an fp8 cache (widened in registers; k_scale folded into
 the scores, v_scale into the output) are handled in the kernel.
@@ -160,12 +160,12 @@ class TritonPagedBackend(PagedBackendBase):
         self.attn_kernel[(p["grid0"], kvh, splits)](
             out, part_out, part_ml, q, k_cache, v_cache, tables, meta.seq_lens, meta.query_start_loc,
             out if sinks is None else sinks, meta.num_seqs, params.scale * params.k_scale,
-            params.sliding_window or 2**30, cap or 1.0,
+            params.sliding_window or 2**30, params.attention_chunk_size or 2**30, cap or 1.0,
             params.v_scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             tables.stride(0),
             BLOCK_SIZE=bs, D=d, DP=dp, G=g, BLOCK_Q=p["BLOCK_Q"], BLOCK_M=p["BLOCK_M"], TILE_N=self.tile_n,
             NUM_SPLITS=splits, SOFT_CAP=cap is not None, SLIDING=params.sliding_window is not None,
-            SINKS=sinks is not None,
+            CHUNKED=params.attention_chunk_size is not None, SINKS=sinks is not None,
             DOT_DTYPE=_tl_dtype(dot_dtype), IEEE=dot_dtype == "fp32", **self._launch_options())
         if splits > 1:
             self.merge_kernel[(t, h)](out, part_out, part_ml, out if sinks is None else sinks, t, params.v_scale,

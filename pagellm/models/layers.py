@@ -168,16 +168,19 @@ class FusedMoE(nn.Module):
     or the whole stacked tensor (shard None). Tensor parallel: every rank holds every expert's slice
     I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end. Expert parallel
     (tp.expert_parallel): rank r holds experts [r * E / tp, (r + 1) * E / tp) whole, computes its experts' pairs
-    only, and the same all-reduce adds the ranks' parts. FP8 checkpoints keep the experts in 8 bits, each expert's
-    weights widened when a step uses it (quantization/fp8.py: `quant_method`).
+    only, and the same all-reduce adds the ranks' parts. With apply_router_weight_on_input (Llama 4) a token's
+    weight scales its row before the expert instead of the expert's output. FP8 checkpoints keep the experts in 8
+    bits, each expert's weights widened when a step uses it (quantization/fp8.py: `quant_method`).
     """
 
     quant_method = None  # set by an FP8 checkpoint's method: expert_weights(moe, e, dtype) -> (w13[e], w2[e])
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, act: str,
-                 renormalize: bool, tp: TPGroup = SINGLE) -> None:
+                 renormalize: bool, tp: TPGroup = SINGLE, apply_router_weight_on_input: bool = False) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        # Llama 4: each token enters its expert already scaled by its weight (expert(w x), not w expert(x))
+        self.apply_router_weight_on_input = apply_router_weight_on_input
         self.tp = tp
         self.full_intermediate = intermediate_size
         self.ep = tp.expert_parallel and tp.size > 1
@@ -238,6 +241,8 @@ class FusedMoE(nn.Module):
         tokens = order // self.top_k
         rows = x[tokens]  # (T * k, H), grouped by expert
         pair_weights = weights.flatten()[order, None]
+        if self.apply_router_weight_on_input:
+            rows = rows * pair_weights
         out_rows = torch.zeros_like(rows) if self.ep else torch.empty_like(rows)  # others' pairs: 0 here
         start = 0
         for e, n in enumerate(counts):
@@ -247,7 +252,8 @@ class FusedMoE(nn.Module):
             start += n
             local = self.local_expert(e)
             if local is not None:
-                out_rows[seg] = self.expert_forward(local, rows[seg]) * pair_weights[seg]
+                out = self.expert_forward(local, rows[seg])
+                out_rows[seg] = out if self.apply_router_weight_on_input else out * pair_weights[seg]
         return self.tp.all_reduce(torch.zeros_like(x).index_add_(0, tokens, out_rows))
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

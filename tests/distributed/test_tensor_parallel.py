@@ -50,7 +50,7 @@ def assert_same(a, b):
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
                                   "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
                                   "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
-                                  "glm4_moe_lite"])
+                                  "glm4_moe_lite", "llama4"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
@@ -58,8 +58,9 @@ def test_tp2_greedy_equals_tp1(tiny_models, arch):
 
 
 # mixtral: per-expert w1/w2/w3 tensors; qwen3_moe: a dense layer among sparse ones; deepseek_v3: grouped routing,
-# shared experts (tensor-parallel) beside the routed ones; gpt_oss: experts stacked in one tensor, biases
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+# shared experts (tensor-parallel) beside the routed ones; gpt_oss: experts stacked in one tensor, biases; llama4:
+# router weights applied to the experts' input
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4"])
 def test_expert_parallel_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)

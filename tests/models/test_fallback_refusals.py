@@ -1,8 +1,8 @@
 """Models the transformers fallback cannot run correctly are refused with the reason, never run with wrong output:
 layers that are not attention (Mamba hybrids), tokens that meet outside attention (found by the probe after
 loading), attention sinks (GPT-OSS) and chunked attention (Llama 4). Each would otherwise give other tokens than
-transformers: the flat batch runs a state-space layer across sequences and without its state, and the paged
-kernels know neither sinks nor chunks."""
+transformers: the flat batch runs a state-space layer across sequences and without its state, and the fallback
+passes neither sinks nor chunks to the paged kernels (GPT-OSS and Llama 4 run natively instead)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,16 @@ def tiny_checkpoint(directory, model_type: str) -> str:
     # in layer_types): the probe finds their tokens meeting outside attention
     ("jamba", "its tokens meet outside attention"),
     ("qwen3_next", "its tokens meet outside attention"),
-    # GPT-OSS runs natively; on the fallback (model_impl="transformers") its sinks would be dropped
+    # GPT-OSS and Llama 4 run natively; on the fallback (model_impl="transformers") their sinks and chunks would be
+    # dropped
     ("gpt_oss", r"attention sinks \(s_aux\)"),
     ("llama4_text", r"chunked local attention \(attention_chunk_size\)"),
 ])
 def test_models_the_fallback_would_run_wrongly_are_refused_with_the_reason(tmp_path, model_type, reason):
     path = tiny_checkpoint(tmp_path, model_type)
     with pytest.raises(ValueError, match=f"transformers fallback.*{reason}|{reason}"):
-        LLM(path, num_gpu_blocks_override=16, model_impl="transformers" if model_type == "gpt_oss" else "auto")
+        native = model_type in ("gpt_oss", "llama4_text")
+        LLM(path, num_gpu_blocks_override=16, model_impl="transformers" if native else "auto")
 
 
 def test_model_impl_picks_the_implementation(tiny_models):

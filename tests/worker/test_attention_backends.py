@@ -61,14 +61,15 @@ CASES = [
 PARAMS = [(None, None), (24, None), (7, None), (None, 5.0), (11, 2.0)]
 
 
-def poison_outside_window(cache, meta, window, block_size):
+def poison_outside_window(cache, meta, window, block_size, chunk=None):
     """Fill every block wholly before a sequence's first visible key with NaN: a backend that reads
-    a block the sliding window has handed back produces NaN."""
-    if window is None:
+    a block the sliding window has handed back (or one before the query's chunk) produces NaN."""
+    if window is None and chunk is None:
         return
+    params = AttentionParams(1.0, window, attention_chunk_size=chunk)
     for i in meta.paged_seqs:
         q_len = meta.query_start_loc_cpu[i + 1] - meta.query_start_loc_cpu[i]
-        first_key = max(0, meta.seq_lens_cpu[i] - q_len - window + 1)
+        first_key = params.first_key(meta.seq_lens_cpu[i] - q_len)
         for b in meta.block_tables[i][:first_key // block_size].tolist():
             cache[0][b] = float("nan")
             cache[1][b] = float("nan")
@@ -96,20 +97,22 @@ def test_cpu_paged_matches_torch_ref(case, window, cap, dtype, cache_dtype, tol)
 
 @pytest.mark.parametrize("window, cap", PARAMS)
 @pytest.mark.parametrize("with_sinks", [False, True])
-def test_dense_attention_follows_the_definition(window, cap, with_sinks):
-    """torch_ref's building block against a loop that applies the window, cap and sink per query (a sink: one more
-    logit in the softmax's sum, without a value)."""
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_dense_attention_follows_the_definition(window, cap, with_sinks, chunk):
+    """torch_ref's building block against a loop that applies the window, chunk, cap and sink per query (a sink: one
+    more logit in the softmax's sum, without a value; a chunk: keys in the query's own chunk of positions only)."""
     g = torch.Generator().manual_seed(1)
     n, q_len, h, kvh, d, start = 19, 5, 4, 2, 8, 3
     q, k, v = (torch.randn(x, heads, d, generator=g, dtype=torch.float64)
                for x, heads in ((q_len, h), (n, kvh), (n, kvh)))
     sinks = torch.randn(h, generator=g, dtype=torch.float64) * 2 if with_sinks else None
-    params = AttentionParams(0.3, window, cap, sinks=sinks)
+    params = AttentionParams(0.3, window, cap, sinks=sinks, attention_chunk_size=chunk)
     got = dense_attention(q, k, v, start, params)
     for i in range(q_len):
         pos = start + n - q_len + i
         for head in range(h):
-            keys = [j for j in range(n) if start + j <= pos and (window is None or start + j > pos - window)]
+            keys = [j for j in range(n) if start + j <= pos and (window is None or start + j > pos - window)
+                    and (chunk is None or (start + j) // chunk == pos // chunk)]
             s = (k[keys, head // 2] @ q[i, head]) * 0.3
             if cap is not None:
                 s = torch.tanh(s / cap) * cap
@@ -373,6 +376,62 @@ def test_cpu_paged_applies_attention_sinks_like_torch_ref(case, window):
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     plain = TorchRefBackend().forward(q, k, v, plain_cache, meta, AttentionParams(d ** -0.5, window))
     assert (plain - ref).abs().max() > 1e-2  # the sinks matter
+
+
+# Chunked attention (Llama 4's local layers): chunks shorter than most contexts, one not a multiple of the block size,
+# one longer than every context (the same as none); with a window too
+CHUNKS = [(None, 5), (None, 16), (None, 1000), (7, 12)]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("window, chunk", CHUNKS)
+@pytest.mark.parametrize("dtype, cache_dtype, tol", [(torch.float32, torch.float32, 1e-5),
+                                                     (torch.bfloat16, torch.bfloat16, 2e-2)])
+def test_cpu_paged_applies_chunked_attention_like_torch_ref(case, window, chunk, dtype, cache_dtype, tol):
+    h, kvh, d, bs, specs = case
+    q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, dtype, cache_dtype)
+    plain_cache = (cache[0].clone(), cache[1].clone())
+    poison_outside_window(cache, meta, window, bs, chunk)
+    ref_cache = (cache[0].clone(), cache[1].clone())
+    params = AttentionParams(d ** -0.5, window, attention_chunk_size=chunk)
+    got = get_attention_backend("cpu_paged", "cpu").forward(q, k, v, cache, meta, params)
+    ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+    assert not ref.isnan().any() and not got.isnan().any()
+    assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
+    if window is None and chunk < 50 and max(meta.seq_lens_cpu) > 2 * chunk:  # the chunks matter
+        plain = TorchRefBackend().forward(q, k, v, plain_cache, meta, AttentionParams(d ** -0.5, window))
+        assert (plain.float() - ref.float()).abs().max() > 1e-2
+
+
+TRITON_CHUNK_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.worker.test_attention_backends import CASES, CHUNKS, make_case, poison_outside_window
+from pagellm.attention.backend import AttentionParams, write_kv
+from pagellm.attention.torch_ref import TorchRefBackend
+from pagellm.attention.triton_paged import TritonPagedBackend
+for h, kvh, d, bs, specs in CASES[1:4] + CASES[8:]:
+    for window, chunk in CHUNKS:
+        for splits in (1, 3):
+            q, k, v, cache, meta = make_case(0, h, kvh, d, bs, specs, torch.float32, torch.float32)
+            poison_outside_window(cache, meta, window, bs, chunk)
+            ref_cache = (cache[0].clone(), cache[1].clone())
+            params = AttentionParams(d ** -0.5, window, attention_chunk_size=chunk)
+            write_kv(k, v, cache, meta, params)
+            got = torch.zeros_like(q)
+            TritonPagedBackend().attention(got, q, cache, meta, params, num_splits=splits)
+            ref = TorchRefBackend().forward(q, k, v, ref_cache, meta, params)
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (h, d, window, chunk, splits,
+                                                                    (got - ref).abs().max())
+print("ok")
+"""
+
+
+def test_triton_kernel_applies_chunked_attention_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    from tests.triton_script import run_script
+
+    run_script(TRITON_CHUNK_CHECK)
 
 
 TRITON_SINKS_CHECK = """

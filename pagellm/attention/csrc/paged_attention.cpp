@@ -18,6 +18,7 @@
 //   query_start   (num_seqs + 1,) int32        query token offsets
 //   seq_ids       (n,) int64                   which sequences to process
 //   window        keys a query sees, itself included (0: all); soft_cap: s -> cap * tanh(s / cap) (0: off)
+//   chunk         attention_chunk_size (0: off): a query at p sees only keys >= p / chunk * chunk (Llama 4)
 //   sinks         (num_heads,) float32 or empty: a logit per query head that joins the softmax's sum (GPT-OSS)
 // Query token i of a q_len-token chunk sits at position seq_len - q_len + i and sees keys 0..that position
 // (the last `window` of them under a sliding window).
@@ -415,7 +416,7 @@ void attend_scalar(const float* __restrict q, const cache_t* __restrict kc, cons
 template <typename q_t, typename cache_t>
 void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
          const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& query_start,
-         const torch::Tensor& seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
+         const torch::Tensor& seq_ids, double scale, int64_t window, int64_t chunk, double soft_cap, double k_scale,
          double v_scale, const torch::Tensor& sinks) {
   const int64_t H = q.size(1), D = q.size(2);
   const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
@@ -468,7 +469,8 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
       const int64_t qi = local / splits, h0 = (local % splits) * nh;
       const int64_t q_len = qsl[s + 1] - qsl[s];
       const int64_t ctx = sl[s] - q_len + qi + 1;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      int64_t lo = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      if (chunk > 0) lo = std::max<int64_t>(lo, (ctx - 1) / chunk * chunk);
       const int64_t tok = qsl[s] + qi;
       const q_t* qsrc = qp + tok * H * D + h0 * G * D;
       for (int64_t x = 0; x < QH * D; ++x) qbuf[x] = to_f(qsrc[x]) * fscale;
@@ -498,8 +500,8 @@ void run(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cach
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start,
-                     torch::Tensor seq_ids, double scale, int64_t window, double soft_cap, double k_scale,
-                     double v_scale, torch::Tensor sinks) {
+                     torch::Tensor seq_ids, double scale, int64_t window, int64_t chunk, double soft_cap,
+                     double k_scale, double v_scale, torch::Tensor sinks) {
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32 &&
@@ -509,8 +511,8 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   TORCH_CHECK(sinks.numel() == 0 || (sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous() &&
                                      sinks.numel() == q.size(1)), "sinks: float32, one per query head");
   auto bt = block_tables.contiguous();
-#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, soft_cap, \
-                                    k_scale, v_scale, sinks)
+#define PAGELLM_RUN(QT, CT) run<QT, CT>(out, q, k_cache, v_cache, bt, seq_lens, query_start, seq_ids, scale, window, chunk, \
+                                    soft_cap, k_scale, v_scale, sinks)
   const auto qt = q.scalar_type(), ct = k_cache.scalar_type();
   if (qt == torch::kFloat32 && ct == torch::kFloat32) PAGELLM_RUN(float, float);
   else if (qt == torch::kFloat32 && ct == torch::kBFloat16) PAGELLM_RUN(float, c10::BFloat16);
