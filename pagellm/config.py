@@ -19,6 +19,11 @@ class ModelGeometry:
     head_dim: int
     sliding_windows: tuple[int | None, ...] = ()  # per layer: keys a query sees, None = the whole context
     kv_shared: bool = False  # V is K: one cache tensor per layer (MLA's latent cache, DeepSeek)
+    # Layers that carry a recurrent state per sequence instead of a KV cache (Mamba): how many, and the shapes of one
+    # layer's state tensors for one sequence (Mamba2: the convolution's last inputs, the SSM state). num_layers
+    # counts the attention layers only.
+    num_state_layers: int = 0
+    state_shapes: tuple[tuple[int, ...], ...] = ()
 
     def kv_sliding_window(self, max_model_len: int) -> int | None:
         """The window after which a token's K/V is dead in every layer (blocks may be freed), else None."""
@@ -72,6 +77,8 @@ class ModelConfig:
     num_kv_heads: int = 0
     head_dim: int = 0
     kv_shared: bool = False  # V is K: each layer caches one tensor (multi-head latent attention)
+    num_state_layers: int = 0  # layers with a recurrent state per sequence (Mamba; ModelGeometry)
+    state_shapes: tuple[tuple[int, ...], ...] = ()  # one such layer's state tensors, for one sequence
     sliding_window: int | None = None  # every layer's window is at most this: older K/V blocks are freed
     eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json, config.json and the tokenizer
     load_format: str = "auto"  # auto | safetensors | pt | dummy
@@ -84,6 +91,11 @@ class ModelConfig:
     default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
     pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
     multimodal: MultiModalConfig | None = None  # a model that takes images (LLaVA); None: text only
+
+    @property
+    def stateful(self) -> bool:
+        """Some layers keep a recurrent state per sequence (a hybrid of attention and Mamba layers)."""
+        return self.num_state_layers > 0
 
 
 @dataclass(frozen=True)

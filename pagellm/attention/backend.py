@@ -83,6 +83,9 @@ class AttentionMetadata:
     # images whose positions attend to each other both ways (Gemma 3), computed whole in this step: (first batch
     # row, rows, first position, image start, image end, the sequence's block table row on the device)
     image_blocks: list | None = None
+    # models with a recurrent state per sequence (Mamba layers): each sequence's row in the state tensors
+    state_rows: torch.Tensor | None = None  # (num_seqs,) int64 on the device
+    state_rows_cpu: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.max_query_len:

@@ -77,11 +77,14 @@ def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext,
 
 
 class SamplingPolicy:
-    """n / best_of sampling. With best_of > 1 the prompt is computed once and forked."""
+    """n / best_of sampling. With best_of > 1 the prompt is computed once and forked; with fork_at_start (a model
+    with a recurrent state per sequence, which forks cannot share) the samples fork before any token is computed
+    and each computes the prompt itself."""
 
-    def __init__(self, best_of: int) -> None:
+    def __init__(self, best_of: int, fork_at_start: bool = False) -> None:
         self.best_of = best_of
         self.forked = best_of == 1
+        self.fork_at_start = fork_at_start
 
     @property
     def max_seqs(self) -> int:
@@ -97,7 +100,7 @@ class SamplingPolicy:
         if self.forked:
             return
         parent = req.seqs[0]
-        if parent.num_computed_tokens >= req.num_prompt_tokens - 1:
+        if self.fork_at_start or parent.num_computed_tokens >= req.num_prompt_tokens - 1:
             for index in range(1, self.best_of):
                 ctx.fork_seq(parent, index)
             self.forked = True
@@ -107,5 +110,5 @@ class SamplingPolicy:
         return [append_and_check(seq, res, ctx, more and more.get(seq.seq_id)) for seq, res in results.items()]
 
 
-def make_policy(req: Request) -> SamplingPolicy:
-    return SamplingPolicy(req.sampling_params.best_of or 1)
+def make_policy(req: Request, fork_at_start: bool = False) -> SamplingPolicy:
+    return SamplingPolicy(req.sampling_params.best_of or 1, fork_at_start)

@@ -167,8 +167,11 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
                  enable_prefix_caching: bool, sliding_window: int | None = None,
-                 grammar: GrammarHook | None = None, max_loras: int = 0) -> None:
+                 grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False) -> None:
         self.config = config
+        # The model keeps a recurrent state per sequence (Mamba layers): sequences cannot fork mid-way (n / best_of
+        # samples each compute their prompt; beam search is refused), and no prefix is cached.
+        self.stateful = stateful
         self.grammar = grammar  # structured output: follows constrained sequences (core/grammar.py)
         self.max_model_len = config.max_model_len
         self.block_size = block_size
@@ -203,7 +206,10 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use.")
         if req.policy is None:
-            req.policy = make_policy(req)
+            req.policy = make_policy(req, fork_at_start=self.stateful)
+        elif self.stateful and not isinstance(req.policy, SamplingPolicy):
+            raise ValueError("beam search is not supported for this model: its Mamba layers keep a recurrent state "
+                             "per sequence, which beams cannot fork.")
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
         check_priority(self.config.policy, req.priority)
         spec = req.sampling_params.structured_outputs

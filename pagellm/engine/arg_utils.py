@@ -255,6 +255,17 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
+        if model_cfg.stateful:
+            # A sequence's recurrent state holds its whole past and cannot start from a cached prefix's blocks nor
+            # step back over rejected draft tokens.
+            if speculative is not None:
+                raise ValueError(f"speculative_config: {model_cfg.architecture} keeps a recurrent state per sequence "
+                                 "(Mamba layers), which cannot take back rejected draft tokens; speculative decoding "
+                                 "is not supported for it.")
+            if prefix_caching:
+                logger.info("prefix caching is off: %s keeps a recurrent state per sequence (Mamba layers), which a "
+                            "cached prefix's KV blocks do not restore", model_cfg.architecture)
+                prefix_caching = False
         if speculative is not None and speculative.method == "draft_model":
             speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
         if model_cfg.pooler is not None:
@@ -343,6 +354,8 @@ class EngineArgs:
             num_kv_heads=geometry.num_kv_heads,
             head_dim=geometry.head_dim,
             kv_shared=geometry.kv_shared,
+            num_state_layers=geometry.num_state_layers,
+            state_shapes=geometry.state_shapes,
             sliding_window=geometry.kv_sliding_window(max_len),
             eos_token_ids=_eos_ids(path, hf) | _eos_ids(path, text),
             load_format=self.load_format,

@@ -5,6 +5,7 @@
     model.load_checkpoint(dir, load_format)       the weights (default: load_weights over the checkpoint's tensors)
     model.materialize()                           before dummy weights (a model built on the meta device)
     model.after_load()                            once the weights are final, cast and on the device
+    model.bind_states(states)                     a hybrid's recurrent state tensors (Mamba layers), once
     keep_float32 = (".mlp.gate.weight", ...)      parameters the cast to the compute dtype leaves in float32
     model.map_weight(checkpoint name) -> (parameter name, shard id) | None
     model.forward(input_ids, positions, kv_caches, meta, backend) -> hidden (T, hidden)
@@ -84,6 +85,11 @@ class CausalLM(nn.Module):
 
     def after_load(self) -> None:
         """Work on the final weights (in the compute dtype, on the device): nothing by default."""
+
+    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        """A model whose geometry has state layers (Mamba) takes their recurrent state tensors, one tuple per layer,
+        each (max_num_seqs, *shape): a sequence's row is meta.state_rows."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no recurrent state")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend) -> torch.Tensor:
         raise NotImplementedError

@@ -125,6 +125,19 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     return caches
 
 
+def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
+    """The recurrent state of every stateful layer (Mamba), in the compute dtype: one row per batch row
+    (InputBatch's rows, max_num_seqs of them), zeroed when a sequence takes the row."""
+    m = config.model
+    rows, dtype, device = config.scheduler.max_num_seqs, torch_dtype(m.dtype), torch.device(config.device.device)
+    states = [tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape in m.state_shapes)
+              for _ in range(m.num_state_layers)]
+    gib = sum(t.numel() * t.element_size() for layer in states for t in layer) / 2**30
+    logger.info("recurrent state of %s: %d layers x %d sequences (%.2f GiB, %s)", m.architecture, m.num_state_layers,
+                rows, gib, dtype)
+    return states
+
+
 def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: copy each (src, dst) block in every layer, before the forward pass."""
     if not copies:

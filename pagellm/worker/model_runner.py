@@ -52,7 +52,7 @@ from pagellm.models.registry import get_model_class
 from pagellm.sample.sampler import Sampler, SamplerOutput, prompt_logprobs
 from pagellm.worker.cuda_graphs import CudaGraphRunner, graphs_supported
 from pagellm.worker.input_batch import InputBatch, counter_uniforms
-from pagellm.worker.kv_cache import allocate_kv_cache, copy_blocks, determine_num_blocks, torch_dtype
+from pagellm.worker.kv_cache import allocate_kv_cache, allocate_states, copy_blocks, determine_num_blocks, torch_dtype
 from pagellm.worker.step_buffers import to_device
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ class ModelRunner:
         self.device = torch.device(config.device.device)
         self.block_size = config.cache.block_size
         self.model = load_model(config, tp)
+        self.states = None  # a hybrid model's recurrent state per layer (Mamba): one row per batch row
+        if config.model.stateful:
+            self.states = allocate_states(config)
+            self.model.bind_states(self.states)
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
         self.kv_caches: list = []
@@ -204,6 +208,8 @@ class ModelRunner:
             return "tensor parallelism"
         if self.drafter is not None:
             return "speculative decoding with a draft model (its passes and the checks run eagerly)"
+        if self.states is not None:
+            return "Mamba layers (each sequence's prompt and decode steps update its recurrent state eagerly)"
         if not hasattr(self.backend, "attention") and not self.emulate_graphs:
             return f"attention backend {self.backend.name} reads host-side metadata"
         return graphs_supported(self.model)
@@ -357,6 +363,14 @@ class ModelRunner:
                 self.mm.forget(seq_id)
         for d in sched.new_seqs:
             self.batch.add(d)
+            if self.states is not None:  # the row's state starts from zero: the sequence starts from its first token
+                if d.num_computed_tokens:
+                    raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed, "
+                                       "but this model's recurrent state cannot be restored from KV blocks")
+                row = self.batch.row_of[d.seq_id]
+                for layer in self.states:
+                    for t in layer:
+                        t[row].zero_()
             if d.mm_features:
                 self.mm.add(d.seq_id, d.mm_features)
             if self.rope is not None:  # every new row: a row reused from another sequence must not keep its offset
@@ -404,6 +418,8 @@ class ModelRunner:
         arrays = dict(input_ids=input_ids, positions=rope, slot_mapping=slots, query_start_loc=cu,
                       seq_lens=seq_lens, block_tables=b.block_table[rows, :max_blocks],
                       paged_seq_ids=np.flatnonzero(~fresh), logits_indices=cu[1:][sample_idx] - 1)
+        if self.states is not None:
+            arrays["state_rows"] = rows
         beyond = positions >= b.num_known[tok_rows]
         spec = None
         if n_draft is not None:
@@ -438,6 +454,8 @@ class ModelRunner:
                 query_start_loc_cpu=cu.tolist(), seq_lens_cpu=seq_lens.tolist(),
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=arrays["paged_seq_ids"].tolist(),
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
+            if self.states is not None:
+                meta.state_rows, meta.state_rows_cpu = t["state_rows"], rows.tolist()
         multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
         pool = None
         if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)

@@ -41,7 +41,7 @@ class StepBuffers:
                   ("slot_mapping", np.int64, max_tokens), ("logits_indices", np.int64, max_tokens),
                   ("paged_seq_ids", np.int64, max_seqs), ("query_start_loc", np.int32, max_seqs + 1),
                   ("seq_lens", np.int32, max_seqs), ("prev_dst", np.int64, max_seqs), ("prev_src", np.int64, max_seqs),
-                  ("block_tables", np.int32, max_seqs * max_blocks)]
+                  ("state_rows", np.int64, max_seqs), ("block_tables", np.int32, max_seqs * max_blocks)]
         self.offsets: dict[str, tuple[int, np.dtype, int]] = {}
         off = 0
         for name, dt, n in layout:

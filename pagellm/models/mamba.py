@@ -1,0 +1,158 @@
+"""Mamba2 mixer layers of hybrid models (Granite 4.0-H, Bamba): a selective state-space layer with a per-sequence
+recurrent state instead of a KV cache.
+
+    x (T, hidden) -> in_proj -> gate z (d_inner) | xBC (d_inner + 2 G N) | dt (H)
+    xBC -> causal depthwise conv1d (kernel K, over the sequence's last K - 1 inputs too) -> SiLU -> x | B | C
+    dt = softplus(dt + dt_bias) (clamped to time_step_limit), A = -exp(A_log)
+    per head h (P = head_dim channels, N = state size, heads share B / C within each of G groups):
+        S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T       (P x N)
+        y_t = S_t C_t + D x_t
+    y -> RMSNorm(y * SiLU(z)) per group of d_inner / G channels -> out_proj
+
+State per sequence and layer (ModelGeometry.state_shapes): the convolution's last K - 1 inputs (conv_dim, K - 1) and
+S (H, P, N), held by the worker in one row per batch row (meta.state_rows) and zeroed when a sequence takes its row.
+A sequence with one token this step (decode, or a one-token chunk) takes the recurrent form, all such sequences at
+once; a longer chunk takes the chunked form (SSD: within chunks of `chunk_size` tokens the recurrence is a masked
+product, as attention; between chunks the state carries over), starting from the sequence's state, so prompts split
+into prefill chunks give the same result as whole ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.attention.backend import AttentionMetadata
+from pagellm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+             state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence over one sequence's L tokens, in float32, chunk by chunk.
+
+    x (L, H, P), dt (L, H) (after softplus), a (H,) (negative), b / c (L, H, N) (per head), state (H, P, N): the
+    state before the first token -> y (L, H, P) without the D term, and the state after the last token.
+    """
+    y = torch.empty_like(x)
+    for s in range(0, x.shape[0], chunk_size):
+        xs, dts, bs, cs = x[s:s + chunk_size], dt[s:s + chunk_size], b[s:s + chunk_size], c[s:s + chunk_size]
+        n = xs.shape[0]
+        cum = torch.cumsum(dts * a, dim=0)  # (n, H): log of the decay from the chunk's start to each token
+        seg = cum[:, None, :] - cum[None, :, :]  # (t, u, H): log decay from token u to token t
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        decay = torch.exp(seg.masked_fill(~causal[..., None], float("-inf")))
+        xdt = xs * dts[..., None]  # (n, H, P)
+        scores = torch.einsum("thn,uhn->tuh", cs, bs) * decay
+        y[s:s + n] = (torch.einsum("tuh,uhp->thp", scores, xdt)
+                      + torch.einsum("thn,hpn->thp", cs, state) * torch.exp(cum)[..., None])
+        last = cum[-1]  # (H,)
+        state = (state * torch.exp(last)[:, None, None]
+                 + torch.einsum("uh,uhn,uhp->hpn", torch.exp(last[None] - cum), bs, xdt))
+    return y, state
+
+
+def mamba2_state_shapes(num_heads: int, head_dim: int, state_size: int, n_groups: int,
+                        conv_kernel: int) -> tuple[tuple[int, ...], ...]:
+    """One sequence's state in one Mamba2 layer: the last K - 1 convolution inputs, and the SSM state."""
+    conv_dim = num_heads * head_dim + 2 * n_groups * state_size
+    return (conv_dim, conv_kernel - 1), (num_heads, head_dim, state_size)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * SiLU(z), over groups of `group_size` channels, in float32 (Mamba2's norm before out_proj)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = y.float() * torch.nn.functional.silu(z.float())
+        g = h.view(*h.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.view(h.shape).to(z.dtype)
+
+
+class MambaMixer2(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, n_groups: int,
+                 conv_kernel: int, chunk_size: int, eps: float, proj_bias: bool = False, conv_bias: bool = True,
+                 time_step_limit: tuple[float, float] = (0.0, float("inf"))) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.state_size, self.n_groups = num_heads, head_dim, state_size, n_groups
+        self.d_inner = num_heads * head_dim
+        self.conv_dim = self.d_inner + 2 * n_groups * state_size
+        self.conv_kernel, self.chunk_size = conv_kernel, chunk_size
+        self.dt_min, self.dt_max = (float(x) for x in time_step_limit)
+        self.in_proj = ColumnParallelLinear.single(hidden_size, self.d_inner + self.conv_dim + num_heads, proj_bias)
+        self.conv1d = nn.Module()  # checkpoint names: conv1d.weight (conv_dim, 1, K), conv1d.bias
+        self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
+        self.conv1d.bias = nn.Parameter(torch.zeros(self.conv_dim)) if conv_bias else None
+        self.dt_bias = nn.Parameter(torch.ones(num_heads))
+        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.D = nn.Parameter(torch.ones(num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // n_groups, eps)
+        self.out_proj = RowParallelLinear(self.d_inner, hidden_size, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = meta.num_tokens
+        proj = self.in_proj(x[:t])
+        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        y = torch.empty(t, self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
+        qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
+        single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
+        if single:
+            idx = torch.tensor([qsl[i] for i in single], device=x.device)
+            r = meta.state_rows[single] if len(single) < len(rows) else meta.state_rows
+            y[idx] = self._step(xbc[idx], dt[idx], state, r)
+        for i in range(len(rows)):
+            s, e = qsl[i], qsl[i + 1]
+            if e - s > 1:
+                y[s:e] = self._chunk(xbc[s:e], dt[s:e], state, rows[i])
+        out = self.norm(y.view(t, self.d_inner), z)
+        if t < x.shape[0]:  # batch padding rows
+            out = torch.cat((out, out.new_zeros(x.shape[0] - t, out.shape[1])))
+        return self.out_proj(out)
+
+    def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """Convolved x | B | C (L, conv_dim) -> x (L, H, P), B and C per head (L, H, N), dt (L, H), all float32."""
+        n = xbc.shape[0]
+        xs, b, c = xbc.float().split([self.d_inner, self.n_groups * self.state_size,
+                                      self.n_groups * self.state_size], dim=-1)
+        per_group = self.num_heads // self.n_groups
+        b = b.view(n, self.n_groups, 1, self.state_size).expand(-1, -1, per_group, -1).reshape(n, self.num_heads, -1)
+        c = c.view(n, self.n_groups, 1, self.state_size).expand(-1, -1, per_group, -1).reshape(n, self.num_heads, -1)
+        dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        return xs.view(n, self.num_heads, self.head_dim), b, c, dt
+
+    def _activate(self, conv: torch.Tensor) -> torch.Tensor:
+        if self.conv1d.bias is not None:
+            conv = conv + self.conv1d.bias
+        return torch.nn.functional.silu(conv)
+
+    def _step(self, xbc: torch.Tensor, dt: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
+        """One token of each of n sequences (their state rows `rows`) -> y (n, H, P)."""
+        conv_state, ssm_state = state
+        window = torch.cat((conv_state[rows], xbc[:, :, None].to(conv_state.dtype)), dim=-1)  # (n, conv_dim, K)
+        conv_state[rows] = window[..., 1:]
+        conv = (window * self.conv1d.weight[:, 0]).sum(-1)
+        x, b, c, dt = self._ssm_inputs(self._activate(conv), dt)
+        a = -torch.exp(self.A_log.float())
+        s = (ssm_state[rows].float() * torch.exp(dt * a)[..., None, None]
+             + (x * dt[..., None])[..., None] * b[:, :, None, :])  # (n, H, P, N)
+        ssm_state[rows] = s.to(ssm_state.dtype)
+        return torch.einsum("nhpk,nhk->nhp", s, c) + self.D.float()[:, None] * x
+
+    def _chunk(self, xbc: torch.Tensor, dt: torch.Tensor, state, row: int) -> torch.Tensor:
+        """L > 1 tokens of one sequence, from its state in row `row` -> y (L, H, P)."""
+        conv_state, ssm_state = state
+        k = self.conv_kernel
+        inputs = torch.cat((conv_state[row], xbc.t().to(conv_state.dtype)), dim=-1)  # (conv_dim, K - 1 + L)
+        conv_state[row] = inputs[:, -(k - 1):]
+        conv = torch.nn.functional.conv1d(inputs[None].to(self.conv1d.weight.dtype), self.conv1d.weight,
+                                          groups=self.conv_dim)[0].t()  # (L, conv_dim)
+        x, b, c, dt = self._ssm_inputs(self._activate(conv), dt)
+        a = -torch.exp(self.A_log.float())
+        y, final = ssd_scan(x, dt, a, b, c, ssm_state[row].float(), self.chunk_size)
+        ssm_state[row] = final.to(ssm_state.dtype)
+        return y + self.D.float()[:, None] * x

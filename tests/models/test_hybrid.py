@@ -1,0 +1,117 @@
+"""Hybrid models (attention and Mamba2 layers: Granite 4.0-H) against transformers, wherever the engine cuts or moves
+the work: the recurrent state per sequence must survive prefill chunks, one-token steps, multi-step decode, batch
+rows reused by other sequences, preemption, and parallel samples; what it cannot do (forks mid-way, cached prefixes,
+speculative decoding, tensor parallelism) is refused or turned off with the reason."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.sampling_params import BeamSearchParams
+from tests.hf_reference import hf_greedy, hf_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+
+
+def prompts(vocab: int, lengths=(1, 4, 13, 30, 47), seed: int = 7) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
+    for p, out in zip(ps, outs):
+        tokens, lps = hf_greedy(path, p, max_tokens)
+        got = out.outputs[0]
+        assert got.token_ids == tokens, f"prompt of {len(p)} tokens diverged"
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu_paged", "torch_ref"])
+@pytest.mark.parametrize("batched, max_seqs", [(5, 2), (13, 3), (2048, 8)])
+def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, backend, batched, max_seqs):
+    """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
+    rows for five prompts (a row's state is zeroed for its next sequence)."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=batched, max_num_seqs=max_seqs,
+              attention_backend=backend)
+    ps = prompts(llm.llm_engine.config.model.vocab_size)
+    assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
+
+
+def test_multi_step_decode_matches_hf(tiny_models):
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, num_scheduler_steps=4)
+    ps = prompts(llm.llm_engine.config.model.vocab_size)
+    assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
+
+
+def test_preempted_sequences_recompute_their_state(tiny_models):
+    """Too few KV blocks for every sequence: some are preempted and recomputed from their first token."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4)
+    ps = prompts(llm.llm_engine.config.model.vocab_size, lengths=(9, 14, 20, 11), seed=8)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, ps, outs, max_tokens=40)
+
+
+@torch.inference_mode()
+def test_parallel_samples_each_compute_their_own_state(tiny_models):
+    """n = 3 samples of one prompt: each sequence computes the prompt itself (no fork of a state mid-way); every
+    sample's logprobs are transformers' on that sample's own tokens, and greedy samples are all HF's greedy."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256)
+    p = prompts(llm.llm_engine.config.model.vocab_size, lengths=(21,))[0]
+    out = llm.generate({"prompt_token_ids": p}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12,
+                                                                ignore_eos=True, logprobs=0), use_tqdm=False)[0]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    hf = hf_model(path)
+    for o in out.outputs:
+        logits = hf(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1:-1].float()
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(o.token_ids)[:, None])[:, 0].tolist()
+        assert [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)] == pytest.approx(want, abs=2e-4)
+    greedy = llm.generate({"prompt_token_ids": p}, SamplingParams(n=3, temperature=0, max_tokens=12, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert [o.token_ids for o in greedy.outputs] == [hf_greedy(path, p, 12)[0]] * 3
+
+
+def test_prefix_caching_is_off_and_aborts_free_everything(tiny_models):
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=64, max_num_seqs=4)
+    engine = llm.llm_engine
+    assert not engine.config.cache.enable_prefix_caching
+    p = prompts(engine.config.model.vocab_size, lengths=(40,))[0]
+    first = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0]
+    again = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    for i in range(3):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p[:10 + i]}, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request(["r0", "r1", "r2"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()  # the worker forgets the aborted sequences
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_total_blocks
+    runner = engine.executor.runner
+    assert not runner.batch.row_of
+    after = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0]  # rows reused: states zeroed
+    assert after.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_what_a_recurrent_state_cannot_do_is_refused_with_the_reason(tiny_models):
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, num_gpu_blocks_override=64)
+    with pytest.raises(ValueError, match="beam search is not supported for this model"):
+        llm.beam_search([{"prompt_token_ids": [5, 6, 7]}], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # still up
+    with pytest.raises(ValueError, match="cannot take back rejected draft tokens"):
+        LLM(path, num_gpu_blocks_override=64,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+    with pytest.raises(ValueError, match="Mamba layers are not sharded"):
+        LLM(path, num_gpu_blocks_override=64, tensor_parallel_size=2)
