@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj",
                 "c_fc", "qkv_proj", "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
-                "fc1", "fc2", "out_proj")
+                "fc1", "fc2", "out_proj", "in_proj", "input_linear", "output_linear")
 
 
 @torch.no_grad()

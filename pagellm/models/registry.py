@@ -92,7 +92,10 @@ MODELS: dict[str, ModelEntry] = {
     "Llama4ForConditionalGeneration": ModelEntry("pagellm.models.llama4:Llama4ForConditionalGeneration",
                                                  ("the language model only: text prompts (images are refused)",),
                                                  "Llama-4-Scout-17B-16E-Instruct, Llama-4-Maverick"),
-    "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.granite_hybrid:GraniteMoeHybridForCausalLM",
+    "BambaForCausalLM": ModelEntry("pagellm.models.hybrid:BambaForCausalLM",
+                                   ("Mamba2 layers with a recurrent state per sequence, among attention layers",
+                                    "partial RoPE"), "Bamba-9B"),
+    "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),
                                               "Granite 4.0-H (Micro, Tiny, Small)"),

@@ -30,12 +30,13 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
         assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu_paged", "torch_ref"])
-@pytest.mark.parametrize("batched, max_seqs", [(5, 2), (13, 3), (2048, 8)])
-def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, backend, batched, max_seqs):
+@pytest.mark.parametrize("arch, backend, batched, max_seqs", [
+    ("granitemoehybrid", "cpu_paged", 5, 2), ("granitemoehybrid", "torch_ref", 13, 3),
+    ("granitemoehybrid", "cpu_paged", 2048, 8), ("bamba", "cpu_paged", 5, 2), ("bamba", "torch_ref", 13, 3)])
+def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence)."""
-    path = tiny_models["granitemoehybrid"]
+    path = tiny_models[arch]
     llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=batched, max_num_seqs=max_seqs,
               attention_backend=backend)
     ps = prompts(llm.llm_engine.config.model.vocab_size)

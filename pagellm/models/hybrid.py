@@ -1,0 +1,226 @@
+"""Hybrid models: Mamba2 layers with a few attention layers among them (config.layers_block_type), each followed by
+an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the Mamba layers keep a
+recurrent state per sequence (models/mamba.py). Tensor parallelism is not supported for them yet.
+
+    per layer: x += s * (mamba | attention)(RMSNorm(x));  x += s * mlp(RMSNorm(x))
+
+Granite 4.0-H (GraniteMoeHybridForCausalLM): the MLP is a mixture of experts (the softmax over each token's top-k
+router logits) plus a shared MLP, or the shared MLP alone (num_local_experts 0); Granite's multipliers: the embedding
+x embedding_multiplier, s = residual_multiplier, attention scaled by attention_multiplier, logits / logits_scaling;
+attention without RoPE unless position_embedding_type is "rope" (Granite 4.0 has none).
+Bamba (BambaForCausalLM): a dense SwiGLU MLP, attention with partial RoPE, no multipliers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
+from pagellm.config import ModelGeometry
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.base import CausalLM
+from pagellm.models.layers import FusedMoE, GatedMLP, RMSNorm, RotaryEmbedding
+from pagellm.models.llama import AttentionOptions, LlamaAttention
+from pagellm.models.mamba import MambaMixer2, mamba2_state_shapes
+from pagellm.models.parallel_layers import SINGLE, Linear, VocabParallelEmbedding, parallel_logits
+
+
+def is_mamba_layer(config, layer_idx: int) -> bool:
+    return config.layers_block_type[layer_idx] in ("mamba", "linear_attention")
+
+
+def mamba_dims(config) -> tuple[int, int, int, int, int]:
+    """(heads, head_dim, state size, groups, conv kernel) of the Mamba layers: d_inner = mamba_expand x hidden."""
+    heads = config.mamba_n_heads
+    return (heads, int(config.mamba_expand * config.hidden_size) // heads, config.mamba_d_state,
+            config.mamba_n_groups, config.mamba_d_conv)
+
+
+def mamba_mixer(config) -> MambaMixer2:
+    return MambaMixer2(config.hidden_size, *mamba_dims(config), config.mamba_chunk_size, config.rms_norm_eps,
+                       bool(config.mamba_proj_bias), bool(config.mamba_conv_bias),
+                       tuple(getattr(config, "time_step_limit", None) or (0.0, float("inf"))))
+
+
+class HybridAttention(LlamaAttention):
+    """LLaMA's attention, with RoPE only when the model has one (rotary None: no position embedding)."""
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding | None, kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k = self.heads(q, k)
+        if rotary is not None:
+            q, k = rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, backend))
+
+
+class HybridLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, family: type[HybridForCausalLM], tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.is_mamba = is_mamba_layer(config, layer_idx)
+        if self.is_mamba:
+            self.mamba = mamba_mixer(config)
+        else:
+            self.self_attn = HybridAttention(config, layer_idx, family.attention_options(config), tp)
+        self.mlp = family.make_mlp(config, layer_idx, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = family.residual_scale(config)
+
+    def forward(self, positions, x, rotary, cache, meta, backend):
+        h = self.input_layernorm(x)
+        if self.is_mamba:
+            h = self.mamba(h, cache, meta)
+        else:
+            h = self.self_attn(positions, h, rotary, cache, meta, backend)
+        s = self.residual_scale
+        x = x + (h if s is None else h * s)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h if s is None else h * s)
+
+
+class HybridModel(nn.Module):
+    def __init__(self, config, max_model_len: int, family: type[HybridForCausalLM], tp: TPGroup) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(HybridLayer(config, i, family, tp) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
+
+
+class HybridForCausalLM(CausalLM):
+    packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    renames: tuple[tuple[str, str], ...] = ()  # checkpoint name parts -> ours
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def uses_rope(cls, config) -> bool:
+        return True
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+
+    @classmethod
+    def residual_scale(cls, config) -> float | None:
+        return None
+
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        if tp_size > 1:
+            raise ValueError(f"{cls.__name__}: Mamba layers are not sharded over tensor_parallel_size > 1 yet.")
+        attention = sum(not is_mamba_layer(config, i) for i in range(config.num_hidden_layers))
+        h = config.num_attention_heads
+        return ModelGeometry(num_layers=attention, num_kv_heads=getattr(config, "num_key_value_heads", None) or h,
+                             head_dim=getattr(config, "head_dim", None) or config.hidden_size // h,
+                             sliding_windows=(None,) * attention,
+                             num_state_layers=config.num_hidden_layers - attention,
+                             state_shapes=mamba2_state_shapes(*mamba_dims(config)))
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.config = config
+        self.tp = tp
+        self.model = HybridModel(config, max_model_len, type(self), tp)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.states: list[tuple[torch.Tensor, ...]] = []
+
+    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        self.states = states
+
+    def hf_name(self, name: str) -> str | None:
+        if self.tied and name == "lm_head.weight":
+            return None
+        for old, new in self.renames:
+            name = name.replace(old, new)
+        return name
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata, backend: AttentionBackend,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        caches, states = iter(kv_caches), iter(self.states)
+        for layer in self.model.layers:
+            x = layer(positions, x, self.model.rotary, next(states) if layer.is_mamba else next(caches), meta,
+                      backend)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
+
+
+class BambaForCausalLM(HybridForCausalLM):
+    renames = ((".feed_forward.", ".mlp."), (".pre_ff_layernorm.", ".post_attention_layernorm."),
+               ("model.final_layernorm.", "model.norm."))
+
+
+class TopKSoftmaxMoE(nn.Module):
+    """Router (replicated) -> softmax over each token's top-k logits -> FusedMoE."""
+
+    def __init__(self, config, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.gate = Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = FusedMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
+                                config.intermediate_size, config.hidden_act, False, tp)
+        self.top_k = config.num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, ids = torch.topk(self.gate(x).float(), self.top_k, dim=-1)
+        return self.experts.dispatch(x, torch.softmax(top, dim=-1), ids)
+
+
+class GraniteHybridMLP(nn.Module):
+    """Granite 4.0-H's MLP: the experts (when the model has any) plus the shared MLP."""
+
+    def __init__(self, config, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.block_sparse_moe = TopKSoftmaxMoE(config, tp) if config.num_local_experts > 0 else None
+        self.shared_mlp = GatedMLP(config.hidden_size, config.shared_intermediate_size, config.hidden_act, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shared_mlp(x)
+        return out if self.block_sparse_moe is None else self.block_sparse_moe(x) + out
+
+
+class GraniteMoeHybridForCausalLM(HybridForCausalLM):
+    renames = ((".shared_mlp.input_linear.", ".mlp.shared_mlp.gate_up_proj."),
+               (".shared_mlp.output_linear.", ".mlp.shared_mlp.down_proj."),
+               (".block_sparse_moe.router.layer.", ".mlp.block_sparse_moe.gate."),
+               (".block_sparse_moe.input_linear.weight", ".mlp.block_sparse_moe.experts.w13"),
+               (".block_sparse_moe.output_linear.weight", ".mlp.block_sparse_moe.experts.w2"))
+
+    @classmethod
+    def attention_options(cls, config) -> AttentionOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, scale=config.attention_multiplier)
+
+    @classmethod
+    def uses_rope(cls, config) -> bool:
+        return getattr(config, "position_embedding_type", None) == "rope"
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GraniteHybridMLP(config, tp)
+
+    @classmethod
+    def residual_scale(cls, config) -> float | None:
+        return config.residual_multiplier
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)
+        return None if logits is None else logits / self.config.logits_scaling
