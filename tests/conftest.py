@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
          "gpt_neox", "opt", "opt_post_ln", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
          "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
-         "gpt_oss", "llama4", "granitemoehybrid", "bamba"]
+         "gpt_oss", "llama4", "granitemoehybrid", "bamba", "qwen3_next"]
 FALLBACK_ARCHS = ["stablelm", "ernie4_5_moe"]  # no native implementation: the transformers fallback
 
 

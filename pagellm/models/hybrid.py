@@ -1,14 +1,17 @@
-"""Hybrid models: Mamba2 layers with a few attention layers among them (config.layers_block_type), each followed by
-an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the Mamba layers keep a
-recurrent state per sequence (models/mamba.py). Tensor parallelism is not supported for them yet.
+"""Hybrid models: recurrent layers (Mamba2, Gated DeltaNet) with a few attention layers among them, each followed
+by an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the recurrent layers
+keep a state per sequence (models/mamba.py, models/gated_deltanet.py). Tensor parallelism is not supported for them
+yet.
 
-    per layer: x += s * (mamba | attention)(RMSNorm(x));  x += s * mlp(RMSNorm(x))
+    per layer: x += s * (recurrent | attention)(RMSNorm(x));  x += s * mlp(RMSNorm(x))
 
 Granite 4.0-H (GraniteMoeHybridForCausalLM): the MLP is a mixture of experts (the softmax over each token's top-k
 router logits) plus a shared MLP, or the shared MLP alone (num_local_experts 0); Granite's multipliers: the embedding
 x embedding_multiplier, s = residual_multiplier, attention scaled by attention_multiplier, logits / logits_scaling;
 attention without RoPE unless position_embedding_type is "rope" (Granite 4.0 has none).
 Bamba (BambaForCausalLM): a dense SwiGLU MLP, attention with partial RoPE, no multipliers.
+Qwen3-Next (Qwen3NextForCausalLM): Gated DeltaNet layers (models/gated_deltanet.py) in place of Mamba2, attention with
+an output gate, mixtures of experts with a gated shared expert.
 """
 
 from __future__ import annotations
@@ -20,10 +23,20 @@ from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCac
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM
-from pagellm.models.layers import FusedMoE, GatedMLP, RMSNorm, RotaryEmbedding
+from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
+from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, LlamaAttention
 from pagellm.models.mamba import MambaMixer2, mamba2_state_shapes
-from pagellm.models.parallel_layers import SINGLE, Linear, VocabParallelEmbedding, parallel_logits
+from pagellm.models.moe import SparseMoeBlock, _MoEWeights
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    Linear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    even_part,
+    parallel_logits,
+)
 
 
 def is_mamba_layer(config, layer_idx: int) -> bool:
@@ -56,22 +69,25 @@ class HybridAttention(LlamaAttention):
 
 
 class HybridLayer(nn.Module):
+    """A recurrent layer (family.mixer_name: its checkpoint name, e.g. "mamba") or an attention layer, then the MLP."""
+
     def __init__(self, config, layer_idx: int, family: type[HybridForCausalLM], tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.is_mamba = is_mamba_layer(config, layer_idx)
-        if self.is_mamba:
-            self.mamba = mamba_mixer(config)
+        self.is_recurrent = family.is_state_layer(config, layer_idx)
+        self.mixer_name = family.mixer_name
+        if self.is_recurrent:
+            self.add_module(family.mixer_name, family.make_mixer(config))
         else:
-            self.self_attn = HybridAttention(config, layer_idx, family.attention_options(config), tp)
+            self.self_attn = family.make_attention(config, layer_idx, tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = family.residual_scale(config)
 
     def forward(self, positions, x, rotary, cache, meta, backend):
         h = self.input_layernorm(x)
-        if self.is_mamba:
-            h = self.mamba(h, cache, meta)
+        if self.is_recurrent:
+            h = getattr(self, self.mixer_name)(h, cache, meta)
         else:
             h = self.self_attn(positions, h, rotary, cache, meta, backend)
         s = self.residual_scale
@@ -85,19 +101,39 @@ class HybridModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(HybridLayer(config, i, family, tp) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
 
 
 class HybridForCausalLM(CausalLM):
+    """Mamba2 hybrids by default; a family overrides the hooks below (Qwen3-Next: Gated DeltaNet layers)."""
+
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name parts -> ours
+    mixer_name = "mamba"  # the recurrent layer's module name in checkpoints
+    norm_cls: type[nn.Module] = RMSNorm
+
+    @classmethod
+    def is_state_layer(cls, config, layer_idx: int) -> bool:
+        return is_mamba_layer(config, layer_idx)
+
+    @classmethod
+    def make_mixer(cls, config) -> nn.Module:
+        return mamba_mixer(config)
+
+    @classmethod
+    def state_shapes(cls, config) -> tuple[tuple[int, ...], ...]:
+        return mamba2_state_shapes(*mamba_dims(config))
 
     @classmethod
     def attention_options(cls, config) -> AttentionOptions:
         bias = bool(getattr(config, "attention_bias", False))
         return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return HybridAttention(config, layer_idx, cls.attention_options(config), tp)
 
     @classmethod
     def uses_rope(cls, config) -> bool:
@@ -115,13 +151,13 @@ class HybridForCausalLM(CausalLM):
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
         if tp_size > 1:
             raise ValueError(f"{cls.__name__}: Mamba layers are not sharded over tensor_parallel_size > 1 yet.")
-        attention = sum(not is_mamba_layer(config, i) for i in range(config.num_hidden_layers))
+        attention = sum(not cls.is_state_layer(config, i) for i in range(config.num_hidden_layers))
         h = config.num_attention_heads
         return ModelGeometry(num_layers=attention, num_kv_heads=getattr(config, "num_key_value_heads", None) or h,
                              head_dim=getattr(config, "head_dim", None) or config.hidden_size // h,
                              sliding_windows=(None,) * attention,
                              num_state_layers=config.num_hidden_layers - attention,
-                             state_shapes=mamba2_state_shapes(*mamba_dims(config)))
+                             state_shapes=cls.state_shapes(config))
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -153,7 +189,7 @@ class HybridForCausalLM(CausalLM):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         caches, states = iter(kv_caches), iter(self.states)
         for layer in self.model.layers:
-            x = layer(positions, x, self.model.rotary, next(states) if layer.is_mamba else next(caches), meta,
+            x = layer(positions, x, self.model.rotary, next(states) if layer.is_recurrent else next(caches), meta,
                       backend)
         return self.model.norm(x)
 
@@ -224,3 +260,70 @@ class GraniteMoeHybridForCausalLM(HybridForCausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden)
         return None if logits is None else logits / self.config.logits_scaling
+
+
+class GatedAttention(nn.Module):
+    """Qwen3-Next's attention: q_proj gives each head's query and an output gate (per head: D query channels, then D
+    gate channels); q and k normalised per head (Gemma-style RMSNorm), partial RoPE, and the attention output x
+    sigmoid(gate) before o_proj."""
+
+    def __init__(self, config, layer_idx: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        h, kvh = config.num_attention_heads, config.num_key_value_heads
+        d = getattr(config, "head_dim", None) or config.hidden_size // h
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [even_part(2 * h * d, tp), even_part(kvh * d, tp),
+                                                                  even_part(kvh * d, tp)], bias=bias)
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=bias, tp=tp)
+        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.attn = Attention(h, d, kvh, d ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        t = x.shape[0]
+        q_gate, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, gate = q_gate.view(t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q, k = rotary(positions, self.q_norm(q), self.k_norm(k.view(t, self.num_kv_heads, self.head_dim)))
+        out = self.attn(q.contiguous(), k, v, kv_cache, meta, backend)
+        return self.o_proj(out * torch.sigmoid(gate.reshape(t, -1)))
+
+
+class Qwen3NextForCausalLM(_MoEWeights, HybridForCausalLM):
+    """Qwen3-Next: Gated DeltaNet layers (config.layer_types "linear_attention") and gated attention layers, MLPs
+    that are mixtures of experts with a gated shared expert (Qwen2-MoE's block) where decoder_sparse_step and
+    mlp_only_layers say, Gemma-style RMSNorms (scale 1 + w)."""
+
+    mixer_name = "linear_attn"
+    norm_cls = GemmaRMSNorm
+
+    @classmethod
+    def is_state_layer(cls, config, layer_idx: int) -> bool:
+        return config.layer_types[layer_idx] == "linear_attention"
+
+    @classmethod
+    def make_mixer(cls, config) -> nn.Module:
+        return GatedDeltaNet(config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
+                             config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
+                             config.rms_norm_eps)
+
+    @classmethod
+    def state_shapes(cls, config) -> tuple[tuple[int, ...], ...]:
+        return gated_deltanet_state_shapes(config.linear_num_key_heads, config.linear_num_value_heads,
+                                           config.linear_key_head_dim, config.linear_value_head_dim,
+                                           config.linear_conv_kernel_dim)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GatedAttention(config, layer_idx, tp)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
+                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
+        if not sparse:
+            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
+                              config.shared_expert_intermediate_size, tp)

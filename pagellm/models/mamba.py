@@ -51,6 +51,46 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return y, state
 
 
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """The causal depthwise convolution at one new input of each of n sequences: x (n, C), conv_state (rows, C,
+    K - 1) holding each sequence's last K - 1 inputs (updated), weight (C, 1, K) -> (n, C), before the activation."""
+    window = torch.cat((conv_state[rows], x[:, :, None].to(conv_state.dtype)), dim=-1)  # (n, C, K)
+    conv_state[rows] = window[..., 1:]
+    out = (window * weight[:, 0]).sum(-1)
+    return out if bias is None else out + bias
+
+
+def conv_chunk(x: torch.Tensor, conv_state: torch.Tensor, row: int, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """The same over L new inputs of one sequence: x (L, C) -> (L, C); its state row keeps the last K - 1 inputs."""
+    k = weight.shape[-1]
+    inputs = torch.cat((conv_state[row], x.t().to(conv_state.dtype)), dim=-1)  # (C, K - 1 + L)
+    conv_state[row] = inputs[:, -(k - 1):]
+    out = torch.nn.functional.conv1d(inputs[None].to(weight.dtype), weight, groups=weight.shape[0])[0].t()
+    return out if bias is None else out + bias
+
+
+def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunk) -> None:
+    """out[rows of the step's tokens] from a recurrent layer, per sequence: `step(token index (n,), state rows (n,))`
+    for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunk(start, end,
+    state row)` for each sequence with more."""
+    qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
+    single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
+    if single:
+        idx = torch.tensor([qsl[i] for i in single], device=out.device)
+        out[idx] = step(idx, meta.state_rows[single] if len(single) < len(rows) else meta.state_rows)
+    for i in range(len(rows)):
+        s, e = qsl[i], qsl[i + 1]
+        if e - s > 1:
+            out[s:e] = chunk(s, e, rows[i])
+
+
+def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
+    """out (T, ...) with zero rows appended up to `rows` (the batch's padding rows)."""
+    return out if out.shape[0] == rows else torch.cat((out, out.new_zeros(rows - out.shape[0], *out.shape[1:])))
+
+
 def mamba2_state_shapes(num_heads: int, head_dim: int, state_size: int, n_groups: int,
                         conv_kernel: int) -> tuple[tuple[int, ...], ...]:
     """One sequence's state in one Mamba2 layer: the last K - 1 convolution inputs, and the SSM state."""
@@ -99,20 +139,9 @@ class MambaMixer2(nn.Module):
         proj = self.in_proj(x[:t])
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         y = torch.empty(t, self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
-        qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
-        single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
-        if single:
-            idx = torch.tensor([qsl[i] for i in single], device=x.device)
-            r = meta.state_rows[single] if len(single) < len(rows) else meta.state_rows
-            y[idx] = self._step(xbc[idx], dt[idx], state, r)
-        for i in range(len(rows)):
-            s, e = qsl[i], qsl[i + 1]
-            if e - s > 1:
-                y[s:e] = self._chunk(xbc[s:e], dt[s:e], state, rows[i])
-        out = self.norm(y.view(t, self.d_inner), z)
-        if t < x.shape[0]:  # batch padding rows
-            out = torch.cat((out, out.new_zeros(x.shape[0] - t, out.shape[1])))
-        return self.out_proj(out)
+        for_each_sequence(meta, y, lambda idx, rows: self._step(xbc[idx], dt[idx], state, rows),
+                          lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row))
+        return self.out_proj(pad_rows(self.norm(y.view(t, self.d_inner), z), x.shape[0]))
 
     def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
         """Convolved x | B | C (L, conv_dim) -> x (L, H, P), B and C per head (L, H, N), dt (L, H), all float32."""
@@ -125,18 +154,11 @@ class MambaMixer2(nn.Module):
         dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
         return xs.view(n, self.num_heads, self.head_dim), b, c, dt
 
-    def _activate(self, conv: torch.Tensor) -> torch.Tensor:
-        if self.conv1d.bias is not None:
-            conv = conv + self.conv1d.bias
-        return torch.nn.functional.silu(conv)
-
     def _step(self, xbc: torch.Tensor, dt: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
         """One token of each of n sequences (their state rows `rows`) -> y (n, H, P)."""
         conv_state, ssm_state = state
-        window = torch.cat((conv_state[rows], xbc[:, :, None].to(conv_state.dtype)), dim=-1)  # (n, conv_dim, K)
-        conv_state[rows] = window[..., 1:]
-        conv = (window * self.conv1d.weight[:, 0]).sum(-1)
-        x, b, c, dt = self._ssm_inputs(self._activate(conv), dt)
+        conv = conv_step(xbc, conv_state, rows, self.conv1d.weight, self.conv1d.bias)
+        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt)
         a = -torch.exp(self.A_log.float())
         s = (ssm_state[rows].float() * torch.exp(dt * a)[..., None, None]
              + (x * dt[..., None])[..., None] * b[:, :, None, :])  # (n, H, P, N)
@@ -146,12 +168,8 @@ class MambaMixer2(nn.Module):
     def _chunk(self, xbc: torch.Tensor, dt: torch.Tensor, state, row: int) -> torch.Tensor:
         """L > 1 tokens of one sequence, from its state in row `row` -> y (L, H, P)."""
         conv_state, ssm_state = state
-        k = self.conv_kernel
-        inputs = torch.cat((conv_state[row], xbc.t().to(conv_state.dtype)), dim=-1)  # (conv_dim, K - 1 + L)
-        conv_state[row] = inputs[:, -(k - 1):]
-        conv = torch.nn.functional.conv1d(inputs[None].to(self.conv1d.weight.dtype), self.conv1d.weight,
-                                          groups=self.conv_dim)[0].t()  # (L, conv_dim)
-        x, b, c, dt = self._ssm_inputs(self._activate(conv), dt)
+        conv = conv_chunk(xbc, conv_state, row, self.conv1d.weight, self.conv1d.bias)
+        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt)
         a = -torch.exp(self.A_log.float())
         y, final = ssd_scan(x, dt, a, b, c, ssm_state[row].float(), self.chunk_size)
         ssm_state[row] = final.to(ssm_state.dtype)

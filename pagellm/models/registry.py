@@ -95,6 +95,10 @@ MODELS: dict[str, ModelEntry] = {
     "BambaForCausalLM": ModelEntry("pagellm.models.hybrid:BambaForCausalLM",
                                    ("Mamba2 layers with a recurrent state per sequence, among attention layers",
                                     "partial RoPE"), "Bamba-9B"),
+    "Qwen3NextForCausalLM": ModelEntry("pagellm.models.hybrid:Qwen3NextForCausalLM",
+                                       ("Gated DeltaNet layers with a recurrent state per sequence, among gated "
+                                        "attention layers", "MoE with a gated shared expert"),
+                                       "Qwen3-Next-80B-A3B"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),

@@ -1,7 +1,7 @@
-"""Hybrid models (attention and Mamba2 layers: Granite 4.0-H) against transformers, wherever the engine cuts or moves
-the work: the recurrent state per sequence must survive prefill chunks, one-token steps, multi-step decode, batch
-rows reused by other sequences, preemption, and parallel samples; what it cannot do (forks mid-way, cached prefixes,
-speculative decoding, tensor parallelism) is refused or turned off with the reason."""
+"""Hybrid models (attention and recurrent layers: Granite 4.0-H, Bamba, Qwen3-Next) against transformers, wherever
+the engine cuts or moves the work: the recurrent state per sequence must survive prefill chunks, one-token steps,
+multi-step decode, batch rows reused by other sequences, preemption, and parallel samples; what it cannot do (forks
+mid-way, cached prefixes, speculative decoding, tensor parallelism) is refused or turned off with the reason."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
 
 @pytest.mark.parametrize("arch, backend, batched, max_seqs", [
     ("granitemoehybrid", "cpu_paged", 5, 2), ("granitemoehybrid", "torch_ref", 13, 3),
-    ("granitemoehybrid", "cpu_paged", 2048, 8), ("bamba", "cpu_paged", 5, 2), ("bamba", "torch_ref", 13, 3)])
+    ("granitemoehybrid", "cpu_paged", 2048, 8), ("bamba", "cpu_paged", 5, 2), ("bamba", "torch_ref", 13, 3),
+    ("qwen3_next", "cpu_paged", 5, 2), ("qwen3_next", "torch_ref", 13, 3)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence)."""

@@ -1,0 +1,136 @@
+"""Gated DeltaNet, the linear-attention layer of Qwen3-Next: a recurrent state per sequence (models/mamba.py's
+machinery: a causal convolution's last inputs and a matrix state per head) in place of a KV cache.
+
+    x -> in_proj_qkvz (grouped per key head: q, k, v, z) and in_proj_ba (per key head: b, a)
+    q | k | v -> causal depthwise conv1d (kernel K) -> SiLU; q, k L2-normalised, q x Kd^-0.5, each key head serving
+                 Hv / Hk value heads
+    per value head (state S: Kd x Vd), with beta = sigmoid(b) and log decay g = -exp(A_log) softplus(a + dt_bias):
+        S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t           (the delta rule)
+    o -> RMSNorm per head, x weight, x SiLU(z) -> out_proj
+
+A sequence's one-token steps use that recurrence directly (all such sequences at once); a longer chunk is computed
+in chunks of `chunk_size` tokens: inside a chunk the updates are solved as one triangular system (the UT transform),
+across chunks the state carries over, from the sequence's state in its row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagellm.attention.backend import AttentionMetadata
+from pagellm.models.mamba import conv_chunk, conv_step, for_each_sequence, pad_rows
+from pagellm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, float32: q / k (H, L, Kd) (normalised, q scaled), v (H, L, Vd), g / beta (H, L), state
+    (H, Kd, Vd) before the first token -> o (H, L, Vd) and the state after the last token."""
+    out = torch.empty_like(v)
+    for s in range(0, q.shape[1], chunk_size):
+        qc, kc, vc, gc, bc = (t[:, s:s + chunk_size] for t in (q, k, v, g, beta))
+        n = qc.shape[1]
+        cum = torch.cumsum(gc, dim=-1)  # (H, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        decay = torch.exp((cum[:, :, None] - cum[:, None, :]).masked_fill(~causal, float("-inf")))  # (H, n, n)
+        kb = kc * bc[..., None]
+        # (I + strictly lower (beta k k^T * decay)) [u | w] = [beta v | beta k exp(cum)]
+        system = (kb @ kc.transpose(1, 2)) * decay
+        rhs = torch.cat((vc * bc[..., None], kb * torch.exp(cum)[..., None]), dim=-1)
+        sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        u, w = sol[..., :vc.shape[-1]], sol[..., vc.shape[-1]:]
+        v_new = u - w @ state  # (H, n, Vd): what the state does not predict yet
+        attn = (qc @ kc.transpose(1, 2)) * decay
+        out[:, s:s + n] = (qc * torch.exp(cum)[..., None]) @ state + attn @ v_new
+        last = cum[:, -1:]  # (H, 1)
+        state = (state * torch.exp(last)[..., None]
+                 + (kc * torch.exp(last - cum)[..., None]).transpose(1, 2) @ v_new)
+    return out, state
+
+
+class HeadRMSNormGated(nn.Module):
+    """RMSNorm over each head's channels, x weight (in the input's dtype), then x SiLU(gate) (float32)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = (self.weight * x32.to(dtype)) * torch.nn.functional.silu(gate.float())
+        return out.to(dtype)
+
+
+def gated_deltanet_state_shapes(num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
+                                conv_kernel: int) -> tuple[tuple[int, ...], ...]:
+    """One sequence's state in one layer: the convolution's last K - 1 inputs of q | k | v, and S per value head."""
+    conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
+    return (conv_dim, conv_kernel - 1), (num_v_heads, head_k_dim, head_v_dim)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
+                 conv_kernel: int, eps: float, chunk_size: int = 64) -> None:
+        super().__init__()
+        self.nk, self.nv, self.dk, self.dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
+        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.chunk_size = chunk_size
+        self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * self.key_dim + 2 * self.value_dim, False)
+        self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False)
+        self.conv1d = nn.Module()  # checkpoint name: conv1d.weight (conv_dim, 1, K), no bias
+        self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(num_v_heads))
+        self.norm = HeadRMSNormGated(head_v_dim, eps)
+        self.out_proj = RowParallelLinear(self.value_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = meta.num_tokens
+        r = self.nv // self.nk
+        qkvz = self.in_proj_qkvz(x[:t]).view(t, self.nk, -1)  # per key head: q, k, r value heads' v, then z
+        q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
+        b, a = self.in_proj_ba(x[:t]).view(t, self.nk, 2 * r).split([r, r], dim=-1)
+        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)  # the conv's channels
+        beta = torch.sigmoid(b.reshape(t, self.nv).float())
+        g = -torch.exp(self.A_log.float()) * torch.nn.functional.softplus(a.reshape(t, self.nv).float()
+                                                                           + self.dt_bias.float())
+        o = torch.empty(t, self.nv, self.dv, dtype=torch.float32, device=x.device)
+        for_each_sequence(meta, o, lambda idx, rows: self._step(mixed[idx], g[idx], beta[idx], state, rows),
+                          lambda s, e, row: self._chunk(mixed[s:e], g[s:e], beta[s:e], state, row))
+        o = self.norm(o, z.reshape(t, self.nv, self.dv), x.dtype).reshape(t, self.value_dim)
+        return self.out_proj(pad_rows(o, x.shape[0]))
+
+    def _qkv(self, conv: torch.Tensor):
+        """Convolved q | k | v (n, conv_dim) -> q, k (n, Hv, Kd) normalised (q scaled), v (n, Hv, Vd); float32."""
+        n = conv.shape[0]
+        q, k, v = torch.nn.functional.silu(conv.float()).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        r = self.nv // self.nk
+        q = l2_normalize(q.view(n, self.nk, self.dk)).repeat_interleave(r, dim=1) * self.dk ** -0.5
+        k = l2_normalize(k.view(n, self.nk, self.dk)).repeat_interleave(r, dim=1)
+        return q, k, v.view(n, self.nv, self.dv)
+
+    def _step(self, mixed, g, beta, state, rows):
+        conv_state, s_state = state
+        q, k, v = self._qkv(conv_step(mixed, conv_state, rows, self.conv1d.weight, None))
+        s = s_state[rows].float() * torch.exp(g)[..., None, None]  # (n, Hv, Kd, Vd)
+        delta = (v - torch.einsum("nhk,nhkv->nhv", k, s)) * beta[..., None]
+        s = s + k[..., None] * delta[..., None, :]
+        s_state[rows] = s.to(s_state.dtype)
+        return torch.einsum("nhk,nhkv->nhv", q, s)
+
+    def _chunk(self, mixed, g, beta, state, row):
+        conv_state, s_state = state
+        q, k, v = self._qkv(conv_chunk(mixed, conv_state, row, self.conv1d.weight, None))
+        o, final = delta_rule_chunked(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.t(), beta.t(),
+                                      s_state[row].float(), self.chunk_size)
+        s_state[row] = final.to(s_state.dtype)
+        return o.transpose(0, 1)
