@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
          "gpt_neox", "opt", "opt_post_ln", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
          "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
-         "gpt_oss", "llama4", "granitemoehybrid", "bamba", "qwen3_next"]
+         "gpt_oss", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
+         "qwen3_5_moe"]
 FALLBACK_ARCHS = ["stablelm", "ernie4_5_moe"]  # no native implementation: the transformers fallback
 
 
@@ -36,6 +37,7 @@ def vlm_models() -> dict[str, str]:
         build_llava_next,
         build_mistral3,
         build_qwen2_vl,
+        build_qwen3_5,
     )
 
     root = os.path.join(MODELS_DIR, "multimodal")
@@ -57,6 +59,9 @@ def vlm_models() -> dict[str, str]:
         "mistral3": build_mistral3(os.path.join(root, "mistral3")),
         # Llama 4's language model in a multimodal checkpoint: pagellm serves its text (tests/models/test_llama4.py)
         "llama4": build_llama4(os.path.join(root, "llama4")),
+        # Qwen3.5's hybrid language model in its multimodal checkpoints, dense and MoE (tests/models/test_hybrid.py)
+        "qwen3_5": build_qwen3_5(os.path.join(root, "qwen3_5")),
+        "qwen3_5_moe": build_qwen3_5(os.path.join(root, "qwen3_5_moe"), moe=True),
     }
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.models.layers import layer_sliding_window
-from pagellm.models.parallel_layers import kv_heads_per_rank
+from pagellm.models.parallel_layers import SINGLE, kv_heads_per_rank
 
 
 class CausalLM(nn.Module):
@@ -96,6 +96,47 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class LanguageModelOnly(CausalLM):
+    """A multimodal checkpoint served for its text: the language model alone (`text_class` on config.text_config), the
+    vision encoder neither built nor loaded, so prompts with images are refused. `prefixes` map the checkpoint's
+    names of the language model's weights to the language model's own ("model.language_model." -> "model."); other
+    weights (the vision tower, the projector, multi-token-prediction layers) are skipped."""
+
+    text_class: type[CausalLM]
+    prefixes: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        return cls.text_class.geometry(config.text_config, tp_size)
+
+    def __init__(self, config, max_model_len: int, tp=SINGLE) -> None:
+        super().__init__()
+        self.config = config
+        self.language_model = self.text_class(config.text_config, max_model_len, tp)
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        for ckpt, ours in self.prefixes:
+            if name.startswith(ckpt):
+                target = self.language_model.map_weight(ours + name[len(ckpt):])
+                return None if target is None else ("language_model." + target[0], target[1])
+        return None
+
+    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        self.language_model.bind_states(states)
+
+    def after_load(self) -> None:
+        self.language_model.after_load()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend) -> torch.Tensor:
+        return self.language_model(input_ids, positions, kv_caches, meta, backend)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden)
 
 
 class VisionLanguageModel(CausalLM):

@@ -20,7 +20,7 @@ from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.models.mamba import conv_chunk, conv_step, for_each_sequence, pad_rows
-from pagellm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -77,14 +77,22 @@ def gated_deltanet_state_shapes(num_k_heads: int, num_v_heads: int, head_k_dim: 
 
 class GatedDeltaNet(nn.Module):
     def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                 conv_kernel: int, eps: float, chunk_size: int = 64) -> None:
+                 conv_kernel: int, eps: float, chunk_size: int = 64, split_projections: bool = False) -> None:
+        """split_projections (Qwen3.5): the checkpoint has in_proj_qkv (q | k | v, the convolution's channel order),
+        in_proj_z, in_proj_b and in_proj_a, packed here in one `in_proj`; otherwise (Qwen3-Next) in_proj_qkvz and
+        in_proj_ba, grouped per key head."""
         super().__init__()
+        self.split = split_projections
         self.nk, self.nv, self.dk, self.dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
         self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.chunk_size = chunk_size
-        self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * self.key_dim + 2 * self.value_dim, False)
-        self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False)
+        if split_projections:
+            self.in_proj = ColumnParallelLinear(hidden_size, [even_part(n, SINGLE) for n in (
+                self.conv_dim, self.value_dim, num_v_heads, num_v_heads)], bias=False)
+        else:
+            self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * self.key_dim + 2 * self.value_dim, False)
+            self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False)
         self.conv1d = nn.Module()  # checkpoint name: conv1d.weight (conv_dim, 1, K), no bias
         self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
         self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
@@ -95,11 +103,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         t = meta.num_tokens
-        r = self.nv // self.nk
-        qkvz = self.in_proj_qkvz(x[:t]).view(t, self.nk, -1)  # per key head: q, k, r value heads' v, then z
-        q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
-        b, a = self.in_proj_ba(x[:t]).view(t, self.nk, 2 * r).split([r, r], dim=-1)
-        mixed = torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1)  # the conv's channels
+        mixed, z, b, a = self._project(x[:t])
         beta = torch.sigmoid(b.reshape(t, self.nv).float())
         g = -torch.exp(self.A_log.float()) * torch.nn.functional.softplus(a.reshape(t, self.nv).float()
                                                                            + self.dt_bias.float())
@@ -108,6 +112,17 @@ class GatedDeltaNet(nn.Module):
                           lambda s, e, row: self._chunk(mixed[s:e], g[s:e], beta[s:e], state, row))
         o = self.norm(o, z.reshape(t, self.nv, self.dv), x.dtype).reshape(t, self.value_dim)
         return self.out_proj(pad_rows(o, x.shape[0]))
+
+    def _project(self, x: torch.Tensor):
+        """x (T, hidden) -> q | k | v in the convolution's channel order (T, conv_dim), z, b and a."""
+        t = x.shape[0]
+        if self.split:
+            return self.in_proj.split(self.in_proj(x))
+        r = self.nv // self.nk
+        qkvz = self.in_proj_qkvz(x).view(t, self.nk, -1)  # per key head: q, k, r value heads' v, then z
+        q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
+        b, a = self.in_proj_ba(x).view(t, self.nk, 2 * r).split([r, r], dim=-1)
+        return torch.cat((q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)), dim=-1), z, b, a
 
     def _qkv(self, conv: torch.Tensor):
         """Convolved q | k | v (n, conv_dim) -> q, k (n, Hv, Kd) normalised (q scaled), v (n, Hv, Vd); float32."""

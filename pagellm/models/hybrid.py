@@ -22,7 +22,7 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import CausalLM, LanguageModelOnly
 from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, LlamaAttention
@@ -174,7 +174,7 @@ class HybridForCausalLM(CausalLM):
         self.states = states
 
     def hf_name(self, name: str) -> str | None:
-        if self.tied and name == "lm_head.weight":
+        if self.tied and name == "lm_head.weight" or name.startswith("mtp."):  # (multi-token-prediction layers)
             return None
         for old, new in self.renames:
             name = name.replace(old, new)
@@ -327,3 +327,44 @@ class Qwen3NextForCausalLM(_MoEWeights, HybridForCausalLM):
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
                               config.shared_expert_intermediate_size, tp)
+
+
+class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):
+    """Qwen3.5 (dense): Qwen3-Next's layers with the Gated DeltaNet projections stored apart (packed into one here)
+    and a dense MLP in every layer. Its multimodal RoPE is plain partial RoPE on text, whose three position rows are
+    equal."""
+
+    packed_modules = {**HybridForCausalLM.packed_modules, "in_proj_qkv": ("in_proj", 0), "in_proj_z": ("in_proj", 1),
+                      "in_proj_b": ("in_proj", 2), "in_proj_a": ("in_proj", 3)}
+
+    @classmethod
+    def make_mixer(cls, config) -> nn.Module:
+        return GatedDeltaNet(config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
+                             config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
+                             config.rms_norm_eps, split_projections=True)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+
+
+class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
+    """Qwen3.5 MoE: every layer's MLP a mixture of experts (top-k renormalised) with a gated shared expert."""
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.moe_intermediate_size, config.hidden_act, True,
+                              config.shared_expert_intermediate_size, tp)
+
+
+class Qwen3_5ForConditionalGeneration(LanguageModelOnly):
+    """Qwen3.5's language model from its multimodal checkpoint (model.language_model.*, lm_head); the vision encoder
+    is not implemented: text prompts only."""
+
+    text_class = Qwen3_5ForCausalLM
+    prefixes = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
+
+
+class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
+    text_class = Qwen3_5MoeForCausalLM

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
-from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import LanguageModelOnly
 from pagellm.models.layers import FusedMoE, GatedMLP, RotaryEmbedding, set_weight_loader
 from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
 from pagellm.models.moe import _MoEWeights
@@ -116,30 +115,8 @@ class Llama4ForCausalLM(_MoEWeights, LlamaForCausalLM):
         return super().hf_name(name.replace(".feed_forward.", ".mlp."))
 
 
-class Llama4ForConditionalGeneration(CausalLM):
+class Llama4ForConditionalGeneration(LanguageModelOnly):
     """Llama 4's language model from a multimodal checkpoint (language_model.*), without the vision encoder."""
 
-    @classmethod
-    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return Llama4ForCausalLM.geometry(config.text_config, tp_size)
-
-    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
-        super().__init__()
-        self.config = config
-        self.language_model = Llama4ForCausalLM(config.text_config, max_model_len, tp)
-
-    def map_weight(self, name: str):
-        if not name.startswith("language_model."):
-            return None  # vision_model.*, multi_modal_projector.*
-        target = self.language_model.map_weight(name.removeprefix("language_model."))
-        return None if target is None else ("language_model." + target[0], target[1])
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        return self.language_model(input_ids, positions, kv_caches, meta, backend)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.language_model.compute_logits(hidden)
+    text_class = Llama4ForCausalLM
+    prefixes = (("language_model.", ""),)

@@ -99,6 +99,18 @@ MODELS: dict[str, ModelEntry] = {
                                        ("Gated DeltaNet layers with a recurrent state per sequence, among gated "
                                         "attention layers", "MoE with a gated shared expert"),
                                        "Qwen3-Next-80B-A3B"),
+    "Qwen3_5ForCausalLM": ModelEntry("pagellm.models.hybrid:Qwen3_5ForCausalLM",
+                                     ("Gated DeltaNet layers with a recurrent state per sequence, among gated "
+                                      "attention layers",), "Qwen3.5 (dense, text)"),
+    "Qwen3_5MoeForCausalLM": ModelEntry("pagellm.models.hybrid:Qwen3_5MoeForCausalLM",
+                                        ("Gated DeltaNet layers with a recurrent state per sequence",
+                                         "MoE with a gated shared expert"), "Qwen3.5 MoE (text)"),
+    "Qwen3_5ForConditionalGeneration": ModelEntry(
+        "pagellm.models.hybrid:Qwen3_5ForConditionalGeneration",
+        ("the language model only: text prompts (images are refused)",), "Qwen3.5 dense checkpoints"),
+    "Qwen3_5MoeForConditionalGeneration": ModelEntry(
+        "pagellm.models.hybrid:Qwen3_5MoeForConditionalGeneration",
+        ("the language model only: text prompts (images are refused)",), "Qwen3.5 MoE checkpoints"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),

@@ -111,8 +111,8 @@ def _with_config(tmp_path, src, **changes):
 
 def test_unknown_model_type_is_a_clear_error(tmp_path, llama_path):
     path = _with_config(tmp_path, llama_path, model_type="fancy_new", architectures=["FancyNewForCausalLM"])
-    with pytest.raises(ValueError, match=r"(?s)fancy_new.*Natively supported architectures: DeepseekV2ForCausalLM, "
-                                         r"DeepseekV3ForCausalLM, GPT2LMHeadModel, GPTBigCodeForCausalLM"):
+    with pytest.raises(ValueError, match=r"(?s)fancy_new.*Natively supported architectures: BambaForCausalLM, "
+                                         r"DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GPT2LMHeadModel"):
         LLM(path)
 
 

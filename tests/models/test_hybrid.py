@@ -33,7 +33,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
 @pytest.mark.parametrize("arch, backend, batched, max_seqs", [
     ("granitemoehybrid", "cpu_paged", 5, 2), ("granitemoehybrid", "torch_ref", 13, 3),
     ("granitemoehybrid", "cpu_paged", 2048, 8), ("bamba", "cpu_paged", 5, 2), ("bamba", "torch_ref", 13, 3),
-    ("qwen3_next", "cpu_paged", 5, 2), ("qwen3_next", "torch_ref", 13, 3)])
+    ("qwen3_next", "cpu_paged", 5, 2), ("qwen3_next", "torch_ref", 13, 3), ("qwen3_5", "cpu_paged", 5, 2),
+    ("qwen3_5_moe", "cpu_paged", 13, 3)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence)."""
@@ -117,3 +118,32 @@ def test_what_a_recurrent_state_cannot_do_is_refused_with_the_reason(tiny_models
             speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
     with pytest.raises(ValueError, match="Mamba layers are not sharded"):
         LLM(path, num_gpu_blocks_override=64, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, name):
+    """Qwen3.5's checkpoints are multimodal (Qwen3_5ForConditionalGeneration): its language model's greedy tokens and
+    logprobs equal transformers' whole model on text prompts; the vision weights are not loaded; images are
+    refused."""
+    import transformers as tf
+    from PIL import Image
+
+    from tests.hf_reference import hf_greedy_with
+
+    path = vlm_models[name]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=16)
+    model = llm.llm_engine.executor.runner.model
+    assert not any("visual" in n for n, _ in model.named_parameters())
+    cls = tf.Qwen3_5MoeForConditionalGeneration if name.endswith("moe") else tf.Qwen3_5ForConditionalGeneration
+    hf = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf.generation_config.eos_token_id = None
+    ps = prompts(llm.llm_engine.config.model.vocab_size, lengths=(3, 20, 37))
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+    for p, out in zip(ps, outs):
+        tokens, lps = hf_greedy_with(hf, p, GREEDY.max_tokens)
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+    with pytest.raises(ValueError, match="takes text only"):
+        llm.generate({"prompt": "a picture", "multi_modal_data": {"image": Image.new("RGB", (28, 28))}}, GREEDY,
+                     use_tqdm=False)
