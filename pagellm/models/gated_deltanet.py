@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
+from pagellm.distributed.parallel import TPGroup
 from pagellm.models.mamba import conv_chunk, conv_step, for_each_sequence, pad_rows
-from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part
+from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part, parts_loader
+from pagellm.models.weight_utils import CheckpointTensor, ckpt_narrow, set_weight_loader
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -69,36 +71,64 @@ class HeadRMSNormGated(nn.Module):
 
 
 def gated_deltanet_state_shapes(num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                                conv_kernel: int) -> tuple[tuple[int, ...], ...]:
-    """One sequence's state in one layer: the convolution's last K - 1 inputs of q | k | v, and S per value head."""
-    conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
-    return (conv_dim, conv_kernel - 1), (num_v_heads, head_k_dim, head_v_dim)
+                                conv_kernel: int, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+    """One sequence's state in one layer on one rank: the convolution's last K - 1 inputs of q | k | v, and S per
+    value head."""
+    if num_k_heads % tp_size or num_v_heads % tp_size:
+        raise ValueError(f"{num_k_heads} key heads and {num_v_heads} value heads of the Gated DeltaNet layers do not "
+                         f"split over tensor_parallel_size={tp_size}")
+    nk, nv = num_k_heads // tp_size, num_v_heads // tp_size
+    return (2 * nk * head_k_dim + nv * head_v_dim, conv_kernel - 1), (nv, head_k_dim, head_v_dim)
 
 
 class GatedDeltaNet(nn.Module):
+    """Tensor parallel: each rank holds num_k_heads / tp key heads and num_v_heads / tp value heads (their
+    projections, conv channels and decay parameters; Qwen3-Next's grouped projections split as whole key-head
+    groups), out_proj row-parallel."""
+
     def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                 conv_kernel: int, eps: float, chunk_size: int = 64, split_projections: bool = False) -> None:
+                 conv_kernel: int, eps: float, chunk_size: int = 64, split_projections: bool = False,
+                 tp: TPGroup = SINGLE) -> None:
         """split_projections (Qwen3.5): the checkpoint has in_proj_qkv (q | k | v, the convolution's channel order),
-        in_proj_z, in_proj_b and in_proj_a, packed here in one `in_proj`; otherwise (Qwen3-Next) in_proj_qkvz and
-        in_proj_ba, grouped per key head."""
+        in_proj_z, in_proj_b and in_proj_a, packed here in one `in_proj` (shards "qkv", 3, 4, 5); otherwise
+        (Qwen3-Next) in_proj_qkvz and in_proj_ba, grouped per key head."""
         super().__init__()
+        gated_deltanet_state_shapes(num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel, tp.size)  # splits
         self.split = split_projections
-        self.nk, self.nv, self.dk, self.dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
-        self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.nk, self.nv, self.dk, self.dv = num_k_heads // tp.size, num_v_heads // tp.size, head_k_dim, head_v_dim
+        self.key_dim, self.value_dim = self.nk * head_k_dim, self.nv * head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.chunk_size = chunk_size
+        key, value = even_part(num_k_heads * head_k_dim, tp), even_part(num_v_heads * head_v_dim, tp)
+        heads = even_part(num_v_heads, tp)
         if split_projections:
-            self.in_proj = ColumnParallelLinear(hidden_size, [even_part(n, SINGLE) for n in (
-                self.conv_dim, self.value_dim, num_v_heads, num_v_heads)], bias=False)
+            self.in_proj = ColumnParallelLinear(hidden_size, [key, key, value, value, heads, heads], bias=False)
+            set_weight_loader(self.in_proj.weight, self.load_in_proj, frozenset(("qkv", 3, 4, 5)))
         else:
-            self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * self.key_dim + 2 * self.value_dim, False)
-            self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False)
+            self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * (key.full_size + value.full_size), False,
+                                                            tp)
+            self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False, tp)
         self.conv1d = nn.Module()  # checkpoint name: conv1d.weight (conv_dim, 1, K), no bias
         self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
-        self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
-        self.A_log = nn.Parameter(torch.zeros(num_v_heads))
+        set_weight_loader(self.conv1d.weight, parts_loader([key, key, value]))
+        self.dt_bias = nn.Parameter(torch.ones(self.nv))
+        self.A_log = nn.Parameter(torch.zeros(self.nv))
+        for p in (self.dt_bias, self.A_log):
+            set_weight_loader(p, parts_loader([heads]))
         self.norm = HeadRMSNormGated(head_v_dim, eps)
-        self.out_proj = RowParallelLinear(self.value_dim, hidden_size, bias=False)
+        self.out_proj = RowParallelLinear(num_v_heads * head_v_dim, hidden_size, bias=False, tp=tp)
+
+    def load_in_proj(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
+        """in_proj_qkv ("qkv": q | k | v rows, packed parts 0-2), in_proj_z / _b / _a (parts 3-5)."""
+        layer = self.in_proj
+        if shard_id != "qkv":
+            layer.load_part(param, tensor, shard_id)
+            return
+        start = 0
+        for i in range(3):
+            size = layer.parts[i].full_size
+            layer.load_part(param, ckpt_narrow(tensor, 0, start, size), i)
+            start += size
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -117,7 +147,8 @@ class GatedDeltaNet(nn.Module):
         """x (T, hidden) -> q | k | v in the convolution's channel order (T, conv_dim), z, b and a."""
         t = x.shape[0]
         if self.split:
-            return self.in_proj.split(self.in_proj(x))
+            q, k, v, z, b, a = self.in_proj.split(self.in_proj(x))
+            return torch.cat((q, k, v), dim=-1), z, b, a
         r = self.nv // self.nk
         qkvz = self.in_proj_qkvz(x).view(t, self.nk, -1)  # per key head: q, k, r value heads' v, then z
         q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)

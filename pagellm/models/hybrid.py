@@ -1,7 +1,7 @@
 """Hybrid models: recurrent layers (Mamba2, Gated DeltaNet) with a few attention layers among them, each followed
 by an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the recurrent layers
-keep a state per sequence (models/mamba.py, models/gated_deltanet.py). Tensor parallelism is not supported for them
-yet.
+keep a state per sequence (models/mamba.py, models/gated_deltanet.py). Tensor parallelism splits the recurrent layers
+by heads, as attention.
 
     per layer: x += s * (recurrent | attention)(RMSNorm(x));  x += s * mlp(RMSNorm(x))
 
@@ -35,7 +35,9 @@ from pagellm.models.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     even_part,
+    kv_heads_per_rank,
     parallel_logits,
+    qkv_parts,
 )
 
 
@@ -50,10 +52,10 @@ def mamba_dims(config) -> tuple[int, int, int, int, int]:
             config.mamba_n_groups, config.mamba_d_conv)
 
 
-def mamba_mixer(config) -> MambaMixer2:
+def mamba_mixer(config, tp: TPGroup = SINGLE) -> MambaMixer2:
     return MambaMixer2(config.hidden_size, *mamba_dims(config), config.mamba_chunk_size, config.rms_norm_eps,
                        bool(config.mamba_proj_bias), bool(config.mamba_conv_bias),
-                       tuple(getattr(config, "time_step_limit", None) or (0.0, float("inf"))))
+                       tuple(getattr(config, "time_step_limit", None) or (0.0, float("inf"))), tp)
 
 
 class HybridAttention(LlamaAttention):
@@ -76,7 +78,7 @@ class HybridLayer(nn.Module):
         self.is_recurrent = family.is_state_layer(config, layer_idx)
         self.mixer_name = family.mixer_name
         if self.is_recurrent:
-            self.add_module(family.mixer_name, family.make_mixer(config))
+            self.add_module(family.mixer_name, family.make_mixer(config, tp))
         else:
             self.self_attn = family.make_attention(config, layer_idx, tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
@@ -119,12 +121,12 @@ class HybridForCausalLM(CausalLM):
         return is_mamba_layer(config, layer_idx)
 
     @classmethod
-    def make_mixer(cls, config) -> nn.Module:
-        return mamba_mixer(config)
+    def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
+        return mamba_mixer(config, tp)
 
     @classmethod
-    def state_shapes(cls, config) -> tuple[tuple[int, ...], ...]:
-        return mamba2_state_shapes(*mamba_dims(config))
+    def state_shapes(cls, config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+        return mamba2_state_shapes(*mamba_dims(config), tp_size)
 
     @classmethod
     def attention_options(cls, config) -> AttentionOptions:
@@ -149,15 +151,16 @@ class HybridForCausalLM(CausalLM):
 
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        if tp_size > 1:
-            raise ValueError(f"{cls.__name__}: Mamba layers are not sharded over tensor_parallel_size > 1 yet.")
         attention = sum(not cls.is_state_layer(config, i) for i in range(config.num_hidden_layers))
         h = config.num_attention_heads
-        return ModelGeometry(num_layers=attention, num_kv_heads=getattr(config, "num_key_value_heads", None) or h,
+        if h % tp_size:
+            raise ValueError(f"{h} attention heads do not split over tensor_parallel_size={tp_size}")
+        kv_heads = getattr(config, "num_key_value_heads", None) or h
+        return ModelGeometry(num_layers=attention, num_kv_heads=kv_heads_per_rank(kv_heads, tp_size),
                              head_dim=getattr(config, "head_dim", None) or config.hidden_size // h,
                              sliding_windows=(None,) * attention,
                              num_state_layers=config.num_hidden_layers - attention,
-                             state_shapes=cls.state_shapes(config))
+                             state_shapes=cls.state_shapes(config, tp_size))
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -271,14 +274,14 @@ class GatedAttention(nn.Module):
         super().__init__()
         h, kvh = config.num_attention_heads, config.num_key_value_heads
         d = getattr(config, "head_dim", None) or config.hidden_size // h
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.num_heads, self.num_kv_heads, self.head_dim = h // tp.size, kv_heads_per_rank(kvh, tp.size), d
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [even_part(2 * h * d, tp), even_part(kvh * d, tp),
-                                                                  even_part(kvh * d, tp)], bias=bias)
+        _, kv, _ = qkv_parts(h, kvh, d, tp)  # K/V heads split, or replicated when fewer than ranks
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [even_part(2 * h * d, tp), kv, kv], bias=bias)
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=bias, tp=tp)
         self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps)
-        self.attn = Attention(h, d, kvh, d ** -0.5)
+        self.attn = Attention(self.num_heads, d, self.num_kv_heads, d ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -303,16 +306,16 @@ class Qwen3NextForCausalLM(_MoEWeights, HybridForCausalLM):
         return config.layer_types[layer_idx] == "linear_attention"
 
     @classmethod
-    def make_mixer(cls, config) -> nn.Module:
+    def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
         return GatedDeltaNet(config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
                              config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
-                             config.rms_norm_eps)
+                             config.rms_norm_eps, tp=tp)
 
     @classmethod
-    def state_shapes(cls, config) -> tuple[tuple[int, ...], ...]:
+    def state_shapes(cls, config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
         return gated_deltanet_state_shapes(config.linear_num_key_heads, config.linear_num_value_heads,
                                            config.linear_key_head_dim, config.linear_value_head_dim,
-                                           config.linear_conv_kernel_dim)
+                                           config.linear_conv_kernel_dim, tp_size)
 
     @classmethod
     def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
@@ -334,14 +337,14 @@ class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):
     and a dense MLP in every layer. Its multimodal RoPE is plain partial RoPE on text, whose three position rows are
     equal."""
 
-    packed_modules = {**HybridForCausalLM.packed_modules, "in_proj_qkv": ("in_proj", 0), "in_proj_z": ("in_proj", 1),
-                      "in_proj_b": ("in_proj", 2), "in_proj_a": ("in_proj", 3)}
+    packed_modules = {**HybridForCausalLM.packed_modules, "in_proj_qkv": ("in_proj", "qkv"),
+                      "in_proj_z": ("in_proj", 3), "in_proj_b": ("in_proj", 4), "in_proj_a": ("in_proj", 5)}
 
     @classmethod
-    def make_mixer(cls, config) -> nn.Module:
+    def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
         return GatedDeltaNet(config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
                              config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
-                             config.rms_norm_eps, split_projections=True)
+                             config.rms_norm_eps, split_projections=True, tp=tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

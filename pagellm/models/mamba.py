@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
-from pagellm.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from pagellm.distributed.parallel import TPGroup
+from pagellm.models.parallel_layers import (
+    SINGLE,
+    ColumnParallelLinear,
+    Part,
+    RowParallelLinear,
+    even_part,
+    parts_loader,
+)
+from pagellm.models.weight_utils import set_weight_loader
 
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -91,48 +100,83 @@ def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
     return out if out.shape[0] == rows else torch.cat((out, out.new_zeros(rows - out.shape[0], *out.shape[1:])))
 
 
-def mamba2_state_shapes(num_heads: int, head_dim: int, state_size: int, n_groups: int,
-                        conv_kernel: int) -> tuple[tuple[int, ...], ...]:
-    """One sequence's state in one Mamba2 layer: the last K - 1 convolution inputs, and the SSM state."""
-    conv_dim = num_heads * head_dim + 2 * n_groups * state_size
-    return (conv_dim, conv_kernel - 1), (num_heads, head_dim, state_size)
+def mamba2_groups(num_heads: int, n_groups: int, tp_size: int) -> int:
+    """Groups of B / C one rank holds: its share when they split over the ranks, else the one group its heads use."""
+    if num_heads % tp_size:
+        raise ValueError(f"{num_heads} Mamba heads do not split over tensor_parallel_size={tp_size}")
+    if n_groups % tp_size == 0:
+        return n_groups // tp_size
+    if tp_size % n_groups == 0:
+        return 1
+    raise ValueError(f"{n_groups} Mamba groups neither split over nor divide tensor_parallel_size={tp_size}")
+
+
+def mamba2_state_shapes(num_heads: int, head_dim: int, state_size: int, n_groups: int, conv_kernel: int,
+                        tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+    """One sequence's state in one Mamba2 layer on one rank: the last K - 1 convolution inputs, and the SSM state."""
+    heads, groups = num_heads // tp_size, mamba2_groups(num_heads, n_groups, tp_size)
+    return (heads * head_dim + 2 * groups * state_size, conv_kernel - 1), (heads, head_dim, state_size)
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of y * SiLU(z), over groups of `group_size` channels, in float32 (Mamba2's norm before out_proj)."""
+    """RMSNorm of y * SiLU(z), over groups of `group_size` channels, in float32 (Mamba2's norm before out_proj).
+    Under tensor parallelism a rank holds whole groups, or (fewer groups than ranks) part of one group, `group`,
+    whose sum of squares is then all-reduced."""
 
-    def __init__(self, hidden_size: int, group_size: int, eps: float) -> None:
+    def __init__(self, part: Part, group_size: int, eps: float, tp: TPGroup = SINGLE, group: int | None = None,
+                 n_groups: int = 1) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(part.size))
+        set_weight_loader(self.weight, parts_loader([part]))
+        self.group_size, self.eps, self.tp = group_size, eps, tp
+        self.group, self.n_groups = group, n_groups  # group: the one group this rank shares with others
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         h = y.float() * torch.nn.functional.silu(z.float())
-        g = h.view(*h.shape[:-1], -1, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * g.view(h.shape).to(z.dtype)
+        if self.group is None:
+            g = h.view(*h.shape[:-1], -1, self.group_size)
+            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * g.view(h.shape).to(z.dtype)
+        sums = h.new_zeros(h.shape[0], self.n_groups)  # each rank fills its group's column; the all-reduce adds
+        sums[:, self.group] = h.pow(2).sum(-1)
+        ss = self.tp.all_reduce(sums)[:, self.group, None]
+        return self.weight * (h * torch.rsqrt(ss / self.group_size + self.eps)).to(z.dtype)
 
 
 class MambaMixer2(nn.Module):
+    """Tensor parallel: each rank holds num_heads / tp heads (their x, z, dt, conv channels and SSM parameters) and
+    the B / C groups they use (split, or replicated when there are fewer groups than ranks); out_proj is
+    row-parallel (one all-reduce), as is the gated norm's sum of squares when a group spans ranks."""
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, n_groups: int,
                  conv_kernel: int, chunk_size: int, eps: float, proj_bias: bool = False, conv_bias: bool = True,
-                 time_step_limit: tuple[float, float] = (0.0, float("inf"))) -> None:
+                 time_step_limit: tuple[float, float] = (0.0, float("inf")), tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.num_heads, self.head_dim, self.state_size, self.n_groups = num_heads, head_dim, state_size, n_groups
-        self.d_inner = num_heads * head_dim
-        self.conv_dim = self.d_inner + 2 * n_groups * state_size
+        groups = mamba2_groups(num_heads, n_groups, tp.size)
+        self.num_heads, self.n_groups = num_heads // tp.size, groups  # this rank's heads and B / C groups
+        self.head_dim, self.state_size = head_dim, state_size
+        self.d_inner = self.num_heads * head_dim
+        self.conv_dim = self.d_inner + 2 * groups * state_size
         self.conv_kernel, self.chunk_size = conv_kernel, chunk_size
         self.dt_min, self.dt_max = (float(x) for x in time_step_limit)
-        self.in_proj = ColumnParallelLinear.single(hidden_size, self.d_inner + self.conv_dim + num_heads, proj_bias)
+        full_inner = num_heads * head_dim
+        x_part, head_part = even_part(full_inner, tp), even_part(num_heads, tp)
+        first = (tp.rank * groups if n_groups % tp.size == 0 else tp.rank // (tp.size // n_groups))
+        bc_part = Part(n_groups * state_size, first * state_size, groups * state_size)
+        self.in_proj = ColumnParallelLinear(hidden_size, [x_part, x_part, bc_part, bc_part, head_part], proj_bias)
         self.conv1d = nn.Module()  # checkpoint names: conv1d.weight (conv_dim, 1, K), conv1d.bias
         self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
         self.conv1d.bias = nn.Parameter(torch.zeros(self.conv_dim)) if conv_bias else None
-        self.dt_bias = nn.Parameter(torch.ones(num_heads))
-        self.A_log = nn.Parameter(torch.zeros(num_heads))
-        self.D = nn.Parameter(torch.ones(num_heads))
-        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // n_groups, eps)
-        self.out_proj = RowParallelLinear(self.d_inner, hidden_size, bias=proj_bias)
-
+        for p in (q for q in (self.conv1d.weight, self.conv1d.bias) if q is not None):
+            set_weight_loader(p, parts_loader([x_part, bc_part, bc_part]))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            set_weight_loader(p, parts_loader([head_part]))
+        shared = n_groups % tp.size != 0  # a group spans ranks
+        self.norm = GatedRMSNorm(x_part, full_inner // n_groups, eps, tp, first if shared else None, n_groups)
+        self.out_proj = RowParallelLinear(full_inner, hidden_size, bias=proj_bias, tp=tp)
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         t = meta.num_tokens

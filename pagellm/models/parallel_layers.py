@@ -77,6 +77,20 @@ def even_part(full_size: int, tp: TPGroup) -> Part:
     return Part(full_size, start, size)
 
 
+def parts_loader(parts: list[Part]):
+    """A weight loader for a tensor whose rows (dim 0) are several parts one after the other (a convolution over
+    packed q | k | v channels, per-head vectors): this rank keeps its rows of each part, in order."""
+    def load(param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
+        have, want = ckpt_shape(tensor)[0], sum(p.full_size for p in parts)
+        if have != want:
+            raise ValueError(f"checkpoint has {have} rows, the model expects {want}")
+        src = dst = 0
+        for p in parts:
+            copy_into(param[dst:dst + p.size], ckpt_narrow(tensor, 0, src + p.start, p.size))
+            src, dst = src + p.full_size, dst + p.size
+    return load
+
+
 def qkv_parts(num_heads: int, num_kv_heads: int, head_dim: int, tp: TPGroup) -> list[Part]:
     """q split by heads; K/V heads split too, or replicated when there are fewer than ranks."""
     if num_heads % tp.size:

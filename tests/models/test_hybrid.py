@@ -1,7 +1,7 @@
 """Hybrid models (attention and recurrent layers: Granite 4.0-H, Bamba, Qwen3-Next) against transformers, wherever
 the engine cuts or moves the work: the recurrent state per sequence must survive prefill chunks, one-token steps,
 multi-step decode, batch rows reused by other sequences, preemption, and parallel samples; what it cannot do (forks
-mid-way, cached prefixes, speculative decoding, tensor parallelism) is refused or turned off with the reason."""
+mid-way, cached prefixes, speculative decoding) is refused or turned off with the reason."""
 
 from __future__ import annotations
 
@@ -116,8 +116,6 @@ def test_what_a_recurrent_state_cannot_do_is_refused_with_the_reason(tiny_models
     with pytest.raises(ValueError, match="cannot take back rejected draft tokens"):
         LLM(path, num_gpu_blocks_override=64,
             speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
-    with pytest.raises(ValueError, match="Mamba layers are not sharded"):
-        LLM(path, num_gpu_blocks_override=64, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
