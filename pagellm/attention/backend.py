@@ -13,7 +13,7 @@ contexts (cached + new) are 9, 5 and 40 tokens:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -86,6 +86,7 @@ class AttentionMetadata:
     # models with a recurrent state per sequence (Mamba layers): each sequence's row in the state tensors
     state_rows: torch.Tensor | None = None  # (num_seqs,) int64 on the device
     state_rows_cpu: list[int] | None = None
+    recurrent_plan: Any = None  # how the recurrent layers split the step (models/mamba.py), made by the first one
 
     def __post_init__(self) -> None:
         if not self.max_query_len:

@@ -83,16 +83,20 @@ def conv_chunk(x: torch.Tensor, conv_state: torch.Tensor, row: int, weight: torc
 def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunk) -> None:
     """out[rows of the step's tokens] from a recurrent layer, per sequence: `step(token index (n,), state rows (n,))`
     for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunk(start, end,
-    state row)` for each sequence with more."""
-    qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
-    single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
-    if single:
-        idx = torch.tensor([qsl[i] for i in single], device=out.device)
-        out[idx] = step(idx, meta.state_rows[single] if len(single) < len(rows) else meta.state_rows)
-    for i in range(len(rows)):
-        s, e = qsl[i], qsl[i + 1]
-        if e - s > 1:
-            out[s:e] = chunk(s, e, rows[i])
+    state row)` for each sequence with more. The split is worked out once per step (meta.recurrent_plan): its index
+    tensors go to the device once, not once per layer."""
+    if meta.recurrent_plan is None:
+        qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
+        single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
+        idx = torch.tensor([qsl[i] for i in single], device=out.device) if single else None
+        state_rows = meta.state_rows if len(single) == len(rows) else meta.state_rows[single]
+        chunks = [(qsl[i], qsl[i + 1], rows[i]) for i in range(len(rows)) if qsl[i + 1] - qsl[i] > 1]
+        meta.recurrent_plan = (idx, state_rows, chunks)
+    idx, state_rows, chunks = meta.recurrent_plan
+    if idx is not None:
+        out[idx] = step(idx, state_rows)
+    for s, e, row in chunks:
+        out[s:e] = chunk(s, e, row)
 
 
 def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
