@@ -24,6 +24,7 @@ class ModelGeometry:
     # counts the attention layers only.
     num_state_layers: int = 0
     state_shapes: tuple[tuple[int, ...], ...] = ()
+    state_dtypes: tuple[str | None, ...] = ()  # per state tensor: a dtype name, or None (the compute dtype)
 
     def kv_sliding_window(self, max_model_len: int) -> int | None:
         """The window after which a token's K/V is dead in every layer (blocks may be freed), else None."""
@@ -79,6 +80,7 @@ class ModelConfig:
     kv_shared: bool = False  # V is K: each layer caches one tensor (multi-head latent attention)
     num_state_layers: int = 0  # layers with a recurrent state per sequence (Mamba; ModelGeometry)
     state_shapes: tuple[tuple[int, ...], ...] = ()  # one such layer's state tensors, for one sequence
+    state_dtypes: tuple[str | None, ...] = ()  # their dtypes (None or missing: the compute dtype)
     sliding_window: int | None = None  # every layer's window is at most this: older K/V blocks are freed
     eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json, config.json and the tokenizer
     load_format: str = "auto"  # auto | safetensors | pt | dummy

@@ -356,6 +356,7 @@ class EngineArgs:
             kv_shared=geometry.kv_shared,
             num_state_layers=geometry.num_state_layers,
             state_shapes=geometry.state_shapes,
+            state_dtypes=geometry.state_dtypes,
             sliding_window=geometry.kv_sliding_window(max_len),
             eos_token_ids=_eos_ids(path, hf) | _eos_ids(path, text),
             load_format=self.load_format,

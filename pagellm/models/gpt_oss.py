@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.layers import FusedMoE, RMSNorm, set_weight_loader
+from pagellm.models.layers import Fp32WeightRMSNorm, FusedMoE, set_weight_loader
 from pagellm.models.llama import AttentionOptions, LlamaAttention, LlamaForCausalLM
 from pagellm.models.parallel_layers import SINGLE, Linear
 from pagellm.models.weight_utils import ckpt_full, copy_into
@@ -42,15 +42,6 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     out[..., 1::2] = lut[(blocks >> 4).long()]
     out = torch.ldexp(out, exp[..., None])
     return out.reshape(*out.shape[:-2], -1)
-
-
-class GptOssRMSNorm(RMSNorm):
-    """The weight multiplies in float32, before the cast back (LLaMA's casts first)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(x.dtype)
 
 
 class GptOssAttention(LlamaAttention):
@@ -135,7 +126,7 @@ class GptOssMoE(nn.Module):
 
 
 class GptOssForCausalLM(LlamaForCausalLM):
-    norm_cls = GptOssRMSNorm
+    norm_cls = Fp32WeightRMSNorm  # the weight multiplies in float32
     attention_cls = GptOssAttention  # LLaMA's, biases from config.attention_bias (true), and the sinks
     _EXPERTS = {"gate_up_proj": "w13", "down_proj": "w2", "gate_up_proj_bias": "b13", "down_proj_bias": "b2",
                 "gate_up_proj_blocks": "w13", "gate_up_proj_scales": "w13", "down_proj_blocks": "w2",

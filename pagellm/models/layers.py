@@ -106,6 +106,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class Fp32WeightRMSNorm(RMSNorm):
+    """RMSNorm whose weight multiplies in float32, before the cast back (LLaMA's casts first): GPT-OSS, Nemotron-H."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the checkpoint stores w, the scale is (1 + w), all in float32, cast at the end."""
 

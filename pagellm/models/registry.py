@@ -111,6 +111,9 @@ MODELS: dict[str, ModelEntry] = {
     "Qwen3_5MoeForConditionalGeneration": ModelEntry(
         "pagellm.models.hybrid:Qwen3_5MoeForConditionalGeneration",
         ("the language model only: text prompts (images are refused)",), "Qwen3.5 MoE checkpoints"),
+    "NemotronHForCausalLM": ModelEntry("pagellm.models.nemotron_h:NemotronHForCausalLM",
+                                       ("Mamba2 blocks with a recurrent state per sequence, attention, squared-ReLU "
+                                        "MLP and MoE blocks",), "Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),

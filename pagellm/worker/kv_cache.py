@@ -126,15 +126,19 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
 
 
 def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
-    """The recurrent state of every stateful layer (Mamba), in the compute dtype: one row per batch row
-    (InputBatch's rows, max_num_seqs of them), zeroed when a sequence takes the row."""
+    """The recurrent state of every stateful layer (Mamba), in the compute dtype unless the model names another
+    (ModelConfig.state_dtypes): one row per batch row (InputBatch's rows, max_num_seqs of them), zeroed when a
+    sequence takes the row."""
     m = config.model
-    rows, dtype, device = config.scheduler.max_num_seqs, torch_dtype(m.dtype), torch.device(config.device.device)
-    states = [tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape in m.state_shapes)
+    rows, device = config.scheduler.max_num_seqs, torch.device(config.device.device)
+    names = list(m.state_dtypes) + [None] * (len(m.state_shapes) - len(m.state_dtypes))
+    dtypes = [torch_dtype(name or m.dtype) for name in names]
+    states = [tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in zip(m.state_shapes,
+                                                                                                   dtypes))
               for _ in range(m.num_state_layers)]
     gib = sum(t.numel() * t.element_size() for layer in states for t in layer) / 2**30
     logger.info("recurrent state of %s: %d layers x %d sequences (%.2f GiB, %s)", m.architecture, m.num_state_layers,
-                rows, gib, dtype)
+                rows, gib, ", ".join(str(d) for d in dtypes))
     return states
 
 
