@@ -3,7 +3,8 @@ recurrent state instead of a KV cache.
 
     x (T, hidden) -> in_proj -> gate z (d_inner) | xBC (d_inner + 2 G N) | dt (H)
     xBC -> causal depthwise conv1d (kernel K, over the sequence's last K - 1 inputs too) -> SiLU -> x | B | C
-    dt = softplus(dt + dt_bias) (clamped to time_step_limit), A = -exp(A_log)
+    dt = softplus(dt + dt_bias) (clamped to time_step_limit in the chunked form only, as mamba_ssm's and transformers'
+         one-token step does not clamp), A = -exp(A_log)
     per head h (P = head_dim channels, N = state size, heads share B / C within each of G groups):
         S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T       (P x N)
         y_t = S_t C_t + D x_t
@@ -191,7 +192,7 @@ class MambaMixer2(nn.Module):
                           lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row))
         return self.out_proj(pad_rows(self.norm(y.view(t, self.d_inner), z), x.shape[0]))
 
-    def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+    def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, clamp: bool):
         """Convolved x | B | C (L, conv_dim) -> x (L, H, P), B and C per head (L, H, N), dt (L, H), all float32."""
         n = xbc.shape[0]
         xs, b, c = xbc.float().split([self.d_inner, self.n_groups * self.state_size,
@@ -199,14 +200,16 @@ class MambaMixer2(nn.Module):
         per_group = self.num_heads // self.n_groups
         b = b.view(n, self.n_groups, 1, self.state_size).expand(-1, -1, per_group, -1).reshape(n, self.num_heads, -1)
         c = c.view(n, self.n_groups, 1, self.state_size).expand(-1, -1, per_group, -1).reshape(n, self.num_heads, -1)
-        dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        dt = torch.nn.functional.softplus(dt.float() + self.dt_bias.float())
+        if clamp:
+            dt = dt.clamp(self.dt_min, self.dt_max)
         return xs.view(n, self.num_heads, self.head_dim), b, c, dt
 
     def _step(self, xbc: torch.Tensor, dt: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
         """One token of each of n sequences (their state rows `rows`) -> y (n, H, P)."""
         conv_state, ssm_state = state
         conv = conv_step(xbc, conv_state, rows, self.conv1d.weight, self.conv1d.bias)
-        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt)
+        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt, clamp=False)
         a = -torch.exp(self.A_log.float())
         s = (ssm_state[rows].float() * torch.exp(dt * a)[..., None, None]
              + (x * dt[..., None])[..., None] * b[:, :, None, :])  # (n, H, P, N)
@@ -217,7 +220,7 @@ class MambaMixer2(nn.Module):
         """L > 1 tokens of one sequence, from its state in row `row` -> y (L, H, P)."""
         conv_state, ssm_state = state
         conv = conv_chunk(xbc, conv_state, row, self.conv1d.weight, self.conv1d.bias)
-        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt)
+        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt, clamp=True)
         a = -torch.exp(self.A_log.float())
         y, final = ssd_scan(x, dt, a, b, c, ssm_state[row].float(), self.chunk_size)
         ssm_state[row] = final.to(ssm_state.dtype)

@@ -9,7 +9,8 @@ config.layers_block_type naming each one's kind.
                                           latent projection around the routed experts)
     x = embeddings(ids) ... -> norm_f -> lm_head
 
-Checkpoint names are kept (backbone.layers.N.mixer...). The SSM state is kept in float32 when the config says so
+Checkpoint names are kept (backbone.layers.N.mixer...; transformers' own module names, model.layers.N.mixer..., as in
+LoRA adapters, are accepted too). The SSM state is kept in float32 when the config says so
 (mamba_ssm_cache_dtype, as transformers does).
 """
 
@@ -178,6 +179,8 @@ class NemotronHForCausalLM(CausalLM):
     def map_weight(self, name: str):
         if self.tied and name == "lm_head.weight" or name.startswith("mtp."):
             return None
+        if name.startswith("model."):  # transformers' module names (LoRA adapters), its checkpoints' "backbone."
+            name = "backbone." + name.removeprefix("model.")
         expert = map_expert_weight(name)
         return expert if expert is not None else super().map_weight(name)
 
