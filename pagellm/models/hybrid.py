@@ -82,8 +82,8 @@ class HybridLayer(nn.Module):
         else:
             self.self_attn = family.make_attention(config, layer_idx, tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
+        self.post_attention_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.residual_scale = family.residual_scale(config)
 
     def forward(self, positions, x, rotary, cache, meta, backend):
@@ -103,7 +103,7 @@ class HybridModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(HybridLayer(config, i, family, tp) for i in range(config.num_hidden_layers))
-        self.norm = family.norm_cls(config.hidden_size, config.rms_norm_eps)
+        self.norm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
 
 
@@ -119,6 +119,10 @@ class HybridForCausalLM(CausalLM):
     @classmethod
     def is_state_layer(cls, config, layer_idx: int) -> bool:
         return is_mamba_layer(config, layer_idx)
+
+    @classmethod
+    def norm_eps(cls, config) -> float:
+        return config.rms_norm_eps
 
     @classmethod
     def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:

@@ -45,6 +45,7 @@ class AttentionOptions:
     o_bias: bool = False  # the output projection carries a bias
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     qk_norm_cls: type = RMSNorm  # its kind (Gemma 3: GemmaRMSNorm, scale 1 + w)
+    qk_norm_eps: float | None = None  # its epsilon (None: config.rms_norm_eps)
     scale: float | None = None  # None: head_dim ** -0.5
     logits_soft_cap: float | None = None  # Gemma 2
 
@@ -59,8 +60,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, qkv_parts(h, kvh, d, tp), bias=opts.qkv_bias)
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=opts.o_bias, tp=tp)
         if opts.qk_norm:
-            self.q_norm = opts.qk_norm_cls(d, config.rms_norm_eps)
-            self.k_norm = opts.qk_norm_cls(d, config.rms_norm_eps)
+            eps = config.rms_norm_eps if opts.qk_norm_eps is None else opts.qk_norm_eps
+            self.q_norm = opts.qk_norm_cls(d, eps)
+            self.k_norm = opts.qk_norm_cls(d, eps)
         self.qk_norm = opts.qk_norm
         scale = opts.scale if opts.scale is not None else d ** -0.5
         self.attn = Attention(self.num_heads, d, self.num_kv_heads, scale, layer_sliding_window(config, layer_idx),

@@ -114,6 +114,9 @@ MODELS: dict[str, ModelEntry] = {
     "NemotronHForCausalLM": ModelEntry("pagellm.models.nemotron_h:NemotronHForCausalLM",
                                        ("Mamba2 blocks with a recurrent state per sequence, attention, squared-ReLU "
                                         "MLP and MoE blocks",), "Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano"),
+    "Lfm2ForCausalLM": ModelEntry("pagellm.models.lfm2:Lfm2ForCausalLM",
+                                  ("gated short convolutions (their last inputs a state per sequence) among "
+                                   "attention layers",), "LFM2"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),
