@@ -276,9 +276,8 @@ def test_offline_chat_passes_tools_to_the_template():
 
 
 @pytest.fixture(scope="module")
-def harmony_server(tmp_path_factory):
-    """A tiny model whose tokenizer has harmony's tags as special tokens, served with --reasoning-parser
-    openai_gptoss."""
+def harmony_model(tmp_path_factory):
+    """A tiny model whose tokenizer has harmony's tags as special tokens."""
     import torch
     from make_models import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -294,6 +293,13 @@ def harmony_server(tmp_path_factory):
                                  initializer_range=0.2, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
                                  architectures=["LlamaForCausalLM"])).save_pretrained(path)
     tok.save_pretrained(path)
+    return path, tok
+
+
+@pytest.fixture(scope="module")
+def harmony_server(harmony_model):
+    """The harmony model served with --reasoning-parser openai_gptoss."""
+    path, tok = harmony_model
     s = RemoteServer([path, "--served-model-name", "harmony", "--num-gpu-blocks-override", "128",
                       "--reasoning-parser", "openai_gptoss"])
     yield s, tok
@@ -317,3 +323,30 @@ def test_harmony_tags_reach_the_parser(harmony_server):
     streamed = ("".join((d.model_extra or {}).get("reasoning") or "" for d in deltas) or None,
                 "".join(d.content or "" for d in deltas) or None)
     assert streamed == want
+
+
+def test_harmony_tool_calls_parse_the_replys_own_tokens(harmony_model):
+    """--tool-call-parser openai alone (no reasoning parser): the reply keeps harmony's special tokens for the parser
+    (a logit bias puts them in a random model's text); content and calls are the parser's reading of the reply's
+    own tokens, streamed or not."""
+    from pagellm.entrypoints.openai.tool_calls import make_parser
+
+    path, tok = harmony_model
+    server = RemoteServer([path, "--served-model-name", "harmony", "--num-gpu-blocks-override", "128",
+                           "--enable-auto-tool-choice", "--tool-call-parser", "openai"])
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        bias = {str(tok.convert_tokens_to_ids(t)): 3 for t in ("<|channel|>", "<|message|>", "<|end|>")}
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        kw = dict(model="harmony", messages=MESSAGES, max_tokens=24, temperature=0, logit_bias=bias, tools=tools)
+        resp = client.chat.completions.create(**kw, extra_body={"return_token_ids": True})
+        raw = tok.decode(resp.choices[0].model_extra["token_ids"], skip_special_tokens=False)
+        assert "<|channel|>" in raw
+        content, calls = make_parser("openai").parse(raw)
+        msg = resp.choices[0].message
+        assert msg.content == content and [c.function.name for c in msg.tool_calls or []] == [
+            c.function.name for c in calls]
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+        assert ("".join(d.content or "" for d in deltas) or None) == content
+    finally:
+        server.stop()

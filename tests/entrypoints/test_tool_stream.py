@@ -94,3 +94,81 @@ def test_streamed_content_equals_the_whole_replys(text):
     for seed in range(20):
         content, _, _, _ = stream("auto", text, 7, seed)
         assert (content or None) == ref
+
+
+# GPT-OSS's harmony format (--tool-call-parser openai): a preamble, a call with <|constrain|>, a call whose recipient
+# sits in the role, and the last call cut by its <|call|> stop token (absent from the text)
+HARMONY = ('<|start|>assistant<|channel|>commentary<|message|>Let me look, a<b.<|end|>'
+           '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+           '{"city": "Paris"}<|call|>'
+           '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"tz": "CET"}')
+
+
+def test_harmony_messages_to_functions_are_calls_and_the_rest_is_content():
+    from pagellm.entrypoints.openai.tool_calls import make_parser
+
+    parser = make_parser("openai")
+    content, calls = parser.parse(HARMONY)
+    assert content == "Let me look, a<b."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+    assert parser.parse("<|channel|>final<|message|>It is sunny.") == ("It is sunny.", [])
+    assert parser.parse("It is sunny.") == ("It is sunny.", [])  # the final header already dropped
+    analysis = "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Done."
+    assert parser.parse(analysis) == ("Done.", [])  # thinking is never content
+    assert parser.parse("<|start|>assistant<|channel|>comm") == (None, [])  # cut inside a header
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_harmony_streams_content_as_it_comes_and_each_call_once_ended(seed):
+    from pagellm.entrypoints.openai.tool_calls import HarmonyToolParser
+
+    rng = random.Random(seed)
+    ts = ToolStream("auto", parser=HarmonyToolParser())
+    content, calls, i = "", [], 0
+    while i < len(HARMONY):
+        n = rng.randint(1, 9)
+        c, deltas = ts.feed(HARMONY[i:i + n])
+        i += n
+        content += c or ""
+        assert "Let me look, a<b.".startswith(content)  # no tag text ever leaks into the content
+        calls += deltas
+        if deltas and deltas[0].function.name == "get_weather":
+            assert i > HARMONY.index("<|call|>")  # sent once its message ended
+    rest, final = ts.finish()
+    content += rest or ""
+    calls += final
+    assert content == "Let me look, a<b."
+    assert [(d.index, d.function.name, d.function.arguments) for d in calls] == [
+        (0, "get_weather", '{"city": "Paris"}'), (1, "get_time", '{"tz": "CET"}')]
+    assert [c.id for c in ts.calls] == [d.id for d in calls]  # the reply's calls keep the streamed ids
+
+
+def test_harmony_reply_through_the_reasoning_parser_splits_thinking_calls_and_content():
+    """--reasoning-parser openai_gptoss then --tool-call-parser openai: the analysis is the reasoning, the call is
+    a tool call, the preamble the content; streamed at every cut, the same."""
+    from types import SimpleNamespace
+
+    from pagellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from pagellm.entrypoints.openai.reasoning import PARSERS
+    from pagellm.entrypoints.openai.serving_chat import choice_message
+    from pagellm.entrypoints.openai.tool_calls import make_parser
+
+    gptoss = PARSERS["openai_gptoss"]
+    state = SimpleNamespace(tool_parser=make_parser("openai"), reasoning_parser=gptoss)
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "weather?"}],
+                                tools=[{"type": "function", "function": {"name": "get_weather"}}], tool_choice="auto")
+    text = "<|channel|>analysis<|message|>Need the tool.<|end|>" + HARMONY
+    msg, reason = choice_message(state, req, "auto", text, "stop", gptoss.stream(""))
+    assert msg.reasoning == "Need the tool." and msg.content == "Let me look, a<b."
+    assert [c.function.name for c in msg.tool_calls] == ["get_weather", "get_time"] and reason == "tool_calls"
+    for cut in range(1, len(text)):
+        thinking, ts = gptoss.stream(""), ToolStream("auto", parser=state.tool_parser)
+        reasoning, content, names = "", "", []
+        for piece, final in ((text[:cut], False), (text[cut:], True)):
+            r, c = thinking.feed(piece, final=final)
+            got, deltas = ts.feed(c)
+            reasoning, content, names = reasoning + r, content + (got or ""), names + [d.function.name for d in deltas]
+        rest, deltas = ts.finish()
+        content, names = content + (rest or ""), names + [d.function.name for d in deltas]
+        assert (reasoning, content, names) == ("Need the tool.", "Let me look, a<b.", ["get_weather", "get_time"])

@@ -22,8 +22,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="Serve /dashboard without the API key (by default it needs the key, like the API).")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='Let the model decide to call tools (tool_choice "auto"), parsing calls from its text.')
-    g.add_argument("--tool-call-parser", default=None, choices=["hermes"],
-                   help="How tool calls are written in the model's text (hermes: <tool_call>{json}</tool_call>).")
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "openai"],
+                   help="How tool calls are written in the model's text (hermes: <tool_call>{json}</tool_call>; "
+                        "openai: GPT-OSS's harmony messages to functions.NAME).")
     g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
                    help="Return a reasoning model's thinking (<think>...</think>) apart from its answer: "
                         "message.reasoning (and reasoning_content) in chat replies and stream deltas.")

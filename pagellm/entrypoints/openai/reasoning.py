@@ -20,8 +20,8 @@ for this parser: the request detokenizes with skip_special_tokens=False):
     <|channel|>analysis<|message|>THINKING<|end|><|start|>assistant<|channel|>final<|message|>ANSWER
 
 The thinking is the analysis message; the answer is the final message, its header (with or without the
-`<|start|>assistant` that the prompt may already hold) dropped. The other harmony channels (commentary: tool
-calls) are not parsed: such output stays in the content as text.
+`<|start|>assistant` that the prompt may already hold) dropped. The other harmony messages (commentary: tool calls
+and preambles) stay in the content, for the `openai` tool-call parser (tool_calls.py) to read.
 
 Structured outputs: where both tags are single tokens (Qwen3, DeepSeek-R1), a constrained reply may think first:
 the grammar waits for `</think>` when the output begins inside the thinking, and otherwise allows `<think>` as

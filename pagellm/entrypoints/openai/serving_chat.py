@@ -154,8 +154,8 @@ async def create_chat_completion(state: ServingState,
     constraint = tool_constraint(req)
     if constraint is not None:
         params.structured_outputs = constraint  # the call is valid by construction
-    if state.reasoning_parser is not None and state.reasoning_parser.keep_special_tokens:
-        params.skip_special_tokens = False  # the parser reads tags that are special tokens (harmony)
+    if any(getattr(p, "keep_special_tokens", False) for p in (state.reasoning_parser, state.tool_parser)):
+        params.skip_special_tokens = False  # a parser reads tags that are special tokens (harmony)
     params.output_kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
     state.engine.check_capacity(1)
     prompt = await asyncio.to_thread(chat_request_prompt, state, req)

@@ -2,7 +2,8 @@
 
     tool_choice "none"                 the model writes text (the template still sees the tools)
     tool_choice "auto"                 free text; a parser (--tool-call-parser, with --enable-auto-tool-choice)
-                                       finds calls in it, e.g. Hermes' <tool_call>{"name", "arguments"}</tool_call>
+                                       finds calls in it: Hermes' <tool_call>{"name", "arguments"}</tool_call>, or
+                                       harmony messages to functions.NAME (GPT-OSS, "openai")
     tool_choice "required"             the output is constrained to a JSON array of calls,
                                        [{"name": <one of the tools>, "parameters": {<its schema>}}, ...]
                                        (one call unless parallel_tool_calls): a valid call by construction
@@ -32,7 +33,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.reasoning import safe_end
 from pagellm.sampling_params import ParamError, StructuredOutputsParams
 
-TOOL_PARSERS = ("hermes",)
+TOOL_PARSERS = ("hermes", "openai")
 
 
 def tool_constraint(req: ChatCompletionRequest) -> StructuredOutputsParams | None:
@@ -102,10 +103,78 @@ class HermesToolParser:
         return (content or None), calls
 
 
-def make_parser(name: str) -> HermesToolParser:
-    if name != "hermes":
-        raise ValueError(f"--tool-call-parser must be one of {TOOL_PARSERS}, got {name!r}")
-    return HermesToolParser()
+class HarmonyToolParser:
+    """OpenAI's harmony format (GPT-OSS; vLLM's `openai` parser). The reply is a run of messages,
+
+        [<|start|>assistant[ to=RECIPIENT]]<|channel|>CHANNEL[ to=RECIPIENT][ json][<|constrain|>json]<|message|>BODY
+        then <|end|>, <|call|> (a tool call's end: a stop token, so absent from the text) or <|return|>
+
+    A message to `functions.NAME` is a call of NAME with BODY as its arguments; the bodies of `final` messages and of
+    `commentary` ones without a recipient (preambles) are the content; `analysis` messages are the thinking (taken by
+    --reasoning-parser openai_gptoss, else dropped). Text before any header (the answer after the reasoning parser
+    dropped its header, or a reply without tags) is content. The tags are special tokens, kept in the text for this
+    parser (keep_special_tokens)."""
+
+    keep_special_tokens = True
+    _HEADER = re.compile(r"(?:<\|start\|>(?P<role>[^<]*))?<\|channel\|>(?P<head>[^<]*)(?:<\|constrain\|>[^<]*)?"
+                         r"<\|message\|>")
+    _END = re.compile(r"<\|end\|>|<\|call\|>|<\|return\|>|(?=<\|start\|>)|(?=<\|channel\|>)")
+    _TO = re.compile(r"\bto=(\S+)")
+
+    def messages(self, text: str, final: bool = True) -> list[tuple[str | None, str | None, str, bool]]:
+        """(channel, recipient, body, closed) per message; text before the first header is (None, None, text,
+        True). Not final: a body stops before a tag still arriving, and an unfinished header is not a body."""
+        out, pos = [], 0
+        while True:
+            m = self._HEADER.search(text, pos)
+            lead = text[pos:m.start() if m else len(text)]
+            if pos == 0 and lead:  # up to a header that has not arrived whole (never a body)
+                cut = min((i for i in (lead.find("<|start|>"), lead.find("<|channel|>")) if i != -1), default=-1)
+                lead = lead if cut == -1 else lead[:cut]
+                out.append((None, None, lead if final else self._settled(lead), True))
+            if m is None:
+                return out
+            head = m.group("head")
+            to = self._TO.search(f"{m.group('role') or ''} {head}")
+            end = self._END.search(text, m.end())
+            body = text[m.end():end.start() if end else len(text)]
+            if end is None and not final:
+                body = self._settled(body)
+            out.append((head.split()[0] if head.split() else "", to.group(1) if to else None, body, end is not None))
+            if end is None:
+                return out
+            pos = end.end()
+
+    @staticmethod
+    def _settled(text: str) -> str:
+        """text up to a tag that may still be arriving (a "<|" not yet closed by "|>", or a last "<")."""
+        at = text.rfind("<|")
+        text = text if at == -1 or "|>" in text[at:] else text[:at]
+        return text[:safe_end(text, "<|")]
+
+    def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
+        """(content so far, calls): not final, only calls whose message has ended."""
+        content, calls = [], []
+        for channel, to, body, closed in self.messages(text, final):
+            if to is not None and to.startswith("functions."):
+                if closed or final:
+                    calls.append(ToolCall(function=FunctionCall(name=to[len("functions."):], arguments=body.strip())))
+            elif channel is None or channel == "final" or (channel == "commentary" and to is None):
+                content.append(body)
+        return "".join(content), calls
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        content, calls = self.split(text)
+        content = content.strip() if calls else content
+        return content or None, calls
+
+
+def make_parser(name: str) -> HermesToolParser | HarmonyToolParser:
+    if name == "hermes":
+        return HermesToolParser()
+    if name == "openai":
+        return HarmonyToolParser()
+    raise ValueError(f"--tool-call-parser must be one of {TOOL_PARSERS}, got {name!r}")
 
 
 class CallScanner:
@@ -207,6 +276,8 @@ class ToolStream:
             return None, deltas
         if self.mode == "required":
             return None, self._scan_required()
+        if isinstance(self.parser, HarmonyToolParser):
+            return self._scan_harmony()
         return self._scan_auto()
 
     def _step(self, body: str) -> list[DeltaToolCall]:
@@ -258,6 +329,16 @@ class ToolStream:
             self.sent_content, self.block, self.scanner = close + len(end), -1, None
         return ("".join(content) or None), deltas
 
+    def _scan_harmony(self, final: bool = False) -> tuple[str | None, list[DeltaToolCall]]:
+        """Harmony messages: content as its messages' bodies arrive, each call whole once its message has ended."""
+        content, calls = self.parser.split(self.text, final)
+        piece = content[self.sent_content:]
+        self.sent_content = len(content)
+        deltas = []
+        for call in calls[len(self.calls):]:
+            deltas += self._whole(call.function.name, call.function.arguments)
+        return piece or None, deltas
+
     def _content(self, piece: str) -> str:
         """Content text to send now: whitespace at its end waits for what follows (the non-streaming reply strips
         the content's end when it has calls)."""
@@ -292,6 +373,8 @@ class ToolStream:
         every call, arguments as the non-streaming reply gives them."""
         if self.mode == "named":
             return None, []
+        if self.mode == "auto" and isinstance(self.parser, HarmonyToolParser):
+            return self._scan_harmony(final=True)  # the last call ends with the output (its <|call|> stops it)
         if self.mode == "required":
             parsed = calls_from_required(self.text)
             content = None
