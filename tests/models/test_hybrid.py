@@ -146,3 +146,24 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, nam
     with pytest.raises(ValueError, match="takes text only"):
         llm.generate({"prompt": "a picture", "multi_modal_data": {"image": Image.new("RGB", (28, 28))}}, GREEDY,
                      use_tqdm=False)
+
+
+def test_server_refuses_beam_search_with_the_reason_and_keeps_serving(tiny_models):
+    import httpx
+
+    from tests.entrypoints.server_utils import RemoteServer
+
+    server = RemoteServer([tiny_models["granitemoehybrid"], "--served-model-name", "hybrid",
+                           "--num-gpu-blocks-override", "128"])
+    try:
+        body = {"model": "hybrid", "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2, "use_beam_search": True}, timeout=60)
+        assert r.status_code == 400 and "recurrent layers" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "use_beam_search"
+        r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        want = hf_greedy(tiny_models["granitemoehybrid"], [5, 6, 7, 8], 6)[0]
+        assert [c["token_ids"] for c in httpx.post(server.url + "/v1/completions", json={
+            **body, "return_token_ids": True}, timeout=60).json()["choices"]] == [want]
+    finally:
+        server.stop()
