@@ -16,7 +16,8 @@ ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "
          "gpt_neox", "opt", "opt_post_ln", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
          "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite",
          "gpt_oss", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
-         "qwen3_5_moe", "nemotron_h", "lfm2"]
+         "qwen3_5_moe", "nemotron_h", "lfm2",
+         "falcon_h1", "falcon_h1_nonorm"]
 FALLBACK_ARCHS = ["stablelm", "ernie4_5_moe"]  # no native implementation: the transformers fallback
 
 

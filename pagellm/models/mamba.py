@@ -126,26 +126,32 @@ def mamba2_state_shapes(num_heads: int, head_dim: int, state_size: int, n_groups
 class GatedRMSNorm(nn.Module):
     """RMSNorm of y * SiLU(z), over groups of `group_size` channels, in float32 (Mamba2's norm before out_proj).
     Under tensor parallelism a rank holds whole groups, or (fewer groups than ranks) part of one group, `group`,
-    whose sum of squares is then all-reduced."""
+    whose sum of squares is then all-reduced. Falcon-H1's variant (falcon=True) multiplies by the weight in float32
+    and, with norm_before_gate, by SiLU(z) after the norm."""
 
     def __init__(self, part: Part, group_size: int, eps: float, tp: TPGroup = SINGLE, group: int | None = None,
-                 n_groups: int = 1) -> None:
+                 n_groups: int = 1, falcon: bool = False, norm_before_gate: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(part.size))
         set_weight_loader(self.weight, parts_loader([part]))
         self.group_size, self.eps, self.tp = group_size, eps, tp
         self.group, self.n_groups = group, n_groups  # group: the one group this rank shares with others
+        self.falcon, self.norm_before_gate = falcon, norm_before_gate
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float() * torch.nn.functional.silu(z.float())
+        gate = torch.nn.functional.silu(z.float())
+        h = y.float() if self.norm_before_gate else y.float() * gate
         if self.group is None:
             g = h.view(*h.shape[:-1], -1, self.group_size)
-            g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * g.view(h.shape).to(z.dtype)
-        sums = h.new_zeros(h.shape[0], self.n_groups)  # each rank fills its group's column; the all-reduce adds
-        sums[:, self.group] = h.pow(2).sum(-1)
-        ss = self.tp.all_reduce(sums)[:, self.group, None]
-        return self.weight * (h * torch.rsqrt(ss / self.group_size + self.eps)).to(z.dtype)
+            h = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).view(h.shape)
+        else:
+            sums = h.new_zeros(h.shape[0], self.n_groups)  # each rank fills its group's column; the all-reduce adds
+            sums[:, self.group] = h.pow(2).sum(-1)
+            h = h * torch.rsqrt(self.tp.all_reduce(sums)[:, self.group, None] / self.group_size + self.eps)
+        if not self.falcon:
+            return self.weight * h.to(z.dtype)
+        h = self.weight * h
+        return (h * gate if self.norm_before_gate else h).to(z.dtype)
 
 
 class MambaMixer2(nn.Module):
@@ -155,8 +161,14 @@ class MambaMixer2(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, n_groups: int,
                  conv_kernel: int, chunk_size: int, eps: float, proj_bias: bool = False, conv_bias: bool = True,
-                 time_step_limit: tuple[float, float] = (0.0, float("inf")), tp: TPGroup = SINGLE) -> None:
+                 time_step_limit: tuple[float, float] = (0.0, float("inf")), tp: TPGroup = SINGLE,
+                 in_multiplier: float = 1.0, proj_multipliers: tuple[float, ...] | None = None,
+                 norm: str = "gated") -> None:
+        """Falcon-H1's variants: the input x in_multiplier, in_proj's five parts (z, x, B, C, dt) each x its
+        multiplier (proj_multipliers), and `norm`: "gated" (Mamba2's), "falcon", "falcon_before_gate" (the norm
+        before the gate) or "none" (y x SiLU(z))."""
         super().__init__()
+        self.in_multiplier = in_multiplier
         groups = mamba2_groups(num_heads, n_groups, tp.size)
         self.num_heads, self.n_groups = num_heads // tp.size, groups  # this rank's heads and B / C groups
         self.head_dim, self.state_size = head_dim, state_size
@@ -179,18 +191,27 @@ class MambaMixer2(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             set_weight_loader(p, parts_loader([head_part]))
+        parts = [x_part, x_part, bc_part, bc_part, head_part]
+        self.register_buffer("proj_scale", None if proj_multipliers is None else torch.cat(
+            [torch.full((p.size,), float(m)) for p, m in zip(parts, proj_multipliers)]), persistent=False)
         shared = n_groups % tp.size != 0  # a group spans ranks
-        self.norm = GatedRMSNorm(x_part, full_inner // n_groups, eps, tp, first if shared else None, n_groups)
+        self.norm = None if norm == "none" else GatedRMSNorm(
+            x_part, full_inner // n_groups, eps, tp, first if shared else None, n_groups, falcon=norm != "gated",
+            norm_before_gate=norm == "falcon_before_gate")
         self.out_proj = RowParallelLinear(full_inner, hidden_size, bias=proj_bias, tp=tp)
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         t = meta.num_tokens
-        proj = self.in_proj(x[:t])
+        proj = self.in_proj(x[:t] if self.in_multiplier == 1.0 else x[:t] * self.in_multiplier)
+        if self.proj_scale is not None:
+            proj = proj * self.proj_scale.to(proj.dtype)
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         y = torch.empty(t, self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, y, lambda idx, rows: self._step(xbc[idx], dt[idx], state, rows),
                           lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row))
-        return self.out_proj(pad_rows(self.norm(y.view(t, self.d_inner), z), x.shape[0]))
+        y = y.view(t, self.d_inner)
+        out = (y * torch.nn.functional.silu(z.float())).to(x.dtype) if self.norm is None else self.norm(y, z)
+        return self.out_proj(pad_rows(out, x.shape[0]))
 
     def _ssm_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, clamp: bool):
         """Convolved x | B | C (L, conv_dim) -> x (L, H, P), B and C per head (L, H, N), dt (L, H), all float32."""

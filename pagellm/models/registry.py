@@ -117,6 +117,9 @@ MODELS: dict[str, ModelEntry] = {
     "Lfm2ForCausalLM": ModelEntry("pagellm.models.lfm2:Lfm2ForCausalLM",
                                   ("gated short convolutions (their last inputs a state per sequence) among "
                                    "attention layers",), "LFM2"),
+    "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
+                                      ("attention and Mamba2 side by side in every layer", "muP multipliers"),
+                                      "Falcon-H1"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),
