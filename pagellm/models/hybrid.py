@@ -26,8 +26,8 @@ from pagellm.models.base import CausalLM, LanguageModelOnly
 from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, LlamaAttention
-from pagellm.models.mamba import MambaMixer2, mamba2_state_shapes
-from pagellm.models.moe import SparseMoeBlock, _MoEWeights
+from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
+from pagellm.models.moe import SparseMoeBlock, _MoEWeights, map_expert_weight
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -375,3 +375,43 @@ class Qwen3_5ForConditionalGeneration(LanguageModelOnly):
 
 class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
     text_class = Qwen3_5MoeForCausalLM
+
+
+class JambaForCausalLM(HybridForCausalLM):
+    """Jamba: Mamba (1) layers with dt / B / C norms (models/mamba.py: MambaMixer), attention layers without position
+    embedding every attn_layer_period, and mixtures of experts (softmax top-k, not renormalised) every
+    expert_layer_period in place of the dense MLP."""
+
+    renames = ((".feed_forward.router.", ".mlp.gate."), (".feed_forward.", ".mlp."),
+               (".pre_ff_layernorm.", ".post_attention_layernorm."), ("model.final_layernorm.", "model.norm."))
+
+    @classmethod
+    def is_state_layer(cls, config, layer_idx: int) -> bool:
+        return config.layers_block_type[layer_idx] == "mamba"
+
+    @classmethod
+    def uses_rope(cls, config) -> bool:
+        return False
+
+    @classmethod
+    def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
+        return MambaMixer(config.hidden_size, config.mamba_expand * config.hidden_size, config.mamba_d_state,
+                          config.mamba_d_conv, config.mamba_dt_rank, config.rms_norm_eps,
+                          bool(config.mamba_proj_bias), bool(config.mamba_conv_bias), tp)
+
+    @classmethod
+    def state_shapes(cls, config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+        return mamba1_state_shapes(config.mamba_expand * config.hidden_size, config.mamba_d_state,
+                                   config.mamba_d_conv, tp_size)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        if config.layers_num_experts[layer_idx] > 1:
+            return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                                  config.intermediate_size, config.hidden_act, False, 0, tp)
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+
+    def map_weight(self, name: str):
+        renamed = self.hf_name(name)
+        expert = None if renamed is None else map_expert_weight(renamed)
+        return expert if expert is not None else super().map_weight(name)

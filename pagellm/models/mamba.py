@@ -25,6 +25,7 @@ from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.distributed.parallel import TPGroup
+from pagellm.models.layers import RMSNorm
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -246,3 +247,95 @@ class MambaMixer2(nn.Module):
         y, final = ssd_scan(x, dt, a, b, c, ssm_state[row].float(), self.chunk_size)
         ssm_state[row] = final.to(ssm_state.dtype)
         return y + self.D.float()[:, None] * x
+
+
+def mamba1_state_shapes(d_inner: int, state_size: int, conv_kernel: int,
+                        tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+    """One sequence's state in one Mamba (1) layer on one rank: the last K - 1 convolution inputs and the SSM state,
+    per channel."""
+    if d_inner % tp_size:
+        raise ValueError(f"{d_inner} Mamba channels do not split over tensor_parallel_size={tp_size}")
+    d = d_inner // tp_size
+    return (d, conv_kernel - 1), (d, state_size)
+
+
+def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                   state: torch.Tensor, chunk_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's recurrence over one sequence's L tokens, in float32: per channel d and state n,
+    h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t, y_t = h_t . c_t. x, dt (L, D) (dt after softplus), a (D, N), b / c (L, N),
+    state (D, N) -> y (L, D) without the D term, and the state after the last token. Within chunks of chunk_size
+    tokens the decays between every pair of positions are formed at once (chunk_size^2 x D x N numbers)."""
+    y = torch.empty_like(x)
+    for s in range(0, x.shape[0], chunk_size):
+        dts, xs, bs, cs = dt[s:s + chunk_size], x[s:s + chunk_size], b[s:s + chunk_size], c[s:s + chunk_size]
+        n = xs.shape[0]
+        cum = torch.cumsum(dts[:, :, None] * a[None], dim=0)  # (n, D, N)
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
+        decay = torch.exp((cum[:, None] - cum[None, :]).masked_fill(~causal, float("-inf")))  # (t, j, D, N)
+        u = (dts * xs)[:, :, None] * bs[:, None, :]  # (n, D, N)
+        h = torch.einsum("tjdn,jdn->tdn", decay, u) + torch.exp(cum) * state[None]
+        y[s:s + n] = torch.einsum("tdn,tn->td", h, cs)
+        state = h[-1]
+    return y, state
+
+
+class MambaMixer(nn.Module):
+    """Mamba (1) as Jamba uses it: in_proj -> x | z; x -> causal depthwise conv -> SiLU; x_proj(x) -> dt_low | B | C,
+    each RMS-normalised (dt_layernorm, b_layernorm, c_layernorm); dt = softplus(dt_proj(dt_low)); the selective scan
+    with A = -exp(A_log) (channels x state) and the D skip; y x SiLU(z) -> out_proj.
+
+    Tensor parallel: the d_inner channels split over the ranks (in_proj's x and z, conv, A_log, D, dt_proj's rows);
+    x_proj is row-parallel (every rank gets the whole dt_low, B, C), out_proj row-parallel."""
+
+    def __init__(self, hidden_size: int, d_inner: int, state_size: int, conv_kernel: int, dt_rank: int, eps: float,
+                 proj_bias: bool = False, conv_bias: bool = True, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        part = even_part(d_inner, tp)
+        self.d_inner, self.state_size, self.dt_rank = part.size, state_size, dt_rank
+        self.in_proj = ColumnParallelLinear(hidden_size, [part, part], proj_bias)
+        self.conv1d = nn.Module()  # checkpoint names: conv1d.weight (d_inner, 1, K), conv1d.bias
+        self.conv1d.weight = nn.Parameter(torch.empty(part.size, 1, conv_kernel))
+        self.conv1d.bias = nn.Parameter(torch.zeros(part.size)) if conv_bias else None
+        self.A_log = nn.Parameter(torch.zeros(part.size, state_size))
+        self.D = nn.Parameter(torch.ones(part.size))
+        for p in (q for q in (self.conv1d.weight, self.conv1d.bias, self.A_log, self.D) if q is not None):
+            set_weight_loader(p, parts_loader([part]))
+        self.x_proj = RowParallelLinear(d_inner, dt_rank + 2 * state_size, bias=False, tp=tp)
+        self.dt_proj = ColumnParallelLinear(dt_rank, [part], True)
+        self.dt_layernorm = RMSNorm(dt_rank, eps)
+        self.b_layernorm = RMSNorm(state_size, eps)
+        self.c_layernorm = RMSNorm(state_size, eps)
+        self.out_proj = RowParallelLinear(d_inner, hidden_size, bias=proj_bias, tp=tp)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = meta.num_tokens
+        xs, z = self.in_proj.split(self.in_proj(x[:t]))
+        y = torch.empty(t, self.d_inner, dtype=torch.float32, device=x.device)
+        for_each_sequence(meta, y, lambda idx, rows: self._step(xs[idx], state, rows),
+                          lambda s, e, row: self._chunk(xs[s:e], state, row))
+        return self.out_proj(pad_rows((y * torch.nn.functional.silu(z.float())).to(x.dtype), x.shape[0]))
+
+    def _ssm_inputs(self, conv: torch.Tensor):
+        """Convolved x (n, D) -> x, dt (n, D) after softplus, B and C (n, N); float32."""
+        xc = torch.nn.functional.silu(conv)
+        dt_low, b, c = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        dt = torch.nn.functional.linear(self.dt_layernorm(dt_low), self.dt_proj.weight)
+        dt = torch.nn.functional.softplus(dt.float() + self.dt_proj.bias.float())
+        return xc.float(), dt, self.b_layernorm(b).float(), self.c_layernorm(c).float()
+
+    def _step(self, xs: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
+        conv_state, ssm_state = state
+        x, dt, b, c = self._ssm_inputs(conv_step(xs, conv_state, rows, self.conv1d.weight, self.conv1d.bias))
+        a = -torch.exp(self.A_log.float())
+        h = ssm_state[rows].float() * torch.exp(dt[:, :, None] * a) + (dt * x)[:, :, None] * b[:, None, :]
+        ssm_state[rows] = h.to(ssm_state.dtype)
+        return torch.einsum("ndk,nk->nd", h, c) + self.D.float() * x
+
+    def _chunk(self, xs: torch.Tensor, state, row: int) -> torch.Tensor:
+        conv_state, ssm_state = state
+        x, dt, b, c = self._ssm_inputs(conv_chunk(xs, conv_state, row, self.conv1d.weight, self.conv1d.bias))
+        y, final = selective_scan(x, dt, -torch.exp(self.A_log.float()), b, c, ssm_state[row].float())
+        ssm_state[row] = final.to(ssm_state.dtype)
+        return y + self.D.float() * x
+

@@ -120,6 +120,9 @@ MODELS: dict[str, ModelEntry] = {
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),
+    "JambaForCausalLM": ModelEntry("pagellm.models.hybrid:JambaForCausalLM",
+                                   ("Mamba (1) layers with a recurrent state per sequence, among attention layers",
+                                    "MoE every other layer"), "Jamba 1.5 / 1.6 / 1.7, Jamba Reasoning"),
     "GraniteMoeHybridForCausalLM": ModelEntry("pagellm.models.hybrid:GraniteMoeHybridForCausalLM",
                                               ("Mamba2 layers with a recurrent state per sequence, among attention "
                                                "layers", "MoE with a shared MLP", "Granite multipliers"),

@@ -35,7 +35,7 @@ def tiny_checkpoint(directory, model_type: str) -> str:
     # layer_types: refused before loading
     ("falcon_h1", r"its layers are not all attention layers \(hybrid in config.layer_types\)"),
     # Jamba (Mamba layers between attention ones, no layer_types) and Qwen3-Next (linear attention, "linear_attention"
-    # in layer_types; native, but not on the fallback): the probe finds their tokens meeting outside attention
+    # in layer_types), both native but not on the fallback: the probe finds their tokens meeting outside attention
     ("jamba", "its tokens meet outside attention"),
     ("qwen3_next", "its tokens meet outside attention"),
     # GPT-OSS and Llama 4 run natively; on the fallback (model_impl="transformers") their sinks and chunks would be
@@ -46,7 +46,7 @@ def tiny_checkpoint(directory, model_type: str) -> str:
 def test_models_the_fallback_would_run_wrongly_are_refused_with_the_reason(tmp_path, model_type, reason):
     path = tiny_checkpoint(tmp_path, model_type)
     with pytest.raises(ValueError, match=f"transformers fallback.*{reason}|{reason}"):
-        native = model_type in ("gpt_oss", "llama4_text", "qwen3_next", "falcon_h1")
+        native = model_type in ("gpt_oss", "llama4_text", "qwen3_next", "falcon_h1", "jamba")
         LLM(path, num_gpu_blocks_override=16, model_impl="transformers" if native else "auto")
 
 
