@@ -279,16 +279,30 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     return y, state
 
 
+class WeightlessRMSNorm(nn.Module):
+    """x / rms(x), in float32, without a weight (FalconMamba's norms of dt, B and C)."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
 class MambaMixer(nn.Module):
-    """Mamba (1) as Jamba uses it: in_proj -> x | z; x -> causal depthwise conv -> SiLU; x_proj(x) -> dt_low | B | C,
-    each RMS-normalised (dt_layernorm, b_layernorm, c_layernorm); dt = softplus(dt_proj(dt_low)); the selective scan
+    """Mamba (1): in_proj -> x | z; x -> causal depthwise conv -> SiLU; x_proj(x) -> dt_low | B | C (Jamba and
+    FalconMamba RMS-normalise each); dt = softplus(dt_proj(dt_low)); the selective scan
     with A = -exp(A_log) (channels x state) and the D skip; y x SiLU(z) -> out_proj.
 
     Tensor parallel: the d_inner channels split over the ranks (in_proj's x and z, conv, A_log, D, dt_proj's rows);
     x_proj is row-parallel (every rank gets the whole dt_low, B, C), out_proj row-parallel."""
 
     def __init__(self, hidden_size: int, d_inner: int, state_size: int, conv_kernel: int, dt_rank: int, eps: float,
-                 proj_bias: bool = False, conv_bias: bool = True, tp: TPGroup = SINGLE) -> None:
+                 proj_bias: bool = False, conv_bias: bool = True, tp: TPGroup = SINGLE, norms: str = "jamba") -> None:
+        """norms: "jamba" (RMSNorms with weights on dt_low, B and C), "weightless" (FalconMamba's, no weight) or
+        "none" (Mamba's)."""
         super().__init__()
         part = even_part(d_inner, tp)
         self.d_inner, self.state_size, self.dt_rank = part.size, state_size, dt_rank
@@ -302,9 +316,12 @@ class MambaMixer(nn.Module):
             set_weight_loader(p, parts_loader([part]))
         self.x_proj = RowParallelLinear(d_inner, dt_rank + 2 * state_size, bias=False, tp=tp)
         self.dt_proj = ColumnParallelLinear(dt_rank, [part], True)
-        self.dt_layernorm = RMSNorm(dt_rank, eps)
-        self.b_layernorm = RMSNorm(state_size, eps)
-        self.c_layernorm = RMSNorm(state_size, eps)
+        if norms == "jamba":
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = (RMSNorm(n, eps) for n in (dt_rank, state_size,
+                                                                                               state_size))
+        else:
+            self.dt_layernorm = self.b_layernorm = self.c_layernorm = (
+                WeightlessRMSNorm(eps) if norms == "weightless" else nn.Identity())
         self.out_proj = RowParallelLinear(d_inner, hidden_size, bias=proj_bias, tp=tp)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],

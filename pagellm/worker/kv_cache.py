@@ -64,6 +64,8 @@ def determine_num_blocks(config: EngineConfig) -> int:
     if config.cache.num_blocks is not None:
         return config.cache.num_blocks
     per_block = bytes_per_block(config)
+    if per_block == 0:  # no attention layer (a pure state-space model): the blocks are bookkeeping only
+        return config.scheduler.max_num_seqs * -(-config.scheduler.max_model_len // config.cache.block_size)
     budget = config.cache.kv_cache_memory
     if budget is None:
         if config.device.device.startswith("cuda"):
@@ -144,7 +146,7 @@ def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
 
 def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: copy each (src, dst) block in every layer, before the forward pass."""
-    if not copies:
+    if not copies or not kv_caches:
         return
     device = kv_caches[0][0].device
     src = to_device([s for s, _ in copies], device, torch.long)

@@ -36,7 +36,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
     ("qwen3_next", "cpu_paged", 5, 2), ("qwen3_next", "torch_ref", 13, 3), ("qwen3_5", "cpu_paged", 5, 2),
     ("qwen3_5_moe", "cpu_paged", 13, 3), ("nemotron_h", "cpu_paged", 5, 2), ("nemotron_h", "torch_ref", 13, 3),
     ("lfm2", "cpu_paged", 5, 2), ("falcon_h1", "cpu_paged", 5, 2), ("falcon_h1_nonorm", "torch_ref", 13, 3),
-    ("jamba", "cpu_paged", 5, 2), ("jamba", "torch_ref", 13, 3)])
+    ("jamba", "cpu_paged", 5, 2), ("jamba", "torch_ref", 13, 3), ("mamba", "cpu_paged", 5, 2),
+    ("falcon_mamba", "cpu_paged", 13, 3), ("mamba2", "cpu_paged", 5, 2)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence)."""
@@ -168,3 +169,15 @@ def test_server_refuses_beam_search_with_the_reason_and_keeps_serving(tiny_model
             **body, "return_token_ids": True}, timeout=60).json()["choices"]] == [want]
     finally:
         server.stop()
+
+
+def test_a_model_without_attention_runs_on_a_bookkeeping_kv_cache(tiny_models):
+    """Mamba has no attention layer: no KV tensors at all, the block count sized from max_num_seqs and
+    max_model_len (nothing to fit in memory); it still generates HF's tokens, preempting and resuming included."""
+    path = tiny_models["mamba"]
+    llm = LLM(path, max_num_seqs=4, max_model_len=128)
+    engine = llm.llm_engine
+    assert engine.executor.runner.kv_caches == []
+    assert engine.num_blocks == 4 * 128 // engine.config.cache.block_size
+    ps = prompts(engine.config.model.vocab_size, lengths=(3, 17, 30))
+    assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
