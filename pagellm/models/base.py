@@ -30,7 +30,7 @@ from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.models.layers import layer_sliding_window
-from pagellm.models.parallel_layers import SINGLE, kv_heads_per_rank
+from pagellm.models.parallel_layers import SINGLE, VocabParallelEmbedding, kv_heads_per_rank, parallel_logits
 
 
 class CausalLM(nn.Module):
@@ -96,6 +96,36 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class RecurrentLM(CausalLM):
+    """What the models with recurrent layers (Mamba, Gated DeltaNet, short convolutions) share: the recurrent state
+    tensors (bind_states), an LM head tied to the embeddings or not, checkpoint names without the tied head and the
+    multi-token-prediction layers ("mtp."), and, with backbone_names, transformers' module names ("model.") read as
+    the checkpoints' ("backbone.")."""
+
+    backbone_names = False
+
+    def init_lm_head(self, config, embed_tokens: nn.Module, tp) -> None:
+        self.config, self.tp = config, tp
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)  # the LM head's rows
+        if self.tied:
+            self.lm_head.weight = embed_tokens.weight
+        self.states: list[tuple[torch.Tensor, ...]] = []
+
+    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        self.states = states
+
+    def hf_name(self, name: str) -> str | None:
+        if self.tied and name == "lm_head.weight" or name.startswith("mtp."):
+            return None
+        if self.backbone_names and name.startswith("model."):  # transformers' module names (LoRA adapters)
+            return "backbone." + name.removeprefix("model.")
+        return name
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
 
 
 class LanguageModelOnly(CausalLM):

@@ -18,11 +18,11 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import RecurrentLM
 from pagellm.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, LlamaAttention
 from pagellm.models.mamba import MambaMixer2, mamba2_state_shapes
-from pagellm.models.parallel_layers import SINGLE, VocabParallelEmbedding, kv_heads_per_rank, parallel_logits
+from pagellm.models.parallel_layers import SINGLE, VocabParallelEmbedding, kv_heads_per_rank
 
 
 def mamba_dims(config) -> tuple[int, int, int, int, int]:
@@ -79,7 +79,7 @@ class FalconH1Layer(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-class FalconH1ForCausalLM(CausalLM):
+class FalconH1ForCausalLM(RecurrentLM):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -95,24 +95,12 @@ class FalconH1ForCausalLM(CausalLM):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.tp = tp
         self.model = nn.Module()
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.model.layers = nn.ModuleList(FalconH1Layer(config, i, tp) for i in range(config.num_hidden_layers))
         self.model.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_model_len)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        if self.tied:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.states: list[tuple[torch.Tensor, ...]] = []
-
-    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
-        self.states = states
-
-    def hf_name(self, name: str) -> str | None:
-        return None if self.tied and name == "lm_head.weight" else name
+        self.init_lm_head(config, self.model.embed_tokens, tp)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
@@ -126,5 +114,5 @@ class FalconH1ForCausalLM(CausalLM):
         return self.model.final_layernorm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
+        logits = super().compute_logits(hidden)
         return None if logits is None else logits * self.config.lm_head_multiplier

@@ -22,10 +22,10 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM, LanguageModelOnly
+from pagellm.models.base import LanguageModelOnly, RecurrentLM
 from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
-from pagellm.models.llama import AttentionOptions, LlamaAttention
+from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention
 from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
 from pagellm.models.moe import SparseMoeBlock, _MoEWeights, map_expert_weight
 from pagellm.models.parallel_layers import (
@@ -36,7 +36,6 @@ from pagellm.models.parallel_layers import (
     VocabParallelEmbedding,
     even_part,
     kv_heads_per_rank,
-    parallel_logits,
     qkv_parts,
 )
 
@@ -107,7 +106,7 @@ class HybridModel(nn.Module):
         self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
 
 
-class HybridForCausalLM(CausalLM):
+class HybridForCausalLM(RecurrentLM):
     """Mamba2 hybrids by default; a family overrides the hooks below (Qwen3-Next: Gated DeltaNet layers)."""
 
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -168,22 +167,12 @@ class HybridForCausalLM(CausalLM):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.tp = tp
         self.model = HybridModel(config, max_model_len, type(self), tp)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        if self.tied:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.states: list[tuple[torch.Tensor, ...]] = []
-
-    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
-        self.states = states
+        self.init_lm_head(config, self.model.embed_tokens, tp)
 
     def hf_name(self, name: str) -> str | None:
-        if self.tied and name == "lm_head.weight" or name.startswith("mtp."):  # (multi-token-prediction layers)
-            return None
-        for old, new in self.renames:
+        name = super().hf_name(name)
+        for old, new in self.renames if name is not None else ():
             name = name.replace(old, new)
         return name
 
@@ -199,9 +188,6 @@ class HybridForCausalLM(CausalLM):
             x = layer(positions, x, self.model.rotary, next(states) if layer.is_recurrent else next(caches), meta,
                       backend)
         return self.model.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
 
 
 class BambaForCausalLM(HybridForCausalLM):
@@ -237,17 +223,12 @@ class GraniteHybridMLP(nn.Module):
         return out if self.block_sparse_moe is None else self.block_sparse_moe(x) + out
 
 
-class GraniteMoeHybridForCausalLM(HybridForCausalLM):
+class GraniteMoeHybridForCausalLM(GraniteMultipliers, HybridForCausalLM):
     renames = ((".shared_mlp.input_linear.", ".mlp.shared_mlp.gate_up_proj."),
                (".shared_mlp.output_linear.", ".mlp.shared_mlp.down_proj."),
                (".block_sparse_moe.router.layer.", ".mlp.block_sparse_moe.gate."),
                (".block_sparse_moe.input_linear.weight", ".mlp.block_sparse_moe.experts.w13"),
                (".block_sparse_moe.output_linear.weight", ".mlp.block_sparse_moe.experts.w2"))
-
-    @classmethod
-    def attention_options(cls, config) -> AttentionOptions:
-        bias = bool(getattr(config, "attention_bias", False))
-        return AttentionOptions(qkv_bias=bias, o_bias=bias, scale=config.attention_multiplier)
 
     @classmethod
     def uses_rope(cls, config) -> bool:
@@ -256,17 +237,6 @@ class GraniteMoeHybridForCausalLM(HybridForCausalLM):
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         return GraniteHybridMLP(config, tp)
-
-    @classmethod
-    def residual_scale(cls, config) -> float | None:
-        return config.residual_multiplier
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = super().compute_logits(hidden)
-        return None if logits is None else logits / self.config.logits_scaling
 
 
 class GatedAttention(nn.Module):

@@ -199,10 +199,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     packed_modules = {}
 
 
-class GraniteForCausalLM(LlamaForCausalLM):
-    """Granite (3.x): LLaMA with multipliers: the embedding x embedding_multiplier, the attention scale
-    attention_multiplier, each block's output x residual_multiplier before its residual add, the logits /
-    logits_scaling."""
+class GraniteMultipliers:
+    """Granite's multipliers, for a LLaMA-like family (GraniteForCausalLM, and Granite 4.0-H's hybrid): the embedding
+    x embedding_multiplier, the attention scale attention_multiplier, each block's output x residual_multiplier
+    before its residual add, the logits / logits_scaling."""
 
     @classmethod
     def attention_options(cls, config) -> AttentionOptions:
@@ -219,6 +219,12 @@ class GraniteForCausalLM(LlamaForCausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden)
         return None if logits is None else logits / self.config.logits_scaling
+
+
+class GraniteForCausalLM(GraniteMultipliers, LlamaForCausalLM):
+    """Granite (3.x): LLaMA with multipliers: the embedding x embedding_multiplier, the attention scale
+    attention_multiplier, each block's output x residual_multiplier before its residual add, the logits /
+    logits_scaling."""
 
 
 class Starcoder2MLP(nn.Module):

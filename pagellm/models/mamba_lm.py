@@ -16,10 +16,10 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import RecurrentLM
 from pagellm.models.layers import RMSNorm
 from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
-from pagellm.models.parallel_layers import SINGLE, VocabParallelEmbedding, parallel_logits
+from pagellm.models.parallel_layers import SINGLE, VocabParallelEmbedding
 
 
 class MambaBlock(nn.Module):
@@ -29,7 +29,9 @@ class MambaBlock(nn.Module):
         self.mixer = mixer
 
 
-class MambaForCausalLM(CausalLM):
+class MambaForCausalLM(RecurrentLM):
+    backbone_names = True
+
     @classmethod
     def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
         return MambaMixer(config.hidden_size, config.intermediate_size, config.state_size, config.conv_kernel,
@@ -47,29 +49,13 @@ class MambaForCausalLM(CausalLM):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.tp = tp
         self.backbone = nn.Module()
         self.backbone.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.backbone.layers = nn.ModuleList(MambaBlock(config, self.make_mixer(config, tp))
                                              for _ in range(config.num_hidden_layers))
         self.backbone.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        if self.tied:
-            self.lm_head.weight = self.backbone.embeddings.weight
+        self.init_lm_head(config, self.backbone.embeddings, tp)
         self.residual_fp32 = bool(getattr(config, "residual_in_fp32", False))
-        self.states: list[tuple[torch.Tensor, ...]] = []
-
-    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
-        self.states = states
-
-    def map_weight(self, name: str):
-        if self.tied and name == "lm_head.weight":
-            return None
-        if name.startswith("model."):  # transformers' module names (LoRA adapters)
-            name = "backbone." + name.removeprefix("model.")
-        return super().map_weight(name)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(input_ids)
@@ -83,9 +69,6 @@ class MambaForCausalLM(CausalLM):
             h = block.mixer(block.norm(x.to(dtype)), state, meta)
             x = (x.float() if self.residual_fp32 else x) + h
         return self.backbone.norm_f(x.to(dtype))
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
 
 
 class FalconMambaForCausalLM(MambaForCausalLM):

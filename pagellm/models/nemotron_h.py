@@ -10,7 +10,7 @@ config.layers_block_type naming each one's kind.
     x = embeddings(ids) ... -> norm_f -> lm_head
 
 Checkpoint names are kept (backbone.layers.N.mixer...; transformers' own module names, model.layers.N.mixer..., as in
-LoRA adapters, are accepted too). The SSM state is kept in float32 when the config says so
+LoRA adapters, are read as those: RecurrentLM.backbone_names). The SSM state is kept in float32 when the config says so
 (mamba_ssm_cache_dtype, as transformers does).
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM
+from pagellm.models.base import RecurrentLM
 from pagellm.models.deepseek import DeepseekRouter
 from pagellm.models.hybrid import HybridAttention
 from pagellm.models.layers import Fp32WeightRMSNorm, FusedMoE, activation, set_weight_loader
@@ -36,7 +36,6 @@ from pagellm.models.parallel_layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     kv_heads_per_rank,
-    parallel_logits,
 )
 from pagellm.models.weight_utils import CheckpointTensor, ckpt_narrow, copy_into
 
@@ -140,8 +139,9 @@ def mamba_dims(config) -> tuple[int, int, int, int, int]:
             config.conv_kernel)
 
 
-class NemotronHForCausalLM(CausalLM):
+class NemotronHForCausalLM(RecurrentLM):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
+    backbone_names = True
     keep_float32 = (".mixer.gate.weight", ".mixer.gate.e_score_correction_bias")  # the router, as transformers
 
     @classmethod
@@ -161,27 +161,15 @@ class NemotronHForCausalLM(CausalLM):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.config = config
-        self.tp = tp
         self.backbone = nn.Module()
         self.backbone.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.backbone.layers = nn.ModuleList(NemotronHBlock(config, i, tp) for i in range(config.num_hidden_layers))
         self.backbone.norm_f = Fp32WeightRMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        if self.tied:
-            self.lm_head.weight = self.backbone.embeddings.weight
-        self.states: list[tuple[torch.Tensor, ...]] = []
-
-    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
-        self.states = states
+        self.init_lm_head(config, self.backbone.embeddings, tp)
 
     def map_weight(self, name: str):
-        if self.tied and name == "lm_head.weight" or name.startswith("mtp."):
-            return None
-        if name.startswith("model."):  # transformers' module names (LoRA adapters), its checkpoints' "backbone."
-            name = "backbone." + name.removeprefix("model.")
-        expert = map_expert_weight(name)
+        renamed = self.hf_name(name)
+        expert = None if renamed is None else map_expert_weight(renamed)
         return expert if expert is not None else super().map_weight(name)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -197,6 +185,3 @@ class NemotronHForCausalLM(CausalLM):
                      next(caches) if block.kind == "full_attention" else None)
             x = block(positions, x, cache, meta, backend)
         return self.backbone.norm_f(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)
