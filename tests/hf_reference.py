@@ -42,3 +42,21 @@ def hf_prompt_logprobs(path: str, prompt_ids: list[int]) -> list[float]:
     logits = model(torch.tensor([prompt_ids])).logits[0].float()
     lp = torch.log_softmax(logits, -1)
     return [lp[i, prompt_ids[i + 1]].item() for i in range(len(prompt_ids) - 1)]
+
+
+def assert_text_only_matches(llm, hf, prompts: list[list[int]], params) -> None:
+    """A multimodal checkpoint served for its language model: greedy tokens and logprobs equal `hf`'s (a transformers
+    model object) on every prompt, and a prompt with an image is refused."""
+    import pytest
+    from PIL import Image
+
+    hf.generation_config.eos_token_id = None
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        tokens, lps = hf_greedy_with(hf, p, params.max_tokens)
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+    with pytest.raises(ValueError, match="takes text only"):
+        llm.generate({"prompt": "a picture", "multi_modal_data": {"image": Image.new("RGB", (28, 28))}}, params,
+                     use_tqdm=False)

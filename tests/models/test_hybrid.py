@@ -127,9 +127,8 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, nam
     logprobs equal transformers' whole model on text prompts; the vision weights are not loaded; images are
     refused."""
     import transformers as tf
-    from PIL import Image
 
-    from tests.hf_reference import hf_greedy_with
+    from tests.hf_reference import assert_text_only_matches
 
     path = vlm_models[name]
     llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=16)
@@ -137,17 +136,7 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, nam
     assert not any("visual" in n for n, _ in model.named_parameters())
     cls = tf.Qwen3_5MoeForConditionalGeneration if name.endswith("moe") else tf.Qwen3_5ForConditionalGeneration
     hf = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    hf.generation_config.eos_token_id = None
-    ps = prompts(llm.llm_engine.config.model.vocab_size, lengths=(3, 20, 37))
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
-    for p, out in zip(ps, outs):
-        tokens, lps = hf_greedy_with(hf, p, GREEDY.max_tokens)
-        got = out.outputs[0]
-        assert got.token_ids == tokens
-        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
-    with pytest.raises(ValueError, match="takes text only"):
-        llm.generate({"prompt": "a picture", "multi_modal_data": {"image": Image.new("RGB", (28, 28))}}, GREEDY,
-                     use_tqdm=False)
+    assert_text_only_matches(llm, hf, prompts(llm.llm_engine.config.model.vocab_size, lengths=(3, 20, 37)), GREEDY)
 
 
 def test_server_refuses_beam_search_with_the_reason_and_keeps_serving(tiny_models):

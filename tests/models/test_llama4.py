@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
-from tests.hf_reference import hf_greedy, hf_greedy_with
+from tests.hf_reference import assert_text_only_matches, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
 
@@ -64,17 +64,5 @@ def test_conditional_generation_checkpoint_serves_its_language_model(vlm_models)
     model = llm.llm_engine.executor.runner.model
     assert not any(n.startswith(("vision_model", "multi_modal_projector")) for n, _ in model.named_parameters())
     hf = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    hf = hf.language_model
-    hf.generation_config.eos_token_id = None
     ps = prompts(llm.llm_engine.config.model.vocab_size, lengths=(1, 6, 17, 45))
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
-    for p, out in zip(ps, outs):
-        tokens, lps = hf_greedy_with(hf, p, GREEDY.max_tokens)
-        got = out.outputs[0]
-        assert got.token_ids == tokens
-        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
-    from PIL import Image
-
-    with pytest.raises(ValueError, match="takes text only"):
-        llm.generate({"prompt": "a picture", "multi_modal_data": {"image": Image.new("RGB", (28, 28))}}, GREEDY,
-                     use_tqdm=False)
+    assert_text_only_matches(llm, hf.language_model, ps, GREEDY)
