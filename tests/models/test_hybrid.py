@@ -76,6 +76,10 @@ def test_parallel_samples_each_compute_their_own_state(tiny_models):
     out = llm.generate({"prompt_token_ids": p}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12,
                                                                 ignore_eos=True, logprobs=0), use_tqdm=False)[0]
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    for i, o in enumerate(out.outputs):  # output i is a separate request with seed + i, as for every model
+        alone = llm.generate({"prompt_token_ids": p}, SamplingParams(temperature=1.0, seed=5 + i, max_tokens=12,
+                                                                     ignore_eos=True), use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == o.token_ids
     hf = hf_model(path)
     for o in out.outputs:
         logits = hf(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1:-1].float()
