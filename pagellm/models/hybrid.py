@@ -1,5 +1,5 @@
-"""Hybrid models: recurrent layers (Mamba2, Gated DeltaNet) with a few attention layers among them, each followed
-by an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the recurrent layers
+"""Hybrid models: recurrent layers (Mamba2, Mamba, Gated DeltaNet; LFM2's short convolutions in lfm2.py) with a few
+attention layers among them, each followed by an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the recurrent layers
 keep a state per sequence (models/mamba.py, models/gated_deltanet.py). Tensor parallelism splits the recurrent layers
 by heads, as attention.
 
@@ -11,7 +11,10 @@ x embedding_multiplier, s = residual_multiplier, attention scaled by attention_m
 attention without RoPE unless position_embedding_type is "rope" (Granite 4.0 has none).
 Bamba (BambaForCausalLM): a dense SwiGLU MLP, attention with partial RoPE, no multipliers.
 Qwen3-Next (Qwen3NextForCausalLM): Gated DeltaNet layers (models/gated_deltanet.py) in place of Mamba2, attention with
-an output gate, mixtures of experts with a gated shared expert.
+an output gate, mixtures of experts with a gated shared expert. Qwen3.5 (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, and
+the text of their multimodal checkpoints): the same layers with the Gated DeltaNet projections stored apart.
+Jamba (JambaForCausalLM): Mamba (1) layers (models/mamba.py: MambaMixer), attention without position embedding,
+mixtures of experts every other layer.
 """
 
 from __future__ import annotations
