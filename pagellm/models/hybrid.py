@@ -1,7 +1,7 @@
 """Hybrid models: recurrent layers (Mamba2, Mamba, Gated DeltaNet; LFM2's short convolutions in lfm2.py) with a few
-attention layers among them, each followed by an MLP. Only the attention layers have a KV cache (ModelGeometry.num_layers counts them); the recurrent layers
-keep a state per sequence (models/mamba.py, models/gated_deltanet.py). Tensor parallelism splits the recurrent layers
-by heads, as attention.
+attention layers among them, each followed by an MLP. Only the attention layers have a KV cache
+(ModelGeometry.num_layers counts them); the recurrent layers keep a state per sequence (models/mamba.py,
+models/gated_deltanet.py). Tensor parallelism splits the recurrent layers by heads, as attention.
 
     per layer: x += s * (recurrent | attention)(RMSNorm(x));  x += s * mlp(RMSNorm(x))
 
