@@ -28,15 +28,14 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import LanguageModelOnly, RecurrentLM
 from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
-from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention
+from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention, LlamaDecoderLayer, LlamaModel
 from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
-from pagellm.models.moe import SparseMoeBlock, _MoEWeights, map_expert_weight
+from pagellm.models.moe import SparseMoeBlock, _MoEWeights, map_expert_weight, qwen2_moe_mlp
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
     Linear,
     RowParallelLinear,
-    VocabParallelEmbedding,
     even_part,
     kv_heads_per_rank,
     qkv_parts,
@@ -72,41 +71,22 @@ class HybridAttention(LlamaAttention):
         return self.o_proj(self.attn(q, k, v, kv_cache, meta, backend))
 
 
-class HybridLayer(nn.Module):
-    """A recurrent layer (family.mixer_name: its checkpoint name, e.g. "mamba") or an attention layer, then the MLP."""
+class HybridLayer(LlamaDecoderLayer):
+    """LLaMA's decoder layer whose token mixer is a recurrent layer (family.mixer_name: its checkpoint name, e.g.
+    "mamba") where family.is_state_layer says, attention elsewhere."""
 
-    def __init__(self, config, layer_idx: int, family: type[HybridForCausalLM], tp: TPGroup = SINGLE) -> None:
-        super().__init__()
+    def build_mixer(self, config, layer_idx: int, family: type[HybridForCausalLM], tp: TPGroup) -> None:
         self.is_recurrent = family.is_state_layer(config, layer_idx)
         self.mixer_name = family.mixer_name
         if self.is_recurrent:
             self.add_module(family.mixer_name, family.make_mixer(config, tp))
         else:
             self.self_attn = family.make_attention(config, layer_idx, tp)
-        self.mlp = family.make_mlp(config, layer_idx, tp)
-        self.input_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
-        self.post_attention_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
-        self.residual_scale = family.residual_scale(config)
 
-    def forward(self, positions, x, rotary, cache, meta, backend):
-        h = self.input_layernorm(x)
+    def mix(self, positions, h, rotary, cache, meta, backend):
         if self.is_recurrent:
-            h = getattr(self, self.mixer_name)(h, cache, meta)
-        else:
-            h = self.self_attn(positions, h, rotary, cache, meta, backend)
-        s = self.residual_scale
-        x = x + (h if s is None else h * s)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + (h if s is None else h * s)
-
-
-class HybridModel(nn.Module):
-    def __init__(self, config, max_model_len: int, family: type[HybridForCausalLM], tp: TPGroup) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(HybridLayer(config, i, family, tp) for i in range(config.num_hidden_layers))
-        self.norm = family.norm_cls(config.hidden_size, family.norm_eps(config))
-        self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
+            return getattr(self, self.mixer_name)(h, cache, meta)
+        return self.self_attn(positions, h, rotary, cache, meta, backend)
 
 
 class HybridForCausalLM(RecurrentLM):
@@ -116,6 +96,7 @@ class HybridForCausalLM(RecurrentLM):
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name parts -> ours
     mixer_name = "mamba"  # the recurrent layer's module name in checkpoints
+    decoder_layer: type[nn.Module] = HybridLayer
     norm_cls: type[nn.Module] = RMSNorm
 
     @classmethod
@@ -170,7 +151,7 @@ class HybridForCausalLM(RecurrentLM):
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.model = HybridModel(config, max_model_len, type(self), tp)
+        self.model = LlamaModel(config, max_model_len, type(self), tp)
         self.init_lm_head(config, self.model.embed_tokens, tp)
 
     def hf_name(self, name: str) -> str | None:
@@ -300,13 +281,7 @@ class Qwen3NextForCausalLM(_MoEWeights, HybridForCausalLM):
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
-                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
-        if not sparse:
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
-        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
-                              config.shared_expert_intermediate_size, tp)
+        return qwen2_moe_mlp(config, layer_idx, tp)
 
 
 class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):

@@ -83,16 +83,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """norm -> token mixer (attention: `build_mixer` / `mix`; a hybrid's layer may hold a recurrent one) -> residual
+    add; norm -> MLP -> residual add."""
+
     def __init__(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
-        self.self_attn = family.make_attention(config, layer_idx, tp)
+        self.build_mixer(config, layer_idx, family, tp)
         self.mlp = family.make_mlp(config, layer_idx, tp)
         self.input_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.post_attention_layernorm = family.norm_cls(config.hidden_size, family.norm_eps(config))
         self.residual_scale = family.residual_scale(config)
 
+    def build_mixer(self, config, layer_idx: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
+        self.self_attn = family.make_attention(config, layer_idx, tp)
+
+    def mix(self, positions, h, rotary, cache, meta, backend):
+        return self.self_attn(positions, h, rotary, cache, meta, backend)
+
     def forward(self, positions, x, rotary, kv_cache, meta, backend):
-        h = self.self_attn(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
+        h = self.mix(positions, self.input_layernorm(x), rotary, kv_cache, meta, backend)
         m = self.residual_scale
         x = x + (h if m is None else h * m)
         h = self.mlp(self.post_attention_layernorm(x))
@@ -106,7 +115,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(family.decoder_layer(config, i, family, tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = family.norm_cls(config.hidden_size, family.norm_eps(config))
-        self.rotary = RotaryEmbedding(config, max_model_len)
+        self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
 
 
 class LlamaForCausalLM(CausalLM):
@@ -134,6 +143,11 @@ class LlamaForCausalLM(CausalLM):
     @classmethod
     def norm_eps(cls, config) -> float:
         return config.rms_norm_eps
+
+    @classmethod
+    def uses_rope(cls, config) -> bool:
+        """Whether the model has a rotary embedding (None is passed to the layers otherwise)."""
+        return True
 
     @classmethod
     def residual_scale(cls, config) -> float | None:

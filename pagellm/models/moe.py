@@ -64,6 +64,18 @@ class SparseMoeBlock(nn.Module):
         return out
 
 
+def qwen2_moe_mlp(config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+    """Qwen2-MoE's MLP layout (also Qwen3-MoE's and Qwen3-Next's): sparse every `decoder_sparse_step` layers except
+    `mlp_only_layers` (with a gated shared expert where shared_expert_intermediate_size is set), dense elsewhere."""
+    sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
+              and (layer_idx + 1) % config.decoder_sparse_step == 0)
+    if not sparse:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
+    return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                          config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
+                          getattr(config, "shared_expert_intermediate_size", 0), tp)
+
+
 class _MoEWeights:
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         renamed = self.hf_name(name)
@@ -96,13 +108,7 @@ class Qwen2MoeForCausalLM(_MoEWeights, LlamaForCausalLM):
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
-        sparse = (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
-                  and (layer_idx + 1) % config.decoder_sparse_step == 0)
-        if not sparse:
-            return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
-        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                              config.moe_intermediate_size, config.hidden_act, bool(config.norm_topk_prob),
-                              getattr(config, "shared_expert_intermediate_size", 0), tp)
+        return qwen2_moe_mlp(config, layer_idx, tp)
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
