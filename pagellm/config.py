@@ -110,6 +110,10 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"  # auto (= compute dtype) | float32 | bfloat16 | float16
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # fixed block count (tests); overrides the memory budget
+    # Models with a recurrent state (Mamba layers) under prefix caching: the state is checkpointed every
+    # mamba_block_size tokens (a multiple of block_size) into one of num_state_checkpoints slots.
+    mamba_block_size: int = 0
+    num_state_checkpoints: int = 0
 
 
 @dataclass(frozen=True)

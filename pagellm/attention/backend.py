@@ -86,6 +86,7 @@ class AttentionMetadata:
     # models with a recurrent state per sequence (Mamba layers): each sequence's row in the state tensors
     state_rows: torch.Tensor | None = None  # (num_seqs,) int64 on the device
     state_rows_cpu: list[int] | None = None
+    state_saves: dict[int, list[tuple[int, int]]] | None = None  # batch index -> [(chunk offset, checkpoint row)]
     recurrent_plan: Any = None  # how the recurrent layers split the step (models/mamba.py), made by the first one
 
     def __post_init__(self) -> None:

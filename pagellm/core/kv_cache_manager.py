@@ -147,7 +147,7 @@ class KVCacheManager:
 
     # ---- prefix cache -------------------------------------------------------------
 
-    def _seq_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
+    def block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
         """Chained hashes of the first `num_full_blocks` blocks of seq, computed once."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
@@ -174,9 +174,19 @@ class KVCacheManager:
                 or (req.pooling_params is not None and req.pooling_params.needs_all_hidden)):
             return PrefixMatch(counted=False)
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        hashes = self._seq_hashes(seq, max_blocks)
+        hashes = self.block_hashes(seq, max_blocks)
         blocks = self._windowed_prefix(hashes) if self.sliding_window is not None else self._full_prefix(hashes)
         return PrefixMatch(blocks)
+
+    def cut_prefix(self, seq: Sequence, prefix: PrefixMatch, num_blocks: int) -> PrefixMatch:
+        """The first num_blocks blocks of a hit (a model with recurrent layers resumes at a state checkpoint).
+        Under a sliding window the cut hit must still hold the blocks its next query sees: else no hit."""
+        if num_blocks == len(prefix.blocks):
+            return prefix
+        if self.sliding_window is None:
+            return PrefixMatch(prefix.blocks[:num_blocks], prefix.counted)
+        blocks = self._windowed_prefix(self.block_hashes(seq, num_blocks))
+        return PrefixMatch(blocks if len(blocks) == num_blocks else [], prefix.counted)
 
     def _full_prefix(self, hashes: list[BlockHash]) -> list[KVBlock]:
         blocks = []
@@ -213,7 +223,7 @@ class KVCacheManager:
         start = self.num_cached_blocks.get(seq.seq_id, 0)
         if num_full <= start:
             return
-        hashes = self._seq_hashes(seq, num_full)
+        hashes = self.block_hashes(seq, num_full)
         for i in range(start, num_full):
             if table[i] is not NULL_BLOCK:
                 self.pool.cache_full_block(table[i], hashes[i])
@@ -315,8 +325,11 @@ class KVCacheManager:
         self.pool.free_blocks(released)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """The child shares every block of the parent."""
-        table = self.tables.get(parent.seq_id, [])
+        """The child shares every block of the parent (a parent with no table yet: the child gets none either, and
+        looks up the prefix cache itself)."""
+        if parent.seq_id not in self.tables:
+            return
+        table = self.tables[parent.seq_id]
         self.pool.touch(b for b in table if b is not NULL_BLOCK)
         self.tables[child.seq_id] = list(table)
         if parent.seq_id in self._first_live:

@@ -45,6 +45,7 @@ class NewSeqData:
     pooling_params: Any = None  # PoolingParams of a pooling model's request: pooled once its prompt is computed
     mm_features: list | None = None  # the request's images (MultiModalFeature), while some of their positions remain
     mm_rope: Any = None  # (a, b, (3, b - a) positions, delta): multimodal RoPE (Qwen2-VL) of a prompt with images
+    state_checkpoint: int = -1  # recurrent layers: the checkpoint slot its state starts from (-1: zero state)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class SchedulerOutput:
     # Speculative decoding: seq_id -> draft tokens scheduled after its last token (they are the last of its
     # num_scheduled_tokens); the step samples at the last token and at each draft.
     spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
+    # Recurrent layers under prefix caching: seq_id -> [(tokens of its chunk computed before the checkpoint,
+    # slot)]; each layer copies the sequence's state into the slot at that point of the chunk.
+    state_saves: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

@@ -74,6 +74,7 @@ from pagellm.core.sched_output import (
     SeqDelta,
 )
 from pagellm.core.speculative import make_proposer
+from pagellm.core.state_checkpoints import StateCheckpoints
 from pagellm.sampling_params import ParamError
 
 
@@ -167,11 +168,16 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
                  enable_prefix_caching: bool, sliding_window: int | None = None,
-                 grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False) -> None:
+                 grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False,
+                 state_checkpoints: tuple[int, int] = (0, 0)) -> None:
         self.config = config
         # The model keeps a recurrent state per sequence (Mamba layers): sequences cannot fork mid-way (n / best_of
-        # samples each compute their prompt; beam search is refused), and no prefix is cached.
+        # samples each compute their prompt; beam search is refused), and a cached prefix is reused only up to a
+        # checkpoint of that state (state_checkpoints: (interval, slots); core/state_checkpoints.py).
         self.stateful = stateful
+        interval, slots = state_checkpoints
+        self.checkpoints = StateCheckpoints(slots, interval, block_size) if enable_prefix_caching and slots else None
+        self._restores: dict[int, int] = {}  # seq_id -> checkpoint slot its state starts from (a prefix hit)
         self.grammar = grammar  # structured output: follows constrained sequences (core/grammar.py)
         self.max_model_len = config.max_model_len
         self.block_size = block_size
@@ -300,6 +306,7 @@ class Scheduler:
         seq.stop_reason = stop_reason
         self.kv.free(seq)
         self.kv.forget_hashes(seq)
+        self._restores.pop(seq.seq_id, None)
         if seq.request.sampling_params.structured_outputs is not None:
             self.grammar.free(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
@@ -458,14 +465,16 @@ class Scheduler:
         cached = 0
         if computed == 0 and not self.kv.has_table(seq.seq_id):
             prefix = self.kv.find_prefix(seq)
+            if self.checkpoints is not None:
+                prefix = self._checkpointed(seq, prefix)
             cached = prefix.num_tokens(self.block_size)
         num_new = min(target - computed - cached, plan.budget)
         if num_new < target - computed - cached and not self.config.chunked_prefill:
             return True  # an encoder-only model's prompt is computed whole: it waits for a step with room
         if num_new < target - computed - cached and req.mm_features:
             num_new = _cut_before_whole_image(req, computed + cached, num_new)
-        if num_new <= 0 and not cached:
-            return True
+        if num_new <= 0 and (not cached or self.checkpoints is not None):
+            return True  # (a state checkpoint is restored by the step that computes the sequence's next tokens)
         alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)
         if alloc is None:
             return False
@@ -475,6 +484,17 @@ class Scheduler:
         if num_new > 0:
             plan.add(seq, num_new, alloc)
         return True
+
+    def _checkpointed(self, seq: Sequence, prefix: PrefixMatch) -> PrefixMatch:
+        """A hit cut back to its last state checkpoint (the slot noted for the worker's restore)."""
+        self._restores.pop(seq.seq_id, None)
+        if not prefix.blocks:
+            return prefix
+        k, slot = self.checkpoints.lookup(self.kv.block_hashes(seq, len(prefix.blocks)), len(prefix.blocks))
+        prefix = self.kv.cut_prefix(seq, prefix, k)
+        if prefix.blocks:
+            self._restores[seq.seq_id] = slot
+        return prefix
 
     def _speculate(self, seq: Sequence, plan: _StepPlan) -> bool:
         """Speculative decoding: schedule the last token and up to num_speculative_tokens drafts after it (within
@@ -495,6 +515,7 @@ class Scheduler:
         for seq in req.live_seqs():
             self.kv.uncache_unwritten(seq)
             self.kv.free(seq)
+            self._restores.pop(seq.seq_id, None)
             seq.num_computed_tokens = 0
             seq.status = RequestStatus.PREEMPTED
             if seq.in_worker:
@@ -515,6 +536,8 @@ class Scheduler:
                                                            cached.new_block_ids, cached.num_computed_tokens)
         multi = plan.steps > 1
         drafts = plan.drafts
+        saves: dict[int, list[tuple[int, int]]] = {}
+        checkpoints = self.checkpoints if not multi else None  # a multi-step round checkpoints nothing
         for seq, (n, alloc) in plan.entries.items():
             seq_id = seq.seq_id
             num_scheduled[seq_id] = n
@@ -525,12 +548,20 @@ class Scheduler:
             if multi or computed + n == num_tokens + seq.num_output_placeholders + (
                     len(drafts[seq]) if drafts and seq in drafts else 0):
                 sampling.append(seq)  # the chunk reaches the last token: the step samples the next one
+            if checkpoints is not None:
+                end = min(computed + n, num_tokens)  # a boundary's hash needs its tokens on the host
+                if end // checkpoints.interval > computed // checkpoints.interval:
+                    planned = checkpoints.plan_saves(self.kv.block_hashes(seq, end // self.block_size), computed,
+                                                     end)
+                    if planned:
+                        saves[seq_id] = planned
             if not seq.in_worker:
                 req = seq.request
                 new_seqs.append(NewSeqData(
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
                     self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
-                    req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope))
+                    req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope,
+                    self._restores.pop(seq_id, -1) if computed else -1))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)
@@ -549,7 +580,9 @@ class Scheduler:
         forget, self._forget = self._forget, set()
         out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
                               sampling_seq_ids=[seq.seq_id for seq in sampling], num_steps=plan.steps,
-                              spec_token_ids={seq.seq_id: d for seq, d in drafts.items()})
+                              spec_token_ids={seq.seq_id: d for seq, d in drafts.items()}, state_saves=saves)
+        if checkpoints is not None:
+            checkpoints.commit()
         if constrained:
             out.grammar_seq_ids = [seq.seq_id for seq in constrained]
             if deferred:
@@ -639,6 +672,12 @@ class Scheduler:
         for req in reqs:
             for seq in req.live_seqs():
                 self.kv.uncache_unwritten(seq)
+        if self.checkpoints is not None and sched.state_saves:  # its checkpoints were not written
+            unwritten = {slot for planned in sched.state_saves.values() for _, slot in planned}
+            self.checkpoints.invalidate(unwritten)
+            for step in later:  # a sequence that starts from one of them
+                reqs.update(self._seqs[d.seq_id].request for d in step.new_seqs
+                            if d.state_checkpoint in unwritten and d.seq_id in self._seqs)
         return self.abort_requests([r.request_id for r in reqs])
 
     def request_table(self, limit: int = 64) -> list[dict]:

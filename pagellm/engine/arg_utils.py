@@ -63,7 +63,15 @@ class EngineArgs:
     gpu_memory_utilization: float = _f(0.25, "Fraction of free memory (RAM on CPU) for the KV cache when "
                                              "--kv-cache-memory is not given.")
     num_gpu_blocks_override: int | None = _f(None, "Exact number of KV cache blocks (testing).")
-    enable_prefix_caching: bool = _f(True, "Reuse the KV blocks of identical prompt prefixes.")
+    enable_prefix_caching: bool = _f(True, "Reuse the KV blocks of identical prompt prefixes (and, for models with "
+                                           "Mamba layers, checkpoints of their recurrent state).")
+    mamba_block_size: int | None = _f(
+        None, "Models with Mamba / linear-attention layers, with prefix caching: tokens between two checkpoints of "
+              "a sequence's recurrent state (a multiple of --block-size); a cached prefix is reused up to its last "
+              "checkpoint. Default: 256 rounded up to a multiple of --block-size.")
+    num_state_checkpoints: int | None = _f(
+        None, "Models with Mamba / linear-attention layers, with prefix caching: recurrent-state checkpoints kept "
+              "(least recently used replaced first), each the size of one sequence's state. Default: max_num_seqs.")
     load_format: str = _f("auto", "Weights format; dummy = random weights (benchmarks).",
                           choices=("auto", "safetensors", "pt", "dummy"))
     seed: int = _f(0, "Engine seed: dummy weights and requests that give no seed.")
@@ -204,6 +212,21 @@ class EngineArgs:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
                       if hasattr(ns, f.name) and f.name not in skip})
 
+    def _state_checkpoints(self, used: bool) -> tuple[int, int]:
+        """(mamba_block_size, num_state_checkpoints) of a model with recurrent layers under prefix caching, else
+        (0, 0)."""
+        for name in ("mamba_block_size", "num_state_checkpoints"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        if self.mamba_block_size is not None and self.mamba_block_size % self.block_size:
+            raise ValueError(f"mamba_block_size ({self.mamba_block_size}) must be a multiple of block_size "
+                             f"({self.block_size}).")
+        if not used:
+            return 0, 0
+        interval = self.mamba_block_size or -(-256 // self.block_size) * self.block_size
+        return interval, self.num_state_checkpoints or self.max_num_seqs
+
     def create_engine_config(self) -> EngineConfig:
         model_cfg = self._model_config()
         max_len = model_cfg.max_model_len
@@ -255,17 +278,12 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
-        if model_cfg.stateful:
-            # A sequence's recurrent state holds its whole past and cannot start from a cached prefix's blocks nor
-            # step back over rejected draft tokens.
-            if speculative is not None:
-                raise ValueError(f"speculative_config: {model_cfg.architecture} keeps a recurrent state per sequence "
-                                 "(Mamba layers), which cannot take back rejected draft tokens; speculative decoding "
-                                 "is not supported for it.")
-            if prefix_caching:
-                logger.info("prefix caching is off: %s keeps a recurrent state per sequence (Mamba layers), which a "
-                            "cached prefix's KV blocks do not restore", model_cfg.architecture)
-                prefix_caching = False
+        if model_cfg.stateful and speculative is not None:
+            # A sequence's recurrent state holds its whole past: it cannot step back over rejected draft tokens.
+            raise ValueError(f"speculative_config: {model_cfg.architecture} keeps a recurrent state per sequence "
+                             "(Mamba layers), which cannot take back rejected draft tokens; speculative decoding "
+                             "is not supported for it.")
+        mamba_block, checkpoints = self._state_checkpoints(model_cfg.stateful and prefix_caching)
         if speculative is not None and speculative.method == "draft_model":
             speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
         if model_cfg.pooler is not None:
@@ -289,7 +307,7 @@ class EngineArgs:
         return EngineConfig(
             model=model_cfg,
             cache=CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                              self.kv_cache_dtype, prefix_caching, num_blocks),
+                              self.kv_cache_dtype, prefix_caching, num_blocks, mamba_block, checkpoints),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_len, self.max_waiting_requests,
                                       async_scheduling, self.num_scheduler_steps, self.scheduling_policy,
                                       speculative, chunked_prefill=not encoder),

@@ -92,7 +92,8 @@ class EngineCore:
         self.executor.init_kv_cache(self.num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
                                    config.cache.enable_prefix_caching, config.model.sliding_window, structured,
-                                   config.lora.max_loras if config.lora is not None else 0, config.model.stateful)
+                                   config.lora.max_loras if config.lora is not None else 0, config.model.stateful,
+                                   (config.cache.mamba_block_size, config.cache.num_state_checkpoints))
         self._rng = random.Random(config.model.seed)
         self._loaded_loras: dict[int, None] = {}  # adapter ids loaded in the worker, least recently requested first
         self.lora_evictions = 0  # adapters dropped for max_cpu_loras

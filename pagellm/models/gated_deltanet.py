@@ -139,7 +139,7 @@ class GatedDeltaNet(nn.Module):
                                                                            + self.dt_bias.float())
         o = torch.empty(t, self.nv, self.dv, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, o, lambda idx, rows: self._step(mixed[idx], g[idx], beta[idx], state, rows),
-                          lambda s, e, row: self._chunk(mixed[s:e], g[s:e], beta[s:e], state, row))
+                          lambda s, e, row: self._chunk(mixed[s:e], g[s:e], beta[s:e], state, row), state)
         o = self.norm(o, z.reshape(t, self.nv, self.dv), x.dtype).reshape(t, self.value_dim)
         return self.out_proj(pad_rows(o, x.shape[0]))
 

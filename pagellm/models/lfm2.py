@@ -45,7 +45,7 @@ class ShortConv(nn.Module):
         (conv_state,) = state
         w, bias = self.conv.weight, self.conv.bias
         for_each_sequence(meta, y, lambda idx, rows: conv_step(bx[idx], conv_state, rows, w, bias).to(x.dtype),
-                          lambda s, e, row: conv_chunk(bx[s:e], conv_state, row, w, bias).to(x.dtype))
+                          lambda s, e, row: conv_chunk(bx[s:e], conv_state, row, w, bias).to(x.dtype), state)
         return self.out_proj(pad_rows(c * y, x.shape[0]))
 
 

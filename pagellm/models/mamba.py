@@ -82,23 +82,52 @@ def conv_chunk(x: torch.Tensor, conv_state: torch.Tensor, row: int, weight: torc
     return out if bias is None else out + bias
 
 
-def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunk) -> None:
+def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunk,
+                      state: tuple[torch.Tensor, ...] = ()) -> None:
     """out[rows of the step's tokens] from a recurrent layer, per sequence: `step(token index (n,), state rows (n,))`
     for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunk(start, end,
-    state row)` for each sequence with more. The split is worked out once per step (meta.recurrent_plan): its index
-    tensors go to the device once, not once per layer."""
+    state row)` for each sequence with more. Under prefix caching a sequence's state is checkpointed at the points
+    meta.state_saves names (a chunk is computed in pieces between them; each piece's end state is copied into its
+    slot's row of `state`, this layer's state tensors). The split is worked out once per step (meta.recurrent_plan):
+    its index tensors go to the device once, not once per layer."""
     if meta.recurrent_plan is None:
-        qsl, rows = meta.query_start_loc_cpu, meta.state_rows_cpu
-        single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
-        idx = torch.tensor([qsl[i] for i in single], device=out.device) if single else None
-        state_rows = meta.state_rows if len(single) == len(rows) else meta.state_rows[single]
-        chunks = [(qsl[i], qsl[i + 1], rows[i]) for i in range(len(rows)) if qsl[i + 1] - qsl[i] > 1]
-        meta.recurrent_plan = (idx, state_rows, chunks)
-    idx, state_rows, chunks = meta.recurrent_plan
+        meta.recurrent_plan = _recurrent_plan(meta, out.device)
+    idx, state_rows, chunks, single_saves = meta.recurrent_plan
     if idx is not None:
         out[idx] = step(idx, state_rows)
-    for s, e, row in chunks:
+        if single_saves is not None:
+            src, dst = single_saves
+            for t in state:
+                t[dst] = t[src]
+    for s, e, row, save in chunks:
         out[s:e] = chunk(s, e, row)
+        if save is not None:
+            for t in state:
+                t[save].copy_(t[row])
+
+
+def _recurrent_plan(meta: AttentionMetadata, device: torch.device):
+    """(token index of the one-token sequences, their state rows, [(start, end, state row, checkpoint row or
+    None)] pieces of the longer chunks, (state rows, checkpoint rows) of one-token sequences checkpointed after
+    their token)."""
+    qsl, rows, saves = meta.query_start_loc_cpu, meta.state_rows_cpu, meta.state_saves or {}
+    single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
+    idx = torch.tensor([qsl[i] for i in single], device=device) if single else None
+    state_rows = meta.state_rows if len(single) == len(rows) else meta.state_rows[single]
+    single_saves = [(rows[i], saves[i][0][1]) for i in single if i in saves]
+    chunks = []
+    for i in range(len(rows)):
+        start, end = qsl[i], qsl[i + 1]
+        if end - start == 1:
+            continue
+        for offset, slot_row in saves.get(i, ()):
+            chunks.append((start, qsl[i] + offset, rows[i], slot_row))
+            start = qsl[i] + offset
+        if start < end:
+            chunks.append((start, end, rows[i], None))
+    single_saves = (torch.tensor([r for r, _ in single_saves], device=device),
+                    torch.tensor([d for _, d in single_saves], device=device)) if single_saves else None
+    return idx, state_rows, chunks, single_saves
 
 
 def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
@@ -209,7 +238,7 @@ class MambaMixer2(nn.Module):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         y = torch.empty(t, self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, y, lambda idx, rows: self._step(xbc[idx], dt[idx], state, rows),
-                          lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row))
+                          lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row), state)
         y = y.view(t, self.d_inner)
         out = (y * torch.nn.functional.silu(z.float())).to(x.dtype) if self.norm is None else self.norm(y, z)
         return self.out_proj(pad_rows(out, x.shape[0]))
@@ -330,7 +359,7 @@ class MambaMixer(nn.Module):
         xs, z = self.in_proj.split(self.in_proj(x[:t]))
         y = torch.empty(t, self.d_inner, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, y, lambda idx, rows: self._step(xs[idx], state, rows),
-                          lambda s, e, row: self._chunk(xs[s:e], state, row))
+                          lambda s, e, row: self._chunk(xs[s:e], state, row), state)
         return self.out_proj(pad_rows((y * torch.nn.functional.silu(z.float())).to(x.dtype), x.shape[0]))
 
     def _ssm_inputs(self, conv: torch.Tensor):

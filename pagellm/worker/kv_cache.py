@@ -130,17 +130,18 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
 def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
     """The recurrent state of every stateful layer (Mamba), in the compute dtype unless the model names another
     (ModelConfig.state_dtypes): one row per batch row (InputBatch's rows, max_num_seqs of them), zeroed when a
-    sequence takes the row."""
+    sequence takes the row, then (prefix caching) one row per state checkpoint slot (core/state_checkpoints.py)."""
     m = config.model
-    rows, device = config.scheduler.max_num_seqs, torch.device(config.device.device)
+    seqs, device = config.scheduler.max_num_seqs, torch.device(config.device.device)
+    rows = seqs + config.cache.num_state_checkpoints
     names = list(m.state_dtypes) + [None] * (len(m.state_shapes) - len(m.state_dtypes))
     dtypes = [torch_dtype(name or m.dtype) for name in names]
     states = [tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in zip(m.state_shapes,
                                                                                                    dtypes))
               for _ in range(m.num_state_layers)]
     gib = sum(t.numel() * t.element_size() for layer in states for t in layer) / 2**30
-    logger.info("recurrent state of %s: %d layers x %d sequences (%.2f GiB, %s)", m.architecture, m.num_state_layers,
-                rows, gib, ", ".join(str(d) for d in dtypes))
+    logger.info("recurrent state of %s: %d layers x (%d sequences + %d checkpoints) (%.2f GiB, %s)", m.architecture,
+                m.num_state_layers, seqs, config.cache.num_state_checkpoints, gib, ", ".join(str(d) for d in dtypes))
     return states
 
 

@@ -127,6 +127,7 @@ class ModelRunner:
         self.states = None  # a hybrid model's recurrent state per layer (Mamba): one row per batch row
         if config.model.stateful:
             self.states = allocate_states(config)
+            self._checkpoint_base = config.scheduler.max_num_seqs  # state row of checkpoint slot 0
             self.model.bind_states(self.states)
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
@@ -363,14 +364,20 @@ class ModelRunner:
                 self.mm.forget(seq_id)
         for d in sched.new_seqs:
             self.batch.add(d)
-            if self.states is not None:  # the row's state starts from zero: the sequence starts from its first token
-                if d.num_computed_tokens:
-                    raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed, "
-                                       "but this model's recurrent state cannot be restored from KV blocks")
+            if self.states is not None:  # the row's state: zero, or a checkpoint's copy (a prefix-cache hit)
                 row = self.batch.row_of[d.seq_id]
-                for layer in self.states:
-                    for t in layer:
-                        t[row].zero_()
+                if d.state_checkpoint >= 0:
+                    src = self._checkpoint_base + d.state_checkpoint
+                    for layer in self.states:
+                        for t in layer:
+                            t[row].copy_(t[src])
+                elif d.num_computed_tokens:
+                    raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed "
+                                       "but no checkpoint of its recurrent state to start from")
+                else:
+                    for layer in self.states:
+                        for t in layer:
+                            t[row].zero_()
             if d.mm_features:
                 self.mm.add(d.seq_id, d.mm_features)
             if self.rope is not None:  # every new row: a row reused from another sequence must not keep its offset
@@ -456,6 +463,10 @@ class ModelRunner:
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
             if self.states is not None:
                 meta.state_rows, meta.state_rows_cpu = t["state_rows"], rows.tolist()
+                if sched.state_saves:
+                    base = self._checkpoint_base
+                    meta.state_saves = {i: [(offset, base + slot) for offset, slot in sched.state_saves[s]]
+                                        for i, s in enumerate(seq_ids) if s in sched.state_saves}
         multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
         pool = None
         if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)

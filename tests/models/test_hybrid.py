@@ -1,7 +1,8 @@
 """Hybrid models (attention and recurrent layers: Granite 4.0-H, Bamba, Qwen3-Next) against transformers, wherever
 the engine cuts or moves the work: the recurrent state per sequence must survive prefill chunks, one-token steps,
-multi-step decode, batch rows reused by other sequences, preemption, and parallel samples; what it cannot do (forks
-mid-way, cached prefixes, speculative decoding) is refused or turned off with the reason."""
+multi-step decode, batch rows reused by other sequences, preemption, parallel samples, and prefix-cache hits (which
+resume from checkpoints of the state); what it cannot do (forks mid-way, speculative decoding) is refused with the
+reason."""
 
 from __future__ import annotations
 
@@ -90,15 +91,97 @@ def test_parallel_samples_each_compute_their_own_state(tiny_models):
     assert [o.token_ids for o in greedy.outputs] == [hf_greedy(path, p, 12)[0]] * 3
 
 
-def test_prefix_caching_is_off_and_aborts_free_everything(tiny_models):
+def shared_prefix_prompts(vocab: int, seed: int = 3) -> tuple[list[int], list[list[int]]]:
+    """A 37-token prompt, then prompts sharing its first 30 tokens, the whole of it, or its first 17."""
+    rng = random.Random(seed)
+    base = [rng.randrange(4, vocab) for _ in range(37)]
+    return base, [base[:30] + [rng.randrange(4, vocab) for _ in range(k)] for k in (0, 5, 12)] + [base, base[:17]]
+
+
+@pytest.mark.parametrize("arch, backend, batched", [
+    ("granitemoehybrid", "cpu_paged", 5), ("granitemoehybrid", "torch_ref", 2048), ("qwen3_next", "cpu_paged", 13),
+    ("qwen3_5", "torch_ref", 5), ("lfm2", "cpu_paged", 7), ("jamba", "cpu_paged", 5), ("falcon_h1", "torch_ref", 5),
+    ("nemotron_h", "cpu_paged", 2048), ("mamba", "cpu_paged", 5), ("mamba2", "cpu_paged", 13)])
+def test_prefix_hits_resume_from_a_state_checkpoint_and_match_hf(tiny_models, arch, backend, batched):
+    """Prefix caching: the recurrent state is checkpointed every mamba_block_size (8) tokens, also in the middle of
+    a prefill chunk (chunks of 5 or 13); a prompt sharing a cached prefix starts from the last checkpoint within
+    its hit (KV blocks of 4 tokens) and still gives HF's tokens and logprobs."""
+    path = tiny_models[arch]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=256, max_num_batched_tokens=batched, mamba_block_size=8,
+              attention_backend=backend)
+    base, ps = shared_prefix_prompts(llm.llm_engine.config.model.vocab_size)
+    llm.generate({"prompt_token_ids": base}, GREEDY, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+    # the last checkpoint at or before each hit (a hit leaves the prompt's last token to compute)
+    assert [o.num_cached_tokens for o in outs] == [24, 24, 24, 32, 16]
+    assert_matches_hf(path, ps, outs)
+
+
+def test_generated_tokens_are_checkpointed_too(tiny_models):
+    """A conversation's next turn (the prompt, the reply, a new message) resumes past the first turn's prompt."""
     path = tiny_models["granitemoehybrid"]
-    llm = LLM(path, block_size=8, num_gpu_blocks_override=64, max_num_seqs=4)
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=8)
+    p = prompts(llm.llm_engine.config.model.vocab_size, lengths=(13,))[0]
+    reply = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    turn = p + list(reply) + [5, 6, 7]  # 36 tokens: the first 32 were computed by the first request (13 + 19)
+    out = llm.generate({"prompt_token_ids": turn}, GREEDY, use_tqdm=False)
+    assert out[0].num_cached_tokens == 32
+    assert_matches_hf(path, [turn], out)
+
+
+def test_checkpoints_replaced_or_off_fall_back_to_computing(tiny_models):
+    """Two checkpoint slots for many prefixes: the least recently used are replaced, and a prompt whose cached KV
+    blocks have no checkpoint left is computed from its first token (or from an earlier checkpoint). With prefix
+    caching off nothing is checkpointed."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=8, num_state_checkpoints=2)
+    vocab = llm.llm_engine.config.model.vocab_size
+    base, _ = shared_prefix_prompts(vocab)
+    one = SamplingParams(max_tokens=1)
+    cached = lambda p: llm.generate({"prompt_token_ids": p}, one, use_tqdm=False)[0].num_cached_tokens  # noqa: E731
+    assert cached(base) == 0  # checkpoints at 8, 16, 24, 32: the last two stay
+    assert cached(base[:27]) == 24
+    assert cached(base[:20] + [9]) == 0  # 20 tokens of KV blocks cached, no checkpoint within them: 8, 16 replace 24, 32
+    assert cached(base[:27]) == 16
+    for p in prompts(vocab, lengths=(17, 18), seed=11):  # their checkpoints at 8 and 16 replace base's
+        cached(p)
+    out = llm.generate({"prompt_token_ids": base}, GREEDY, use_tqdm=False)
+    assert out[0].num_cached_tokens == 0
+    assert_matches_hf(path, [base], out)
+    off = LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=8, enable_prefix_caching=False)
+    assert off.llm_engine.scheduler.checkpoints is None
+    assert off.llm_engine.executor.runner.states[0][0].shape[0] == off.llm_engine.config.scheduler.max_num_seqs
+    off.generate({"prompt_token_ids": base}, GREEDY, use_tqdm=False)
+    assert off.generate({"prompt_token_ids": base}, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    with pytest.raises(ValueError, match="mamba_block_size .* must be a multiple of block_size"):
+        LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=10)
+
+
+def test_samples_and_preempted_sequences_resume_from_checkpoints(tiny_models):
+    """n = 2 greedy samples of a cached prefix each start from the checkpoint; sequences preempted for lack of
+    blocks come back through their own checkpoints; all give HF's tokens."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4, mamba_block_size=8)
+    vocab = llm.llm_engine.config.model.vocab_size
+    p = prompts(vocab, lengths=(21,))[0]
+    llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)
+    both = llm.generate({"prompt_token_ids": p}, SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert both.num_cached_tokens == 16
+    assert [o.token_ids for o in both.outputs] == [hf_greedy(path, p, 12)[0]] * 2
+    ps = prompts(vocab, lengths=(9, 14, 20, 11), seed=8)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, ps, outs, max_tokens=40)
+
+
+def test_aborts_free_every_block_and_row(tiny_models):
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=64, max_num_seqs=4, mamba_block_size=8)
     engine = llm.llm_engine
-    assert not engine.config.cache.enable_prefix_caching
     p = prompts(engine.config.model.vocab_size, lengths=(40,))[0]
     first = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0]
-    again = llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0]
-    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
     for i in range(3):
         engine.add_request(f"r{i}", {"prompt_token_ids": p[:10 + i]}, SamplingParams(max_tokens=50, ignore_eos=True))
     for _ in range(3):
