@@ -141,7 +141,8 @@ def test_checkpoints_replaced_or_off_fall_back_to_computing(tiny_models):
     cached = lambda p: llm.generate({"prompt_token_ids": p}, one, use_tqdm=False)[0].num_cached_tokens  # noqa: E731
     assert cached(base) == 0  # checkpoints at 8, 16, 24, 32: the last two stay
     assert cached(base[:27]) == 24
-    assert cached(base[:20] + [9]) == 0  # 20 tokens of KV blocks cached, no checkpoint within them: 8, 16 replace 24, 32
+    # 20 tokens of KV blocks cached, no checkpoint within them; its own checkpoints at 8, 16 replace 24, 32
+    assert cached(base[:20] + [9]) == 0
     assert cached(base[:27]) == 16
     for p in prompts(vocab, lengths=(17, 18), seed=11):  # their checkpoints at 8 and 16 replace base's
         cached(p)
