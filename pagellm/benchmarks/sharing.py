@@ -1,6 +1,6 @@
 """Memory sharing, measured: KV blocks with sharing vs without, and what prefix caching saves.
 
-    pagellm bench sharing [--model DIR] [--num-prompts 32] [--output-json F]
+    pagellm bench sharing [--model DIR] [--num-prompts 32] [--prefix-only] [--output-json F]
 
 Part 1 (parallel sampling n = 2, 4, 8 and beam search width 4, prefix caching off, on a seeded
 set of prompts whose lengths follow the throughput workload's, median 160 tokens):
@@ -105,7 +105,7 @@ def main(ns: argparse.Namespace) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids}
                for r in synthetic_workload(spec, cfg.vocab_size, set(tok.all_special_ids))]
     rows = []
-    for kind, width in [("parallel", 2), ("parallel", 4), ("parallel", 8), ("beam", 4)]:
+    for kind, width in [] if ns.prefix_only else [("parallel", 2), ("parallel", 4), ("parallel", 8), ("beam", 4)]:
         try:
             r = measure_sharing(ns.model, prompts, kind, width, ns.max_tokens, ns.seed, ns.load_format)
         except ValueError as e:  # beam search on a model with recurrent layers
@@ -132,4 +132,5 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-requests", type=int, default=16)
     p.add_argument("--system-tokens", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-only", action="store_true", help="Measure part 2 (prefix caching) only.")
     p.add_argument("--output-json", default=None)

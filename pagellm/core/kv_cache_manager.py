@@ -148,7 +148,7 @@ class KVCacheManager:
     # ---- prefix cache -------------------------------------------------------------
 
     def block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
-        """Chained hashes of the first `num_full_blocks` blocks of seq, computed once."""
+        """Chained hashes of (at least) the first `num_full_blocks` blocks of seq, computed once."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         req = seq.request
@@ -185,7 +185,7 @@ class KVCacheManager:
             return prefix
         if self.sliding_window is None:
             return PrefixMatch(prefix.blocks[:num_blocks], prefix.counted)
-        blocks = self._windowed_prefix(self.block_hashes(seq, num_blocks))
+        blocks = self._windowed_prefix(self.block_hashes(seq, num_blocks)[:num_blocks])
         return PrefixMatch(blocks if len(blocks) == num_blocks else [], prefix.counted)
 
     def _full_prefix(self, hashes: list[BlockHash]) -> list[KVBlock]:

@@ -228,6 +228,39 @@ def test_windowed_prefix_hit_needs_only_the_blocks_the_next_query_sees():
     check_block_invariants(kv)
 
 
+def test_a_hit_cut_back_to_a_state_checkpoint_keeps_the_blocks_its_next_query_sees():
+    """A model with recurrent layers resumes at a checkpoint before the end of the hit (cut_prefix): without a
+    window the cut hit is its first blocks; under one it must still hold the blocks a query at the cut sees,
+    else there is no hit."""
+    from pagellm.core.kv_cache_manager import NULL_BLOCK
+
+    plain = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    prompt = list(range(100, 121))
+    a = seq_of(prompt)
+    plain.allocate_slots(a, 21)
+    b = seq_of(prompt)
+    match = plain.find_prefix(b)
+    assert plain.cut_prefix(b, match, 5) is match
+    cut = plain.cut_prefix(b, match, 2)
+    assert cut.blocks == match.blocks[:2]
+
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True, sliding_window=6)
+    a = seq_of(prompt)
+    kv.allocate_slots(a, 21)
+    a.num_computed_tokens = 21
+    a.append_token(5, 0.0)
+    kv.allocate_slots(a, 1)  # blocks 0-3 released (free, still cached)
+    kv.allocate_slots(seq_of(list(range(500, 516))), 16)  # evicts blocks 0 and 1
+    b = seq_of(prompt)
+    match = kv.find_prefix(b)
+    assert len(match.blocks) == 5
+    assert match.blocks[2] is NULL_BLOCK  # a query at 20 sees keys 15..20: blocks 3 and 4
+    cut = kv.cut_prefix(b, match, 4)  # a query at 16 sees keys 11..16: blocks 2 and 3, both cached
+    cached = [kv.pool.get_cached_block(h) for h in kv.block_hashes(b, 4)[:4]]
+    assert cut.blocks == [NULL_BLOCK, NULL_BLOCK, cached[2], cached[3]] and cached[2] is not None
+    assert kv.cut_prefix(b, match, 2).blocks == []  # keys 3..8 need block 0: evicted
+
+
 def test_fork_under_a_window_shares_live_blocks_only():
     kv = KVCacheManager(num_blocks=12, block_size=4, enable_caching=False, sliding_window=5)
     parent = seq_of(list(range(1, 17)))
