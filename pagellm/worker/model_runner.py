@@ -362,22 +362,18 @@ class ModelRunner:
                 self.pooler.forget(seq_id)
             if self.mm is not None:
                 self.mm.forget(seq_id)
+        zeroed, restored = [], []  # recurrent layers: new rows start from zero or from a checkpoint (prefix hit)
         for d in sched.new_seqs:
             self.batch.add(d)
-            if self.states is not None:  # the row's state: zero, or a checkpoint's copy (a prefix-cache hit)
+            if self.states is not None:
                 row = self.batch.row_of[d.seq_id]
                 if d.state_checkpoint >= 0:
-                    src = self._checkpoint_base + d.state_checkpoint
-                    for layer in self.states:
-                        for t in layer:
-                            t[row].copy_(t[src])
+                    restored.append((row, self._checkpoint_base + d.state_checkpoint))
                 elif d.num_computed_tokens:
                     raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed "
                                        "but no checkpoint of its recurrent state to start from")
                 else:
-                    for layer in self.states:
-                        for t in layer:
-                            t[row].zero_()
+                    zeroed.append(row)
             if d.mm_features:
                 self.mm.add(d.seq_id, d.mm_features)
             if self.rope is not None:  # every new row: a row reused from another sequence must not keep its offset
@@ -385,6 +381,21 @@ class ModelRunner:
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
+        if zeroed or restored:
+            self._start_states(zeroed, restored)
+
+    def _start_states(self, zeroed: list[int], restored: list[tuple[int, int]]) -> None:
+        """One indexed write per state tensor for all the step's new rows."""
+        zero = torch.tensor(zeroed, device=self.device) if zeroed else None
+        if restored:
+            dst = torch.tensor([r for r, _ in restored], device=self.device)
+            src = torch.tensor([c for _, c in restored], device=self.device)
+        for layer in self.states:
+            for t in layer:
+                if zero is not None:
+                    t.index_fill_(0, zero, 0)
+                if restored:
+                    t.index_copy_(0, dst, t.index_select(0, src))
 
     def _prepare_inputs(self, sched: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> _StepInputs:
         """`drafts`: a draft model's tokens for the scheduler's placeholders (sched.spec_token_ids)."""
