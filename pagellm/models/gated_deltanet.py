@@ -20,7 +20,7 @@ from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.mamba import conv_chunk, conv_step, for_each_sequence, pad_rows
+from pagellm.models.mamba import Pieces, conv_pieces, conv_step, for_each_sequence, pad_rows
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part, parts_loader
 from pagellm.models.weight_utils import CheckpointTensor, ckpt_narrow, set_weight_loader
 
@@ -139,7 +139,7 @@ class GatedDeltaNet(nn.Module):
                                                                            + self.dt_bias.float())
         o = torch.empty(t, self.nv, self.dv, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, o, lambda idx, rows: self._step(mixed[idx], g[idx], beta[idx], state, rows),
-                          lambda s, e, row: self._chunk(mixed[s:e], g[s:e], beta[s:e], state, row), state)
+                          lambda p: self._chunks(mixed, g, beta, state, p), state)
         o = self.norm(o, z.reshape(t, self.nv, self.dv), x.dtype).reshape(t, self.value_dim)
         return self.out_proj(pad_rows(o, x.shape[0]))
 
@@ -173,10 +173,16 @@ class GatedDeltaNet(nn.Module):
         s_state[rows] = s.to(s_state.dtype)
         return torch.einsum("nhk,nhkv->nhv", q, s)
 
-    def _chunk(self, mixed, g, beta, state, row):
+    def _chunks(self, mixed, g, beta, state, p: Pieces):
+        """Pieces of several sequences -> o (B, L, Hv, Vd); the sequences fold into the heads."""
         conv_state, s_state = state
-        q, k, v = self._qkv(conv_chunk(mixed, conv_state, row, self.conv1d.weight, None))
-        o, final = delta_rule_chunked(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.t(), beta.t(),
-                                      s_state[row].float(), self.chunk_size)
-        s_state[row] = final.to(s_state.dtype)
-        return o.transpose(0, 1)
+        nb, length = p.index.shape
+        conv = conv_pieces(mixed, conv_state, p, self.conv1d.weight, None)
+        q, k, v = self._qkv(conv.reshape(nb * length, -1))
+        heads = lambda t: t.view(nb, length, self.nv, -1).permute(0, 2, 1, 3).reshape(nb * self.nv, length, -1)  # noqa: E731
+        keep = p.mask[..., None]  # padding: no decay, no update (the state stays as it is)
+        g, beta = ((t[p.index] * keep).permute(0, 2, 1).reshape(nb * self.nv, length) for t in (g, beta))
+        o, final = delta_rule_chunked(heads(q), heads(k), heads(v), g, beta,
+                                      s_state[p.rows].float().view(nb * self.nv, self.dk, self.dv), self.chunk_size)
+        s_state[p.rows] = final.view(nb, self.nv, self.dk, self.dv).to(s_state.dtype)
+        return o.view(nb, self.nv, length, self.dv).transpose(1, 2)

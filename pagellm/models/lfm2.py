@@ -20,7 +20,7 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.hybrid import HybridForCausalLM
 from pagellm.models.layers import GatedMLP, set_weight_loader
 from pagellm.models.llama import AttentionOptions
-from pagellm.models.mamba import conv_chunk, conv_step, for_each_sequence, pad_rows
+from pagellm.models.mamba import conv_pieces, conv_step, for_each_sequence, pad_rows
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part, parts_loader
 
 
@@ -45,7 +45,7 @@ class ShortConv(nn.Module):
         (conv_state,) = state
         w, bias = self.conv.weight, self.conv.bias
         for_each_sequence(meta, y, lambda idx, rows: conv_step(bx[idx], conv_state, rows, w, bias).to(x.dtype),
-                          lambda s, e, row: conv_chunk(bx[s:e], conv_state, row, w, bias).to(x.dtype), state)
+                          lambda p: conv_pieces(bx, conv_state, p, w, bias).to(x.dtype), state)
         return self.out_proj(pad_rows(c * y, x.shape[0]))
 
 

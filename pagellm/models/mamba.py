@@ -20,6 +20,8 @@ into prefill chunks give the same result as whole ones.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -39,27 +41,44 @@ from pagellm.models.weight_utils import set_weight_loader
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
              state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence over one sequence's L tokens, in float32, chunk by chunk.
+    """The recurrence over B sequences' L tokens each, in float32, chunk by chunk.
 
-    x (L, H, P), dt (L, H) (after softplus), a (H,) (negative), b / c (L, H, N) (per head), state (H, P, N): the
-    state before the first token -> y (L, H, P) without the D term, and the state after the last token.
+    x (B, L, H, P), dt (B, L, H) (after softplus; 0 at padding, which then leaves the state as it is), a (H,)
+    (negative), b / c (B, L, H, N) (per head), state (B, H, P, N): the states before the first token -> y (B, L, H,
+    P) without the D term, and the states after the last token.
     """
+    nb, length, heads = dt.shape
+    if nb > 1 and nb * min(chunk_size, length) ** 2 * heads > SCAN_BUDGET:  # (t, u, H) per sequence, a few times
+        return _by_batch(ssd_scan, max(1, SCAN_BUDGET // (min(chunk_size, length) ** 2 * heads)), x, dt, a, b, c,
+                         state, chunk_size)
     y = torch.empty_like(x)
-    for s in range(0, x.shape[0], chunk_size):
-        xs, dts, bs, cs = x[s:s + chunk_size], dt[s:s + chunk_size], b[s:s + chunk_size], c[s:s + chunk_size]
-        n = xs.shape[0]
-        cum = torch.cumsum(dts * a, dim=0)  # (n, H): log of the decay from the chunk's start to each token
-        seg = cum[:, None, :] - cum[None, :, :]  # (t, u, H): log decay from token u to token t
+    for s in range(0, x.shape[1], chunk_size):
+        xs, dts, bs, cs = (t[:, s:s + chunk_size] for t in (x, dt, b, c))
+        n = xs.shape[1]
+        cum = torch.cumsum(dts * a, dim=1)  # (B, n, H): log of the decay from the chunk's start to each token
+        seg = cum[:, :, None, :] - cum[:, None, :, :]  # (B, t, u, H): log decay from token u to token t
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         decay = torch.exp(seg.masked_fill(~causal[..., None], float("-inf")))
-        xdt = xs * dts[..., None]  # (n, H, P)
-        scores = torch.einsum("thn,uhn->tuh", cs, bs) * decay
-        y[s:s + n] = (torch.einsum("tuh,uhp->thp", scores, xdt)
-                      + torch.einsum("thn,hpn->thp", cs, state) * torch.exp(cum)[..., None])
-        last = cum[-1]  # (H,)
-        state = (state * torch.exp(last)[:, None, None]
-                 + torch.einsum("uh,uhn,uhp->hpn", torch.exp(last[None] - cum), bs, xdt))
+        xdt = xs * dts[..., None]  # (B, n, H, P)
+        scores = torch.einsum("zthn,zuhn->ztuh", cs, bs) * decay
+        y[:, s:s + n] = (torch.einsum("ztuh,zuhp->zthp", scores, xdt)
+                         + torch.einsum("zthn,zhpn->zthp", cs, state) * torch.exp(cum)[..., None])
+        last = cum[:, -1]  # (B, H)
+        state = (state * torch.exp(last)[:, :, None, None]
+                 + torch.einsum("zuh,zuhn,zuhp->zhpn", torch.exp(last[:, None] - cum), bs, xdt))
     return y, state
+
+
+# Numbers in one of a scan's per-chunk intermediates (the pairwise decays) for all the sequences of a call, at most:
+# more sequences are scanned a few at a time.
+SCAN_BUDGET = 1 << 24
+
+
+def _by_batch(scan, size: int, x, dt, a, b, c, state, chunk_size):
+    """scan over the sequences `size` at a time."""
+    parts = [scan(x[i:i + size], dt[i:i + size], a, b[i:i + size], c[i:i + size], state[i:i + size], chunk_size)
+             for i in range(0, x.shape[0], size)]
+    return torch.cat([y for y, _ in parts]), torch.cat([s for _, s in parts])
 
 
 def conv_step(x: torch.Tensor, conv_state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
@@ -72,62 +91,114 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, rows: torch.Tensor, wei
     return out if bias is None else out + bias
 
 
-def conv_chunk(x: torch.Tensor, conv_state: torch.Tensor, row: int, weight: torch.Tensor,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """The same over L new inputs of one sequence: x (L, C) -> (L, C); its state row keeps the last K - 1 inputs."""
+@dataclass
+class Pieces:
+    """Multi-token chunks of B sequences computed together (one call of a mixer's chunked form), each padded at its
+    end to the longest, L tokens. A padding position repeats an index of its own piece: its output is dropped, and
+    the mixer makes it leave the state as it is (dt, beta = 0)."""
+
+    index: torch.Tensor  # (B, L) the tokens' indices in the step
+    mask: torch.Tensor  # (B, L) real tokens
+    lengths: torch.Tensor  # (B,) tokens per piece
+    rows: torch.Tensor  # (B,) the sequences' state rows
+    tokens: torch.Tensor  # (real tokens,) index[mask]
+
+    @classmethod
+    def build(cls, pieces: list[tuple[int, int, int]], device: torch.device) -> Pieces:
+        """pieces: (start, end, state row) each."""
+        start, end, rows = torch.tensor(pieces).unbind(1)
+        lengths = end - start
+        offsets = torch.arange(int(lengths.max()))
+        mask = offsets < lengths[:, None]
+        index = torch.minimum(start[:, None] + offsets, end[:, None] - 1)
+        return cls(*(t.to(device) for t in (index, mask, lengths, rows, index[mask])))
+
+
+def conv_pieces(x: torch.Tensor, conv_state: torch.Tensor, p: Pieces, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """The same over the step's inputs x (T, C) of several pieces -> (B, L, C); each piece's state row keeps its
+    last K - 1 inputs (padding never reaches them: the convolution is causal)."""
     k = weight.shape[-1]
-    inputs = torch.cat((conv_state[row], x.t().to(conv_state.dtype)), dim=-1)  # (C, K - 1 + L)
-    conv_state[row] = inputs[:, -(k - 1):]
-    out = torch.nn.functional.conv1d(inputs[None].to(weight.dtype), weight, groups=weight.shape[0])[0].t()
+    inputs = torch.cat((conv_state[p.rows], x[p.index].transpose(1, 2).to(conv_state.dtype)), dim=-1)  # (B, C, K-1+L)
+    keep = p.lengths[:, None] + torch.arange(k - 1, device=x.device)  # (B, K - 1): after each piece's last input
+    conv_state[p.rows] = inputs.gather(2, keep[:, None, :].expand(-1, inputs.shape[1], -1))
+    out = torch.nn.functional.conv1d(inputs.to(weight.dtype), weight, groups=weight.shape[0]).transpose(1, 2)
     return out if bias is None else out + bias
 
 
-def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunk,
+def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunks,
                       state: tuple[torch.Tensor, ...] = ()) -> None:
-    """out[rows of the step's tokens] from a recurrent layer, per sequence: `step(token index (n,), state rows (n,))`
-    for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunk(start, end,
-    state row)` for each sequence with more. Under prefix caching a sequence's state is checkpointed at the points
-    meta.state_saves names (a chunk is computed in pieces between them; each piece's end state is copied into its
-    slot's row of `state`, this layer's state tensors). The split is worked out once per step (meta.recurrent_plan):
-    its index tensors go to the device once, not once per layer."""
+    """out[rows of the step's tokens] from a recurrent layer: `step(token index (n,), state rows (n,))` for every
+    sequence with one token this step (decode, or a one-token chunk), all at once; `chunks(Pieces)` -> (B, L, ...)
+    for the longer chunks, several at once (grouped by length so that padding stays under half the work). Under
+    prefix caching a sequence's state is checkpointed at the points meta.state_saves names: its chunk is computed
+    in pieces between them, one round per piece, and after each round the state rows are copied into the slots'
+    rows of `state`, this layer's state tensors. The plan is worked out once per step (meta.recurrent_plan): its
+    index tensors go to the device once, not once per layer."""
     if meta.recurrent_plan is None:
         meta.recurrent_plan = _recurrent_plan(meta, out.device)
-    idx, state_rows, chunks, single_saves = meta.recurrent_plan
+    idx, state_rows, rounds, single_saves = meta.recurrent_plan
     if idx is not None:
         out[idx] = step(idx, state_rows)
-        if single_saves is not None:
-            src, dst = single_saves
-            for t in state:
-                t[dst] = t[src]
-    for s, e, row, save in chunks:
-        out[s:e] = chunk(s, e, row)
-        if save is not None:
-            for t in state:
-                t[save].copy_(t[row])
+        _copy_rows(state, single_saves)
+    for groups, saves in rounds:
+        for p in groups:
+            out[p.tokens] = chunks(p)[p.mask]
+        _copy_rows(state, saves)
+
+
+def _copy_rows(state: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if rows is not None:
+        src, dst = rows
+        for t in state:
+            t[dst] = t[src]
 
 
 def _recurrent_plan(meta: AttentionMetadata, device: torch.device):
-    """(token index of the one-token sequences, their state rows, [(start, end, state row, checkpoint row or
-    None)] pieces of the longer chunks, (state rows, checkpoint rows) of one-token sequences checkpointed after
-    their token)."""
+    """(token index of the one-token sequences, their state rows, [([Pieces], checkpoint copies)] one per round of
+    the longer chunks, checkpoint copies of the one-token sequences); a copy is (state rows, checkpoint rows)."""
     qsl, rows, saves = meta.query_start_loc_cpu, meta.state_rows_cpu, meta.state_saves or {}
     single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
     idx = torch.tensor([qsl[i] for i in single], device=device) if single else None
     state_rows = meta.state_rows if len(single) == len(rows) else meta.state_rows[single]
     single_saves = [(rows[i], saves[i][0][1]) for i in single if i in saves]
-    chunks = []
+    rounds: list[list[tuple[int, int, int, int | None]]] = []  # round r: each sequence's r-th piece
     for i in range(len(rows)):
         start, end = qsl[i], qsl[i + 1]
         if end - start == 1:
             continue
-        for offset, slot_row in saves.get(i, ()):
-            chunks.append((start, qsl[i] + offset, rows[i], slot_row))
-            start = qsl[i] + offset
-        if start < end:
-            chunks.append((start, end, rows[i], None))
-    single_saves = (torch.tensor([r for r, _ in single_saves], device=device),
-                    torch.tensor([d for _, d in single_saves], device=device)) if single_saves else None
-    return idx, state_rows, chunks, single_saves
+        cuts = [(qsl[i] + offset, slot_row) for offset, slot_row in saves.get(i, ())]
+        if not cuts or cuts[-1][0] < end:
+            cuts.append((end, None))
+        for r, (cut, slot_row) in enumerate(cuts):
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append((start, cut, rows[i], slot_row))
+            start = cut
+    plan = [([Pieces.build(g, device) for g in _by_length(pieces)],
+             _rows_pair([(row, slot) for _, _, row, slot in pieces if slot is not None], device))
+            for pieces in rounds]
+    return idx, state_rows, plan, _rows_pair(single_saves, device)
+
+
+def _by_length(pieces: list[tuple[int, int, int, int | None]]) -> list[list[tuple[int, int, int]]]:
+    """Pieces grouped, longest first, so that each group's padded size is at most twice its real tokens."""
+    groups: list[list[tuple[int, int, int]]] = []
+    real = 0
+    for s, e, row, _ in sorted(pieces, key=lambda p: p[0] - p[1]):
+        if groups and (len(groups[-1]) + 1) * (groups[-1][0][1] - groups[-1][0][0]) <= 2 * (real + e - s):
+            groups[-1].append((s, e, row))
+            real += e - s
+        else:
+            groups.append([(s, e, row)])
+            real = e - s
+    return groups
+
+
+def _rows_pair(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not pairs:
+        return None
+    return (torch.tensor([a for a, _ in pairs], device=device), torch.tensor([b for _, b in pairs], device=device))
 
 
 def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
@@ -238,7 +309,7 @@ class MambaMixer2(nn.Module):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         y = torch.empty(t, self.num_heads, self.head_dim, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, y, lambda idx, rows: self._step(xbc[idx], dt[idx], state, rows),
-                          lambda s, e, row: self._chunk(xbc[s:e], dt[s:e], state, row), state)
+                          lambda p: self._chunks(xbc, dt, state, p), state)
         y = y.view(t, self.d_inner)
         out = (y * torch.nn.functional.silu(z.float())).to(x.dtype) if self.norm is None else self.norm(y, z)
         return self.out_proj(pad_rows(out, x.shape[0]))
@@ -267,14 +338,17 @@ class MambaMixer2(nn.Module):
         ssm_state[rows] = s.to(ssm_state.dtype)
         return torch.einsum("nhpk,nhk->nhp", s, c) + self.D.float()[:, None] * x
 
-    def _chunk(self, xbc: torch.Tensor, dt: torch.Tensor, state, row: int) -> torch.Tensor:
-        """L > 1 tokens of one sequence, from its state in row `row` -> y (L, H, P)."""
+    def _chunks(self, xbc: torch.Tensor, dt: torch.Tensor, state, p: Pieces) -> torch.Tensor:
+        """Pieces of several sequences, each from its state -> y (B, L, H, P)."""
         conv_state, ssm_state = state
-        conv = conv_chunk(xbc, conv_state, row, self.conv1d.weight, self.conv1d.bias)
-        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt, clamp=True)
-        a = -torch.exp(self.A_log.float())
-        y, final = ssd_scan(x, dt, a, b, c, ssm_state[row].float(), self.chunk_size)
-        ssm_state[row] = final.to(ssm_state.dtype)
+        nb, length = p.index.shape
+        conv = conv_pieces(xbc, conv_state, p, self.conv1d.weight, self.conv1d.bias)
+        x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv).reshape(nb * length, -1),
+                                       dt[p.index].reshape(nb * length, -1), clamp=True)
+        x, b, c = (t.view(nb, length, *t.shape[1:]) for t in (x, b, c))
+        dt = dt.view(nb, length, -1) * p.mask[..., None]  # padding leaves the state as it is
+        y, final = ssd_scan(x, dt, -torch.exp(self.A_log.float()), b, c, ssm_state[p.rows].float(), self.chunk_size)
+        ssm_state[p.rows] = final.to(ssm_state.dtype)
         return y + self.D.float()[:, None] * x
 
 
@@ -290,21 +364,25 @@ def mamba1_state_shapes(d_inner: int, state_size: int, conv_kernel: int,
 
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                    state: torch.Tensor, chunk_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba's recurrence over one sequence's L tokens, in float32: per channel d and state n,
-    h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t, y_t = h_t . c_t. x, dt (L, D) (dt after softplus), a (D, N), b / c (L, N),
-    state (D, N) -> y (L, D) without the D term, and the state after the last token. Within chunks of chunk_size
-    tokens the decays between every pair of positions are formed at once (chunk_size^2 x D x N numbers)."""
+    """Mamba's recurrence over B sequences' L tokens, in float32: per channel d and state n,
+    h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t, y_t = h_t . c_t. x, dt (B, L, D) (dt after softplus; 0 at padding,
+    which leaves the state as it is), a (D, N), b / c (B, L, N), state (B, D, N) -> y (B, L, D) without the D
+    term, and the states after the last token. Within chunks of chunk_size tokens the decays between every pair
+    of positions are formed at once (chunk_size^2 x D x N numbers per sequence)."""
+    per_seq = min(chunk_size, x.shape[1]) ** 2 * a.numel()
+    if x.shape[0] > 1 and x.shape[0] * per_seq > SCAN_BUDGET:
+        return _by_batch(selective_scan, max(1, SCAN_BUDGET // per_seq), x, dt, a, b, c, state, chunk_size)
     y = torch.empty_like(x)
-    for s in range(0, x.shape[0], chunk_size):
-        dts, xs, bs, cs = dt[s:s + chunk_size], x[s:s + chunk_size], b[s:s + chunk_size], c[s:s + chunk_size]
-        n = xs.shape[0]
-        cum = torch.cumsum(dts[:, :, None] * a[None], dim=0)  # (n, D, N)
+    for s in range(0, x.shape[1], chunk_size):
+        dts, xs, bs, cs = (t[:, s:s + chunk_size] for t in (dt, x, b, c))
+        n = xs.shape[1]
+        cum = torch.cumsum(dts[..., None] * a, dim=1)  # (B, n, D, N)
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
-        decay = torch.exp((cum[:, None] - cum[None, :]).masked_fill(~causal, float("-inf")))  # (t, j, D, N)
-        u = (dts * xs)[:, :, None] * bs[:, None, :]  # (n, D, N)
-        h = torch.einsum("tjdn,jdn->tdn", decay, u) + torch.exp(cum) * state[None]
-        y[s:s + n] = torch.einsum("tdn,tn->td", h, cs)
-        state = h[-1]
+        decay = torch.exp((cum[:, :, None] - cum[:, None, :]).masked_fill(~causal, float("-inf")))  # (B, t, j, D, N)
+        u = (dts * xs)[..., None] * bs[:, :, None, :]  # (B, n, D, N)
+        h = torch.einsum("ztjdn,zjdn->ztdn", decay, u) + torch.exp(cum) * state[:, None]
+        y[:, s:s + n] = torch.einsum("ztdn,ztn->ztd", h, cs)
+        state = h[:, -1]
     return y, state
 
 
@@ -359,7 +437,7 @@ class MambaMixer(nn.Module):
         xs, z = self.in_proj.split(self.in_proj(x[:t]))
         y = torch.empty(t, self.d_inner, dtype=torch.float32, device=x.device)
         for_each_sequence(meta, y, lambda idx, rows: self._step(xs[idx], state, rows),
-                          lambda s, e, row: self._chunk(xs[s:e], state, row), state)
+                          lambda p: self._chunks(xs, state, p), state)
         return self.out_proj(pad_rows((y * torch.nn.functional.silu(z.float())).to(x.dtype), x.shape[0]))
 
     def _ssm_inputs(self, conv: torch.Tensor):
@@ -378,10 +456,13 @@ class MambaMixer(nn.Module):
         ssm_state[rows] = h.to(ssm_state.dtype)
         return torch.einsum("ndk,nk->nd", h, c) + self.D.float() * x
 
-    def _chunk(self, xs: torch.Tensor, state, row: int) -> torch.Tensor:
+    def _chunks(self, xs: torch.Tensor, state, p: Pieces) -> torch.Tensor:
         conv_state, ssm_state = state
-        x, dt, b, c = self._ssm_inputs(conv_chunk(xs, conv_state, row, self.conv1d.weight, self.conv1d.bias))
-        y, final = selective_scan(x, dt, -torch.exp(self.A_log.float()), b, c, ssm_state[row].float())
-        ssm_state[row] = final.to(ssm_state.dtype)
+        nb, length = p.index.shape
+        conv = conv_pieces(xs, conv_state, p, self.conv1d.weight, self.conv1d.bias)
+        x, dt, b, c = self._ssm_inputs(conv.reshape(nb * length, -1))
+        x, b, c = (t.view(nb, length, -1) for t in (x, b, c))
+        dt = dt.view(nb, length, -1) * p.mask[..., None]  # padding leaves the state as it is
+        y, final = selective_scan(x, dt, -torch.exp(self.A_log.float()), b, c, ssm_state[p.rows].float())
+        ssm_state[p.rows] = final.to(ssm_state.dtype)
         return y + self.D.float() * x
-

@@ -38,10 +38,12 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
     ("qwen3_5_moe", "cpu_paged", 13, 3), ("nemotron_h", "cpu_paged", 5, 2), ("nemotron_h", "torch_ref", 13, 3),
     ("lfm2", "cpu_paged", 5, 2), ("falcon_h1", "cpu_paged", 5, 2), ("falcon_h1_nonorm", "torch_ref", 13, 3),
     ("jamba", "cpu_paged", 5, 2), ("jamba", "torch_ref", 13, 3), ("mamba", "cpu_paged", 5, 2),
-    ("falcon_mamba", "cpu_paged", 13, 3), ("mamba2", "cpu_paged", 5, 2)])
+    ("falcon_mamba", "cpu_paged", 13, 3), ("mamba2", "cpu_paged", 5, 2), ("qwen3_next", "cpu_paged", 2048, 8),
+    ("jamba", "cpu_paged", 2048, 8), ("lfm2", "cpu_paged", 2048, 8), ("mamba", "cpu_paged", 2048, 8)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
-    rows for five prompts (a row's state is zeroed for its next sequence)."""
+    rows for five prompts (a row's state is zeroed for its next sequence); or all five prompts (1 to 47 tokens) in
+    one step, their chunks computed together, padded."""
     path = tiny_models[arch]
     llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=batched, max_num_seqs=max_seqs,
               attention_backend=backend)
