@@ -167,11 +167,14 @@ class GatedDeltaNet(nn.Module):
     def _step(self, mixed, g, beta, state, rows):
         conv_state, s_state = state
         q, k, v = self._qkv(conv_step(mixed, conv_state, rows, self.conv1d.weight, None))
-        s = s_state[rows].float() * torch.exp(g)[..., None, None]  # (n, Hv, Kd, Vd)
-        delta = (v - torch.einsum("nhk,nhkv->nhv", k, s)) * beta[..., None]
-        s = s + k[..., None] * delta[..., None, :]
-        s_state[rows] = s.to(s_state.dtype)
-        return torch.einsum("nhk,nhkv->nhv", q, s)
+        n, h = g.shape
+        s = s_state[rows].float()  # (n, Hv, Kd, Vd), a copy: updated in place
+        s.mul_(torch.exp(g)[..., None, None])
+        flat = s.view(n * h, self.dk, self.dv)
+        delta = (v.reshape(n * h, 1, self.dv) - torch.bmm(k.reshape(n * h, 1, self.dk), flat)) * beta.reshape(-1, 1, 1)
+        flat.baddbmm_(k.reshape(n * h, self.dk, 1), delta)
+        s_state.index_copy_(0, rows, s.to(s_state.dtype))
+        return torch.bmm(q.reshape(n * h, 1, self.dk), flat).view(n, h, self.dv)
 
     def _chunks(self, mixed, g, beta, state, p: Pieces):
         """Pieces of several sequences -> o (B, L, Hv, Vd); the sequences fold into the heads."""

@@ -332,11 +332,14 @@ class MambaMixer2(nn.Module):
         conv_state, ssm_state = state
         conv = conv_step(xbc, conv_state, rows, self.conv1d.weight, self.conv1d.bias)
         x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt, clamp=False)
-        a = -torch.exp(self.A_log.float())
-        s = (ssm_state[rows].float() * torch.exp(dt * a)[..., None, None]
-             + (x * dt[..., None])[..., None] * b[:, :, None, :])  # (n, H, P, N)
-        ssm_state[rows] = s.to(ssm_state.dtype)
-        return torch.einsum("nhpk,nhk->nhp", s, c) + self.D.float()[:, None] * x
+        n, h = dt.shape
+        s = ssm_state[rows].float()  # (n, H, P, N), a copy: updated in place, one pass per term
+        s.mul_(torch.exp(dt * -torch.exp(self.A_log.float()))[..., None, None])
+        flat = s.view(n * h, self.head_dim, self.state_size)
+        flat.baddbmm_((x * dt[..., None]).reshape(n * h, self.head_dim, 1), b.reshape(n * h, 1, self.state_size))
+        ssm_state.index_copy_(0, rows, s.to(ssm_state.dtype))
+        y = torch.bmm(flat, c.reshape(n * h, self.state_size, 1)).view(n, h, self.head_dim)
+        return y + self.D.float()[:, None] * x
 
     def _chunks(self, xbc: torch.Tensor, dt: torch.Tensor, state, p: Pieces) -> torch.Tensor:
         """Pieces of several sequences, each from its state -> y (B, L, H, P)."""
@@ -451,10 +454,11 @@ class MambaMixer(nn.Module):
     def _step(self, xs: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
         conv_state, ssm_state = state
         x, dt, b, c = self._ssm_inputs(conv_step(xs, conv_state, rows, self.conv1d.weight, self.conv1d.bias))
-        a = -torch.exp(self.A_log.float())
-        h = ssm_state[rows].float() * torch.exp(dt[:, :, None] * a) + (dt * x)[:, :, None] * b[:, None, :]
-        ssm_state[rows] = h.to(ssm_state.dtype)
-        return torch.einsum("ndk,nk->nd", h, c) + self.D.float() * x
+        h = ssm_state[rows].float()  # (n, D, N), a copy: updated in place
+        h.mul_(torch.exp(dt[:, :, None] * -torch.exp(self.A_log.float())))
+        h.baddbmm_((dt * x)[:, :, None], b[:, None, :])
+        ssm_state.index_copy_(0, rows, h.to(ssm_state.dtype))
+        return torch.bmm(h, c[:, :, None])[..., 0] + self.D.float() * x
 
     def _chunks(self, xs: torch.Tensor, state, p: Pieces) -> torch.Tensor:
         conv_state, ssm_state = state
