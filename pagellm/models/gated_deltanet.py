@@ -20,7 +20,7 @@ from torch import nn
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.mamba import Pieces, conv_pieces, conv_step, for_each_sequence, pad_rows
+from pagellm.models.mamba import Pieces, conv_pieces, conv_step, for_each_sequence, load_rows, pad_rows, store_rows
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part, parts_loader
 from pagellm.models.weight_utils import CheckpointTensor, ckpt_narrow, set_weight_loader
 
@@ -168,12 +168,12 @@ class GatedDeltaNet(nn.Module):
         conv_state, s_state = state
         q, k, v = self._qkv(conv_step(mixed, conv_state, rows, self.conv1d.weight, None))
         n, h = g.shape
-        s = s_state[rows].float()  # (n, Hv, Kd, Vd), a copy: updated in place
+        s = load_rows(s_state, rows)  # (n, Hv, Kd, Vd): updated in place
         s.mul_(torch.exp(g)[..., None, None])
         flat = s.view(n * h, self.dk, self.dv)
         delta = (v.reshape(n * h, 1, self.dv) - torch.bmm(k.reshape(n * h, 1, self.dk), flat)) * beta.reshape(-1, 1, 1)
         flat.baddbmm_(k.reshape(n * h, self.dk, 1), delta)
-        s_state.index_copy_(0, rows, s.to(s_state.dtype))
+        store_rows(s_state, rows, s)
         return torch.bmm(q.reshape(n * h, 1, self.dk), flat).view(n, h, self.dv)
 
     def _chunks(self, mixed, g, beta, state, p: Pieces):

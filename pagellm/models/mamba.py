@@ -81,7 +81,22 @@ def _by_batch(scan, size: int, x, dt, a, b, c, state, chunk_size):
     return torch.cat([y for y, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def conv_step(x: torch.Tensor, conv_state: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+def load_rows(t: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """The states of one-token sequences in float32, to update in place: a copy (gathered rows), or, when the rows
+    are one contiguous ascending range (a slice; meta.recurrent_plan), float32 state itself."""
+    return t[rows].float()
+
+
+def store_rows(t: torch.Tensor, rows: torch.Tensor | slice, s: torch.Tensor) -> None:
+    """Write back what load_rows gave, once updated (nothing to do when it was the state itself)."""
+    if isinstance(rows, slice):
+        if s.data_ptr() != t[rows].data_ptr():
+            t[rows] = s
+    else:
+        t.index_copy_(0, rows, s.to(t.dtype))
+
+
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, rows: torch.Tensor | slice, weight: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """The causal depthwise convolution at one new input of each of n sequences: x (n, C), conv_state (rows, C,
     K - 1) holding each sequence's last K - 1 inputs (updated), weight (C, 1, K) -> (n, C), before the activation."""
@@ -128,13 +143,13 @@ def conv_pieces(x: torch.Tensor, conv_state: torch.Tensor, p: Pieces, weight: to
 
 def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunks,
                       state: tuple[torch.Tensor, ...] = ()) -> None:
-    """out[rows of the step's tokens] from a recurrent layer: `step(token index (n,), state rows (n,))` for every
-    sequence with one token this step (decode, or a one-token chunk), all at once; `chunks(Pieces)` -> (B, L, ...)
-    for the longer chunks, several at once (grouped by length so that padding stays under half the work). Under
-    prefix caching a sequence's state is checkpointed at the points meta.state_saves names: its chunk is computed
-    in pieces between them, one round per piece, and after each round the state rows are copied into the slots'
-    rows of `state`, this layer's state tensors. The plan is worked out once per step (meta.recurrent_plan): its
-    index tensors go to the device once, not once per layer."""
+    """out[rows of the step's tokens] from a recurrent layer: `step(token index (n,), state rows: (n,) or a slice)`
+    for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunks(Pieces)` ->
+    (B, L, ...) for the longer chunks, several at once (grouped by length so that padding stays under half the
+    work). Under prefix caching a sequence's state is checkpointed at the points meta.state_saves names: its chunk
+    is computed in pieces between them, one round per piece, and after each round the state rows are copied into
+    the slots' rows of `state`, this layer's state tensors. The plan is worked out once per step
+    (meta.recurrent_plan): its index tensors go to the device once, not once per layer."""
     if meta.recurrent_plan is None:
         meta.recurrent_plan = _recurrent_plan(meta, out.device)
     idx, state_rows, rounds, single_saves = meta.recurrent_plan
@@ -158,9 +173,15 @@ def _recurrent_plan(meta: AttentionMetadata, device: torch.device):
     """(token index of the one-token sequences, their state rows, [([Pieces], checkpoint copies)] one per round of
     the longer chunks, checkpoint copies of the one-token sequences); a copy is (state rows, checkpoint rows)."""
     qsl, rows, saves = meta.query_start_loc_cpu, meta.state_rows_cpu, meta.state_saves or {}
-    single = [i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1]
+    # The one-token sequences in the order of their rows: when the rows are one range (InputBatch hands out the
+    # lowest free row, so the live rows usually are), the step reads and updates the states as views, no gather.
+    single = sorted((i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1), key=rows.__getitem__)
     idx = torch.tensor([qsl[i] for i in single], device=device) if single else None
-    state_rows = meta.state_rows if len(single) == len(rows) else meta.state_rows[single]
+    first = rows[single[0]] if single else 0
+    if single and rows[single[-1]] - first == len(single) - 1:
+        state_rows = slice(first, first + len(single))
+    else:
+        state_rows = torch.tensor([rows[i] for i in single], device=device)
     single_saves = [(rows[i], saves[i][0][1]) for i in single if i in saves]
     rounds: list[list[tuple[int, int, int, int | None]]] = []  # round r: each sequence's r-th piece
     for i in range(len(rows)):
@@ -333,11 +354,11 @@ class MambaMixer2(nn.Module):
         conv = conv_step(xbc, conv_state, rows, self.conv1d.weight, self.conv1d.bias)
         x, b, c, dt = self._ssm_inputs(torch.nn.functional.silu(conv), dt, clamp=False)
         n, h = dt.shape
-        s = ssm_state[rows].float()  # (n, H, P, N), a copy: updated in place, one pass per term
+        s = load_rows(ssm_state, rows)  # (n, H, P, N): updated in place, one pass per term
         s.mul_(torch.exp(dt * -torch.exp(self.A_log.float()))[..., None, None])
         flat = s.view(n * h, self.head_dim, self.state_size)
         flat.baddbmm_((x * dt[..., None]).reshape(n * h, self.head_dim, 1), b.reshape(n * h, 1, self.state_size))
-        ssm_state.index_copy_(0, rows, s.to(ssm_state.dtype))
+        store_rows(ssm_state, rows, s)
         y = torch.bmm(flat, c.reshape(n * h, self.state_size, 1)).view(n, h, self.head_dim)
         return y + self.D.float()[:, None] * x
 
@@ -454,10 +475,10 @@ class MambaMixer(nn.Module):
     def _step(self, xs: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
         conv_state, ssm_state = state
         x, dt, b, c = self._ssm_inputs(conv_step(xs, conv_state, rows, self.conv1d.weight, self.conv1d.bias))
-        h = ssm_state[rows].float()  # (n, D, N), a copy: updated in place
+        h = load_rows(ssm_state, rows)  # (n, D, N): updated in place
         h.mul_(torch.exp(dt[:, :, None] * -torch.exp(self.A_log.float())))
         h.baddbmm_((dt * x)[:, :, None], b[:, None, :])
-        ssm_state.index_copy_(0, rows, h.to(ssm_state.dtype))
+        store_rows(ssm_state, rows, h)
         return torch.bmm(h, c[:, :, None])[..., 0] + self.D.float() * x
 
     def _chunks(self, xs: torch.Tensor, state, p: Pieces) -> torch.Tensor:

@@ -26,6 +26,7 @@ whatever the batch size.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 
 import numpy as np
@@ -86,7 +87,7 @@ class InputBatch:
         self.seeds = np.zeros(max_num_seqs, dtype=np.uint64)  # each request's seed modulo 2^64
         self.lora_ids = np.zeros(max_num_seqs, dtype=np.int64)  # each row's LoRA adapter (0: none)
         self.row_of: dict[int, int] = {}
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self._free_rows = list(range(max_num_seqs))  # a heap: the lowest free row first (the live rows stay packed)
         # Penalties: per-row parameters, and (on the device, allocated on first use) the prompt's tokens as a
         # mask, the generated tokens' counts, and the last sampled token while its value is provisional.
         self.penalties = np.zeros((max_num_seqs, 3), dtype=np.float32)  # presence, frequency, repetition
@@ -100,7 +101,7 @@ class InputBatch:
     def add(self, d: NewSeqData) -> None:
         if not self._free_rows:
             raise RuntimeError("more live sequences than max_num_seqs rows")
-        row = self._free_rows.pop()
+        row = heapq.heappop(self._free_rows)
         self.row_of[d.seq_id] = row
         n = len(d.token_ids)
         self.token_ids[row, :n] = d.token_ids
@@ -135,7 +136,7 @@ class InputBatch:
             self.params[row] = None
             self.wants_prompt_logprobs[row] = False
             self.prev_sample_index[row] = -1
-            self._free_rows.append(row)
+            heapq.heappush(self._free_rows, row)
 
     def update(self, c: CachedSeqData) -> None:
         """Apply the diffs of the sequences held here (vectorized over the batch: this runs every step)."""

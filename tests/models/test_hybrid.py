@@ -51,6 +51,20 @@ def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, bat
     assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
 
 
+@pytest.mark.parametrize("arch", ["granitemoehybrid", "qwen3_next", "jamba"])
+def test_decoding_rows_in_one_range_or_with_holes_match_hf(tiny_models, arch):
+    """Decode steps read the states of rows 0-2 as views (one range) until the middle sequence ends; then rows 0
+    and 2 are gathered and written back."""
+    path = tiny_models[arch]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256)
+    ps = prompts(llm.llm_engine.config.model.vocab_size, lengths=(6, 9, 4), seed=9)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps],
+                        [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in (16, 3, 16)],
+                        use_tqdm=False)
+    for p, out, n in zip(ps, outs, (16, 3, 16)):
+        assert_matches_hf(path, [p], [out], max_tokens=n)
+
+
 def test_multi_step_decode_matches_hf(tiny_models):
     path = tiny_models["granitemoehybrid"]
     llm = LLM(path, block_size=8, num_gpu_blocks_override=256, num_scheduler_steps=4)
