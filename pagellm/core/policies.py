@@ -78,8 +78,8 @@ def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext,
 
 class SamplingPolicy:
     """n / best_of sampling. With best_of > 1 the prompt is computed once and forked; with fork_at_start (a model
-    with a recurrent state per sequence, which forks cannot share) the samples fork before any token is computed
-    and each computes the prompt itself."""
+    with a recurrent state per sequence) the samples fork before any token is computed and each computes the prompt
+    itself (each may start from a cached prefix's state checkpoint)."""
 
     def __init__(self, best_of: int, fork_at_start: bool = False) -> None:
         self.best_of = best_of

@@ -46,6 +46,7 @@ class NewSeqData:
     mm_features: list | None = None  # the request's images (MultiModalFeature), while some of their positions remain
     mm_rope: Any = None  # (a, b, (3, b - a) positions, delta): multimodal RoPE (Qwen2-VL) of a prompt with images
     state_checkpoint: int = -1  # recurrent layers: the checkpoint slot its state starts from (-1: zero state)
+    state_parent: int = -1  # recurrent layers: a beam forked from this live sequence starts from a copy of its state
 
 
 @dataclass

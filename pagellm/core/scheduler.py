@@ -171,10 +171,13 @@ class Scheduler:
                  grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False,
                  state_checkpoints: tuple[int, int] = (0, 0)) -> None:
         self.config = config
-        # The model keeps a recurrent state per sequence (Mamba layers): sequences cannot fork mid-way (n / best_of
-        # samples each compute their prompt; beam search is refused), and a cached prefix is reused only up to a
-        # checkpoint of that state (state_checkpoints: (interval, slots); core/state_checkpoints.py).
+        # The model keeps a recurrent state per sequence (Mamba layers): n / best_of samples fork before computing
+        # (each computes its prompt), a beam forked from a computed sequence starts from a copy of its parent's
+        # state (scheduled before its parent, which moves on only once the copy is made), and a cached prefix is
+        # reused only up to a checkpoint of that state (state_checkpoints: (interval, slots);
+        # core/state_checkpoints.py).
         self.stateful = stateful
+        self._state_parents: dict[int, int] = {}  # forked seq_id -> the seq whose state it copies when first sent
         interval, slots = state_checkpoints
         self.checkpoints = StateCheckpoints(slots, interval, block_size) if enable_prefix_caching and slots else None
         self._restores: dict[int, int] = {}  # seq_id -> checkpoint slot its state starts from (a prefix hit)
@@ -213,9 +216,6 @@ class Scheduler:
             raise ValueError(f"request_id {req.request_id!r} is already in use.")
         if req.policy is None:
             req.policy = make_policy(req, fork_at_start=self.stateful)
-        elif self.stateful and not isinstance(req.policy, SamplingPolicy):
-            raise ValueError("beam search is not supported for this model: its Mamba layers keep a recurrent state "
-                             "per sequence, which beams cannot fork.")
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
         check_priority(self.config.policy, req.priority)
         spec = req.sampling_params.structured_outputs
@@ -295,6 +295,8 @@ class Scheduler:
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = parent.status
         self.kv.fork(parent, child)
+        if self.stateful and parent.num_computed_tokens:
+            self._state_parents[child.seq_id] = parent.seq_id
         if req.sampling_params.structured_outputs is not None:
             self.grammar.fork(parent.seq_id, child.seq_id)
         req.seqs.append(child)
@@ -307,6 +309,7 @@ class Scheduler:
         self.kv.free(seq)
         self.kv.forget_hashes(seq)
         self._restores.pop(seq.seq_id, None)
+        self._state_parents.pop(seq.seq_id, None)
         if seq.request.sampling_params.structured_outputs is not None:
             self.grammar.free(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
@@ -439,7 +442,10 @@ class Scheduler:
         """Schedule the request's live sequences. False when the pool ran dry."""
         req.policy.before_schedule(req, self)
         entries = plan.entries
-        for seq in req.live_seqs():
+        seqs = req.live_seqs()
+        if self._state_parents:  # forks first: a parent must not move on before its forks have copied its state
+            seqs = sorted(seqs, key=lambda s: s.seq_id not in self._state_parents)
+        for seq in seqs:
             if plan.budget <= 0:
                 return True
             if seq in entries:
@@ -516,6 +522,7 @@ class Scheduler:
             self.kv.uncache_unwritten(seq)
             self.kv.free(seq)
             self._restores.pop(seq.seq_id, None)
+            self._state_parents.pop(seq.seq_id, None)  # it recomputes from its first token
             seq.num_computed_tokens = 0
             seq.status = RequestStatus.PREEMPTED
             if seq.in_worker:
@@ -561,7 +568,8 @@ class Scheduler:
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
                     self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
                     req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope,
-                    self._restores.pop(seq_id, -1) if computed else -1))
+                    self._restores.pop(seq_id, -1) if computed else -1,
+                    self._state_parents.pop(seq_id, -1) if computed else -1))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)

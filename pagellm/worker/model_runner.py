@@ -356,6 +356,9 @@ class ModelRunner:
         res.queued()
 
     def _update_state(self, sched: SchedulerOutput) -> None:
+        forked = []  # recurrent layers: (new row, parent's row) of beams forked from live sequences
+        if self.states is not None:
+            forked = [(d.seq_id, self.batch.row_of[d.state_parent]) for d in sched.new_seqs if d.state_parent >= 0]
         for seq_id in sched.finished_seq_ids:
             self.batch.remove(seq_id)
             if self.pooler is not None:
@@ -369,6 +372,8 @@ class ModelRunner:
                 row = self.batch.row_of[d.seq_id]
                 if d.state_checkpoint >= 0:
                     restored.append((row, self._checkpoint_base + d.state_checkpoint))
+                elif d.state_parent >= 0:
+                    pass  # copied from its parent below
                 elif d.num_computed_tokens:
                     raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed "
                                        "but no checkpoint of its recurrent state to start from")
@@ -381,21 +386,24 @@ class ModelRunner:
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
+        restored += [(self.batch.row_of[seq_id], parent_row) for seq_id, parent_row in forked]
         if zeroed or restored:
             self._start_states(zeroed, restored)
 
-    def _start_states(self, zeroed: list[int], restored: list[tuple[int, int]]) -> None:
-        """One indexed write per state tensor for all the step's new rows."""
+    def _start_states(self, zeroed: list[int], copied: list[tuple[int, int]]) -> None:
+        """One indexed write per state tensor for all the step's new rows: zeroed, or copied from a checkpoint's
+        row or a live parent's row (every source read before any row is written)."""
         zero = torch.tensor(zeroed, device=self.device) if zeroed else None
-        if restored:
-            dst = torch.tensor([r for r, _ in restored], device=self.device)
-            src = torch.tensor([c for _, c in restored], device=self.device)
+        if copied:
+            dst = torch.tensor([r for r, _ in copied], device=self.device)
+            src = torch.tensor([c for _, c in copied], device=self.device)
         for layer in self.states:
             for t in layer:
+                values = t.index_select(0, src) if copied else None
                 if zero is not None:
                     t.index_fill_(0, zero, 0)
-                if restored:
-                    t.index_copy_(0, dst, t.index_select(0, src))
+                if copied:
+                    t.index_copy_(0, dst, values)
 
     def _prepare_inputs(self, sched: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> _StepInputs:
         """`drafts`: a draft model's tokens for the scheduler's placeholders (sched.spec_token_ids)."""

@@ -1,8 +1,8 @@
 """Hybrid models (attention and recurrent layers: Granite 4.0-H, Bamba, Qwen3-Next) against transformers, wherever
 the engine cuts or moves the work: the recurrent state per sequence must survive prefill chunks, one-token steps,
-multi-step decode, batch rows reused by other sequences, preemption, parallel samples, and prefix-cache hits (which
-resume from checkpoints of the state); what it cannot do (forks mid-way, speculative decoding) is refused with the
-reason."""
+multi-step decode, batch rows reused by other sequences, preemption, parallel samples, beam search (a fork copies
+its parent's state) and prefix-cache hits (which resume from checkpoints of the state); speculative decoding, which
+a state cannot undo, is refused with the reason."""
 
 from __future__ import annotations
 
@@ -214,14 +214,29 @@ def test_aborts_free_every_block_and_row(tiny_models):
     assert after.outputs[0].token_ids == first.outputs[0].token_ids
 
 
-def test_what_a_recurrent_state_cannot_do_is_refused_with_the_reason(tiny_models):
-    path = tiny_models["granitemoehybrid"]
-    llm = LLM(path, num_gpu_blocks_override=64)
-    with pytest.raises(ValueError, match="beam search is not supported for this model"):
-        llm.beam_search([{"prompt_token_ids": [5, 6, 7]}], BeamSearchParams(beam_width=2, max_tokens=4))
-    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # still up
+@pytest.mark.parametrize("arch, batched", [("granitemoehybrid", 2048), ("granitemoehybrid", 3), ("qwen3_next", 2048),
+                                            ("jamba", 2048), ("mamba", 2048), ("lfm2", 2048)])
+def test_beam_search_forks_copy_the_parents_state_and_equal_hf(tiny_models, arch, batched):
+    """A beam forked from a computed sequence starts from a copy of its parent's state (attention blocks are shared,
+    copy-on-write, as for every model). With 3 tokens a step the beams of width 4 go over two steps: the forks go
+    first, and a parent moves on only once its forks have copied its state."""
+    from tests.engine.test_memory_sharing import hf_beams
+
+    path = tiny_models[arch]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=400, max_num_batched_tokens=batched)
+    eos = set(llm.llm_engine.config.model.eos_token_ids)
+    for ids in ([5, 6, 7, 8, 9], prompts(llm.llm_engine.config.model.vocab_size, lengths=(11,), seed=4)[0]):
+        for bw, lp, es in [(2, 1.0, False), (4, 0.5, True)]:
+            out = llm.beam_search([{"prompt_token_ids": ids}], BeamSearchParams(beam_width=bw, max_tokens=12,
+                                                                                length_penalty=lp, early_stopping=es))
+            assert [s.tokens[len(ids):] for s in out[0].sequences] == hf_beams(path, ids, bw, 12, lp, es, eos)
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.scheduler.kv.num_total_blocks
+    assert not llm.llm_engine.scheduler._state_parents
+
+
+def test_speculative_decoding_is_refused_with_the_reason(tiny_models):
     with pytest.raises(ValueError, match="cannot take back rejected draft tokens"):
-        LLM(path, num_gpu_blocks_override=64,
+        LLM(tiny_models["granitemoehybrid"], num_gpu_blocks_override=64,
             speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
 
 
@@ -243,23 +258,23 @@ def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, nam
     assert_text_only_matches(llm, hf, prompts(llm.llm_engine.config.model.vocab_size, lengths=(3, 20, 37)), GREEDY)
 
 
-def test_server_refuses_beam_search_with_the_reason_and_keeps_serving(tiny_models):
+def test_server_serves_beam_search_and_parallel_samples(tiny_models):
     import httpx
 
+    from tests.engine.test_memory_sharing import hf_beams
     from tests.entrypoints.server_utils import RemoteServer
 
-    server = RemoteServer([tiny_models["granitemoehybrid"], "--served-model-name", "hybrid",
-                           "--num-gpu-blocks-override", "128"])
+    path = tiny_models["granitemoehybrid"]
+    server = RemoteServer([path, "--served-model-name", "hybrid", "--num-gpu-blocks-override", "128"])
     try:
-        body = {"model": "hybrid", "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0}
+        body = {"model": "hybrid", "prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
         r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2, "use_beam_search": True}, timeout=60)
-        assert r.status_code == 400 and "recurrent layers" in r.json()["error"]["message"]
-        assert r.json()["error"]["param"] == "use_beam_search"
+        assert r.status_code == 200, r.text
+        assert [c["token_ids"] for c in r.json()["choices"]] == hf_beams(path, [5, 6, 7, 8], 2, 6, 1.0, False, set())
         r = httpx.post(server.url + "/v1/completions", json={**body, "n": 2}, timeout=60)
-        assert r.status_code == 200 and len(r.json()["choices"]) == 2
-        want = hf_greedy(tiny_models["granitemoehybrid"], [5, 6, 7, 8], 6)[0]
-        assert [c["token_ids"] for c in httpx.post(server.url + "/v1/completions", json={
-            **body, "return_token_ids": True}, timeout=60).json()["choices"]] == [want]
+        assert r.status_code == 200 and [c["token_ids"] for c in r.json()["choices"]] == [
+            hf_greedy(path, [5, 6, 7, 8], 6)[0]] * 2
     finally:
         server.stop()
 

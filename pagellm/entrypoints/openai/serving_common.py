@@ -154,9 +154,6 @@ def beam_search(state: ServingState, req: Any, params: SamplingParams,
     for name, bad in refused.items():
         if bad:
             raise APIError(400, f"{name} is not supported with use_beam_search.", param=name)
-    if state.engine.config.model.stateful:
-        raise APIError(400, "use_beam_search is not supported for this model: its recurrent layers (Mamba) keep a "
-                            "state per sequence, which beams cannot fork.", param="use_beam_search")
     num_eos = 0 if params.ignore_eos else len(state.engine.config.model.eos_token_ids)
     policy = dict(beam_width=req.n, length_penalty=req.length_penalty, num_eos=num_eos)
     try:
