@@ -77,14 +77,12 @@ def append_and_check(seq: Sequence, result: SampleResult, ctx: PolicyContext,
 
 
 class SamplingPolicy:
-    """n / best_of sampling. With best_of > 1 the prompt is computed once and forked; with fork_at_start (a model
-    with a recurrent state per sequence) the samples fork before any token is computed and each computes the prompt
-    itself (each may start from a cached prefix's state checkpoint)."""
+    """n / best_of sampling. With best_of > 1 the prompt is computed once and forked (a model with recurrent layers:
+    each fork starts from a copy of the prompt's state)."""
 
-    def __init__(self, best_of: int, fork_at_start: bool = False) -> None:
+    def __init__(self, best_of: int) -> None:
         self.best_of = best_of
         self.forked = best_of == 1
-        self.fork_at_start = fork_at_start
 
     @property
     def max_seqs(self) -> int:
@@ -100,7 +98,7 @@ class SamplingPolicy:
         if self.forked:
             return
         parent = req.seqs[0]
-        if self.fork_at_start or parent.num_computed_tokens >= req.num_prompt_tokens - 1:
+        if parent.num_computed_tokens >= req.num_prompt_tokens - 1:
             for index in range(1, self.best_of):
                 ctx.fork_seq(parent, index)
             self.forked = True
@@ -110,5 +108,5 @@ class SamplingPolicy:
         return [append_and_check(seq, res, ctx, more and more.get(seq.seq_id)) for seq, res in results.items()]
 
 
-def make_policy(req: Request, fork_at_start: bool = False) -> SamplingPolicy:
-    return SamplingPolicy(req.sampling_params.best_of or 1, fork_at_start)
+def make_policy(req: Request) -> SamplingPolicy:
+    return SamplingPolicy(req.sampling_params.best_of or 1)

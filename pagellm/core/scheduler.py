@@ -171,11 +171,10 @@ class Scheduler:
                  grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False,
                  state_checkpoints: tuple[int, int] = (0, 0)) -> None:
         self.config = config
-        # The model keeps a recurrent state per sequence (Mamba layers): n / best_of samples fork before computing
-        # (each computes its prompt), a beam forked from a computed sequence starts from a copy of its parent's
-        # state (scheduled before its parent, which moves on only once the copy is made), and a cached prefix is
-        # reused only up to a checkpoint of that state (state_checkpoints: (interval, slots);
-        # core/state_checkpoints.py).
+        # The model keeps a recurrent state per sequence (Mamba layers): a sequence forked from a computed one (n /
+        # best_of samples, beams) starts from a copy of its parent's state (scheduled before its parent, which moves
+        # on only once the copy is made), and a cached prefix is reused only up to a checkpoint of that state
+        # (state_checkpoints: (interval, slots); core/state_checkpoints.py).
         self.stateful = stateful
         self._state_parents: dict[int, int] = {}  # forked seq_id -> the seq whose state it copies when first sent
         interval, slots = state_checkpoints
@@ -215,7 +214,7 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use.")
         if req.policy is None:
-            req.policy = make_policy(req, fork_at_start=self.stateful)
+            req.policy = make_policy(req)
         self.check_fits(req.num_prompt_tokens, req.sampling_params.max_tokens or 0, req.policy.max_seqs)
         check_priority(self.config.policy, req.priority)
         spec = req.sampling_params.structured_outputs
@@ -295,7 +294,9 @@ class Scheduler:
         child.cumulative_logprob = parent.cumulative_logprob
         child.status = parent.status
         self.kv.fork(parent, child)
-        if self.stateful and parent.num_computed_tokens:
+        if parent.seq_id in self._restores:  # the parent has not been sent yet: both start from its checkpoint
+            self._note_restore(child.seq_id, self._restores[parent.seq_id])
+        elif self.stateful and parent.num_computed_tokens:
             self._state_parents[child.seq_id] = parent.seq_id
         if req.sampling_params.structured_outputs is not None:
             self.grammar.fork(parent.seq_id, child.seq_id)
@@ -308,7 +309,7 @@ class Scheduler:
         seq.stop_reason = stop_reason
         self.kv.free(seq)
         self.kv.forget_hashes(seq)
-        self._restores.pop(seq.seq_id, None)
+        self._drop_restore(seq.seq_id)
         self._state_parents.pop(seq.seq_id, None)
         if seq.request.sampling_params.structured_outputs is not None:
             self.grammar.free(seq.seq_id)
@@ -479,8 +480,8 @@ class Scheduler:
             return True  # an encoder-only model's prompt is computed whole: it waits for a step with room
         if num_new < target - computed - cached and req.mm_features:
             num_new = _cut_before_whole_image(req, computed + cached, num_new)
-        if num_new <= 0 and (not cached or self.checkpoints is not None):
-            return True  # (a state checkpoint is restored by the step that computes the sequence's next tokens)
+        if num_new <= 0 and not cached:
+            return True
         alloc = self.kv.allocate_slots(seq, max(num_new, 0), prefix)
         if alloc is None:
             return False
@@ -492,15 +493,26 @@ class Scheduler:
         return True
 
     def _checkpointed(self, seq: Sequence, prefix: PrefixMatch) -> PrefixMatch:
-        """A hit cut back to its last state checkpoint (the slot noted for the worker's restore)."""
-        self._restores.pop(seq.seq_id, None)
+        """A hit cut back to its last state checkpoint (the slot noted, and pinned, for the worker's restore)."""
+        self._drop_restore(seq.seq_id)
         if not prefix.blocks:
             return prefix
         k, slot = self.checkpoints.lookup(self.kv.block_hashes(seq, len(prefix.blocks)), len(prefix.blocks))
         prefix = self.kv.cut_prefix(seq, prefix, k)
         if prefix.blocks:
-            self._restores[seq.seq_id] = slot
+            self._note_restore(seq.seq_id, slot)
         return prefix
+
+    def _note_restore(self, seq_id: int, slot: int) -> None:
+        self._restores[seq_id] = slot
+        self.checkpoints.pin(slot)
+
+    def _drop_restore(self, seq_id: int) -> int:
+        """The slot a sequence was to start from (-1: none), no longer pinned for it."""
+        slot = self._restores.pop(seq_id, -1)
+        if slot >= 0:
+            self.checkpoints.unpin(slot)
+        return slot
 
     def _speculate(self, seq: Sequence, plan: _StepPlan) -> bool:
         """Speculative decoding: schedule the last token and up to num_speculative_tokens drafts after it (within
@@ -521,7 +533,7 @@ class Scheduler:
         for seq in req.live_seqs():
             self.kv.uncache_unwritten(seq)
             self.kv.free(seq)
-            self._restores.pop(seq.seq_id, None)
+            self._drop_restore(seq.seq_id)
             self._state_parents.pop(seq.seq_id, None)  # it recomputes from its first token
             seq.num_computed_tokens = 0
             seq.status = RequestStatus.PREEMPTED
@@ -568,7 +580,7 @@ class Scheduler:
                     seq_id, req.request_id, list(seq.token_ids), seq.num_prompt_tokens,
                     self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
                     req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope,
-                    self._restores.pop(seq_id, -1) if computed else -1,
+                    self._drop_restore(seq_id),
                     self._state_parents.pop(seq_id, -1) if computed else -1))
                 seq.in_worker = True
             else:
@@ -686,6 +698,8 @@ class Scheduler:
             for step in later:  # a sequence that starts from one of them
                 reqs.update(self._seqs[d.seq_id].request for d in step.new_seqs
                             if d.state_checkpoint in unwritten and d.seq_id in self._seqs)
+            reqs.update(self._seqs[i].request for i, slot in self._restores.items()
+                        if slot in unwritten and i in self._seqs)
         return self.abort_requests([r.request_id for r in reqs])
 
     def request_table(self, limit: int = 64) -> list[dict]:

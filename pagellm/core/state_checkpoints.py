@@ -14,7 +14,8 @@ The worker writes a checkpoint while it computes the step's chunk (a layer saves
 chunk crosses), and restores one before the step's forward pass. Steps run in order on the worker, and within a
 step restores come before saves, so a slot may be reused by the very step that restores from it; a checkpoint
 becomes visible to lookups only once the step that writes it has been scheduled (`commit`), never to a sequence of
-the same step.
+the same step. A hit whose sequence is not sent at once (its whole hit is cached: it waits for its samples to fork)
+pins its slot until it is sent.
 
 Pure Python: no torch import.
 """
@@ -35,6 +36,7 @@ class StateCheckpoints:
         self._ready: OrderedDict[BlockHash, int] = OrderedDict()  # least recently used first
         self._pending: dict[BlockHash, int] = {}  # written by the step being scheduled
         self._free = list(range(num_slots - 1, -1, -1))
+        self._pins: dict[int, int] = {}  # slot -> sequences that will start from it, not sent to the worker yet
 
     def __len__(self) -> int:
         return len(self._ready) + len(self._pending)
@@ -72,9 +74,22 @@ class StateCheckpoints:
     def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop()
-        if self._ready:
-            return self._ready.popitem(last=False)[1]
+        for h, slot in self._ready.items():  # the least recently used one no waiting sequence starts from
+            if slot not in self._pins:
+                del self._ready[h]
+                return slot
         return None
+
+    def pin(self, slot: int) -> None:
+        """A sequence will start from this slot (its restore is not sent yet): it is not replaced meanwhile."""
+        self._pins[slot] = self._pins.get(slot, 0) + 1
+
+    def unpin(self, slot: int) -> None:
+        n = self._pins.pop(slot) - 1
+        if n:
+            self._pins[slot] = n
+        elif slot not in self._free and slot not in self._ready.values() and slot not in self._pending.values():
+            self._free.append(slot)  # its checkpoint was dropped while pinned
 
     def commit(self) -> None:
         """The step being scheduled is complete: its checkpoints may serve the steps after it."""
@@ -86,9 +101,10 @@ class StateCheckpoints:
         for table in (self._ready, self._pending):
             for h in [h for h, s in table.items() if s in slots]:
                 del table[h]
-        self._free.extend(sorted(slots - set(self._free), reverse=True))
+        self._free.extend(sorted(slots - set(self._free) - set(self._pins), reverse=True))
 
     def reset(self) -> None:
+        """Forget every checkpoint (a pinned slot's contents stay until its sequences are sent)."""
         self._ready.clear()
         self._pending.clear()
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._free = [s for s in range(self.num_slots - 1, -1, -1) if s not in self._pins]

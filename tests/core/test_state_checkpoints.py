@@ -107,3 +107,18 @@ def test_a_failed_step_drops_its_checkpoints_and_the_requests_that_started_from_
     failed = s.fail_step(first, [later])
     assert {r.request_id for r in failed} == {a.request_id, b.request_id}
     assert len(s.checkpoints) == 0 and c.request_id in s.requests
+
+
+def test_a_pinned_slot_is_never_replaced_and_comes_back_once_unpinned():
+    cp = StateCheckpoints(num_slots=2, interval=4, block_size=4)
+    cp.plan_saves(HASHES, 0, 8)
+    cp.commit()
+    _, slot = cp.lookup(HASHES, 1)  # boundary 4 (slot 1), then pinned: a sequence will start from it
+    cp.pin(slot)
+    other = [bytes([100 + i]) for i in range(16)]
+    assert cp.plan_saves(other, 0, 8) == [(8, 0)]  # only the unpinned slot is taken
+    cp.commit()
+    cp.invalidate({slot})  # e.g. a failed step: forgotten, but not free while pinned
+    assert cp.plan_saves([b"z"] * 4, 0, 4) == [(4, 0)]
+    cp.unpin(slot)
+    assert cp.plan_saves([b"w"] * 4, 0, 4) == [(4, slot)]

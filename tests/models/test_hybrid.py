@@ -84,14 +84,18 @@ def test_preempted_sequences_recompute_their_state(tiny_models):
 
 
 @torch.inference_mode()
-def test_parallel_samples_each_compute_their_own_state(tiny_models):
-    """n = 3 samples of one prompt: each sequence computes the prompt itself (no fork of a state mid-way); every
-    sample's logprobs are transformers' on that sample's own tokens, and greedy samples are all HF's greedy."""
+def test_parallel_samples_fork_with_a_copy_of_the_prompts_state(tiny_models):
+    """n = 3 samples of one prompt: the prompt is computed once (all but its last token) and the samples fork with
+    a copy of its state; every sample's logprobs are transformers' on that sample's own tokens, and greedy samples
+    are all HF's greedy."""
     path = tiny_models["granitemoehybrid"]
-    llm = LLM(path, block_size=8, num_gpu_blocks_override=256)
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, enable_prefix_caching=False)
     p = prompts(llm.llm_engine.config.model.vocab_size, lengths=(21,))[0]
+    before = llm.llm_engine.stats.tokens_computed
     out = llm.generate({"prompt_token_ids": p}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12,
                                                                 ignore_eos=True, logprobs=0), use_tqdm=False)[0]
+    # 20 prompt tokens once, then each sample its last prompt token and 11 more
+    assert llm.llm_engine.stats.tokens_computed - before == 20 + 3 * 12
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
     for i, o in enumerate(out.outputs):  # output i is a separate request with seed + i, as for every model
         alone = llm.generate({"prompt_token_ids": p}, SamplingParams(temperature=1.0, seed=5 + i, max_tokens=12,
@@ -172,6 +176,23 @@ def test_checkpoints_replaced_or_off_fall_back_to_computing(tiny_models):
     assert off.generate({"prompt_token_ids": base}, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
     with pytest.raises(ValueError, match="mamba_block_size .* must be a multiple of block_size"):
         LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=10)
+
+
+def test_samples_whose_whole_prompt_is_cached_fork_before_starting_from_the_checkpoint(tiny_models):
+    """The cached prefix covers all of the prompt but its last token: the first sample adopts it and waits, the
+    others fork from it, and all start from the checkpoint (pinned meanwhile: another prompt's checkpoints in the
+    same step may not replace it, with two slots)."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=256, mamba_block_size=8, num_state_checkpoints=2)
+    vocab = llm.llm_engine.config.model.vocab_size
+    p, other = prompts(vocab, lengths=(17, 20), seed=12)
+    llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=1), use_tqdm=False)  # checkpoints at 8, 16
+    outs = llm.generate([{"prompt_token_ids": p}, {"prompt_token_ids": other}],
+                        [SamplingParams(n=2, temperature=0, max_tokens=12, ignore_eos=True), GREEDY], use_tqdm=False)
+    assert outs[0].num_cached_tokens == 16
+    assert [o.token_ids for o in outs[0].outputs] == [hf_greedy(path, p, 12)[0]] * 2
+    assert_matches_hf(path, [other], outs[1:])
+    assert not llm.llm_engine.scheduler.checkpoints._pins
 
 
 def test_samples_and_preempted_sequences_resume_from_checkpoints(tiny_models):
