@@ -3,8 +3,9 @@ bounded engine error.
 
 Logprob tolerance: a row-parallel layer sums two float32 partial products instead of one, so each
 all-reduce rounds differently (relative error ~1e-7 per layer); over these 2-4 layer models the
-log-softmax moves by ~1e-6. 1e-4 leaves a wide margin while still catching any sharding mistake,
-which moves logprobs by whole units.
+log-softmax moves by ~1e-6, except where Gated DeltaNet's triangular solves amplify the rounding
+(Qwen3-Next: up to 1.2e-4 between the two, each within 1e-4 of transformers). 2e-4, the tolerance
+against transformers, still catches any sharding mistake, which moves logprobs by whole units.
 """
 
 import os
@@ -18,7 +19,7 @@ import pytest
 from pagellm import LLM, SamplingParams
 from pagellm.engine.llm_engine import EngineDeadError
 
-TOL = 1e-4
+TOL = 2e-4
 
 
 def run(path: str, tp: int, prompts: list[list[int]], backend: str | None = None, **kw):
