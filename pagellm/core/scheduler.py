@@ -581,7 +581,7 @@ class Scheduler:
                     self.kv.block_ids(seq_id), computed, req.sampling_params, seq.seed, req.lora_id,
                     req.pooling_params, req.mm_features if computed < req.mm_end else None, req.mm_rope,
                     self._drop_restore(seq_id),
-                    self._state_parents.pop(seq_id, -1) if computed else -1))
+                    self._state_parents.pop(seq_id, -1)))
                 seq.in_worker = True
             else:
                 c_ids.append(seq_id)

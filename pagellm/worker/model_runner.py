@@ -356,24 +356,22 @@ class ModelRunner:
         res.queued()
 
     def _update_state(self, sched: SchedulerOutput) -> None:
-        forked = []  # recurrent layers: (new row, parent's row) of beams forked from live sequences
-        if self.states is not None:
-            forked = [(d.seq_id, self.batch.row_of[d.state_parent]) for d in sched.new_seqs if d.state_parent >= 0]
         for seq_id in sched.finished_seq_ids:
             self.batch.remove(seq_id)
             if self.pooler is not None:
                 self.pooler.forget(seq_id)
             if self.mm is not None:
                 self.mm.forget(seq_id)
-        zeroed, restored = [], []  # recurrent layers: new rows start from zero or from a checkpoint (prefix hit)
+        # recurrent layers: a new row starts from zero, a checkpoint (prefix hit) or its live parent's row (a fork)
+        zeroed, copied = [], []
         for d in sched.new_seqs:
             self.batch.add(d)
             if self.states is not None:
                 row = self.batch.row_of[d.seq_id]
                 if d.state_checkpoint >= 0:
-                    restored.append((row, self._checkpoint_base + d.state_checkpoint))
-                elif d.state_parent >= 0:
-                    pass  # copied from its parent below
+                    copied.append((row, self._checkpoint_base + d.state_checkpoint))
+                elif d.state_parent >= 0:  # the parent is live (not sent this step): its row holds that state
+                    copied.append((row, self.batch.row_of[d.state_parent]))
                 elif d.num_computed_tokens:
                     raise RuntimeError(f"sequence {d.seq_id} arrives with {d.num_computed_tokens} tokens computed "
                                        "but no checkpoint of its recurrent state to start from")
@@ -386,9 +384,8 @@ class ModelRunner:
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
         self.batch.update(sched.cached_seqs)
-        restored += [(self.batch.row_of[seq_id], parent_row) for seq_id, parent_row in forked]
-        if zeroed or restored:
-            self._start_states(zeroed, restored)
+        if zeroed or copied:
+            self._start_states(zeroed, copied)
 
     def _start_states(self, zeroed: list[int], copied: list[tuple[int, int]]) -> None:
         """One indexed write per state tensor for all the step's new rows: zeroed, or copied from a checkpoint's
