@@ -147,11 +147,13 @@ class KVCacheManager:
 
     # ---- prefix cache -------------------------------------------------------------
 
-    def block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
-        """Chained hashes of (at least) the first `num_full_blocks` blocks of seq, computed once."""
+    def block_hashes(self, seq: Sequence, num_full_blocks: int, ahead: list[int] = ()) -> list[BlockHash]:
+        """Chained hashes of (at least) the first `num_full_blocks` blocks of seq, computed once. `ahead`: tokens
+        that follow seq.token_ids and will be appended to them (drafts that a speculative step kept)."""
         hashes = self._hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         req = seq.request
+        tokens = seq.token_ids if not ahead else list(seq.token_ids) + list(ahead)
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -159,7 +161,7 @@ class KVCacheManager:
             if req.mm_features and i * bs < req.mm_end:  # the images whose positions the block holds
                 ids = [f.identifier for f in req.mm_features if f.overlaps(i * bs, (i + 1) * bs)]
                 extra = "\x00".join([extra or "", *ids]) if ids else extra
-            hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs:(i + 1) * bs], extra))
+            hashes.append(hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], extra))
         return hashes
 
     def find_prefix(self, seq: Sequence) -> PrefixMatch:
@@ -216,18 +218,26 @@ class KVCacheManager:
             return 0
         return max(0, num_computed - self.sliding_window + 1) // self.block_size
 
-    def _cache_full_blocks(self, seq: Sequence, table: list[KVBlock], num_tokens: int) -> None:
+    def _cache_full_blocks(self, seq: Sequence, table: list[KVBlock], num_tokens: int, ahead: list[int] = ()) -> None:
         if not self.enable_caching:
             return
-        num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        num_full = min(num_tokens, seq.num_tokens + len(ahead)) // self.block_size
         start = self.num_cached_blocks.get(seq.seq_id, 0)
         if num_full <= start:
             return
-        hashes = self.block_hashes(seq, num_full)
+        hashes = self.block_hashes(seq, num_full, ahead)
         for i in range(start, num_full):
             if table[i] is not NULL_BLOCK:
                 self.pool.cache_full_block(table[i], hashes[i])
         self.num_cached_blocks[seq.seq_id] = num_full
+
+    def cache_kept_drafts(self, seq: Sequence, kept: list[int]) -> None:
+        """A speculative step's verdict: the blocks filled by its last known token and the drafts it kept (`kept`,
+        not appended to the sequence yet) hold tokens of the sequence now; they enter the prefix cache, even if the
+        sequence ends here."""
+        table = self.tables.get(seq.seq_id)
+        if table is not None:
+            self._cache_full_blocks(seq, table, seq.num_computed_tokens, kept)
 
     def uncache_unwritten(self, seq: Sequence) -> None:
         """Forget hashes of blocks whose contents were never written (the step that fills them failed)."""

@@ -81,10 +81,22 @@ class SchedulerOutput:
     # Recurrent layers under prefix caching: seq_id -> [(tokens of its chunk computed before the checkpoint,
     # slot)]; each layer copies the sequence's state into the slot at that point of the chunk.
     state_saves: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # Recurrent layers under speculative decoding, the last speculative step's verdicts (applied first, before the
+    # step's finished sequences are dropped): seq_id -> j, the drafts it kept, fewer than it checked; its state goes
+    # back to the one saved after its token j (0: the last known token, j: draft j).
+    state_rewinds: dict[int, int] = field(default_factory=dict)
+    # and with prefix caching, seq_id -> [(j, slot)]: checkpoints at boundaries within the drafts it kept, copied
+    # from the state saved after its token j (-1: its own row, when it kept every draft).
+    state_promotions: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+    @property
+    def has_work(self) -> bool:
+        """Something for the worker to do, even with no token to compute."""
+        return not self.is_empty or bool(self.finished_seq_ids or self.state_rewinds or self.state_promotions)
 
 
 @dataclass(slots=True)

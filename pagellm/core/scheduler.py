@@ -180,6 +180,9 @@ class Scheduler:
         interval, slots = state_checkpoints
         self.checkpoints = StateCheckpoints(slots, interval, block_size) if enable_prefix_caching and slots else None
         self._restores: dict[int, int] = {}  # seq_id -> checkpoint slot its state starts from (a prefix hit)
+        # the last speculative step's verdicts for the worker's recurrent states (state_rewinds, state_promotions)
+        self._rewinds: dict[int, int] = {}
+        self._promotions: dict[int, list[tuple[int, int]]] = {}
         self.grammar = grammar  # structured output: follows constrained sequences (core/grammar.py)
         self.max_model_len = config.max_model_len
         self.block_size = block_size
@@ -600,7 +603,9 @@ class Scheduler:
         forget, self._forget = self._forget, set()
         out = SchedulerOutput(new_seqs, cached, num_scheduled, sum(num_scheduled.values()), copies, forget,
                               sampling_seq_ids=[seq.seq_id for seq in sampling], num_steps=plan.steps,
-                              spec_token_ids={seq.seq_id: d for seq, d in drafts.items()}, state_saves=saves)
+                              spec_token_ids={seq.seq_id: d for seq, d in drafts.items()}, state_saves=saves,
+                              state_rewinds=self._rewinds, state_promotions=self._promotions)
+        self._rewinds, self._promotions = {}, {}
         if checkpoints is not None:
             checkpoints.commit()
         if constrained:
@@ -629,7 +634,7 @@ class Scheduler:
         prompt_lps = out.prompt_logprobs
         more = out.extra_samples or None
         if sched.spec_token_ids:
-            self._apply_verdicts(sched.spec_token_ids, out.extra_samples)
+            self._apply_verdicts(sched.spec_token_ids, out)
         updates = []
         for seq_id, data in out.pooled.items():  # a pooling request ends when its prompt is computed
             seq = seqs.get(seq_id)
@@ -668,17 +673,40 @@ class Scheduler:
                                          req.first_scheduled_time))
         return updates
 
-    def _apply_verdicts(self, spec_token_ids: dict[int, list[int]], accepted: dict[int, list[SampleResult]]) -> None:
+    def _apply_verdicts(self, spec_token_ids: dict[int, list[int]], out: ModelRunnerOutput) -> None:
         """Speculative decoding: a sequence whose step checked k drafts and kept a of them (it samples a + 1
-        tokens) has k - a tokens fewer computed than scheduled; their K/V slots are written again later."""
+        tokens) has k - a tokens fewer computed than scheduled; their K/V slots are written again later. A
+        recurrent state has taken in all k: the next step puts back the one saved after draft a (state_rewinds),
+        and checkpoints the boundaries among the kept drafts (state_promotions; those tokens were not on the host
+        when the step was scheduled). Such a checkpoint is visible at once: the worker copies it before anything
+        of the next step, whose new sequences may start from it."""
         for seq_id, drafts in spec_token_ids.items():
-            a = len(accepted.get(seq_id, ()))
+            later = out.extra_samples.get(seq_id, ())
+            a = len(later)
             self.spec_drafts += 1
             self.spec_draft_tokens += len(drafts)
             self.spec_accepted_tokens += a
             seq = self._seqs.get(seq_id)
             if seq is not None:
                 seq.num_computed_tokens -= len(drafts) - a
+                if a:  # the drafts kept are the samples before the last (a draft model's are placeholders here)
+                    kept = [out.samples[seq_id].token_id] + [r.token_id for r in later[:-1]]
+                    self.kv.cache_kept_drafts(seq, kept)
+                    if self.checkpoints is not None:
+                        self._checkpoint_kept_drafts(seq, kept, len(drafts))
+                if self.stateful and a < len(drafts):
+                    self._rewinds[seq_id] = a
+
+    def _checkpoint_kept_drafts(self, seq: Sequence, kept: list[int], num_drafts: int) -> None:
+        end = seq.num_computed_tokens  # the step computed from `start`: its last known token, then the drafts kept
+        start = end - len(kept) - 1
+        if end // self.checkpoints.interval <= (start + 1) // self.checkpoints.interval:
+            return  # no boundary after the last known token (the step itself checkpointed one there)
+        planned = self.checkpoints.plan_saves(self.kv.block_hashes(seq, end // self.block_size, kept), start, end)
+        self.checkpoints.commit()
+        if planned:
+            self._promotions[seq.seq_id] = [(offset - 1 if offset - 1 < num_drafts else -1, slot)
+                                            for offset, slot in planned]
 
     def fail_step(self, sched: SchedulerOutput, later: list[SchedulerOutput] = ()) -> list[Request]:
         """The forward pass raised: abort the requests in that batch (and forget the hashes of blocks it
@@ -692,8 +720,9 @@ class Scheduler:
         for req in reqs:
             for seq in req.live_seqs():
                 self.kv.uncache_unwritten(seq)
-        if self.checkpoints is not None and sched.state_saves:  # its checkpoints were not written
-            unwritten = {slot for planned in sched.state_saves.values() for _, slot in planned}
+        if self.checkpoints is not None and (sched.state_saves or sched.state_promotions):  # not written
+            unwritten = {slot for saves in (sched.state_saves, sched.state_promotions) for planned in saves.values()
+                         for _, slot in planned}
             self.checkpoints.invalidate(unwritten)
             for step in later:  # a sequence that starts from one of them
                 reqs.update(self._seqs[d.seq_id].request for d in step.new_seqs

@@ -278,11 +278,6 @@ class EngineArgs:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
-        if model_cfg.stateful and speculative is not None:
-            # A sequence's recurrent state holds its whole past: it cannot step back over rejected draft tokens.
-            raise ValueError(f"speculative_config: {model_cfg.architecture} keeps a recurrent state per sequence "
-                             "(Mamba layers), which cannot take back rejected draft tokens; speculative decoding "
-                             "is not supported for it.")
         mamba_block, checkpoints = self._state_checkpoints(model_cfg.stateful and prefix_caching)
         if speculative is not None and speculative.method == "draft_model":
             speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
@@ -422,6 +417,10 @@ class EngineArgs:
             raise ValueError(f"speculative_config.model: the draft model's vocabulary ({draft.vocab_size} tokens) is "
                              f"smaller than the model's ({target.vocab_size}); it must embed every token the model "
                              "may produce (a draft model shares the model's tokenizer).")
+        if draft.stateful:
+            raise ValueError(f"speculative_config.model: {draft.architecture} keeps a recurrent state per sequence "
+                             "(Mamba layers); a draft model must be attention-only (its cache follows the target's "
+                             "blocks).")
         if draft.sliding_window is not None and draft.sliding_window < target.max_model_len:
             raise ValueError(f"speculative_config.model: the draft model has a sliding window "
                              f"({draft.sliding_window}); a draft model must read the whole context.")

@@ -192,7 +192,7 @@ class EngineCore:
     def _launch(self) -> CoreStep | None:
         """Schedule a step and queue it on the executor; a CoreStep only when that failed."""
         sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_seq_ids:
+        if not sched.has_work:
             return None
         try:
             if self.async_scheduling:

@@ -146,17 +146,16 @@ def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunks,
     """out[rows of the step's tokens] from a recurrent layer: `step(token index (n,), state rows: (n,) or a slice)`
     for every sequence with one token this step (decode, or a one-token chunk), all at once; `chunks(Pieces)` ->
     (B, L, ...) for the longer chunks, several at once (grouped by length so that padding stays under half the
-    work). Under prefix caching a sequence's state is checkpointed at the points meta.state_saves names: its chunk
-    is computed in pieces between them, one round per piece, and after each round the state rows are copied into
-    the slots' rows of `state`, this layer's state tensors. The plan is worked out once per step
+    work). A sequence's state may be saved at points of its chunk (meta.state_saves: prefix caching's checkpoints,
+    speculative decoding's state after each draft): the chunk is then computed in pieces between them, one round
+    per piece (a one-token piece with the one-token sequences of its round), and after each round the state rows
+    are copied into the save rows of `state`, this layer's state tensors. The plan is worked out once per step
     (meta.recurrent_plan): its index tensors go to the device once, not once per layer."""
     if meta.recurrent_plan is None:
         meta.recurrent_plan = _recurrent_plan(meta, out.device)
-    idx, state_rows, rounds, single_saves = meta.recurrent_plan
-    if idx is not None:
-        out[idx] = step(idx, state_rows)
-        _copy_rows(state, single_saves)
-    for groups, saves in rounds:
+    for idx, state_rows, groups, saves in meta.recurrent_plan:
+        if idx is not None:
+            out[idx] = step(idx, state_rows)
         for p in groups:
             out[p.tokens] = chunks(p)[p.mask]
         _copy_rows(state, saves)
@@ -170,43 +169,49 @@ def _copy_rows(state: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, torch.
 
 
 def _recurrent_plan(meta: AttentionMetadata, device: torch.device):
-    """(token index of the one-token sequences, their state rows, [([Pieces], checkpoint copies)] one per round of
-    the longer chunks, checkpoint copies of the one-token sequences); a copy is (state rows, checkpoint rows)."""
+    """[(token index of the round's one-token pieces, their state rows, [Pieces] of its longer ones, state copies)]
+    one per round; a copy is (state rows, save rows)."""
     qsl, rows, saves = meta.query_start_loc_cpu, meta.state_rows_cpu, meta.state_saves or {}
-    # The one-token sequences in the order of their rows: when the rows are one range (InputBatch hands out the
-    # lowest free row, so the live rows usually are), the step reads and updates the states as views, no gather.
-    single = sorted((i for i in range(len(rows)) if qsl[i + 1] - qsl[i] == 1), key=rows.__getitem__)
-    idx = torch.tensor([qsl[i] for i in single], device=device) if single else None
-    first = rows[single[0]] if single else 0
-    if single and rows[single[-1]] - first == len(single) - 1:
-        state_rows = slice(first, first + len(single))
-    else:
-        state_rows = torch.tensor([rows[i] for i in single], device=device)
-    single_saves = [(rows[i], saves[i][0][1]) for i in single if i in saves]
-    rounds: list[list[tuple[int, int, int, int | None]]] = []  # round r: each sequence's r-th piece
+    rounds: list[list[tuple[int, int, int, list[int]]]] = [[]]  # round r: each sequence's r-th piece
     for i in range(len(rows)):
         start, end = qsl[i], qsl[i + 1]
-        if end - start == 1:
+        if i not in saves:
+            rounds[0].append((start, end, rows[i], []))
             continue
-        cuts = [(qsl[i] + offset, slot_row) for offset, slot_row in saves.get(i, ())]
-        if not cuts or cuts[-1][0] < end:
-            cuts.append((end, None))
-        for r, (cut, slot_row) in enumerate(cuts):
+        cuts: dict[int, list[int]] = {}  # chunk offset -> the rows its state is saved to there
+        for offset, save_row in saves.get(i, ()):
+            cuts.setdefault(qsl[i] + offset, []).append(save_row)
+        cuts.setdefault(end, [])
+        for r, cut in enumerate(sorted(cuts)):
             if r == len(rounds):
                 rounds.append([])
-            rounds[r].append((start, cut, rows[i], slot_row))
+            rounds[r].append((start, cut, rows[i], cuts[cut]))
             start = cut
-    plan = [([Pieces.build(g, device) for g in _by_length(pieces)],
-             _rows_pair([(row, slot) for _, _, row, slot in pieces if slot is not None], device))
-            for pieces in rounds]
-    return idx, state_rows, plan, _rows_pair(single_saves, device)
+    return [_round(pieces, device) for pieces in rounds]
 
 
-def _by_length(pieces: list[tuple[int, int, int, int | None]]) -> list[list[tuple[int, int, int]]]:
+def _round(pieces: list[tuple[int, int, int, list[int]]], device: torch.device):
+    # The one-token pieces in the order of their rows: when the rows are one range (InputBatch hands out the lowest
+    # free row, so the live rows of a decode step usually are), the step reads and updates the states as views.
+    single = sorted((p for p in pieces if p[1] - p[0] == 1), key=lambda p: p[2])
+    idx = state_rows = None
+    if single:
+        idx = torch.tensor([p[0] for p in single], device=device)
+        first = single[0][2]
+        if single[-1][2] - first == len(single) - 1:
+            state_rows = slice(first, first + len(single))
+        else:
+            state_rows = torch.tensor([p[2] for p in single], device=device)
+    longer = [(s, e, row) for s, e, row, _ in pieces if e - s > 1]
+    copies = [(row, save) for _, _, row, save_rows in pieces for save in save_rows]
+    return idx, state_rows, [Pieces.build(g, device) for g in _by_length(longer)], _rows_pair(copies, device)
+
+
+def _by_length(pieces: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
     """Pieces grouped, longest first, so that each group's padded size is at most twice its real tokens."""
     groups: list[list[tuple[int, int, int]]] = []
     real = 0
-    for s, e, row, _ in sorted(pieces, key=lambda p: p[0] - p[1]):
+    for s, e, row in sorted(pieces, key=lambda p: p[0] - p[1]):
         if groups and (len(groups[-1]) + 1) * (groups[-1][0][1] - groups[-1][0][0]) <= 2 * (real + e - s):
             groups[-1].append((s, e, row))
             real += e - s

@@ -127,21 +127,31 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     return caches
 
 
+def num_spec_state_rows(config: EngineConfig) -> int:
+    """Speculative decoding on a model with recurrent layers: k state rows per batch row, the states after each of
+    a speculative step's first k tokens (the last known one and the drafts but the last)."""
+    spec = config.scheduler.speculative
+    return config.scheduler.max_num_seqs * spec.num_speculative_tokens if spec is not None else 0
+
+
 def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
     """The recurrent state of every stateful layer (Mamba), in the compute dtype unless the model names another
     (ModelConfig.state_dtypes): one row per batch row (InputBatch's rows, max_num_seqs of them), zeroed when a
-    sequence takes the row, then (prefix caching) one row per state checkpoint slot (core/state_checkpoints.py)."""
+    sequence takes the row, then (prefix caching) one row per state checkpoint slot (core/state_checkpoints.py),
+    then (speculative decoding) num_speculative_tokens rows per batch row (num_spec_state_rows)."""
     m = config.model
     seqs, device = config.scheduler.max_num_seqs, torch.device(config.device.device)
-    rows = seqs + config.cache.num_state_checkpoints
+    spec_rows = num_spec_state_rows(config)
+    rows = seqs + config.cache.num_state_checkpoints + spec_rows
     names = list(m.state_dtypes) + [None] * (len(m.state_shapes) - len(m.state_dtypes))
     dtypes = [torch_dtype(name or m.dtype) for name in names]
     states = [tuple(torch.zeros((rows, *shape), dtype=dtype, device=device) for shape, dtype in zip(m.state_shapes,
                                                                                                    dtypes))
               for _ in range(m.num_state_layers)]
     gib = sum(t.numel() * t.element_size() for layer in states for t in layer) / 2**30
-    logger.info("recurrent state of %s: %d layers x (%d sequences + %d checkpoints) (%.2f GiB, %s)", m.architecture,
-                m.num_state_layers, seqs, config.cache.num_state_checkpoints, gib, ", ".join(str(d) for d in dtypes))
+    logger.info("recurrent state of %s: %d layers x (%d sequences + %d checkpoints + %d for speculative steps) "
+                "(%.2f GiB, %s)", m.architecture, m.num_state_layers, seqs, config.cache.num_state_checkpoints,
+                spec_rows, gib, ", ".join(str(d) for d in dtypes))
     return states
 
 

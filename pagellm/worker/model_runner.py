@@ -128,6 +128,9 @@ class ModelRunner:
         if config.model.stateful:
             self.states = allocate_states(config)
             self._checkpoint_base = config.scheduler.max_num_seqs  # state row of checkpoint slot 0
+            # speculative decoding: the state after token j of batch row r's step is saved in row
+            # _spec_base + r * k + j (j < k), to put back when the drafts after it are rejected (state_rewinds)
+            self._spec_base = self._checkpoint_base + config.cache.num_state_checkpoints
             self.model.bind_states(self.states)
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
@@ -356,6 +359,8 @@ class ModelRunner:
         res.queued()
 
     def _update_state(self, sched: SchedulerOutput) -> None:
+        if (sched.state_rewinds or sched.state_promotions) and self.states is not None:
+            self._apply_verdicts(sched)  # before the rows of sequences that finished go
         for seq_id in sched.finished_seq_ids:
             self.batch.remove(seq_id)
             if self.pooler is not None:
@@ -386,6 +391,26 @@ class ModelRunner:
         self.batch.update(sched.cached_seqs)
         if zeroed or copied:
             self._start_states(zeroed, copied)
+
+    def _apply_verdicts(self, sched: SchedulerOutput) -> None:
+        """The last speculative step's verdicts, in one copy per state tensor: each sequence that rejected drafts
+        gets back the state saved after its last token kept, and checkpoints within the kept drafts are copied
+        into their slots (every source read before any row is written)."""
+        k = self.config.scheduler.speculative.num_speculative_tokens
+        row_of, base = self.batch.row_of, self._spec_base
+        src, dst = [], []
+        for seq_id, j in sched.state_rewinds.items():
+            src.append(base + row_of[seq_id] * k + j)
+            dst.append(row_of[seq_id])
+        for seq_id, planned in sched.state_promotions.items():
+            row = row_of[seq_id]
+            for j, slot in planned:
+                src.append(row if j < 0 else base + row * k + j)
+                dst.append(self._checkpoint_base + slot)
+        src, dst = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for layer in self.states:
+            for t in layer:
+                t[dst] = t[src]
 
     def _start_states(self, zeroed: list[int], copied: list[tuple[int, int]]) -> None:
         """One indexed write per state tensor for all the step's new rows: zeroed, or copied from a checkpoint's
@@ -479,10 +504,7 @@ class ModelRunner:
                 max_seq_len=int(seq_lens.max()), block_size=bs, max_query_len=max_query_len)
             if self.states is not None:
                 meta.state_rows, meta.state_rows_cpu = t["state_rows"], rows.tolist()
-                if sched.state_saves:
-                    base = self._checkpoint_base
-                    meta.state_saves = {i: [(offset, base + slot) for offset, slot in sched.state_saves[s]]
-                                        for i, s in enumerate(seq_ids) if s in sched.state_saves}
+                meta.state_saves = self._state_saves(sched, seq_ids, rows, n_draft)
         multi = None if multi_counts is None else self._multi_step_inputs(sched.num_steps, rows, starts, multi_counts)
         pool = None
         if self.pooler is not None:  # (seq_id, chunk's first and end batch index, chunk starts / ends the prompt)
@@ -496,6 +518,21 @@ class ModelRunner:
             t["positions"] = t["positions"].to(self.device, non_blocking=True)
         return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
                            [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool, mm)
+
+    def _state_saves(self, sched: SchedulerOutput, seq_ids: list[int], rows: np.ndarray,
+                     n_draft: np.ndarray | None) -> dict[int, list[tuple[int, int]]] | None:
+        """Where the recurrent layers save a sequence's state within its chunk (batch index -> [(chunk offset, state
+        row)]): the scheduler's checkpoints, and for a speculative step the state after each token but the last (the
+        state after the last is the row's own)."""
+        base = self._checkpoint_base
+        saves = {i: [(offset, base + slot) for offset, slot in sched.state_saves[s]]
+                 for i, s in enumerate(seq_ids) if s in sched.state_saves}
+        if n_draft is not None:
+            k = self.config.scheduler.speculative.num_speculative_tokens
+            for i in np.flatnonzero(n_draft).tolist():
+                first = self._spec_base + int(rows[i]) * k
+                saves.setdefault(i, []).extend((j + 1, first + j) for j in range(int(n_draft[i])))
+        return saves or None
 
     def _spec_inputs(self, spec_ids: dict[int, list[int]], seq_ids: list[int], rows: np.ndarray, cu: np.ndarray,
                      n_draft: np.ndarray, sample_idx: np.ndarray) -> tuple[_SpecInputs, np.ndarray]:

@@ -1,8 +1,8 @@
 """Hybrid models (attention and recurrent layers: Granite 4.0-H, Bamba, Qwen3-Next) against transformers, wherever
 the engine cuts or moves the work: the recurrent state per sequence must survive prefill chunks, one-token steps,
 multi-step decode, batch rows reused by other sequences, preemption, parallel samples, beam search (a fork copies
-its parent's state) and prefix-cache hits (which resume from checkpoints of the state); speculative decoding, which
-a state cannot undo, is refused with the reason."""
+its parent's state), prefix-cache hits (which resume from checkpoints of the state) and speculative decoding (a
+rejected draft's state is put back to the one saved after the last draft kept)."""
 
 from __future__ import annotations
 
@@ -255,10 +255,139 @@ def test_beam_search_forks_copy_the_parents_state_and_equal_hf(tiny_models, arch
     assert not llm.llm_engine.scheduler._state_parents
 
 
-def test_speculative_decoding_is_refused_with_the_reason(tiny_models):
-    with pytest.raises(ValueError, match="cannot take back rejected draft tokens"):
-        LLM(tiny_models["granitemoehybrid"], num_gpu_blocks_override=64,
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+
+
+class ForeseeingProposer:
+    """Drafts for speculative decoding that are the reference continuation (the tokens HF's greedy decoding, or the
+    engine without speculation, gives) with one token in k + 1 drafts changed at a random place: each step keeps
+    0 .. k drafts, so every rewind point is exercised (random tiny models rarely repeat their n-grams)."""
+
+    def __init__(self, references: list[list[int]], k: int, vocab: int, seed: int = 0) -> None:
+        self.refs, self.k, self.vocab, self.rng = references, k, vocab, random.Random(seed)
+        self.kept_at: set[int] = set()  # the change's places (k: none)
+
+    def propose(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        tokens = list(tokens)
+        for ref in self.refs:
+            if len(ref) > len(tokens) and ref[:len(tokens)] == tokens:
+                drafts = ref[len(tokens):len(tokens) + min(k, self.k)]
+                m = self.rng.randrange(self.k + 1)
+                if m < len(drafts):
+                    drafts[m] = 4 + (drafts[m] - 3) % (self.vocab - 4)
+                self.kept_at.add(min(m, len(drafts)))
+                return drafts
+        return []
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
+def foresee(llm, references: list[list[int]], seed: int = 0) -> ForeseeingProposer:
+    sched = llm.llm_engine.scheduler
+    sched.proposer = ForeseeingProposer(references, NGRAM["num_speculative_tokens"],
+                                        llm.llm_engine.config.model.vocab_size, seed)
+    return sched.proposer
+
+
+def assert_drafts_kept_and_rejected(llm):
+    stats = llm.llm_engine.get_stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not llm.llm_engine.scheduler._rewinds
+
+
+@pytest.mark.parametrize("arch, max_seqs", [("granitemoehybrid", 256), ("granitemoehybrid", 2), ("qwen3_next", 256),
+                                             ("qwen3_5", 256), ("jamba", 256), ("nemotron_h", 256), ("lfm2", 256),
+                                             ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256)])
+def test_speculative_decoding_puts_back_the_state_of_the_last_kept_draft(tiny_models, arch, max_seqs):
+    """A speculative step computes the last token and the drafts one after the other through the recurrent layers,
+    saving the state after each; when drafts are rejected, the sequence's next step starts from the state after
+    the last one kept. Greedy tokens and logprobs equal HF's, whichever draft the first wrong one is (also with
+    two rows for five prompts, rows reused)."""
+    path = tiny_models[arch]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_seqs=max_seqs, speculative_config=NGRAM)
+    ps = prompts(llm.llm_engine.config.model.vocab_size)
+    want = [hf_greedy(path, p, 24) for p in ps]
+    proposer = foresee(llm, [p + t for p, (t, _) in zip(ps, want)])
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps],
+                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0), use_tqdm=False)
+    for (tokens, lps), out in zip(want, outs):
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+    assert proposer.kept_at == {0, 1, 2, 3}
+    assert_drafts_kept_and_rejected(llm)
+
+
+def test_speculative_sampling_equals_plain_decoding(tiny_models):
+    """Seeded sampling: the same tokens and logprobs as the same engine without speculation; with n = 2 the
+    samples fork from the prompt's state and speculate each on its own. Then n-gram drafts, mostly rejected."""
+    path = tiny_models["granitemoehybrid"]
+    kw = dict(block_size=8, num_gpu_blocks_override=256)
+    spec, plain = LLM(path, speculative_config=NGRAM, **kw), LLM(path, **kw)
+    ps = prompts(spec.llm_engine.config.model.vocab_size, lengths=(5, 17, 30), seed=5)
+    params = [SamplingParams(temperature=t, seed=9, max_tokens=30, ignore_eos=True, logprobs=0, n=n)
+              for t, n in ((1.0, 1), (0.5, 2), (0.3, 1))]
+
+    def run(llm):
+        return [[(list(o.token_ids), [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)]) for o in r.outputs]
+                for r in llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)]
+
+    want = run(plain)
+    foresee(spec, [p + t for p, r in zip(ps, want) for t, _ in r])
+    ngram = LLM(path, speculative_config=NGRAM, **kw)
+    for llm in (spec, ngram):
+        for g, w in zip(run(llm), want):
+            assert [t for t, _ in g] == [t for t, _ in w]
+            for (_, gl), (_, wl) in zip(g, w):
+                assert gl == pytest.approx(wl, abs=2e-4)
+    assert_drafts_kept_and_rejected(spec)
+    assert ngram.llm_engine.get_stats().spec_num_draft_tokens > 0
+
+
+def test_speculative_steps_checkpoint_and_preempt_safely(tiny_models):
+    """With prefix caching, a speculative step checkpoints the state after its last known token only (never after a
+    draft); the next turn of a conversation resumes from such a checkpoint. Sequences preempted with a rewind
+    pending recompute from their checkpoints. All give HF's tokens."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4, mamba_block_size=4,
+              speculative_config=NGRAM)
+    vocab = llm.llm_engine.config.model.vocab_size
+    p = prompts(vocab, lengths=(13,))[0]
+    reply = hf_greedy(path, p, 20)[0]
+    foresee(llm, [p + reply])
+    assert llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == reply
+    turn = p + reply + [5, 6, 7]  # the first request computed 13 + 19 tokens: a checkpoint at 32
+    out = llm.generate({"prompt_token_ids": turn}, GREEDY, use_tqdm=False)
+    assert out[0].num_cached_tokens == 32
+    assert_matches_hf(path, [turn], out)
+    ps = prompts(vocab, lengths=(9, 14, 20, 11), seed=8)
+    want = [hf_greedy(path, q, 40) for q in ps]
+    foresee(llm, [q + t for q, (t, _) in zip(ps, want)], seed=1)
+    outs = llm.generate([{"prompt_token_ids": q} for q in ps],
+                        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [t for t, _ in want]
+    assert_drafts_kept_and_rejected(llm)
+
+
+def test_a_draft_model_speculates_for_a_model_with_recurrent_layers(tiny_models):
+    """An attention-only draft model (a random Llama: most of its drafts are rejected) proposes for Granite 4.0-H;
+    the output is HF's. A draft model with recurrent layers is refused with the reason."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256,
+              speculative_config={"model": tiny_models["llama"], "num_speculative_tokens": 3})
+    ps = prompts(llm.llm_engine.config.model.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    assert_matches_hf(path, ps, outs, max_tokens=20)
+    stats = llm.llm_engine.get_stats()
+    assert stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert not llm.llm_engine.scheduler._rewinds
+    with pytest.raises(ValueError, match="keeps a recurrent state per sequence"):
+        LLM(tiny_models["llama"], num_gpu_blocks_override=64,
+            speculative_config={"model": path, "num_speculative_tokens": 2})
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
