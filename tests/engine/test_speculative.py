@@ -180,6 +180,24 @@ def test_shared_prompt_prefixes_are_cached_and_reused():
     assert hits[1] == hits[0] > 0
 
 
+def test_blocks_filled_by_kept_drafts_are_cached_even_when_the_request_ends():
+    """A conversation's next turn (prompt, reply, more) finds every full block of the first turn cached, as without
+    speculation: the blocks that kept drafts filled enter the prefix cache with the verdict, not with the next
+    step, which a finished request never has."""
+    cached = []
+    for spec in (None, SPEC):
+        llm = make(spec, block_size=4)
+        firsts = generate(llm, SamplingParams(temperature=0, max_tokens=37, ignore_eos=True))
+        turns = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids) + [5, 6]}
+                 for o in firsts]
+        cached.append([o.num_cached_tokens for o in llm.generate(turns, SamplingParams(max_tokens=1),
+                                                                   use_tqdm=False)])
+        if spec is not None:
+            assert accepted(llm) > 20
+    # computed by the first turn: the prompt and 36 of the 37 tokens; cached: its full blocks
+    assert cached[1] == cached[0] == [(len(o.prompt_token_ids) + 36) // 4 * 4 for o in firsts]
+
+
 def test_steps_with_drafts_yield_several_tokens():
     """The point of it: text that repeats itself (this small model's greedy output falls into a loop of lines)
     needs far fewer steps than tokens, for the same tokens."""
