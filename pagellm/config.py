@@ -19,6 +19,9 @@ class ModelGeometry:
     head_dim: int
     sliding_windows: tuple[int | None, ...] = ()  # per layer: keys a query sees, None = the whole context
     kv_shared: bool = False  # V is K: one cache tensor per layer (MLA's latent cache, DeepSeek)
+    # Per cache layer (K/V heads, head_dim) where they differ between layers (Gemma 4's global layers); empty: every
+    # layer has num_kv_heads x head_dim.
+    kv_layer_shapes: tuple[tuple[int, int], ...] = ()
     # Layers that carry a recurrent state per sequence instead of a KV cache (Mamba): how many, and the shapes of one
     # layer's state tensors for one sequence (Mamba2: the convolution's last inputs, the SSM state). num_layers
     # counts the attention layers only.
@@ -78,6 +81,7 @@ class ModelConfig:
     num_kv_heads: int = 0
     head_dim: int = 0
     kv_shared: bool = False  # V is K: each layer caches one tensor (multi-head latent attention)
+    kv_layer_shapes: tuple[tuple[int, int], ...] = ()  # per cache layer (K/V heads, head_dim) where they differ
     num_state_layers: int = 0  # layers with a recurrent state per sequence (Mamba; ModelGeometry)
     state_shapes: tuple[tuple[int, ...], ...] = ()  # one such layer's state tensors, for one sequence
     state_dtypes: tuple[str | None, ...] = ()  # their dtypes (None or missing: the compute dtype)
@@ -93,6 +97,10 @@ class ModelConfig:
     default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
     pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
     multimodal: MultiModalConfig | None = None  # a model that takes images (LLaVA); None: text only
+
+    def layer_kv_shapes(self) -> list[tuple[int, int]]:
+        """(K/V heads, head_dim) of each cache layer (this rank's heads)."""
+        return list(self.kv_layer_shapes) or [(self.num_kv_heads, self.head_dim)] * self.num_layers
 
     @property
     def stateful(self) -> bool:

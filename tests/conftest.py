@@ -33,6 +33,7 @@ def vlm_models() -> dict[str, str]:
     """Tiny vision-language checkpoints (tests/fixtures/multimodal_models.py)."""
     from multimodal_models import (
         build_gemma3,
+        build_gemma4,
         build_llama4,
         build_llava,
         build_llava_next,
@@ -63,6 +64,8 @@ def vlm_models() -> dict[str, str]:
         # Qwen3.5's hybrid language model in its multimodal checkpoints, dense and MoE (tests/models/test_hybrid.py)
         "qwen3_5": build_qwen3_5(os.path.join(root, "qwen3_5")),
         "qwen3_5_moe": build_qwen3_5(os.path.join(root, "qwen3_5_moe"), moe=True),
+        # Gemma 4's language model in its multimodal checkpoint (tests/models/test_gemma4.py)
+        "gemma4": build_gemma4(os.path.join(root, "gemma4")),
     }
 
 

@@ -367,6 +367,7 @@ class EngineArgs:
             num_kv_heads=geometry.num_kv_heads,
             head_dim=geometry.head_dim,
             kv_shared=geometry.kv_shared,
+            kv_layer_shapes=geometry.kv_layer_shapes,
             num_state_layers=geometry.num_state_layers,
             state_shapes=geometry.state_shapes,
             state_dtypes=geometry.state_dtypes,

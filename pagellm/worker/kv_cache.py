@@ -55,8 +55,8 @@ def bytes_per_block(config: EngineConfig) -> int:
     if spec is not None and spec.draft is not None:
         models.append(spec.draft)
     elem = torch.empty((), dtype=kv_cache_dtype(config)).element_size()
-    return sum((1 if m.kv_shared else 2) * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * elem
-               for m in models)
+    return sum((1 if m.kv_shared else 2) * config.cache.block_size * heads * dim * elem
+               for m in models for heads, dim in m.layer_kv_shapes())
 
 
 def determine_num_blocks(config: EngineConfig) -> int:
@@ -105,11 +105,11 @@ def _advise_huge_pages(t: torch.Tensor) -> None:
 def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
     """The cache of config.model (a draft model's: an EngineConfig whose model is the draft, the same blocks)."""
     m = config.model
-    shape = (num_blocks, config.cache.block_size, m.num_kv_heads, m.head_dim)
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
     t0 = time.perf_counter()
     caches = []
-    for _ in range(m.num_layers):
+    for heads, dim in m.layer_kv_shapes():
+        shape = (num_blocks, config.cache.block_size, heads, dim)
         k = torch.empty(shape, dtype=dtype, device=device)
         caches.append((k, k if m.kv_shared else torch.empty(shape, dtype=dtype, device=device)))
     for kv in caches:

@@ -49,13 +49,14 @@ def assert_same(a, b):
 # gpt2: Conv1D weights; gpt_bigcode: one K/V head replicated on both ranks; llama: GQA with 2 K/V heads
 # (>= tp and < 2 * tp); llama_tied_rope: one K/V head and a tied LM head; the others: every family's layers
 # (granitemoehybrid: Mamba groups split over the ranks; bamba: one group shared, its norm all-reduced; qwen3_next:
-# grouped projections; qwen3_5: split projections; the recurrent states per rank).
+# grouped projections; qwen3_5: split projections; the recurrent states per rank; gemma4: caches of two shapes,
+# one K/V head replicated, K/V shared between layers, per-layer inputs; gemma4_moe: experts beside the MLP).
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
                                   "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
                                   "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
                                   "glm4_moe_lite", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
                                   "qwen3_5_moe", "nemotron_h", "lfm2", "falcon_h1",
-                                  "falcon_h1_nonorm", "jamba", "mamba", "mamba2"])
+                                  "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)

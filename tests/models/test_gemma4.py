@@ -1,0 +1,101 @@
+"""Gemma 4 against transformers on the same checkpoints: two head sizes (a cache tensor per layer shaped by its
+own K/V heads and head_dim), K/V shared between layers (the last layers read an earlier layer's cache and have
+none), per-layer input embeddings, experts beside the dense MLP, sliding windows shorter than the prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from tests.hf_reference import hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+
+
+def prompts(vocab: int, lengths=(1, 4, 13, 30, 47), seed: int = 7) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
+    for p, out in zip(ps, outs):
+        tokens, lps = hf_greedy(path, p, max_tokens)
+        got = out.outputs[0]
+        assert got.token_ids == tokens, f"prompt of {len(p)} tokens diverged"
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+
+
+@pytest.mark.parametrize("arch, backend, batched", [("gemma4", "cpu_paged", 2048), ("gemma4", "torch_ref", 5),
+                                                    ("gemma4", "cpu_paged", 13), ("gemma4_moe", "cpu_paged", 13),
+                                                    ("gemma4_moe", "torch_ref", 2048)])
+def test_greedy_tokens_and_logprobs_match_hf(tiny_models, arch, backend, batched):
+    """Prompts of 1 to 47 tokens (windows of 8), whole or in prefill chunks of 5 or 13 tokens."""
+    path = tiny_models[arch]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=batched,
+              attention_backend=backend)
+    ps = prompts(llm.llm_engine.config.model.vocab_size)
+    assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
+
+
+def test_each_cache_layer_has_its_own_shape_and_shared_layers_none(tiny_models):
+    """gemma4: six layers, the last two reading the caches of layers 2 and 3: four cache tensors, sliding layers
+    (2 K/V heads of 16) and global ones (1 K/V head of 32); the block budget counts each at its size."""
+    from pagellm.worker.kv_cache import bytes_per_block
+
+    llm = LLM(tiny_models["gemma4"], block_size=8, num_gpu_blocks_override=64)
+    engine = llm.llm_engine
+    shapes = [tuple(k.shape[1:]) for k, _ in engine.executor.runner.kv_caches]
+    assert shapes == [(8, 2, 16), (8, 1, 32)] * 2
+    assert bytes_per_block(engine.config) == 2 * 4 * 8 * (2 * 16 + 32) * 2
+    model = engine.executor.runner.model
+    assert model.cache_of == [0, 1, 2, 3, None, None]  # layers 4 and 5 read the K/V layers 2 and 3 store
+    assert model.stores == [False, False, True, True, False, False]
+
+
+def test_prefix_hits_and_preemption_match_hf(tiny_models):
+    """Cached prefixes (the blocks of every cache layer reused), then sequences preempted for lack of blocks."""
+    path = tiny_models["gemma4"]
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4)
+    base = prompts(512, lengths=(37,), seed=3)[0]
+    llm.generate({"prompt_token_ids": base}, SamplingParams(max_tokens=1), use_tqdm=False)
+    ps = [base[:30] + [7, 8], base, base[:17]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in ps]
+    assert [o.num_cached_tokens for o in outs] == [28, 36, 16]
+    ps2 = prompts(512, lengths=(9, 14, 20, 11), seed=8)
+    outs2 = llm.generate([{"prompt_token_ids": p} for p in ps2], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, ps + ps2, outs + outs2, max_tokens=24)
+
+
+def test_multimodal_checkpoint_serves_its_language_model(vlm_models):
+    """Gemma 4 ships as Gemma4ForConditionalGeneration: its language model's greedy tokens and logprobs equal
+    transformers' whole model on text prompts; the vision tower is not loaded; images are refused."""
+    import transformers as tf
+
+    from tests.hf_reference import assert_text_only_matches
+
+    path = vlm_models["gemma4"]
+    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=16)
+    assert not any("vision" in n for n, _ in llm.llm_engine.executor.runner.model.named_parameters())
+    hf = tf.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assert_text_only_matches(llm, hf, prompts(512, lengths=(3, 20, 37)), GREEDY)
+
+
+def test_an_encoder_configuration_is_refused(tiny_models, tmp_path):
+    path = tmp_path / "bidirectional"
+    shutil.copytree(tiny_models["gemma4_moe"], path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["use_bidirectional_attention"] = "all"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="use_bidirectional_attention='all'"):
+        LLM(str(path), num_gpu_blocks_override=16)
