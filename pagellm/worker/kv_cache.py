@@ -7,7 +7,8 @@ Layout per layer, for K and for V:
                               o == p % block_size
 
 A model whose V is its K (ModelConfig.kv_shared: DeepSeek's latent cache) has one tensor per layer, passed as
-both. Viewed as (num_blocks * block_size, kv_heads, head_dim), a token's K/V is one
+both. A model whose layers differ in heads or head_dim (ModelConfig.kv_layer_shapes: Gemma 4) shapes each layer's
+tensors by its own. Viewed as (num_blocks * block_size, kv_heads, head_dim), a token's K/V is one
 row at index `slot = b * block_size + o`, which makes the per-step write a
 single index_copy_ and a sequence's context a gather of whole blocks.
 """
