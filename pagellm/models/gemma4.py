@@ -79,9 +79,8 @@ class Gemma4Attention(nn.Module):
         self.shares_kv = config.kv_sharing_modes[layer_idx] == "reuse"
         self.k_is_v = bool(config.attention_k_eq_v) and kind != "sliding_attention"
         self.num_heads, self.num_kv_heads, self.head_dim = h // tp.size, kv_heads_per_rank(kvh, tp.size), d
-        parts = qkv_parts(h, kvh, d, tp)
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, parts[:1 if self.shares_kv else 2 if self.k_is_v else 3],
-                                             bias=bool(config.attention_bias))
+        parts = qkv_parts(h, kvh, d, tp)[:1 if self.shares_kv else 2 if self.k_is_v else 3]  # q | k | v
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, parts, bias=bool(config.attention_bias))
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=bool(config.attention_bias), tp=tp)
         eps = config.rms_norm_eps
         self.q_norm = Fp32WeightRMSNorm(d, eps)
@@ -98,7 +97,7 @@ class Gemma4Attention(nn.Module):
         q = self.q_norm(out[0].reshape(t, self.num_heads, self.head_dim))
         if self.shares_kv:
             k, v, kv_cache = shared[kind]
-            q, _ = rotary(positions, q, q[:, :1])  # (RoPE turns q and k together: a head stands in for k)
+            q = rotary.rotate(positions, q)
         else:
             k = out[1].reshape(t, self.num_kv_heads, self.head_dim)
             v = self.v_norm(k if self.k_is_v else out[2].reshape(t, self.num_kv_heads, self.head_dim))

@@ -340,6 +340,15 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One tensor (num_tokens, heads, head_dim) alone (a layer that reads another layer's keys)."""
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rotary(positions, x, self.cos, self.sin, self.rotary_dim)
+        cos = self.cos[positions].to(x.dtype)[:, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        return _rotate(x, cos, sin, self.rotary_dim)
+
 
 class MRotaryEmbedding(RotaryEmbedding):
     """Qwen2-VL's multimodal RoPE: positions (3, T) of (temporal, height, width); the rotary frequencies are split
