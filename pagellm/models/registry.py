@@ -122,6 +122,9 @@ MODELS: dict[str, ModelEntry] = {
     "Lfm2ForCausalLM": ModelEntry("pagellm.models.lfm2:Lfm2ForCausalLM",
                                   ("gated short convolutions (their last inputs a state per sequence) among "
                                    "attention layers",), "LFM2"),
+    "Lfm2MoeForCausalLM": ModelEntry("pagellm.models.lfm2:Lfm2MoeForCausalLM",
+                                     ("short convolutions", "experts with sigmoid routing and a load-balancing bias"),
+                                     "LFM2-8B-A1B"),
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),

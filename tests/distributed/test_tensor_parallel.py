@@ -56,7 +56,8 @@ def assert_same(a, b):
                                   "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
                                   "glm4_moe_lite", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
                                   "qwen3_5_moe", "nemotron_h", "lfm2", "falcon_h1",
-                                  "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe"])
+                                  "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe",
+                                  "lfm2_moe"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)

@@ -39,7 +39,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
     ("lfm2", "cpu_paged", 5, 2), ("falcon_h1", "cpu_paged", 5, 2), ("falcon_h1_nonorm", "torch_ref", 13, 3),
     ("jamba", "cpu_paged", 5, 2), ("jamba", "torch_ref", 13, 3), ("mamba", "cpu_paged", 5, 2),
     ("falcon_mamba", "cpu_paged", 13, 3), ("mamba2", "cpu_paged", 5, 2), ("qwen3_next", "cpu_paged", 2048, 8),
-    ("jamba", "cpu_paged", 2048, 8), ("lfm2", "cpu_paged", 2048, 8), ("mamba", "cpu_paged", 2048, 8)])
+    ("jamba", "cpu_paged", 2048, 8), ("lfm2", "cpu_paged", 2048, 8), ("mamba", "cpu_paged", 2048, 8),
+    ("lfm2_moe", "cpu_paged", 5, 2), ("lfm2_moe", "torch_ref", 2048, 8)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence); or all five prompts (1 to 47 tokens) in
@@ -299,7 +300,7 @@ def assert_drafts_kept_and_rejected(llm):
 
 @pytest.mark.parametrize("arch, max_seqs", [("granitemoehybrid", 256), ("granitemoehybrid", 2), ("qwen3_next", 256),
                                              ("qwen3_5", 256), ("jamba", 256), ("nemotron_h", 256), ("lfm2", 256),
-                                             ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256)])
+                                             ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256), ("lfm2_moe", 256)])
 def test_speculative_decoding_puts_back_the_state_of_the_last_kept_draft(tiny_models, arch, max_seqs):
     """A speculative step computes the last token and the drafts one after the other through the recurrent layers,
     saving the state after each; when drafts are rejected, the sequence's next step starts from the state after
