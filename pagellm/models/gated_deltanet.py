@@ -87,36 +87,51 @@ class GatedDeltaNet(nn.Module):
     groups), out_proj row-parallel."""
 
     def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                 conv_kernel: int, eps: float, chunk_size: int = 64, split_projections: bool = False,
+                 conv_kernel: int, eps: float, chunk_size: int = 64, layout: str = "grouped", beta_scale: float = 1.0,
                  tp: TPGroup = SINGLE) -> None:
-        """split_projections (Qwen3.5): the checkpoint has in_proj_qkv (q | k | v, the convolution's channel order),
-        in_proj_z, in_proj_b and in_proj_a, packed here in one `in_proj` (shards "qkv", 3, 4, 5); otherwise
-        (Qwen3-Next) in_proj_qkvz and in_proj_ba, grouped per key head."""
+        """layout: how the checkpoint stores the input projections. "grouped" (Qwen3-Next): in_proj_qkvz and
+        in_proj_ba, grouped per key head. "split" (Qwen3.5): in_proj_qkv (q | k | v, the convolution's channel
+        order), in_proj_z, in_proj_b and in_proj_a, packed here in one `in_proj` (shards "qkv", 3, 4, 5).
+        "separate" (OLMo Hybrid): q, k, v, z, b and a apart (shards 0-5 of `in_proj`). beta_scale: beta =
+        beta_scale x sigmoid(b) (OLMo Hybrid: 2, eigenvalues down to -1)."""
         super().__init__()
         gated_deltanet_state_shapes(num_k_heads, num_v_heads, head_k_dim, head_v_dim, conv_kernel, tp.size)  # splits
-        self.split = split_projections
+        self.split = layout != "grouped"
+        self.beta_scale = beta_scale
         self.nk, self.nv, self.dk, self.dv = num_k_heads // tp.size, num_v_heads // tp.size, head_k_dim, head_v_dim
         self.key_dim, self.value_dim = self.nk * head_k_dim, self.nv * head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.chunk_size = chunk_size
         key, value = even_part(num_k_heads * head_k_dim, tp), even_part(num_v_heads * head_v_dim, tp)
         heads = even_part(num_v_heads, tp)
-        if split_projections:
+        if self.split:
             self.in_proj = ColumnParallelLinear(hidden_size, [key, key, value, value, heads, heads], bias=False)
-            set_weight_loader(self.in_proj.weight, self.load_in_proj, frozenset(("qkv", 3, 4, 5)))
+            if layout == "split":
+                set_weight_loader(self.in_proj.weight, self.load_in_proj, frozenset(("qkv", 3, 4, 5)))
         else:
             self.in_proj_qkvz = ColumnParallelLinear.single(hidden_size, 2 * (key.full_size + value.full_size), False,
                                                             tp)
             self.in_proj_ba = ColumnParallelLinear.single(hidden_size, 2 * num_v_heads, False, tp)
         self.conv1d = nn.Module()  # checkpoint name: conv1d.weight (conv_dim, 1, K), no bias
         self.conv1d.weight = nn.Parameter(torch.empty(self.conv_dim, 1, conv_kernel))
-        set_weight_loader(self.conv1d.weight, parts_loader([key, key, value]))
+        self.conv_parts = [key, key, value]
+        set_weight_loader(self.conv1d.weight, self.load_conv, frozenset((0, 1, 2)) if layout == "separate" else None)
         self.dt_bias = nn.Parameter(torch.ones(self.nv))
         self.A_log = nn.Parameter(torch.zeros(self.nv))
         for p in (self.dt_bias, self.A_log):
             set_weight_loader(p, parts_loader([heads]))
         self.norm = HeadRMSNormGated(head_v_dim, eps)
         self.out_proj = RowParallelLinear(num_v_heads * head_v_dim, hidden_size, bias=False, tp=tp)
+
+    def load_conv(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
+        """The convolution over q | k | v: whole (conv1d), or one part at a time (OLMo Hybrid's q_conv1d, k_conv1d,
+        v_conv1d: shards 0-2)."""
+        if shard_id is None:
+            parts_loader(self.conv_parts)(param, tensor)
+            return
+        offset = sum(p.size for p in self.conv_parts[:shard_id])
+        part = self.conv_parts[shard_id]
+        parts_loader([part])(param[offset:offset + part.size], tensor)
 
     def load_in_proj(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
         """in_proj_qkv ("qkv": q | k | v rows, packed parts 0-2), in_proj_z / _b / _a (parts 3-5)."""
@@ -135,6 +150,8 @@ class GatedDeltaNet(nn.Module):
         t = meta.num_tokens
         mixed, z, b, a = self._project(x[:t])
         beta = torch.sigmoid(b.reshape(t, self.nv).float())
+        if self.beta_scale != 1.0:
+            beta = beta * self.beta_scale
         g = -torch.exp(self.A_log.float()) * torch.nn.functional.softplus(a.reshape(t, self.nv).float()
                                                                            + self.dt_bias.float())
         o = torch.empty(t, self.nv, self.dv, dtype=torch.float32, device=x.device)

@@ -296,7 +296,7 @@ class Qwen3_5ForCausalLM(Qwen3NextForCausalLM):
     def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
         return GatedDeltaNet(config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads,
                              config.linear_key_head_dim, config.linear_value_head_dim, config.linear_conv_kernel_dim,
-                             config.rms_norm_eps, split_projections=True, tp=tp)
+                             config.rms_norm_eps, layout="split", tp=tp)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

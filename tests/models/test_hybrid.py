@@ -40,7 +40,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
     ("jamba", "cpu_paged", 5, 2), ("jamba", "torch_ref", 13, 3), ("mamba", "cpu_paged", 5, 2),
     ("falcon_mamba", "cpu_paged", 13, 3), ("mamba2", "cpu_paged", 5, 2), ("qwen3_next", "cpu_paged", 2048, 8),
     ("jamba", "cpu_paged", 2048, 8), ("lfm2", "cpu_paged", 2048, 8), ("mamba", "cpu_paged", 2048, 8),
-    ("lfm2_moe", "cpu_paged", 5, 2), ("lfm2_moe", "torch_ref", 2048, 8)])
+    ("lfm2_moe", "cpu_paged", 5, 2), ("lfm2_moe", "torch_ref", 2048, 8), ("olmo_hybrid", "cpu_paged", 5, 2),
+    ("olmo_hybrid_nope", "torch_ref", 13, 3), ("olmo_hybrid", "cpu_paged", 2048, 8)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence); or all five prompts (1 to 47 tokens) in
@@ -122,7 +123,8 @@ def shared_prefix_prompts(vocab: int, seed: int = 3) -> tuple[list[int], list[li
 @pytest.mark.parametrize("arch, backend, batched", [
     ("granitemoehybrid", "cpu_paged", 5), ("granitemoehybrid", "torch_ref", 2048), ("qwen3_next", "cpu_paged", 13),
     ("qwen3_5", "torch_ref", 5), ("lfm2", "cpu_paged", 7), ("jamba", "cpu_paged", 5), ("falcon_h1", "torch_ref", 5),
-    ("nemotron_h", "cpu_paged", 2048), ("mamba", "cpu_paged", 5), ("mamba2", "cpu_paged", 13)])
+    ("nemotron_h", "cpu_paged", 2048), ("mamba", "cpu_paged", 5), ("mamba2", "cpu_paged", 13),
+    ("olmo_hybrid", "cpu_paged", 5), ("lfm2_moe", "torch_ref", 13)])
 def test_prefix_hits_resume_from_a_state_checkpoint_and_match_hf(tiny_models, arch, backend, batched):
     """Prefix caching: the recurrent state is checkpointed every mamba_block_size (8) tokens, also in the middle of
     a prefill chunk (chunks of 5 or 13); a prompt sharing a cached prefix starts from the last checkpoint within
@@ -300,7 +302,8 @@ def assert_drafts_kept_and_rejected(llm):
 
 @pytest.mark.parametrize("arch, max_seqs", [("granitemoehybrid", 256), ("granitemoehybrid", 2), ("qwen3_next", 256),
                                              ("qwen3_5", 256), ("jamba", 256), ("nemotron_h", 256), ("lfm2", 256),
-                                             ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256), ("lfm2_moe", 256)])
+                                             ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256), ("lfm2_moe", 256),
+                                             ("olmo_hybrid", 256), ("olmo_hybrid_nope", 2)])
 def test_speculative_decoding_puts_back_the_state_of_the_last_kept_draft(tiny_models, arch, max_seqs):
     """A speculative step computes the last token and the drafts one after the other through the recurrent layers,
     saving the state after each; when drafts are rejected, the sequence's next step starts from the state after
@@ -440,3 +443,26 @@ def test_a_model_without_attention_runs_on_a_bookkeeping_kv_cache(tiny_models):
     assert engine.num_blocks == 4 * 128 // engine.config.cache.block_size
     ps = prompts(engine.config.model.vocab_size, lengths=(3, 17, 30))
     assert_matches_hf(path, ps, llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False))
+
+
+def test_olmo_hybrid_loads_transformers_names_too(tiny_models, tmp_path):
+    """OLMo Hybrid's released checkpoints name the layer norms attention_layer_norm / feedforward_layer_norm and
+    split the convolution into q_conv1d / k_conv1d / v_conv1d (the fixture, as transformers saves it); a checkpoint
+    saved with transformers' module names (input_layernorm, one conv1d) gives the same model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tiny_models["olmo_hybrid_nope"]
+    hf = hf_model(src)
+    path = tmp_path / "native_names"
+    shutil.copytree(src, path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert any(k.endswith("linear_attn.conv1d.weight") for k in state)
+    assert any(k.endswith("input_layernorm.weight") for k in state)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ps = prompts(512, lengths=(6, 19))
+    outs = [LLM(p, block_size=8, num_gpu_blocks_override=64).generate([{"prompt_token_ids": q} for q in ps], GREEDY,
+                                                                      use_tqdm=False) for p in (src, str(path))]
+    assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
+    assert_matches_hf(src, ps, outs[1])
