@@ -39,6 +39,7 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import CausalLM, LanguageModelOnly
 from pagellm.models.layers import Attention, Fp32WeightRMSNorm, FusedMoE, GatedMLP, RotaryEmbedding, activation
 from pagellm.models.llama import LlamaForCausalLM
+from pagellm.models.mamba import WeightlessRMSNorm
 from pagellm.models.moe import map_expert_weight
 from pagellm.models.parallel_layers import (
     SINGLE,
@@ -50,18 +51,6 @@ from pagellm.models.parallel_layers import (
     parallel_logits,
     qkv_parts,
 )
-
-
-class PlainRMSNorm(nn.Module):
-    """RMSNorm without a weight (Gemma 4's v_norm and router norm)."""
-
-    def __init__(self, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def layer_heads(config, layer_idx: int) -> tuple[int, int]:
@@ -86,7 +75,7 @@ class Gemma4Attention(nn.Module):
         self.q_norm = Fp32WeightRMSNorm(d, eps)
         if not self.shares_kv:
             self.k_norm = Fp32WeightRMSNorm(d, eps)
-            self.v_norm = PlainRMSNorm(eps)
+            self.v_norm = WeightlessRMSNorm(eps)
         window = config.sliding_window if kind == "sliding_attention" else None
         self.attn = Attention(self.num_heads, d, self.num_kv_heads, 1.0, window)
 
@@ -112,7 +101,7 @@ class Gemma4Router(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.norm = PlainRMSNorm(config.rms_norm_eps)
+        self.norm = WeightlessRMSNorm(config.rms_norm_eps)
         self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))

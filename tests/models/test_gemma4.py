@@ -6,29 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 
 import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
-from tests.hf_reference import hf_greedy
-
-GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
-
-
-def prompts(vocab: int, lengths=(1, 4, 13, 30, 47), seed: int = 7) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
-
-
-def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
-    for p, out in zip(ps, outs):
-        tokens, lps = hf_greedy(path, p, max_tokens)
-        got = out.outputs[0]
-        assert got.token_ids == tokens, f"prompt of {len(p)} tokens diverged"
-        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+from tests.models.test_hybrid import GREEDY, assert_matches_hf, prompts
 
 
 @pytest.mark.parametrize("arch, backend, batched", [("gemma4", "cpu_paged", 2048), ("gemma4", "torch_ref", 5),
