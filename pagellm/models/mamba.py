@@ -161,11 +161,14 @@ def for_each_sequence(meta: AttentionMetadata, out: torch.Tensor, step, chunks,
         _copy_rows(state, saves)
 
 
-def _copy_rows(state: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def _copy_rows(state: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor | slice, torch.Tensor | slice] | None) -> None:
     if rows is not None:
         src, dst = rows
         for t in state:
-            t[dst] = t[src]
+            if isinstance(src, slice):  # one strided copy, no gather (a speculative step's saves)
+                t[dst].copy_(t[src])
+            else:
+                t[dst] = t[src]
 
 
 def _recurrent_plan(meta: AttentionMetadata, device: torch.device):
@@ -221,10 +224,22 @@ def _by_length(pieces: list[tuple[int, int, int]]) -> list[list[tuple[int, int, 
     return groups
 
 
-def _rows_pair(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rows_pair(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor | slice, ...] | None:
+    """(source rows, destination rows) of state copies: slices when both are evenly spaced (consecutive sources:
+    the state rows of sequences in row order; destinations k apart: their k rows of speculative saves), else
+    index tensors."""
     if not pairs:
         return None
-    return (torch.tensor([a for a, _ in pairs], device=device), torch.tensor([b for _, b in pairs], device=device))
+    pairs = sorted(pairs)
+    src, dst = [a for a, _ in pairs], [b for _, b in pairs]
+    step = dst[1] - dst[0] if len(dst) > 1 else 1
+    if _spaced(src, 1) and step > 0 and _spaced(dst, step):
+        return slice(src[0], src[-1] + 1), slice(dst[0], dst[-1] + 1, step)
+    return torch.tensor(src, device=device), torch.tensor(dst, device=device)
+
+
+def _spaced(rows: list[int], step: int) -> bool:
+    return all(b - a == step for a, b in zip(rows, rows[1:]))
 
 
 def pad_rows(out: torch.Tensor, rows: int) -> torch.Tensor:
