@@ -128,6 +128,9 @@ MODELS: dict[str, ModelEntry] = {
     "OlmoHybridForCausalLM": ModelEntry("pagellm.models.olmo_hybrid:OlmoHybridForCausalLM",
                                         ("Gated DeltaNet layers with OLMo 3's attention", "no position embedding"),
                                         "OLMo Hybrid"),
+    "MiniMaxForCausalLM": ModelEntry("pagellm.models.minimax:MiniMaxForCausalLM",
+                                     ("lightning attention (a recurrent state per sequence) among softmax attention "
+                                      "layers", "experts in every layer"), "MiniMax-Text-01, MiniMax-M1"),
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),

@@ -57,7 +57,7 @@ def assert_same(a, b):
                                   "glm4_moe_lite", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
                                   "qwen3_5_moe", "nemotron_h", "lfm2", "falcon_h1",
                                   "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe",
-                                  "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope"])
+                                  "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
