@@ -138,6 +138,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 5  # shortest n-gram matched
     model: str | None = None  # draft_model: the draft checkpoint's directory
     draft: ModelConfig | None = field(default=None, compare=False, repr=False)  # draft_model: how it runs
+    disable_by_batch_size: int | None = None  # no drafts in a step while more requests than this are running
 
 
 @dataclass(frozen=True)

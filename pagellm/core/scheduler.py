@@ -521,6 +521,9 @@ class Scheduler:
         """Speculative decoding: schedule the last token and up to num_speculative_tokens drafts after it (within
         the sequence's limits and the step's budget). False when there is no draft or the pool cannot hold them
         (the sequence then decodes one token as usual)."""
+        off = self.config.speculative.disable_by_batch_size
+        if off is not None and len(self.running) > off:
+            return False  # a large batch: the drafts' extra rows would cost more than the steps they save
         k = min(self._tokens_left(seq), plan.budget) - 1
         drafts = self.proposer.propose(seq.seq_id, seq.token_ids, k) if k > 0 else None
         if not drafts:

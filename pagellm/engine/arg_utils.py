@@ -104,7 +104,9 @@ class EngineArgs:
               "plus one. Outputs are the same as without it, sampled ones included (each position samples with its "
               "own seed and output index). Sequences with structured outputs or beam search, and steps with prompt "
               "tokens of the same sequence, do not speculate; a request that speculates runs steps one at a time (no "
-              "async scheduling, no multi-step rounds) while it lives.")
+              "async scheduling, no multi-step rounds) while it lives. disable_by_batch_size N (vLLM's field): no "
+              "drafts in a step while more than N requests are running (large batches gain little from drafts and "
+              "pay for their extra rows).")
     runner: str = _f("auto", "What the model serves: generate (text), pooling (embeddings, classification: "
                              "LLM.embed / classify / score, /v1/embeddings, /classify, /score, /rerank), or auto: "
                              "pooling for *Model and *ForSequenceClassification checkpoints, else generate.",
@@ -532,7 +534,7 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     if not isinstance(spec, dict):
         raise ValueError(f"speculative_config must be a dict (JSON object), got {type(spec).__name__}.")
     fields = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-              "draft_tensor_parallel_size")
+              "draft_tensor_parallel_size", "disable_by_batch_size")
     unknown = sorted(set(spec) - set(fields))
     if unknown:
         raise ValueError(f"speculative_config: unknown fields {unknown}; it takes {', '.join(fields)}.")
@@ -549,6 +551,10 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     if k is None:
         raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
     _positive("speculative_config.num_speculative_tokens", k)
+    off = spec.get("disable_by_batch_size")
+    if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 2):
+        raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 2 (the running requests "
+                         f"above which steps go without drafts), got {off!r}.")
     if method == "draft_model":
         if not isinstance(model, str) or not model:
             raise ValueError("speculative_config.model must be the draft checkpoint's directory for method "
@@ -560,7 +566,7 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
         if tp != 1:
             raise ValueError(f"speculative_config.draft_tensor_parallel_size must be 1 (the draft model runs "
                              f"unsharded), got {tp!r}.")
-        return SpeculativeConfig("draft_model", k, model=model)
+        return SpeculativeConfig("draft_model", k, model=model, disable_by_batch_size=off)
     if "draft_tensor_parallel_size" in spec:
         raise ValueError("speculative_config.draft_tensor_parallel_size applies to method 'draft_model'.")
     lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
@@ -573,7 +579,7 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     hi = lo if hi is None else hi
     if lo > hi:
         raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi}).")
-    return SpeculativeConfig("ngram", k, hi, lo)
+    return SpeculativeConfig("ngram", k, hi, lo, disable_by_batch_size=off)
 
 
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")

@@ -219,6 +219,7 @@ def test_steps_with_drafts_yield_several_tokens():
     ({"num_speculative_tokens": 2, "prompt_lookup_max": 0}, "prompt_lookup_max must be a positive integer"),
     ({"num_speculative_tokens": 2, "model": "draft"}, "speculative_config.model: model directory 'draft' does not"),
     ({"num_speculative_tokens": 2, "drafter": "x"}, "unknown fields \\['drafter'\\]"),
+    ({"num_speculative_tokens": 2, "disable_by_batch_size": 1}, "disable_by_batch_size must be an integer >= 2"),
     ("ngram", "must be a dict"),
 ])
 def test_bad_speculative_config(spec, match):
@@ -236,6 +237,28 @@ def test_speculative_config_defaults_as_vllm():
     assert (s.method, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 4, 4)
     s = spec(method="[ngram]", num_speculative_tokens=3, prompt_lookup_min=2)
     assert (s.method, s.prompt_lookup_min, s.prompt_lookup_max) == ("ngram", 2, 2)
+
+
+def test_disable_by_batch_size_drafts_only_in_small_batches():
+    """disable_by_batch_size 2 with four requests: no drafts while more than two run; the long request speculates
+    once the short ones are done. The outputs are plain decoding's."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 6, 6, 60)]
+    llm = make({**SPEC, "disable_by_batch_size": 2})
+    sched = llm.llm_engine.scheduler
+    running_when_drafting = []
+    speculate = sched._speculate
+
+    def spy(seq, plan):
+        drafted = speculate(seq, plan)
+        if drafted:
+            running_when_drafting.append(len(sched.running))
+        return drafted
+
+    sched._speculate = spy
+    got = summary(generate(llm, params, PROMPTS[:4]))
+    assert running_when_drafting and max(running_when_drafting) <= 2
+    assert accepted(llm) > 0
+    assert_same_outputs(got, summary(generate(make(None), params, PROMPTS[:4])))
 
 
 def test_requests_that_do_not_speculate_share_batches_with_those_that_do():
