@@ -29,8 +29,6 @@ and the router are replicated, the per-layer embedding table splits its vocabula
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -40,7 +38,7 @@ from pagellm.models.base import CausalLM, LanguageModelOnly
 from pagellm.models.layers import Attention, Fp32WeightRMSNorm, FusedMoE, GatedMLP, RotaryEmbedding, activation
 from pagellm.models.llama import LlamaForCausalLM
 from pagellm.models.mamba import WeightlessRMSNorm
-from pagellm.models.moe import map_expert_weight
+from pagellm.models.moe import _MoEWeights
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -172,7 +170,7 @@ class Gemma4Model(nn.Module):
                                        for t in sorted(set(config.layer_types))})
 
 
-class Gemma4ForCausalLM(CausalLM):
+class Gemma4ForCausalLM(_MoEWeights, CausalLM):
     packed_modules = LlamaForCausalLM.packed_modules
 
     @classmethod
@@ -216,13 +214,6 @@ class Gemma4ForCausalLM(CausalLM):
                 "k_proj", "v_proj", "k_norm", "v_norm") and self.cache_of[int(parts[2])] is None:
             return None  # a layer that shares K/V: checkpoints may keep its unused projections
         return name
-
-    def map_weight(self, name: str) -> tuple[str, Any] | None:
-        renamed = self.hf_name(name)
-        if renamed is None:
-            return None
-        expert = map_expert_weight(renamed)
-        return expert if expert is not None else super().map_weight(renamed)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)

@@ -30,7 +30,7 @@ from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_sh
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention, LlamaDecoderLayer, LlamaModel
 from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
-from pagellm.models.moe import SparseMoeBlock, _MoEWeights, map_expert_weight, qwen2_moe_mlp
+from pagellm.models.moe import SparseMoeBlock, _MoEWeights, qwen2_moe_mlp
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -325,7 +325,7 @@ class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
     text_class = Qwen3_5MoeForCausalLM
 
 
-class JambaForCausalLM(HybridForCausalLM):
+class JambaForCausalLM(_MoEWeights, HybridForCausalLM):
     """Jamba: Mamba (1) layers with dt / B / C norms (models/mamba.py: MambaMixer), attention layers without position
     embedding every attn_layer_period, and mixtures of experts (softmax top-k, not renormalised) every
     expert_layer_period in place of the dense MLP."""
@@ -359,7 +359,3 @@ class JambaForCausalLM(HybridForCausalLM):
                                   config.intermediate_size, config.hidden_act, False, 0, tp)
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, tp=tp)
 
-    def map_weight(self, name: str):
-        renamed = self.hf_name(name)
-        expert = None if renamed is None else map_expert_weight(renamed)
-        return expert if expert is not None else super().map_weight(name)

@@ -21,7 +21,7 @@ from pagellm.models.hybrid import HybridForCausalLM
 from pagellm.models.layers import FusedMoE, GatedMLP, set_weight_loader
 from pagellm.models.llama import AttentionOptions
 from pagellm.models.mamba import conv_pieces, conv_step, for_each_sequence, pad_rows
-from pagellm.models.moe import map_expert_weight
+from pagellm.models.moe import _MoEWeights
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -130,7 +130,7 @@ class Lfm2MoeBlock(nn.Module):
         return self.experts.dispatch(x, weights * self.scale, experts)
 
 
-class Lfm2MoeForCausalLM(Lfm2ForCausalLM):
+class Lfm2MoeForCausalLM(_MoEWeights, Lfm2ForCausalLM):
     """LFM2-MoE (LFM2-8B-A1B): LFM2's layers with experts in place of the MLP after the first num_dense_layers."""
 
     keep_float32 = (".mlp.expert_bias",)  # as transformers keeps its buffer
@@ -141,7 +141,3 @@ class Lfm2MoeForCausalLM(Lfm2ForCausalLM):
             return GatedMLP(config.hidden_size, config.intermediate_size, "silu", tp=tp)
         return Lfm2MoeBlock(config, tp)
 
-    def map_weight(self, name: str):
-        renamed = self.hf_name(name)
-        expert = None if renamed is None else map_expert_weight(renamed)
-        return expert if expert is not None else super().map_weight(name)

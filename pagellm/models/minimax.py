@@ -26,7 +26,7 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.hybrid import HybridAttention, HybridForCausalLM
 from pagellm.models.llama import AttentionOptions
 from pagellm.models.mamba import Pieces, for_each_sequence, load_rows, pad_rows, ssd_scan, store_rows
-from pagellm.models.moe import SparseMoeBlock, map_expert_weight
+from pagellm.models.moe import SparseMoeBlock, _MoEWeights
 from pagellm.models.olmo2 import ShardedRMSNorm
 from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowParallelLinear, even_part
 
@@ -109,7 +109,7 @@ class MiniMaxLayer(nn.Module):
         return h * self.mlp_alpha + self.mlp(h) * self.mlp_beta
 
 
-class MiniMaxForCausalLM(HybridForCausalLM):
+class MiniMaxForCausalLM(_MoEWeights, HybridForCausalLM):
     decoder_layer = MiniMaxLayer
     skip_weights = HybridForCausalLM.skip_weights + (".slope_rate", ".query_decay", ".key_decay",
                                                      ".diagonal_decay")  # transformers' lightning buffers
@@ -125,7 +125,3 @@ class MiniMaxForCausalLM(HybridForCausalLM):
         d = getattr(config, "head_dim", None) or config.hidden_size // h
         return ((h // tp_size, d, d),)
 
-    def map_weight(self, name: str):
-        renamed = self.hf_name(name)
-        expert = None if renamed is None else map_expert_weight(renamed)
-        return expert if expert is not None else super().map_weight(name)

@@ -77,12 +77,13 @@ def qwen2_moe_mlp(config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
 
 
 class _MoEWeights:
+    """Expert tensors (per expert or stacked) land in FusedMoE's w13 / w2; every other name maps as the next class
+    in the MRO maps it."""
+
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         renamed = self.hf_name(name)
-        if renamed is None:
-            return None
-        expert = map_expert_weight(renamed)
-        return expert if expert is not None else LlamaForCausalLM.map_weight(self, renamed)
+        expert = None if renamed is None else map_expert_weight(renamed)
+        return expert if expert is not None else super().map_weight(name)
 
 
 class MixtralForCausalLM(_MoEWeights, LlamaForCausalLM):

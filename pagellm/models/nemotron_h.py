@@ -28,7 +28,7 @@ from pagellm.models.hybrid import HybridAttention
 from pagellm.models.layers import Fp32WeightRMSNorm, FusedMoE, activation, set_weight_loader
 from pagellm.models.llama import AttentionOptions
 from pagellm.models.mamba import MambaMixer2, mamba2_state_shapes
-from pagellm.models.moe import map_expert_weight
+from pagellm.models.moe import _MoEWeights
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
@@ -139,7 +139,7 @@ def mamba_dims(config) -> tuple[int, int, int, int, int]:
             config.conv_kernel)
 
 
-class NemotronHForCausalLM(RecurrentLM):
+class NemotronHForCausalLM(_MoEWeights, RecurrentLM):
     packed_modules = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
     backbone_names = True
     keep_float32 = (".mixer.gate.weight", ".mixer.gate.e_score_correction_bias")  # the router, as transformers
@@ -167,10 +167,6 @@ class NemotronHForCausalLM(RecurrentLM):
         self.backbone.norm_f = Fp32WeightRMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.init_lm_head(config, self.backbone.embeddings, tp)
 
-    def map_weight(self, name: str):
-        renamed = self.hf_name(name)
-        expert = None if renamed is None else map_expert_weight(renamed)
-        return expert if expert is not None else super().map_weight(name)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.embeddings(input_ids)
