@@ -153,7 +153,7 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         req = seq.request
-        tokens = seq.token_ids if not ahead else list(seq.token_ids) + list(ahead)
+        tokens, n = seq.token_ids, len(seq.token_ids)
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
@@ -161,7 +161,9 @@ class KVCacheManager:
             if req.mm_features and i * bs < req.mm_end:  # the images whose positions the block holds
                 ids = [f.identifier for f in req.mm_features if f.overlaps(i * bs, (i + 1) * bs)]
                 extra = "\x00".join([extra or "", *ids]) if ids else extra
-            hashes.append(hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], extra))
+            lo, hi = i * bs, (i + 1) * bs
+            block = tokens[lo:hi] if hi <= n else list(tokens[lo:hi]) + list(ahead[max(0, lo - n):hi - n])
+            hashes.append(hash_block_tokens(parent, block, extra))
         return hashes
 
     def find_prefix(self, seq: Sequence) -> PrefixMatch:

@@ -407,25 +407,25 @@ class ModelRunner:
             for j, slot in planned:
                 src.append(row if j < 0 else base + row * k + j)
                 dst.append(self._checkpoint_base + slot)
-        src, dst = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-        for layer in self.states:
-            for t in layer:
-                t[dst] = t[src]
+        self._write_state_rows(src, dst)
 
     def _start_states(self, zeroed: list[int], copied: list[tuple[int, int]]) -> None:
-        """One indexed write per state tensor for all the step's new rows: zeroed, or copied from a checkpoint's
-        row or a live parent's row (every source read before any row is written)."""
-        zero = torch.tensor(zeroed, device=self.device) if zeroed else None
-        if copied:
-            dst = torch.tensor([r for r, _ in copied], device=self.device)
-            src = torch.tensor([c for _, c in copied], device=self.device)
+        """The step's new rows: zeroed, or copied from a checkpoint's row or a live parent's row."""
+        self._write_state_rows([c for _, c in copied], [r for r, _ in copied], zeroed)
+
+    def _write_state_rows(self, src: list[int], dst: list[int], zeroed: list[int] = ()) -> None:
+        """Rows src copied to rows dst and rows `zeroed` cleared, in every state tensor: one gather, one fill and
+        one scatter per tensor, every source read before any row is written."""
+        dev = self.device
+        zero = torch.tensor(zeroed, device=dev) if zeroed else None
+        src_t, dst_t = (torch.tensor(src, device=dev), torch.tensor(dst, device=dev)) if src else (None, None)
         for layer in self.states:
             for t in layer:
-                values = t.index_select(0, src) if copied else None
+                values = t.index_select(0, src_t) if src else None
                 if zero is not None:
                     t.index_fill_(0, zero, 0)
-                if copied:
-                    t.index_copy_(0, dst, values)
+                if src:
+                    t.index_copy_(0, dst_t, values)
 
     def _prepare_inputs(self, sched: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> _StepInputs:
         """`drafts`: a draft model's tokens for the scheduler's placeholders (sched.spec_token_ids)."""
@@ -524,9 +524,11 @@ class ModelRunner:
         """Where the recurrent layers save a sequence's state within its chunk (batch index -> [(chunk offset, state
         row)]): the scheduler's checkpoints, and for a speculative step the state after each token but the last (the
         state after the last is the row's own)."""
-        base = self._checkpoint_base
-        saves = {i: [(offset, base + slot) for offset, slot in sched.state_saves[s]]
-                 for i, s in enumerate(seq_ids) if s in sched.state_saves}
+        saves = {}
+        if sched.state_saves:  # (a decode step has none: no pass over the batch)
+            base = self._checkpoint_base
+            saves = {i: [(offset, base + slot) for offset, slot in sched.state_saves[s]]
+                     for i, s in enumerate(seq_ids) if s in sched.state_saves}
         if n_draft is not None:
             k = self.config.scheduler.speculative.num_speculative_tokens
             for i in np.flatnonzero(n_draft).tolist():
