@@ -81,6 +81,14 @@ def gated_deltanet_state_shapes(num_k_heads: int, num_v_heads: int, head_k_dim: 
     return (2 * nk * head_k_dim + nv * head_v_dim, conv_kernel - 1), (nv, head_k_dim, head_v_dim)
 
 
+def linear_attention_state_shapes(config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
+    """The state shapes of a config's Gated DeltaNet layers (transformers' linear_* fields: Qwen3-Next, Qwen3.5,
+    OLMo Hybrid)."""
+    return gated_deltanet_state_shapes(config.linear_num_key_heads, config.linear_num_value_heads,
+                                       config.linear_key_head_dim, config.linear_value_head_dim,
+                                       config.linear_conv_kernel_dim, tp_size)
+
+
 class GatedDeltaNet(nn.Module):
     """Tensor parallel: each rank holds num_k_heads / tp key heads and num_v_heads / tp value heads (their
     projections, conv channels and decay parameters; Qwen3-Next's grouped projections split as whole key-head

@@ -51,6 +51,11 @@ from pagellm.models.parallel_layers import (
 )
 
 
+def cache_layers(config) -> list[int]:
+    """The layers with a K/V cache of their own (the others read their store layer's)."""
+    return [i for i, mode in enumerate(config.kv_sharing_modes) if mode != "reuse"]
+
+
 def layer_heads(config, layer_idx: int) -> tuple[int, int]:
     """(K/V heads, head_dim) of a layer (Gemma 4's global layers have their own)."""
     c = config.per_layer_config[layer_idx]
@@ -184,7 +189,7 @@ class Gemma4ForCausalLM(_MoEWeights, CausalLM):
         if config.num_attention_heads % tp_size:
             raise ValueError(f"{config.num_attention_heads} attention heads do not split over "
                              f"tensor_parallel_size={tp_size}")
-        own = [i for i, mode in enumerate(config.kv_sharing_modes) if mode != "reuse"]
+        own = cache_layers(config)
         shapes = tuple((kv_heads_per_rank(kvh, tp_size), d) for kvh, d in (layer_heads(config, i) for i in own))
         windows = tuple(config.sliding_window if config.layer_types[i] == "sliding_attention" else None for i in own)
         return ModelGeometry(num_layers=len(own), num_kv_heads=shapes[0][0], head_dim=shapes[0][1],
@@ -203,8 +208,8 @@ class Gemma4ForCausalLM(_MoEWeights, CausalLM):
         self.kinds = list(config.layer_types)
         self.stores = [m == "store" for m in modes]
         # layer i -> its cache's index among the layers with one (None: it reads its store layer's)
-        own = [i for i, m in enumerate(modes) if m != "reuse"]
-        self.cache_of = [own.index(i) if i in own else None for i in range(config.num_hidden_layers)]
+        index = {layer: c for c, layer in enumerate(cache_layers(config))}
+        self.cache_of = [index.get(i) for i in range(config.num_hidden_layers)]
 
     def hf_name(self, name: str) -> str | None:
         if self.tied and name == "lm_head.weight":

@@ -26,7 +26,7 @@ from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCac
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import LanguageModelOnly, RecurrentLM
-from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
+from pagellm.models.gated_deltanet import GatedDeltaNet, linear_attention_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention, LlamaDecoderLayer, LlamaModel
 from pagellm.models.mamba import MambaMixer, MambaMixer2, mamba1_state_shapes, mamba2_state_shapes
@@ -271,9 +271,7 @@ class Qwen3NextForCausalLM(_MoEWeights, HybridForCausalLM):
 
     @classmethod
     def state_shapes(cls, config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
-        return gated_deltanet_state_shapes(config.linear_num_key_heads, config.linear_num_value_heads,
-                                           config.linear_key_head_dim, config.linear_value_head_dim,
-                                           config.linear_conv_kernel_dim, tp_size)
+        return linear_attention_state_shapes(config, tp_size)
 
     @classmethod
     def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:

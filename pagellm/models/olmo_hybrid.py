@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.gated_deltanet import GatedDeltaNet, gated_deltanet_state_shapes
+from pagellm.models.gated_deltanet import GatedDeltaNet, linear_attention_state_shapes
 from pagellm.models.hybrid import HybridForCausalLM
 from pagellm.models.layers import Fp32WeightRMSNorm, GatedMLP
 from pagellm.models.llama import AttentionOptions
@@ -94,6 +94,4 @@ class OlmoHybridForCausalLM(HybridForCausalLM):
 
     @classmethod
     def state_shapes(cls, config, tp_size: int = 1) -> tuple[tuple[int, ...], ...]:
-        return gated_deltanet_state_shapes(config.linear_num_key_heads, config.linear_num_value_heads,
-                                           config.linear_key_head_dim, config.linear_value_head_dim,
-                                           config.linear_conv_kernel_dim, tp_size)
+        return linear_attention_state_shapes(config, tp_size)
