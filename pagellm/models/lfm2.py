@@ -18,14 +18,13 @@ from torch import nn
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.hybrid import HybridForCausalLM
-from pagellm.models.layers import FusedMoE, GatedMLP, set_weight_loader
+from pagellm.models.layers import GatedMLP, set_weight_loader
 from pagellm.models.llama import AttentionOptions
 from pagellm.models.mamba import conv_pieces, conv_step, for_each_sequence, pad_rows
-from pagellm.models.moe import _MoEWeights
+from pagellm.models.moe import SigmoidRoutedMoE, _MoEWeights
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
-    Linear,
     RowParallelLinear,
     even_part,
     parts_loader,
@@ -103,41 +102,18 @@ class Lfm2ForCausalLM(HybridForCausalLM):
         return GatedMLP(config.hidden_size, lfm2_mlp_size(config), "silu", tp=tp)
 
 
-class Lfm2MoeBlock(nn.Module):
-    """LFM2-MoE's experts: sigmoid router scores, top-k chosen by score + expert_bias (load balancing, float32),
-    weighted by the scores (renormalised: / (sum + 1e-6)) times routed_scaling_factor; experts are SwiGLUs."""
-
-    def __init__(self, config, tp: TPGroup = SINGLE) -> None:
-        super().__init__()
-        e = config.num_experts
-        self.gate = Linear(config.hidden_size, e, bias=False)  # the router: replicated
-        self.expert_bias = nn.Parameter(torch.zeros(e)) if config.use_expert_bias else None
-        self.experts = FusedMoE(e, config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size, "silu",
-                                False, tp)
-        self.renormalize, self.scale = bool(config.norm_topk_prob), config.routed_scaling_factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)
-        scores = logits.sigmoid()
-        k = self.experts.top_k
-        if self.expert_bias is not None:
-            experts = torch.topk(scores + self.expert_bias, k, dim=-1).indices
-            weights = scores.gather(1, experts)
-        else:
-            weights, experts = torch.topk(scores, k, dim=-1)
-        if self.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
-        return self.experts.dispatch(x, weights * self.scale, experts)
-
-
 class Lfm2MoeForCausalLM(_MoEWeights, Lfm2ForCausalLM):
     """LFM2-MoE (LFM2-8B-A1B): LFM2's layers with experts in place of the MLP after the first num_dense_layers."""
 
-    keep_float32 = (".mlp.expert_bias",)  # as transformers keeps its buffer
+    keep_float32 = (".mlp.e_score_correction_bias",)  # as transformers keeps its buffer
+    renames = Lfm2ForCausalLM.renames + ((".mlp.expert_bias", ".mlp.e_score_correction_bias"),)
 
     @classmethod
     def make_mlp(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         if layer_idx < config.num_dense_layers:
             return GatedMLP(config.hidden_size, config.intermediate_size, "silu", tp=tp)
-        return Lfm2MoeBlock(config, tp)
+        return SigmoidRoutedMoE(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                                config.moe_intermediate_size, bias=bool(config.use_expert_bias),
+                                renormalize=bool(config.norm_topk_prob), eps=1e-6,
+                                scale=config.routed_scaling_factor, tp=tp)
 

@@ -64,6 +64,34 @@ class SparseMoeBlock(nn.Module):
         return out
 
 
+class SigmoidRoutedMoE(nn.Module):
+    """Experts chosen by sigmoid router scores plus a load-balancing bias that only chooses (float32; none without
+    `bias`), weighted by the scores (renormalised over the chosen: / (sum + eps)) times `scale`: LFM2-MoE,
+    MiniMax-M2. The router's logits come out in its weight's dtype (float32 where the model keeps it so)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, *, bias: bool,
+                 renormalize: bool, eps: float = 0.0, scale: float = 1.0, act: str = "silu",
+                 tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        self.gate = Linear(hidden_size, num_experts, bias=False)  # the router: replicated
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, act, False, tp)
+        self.renormalize, self.eps, self.scale = renormalize, eps, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate.weight
+        scores = self.gate(x.float() if w.dtype == torch.float32 else x).sigmoid()
+        k = self.experts.top_k
+        if self.e_score_correction_bias is not None:
+            experts = torch.topk(scores + self.e_score_correction_bias, k, dim=-1).indices
+            weights = scores.gather(1, experts)
+        else:
+            weights, experts = torch.topk(scores, k, dim=-1)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        return self.experts.dispatch(x, weights * self.scale, experts)
+
+
 def qwen2_moe_mlp(config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
     """Qwen2-MoE's MLP layout (also Qwen3-MoE's and Qwen3-Next's): sparse every `decoder_sparse_step` layers except
     `mlp_only_layers` (with a gated shared expert where shared_expert_intermediate_size is set), dense elsewhere."""

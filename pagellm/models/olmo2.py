@@ -22,11 +22,12 @@ from pagellm.models.weight_utils import ckpt_narrow, copy_into, set_weight_loade
 
 class ShardedRMSNorm(nn.Module):
     """RMSNorm over a dimension split across ranks: this rank's slice `part` of the weight, the mean of squares
-    all-reduced over the ranks. As Olmo2RMSNorm: float32, the weight applied before the cast back."""
+    all-reduced over the ranks. As Olmo2RMSNorm: float32, the weight applied before the cast back; with
+    `weight_after_cast`, as LLaMA's RMSNorm: after it."""
 
-    def __init__(self, part: Part, eps: float, tp: TPGroup) -> None:
+    def __init__(self, part: Part, eps: float, tp: TPGroup, weight_after_cast: bool = False) -> None:
         super().__init__()
-        self.part, self.eps, self.tp = part, eps, tp
+        self.part, self.eps, self.tp, self.weight_after_cast = part, eps, tp, weight_after_cast
         self.weight = nn.Parameter(torch.ones(part.size))
         set_weight_loader(self.weight, self.load)
 
@@ -39,18 +40,22 @@ class ShardedRMSNorm(nn.Module):
         if self.tp.size > 1:
             ss = self.tp.all_reduce(ss.contiguous())
         x32 = x32 * torch.rsqrt(ss / self.part.full_size + self.eps)
+        if self.weight_after_cast:
+            return self.weight * x32.to(x.dtype)
         return (self.weight.float() * x32).to(x.dtype)
 
 
 class Olmo2Attention(LlamaAttention):
+    weight_after_cast = False  # the q/k norms' rounding (ShardedRMSNorm)
+
     def __init__(self, config, layer_idx: int, opts: AttentionOptions, tp: TPGroup = SINGLE) -> None:
         super().__init__(config, layer_idx, opts, tp)
         q_part, k_part, _ = self.qkv_proj.parts
         if k_part.size * tp.size != k_part.full_size:
-            raise ValueError(f"OLMo 2 normalises k over all K/V heads: tensor_parallel_size={tp.size} must divide "
-                             f"its {config.num_key_value_heads} K/V heads.")
-        self.q_norm = ShardedRMSNorm(q_part, config.rms_norm_eps, tp)
-        self.k_norm = ShardedRMSNorm(k_part, config.rms_norm_eps, tp)
+            raise ValueError(f"{type(self).__name__} normalises k over all K/V heads: "
+                             f"tensor_parallel_size={tp.size} must divide its {config.num_key_value_heads} K/V heads.")
+        self.q_norm = ShardedRMSNorm(q_part, config.rms_norm_eps, tp, self.weight_after_cast)
+        self.k_norm = ShardedRMSNorm(k_part, config.rms_norm_eps, tp, self.weight_after_cast)
 
     def heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = q.shape[0]

@@ -131,6 +131,10 @@ MODELS: dict[str, ModelEntry] = {
     "MiniMaxForCausalLM": ModelEntry("pagellm.models.minimax:MiniMaxForCausalLM",
                                      ("lightning attention (a recurrent state per sequence) among softmax attention "
                                       "layers", "experts in every layer"), "MiniMax-Text-01, MiniMax-M1"),
+    "MiniMaxM2ForCausalLM": ModelEntry("pagellm.models.minimax_m2:MiniMaxM2ForCausalLM",
+                                       ("q/k RMSNorm over all heads", "partial rotary",
+                                        "experts chosen by sigmoid scores with a bias"),
+                                       "MiniMax-M2, M2.1, M2.5"),
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),

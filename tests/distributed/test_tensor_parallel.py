@@ -50,14 +50,16 @@ def assert_same(a, b):
 # (>= tp and < 2 * tp); llama_tied_rope: one K/V head and a tied LM head; the others: every family's layers
 # (granitemoehybrid: Mamba groups split over the ranks; bamba: one group shared, its norm all-reduced; qwen3_next:
 # grouped projections; qwen3_5: split projections; the recurrent states per rank; gemma4: caches of two shapes,
-# one K/V head replicated, K/V shared between layers, per-layer inputs; gemma4_moe: experts beside the MLP).
+# one K/V head replicated, K/V shared between layers, per-layer inputs; gemma4_moe: experts beside the MLP;
+# minimax_m2: q/k norms over all heads all-reduced, sigmoid-routed experts).
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
                                   "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
                                   "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
                                   "glm4_moe_lite", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
                                   "qwen3_5_moe", "nemotron_h", "lfm2", "falcon_h1",
                                   "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe",
-                                  "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax"])
+                                  "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax",
+                                  "minimax_m2"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
@@ -83,7 +85,7 @@ def test_tp2_resumes_cached_prefixes_from_each_ranks_state_checkpoints(tiny_mode
 # mixtral: per-expert w1/w2/w3 tensors; qwen3_moe: a dense layer among sparse ones; deepseek_v3: grouped routing,
 # shared experts (tensor-parallel) beside the routed ones; gpt_oss: experts stacked in one tensor, biases; llama4:
 # router weights applied to the experts' input
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "minimax_m2"])
 def test_expert_parallel_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
