@@ -51,6 +51,12 @@ from pagellm.models.parallel_layers import SINGLE, ColumnParallelLinear, RowPara
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm: Hugging Face builds them with the default epsilon
 
 
+def routed_experts(config) -> int:
+    """The number of routed experts: n_routed_experts (DeepSeek, GLM), or num_local_experts (Kimi Linear)."""
+    n = getattr(config, "n_routed_experts", None)
+    return n if isinstance(n, int) else config.num_local_experts
+
+
 def softmax_scale(config) -> float:
     """(nope + rope)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (Hugging Face's yarn_apply_mscale)."""
     import math
@@ -112,9 +118,10 @@ class MLAttention(nn.Module):
         latent = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(latent[:, :self.rank].contiguous())
         k_pe = latent[:, None, self.rank:]
-        if self.rope_order is not None:
-            q_pe, k_pe = q_pe.index_select(-1, self.rope_order), k_pe.index_select(-1, self.rope_order)
-        q_pe, k_pe = rotary(positions, q_pe.contiguous(), k_pe.contiguous())
+        if rotary is not None:  # (Kimi Linear: no position embedding; the rope part is kept)
+            if self.rope_order is not None:
+                q_pe, k_pe = q_pe.index_select(-1, self.rope_order), k_pe.index_select(-1, self.rope_order)
+            q_pe, k_pe = rotary(positions, q_pe.contiguous(), k_pe.contiguous())
         q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # (T, H, rank)
         q_full = torch.cat((q_lat, q_pe), dim=-1)  # (T, H, rank + rope)
         kv = torch.cat((c[:, None, :], k_pe.to(c.dtype)), dim=-1)  # (T, 1, rank + rope): K, and V
@@ -128,7 +135,7 @@ class DeepseekRouter(nn.Module):
 
     def __init__(self, config, v3: bool) -> None:
         super().__init__()
-        e = config.n_routed_experts
+        e = routed_experts(config)
         self.weight = nn.Parameter(torch.empty(e, config.hidden_size))
         self.v3 = v3
         if v3:
@@ -173,7 +180,7 @@ class DeepseekMoE(nn.Module):
     def __init__(self, config, v3: bool, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.gate = DeepseekRouter(config, v3)
-        self.experts = FusedMoE(config.n_routed_experts, config.num_experts_per_tok, config.hidden_size,
+        self.experts = FusedMoE(routed_experts(config), config.num_experts_per_tok, config.hidden_size,
                                 config.moe_intermediate_size, config.hidden_act, False, tp)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = (GatedMLP(config.hidden_size, config.moe_intermediate_size * shared, config.hidden_act,
@@ -190,7 +197,7 @@ def make_deepseek_mlp(config, layer_idx: int, v3: bool, tp: TPGroup = SINGLE) ->
     types = getattr(config, "mlp_layer_types", None)
     dense = (types[layer_idx] == "dense" if types is not None
              else layer_idx < (getattr(config, "first_k_dense_replace", 0) or 0))
-    if dense or not config.n_routed_experts:
+    if dense or not routed_experts(config):
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                         bias=bool(getattr(config, "mlp_bias", False)), tp=tp)
     return DeepseekMoE(config, v3, tp)

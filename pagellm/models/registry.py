@@ -135,6 +135,10 @@ MODELS: dict[str, ModelEntry] = {
                                        ("q/k RMSNorm over all heads", "partial rotary",
                                         "experts chosen by sigmoid scores with a bias"),
                                        "MiniMax-M2, M2.1, M2.5"),
+    "KimiLinearForCausalLM": ModelEntry("pagellm.models.kimi_linear:KimiLinearForCausalLM",
+                                        ("Kimi Delta Attention layers (a decay per key channel: a recurrent state per "
+                                         "sequence) among latent attention layers without position embedding",
+                                         "DeepSeek-V3's experts"), "Kimi-Linear-48B-A3B"),
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),

@@ -56,7 +56,9 @@ def test_selective_scan_over_padded_sequences_is_the_recurrence():
         torch.testing.assert_close(final[i], s, atol=1e-5, rtol=1e-5)
 
 
-def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence():
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence(per_channel):
+    """A log decay per head (Gated DeltaNet: g (H, L)) or per key channel (Kimi Delta Attention: g (H, L, Kd))."""
     gen = torch.Generator().manual_seed(2)
     heads, dk, dv = 2, 4, 3
     nb, longest = len(LENGTHS), max(LENGTHS)
@@ -65,14 +67,15 @@ def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence():
     k = torch.nn.functional.normalize(torch.randn(nb * heads, longest, dk, generator=gen), dim=-1)
     v = torch.randn(nb * heads, longest, dv, generator=gen)
     keep = mask.repeat_interleave(heads, dim=0)
-    g = -torch.rand(nb * heads, longest, generator=gen) * keep
+    g = -torch.rand(nb * heads, longest, *((dk,) if per_channel else ()), generator=gen) * (
+        keep[..., None] if per_channel else keep)
     beta = torch.rand(nb * heads, longest, generator=gen) * keep
     state = torch.randn(nb * heads, dk, dv, generator=gen)
     o, final = delta_rule_chunked(q, k, v, g, beta, state, chunk_size=4)
     for j in range(nb * heads):
         s = state[j]
         for t in range(LENGTHS[j // heads]):  # S = e^g S + beta k (v - S^T k)^T, o = S^T q
-            s = s * torch.exp(g[j, t])
+            s = s * (torch.exp(g[j, t])[:, None] if per_channel else torch.exp(g[j, t]))  # rows: key channels
             s = s + beta[j, t] * torch.outer(k[j, t], v[j, t] - s.t() @ k[j, t])
             torch.testing.assert_close(o[j, t], s.t() @ q[j, t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(final[j], s, atol=1e-5, rtol=1e-5)
