@@ -29,6 +29,36 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+SUB_CHUNK = 16  # channel_decayed_products: the blocks whose decays are computed pair by pair
+
+
+def channel_decayed_products(xs: tuple[torch.Tensor, ...], k: torch.Tensor, cum: torch.Tensor,
+                             sub: int | None = None) -> list[torch.Tensor]:
+    """For each x (H, n, Kd): M[i, j] = sum_c x_i[c] k_j[c] exp(cum_i[c] - cum_j[c]) for j <= i, 0 above (H, n, n),
+    cum (H, n, Kd) a cumulative log decay (non-increasing along n). Across blocks of `sub` tokens the decay factors
+    through the block's first token r: exp(cum_i - cum_r) exp(cum_r - cum_j), both at most 1 for j before the block
+    <= i (nothing overflows), so those products are matrix products; within a block the decays are taken pair by
+    pair (H, sub, sub, Kd)."""
+    h, n, _ = k.shape
+    sub = sub or SUB_CHUNK
+    out = [x.new_zeros(h, n, n) for x in xs]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=k.device).tril()
+    for a in range(0, n, sub):
+        b = min(a + sub, n)
+        ca, ka = cum[:, a:b], k[:, a:b]
+        m = b - a
+        pair = torch.exp((ca[:, :, None] - ca[:, None]).masked_fill(~causal[:m, :m, None], float("-inf")))
+        if a:
+            ref = ca[:, :1]
+            k_before = k[:, :a] * torch.exp(ref - cum[:, :a])  # (H, a, Kd)
+            to_ref = torch.exp(ca - ref)
+        for x, o in zip(xs, out):
+            o[:, a:b, a:b] = torch.einsum("hic,hjc,hijc->hij", x[:, a:b], ka, pair)
+            if a:
+                o[:, a:b, :a] = (x[:, a:b] * to_ref) @ k_before.transpose(1, 2)
+    return out
+
+
 def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                        state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence, float32: q / k (H, L, Kd) (normalised, q scaled), v (H, L, Vd), beta (H, L), the log decay g
@@ -45,10 +75,8 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         if cum.shape[-1] == 1:  # decay(i, j) = exp(cum_i - cum_j), one per head
             decay = torch.exp((cum - cum.transpose(1, 2)).masked_fill(~causal, float("-inf")))  # (H, n, n)
             system, attn = (kb @ kc.transpose(1, 2)) * decay, (qc @ kc.transpose(1, 2)) * decay
-        else:  # one per key channel: (H, n, n, Kd), summed with the products of the channels
-            decay = torch.exp((cum[:, :, None] - cum[:, None]).masked_fill(~causal[..., None], float("-inf")))
-            system = torch.einsum("hic,hjc,hijc->hij", kb, kc, decay)
-            attn = torch.einsum("hic,hjc,hijc->hij", qc, kc, decay)
+        else:  # one per key channel
+            system, attn = channel_decayed_products((kb, qc), kc, cum)
         # (I + strictly lower (beta k k^T * decay)) [u | w] = [beta v | beta k exp(cum)]
         rhs = torch.cat((vc * bc[..., None], kb * torch.exp(cum)), dim=-1)
         sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)

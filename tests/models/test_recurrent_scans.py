@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagellm.models import mamba
+from pagellm.models import gated_deltanet, mamba
 from pagellm.models.gated_deltanet import delta_rule_chunked
 from pagellm.models.mamba import Pieces, conv_pieces, conv_step, selective_scan, ssd_scan
 
@@ -57,8 +57,10 @@ def test_selective_scan_over_padded_sequences_is_the_recurrence():
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence(per_channel):
-    """A log decay per head (Gated DeltaNet: g (H, L)) or per key channel (Kimi Delta Attention: g (H, L, Kd))."""
+def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence(per_channel, monkeypatch):
+    """A log decay per head (Gated DeltaNet: g (H, L)) or per key channel (Kimi Delta Attention: g (H, L, Kd), in
+    chunks of 4 with blocks of 2 whose decays are taken pair by pair)."""
+    monkeypatch.setattr(gated_deltanet, "SUB_CHUNK", 2)
     gen = torch.Generator().manual_seed(2)
     heads, dk, dv = 2, 4, 3
     nb, longest = len(LENGTHS), max(LENGTHS)
@@ -79,6 +81,22 @@ def test_delta_rule_over_padded_sequences_folded_into_heads_is_the_recurrence(pe
             s = s + beta[j, t] * torch.outer(k[j, t], v[j, t] - s.t() @ k[j, t])
             torch.testing.assert_close(o[j, t], s.t() @ q[j, t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(final[j], s, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sub", [1, 3, 16])
+def test_channel_decayed_products_do_not_overflow_where_the_decay_is_strong(sub):
+    """Log decays down to -40 per token (a block's total far below float32's exp range): the products equal the
+    pair-by-pair sum, with nothing infinite or NaN."""
+    gen = torch.Generator().manual_seed(4)
+    h, n, kd = 2, 11, 5
+    x, k = torch.randn(h, n, kd, generator=gen), torch.randn(h, n, kd, generator=gen)
+    cum = torch.cumsum(-40 * torch.rand(h, n, kd, generator=gen), dim=1)
+    (got,) = gated_deltanet.channel_decayed_products((x,), k, cum, sub)
+    diff = (cum[:, :, None] - cum[:, None]).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril()[..., None],
+                                                       float("-inf"))
+    want = (x[:, :, None] * k[:, None] * torch.exp(diff)).sum(-1)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
 
 
 def test_scans_split_a_large_batch_into_smaller_ones(monkeypatch):
