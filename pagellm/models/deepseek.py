@@ -73,7 +73,9 @@ def softmax_scale(config) -> float:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, tp: TPGroup = SINGLE) -> None:
+    """head_gate: each head's output x sigmoid(g_proj(x)) before o_proj (Ling 3)."""
+
+    def __init__(self, config, layer_idx: int, tp: TPGroup = SINGLE, head_gate: bool = False) -> None:
         super().__init__()
         h = config.num_attention_heads
         self.num_heads = h // tp.size  # (geometry() checked that they split)
@@ -91,6 +93,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear.single(self.rank, h * (self.nope + self.v_dim), False, tp)
         self.o_proj = RowParallelLinear(h * self.v_dim, hidden, bias=bias, tp=tp)
+        self.g_proj = ColumnParallelLinear.single(hidden, h, False, tp) if head_gate else None
         interleaved = getattr(config, "rope_interleave", True)  # V2 has no such field: always interleaved
         self.register_buffer("rope_order", torch.cat((torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)))
                              if interleaved else None, persistent=False)
@@ -126,8 +129,10 @@ class MLAttention(nn.Module):
         q_full = torch.cat((q_lat, q_pe), dim=-1)  # (T, H, rank + rope)
         kv = torch.cat((c[:, None, :], k_pe.to(c.dtype)), dim=-1)  # (T, 1, rank + rope): K, and V
         out = self.attn(q_full, kv, kv, kv_cache, meta, backend).view(t, h, self.rank + self.rope)
-        v = torch.bmm(out[..., :self.rank].transpose(0, 1), self.w_uv)  # (H, T, v_dim)
-        return self.o_proj(v.transpose(0, 1).reshape(t, h * self.v_dim))
+        v = torch.bmm(out[..., :self.rank].transpose(0, 1), self.w_uv).transpose(0, 1)  # (T, H, v_dim)
+        if self.g_proj is not None:
+            v = v * torch.sigmoid(self.g_proj(x).float()).to(v.dtype)[..., None]
+        return self.o_proj(v.reshape(t, h * self.v_dim))
 
 
 class DeepseekRouter(nn.Module):

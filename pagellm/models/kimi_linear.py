@@ -30,7 +30,7 @@ from torch import nn
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.deepseek import DeepseekV2ForCausalLM, MLAttention, make_deepseek_mlp
+from pagellm.models.deepseek import DeepseekV2ForCausalLM, MLAttention, is_mtp_layer, make_deepseek_mlp
 from pagellm.models.gated_deltanet import DeltaRuleLayer, HeadRMSNormGated, gated_deltanet_state_shapes
 from pagellm.models.hybrid import HybridForCausalLM
 from pagellm.models.mamba import pad_rows
@@ -42,7 +42,13 @@ _KDA_PROJ = re.compile(r"^(model\.layers\.(\d+)\.self_attn\.)([qkvb])_proj\.")
 
 
 class KimiDeltaAttention(DeltaRuleLayer):
-    def __init__(self, config, tp: TPGroup = SINGLE) -> None:
+    """low_rank: the decay and output gates through a head_dim-wide bottleneck (f_a_proj -> f_b_proj, g_a_proj ->
+    g_b_proj: Kimi Linear), else one projection each (f_proj, g_proj: Ling 3). safe_gate_bound: the decay is
+    bound x sigmoid(exp(A_log) (f + dt_bias)), rounded to the compute dtype (Ling 3's kda_safe_gate), instead of
+    -exp(A_log) softplus(f + dt_bias)."""
+
+    def __init__(self, config, tp: TPGroup = SINGLE, low_rank: bool = True,
+                 safe_gate_bound: float | None = None) -> None:
         super().__init__()
         h, d, hidden = config.linear_num_heads, config.linear_head_dim, config.hidden_size
         k = config.linear_conv_kernel_dim
@@ -50,10 +56,15 @@ class KimiDeltaAttention(DeltaRuleLayer):
         qkv, heads = even_part(h * d, tp), even_part(h, tp)
         self.in_proj = ColumnParallelLinear(hidden, [qkv, qkv, qkv, heads], bias=False)  # q, k, v, b: shards 0-3
         self.init_recurrence(h // tp.size, h // tp.size, d, d, k, 64, [qkv, qkv, qkv], frozenset((0, 1, 2)))
-        self.f_a_proj = ColumnParallelLinear.single(hidden, d, False)  # replicated
-        self.f_b_proj = ColumnParallelLinear.single(d, h * d, False, tp)
-        self.g_a_proj = ColumnParallelLinear.single(hidden, d, False)  # replicated
-        self.g_b_proj = ColumnParallelLinear.single(d, h * d, False, tp)
+        self.low_rank, self.safe_gate_bound = low_rank, safe_gate_bound
+        if low_rank:
+            self.f_a_proj = ColumnParallelLinear.single(hidden, d, False)  # replicated
+            self.f_b_proj = ColumnParallelLinear.single(d, h * d, False, tp)
+            self.g_a_proj = ColumnParallelLinear.single(hidden, d, False)  # replicated
+            self.g_b_proj = ColumnParallelLinear.single(d, h * d, False, tp)
+        else:
+            self.f_proj = ColumnParallelLinear.single(hidden, h * d, False, tp)
+            self.g_proj = ColumnParallelLinear.single(hidden, h * d, False, tp)
         self.dt_bias = nn.Parameter(torch.zeros(qkv.size))  # per head and channel
         set_weight_loader(self.dt_bias, parts_loader([qkv]))
         self.A_log = nn.Parameter(torch.zeros(1, 1, heads.size, 1))  # stored (1, 1, heads, 1), or (heads,)
@@ -72,10 +83,15 @@ class KimiDeltaAttention(DeltaRuleLayer):
         h = x[:t]
         q, k, v, b = self.in_proj.split(self.in_proj(h))
         beta = torch.sigmoid(b.float())
-        a = self.f_b_proj(self.f_a_proj(h)).float() + self.dt_bias.float()
-        g = -torch.exp(self.A_log.float().view(self.nv, 1)) * torch.nn.functional.softplus(a.view(t, self.nv, self.dk))
+        f = self.f_b_proj(self.f_a_proj(h)) if self.low_rank else self.f_proj(h)
+        a = (f.float() + self.dt_bias.float()).view(t, self.nv, self.dk)
+        rate = torch.exp(self.A_log.float().view(self.nv, 1))
+        if self.safe_gate_bound is None:
+            g = -rate * torch.nn.functional.softplus(a)
+        else:
+            g = (self.safe_gate_bound * torch.sigmoid(rate * a)).to(x.dtype).float()
         o = self.recur(torch.cat((q, k, v), dim=-1), g, beta, state, meta)
-        gate = self.g_b_proj(self.g_a_proj(h)).view(t, self.nv, self.dv)
+        gate = (self.g_b_proj(self.g_a_proj(h)) if self.low_rank else self.g_proj(h)).view(t, self.nv, self.dv)
         o = self.o_norm(o, gate, x.dtype).reshape(t, self.value_dim)
         return self.o_proj(pad_rows(o, x.shape[0]))
 
@@ -121,7 +137,9 @@ class KimiLinearForCausalLM(_MoEWeights, HybridForCausalLM):
 
     def hf_name(self, name: str) -> str | None:
         name = super().hf_name(name)
-        m = _KDA_PROJ.match(name or "")
+        if name is None or is_mtp_layer(self.config, name):
+            return None
+        m = _KDA_PROJ.match(name)
         if m and self.is_state_layer(self.config, int(m.group(2))):  # (the MLA layers have a q_proj of their own)
             name = f"{m.group(1)}in_proj_{m.group(3)}." + name[m.end():]
         return name
@@ -131,3 +149,26 @@ class KimiLinearForCausalLM(_MoEWeights, HybridForCausalLM):
         for layer in self.model.layers:
             if not layer.is_recurrent:
                 layer.self_attn.absorb(w.dtype, w.device)
+
+
+class BailingHybridForCausalLM(KimiLinearForCausalLM):
+    """Ling 3's hybrid (BailingHybridForCausalLM): Kimi Linear's layout (a latent attention layer closing every
+    layer_group_size layers) with full-rank decay and output gates and the safe gate in the KDA layers, and RoPE
+    (interleaved) plus a sigmoid gate per head on the latent attention layers' output."""
+
+    renames = (("model.word_embeddings.", "model.embed_tokens."), (".attention.", ".self_attn."),
+               (".self_attn.dense.", ".self_attn.o_proj."),
+               (".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"))
+
+    @classmethod
+    def uses_rope(cls, config) -> bool:
+        return True
+
+    @classmethod
+    def make_mixer(cls, config, tp: TPGroup = SINGLE) -> nn.Module:
+        return KimiDeltaAttention(config, tp, low_rank=False,
+                                  safe_gate_bound=config.kda_lower_bound if config.kda_safe_gate else None)
+
+    @classmethod
+    def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
+        return MLAttention(config, layer_idx, tp, head_gate=True)

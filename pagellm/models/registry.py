@@ -139,6 +139,10 @@ MODELS: dict[str, ModelEntry] = {
                                         ("Kimi Delta Attention layers (a decay per key channel: a recurrent state per "
                                          "sequence) among latent attention layers without position embedding",
                                          "DeepSeek-V3's experts"), "Kimi-Linear-48B-A3B"),
+    "BailingHybridForCausalLM": ModelEntry("pagellm.models.kimi_linear:BailingHybridForCausalLM",
+                                           ("Kimi Delta Attention layers with a bounded decay gate",
+                                            "latent attention with RoPE and a gate per head", "DeepSeek-V3's experts"),
+                                           "Ling 3 hybrids"),
     "FalconH1ForCausalLM": ModelEntry("pagellm.models.falcon_h1:FalconH1ForCausalLM",
                                       ("attention and Mamba2 side by side in every layer", "muP multipliers"),
                                       "Falcon-H1"),

@@ -42,7 +42,8 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
     ("jamba", "cpu_paged", 2048, 8), ("lfm2", "cpu_paged", 2048, 8), ("mamba", "cpu_paged", 2048, 8),
     ("lfm2_moe", "cpu_paged", 5, 2), ("lfm2_moe", "torch_ref", 2048, 8), ("olmo_hybrid", "cpu_paged", 5, 2),
     ("olmo_hybrid_nope", "torch_ref", 13, 3), ("olmo_hybrid", "cpu_paged", 2048, 8), ("minimax", "cpu_paged", 5, 2),
-    ("minimax", "torch_ref", 2048, 8), ("kimi_linear", "cpu_paged", 5, 2), ("kimi_linear", "torch_ref", 2048, 8)])
+    ("minimax", "torch_ref", 2048, 8), ("kimi_linear", "cpu_paged", 5, 2), ("kimi_linear", "torch_ref", 2048, 8),
+    ("bailing_hybrid", "cpu_paged", 13, 3)])
 def test_prefill_chunks_and_reused_rows_match_hf(tiny_models, arch, backend, batched, max_seqs):
     """Prompts cut into prefill chunks of 5 or 13 tokens (the convolution and SSM states carry over), two or three
     rows for five prompts (a row's state is zeroed for its next sequence); or all five prompts (1 to 47 tokens) in
@@ -126,7 +127,7 @@ def shared_prefix_prompts(vocab: int, seed: int = 3) -> tuple[list[int], list[li
     ("qwen3_5", "torch_ref", 5), ("lfm2", "cpu_paged", 7), ("jamba", "cpu_paged", 5), ("falcon_h1", "torch_ref", 5),
     ("nemotron_h", "cpu_paged", 2048), ("mamba", "cpu_paged", 5), ("mamba2", "cpu_paged", 13),
     ("olmo_hybrid", "cpu_paged", 5), ("lfm2_moe", "torch_ref", 13), ("minimax", "cpu_paged", 13),
-    ("kimi_linear", "cpu_paged", 13)])
+    ("kimi_linear", "cpu_paged", 13), ("bailing_hybrid", "torch_ref", 5)])
 def test_prefix_hits_resume_from_a_state_checkpoint_and_match_hf(tiny_models, arch, backend, batched):
     """Prefix caching: the recurrent state is checkpointed every mamba_block_size (8) tokens, also in the middle of
     a prefill chunk (chunks of 5 or 13); a prompt sharing a cached prefix starts from the last checkpoint within
@@ -306,7 +307,7 @@ def assert_drafts_kept_and_rejected(llm):
                                              ("qwen3_5", 256), ("jamba", 256), ("nemotron_h", 256), ("lfm2", 256),
                                              ("falcon_h1", 256), ("mamba", 256), ("mamba2", 256), ("lfm2_moe", 256),
                                              ("olmo_hybrid", 256), ("olmo_hybrid_nope", 2), ("minimax", 256),
-                                             ("kimi_linear", 256)])
+                                             ("kimi_linear", 256), ("bailing_hybrid", 2)])
 def test_speculative_decoding_puts_back_the_state_of_the_last_kept_draft(tiny_models, arch, max_seqs):
     """A speculative step computes the last token and the drafts one after the other through the recurrent layers,
     saving the state after each; when drafts are rejected, the sequence's next step starts from the state after
