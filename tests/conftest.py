@@ -18,7 +18,8 @@ ARCHS = ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "llama3", "qwen2", "
          "gpt_oss", "llama4", "granitemoehybrid", "bamba", "qwen3_next", "qwen3_5",
          "qwen3_5_moe", "nemotron_h", "lfm2",
          "falcon_h1", "falcon_h1_nonorm", "jamba", "mamba", "falcon_mamba", "mamba2", "gemma4", "gemma4_moe",
-         "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax", "minimax_m2", "kimi_linear", "bailing_hybrid"]
+         "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax", "minimax_m2", "kimi_linear", "bailing_hybrid",
+         "deepseek_v32", "glm_moe_dsa"]
 FALLBACK_ARCHS = ["stablelm", "ernie4_5_moe"]  # no native implementation: the transformers fallback
 
 

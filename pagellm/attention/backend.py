@@ -88,6 +88,9 @@ class AttentionMetadata:
     state_rows_cpu: list[int] | None = None
     state_saves: dict[int, list[tuple[int, int]]] | None = None  # batch index -> [(chunk offset, checkpoint row)]
     recurrent_plan: Any = None  # how the recurrent layers split the step (models/mamba.py), made by the first one
+    # DeepSeek Sparse Attention: the keys each query of a long sequence attends to, {batch index: (L, n) bool}, set by
+    # a layer with an indexer for the layers after it that share its selection (GLM-5)
+    sparse_selection: dict[int, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.max_query_len:

@@ -114,9 +114,18 @@ class MLAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        q_full, kv = self.latent(positions, x, self.query_input(x), rotary)
+        return self.finish(x, self.attn(q_full, kv, kv, kv_cache, meta, backend))
+
+    def query_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What q_proj / q_b_proj reads: x, or its low-rank form RMSNorm(q_a_proj(x))."""
+        return x if self.q_lora is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def latent(self, positions: torch.Tensor, x: torch.Tensor, q_in: torch.Tensor,
+               rotary: RotaryEmbedding | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The absorbed query (T, H, rank + rope) and the cache row [c, k_pe] (T, 1, rank + rope)."""
         t, h = x.shape[0], self.num_heads
-        q = self.q_proj(x) if self.q_lora is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(t, h, self.nope + self.rope)
+        q = (self.q_proj(q_in) if self.q_lora is None else self.q_b_proj(q_in)).view(t, h, self.nope + self.rope)
         q_nope, q_pe = q[..., :self.nope], q[..., self.nope:]
         latent = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(latent[:, :self.rank].contiguous())
@@ -126,10 +135,14 @@ class MLAttention(nn.Module):
                 q_pe, k_pe = q_pe.index_select(-1, self.rope_order), k_pe.index_select(-1, self.rope_order)
             q_pe, k_pe = rotary(positions, q_pe.contiguous(), k_pe.contiguous())
         q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # (T, H, rank)
-        q_full = torch.cat((q_lat, q_pe), dim=-1)  # (T, H, rank + rope)
-        kv = torch.cat((c[:, None, :], k_pe.to(c.dtype)), dim=-1)  # (T, 1, rank + rope): K, and V
-        out = self.attn(q_full, kv, kv, kv_cache, meta, backend).view(t, h, self.rank + self.rope)
-        v = torch.bmm(out[..., :self.rank].transpose(0, 1), self.w_uv).transpose(0, 1)  # (T, H, v_dim)
+        return torch.cat((q_lat, q_pe), dim=-1), torch.cat((c[:, None, :], k_pe.to(c.dtype)), dim=-1)
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The backend's output (T, H x width) -> its first kv_lora_rank features per head -> W_UV (-> head gate)
+        -> o_proj."""
+        t, h = x.shape[0], self.num_heads
+        out = out.view(t, h, -1)[..., :self.rank]
+        v = torch.bmm(out.transpose(0, 1), self.w_uv).transpose(0, 1)  # (T, H, v_dim)
         if self.g_proj is not None:
             v = v * torch.sigmoid(self.g_proj(x).float()).to(v.dtype)[..., None]
         return self.o_proj(v.reshape(t, h * self.v_dim))

@@ -81,6 +81,13 @@ MODELS: dict[str, ModelEntry] = {
                                         ("multi-head latent attention: a latent KV cache", "low-rank queries",
                                          "sigmoid routing with bias correction, expert groups"),
                                         "DeepSeek-V3, DeepSeek-R1, Moonlight"),
+    "DeepseekV32ForCausalLM": ModelEntry("pagellm.models.deepseek_v32:DeepseekV32ForCausalLM",
+                                         ("DeepSeek Sparse Attention: an indexer picks the index_topk tokens each "
+                                          "query attends to", "its keys in the latent cache row"),
+                                         "DeepSeek-V3.2, V3.2-Speciale"),
+    "GlmMoeDsaForCausalLM": ModelEntry("pagellm.models.deepseek_v32:GlmMoeDsaForCausalLM",
+                                       ("DeepSeek Sparse Attention (interleaved indexer RoPE, shared selections)",
+                                        "DeepSeek-V3 routing"), "GLM-5"),
     "Glm4MoeForCausalLM": ModelEntry("pagellm.models.deepseek:Glm4MoeForCausalLM",
                                      ("GQA with q/k/v bias and partial rotary", "DeepSeek-V3 routing, shared experts"),
                                      "GLM-4.5, GLM-4.5-Air, GLM-4.6"),

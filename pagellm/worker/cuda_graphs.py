@@ -52,7 +52,7 @@ def graphs_supported(model: torch.nn.Module) -> str | None:
         return "the transformers fallback"
     if any(isinstance(m, FusedMoE) for m in model.modules()):
         return "MoE layers (expert routing syncs with the host)"
-    return None
+    return next((m.host_sync_reason for m in model.modules() if getattr(m, "host_sync_reason", None)), None)
 
 
 class CudaGraphRunner:

@@ -52,7 +52,8 @@ def assert_same(a, b):
 # grouped projections; qwen3_5: split projections; the recurrent states per rank; gemma4: caches of two shapes,
 # one K/V head replicated, K/V shared between layers, per-layer inputs; gemma4_moe: experts beside the MLP;
 # minimax_m2: q/k norms over all heads all-reduced, sigmoid-routed experts; kimi_linear: KDA's low-rank gates split
-# with the heads, latent attention; bailing_hybrid: full-rank gates, latent attention gated per head).
+# with the heads, latent attention; bailing_hybrid: full-rank gates, latent attention gated per head; deepseek_v32 and
+# glm_moe_dsa: sparse attention, the indexer replicated).
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode", "llama", "llama_tied_rope", "qwen3", "phi3", "gemma2",
                                   "gpt_neox", "opt", "mixtral", "qwen2_moe", "gemma", "gemma3", "qwen3_moe", "granite",
                                   "starcoder2", "olmo2", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
@@ -60,7 +61,7 @@ def assert_same(a, b):
                                   "qwen3_5_moe", "nemotron_h", "lfm2", "falcon_h1",
                                   "falcon_h1_nonorm", "jamba", "mamba", "mamba2", "gemma4", "gemma4_moe",
                                   "lfm2_moe", "olmo_hybrid", "olmo_hybrid_nope", "minimax",
-                                  "minimax_m2", "kimi_linear", "bailing_hybrid"])
+                                  "minimax_m2", "kimi_linear", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa"])
 def test_tp2_greedy_equals_tp1(tiny_models, arch):
     path = tiny_models[arch]
     prompts = prompts_for(500)
