@@ -68,8 +68,9 @@ class StepHolder:
     """Shared by one model's attention modules (as `module.pagellm_steps`); holds the step only while
     that model's forward pass runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, kv_shape: tuple[int, int] = (0, 0)) -> None:
         self.current: PagedStep | None = None
+        self.kv_shape = kv_shape  # (K/V heads, head_dim) the cache was sized for, from the config
 
     @contextlib.contextmanager
     def active(self, step: PagedStep):
@@ -97,6 +98,12 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             raise ValueError(f"cannot run {type(module).__name__}'s model on the transformers fallback: it passes "
                              f"attention sinks ({name}) to the attention interface, and pagellm's paged attention "
                              "has no sinks.")
+    if tuple(key.shape[1:2]) + tuple(key.shape[3:]) != holder.kv_shape:
+        heads, dim = holder.kv_shape
+        raise ValueError(f"cannot run {type(module).__name__}'s model on the transformers fallback: its attention "
+                         f"passes keys of {key.shape[1]} heads x {key.shape[3]} where the config gives {heads} K/V "
+                         f"heads x {dim} (keys repeated or reshaped inside the layer), so the paged cache cannot hold "
+                         "them.")
     if step is PROBE:  # the token-mixing probe: attention contributes nothing
         return torch.zeros_like(query.transpose(1, 2)), None
     q = query[0].transpose(0, 1)  # (T, H, D)
@@ -172,7 +179,8 @@ class TransformersForCausalLM(CausalLM):
                        cls.__name__)
         self.config = config
         self.hf_class = cls
-        self.steps = StepHolder()
+        g = self.geometry(config)
+        self.steps = StepHolder((g.num_kv_heads, g.head_dim))
         with torch.device("meta"):  # no memory until the weights come (load_checkpoint) or are made (materialize)
             self._attach(cls._from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32))
 
