@@ -42,6 +42,7 @@ def vlm_models() -> dict[str, str]:
         build_mistral3,
         build_qwen2_vl,
         build_qwen3_5,
+        build_qwen3_vl,
     )
 
     root = os.path.join(MODELS_DIR, "multimodal")
@@ -57,6 +58,8 @@ def vlm_models() -> dict[str, str]:
         "llava-next": build_llava_next(os.path.join(root, "llava-next")),
         "qwen2-vl": build_qwen2_vl(os.path.join(root, "qwen2-vl")),
         "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
+        # Qwen3's decoder with interleaved M-RoPE and deepstack features, a vision transformer with learned positions
+        "qwen3-vl": build_qwen3_vl(os.path.join(root, "qwen3-vl")),
         # SigLIP pooled to 4 positions per image, Gemma 3's decoder, bidirectional attention within an image
         "gemma3": build_gemma3(os.path.join(root, "gemma3")),
         # Pixtral: images at their own size, 2x2 patch merger, [IMG_BREAK] / [IMG_END] row ends

@@ -353,25 +353,32 @@ class RotaryEmbedding(nn.Module):
 class MRotaryEmbedding(RotaryEmbedding):
     """Qwen2-VL's multimodal RoPE: positions (3, T) of (temporal, height, width); the rotary frequencies are split
     into `mrope_section` parts, part i turned by position row i. Text positions are equal in all three rows, which
-    is plain RoPE: 1-D positions (T,) take the parent's path (and its fused kernel)."""
+    is plain RoPE: 1-D positions (T,) take the parent's path (and its fused kernel).
 
-    def __init__(self, hf_config, max_len: int, mrope_section: list[int]) -> None:
+    interleaved (Qwen3-VL): frequency f is turned by the height row when f % 3 == 1 and f < 3 x section[1], by the
+    width row when f % 3 == 2 and f < 3 x section[2], else by the temporal row. sections [2, 3, 3] over 8
+    frequencies: sectioned T T H H H W W W, interleaved T H W T H W T H."""
+
+    def __init__(self, hf_config, max_len: int, mrope_section: list[int], interleaved: bool = False) -> None:
         super().__init__(hf_config, max_len)
         if 2 * sum(mrope_section) != self.rotary_dim:
             raise ValueError(f"mrope_section {mrope_section} must add up to half the rotary dimension "
                              f"({self.rotary_dim // 2}).")
         self.mrope_section = list(mrope_section)
+        if interleaved:
+            rows = torch.zeros(self.rotary_dim // 2, dtype=torch.long)
+            for row in (1, 2):
+                rows[row:3 * mrope_section[row]:3] = row
+        else:
+            rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        self.register_buffer("freq_rows", rows, persistent=False)  # the position row that turns each frequency
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return super().forward(positions, q, k)
-        parts_cos, parts_sin, start = [], [], 0
-        for i, n in enumerate(self.mrope_section):
-            rows = positions[i % 3]
-            parts_cos.append(self.cos[rows, start:start + n])
-            parts_sin.append(self.sin[rows, start:start + n])
-            start += n
-        cos, sin = torch.cat(parts_cos, -1), torch.cat(parts_sin, -1)  # (T, rotary_dim / 2)
+        cols = torch.arange(self.rotary_dim // 2, device=positions.device)
+        at = positions[self.freq_rows.to(positions.device)].t()  # (T, rotary_dim / 2): each frequency's position
+        cos, sin = self.cos[at, cols], self.sin[at, cols]
         cos = torch.cat((cos, cos), -1).to(q.dtype)[:, None, :]
         sin = torch.cat((sin, sin), -1).to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)

@@ -31,7 +31,7 @@ from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import VisionLanguageModel
 from pagellm.models.layers import MRotaryEmbedding
-from pagellm.models.llama import Qwen2ForCausalLM
+from pagellm.models.llama import Qwen2ForCausalLM, Qwen3ForCausalLM
 from pagellm.models.parallel_layers import SINGLE
 
 
@@ -44,10 +44,12 @@ def _text_config(config):
 
 class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     vision_module = "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"
+    text_class: type = Qwen2ForCausalLM
+    interleaved_mrope = False
 
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return Qwen2ForCausalLM.geometry(_text_config(config), tp_size)
+        return cls.text_class.geometry(_text_config(config), tp_size)
 
     @classmethod
     def placeholder_id(cls, config) -> int:
@@ -93,12 +95,12 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
 
         self.config = config
         text = _text_config(config)
-        self.language_model = Qwen2ForCausalLM(text, max_model_len, tp)
+        self.language_model = self.text_class(text, max_model_len, tp)
         section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section") or \
             (getattr(text, "rope_scaling", None) or {}).get("mrope_section")
         if not section:
             raise ValueError("this Qwen2-VL checkpoint's text config has no rope mrope_section.")
-        self.language_model.model.rotary = MRotaryEmbedding(text, max_model_len, section)
+        self.language_model.model.rotary = MRotaryEmbedding(text, max_model_len, section, self.interleaved_mrope)
         module, name = self.vision_module.split(":")
         vision = config.vision_config
         vision._attn_implementation = "sdpa"
@@ -127,3 +129,37 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):  # no
     MLP (transformers' module)."""
 
     vision_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"
+
+
+class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen3-VL (dense): Qwen3's decoder (q/k norms) with interleaved M-RoPE, and a vision transformer (transformers'
+    module: learned position embeddings interpolated to the grid, LayerNorm blocks) whose merger output takes the
+    image positions and whose "deepstack" features, taken after some vision blocks, are added to the hidden states of
+    the image positions after the first decoder layers (one feature set per layer). encode_images returns each
+    image's features side by side, (positions, hidden x (1 + deepstack)); forward splits them."""
+
+    vision_module = "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel"
+    text_class = Qwen3ForCausalLM
+    interleaved_mrope = True
+
+    def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        pixels = torch.from_numpy(np.concatenate([d["pixel_values"] for d in data])).to(device, dtype)
+        grid = torch.from_numpy(np.stack([d["image_grid_thw"] for d in data])).to(device)
+        out = self.visual(pixels, grid_thw=grid)
+        feats = torch.cat([out.pooler_output, *out.deepstack_features], dim=-1)
+        return list(torch.split(feats, (grid.prod(-1) // self.merge ** 2).tolist()))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        lm = self.language_model
+        x = self.embed(input_ids)
+        deep: list[torch.Tensor] = []
+        if mm_embeds is not None:
+            index, features = mm_embeds
+            main, *deep = features.to(x.dtype).split(x.shape[-1], dim=-1)
+            x = x.index_copy(0, index, main)
+        for i, (layer, kv_cache) in enumerate(zip(lm.model.layers, kv_caches)):
+            x = layer(positions, x, lm.model.rotary, kv_cache, meta, backend)
+            if i < len(deep):
+                x = x.index_add(0, index, deep[i])
+        return lm.model.norm(x)

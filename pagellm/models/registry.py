@@ -184,6 +184,10 @@ MODELS: dict[str, ModelEntry] = {
     "Qwen2VLForConditionalGeneration": ModelEntry("pagellm.models.qwen2_vl:Qwen2VLForConditionalGeneration",
                                                   ("images at their own resolution", "multimodal RoPE (M-RoPE)",
                                                    "Qwen2 language model"), "Qwen2-VL"),
+    "Qwen3VLForConditionalGeneration": ModelEntry(
+        "pagellm.models.qwen2_vl:Qwen3VLForConditionalGeneration",
+        ("images at their own resolution", "interleaved multimodal RoPE", "deepstack features in the first layers"),
+        "Qwen3-VL (dense)"),
     "Qwen2_5_VLForConditionalGeneration": ModelEntry(
         "pagellm.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration",
         ("images at their own resolution", "multimodal RoPE (M-RoPE)", "windowed vision attention"), "Qwen2.5-VL"),

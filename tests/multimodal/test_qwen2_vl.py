@@ -1,6 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL through pagellm against transformers on the same checkpoints: images of their own size
-(positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index + delta after
-it), over chunked prefill, prefix-cache hits, preemption, async scheduling, emulated CUDA graphs and TP=2."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL through pagellm against transformers on the same checkpoints: images of their
+own size (positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index + delta
+after it; Qwen3-VL's interleaved), Qwen3-VL's deepstack features, over chunked prefill, prefix-cache hits,
+preemption, async scheduling, emulated CUDA graphs and TP=2."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ P = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = checks.prompts_with(P)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_greedy_equals_transformers(vlm_models, name):
     checks.greedy_equals_hf(vlm_models[name], PROMPTS)
 
 
-def test_tensor_parallel_equals_transformers(vlm_models):
-    checks.tensor_parallel(vlm_models["qwen2-vl"], PROMPTS)
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl"])
+def test_tensor_parallel_equals_transformers(vlm_models, name):
+    checks.tensor_parallel(vlm_models[name], PROMPTS)
 
 
 def test_prompt_and_positions_equal_transformers(vlm_models):
@@ -53,9 +55,10 @@ def test_prompt_and_positions_equal_transformers(vlm_models):
     assert (mine == ref[:, 0].numpy()).all() and d == int(delta) and d < 0
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_chunks_prefix_hits_and_preemption(vlm_models, async_scheduling):
-    checks.chunks_prefix_hits_and_preemption(vlm_models["qwen2-vl"], PROMPTS, chunk=8, blocks=20,
+@pytest.mark.parametrize("name, async_scheduling", [("qwen2-vl", False), ("qwen2-vl", True), ("qwen3-vl", False)])
+def test_chunks_prefix_hits_and_preemption(vlm_models, name, async_scheduling):
+    """qwen3-vl: images cut by prefill chunks of 8 take their deepstack features row by row."""
+    checks.chunks_prefix_hits_and_preemption(vlm_models[name], PROMPTS, chunk=8, blocks=20,
                                             async_scheduling=async_scheduling)
 
 
@@ -88,6 +91,26 @@ def test_mrope_rotary_equals_transformers():
     cos, sin = Qwen2VLRotaryEmbedding(cfg)(q, pos[:, None, :])
     rq, rk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     assert torch.allclose(mq, rq[0].transpose(0, 1), atol=1e-5) and torch.allclose(mk, rk[0].transpose(0, 1), atol=1e-5)
+
+
+def test_interleaved_mrope_rotary_equals_transformers():
+    """Qwen3-VL: the frequencies turned by the temporal, height and width rows in turn (T H W T H W T H)."""
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding, apply_rotary_pos_emb
+
+    from pagellm.models.layers import MRotaryEmbedding
+
+    cfg = Qwen3VLConfig(text_config=dict(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    ).text_config
+    pos = torch.tensor([[0, 1, 2, 2, 2, 5], [0, 1, 2, 3, 3, 5], [0, 1, 2, 2, 3, 5]])
+    q, k = torch.randn(6, 4, 16), torch.randn(6, 2, 16)
+    mq, mk = MRotaryEmbedding(cfg, 32, [2, 3, 3], interleaved=True)(pos, q, k)
+    cos, sin = Qwen3VLTextRotaryEmbedding(cfg)(q, pos[:, None, :])
+    rq, rk = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    assert torch.allclose(mq, rq[0].transpose(0, 1), atol=1e-5) and torch.allclose(mk, rk[0].transpose(0, 1), atol=1e-5)
+    sectioned, _ = MRotaryEmbedding(cfg, 32, [2, 3, 3])(pos, q, k)
+    assert not torch.allclose(mq, sectioned, atol=1e-3)  # the layouts differ where the rows differ
 
 
 def test_mm_processor_kwargs(vlm_models):
