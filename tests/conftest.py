@@ -60,6 +60,7 @@ def vlm_models() -> dict[str, str]:
         "qwen2.5-vl": build_qwen2_vl(os.path.join(root, "qwen2.5-vl"), v2_5=True),
         # Qwen3's decoder with interleaved M-RoPE and deepstack features, a vision transformer with learned positions
         "qwen3-vl": build_qwen3_vl(os.path.join(root, "qwen3-vl")),
+        "qwen3-vl-moe": build_qwen3_vl(os.path.join(root, "qwen3-vl-moe"), moe=True),
         # SigLIP pooled to 4 positions per image, Gemma 3's decoder, bidirectional attention within an image
         "gemma3": build_gemma3(os.path.join(root, "gemma3")),
         # Pixtral: images at their own size, 2x2 patch merger, [IMG_BREAK] / [IMG_END] row ends

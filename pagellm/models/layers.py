@@ -172,10 +172,10 @@ class FusedMoE(nn.Module):
         token-expert pairs sorted by expert -> one matmul pair per expert over its rows
         -> weighted rows added back to their tokens, in expert order (as Hugging Face adds them)
 
-    Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down
-    projection. Checkpoints give one expert part at a time (shard (e, 0 | 1) for w13, e for w2)
-    or the whole stacked tensor (shard None). Tensor parallel: every rank holds every expert's slice
-    I / tp of the intermediate dimension, and the weighted sum is all-reduced at the end. Expert parallel
+    Weights: w13 (E, 2 * I, H) holds each expert's gate and up rows, w2 (E, H, I) its down projection. Checkpoints
+    give one expert part at a time (shard (e, 0 | 1) for w13, e for w2) or the whole stacked tensor (shard None), in
+    that layout or transposed (told apart by shape). Tensor parallel: every rank holds every expert's slice I / tp
+    of the intermediate dimension, and the weighted sum is all-reduced at the end. Expert parallel
     (tp.expert_parallel): rank r holds experts [r * E / tp, (r + 1) * E / tp) whole, computes its experts' pairs
     only, and the same all-reduce adds the ranks' parts. With apply_router_weight_on_input (Llama 4) a token's
     weight scales its row before the expert instead of the expert's output. FP8 checkpoints keep the experts in 8
@@ -216,8 +216,13 @@ class FusedMoE(nn.Module):
 
     def load_expert(self, param: torch.Tensor, tensor: CheckpointTensor, shard_id=None) -> None:
         full, start, local = self.full_intermediate, self.i_start, self.intermediate_size
-        if shard_id is None:  # stacked: gate_up (E, 2I, H) or down (E, H, I)
-            tensor = ckpt_narrow(tensor, 0, self.e_start, self.num_local_experts)
+        if shard_id is None:  # stacked: gate_up (E, 2I, H) or down (E, H, I); or transposed (Qwen3-VL-MoE's hub
+            tensor = ckpt_narrow(tensor, 0, self.e_start, self.num_local_experts)  # layout: (E, H, 2I), (E, I, H))
+            hidden = param.shape[1] if param is self.w2 else param.shape[2]
+            inner = full if param is self.w2 else 2 * full
+            ours = (hidden, inner) if param is self.w2 else (inner, hidden)
+            if tuple(tensor.shape[1:]) != ours and tuple(tensor.shape[1:]) == ours[::-1]:
+                tensor = tensor.transpose(1, 2)
             if param is self.w2:
                 copy_into(param, tensor[:, :, start:start + local])
             else:

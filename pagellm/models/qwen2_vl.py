@@ -32,6 +32,7 @@ from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import VisionLanguageModel
 from pagellm.models.layers import MRotaryEmbedding
 from pagellm.models.llama import Qwen2ForCausalLM, Qwen3ForCausalLM
+from pagellm.models.moe import Qwen3MoeForCausalLM
 from pagellm.models.parallel_layers import SINGLE
 
 
@@ -48,8 +49,12 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     interleaved_mrope = False
 
     @classmethod
+    def text_config(cls, config):
+        return _text_config(config)
+
+    @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
-        return cls.text_class.geometry(_text_config(config), tp_size)
+        return cls.text_class.geometry(cls.text_config(config), tp_size)
 
     @classmethod
     def placeholder_id(cls, config) -> int:
@@ -94,7 +99,7 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         import importlib
 
         self.config = config
-        text = _text_config(config)
+        text = self.text_config(config)
         self.language_model = self.text_class(text, max_model_len, tp)
         section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section") or \
             (getattr(text, "rope_scaling", None) or {}).get("mrope_section")
@@ -163,3 +168,17 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
             if i < len(deep):
                 x = x.index_add(0, index, deep[i])
         return lm.model.norm(x)
+
+
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL MoE: the same with Qwen3-MoE's decoder (experts in every layer, their weights renormalised over the
+    top k, as transformers' router always does). Hub checkpoints store the experts stacked and transposed
+    (gate_up_proj (E, H, 2I), down_proj (E, I, H)): FusedMoE tells the layouts apart by shape."""
+
+    text_class = Qwen3MoeForCausalLM
+
+    @classmethod
+    def text_config(cls, config):
+        text = _text_config(config)
+        text.norm_topk_prob = True
+        return text

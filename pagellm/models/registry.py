@@ -188,6 +188,9 @@ MODELS: dict[str, ModelEntry] = {
         "pagellm.models.qwen2_vl:Qwen3VLForConditionalGeneration",
         ("images at their own resolution", "interleaved multimodal RoPE", "deepstack features in the first layers"),
         "Qwen3-VL (dense)"),
+    "Qwen3VLMoeForConditionalGeneration": ModelEntry(
+        "pagellm.models.qwen2_vl:Qwen3VLMoeForConditionalGeneration",
+        ("Qwen3-VL with Qwen3-MoE's decoder", "stacked experts in either layout"), "Qwen3-VL-30B-A3B, 235B-A22B"),
     "Qwen2_5_VLForConditionalGeneration": ModelEntry(
         "pagellm.models.qwen2_vl:Qwen2_5_VLForConditionalGeneration",
         ("images at their own resolution", "multimodal RoPE (M-RoPE)", "windowed vision attention"), "Qwen2.5-VL"),

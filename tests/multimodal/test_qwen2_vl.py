@@ -16,12 +16,12 @@ P = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = checks.prompts_with(P)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
 def test_greedy_equals_transformers(vlm_models, name):
     checks.greedy_equals_hf(vlm_models[name], PROMPTS)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl", "qwen3-vl-moe"])
 def test_tensor_parallel_equals_transformers(vlm_models, name):
     checks.tensor_parallel(vlm_models[name], PROMPTS)
 
