@@ -132,7 +132,7 @@ class SpeculativeConfig:
     (`model`, its ModelConfig in `draft`) proposes them greedily, one forward pass per draft token. Either way
     the model checks them all in one step."""
 
-    method: str = "ngram"  # ngram | draft_model
+    method: str = "ngram"  # ngram | draft_model | mtp (the model's own multi-token-prediction layer: models/mtp.py)
     num_speculative_tokens: int = 3  # draft tokens per sequence and step
     prompt_lookup_max: int = 5  # longest n-gram matched
     prompt_lookup_min: int = 5  # shortest n-gram matched

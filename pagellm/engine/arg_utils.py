@@ -96,7 +96,9 @@ class EngineArgs:
     speculative_config: dict | None = _f(
         None, "Speculative decoding, a JSON object as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
               "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"model\": \"DRAFT_DIR\", "
-              "\"num_speculative_tokens\": 4}' (method draft_model). Each decoding sequence proposes up to "
+              "\"num_speculative_tokens\": 4}' (method draft_model) or '{\"method\": \"mtp\", "
+              "\"num_speculative_tokens\": 1}' (the model's own multi-token-prediction layer: DeepSeek-V3 / V3.2, "
+              "GLM-4.5 / 4.7 / 5). Each decoding sequence proposes up to "
               "num_speculative_tokens tokens: with ngram those that followed the latest earlier occurrence of its last "
               "n tokens (n from prompt_lookup_max down to prompt_lookup_min; both 5 when neither is given), with a "
               "draft model (a smaller checkpoint with the same tokenizer, its own KV cache beside the model's) its "
@@ -283,6 +285,8 @@ class EngineArgs:
         mamba_block, checkpoints = self._state_checkpoints(model_cfg.stateful and prefix_caching)
         if speculative is not None and speculative.method == "draft_model":
             speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
+        elif speculative is not None and speculative.method == "mtp":
+            speculative = dataclasses.replace(speculative, draft=self._mtp_config(model_cfg))
         if model_cfg.pooler is not None:
             if speculative is not None:
                 raise ValueError("speculative_config is for generative models; this one runs as a pooling model "
@@ -384,6 +388,27 @@ class EngineArgs:
             pooler=pooler,
             multimodal=self._multimodal_config(cls, hf),
         )
+
+    def _mtp_config(self, target: ModelConfig) -> ModelConfig:
+        """The MTP drafter's model (models/mtp.py): the model's own config and checkpoint, one cache layer shaped as
+        the model's; a ValueError naming speculative_config where the model has no MTP layer to draft with."""
+        from pagellm.models.deepseek import DeepseekV2ForCausalLM, Glm4MoeForCausalLM
+        from pagellm.models.mtp import mtp_layers
+        from pagellm.models.registry import get_model_class
+
+        cls = get_model_class(target.architecture)
+        if not issubclass(cls, (DeepseekV2ForCausalLM, Glm4MoeForCausalLM)):
+            raise ValueError(f"speculative_config.method 'mtp' drafts with the multi-token-prediction layer of "
+                             f"DeepSeek-V3 / V3.2 and GLM-4.5 / 4.7 / 5 checkpoints; {target.architecture} has none "
+                             "that pagellm serves.")
+        if mtp_layers(target.hf_config) < 1:
+            raise ValueError("speculative_config.method 'mtp': this checkpoint declares no multi-token-prediction "
+                             "layer (num_nextn_predict_layers is 0).")
+        if self.num_scheduler_steps > 1:
+            raise ValueError("speculative_config: the MTP drafter runs one step per round: num_scheduler_steps "
+                             f"must be 1, got {self.num_scheduler_steps}.")
+        shapes = target.layer_kv_shapes()[-1:]
+        return dataclasses.replace(target, num_layers=1, kv_layer_shapes=tuple(shapes), sliding_window=None)
 
     def _draft_model_config(self, path: str, target: ModelConfig) -> ModelConfig:
         """The draft model of speculative decoding, run like the target (dtype, load format, device) at the
@@ -544,9 +569,11 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
         method = "ngram" if model in (None, "ngram", "[ngram]") else "draft_model"
     if method == "[ngram]":
         method = "ngram"
-    if method not in ("ngram", "draft_model"):
-        raise ValueError(f"speculative_config.method must be 'ngram' or 'draft_model' (pagellm has no EAGLE, "
-                         f"Medusa or MTP heads), got {method!r}.")
+    if method in ("deepseek_mtp", "glm4_moe_mtp"):  # vLLM's per-family names for the model's own MTP layer
+        method = "mtp"
+    if method not in ("ngram", "draft_model", "mtp"):
+        raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model' or 'mtp' (pagellm has no "
+                         f"EAGLE or Medusa heads), got {method!r}.")
     k = spec.get("num_speculative_tokens")
     if k is None:
         raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
@@ -567,6 +594,12 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
             raise ValueError(f"speculative_config.draft_tensor_parallel_size must be 1 (the draft model runs "
                              f"unsharded), got {tp!r}.")
         return SpeculativeConfig("draft_model", k, model=model, disable_by_batch_size=off)
+    if method == "mtp":
+        for name in ("model", "prompt_lookup_max", "prompt_lookup_min", "draft_tensor_parallel_size"):
+            if spec.get(name) is not None:
+                raise ValueError(f"speculative_config.{name} does not apply to method 'mtp' (the model's own "
+                                 "multi-token-prediction layer drafts, sharded as the model).")
+        return SpeculativeConfig("mtp", k, disable_by_batch_size=off)
     if "draft_tensor_parallel_size" in spec:
         raise ValueError("speculative_config.draft_tensor_parallel_size applies to method 'draft_model'.")
     lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")

@@ -213,7 +213,7 @@ def make_deepseek_mlp(config, layer_idx: int, v3: bool, tp: TPGroup = SINGLE) ->
     """A dense gated MLP before first_k_dense_replace (or where config.mlp_layer_types says "dense": GLM), routed and
     shared experts after."""
     types = getattr(config, "mlp_layer_types", None)
-    dense = (types[layer_idx] == "dense" if types is not None
+    dense = (types[layer_idx] == "dense" if types is not None and layer_idx < len(types)  # (past them: MTP, sparse)
              else layer_idx < (getattr(config, "first_k_dense_replace", 0) or 0))
     if dense or not routed_experts(config):
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,

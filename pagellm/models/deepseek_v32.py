@@ -155,5 +155,6 @@ class GlmMoeDsaForCausalLM(DeepseekV32ForCausalLM):
     @classmethod
     def make_attention(cls, config, layer_idx: int, tp: TPGroup = SINGLE) -> nn.Module:
         types = getattr(config, "indexer_types", None)
-        return DSAttention(config, layer_idx, tp, indexer=types is None or types[layer_idx] == "full",
+        full = types is None or layer_idx >= len(types) or types[layer_idx] == "full"  # (the MTP layer: its own)
+        return DSAttention(config, layer_idx, tp, indexer=full,
                            interleaved_index_rope=True)

@@ -48,7 +48,16 @@ class Drafter:
 
         spec = config.scheduler.speculative
         self.config = dataclasses.replace(config, model=spec.draft, lora=None)  # the draft's model and cache
-        self.model = load_model(self.config)
+        self.mtp = spec.method == "mtp"
+        if self.mtp:
+            self.model = self._load_mtp(config, tp, load_model)
+            k1, hidden = spec.num_speculative_tokens + 1, config.model.hf_config.hidden_size
+            # each row's latest hidden states of the model: tail[row, i] is position tail_first[row] + i
+            self.tail = torch.zeros(config.scheduler.max_num_seqs, k1, hidden, device=device)
+            self.tail_first = np.full(config.scheduler.max_num_seqs, -1, dtype=np.int64)
+            self.tail_len = np.zeros(config.scheduler.max_num_seqs, dtype=np.int64)
+        else:
+            self.model = load_model(self.config)
         self.backend = backend
         self.device = device
         self.vocab = min(config.model.vocab_size, spec.draft.vocab_size)  # a draft token the target can embed
@@ -56,15 +65,99 @@ class Drafter:
         self.min_rows = MIN_BATCH_ROWS  # passes padded as the model's batches are (the same GEMM paths)
         self.tp = tp  # the target's group: rank 0's proposals go to every rank
 
+    @staticmethod
+    def _load_mtp(config: EngineConfig, tp: TPGroup | None, load_model):
+        """The model's MTP layer (models/mtp.py), sharded as the model, from the model's checkpoint."""
+        from pagellm.models.mtp import mtp_model_class
+        from pagellm.models.parallel_layers import SINGLE
+        from pagellm.models.registry import get_model_class
+
+        cls = mtp_model_class(get_model_class(config.model.architecture))
+        spec = config.scheduler.speculative
+        try:
+            return load_model(dataclasses.replace(config, model=spec.draft, lora=None), tp or SINGLE, cls)
+        except ValueError as e:
+            raise ValueError(f"speculative_config.method 'mtp': {e} (the checkpoint's multi-token-prediction layer, "
+                             f"model.layers.{config.model.hf_config.num_hidden_layers}.*)") from None
+
+    def reset_row(self, row: int) -> None:
+        """A new sequence in `row`: no hidden states of its own there yet (MTP)."""
+        if self.mtp:
+            self.tail_first[row], self.tail_len[row] = -1, 0
+
     def init_kv_cache(self, num_blocks: int) -> None:
         """num_blocks: the target cache's count, its scratch block included."""
         self.kv_caches = allocate_kv_cache(self.config, num_blocks)
 
-    def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Compute the target's batch into the draft cache (the hidden states are not needed)."""
-        self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+    def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+               hidden: torch.Tensor | None = None, rows: np.ndarray | None = None) -> None:
+        """Compute the target's batch into the draft cache (a draft model: the same tokens at the same positions;
+        MTP: the entries the step's hidden states allow, see _mirror_mtp)."""
+        if self.mtp:
+            self._mirror_mtp(input_ids, meta, hidden, rows)
+        else:
+            self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+
+    def _mirror_mtp(self, input_ids: torch.Tensor, meta: AttentionMetadata, hidden: torch.Tensor,
+                    rows: np.ndarray) -> None:
+        """A sequence computed at positions a .. b this step: the MTP entries a - 1 .. b - 1, from the tokens
+        t_a .. t_b and the hidden states h_{a-1} (kept from its earlier step) .. h_{b-1}; without h_{a-1} (a fresh
+        prompt, a prefix hit, a fork) from a. Then its last hidden states are kept for the next proposal."""
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        t_real, dev, bs = meta.num_tokens, hidden.device, self.config.cache.block_size
+        tok_idx, hid_idx, positions, kept, counts, prev = [], [], [], [], [], []
+        for i, row in enumerate(rows.tolist()):
+            s, e = qsl[i], qsl[i + 1]
+            a = lens[i] - (e - s)
+            first, have = self.tail_first[row], self.tail_len[row]
+            back = a > 0 and first >= 0 and first <= a - 1 < first + have
+            m = (e - s) if back else (e - s) - 1
+            if m > 0:
+                p0 = a - 1 if back else a
+                tok_idx.append(np.arange(e - m, e))
+                hid = np.arange(s, e - 1)
+                if back:
+                    hid = np.concatenate(([t_real + len(prev)], hid))
+                    prev.append((row, a - 1 - first))
+                hid_idx.append(hid)
+                positions.append(np.arange(p0, p0 + m))
+                kept.append(i)
+                counts.append(m)
+        if kept:
+            tables = meta.block_tables[torch.as_tensor(kept, device=meta.block_tables.device)]
+            pos = np.concatenate(positions)
+            cu = np.zeros(len(kept) + 1, dtype=np.int64)
+            np.cumsum(counts, out=cu[1:])
+            seq_of = np.repeat(np.arange(len(kept)), counts)
+            table_host = tables.cpu().numpy()
+            slots = table_host[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+            ends = (pos[cu[1:] - 1] + 1).astype(np.int64)
+            starts = pos[cu[:-1]]
+            fresh = starts == 0
+            paged = np.flatnonzero(~fresh)
+            sub = AttentionMetadata(
+                num_tokens=int(cu[-1]), slot_mapping=to_device(slots, dev), query_start_loc=to_device(
+                    cu.astype(np.int32), dev), seq_lens=to_device(ends.astype(np.int32), dev), block_tables=tables,
+                paged_seq_ids=to_device(paged, dev), query_start_loc_cpu=cu.tolist(), seq_lens_cpu=ends.tolist(),
+                fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(ends.max()),
+                block_size=bs, max_query_len=int(max(counts)))
+            source = hidden[:t_real]
+            if prev:
+                source = torch.cat((source, self.tail[[r for r, _ in prev], [j for _, j in prev]].to(hidden.dtype)))
+            h = source[to_device(np.concatenate(hid_idx), dev)]
+            ids = input_ids[to_device(np.concatenate(tok_idx), dev)]
+            self.model(ids, to_device(pos, dev), self.kv_caches, sub, self.backend, hidden_states=h)
+        k1 = self.tail.shape[1]
+        for i, row in enumerate(rows.tolist()):  # each sequence's last hidden states, for its next proposal
+            s, e = qsl[i], qsl[i + 1]
+            m = min(e - s, k1)
+            self.tail[row, :m] = hidden[e - m:e].to(self.tail.dtype)
+            self.tail_first[row], self.tail_len[row] = lens[i] - m, m
 
     def propose(self, batch, spec_token_ids: dict[int, list[int]], scratch_slot: int) -> dict[int, list[int]]:
+        """Pass j feeds the draft model its token at position n + j (a draft model) or the MTP layer its entry at
+        n - 1 + j (the token at n + j and, for j = 0, the model's hidden state at n - 1, then the layer's own output
+        of the pass before)."""
         seq_ids = list(spec_token_ids)
         rows = np.fromiter((batch.row_of[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         ks = np.fromiter((len(spec_token_ids[s]) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
@@ -81,9 +174,20 @@ class Drafter:
         ids[:b] = to_device(batch.token_ids[rows, n], dev)
         pos_pad = np.zeros(pad, dtype=np.int64)
         out = []
+        h = None
+        if self.mtp:  # h_{n-1}: the model's hidden state at the last computed position (zeros where none is kept)
+            h = torch.zeros(pad, self.tail.shape[2], device=dev)
+            idx = n - 1 - self.tail_first[rows]
+            ok = np.flatnonzero((self.tail_first[rows] >= 0) & (idx >= 0) & (idx < self.tail_len[rows]))
+            if len(ok):
+                h[to_device(ok, dev)] = self.tail[to_device(rows[ok], dev), to_device(idx[ok], dev)]
+            n = n - 1  # the entries sit one position before the tokens they read
+        # a one-token prompt (MTP: n = -1 here) has no entry to draft from: its passes run on scratch slots, its
+        # drafts are noise (the model rejects them)
+        live = n >= 0
         for j in range(int(ks.max())):
-            pos = n + np.minimum(j, ks - 1)
-            slots = np.where(j < ks, batch.block_table[rows, pos // bs].astype(np.int64) * bs + pos % bs,
+            pos = np.maximum(n + np.minimum(j, ks - 1), 0)
+            slots = np.where((j < ks) & live, batch.block_table[rows, pos // bs].astype(np.int64) * bs + pos % bs,
                              scratch_slot)
             lens = pos + 1
             fresh = pos == 0
@@ -95,11 +199,20 @@ class Drafter:
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(lens.max()),
                 block_size=bs, max_query_len=1)
             pos_pad[:b] = pos
-            hidden = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend)
-            tokens = self.model.compute_logits(hidden[:b])[:, :self.vocab].argmax(dim=-1)
+            if self.mtp:
+                hidden = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend,
+                                    hidden_states=h)
+                h = hidden
+            else:
+                hidden = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend)
+            logits = self.model.compute_logits(hidden[:b])  # (an MTP layer sharded as the model: on rank 0 only)
+            tokens = logits[:, :self.vocab].argmax(dim=-1) if logits is not None else None
+            if self.mtp and self.tp is not None and self.tp.size > 1:  # every rank feeds the next pass the same
+                tokens = torch.tensor(self.tp.broadcast_object(tokens.tolist() if tokens is not None else None),
+                                      dtype=torch.long, device=dev)
             out.append(tokens)
             ids[:b] = tokens  # the next pass's input (stream-ordered after this pass on a GPU)
         drafts = torch.stack(out, dim=1).tolist()
-        if self.tp is not None and self.tp.size > 1:
+        if self.tp is not None and self.tp.size > 1 and not self.mtp:
             drafts = self.tp.broadcast_object(drafts)
         return {s: d[:k] for s, d, k in zip(seq_ids, drafts, ks.tolist())}

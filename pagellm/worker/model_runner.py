@@ -80,10 +80,11 @@ def freeze_startup_objects() -> None:
         atexit.register(gc.unfreeze)  # let interpreter shutdown finalize them as usual
 
 
-def load_model(config: EngineConfig, tp: TPGroup = SINGLE) -> torch.nn.Module:
-    """This rank's shard of the model, weights loaded (each weight loader reads only its slice)."""
+def load_model(config: EngineConfig, tp: TPGroup = SINGLE, cls: type | None = None) -> torch.nn.Module:
+    """This rank's shard of the model, weights loaded (each weight loader reads only its slice); `cls` in place of
+    the architecture's class (the MTP drafter's)."""
     m = config.model
-    cls = get_model_class(m.architecture)
+    cls = cls or get_model_class(m.architecture)
     if m.pooler is not None:
         from pagellm.models.pooling import as_pooling_model
 
@@ -254,7 +255,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         if self.drafter is not None:
-            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta)
+            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, hidden, inputs.rows)
         driver = self.tp.is_driver
         if self.pooler is not None:
             if driver:
@@ -371,6 +372,8 @@ class ModelRunner:
         zeroed, copied = [], []
         for d in sched.new_seqs:
             self.batch.add(d)
+            if self.drafter is not None:
+                self.drafter.reset_row(self.batch.row_of[d.seq_id])
             if self.states is not None:
                 row = self.batch.row_of[d.seq_id]
                 if d.state_checkpoint >= 0:
@@ -516,8 +519,10 @@ class ModelRunner:
             t["positions"] = torch.zeros(3, padded, dtype=torch.int64)
             t["positions"][:, :total] = torch.from_numpy(rope3)
             t["positions"] = t["positions"].to(self.device, non_blocking=True)
-        return _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
-                           [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool, mm)
+        inputs = _StepInputs(t["input_ids"], t["positions"], meta, t["logits_indices"], rows[sample_idx],
+                             [seq_ids[i] for i in sample_idx], prompt_lp, graph, multi, spec, pool, mm)
+        inputs.rows = rows
+        return inputs
 
     def _state_saves(self, sched: SchedulerOutput, seq_ids: list[int], rows: np.ndarray,
                      n_draft: np.ndarray | None) -> dict[int, list[tuple[int, int]]] | None:
@@ -691,7 +696,7 @@ class _SpecInputs:
 
 class _StepInputs:
     __slots__ = ("input_ids", "positions", "meta", "logits_indices", "sample_rows", "sample_seq_ids", "prompt_lp",
-                 "graph_size", "multi", "spec", "pool", "mm")
+                 "graph_size", "multi", "spec", "pool", "mm", "rows")
 
     def __init__(self, input_ids, positions, meta, logits_indices, sample_rows, sample_seq_ids, prompt_lp,
                  graph_size=None, multi=None, spec=None, pool=None, mm=None):
@@ -707,6 +712,7 @@ class _StepInputs:
         self.spec = spec  # _SpecInputs of a step with draft tokens, or None
         self.pool = pool  # a pooling model's step: [(seq_id, first, end batch index, prompt starts, prompt ends)]
         self.mm = mm  # (batch index (M,), features (M, hidden)) of this step's image positions, or None
+        self.rows = None  # (num_seqs,) InputBatch rows of the step's sequences, in the batch's order
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
