@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from pagellm import LLM, SamplingParams
+from pagellm import LLM
 from pagellm.models import deepseek_v32
-from tests.models.test_hybrid import GREEDY, assert_matches_hf, prompts
+from tests.models.test_hybrid import GREEDY, assert_matches_hf, prefix_hits_and_preemption_match_hf, prompts
 
 
 @pytest.mark.parametrize("arch, backend, batched", [
@@ -39,15 +39,4 @@ def test_cache_rows_hold_the_indexer_keys_and_shared_layers_have_no_indexer(tiny
 
 def test_prefix_hits_and_preemption_match_hf(tiny_models):
     """Cached prefixes (their rows' indexer keys reused), then sequences preempted for lack of blocks."""
-    path = tiny_models["deepseek_v32"]
-    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4)
-    base = prompts(512, lengths=(37,), seed=3)[0]
-    llm.generate({"prompt_token_ids": base}, SamplingParams(max_tokens=1), use_tqdm=False)
-    ps = [base[:30] + [7, 8], base, base[:17]]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in ps]
-    assert [o.num_cached_tokens for o in outs] == [28, 36, 16]
-    ps2 = prompts(512, lengths=(9, 14, 20, 11), seed=8)
-    outs2 = llm.generate([{"prompt_token_ids": p} for p in ps2], params, use_tqdm=False)
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert_matches_hf(path, ps + ps2, outs + outs2, max_tokens=24)
+    prefix_hits_and_preemption_match_hf(tiny_models["deepseek_v32"])

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from pagellm import LLM, SamplingParams
-from tests.models.test_hybrid import GREEDY, assert_matches_hf, prompts
+from pagellm import LLM
+from tests.models.test_hybrid import GREEDY, assert_matches_hf, prefix_hits_and_preemption_match_hf, prompts
 
 
 @pytest.mark.parametrize("arch, backend, batched", [("gemma4", "cpu_paged", 2048), ("gemma4", "torch_ref", 5),
@@ -44,18 +44,7 @@ def test_each_cache_layer_has_its_own_shape_and_shared_layers_none(tiny_models):
 
 def test_prefix_hits_and_preemption_match_hf(tiny_models):
     """Cached prefixes (the blocks of every cache layer reused), then sequences preempted for lack of blocks."""
-    path = tiny_models["gemma4"]
-    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4)
-    base = prompts(512, lengths=(37,), seed=3)[0]
-    llm.generate({"prompt_token_ids": base}, SamplingParams(max_tokens=1), use_tqdm=False)
-    ps = [base[:30] + [7, 8], base, base[:17]]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
-    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in ps]
-    assert [o.num_cached_tokens for o in outs] == [28, 36, 16]
-    ps2 = prompts(512, lengths=(9, 14, 20, 11), seed=8)
-    outs2 = llm.generate([{"prompt_token_ids": p} for p in ps2], params, use_tqdm=False)
-    assert llm.llm_engine.scheduler.num_preemptions > 0
-    assert_matches_hf(path, ps + ps2, outs + outs2, max_tokens=24)
+    prefix_hits_and_preemption_match_hf(tiny_models["gemma4"])
 
 
 def test_multimodal_checkpoint_serves_its_language_model(vlm_models):

@@ -31,6 +31,22 @@ def assert_matches_hf(path, ps, outs, max_tokens=GREEDY.max_tokens):
         assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
 
 
+def prefix_hits_and_preemption_match_hf(path: str) -> None:
+    """Cached prefixes of a 37-token prompt (28, 36 and 16 tokens hit in blocks of 4), then sequences preempted for
+    lack of blocks: every output transformers' greedy one."""
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_num_seqs=4)
+    base = prompts(512, lengths=(37,), seed=3)[0]
+    llm.generate({"prompt_token_ids": base}, SamplingParams(max_tokens=1), use_tqdm=False)
+    ps = [base[:30] + [7, 8], base, base[:17]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in ps]
+    assert [o.num_cached_tokens for o in outs] == [28, 36, 16]
+    ps2 = prompts(512, lengths=(9, 14, 20, 11), seed=8)
+    outs2 = llm.generate([{"prompt_token_ids": p} for p in ps2], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_matches_hf(path, ps + ps2, outs + outs2, max_tokens=24)
+
+
 @pytest.mark.parametrize("arch, backend, batched, max_seqs", [
     ("granitemoehybrid", "cpu_paged", 5, 2), ("granitemoehybrid", "torch_ref", 13, 3),
     ("granitemoehybrid", "cpu_paged", 2048, 8), ("bamba", "cpu_paged", 5, 2), ("bamba", "torch_ref", 13, 3),
