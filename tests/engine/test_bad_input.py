@@ -131,7 +131,7 @@ def test_model_without_the_attention_interface_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match=r"FalconForCausalLM's attention does not go through transformers' "
                                          r"attention interface.*Natively supported architectures: "
-                                         r"BambaForCausalLM, DeepseekV2ForCausalLM"):
+                                         r"BailingHybridForCausalLM, BambaForCausalLM, DeepseekV2ForCausalLM"):
         resolve_architecture(["FalconForCausalLM"], FalconConfig())
     with pytest.raises(ValueError, match="encoder-decoder"):
         resolve_architecture(["T5ForConditionalGeneration"], T5Config())
