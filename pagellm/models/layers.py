@@ -377,13 +377,13 @@ class MRotaryEmbedding(RotaryEmbedding):
         else:
             rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
         self.register_buffer("freq_rows", rows, persistent=False)  # the position row that turns each frequency
+        self.register_buffer("freq_cols", torch.arange(self.rotary_dim // 2), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:
             return super().forward(positions, q, k)
-        cols = torch.arange(self.rotary_dim // 2, device=positions.device)
-        at = positions[self.freq_rows.to(positions.device)].t()  # (T, rotary_dim / 2): each frequency's position
-        cos, sin = self.cos[at, cols], self.sin[at, cols]
+        at = positions[self.freq_rows].t()  # (T, rotary_dim / 2): each frequency's position
+        cos, sin = self.cos[at, self.freq_cols], self.sin[at, self.freq_cols]
         cos = torch.cat((cos, cos), -1).to(q.dtype)[:, None, :]
         sin = torch.cat((sin, sin), -1).to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)

@@ -50,7 +50,7 @@ class Drafter:
         self.config = dataclasses.replace(config, model=spec.draft, lora=None)  # the draft's model and cache
         self.mtp = spec.method == "mtp"
         if self.mtp:
-            self.model = self._load_mtp(config, tp, load_model)
+            self.model = self._load_mtp(self.config, tp, load_model)
             k1, hidden = spec.num_speculative_tokens + 1, config.model.hf_config.hidden_size
             # each row's latest hidden states of the model: tail[row, i] is position tail_first[row] + i
             self.tail = torch.zeros(config.scheduler.max_num_seqs, k1, hidden, device=device)
@@ -72,10 +72,9 @@ class Drafter:
         from pagellm.models.parallel_layers import SINGLE
         from pagellm.models.registry import get_model_class
 
-        cls = mtp_model_class(get_model_class(config.model.architecture))
-        spec = config.scheduler.speculative
+        cls = mtp_model_class(get_model_class(config.model.architecture))  # (config.model: the MTP's, one layer)
         try:
-            return load_model(dataclasses.replace(config, model=spec.draft, lora=None), tp or SINGLE, cls)
+            return load_model(config, tp or SINGLE, cls)
         except ValueError as e:
             raise ValueError(f"speculative_config.method 'mtp': {e} (the checkpoint's multi-token-prediction layer, "
                              f"model.layers.{config.model.hf_config.num_hidden_layers}.*)") from None
@@ -90,16 +89,18 @@ class Drafter:
         self.kv_caches = allocate_kv_cache(self.config, num_blocks)
 
     def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-               hidden: torch.Tensor | None = None, rows: np.ndarray | None = None) -> None:
+               hidden: torch.Tensor | None = None, rows: np.ndarray | None = None,
+               block_table: np.ndarray | None = None) -> None:
         """Compute the target's batch into the draft cache (a draft model: the same tokens at the same positions;
-        MTP: the entries the step's hidden states allow, see _mirror_mtp)."""
+        MTP: the entries the step's hidden states allow, see _mirror_mtp; rows: the step's batch rows, block_table:
+        the host's tables by row)."""
         if self.mtp:
-            self._mirror_mtp(input_ids, meta, hidden, rows)
+            self._mirror_mtp(input_ids, meta, hidden, rows, block_table)
         else:
             self.model(input_ids, positions, self.kv_caches, meta, self.backend)
 
     def _mirror_mtp(self, input_ids: torch.Tensor, meta: AttentionMetadata, hidden: torch.Tensor,
-                    rows: np.ndarray) -> None:
+                    rows: np.ndarray, block_table: np.ndarray) -> None:
         """A sequence computed at positions a .. b this step: the MTP entries a - 1 .. b - 1, from the tokens
         t_a .. t_b and the hidden states h_{a-1} (kept from its earlier step) .. h_{b-1}; without h_{a-1} (a fresh
         prompt, a prefix hit, a fork) from a. Then its last hidden states are kept for the next proposal."""
@@ -128,9 +129,8 @@ class Drafter:
             pos = np.concatenate(positions)
             cu = np.zeros(len(kept) + 1, dtype=np.int64)
             np.cumsum(counts, out=cu[1:])
-            seq_of = np.repeat(np.arange(len(kept)), counts)
-            table_host = tables.cpu().numpy()
-            slots = table_host[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+            slot_rows = np.repeat(rows[kept], counts)
+            slots = block_table[slot_rows, pos // bs].astype(np.int64) * bs + pos % bs
             ends = (pos[cu[1:] - 1] + 1).astype(np.int64)
             starts = pos[cu[:-1]]
             fresh = starts == 0
@@ -147,12 +147,15 @@ class Drafter:
             h = source[to_device(np.concatenate(hid_idx), dev)]
             ids = input_ids[to_device(np.concatenate(tok_idx), dev)]
             self.model(ids, to_device(pos, dev), self.kv_caches, sub, self.backend, hidden_states=h)
-        k1 = self.tail.shape[1]
-        for i, row in enumerate(rows.tolist()):  # each sequence's last hidden states, for its next proposal
-            s, e = qsl[i], qsl[i + 1]
-            m = min(e - s, k1)
-            self.tail[row, :m] = hidden[e - m:e].to(self.tail.dtype)
-            self.tail_first[row], self.tail_len[row] = lens[i] - m, m
+        # each sequence's last (up to k + 1) hidden states, for its next proposal: one indexed copy
+        ends = np.asarray(qsl[1:], dtype=np.int64)
+        m = np.minimum(np.diff(np.asarray(qsl, dtype=np.int64)), self.tail.shape[1])
+        within = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)  # 0 .. m_i - 1 for each sequence
+        src = np.repeat(ends - m, m) + within
+        self.tail[to_device(np.repeat(rows, m), dev), to_device(within, dev)] = \
+            hidden[to_device(src, dev)].to(self.tail.dtype)
+        self.tail_first[rows] = np.asarray(lens, dtype=np.int64) - m
+        self.tail_len[rows] = m
 
     def propose(self, batch, spec_token_ids: dict[int, list[int]], scratch_slot: int) -> dict[int, list[int]]:
         """Pass j feeds the draft model its token at position n + j (a draft model) or the MTP layer its entry at
@@ -199,12 +202,8 @@ class Drafter:
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(lens.max()),
                 block_size=bs, max_query_len=1)
             pos_pad[:b] = pos
-            if self.mtp:
-                hidden = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend,
-                                    hidden_states=h)
-                h = hidden
-            else:
-                hidden = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend)
+            extra = {"hidden_states": h} if self.mtp else {}
+            hidden = h = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend, **extra)
             logits = self.model.compute_logits(hidden[:b])  # (an MTP layer sharded as the model: on rank 0 only)
             tokens = logits[:, :self.vocab].argmax(dim=-1) if logits is not None else None
             if self.mtp and self.tp is not None and self.tp.size > 1:  # every rank feeds the next pass the same

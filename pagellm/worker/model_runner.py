@@ -255,7 +255,8 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
         if self.drafter is not None:
-            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, hidden, inputs.rows)
+            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, hidden, inputs.rows,
+                                self.batch.block_table)
         driver = self.tp.is_driver
         if self.pooler is not None:
             if driver:
