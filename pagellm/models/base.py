@@ -188,6 +188,9 @@ class VisionLanguageModel(CausalLM):
     def after_load(self) -> None:
         self.language_model.after_load()
 
+    def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
+        self.language_model.bind_states(states)  # a hybrid decoder's recurrent states (Qwen3.5)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
                 mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`mm_embeds`: (batch indices, features) of this step's image positions, put in place of their embeddings."""

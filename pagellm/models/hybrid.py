@@ -11,8 +11,9 @@ x embedding_multiplier, s = residual_multiplier, attention scaled by attention_m
 attention without RoPE unless position_embedding_type is "rope" (Granite 4.0 has none).
 Bamba (BambaForCausalLM): a dense SwiGLU MLP, attention with partial RoPE, no multipliers.
 Qwen3-Next (Qwen3NextForCausalLM): Gated DeltaNet layers (models/gated_deltanet.py) in place of Mamba2, attention with
-an output gate, mixtures of experts with a gated shared expert. Qwen3.5 (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM, and
-the text of their multimodal checkpoints): the same layers with the Gated DeltaNet projections stored apart.
+an output gate, mixtures of experts with a gated shared expert. Qwen3.5 (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM; the
+decoder of the multimodal checkpoints in models/qwen2_vl.py): the same layers with the Gated DeltaNet projections stored
+apart.
 Jamba (JambaForCausalLM): Mamba (1) layers (models/mamba.py: MambaMixer), attention without position embedding,
 mixtures of experts every other layer.
 """
@@ -25,7 +26,7 @@ from torch import nn
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, KVCache
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import LanguageModelOnly, RecurrentLM
+from pagellm.models.base import RecurrentLM
 from pagellm.models.gated_deltanet import GatedDeltaNet, linear_attention_state_shapes
 from pagellm.models.layers import Attention, FusedMoE, GatedMLP, GemmaRMSNorm, RMSNorm, RotaryEmbedding
 from pagellm.models.llama import AttentionOptions, GraniteMultipliers, LlamaAttention, LlamaDecoderLayer, LlamaModel
@@ -309,18 +310,6 @@ class Qwen3_5MoeForCausalLM(Qwen3_5ForCausalLM):
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.moe_intermediate_size, config.hidden_act, True,
                               config.shared_expert_intermediate_size, tp)
-
-
-class Qwen3_5ForConditionalGeneration(LanguageModelOnly):
-    """Qwen3.5's language model from its multimodal checkpoint (model.language_model.*, lm_head); the vision encoder
-    is not implemented: text prompts only."""
-
-    text_class = Qwen3_5ForCausalLM
-    prefixes = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
-
-
-class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):
-    text_class = Qwen3_5MoeForCausalLM
 
 
 class JambaForCausalLM(_MoEWeights, HybridForCausalLM):

@@ -1,5 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration): images at their
-own resolution, and multimodal RoPE.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (Qwen2VLForConditionalGeneration and the classes below): images at
+their own resolution, and multimodal RoPE.
 
     image -> the checkpoint's image processor: patches (N, C * temporal * patch * patch) and grid (t, h, w) ->
         the vision transformer (transformers' module: patch embedding, 2D rotary attention blocks, a merger
@@ -30,6 +30,7 @@ import torch
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
 from pagellm.models.base import VisionLanguageModel
+from pagellm.models.hybrid import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 from pagellm.models.layers import MRotaryEmbedding
 from pagellm.models.llama import Qwen2ForCausalLM, Qwen3ForCausalLM
 from pagellm.models.moe import Qwen3MoeForCausalLM
@@ -182,3 +183,21 @@ class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
         text = _text_config(config)
         text.norm_topk_prob = True
         return text
+
+
+class Qwen3_5ForConditionalGeneration(Qwen2VLForConditionalGeneration):  # noqa: N801 - transformers' name
+    """Qwen3.5 (dense), as its checkpoints ship: Qwen3-VL's vision transformer without deepstack features (the
+    merger's output alone takes the image positions) in front of Qwen3.5's hybrid decoder (models/hybrid.py: Gated
+    DeltaNet layers with a recurrent state per sequence among gated attention layers), interleaved M-RoPE over the
+    partial rotary dimension. The multi-token-prediction weights (mtp.*) are not part of the model."""
+
+    vision_module = "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionModel"
+    text_class = Qwen3_5ForCausalLM
+    interleaved_mrope = True
+
+
+class Qwen3_5MoeForConditionalGeneration(Qwen3_5ForConditionalGeneration):  # noqa: N801 - transformers' name
+    """Qwen3.5 MoE: the same with experts (and a gated shared expert) in every decoder layer."""
+
+    vision_module = "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeVisionModel"
+    text_class = Qwen3_5MoeForCausalLM

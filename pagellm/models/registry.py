@@ -118,11 +118,13 @@ MODELS: dict[str, ModelEntry] = {
                                         ("Gated DeltaNet layers with a recurrent state per sequence",
                                          "MoE with a gated shared expert"), "Qwen3.5 MoE (text)"),
     "Qwen3_5ForConditionalGeneration": ModelEntry(
-        "pagellm.models.hybrid:Qwen3_5ForConditionalGeneration",
-        ("the language model only: text prompts (images are refused)",), "Qwen3.5 dense checkpoints"),
+        "pagellm.models.qwen2_vl:Qwen3_5ForConditionalGeneration",
+        ("images at their own resolution", "interleaved multimodal RoPE", "the hybrid decoder of Qwen3.5"),
+        "Qwen3.5 dense checkpoints"),
     "Qwen3_5MoeForConditionalGeneration": ModelEntry(
-        "pagellm.models.hybrid:Qwen3_5MoeForConditionalGeneration",
-        ("the language model only: text prompts (images are refused)",), "Qwen3.5 MoE checkpoints"),
+        "pagellm.models.qwen2_vl:Qwen3_5MoeForConditionalGeneration",
+        ("images at their own resolution", "interleaved multimodal RoPE", "the hybrid MoE decoder of Qwen3.5"),
+        "Qwen3.5 MoE checkpoints"),
     "NemotronHForCausalLM": ModelEntry("pagellm.models.nemotron_h:NemotronHForCausalLM",
                                        ("Mamba2 blocks with a recurrent state per sequence, attention, squared-ReLU "
                                         "MLP and MoE blocks",), "Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano"),

@@ -414,24 +414,6 @@ def test_a_draft_model_speculates_for_a_model_with_recurrent_layers(tiny_models)
             speculative_config={"model": path, "num_speculative_tokens": 2})
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe"])
-def test_qwen3_5_multimodal_checkpoint_serves_its_language_model(vlm_models, name):
-    """Qwen3.5's checkpoints are multimodal (Qwen3_5ForConditionalGeneration): its language model's greedy tokens and
-    logprobs equal transformers' whole model on text prompts; the vision weights are not loaded; images are
-    refused."""
-    import transformers as tf
-
-    from tests.hf_reference import assert_text_only_matches
-
-    path = vlm_models[name]
-    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=16)
-    model = llm.llm_engine.executor.runner.model
-    assert not any("visual" in n for n, _ in model.named_parameters())
-    cls = tf.Qwen3_5MoeForConditionalGeneration if name.endswith("moe") else tf.Qwen3_5ForConditionalGeneration
-    hf = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    assert_text_only_matches(llm, hf, prompts(llm.llm_engine.config.model.vocab_size, lengths=(3, 20, 37)), GREEDY)
-
-
 def test_server_serves_beam_search_and_parallel_samples(tiny_models):
     import httpx
 

@@ -81,23 +81,24 @@ def emulated_graphs(path: str, prompts, **kw) -> LLM:
 
 def chunks_prefix_hits_and_preemption(path: str, prompts, chunk: int, blocks: int, block_size: int = 4,
                                       max_model_len: int = 256, max_tokens: int = 30,
-                                      async_scheduling: bool = False) -> None:
+                                      async_scheduling: bool = False, **engine_kw) -> None:
     """Chunks of `chunk` tokens against transformers; the prompts again (prefix-cache hits, the same tokens); a pool
     of `blocks` blocks that preempts and recomputes, against an engine with room (the same tokens, every block
-    back)."""
+    back). `engine_kw` go to every engine (a hybrid's mamba_block_size)."""
     llm = LLM(path, max_model_len=max_model_len, max_num_batched_tokens=chunk, max_num_seqs=3, block_size=block_size,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, **engine_kw)
     outs = llm.generate(prompts, greedy(), use_tqdm=False)
     against_hf(path, prompts, outs)
     again = llm.generate(prompts[:2], greedy(), use_tqdm=False)
     assert all(o.num_cached_tokens > 0 for o in again)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:2]]
     tight = LLM(path, max_model_len=max_model_len, block_size=block_size, num_gpu_blocks_override=blocks,
-                enable_prefix_caching=False)
+                enable_prefix_caching=False, **engine_kw)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     got = tight.generate(prompts * 2, sp, use_tqdm=False)
     assert tight.llm_engine.scheduler.num_preemptions > 0
-    ref = LLM(path, max_model_len=max_model_len).generate(prompts * 2, sp, use_tqdm=False)
+    ref = LLM(path, max_model_len=max_model_len, block_size=block_size, **engine_kw)
+    ref = ref.generate(prompts * 2, sp, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
     assert tight.llm_engine.scheduler.kv.num_free_blocks == tight.llm_engine.num_blocks
 

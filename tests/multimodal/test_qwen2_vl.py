@@ -1,7 +1,8 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL through pagellm against transformers on the same checkpoints: images of their
-own size (positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index + delta
-after it; Qwen3-VL's interleaved), Qwen3-VL's deepstack features, over chunked prefill, prefix-cache hits,
-preemption, async scheduling, emulated CUDA graphs and TP=2."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 through pagellm against transformers on the same checkpoints: images
+of their own size (positions from the merged patch grid), multimodal RoPE (3-D positions in the image stretch, index +
+delta after it; Qwen3-VL's and Qwen3.5's interleaved), Qwen3-VL's deepstack features, Qwen3.5's hybrid decoder
+(recurrent states checkpointed under prefix caching), over chunked prefill, prefix-cache hits, preemption, async
+scheduling, emulated CUDA graphs and TP=2."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ P = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = checks.prompts_with(P)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3_5", "qwen3_5_moe"])
 def test_greedy_equals_transformers(vlm_models, name):
     checks.greedy_equals_hf(vlm_models[name], PROMPTS)
 
 
-@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl", "qwen3-vl-moe"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3_5"])
 def test_tensor_parallel_equals_transformers(vlm_models, name):
     checks.tensor_parallel(vlm_models[name], PROMPTS)
 
@@ -55,11 +56,31 @@ def test_prompt_and_positions_equal_transformers(vlm_models):
     assert (mine == ref[:, 0].numpy()).all() and d == int(delta) and d < 0
 
 
-@pytest.mark.parametrize("name, async_scheduling", [("qwen2-vl", False), ("qwen2-vl", True), ("qwen3-vl", False)])
+@pytest.mark.parametrize("name, async_scheduling", [("qwen2-vl", False), ("qwen2-vl", True), ("qwen3-vl", False),
+                                                    ("qwen3_5", False), ("qwen3_5_moe", True)])
 def test_chunks_prefix_hits_and_preemption(vlm_models, name, async_scheduling):
-    """qwen3-vl: images cut by prefill chunks of 8 take their deepstack features row by row."""
+    """qwen3-vl: images cut by prefill chunks of 8 take their deepstack features row by row. qwen3_5: the recurrent
+    states carry over chunks that cut an image, and are checkpointed every 4 tokens (in slots enough for them all) for
+    the prefix hits."""
+    kw = {"mamba_block_size": 4, "num_state_checkpoints": 32} if name.startswith("qwen3_5") else {}
     checks.chunks_prefix_hits_and_preemption(vlm_models[name], PROMPTS, chunk=8, blocks=20,
-                                            async_scheduling=async_scheduling)
+                                            async_scheduling=async_scheduling, **kw)
+
+
+def test_hybrid_state_checkpoints_are_keyed_by_the_image(vlm_models):
+    """Qwen3.5 under prefix caching: a prompt whose text equals an earlier one's but whose image differs restores
+    the recurrent state of the text before its image only (a checkpoint past the image would hold the other image's
+    state); the first prompt again restores past its image. Every output is transformers'."""
+    path = vlm_models["qwen3_5"]
+    llm = LLM(path, max_model_len=256, block_size=4, mamba_block_size=4)
+    first = llm.generate(PROMPTS[0], checks.greedy(), use_tqdm=False)[0]
+    other = llm.generate(PROMPTS[2], checks.greedy(), use_tqdm=False)[0]
+    again = llm.generate(PROMPTS[0], checks.greedy(), use_tqdm=False)[0]
+    image_at = first.prompt_token_ids.index(llm.llm_engine.config.model.multimodal.placeholder_id)
+    assert first.prompt_token_ids == other.prompt_token_ids  # the same tokens: only the image tells them apart
+    assert 0 < other.num_cached_tokens <= image_at < again.num_cached_tokens
+    checks.against_hf(path, [PROMPTS[0], PROMPTS[2], PROMPTS[0]], [first, other, again])
+    assert other.outputs[0].token_ids != first.outputs[0].token_ids == again.outputs[0].token_ids
 
 
 def test_emulated_cuda_graphs_decode_with_the_rope_offset(vlm_models, monkeypatch):
