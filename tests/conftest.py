@@ -67,7 +67,7 @@ def vlm_models() -> dict[str, str]:
         "mistral3": build_mistral3(os.path.join(root, "mistral3")),
         # Llama 4's language model in a multimodal checkpoint: pagellm serves its text (tests/models/test_llama4.py)
         "llama4": build_llama4(os.path.join(root, "llama4")),
-        # Qwen3.5 as it ships: the vision transformer and the hybrid decoder, dense and MoE (multimodal/test_qwen2_vl.py)
+        # Qwen3.5 as it ships: the vision transformer and the hybrid decoder, dense and MoE (test_qwen2_vl.py)
         "qwen3_5": build_qwen3_5(os.path.join(root, "qwen3_5")),
         "qwen3_5_moe": build_qwen3_5(os.path.join(root, "qwen3_5_moe"), moe=True),
         # Gemma 4's language model in its multimodal checkpoint (tests/models/test_gemma4.py)

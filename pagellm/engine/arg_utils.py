@@ -393,22 +393,25 @@ class EngineArgs:
         """The MTP drafter's model (models/mtp.py): the model's own config and checkpoint, one cache layer shaped as
         the model's; a ValueError naming speculative_config where the model has no MTP layer to draft with."""
         from pagellm.models.deepseek import DeepseekV2ForCausalLM, Glm4MoeForCausalLM
+        from pagellm.models.hybrid import Qwen3NextForCausalLM
         from pagellm.models.mtp import mtp_layers
         from pagellm.models.registry import get_model_class
 
         cls = get_model_class(target.architecture)
-        if not issubclass(cls, (DeepseekV2ForCausalLM, Glm4MoeForCausalLM)):
+        if not issubclass(getattr(cls, "text_class", cls),
+                          (DeepseekV2ForCausalLM, Glm4MoeForCausalLM, Qwen3NextForCausalLM)):
             raise ValueError(f"speculative_config.method 'mtp' drafts with the multi-token-prediction layer of "
-                             f"DeepSeek-V3 / V3.2 and GLM-4.5 / 4.7 / 5 checkpoints; {target.architecture} has none "
-                             "that pagellm serves.")
+                             f"DeepSeek-V3 / V3.2, GLM-4.5 / 4.7 / 5, Qwen3-Next and Qwen3.5 checkpoints; "
+                             f"{target.architecture} has none that pagellm serves.")
         if mtp_layers(target.hf_config) < 1:
             raise ValueError("speculative_config.method 'mtp': this checkpoint declares no multi-token-prediction "
-                             "layer (num_nextn_predict_layers is 0).")
+                             "layer (num_nextn_predict_layers / mtp_num_hidden_layers is 0).")
         if self.num_scheduler_steps > 1:
             raise ValueError("speculative_config: the MTP drafter runs one step per round: num_scheduler_steps "
                              f"must be 1, got {self.num_scheduler_steps}.")
         shapes = target.layer_kv_shapes()[-1:]
-        return dataclasses.replace(target, num_layers=1, kv_layer_shapes=tuple(shapes), sliding_window=None)
+        return dataclasses.replace(target, num_layers=1, kv_layer_shapes=tuple(shapes), sliding_window=None,
+                                   num_state_layers=0, state_shapes=(), state_dtypes=())  # (the layer attends)
 
     def _draft_model_config(self, path: str, target: ModelConfig) -> ModelConfig:
         """The draft model of speculative decoding, run like the target (dtype, load format, device) at the
@@ -569,7 +572,7 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
         method = "ngram" if model in (None, "ngram", "[ngram]") else "draft_model"
     if method == "[ngram]":
         method = "ngram"
-    if method in ("deepseek_mtp", "glm4_moe_mtp"):  # vLLM's per-family names for the model's own MTP layer
+    if method in ("deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp", "qwen3_5_mtp"):  # vLLM's per-family names
         method = "mtp"
     if method not in ("ngram", "draft_model", "mtp"):
         raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model' or 'mtp' (pagellm has no "

@@ -51,7 +51,8 @@ class Drafter:
         self.mtp = spec.method == "mtp"
         if self.mtp:
             self.model = self._load_mtp(self.config, tp, load_model)
-            k1, hidden = spec.num_speculative_tokens + 1, config.model.hf_config.hidden_size
+            hf = config.model.hf_config
+            k1, hidden = spec.num_speculative_tokens + 1, getattr(hf, "text_config", hf).hidden_size
             # each row's latest hidden states of the model: tail[row, i] is position tail_first[row] + i
             self.tail = torch.zeros(config.scheduler.max_num_seqs, k1, hidden, device=device)
             self.tail_first = np.full(config.scheduler.max_num_seqs, -1, dtype=np.int64)
@@ -64,20 +65,33 @@ class Drafter:
         self.kv_caches: list = []
         self.min_rows = MIN_BATCH_ROWS  # passes padded as the model's batches are (the same GEMM paths)
         self.tp = tp  # the target's group: rank 0's proposals go to every rank
+        self.rope = None  # the model's RopeRows (multimodal RoPE): an MTP entry turns by its position's rotary one
+
+    def _rotary(self, tok_rows: np.ndarray, pos: np.ndarray, pad: int = 0) -> torch.Tensor:
+        """Positions pos of batch rows tok_rows as the layer's rotary takes them ((3, T) where one lies in an image
+        stretch), with pad zero positions after them."""
+        rope3 = None
+        if self.rope is not None:
+            pos, rope3 = self.rope.positions(tok_rows, pos)
+        out = pos if rope3 is None else rope3
+        if pad:
+            out = np.concatenate((out, np.zeros((*out.shape[:-1], pad), dtype=out.dtype)), axis=-1)
+        return to_device(np.ascontiguousarray(out, dtype=np.int64), self.device)
 
     @staticmethod
     def _load_mtp(config: EngineConfig, tp: TPGroup | None, load_model):
         """The model's MTP layer (models/mtp.py), sharded as the model, from the model's checkpoint."""
-        from pagellm.models.mtp import mtp_model_class
+        from pagellm.models.mtp import mtp_model_class, mtp_weights_at
         from pagellm.models.parallel_layers import SINGLE
         from pagellm.models.registry import get_model_class
 
-        cls = mtp_model_class(get_model_class(config.model.architecture))  # (config.model: the MTP's, one layer)
+        family = get_model_class(config.model.architecture)
+        cls = mtp_model_class(family)  # (config.model: the MTP's, one layer)
         try:
             return load_model(config, tp or SINGLE, cls)
         except ValueError as e:
             raise ValueError(f"speculative_config.method 'mtp': {e} (the checkpoint's multi-token-prediction layer, "
-                             f"model.layers.{config.model.hf_config.num_hidden_layers}.*)") from None
+                             f"{mtp_weights_at(family, config.model.hf_config)})") from None
 
     def reset_row(self, row: int) -> None:
         """A new sequence in `row`: no hidden states of its own there yet (MTP)."""
@@ -146,7 +160,7 @@ class Drafter:
                 source = torch.cat((source, self.tail[[r for r, _ in prev], [j for _, j in prev]].to(hidden.dtype)))
             h = source[to_device(np.concatenate(hid_idx), dev)]
             ids = input_ids[to_device(np.concatenate(tok_idx), dev)]
-            self.model(ids, to_device(pos, dev), self.kv_caches, sub, self.backend, hidden_states=h)
+            self.model(ids, self._rotary(slot_rows, pos), self.kv_caches, sub, self.backend, hidden_states=h)
         # each sequence's last (up to k + 1) hidden states, for its next proposal: one indexed copy
         ends = np.asarray(qsl[1:], dtype=np.int64)
         m = np.minimum(np.diff(np.asarray(qsl, dtype=np.int64)), self.tail.shape[1])
@@ -175,7 +189,6 @@ class Drafter:
         pad = max(b, self.min_rows)
         ids = torch.zeros(pad, dtype=torch.long, device=dev)
         ids[:b] = to_device(batch.token_ids[rows, n], dev)
-        pos_pad = np.zeros(pad, dtype=np.int64)
         out = []
         h = None
         if self.mtp:  # h_{n-1}: the model's hidden state at the last computed position (zeros where none is kept)
@@ -201,9 +214,9 @@ class Drafter:
                 paged_seq_ids=to_device(paged, dev), query_start_loc_cpu=cu_list, seq_lens_cpu=lens.tolist(),
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(lens.max()),
                 block_size=bs, max_query_len=1)
-            pos_pad[:b] = pos
             extra = {"hidden_states": h} if self.mtp else {}
-            hidden = h = self.model(ids, to_device(pos_pad.copy(), dev), self.kv_caches, meta, self.backend, **extra)
+            hidden = h = self.model(ids, self._rotary(rows, pos, pad - b), self.kv_caches, meta, self.backend,
+                                    **extra)
             logits = self.model.compute_logits(hidden[:b])  # (an MTP layer sharded as the model: on rank 0 only)
             tokens = logits[:, :self.vocab].argmax(dim=-1) if logits is not None else None
             if self.mtp and self.tp is not None and self.tp.size > 1:  # every rank feeds the next pass the same

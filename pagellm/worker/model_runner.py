@@ -176,6 +176,7 @@ class ModelRunner:
             from pagellm.worker.drafter import Drafter
 
             self.drafter = Drafter(config, self.backend, self.device, tp)
+            self.drafter.rope = self.rope
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
