@@ -70,7 +70,7 @@ def vlm_models() -> dict[str, str]:
         # Qwen3.5 as it ships: the vision transformer and the hybrid decoder, dense and MoE (test_qwen2_vl.py)
         "qwen3_5": build_qwen3_5(os.path.join(root, "qwen3_5")),
         "qwen3_5_moe": build_qwen3_5(os.path.join(root, "qwen3_5_moe"), moe=True),
-        # Gemma 4's language model in its multimodal checkpoint (tests/models/test_gemma4.py)
+        # Gemma 4 with images: soft tokens per image from its size, both-ways attention in the sliding layers
         "gemma4": build_gemma4(os.path.join(root, "gemma4")),
     }
 

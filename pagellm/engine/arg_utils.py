@@ -238,12 +238,13 @@ class EngineArgs:
         _positive("max_num_seqs", self.max_num_seqs)
         batched = self.max_num_batched_tokens or max(2048, max_len)
         _positive("max_num_batched_tokens", batched)
+        from pagellm.models.base import images_attend_both_ways
         from pagellm.models.registry import get_model_class
 
         encoder = getattr(get_model_class(model_cfg.architecture), "is_encoder", False)
         mm = model_cfg.multimodal
-        if (mm is not None and getattr(get_model_class(model_cfg.architecture), "bidirectional_images", False)
-                and batched < mm.image_tokens):
+        if (mm is not None and mm.image_tokens is not None and batched < mm.image_tokens
+                and images_attend_both_ways(get_model_class(model_cfg.architecture), model_cfg.hf_config)):
             raise ValueError(f"{model_cfg.architecture} computes an image's {mm.image_tokens} positions in one step: "
                              f"max_num_batched_tokens ({batched}) must be >= {mm.image_tokens}.")
         prefix_caching, num_blocks = self.enable_prefix_caching, self.num_gpu_blocks_override

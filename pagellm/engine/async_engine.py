@@ -184,7 +184,8 @@ class AsyncLLMEngine:
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
         m = config.model
         self.input_processor = InputProcessor(m, self.tokenizer,
-                                              make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids))
+                                              make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids),
+                                              config.scheduler.max_num_batched_tokens)
         self.max_waiting_requests = config.scheduler.max_waiting_requests
         self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()

@@ -36,7 +36,8 @@ class ProcessedInput:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, structured: Any = None) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, structured: Any = None,
+                 max_num_batched_tokens: int | None = None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.structured = structured  # StructuredOutputManager: compiles grammars (a 400 if one does not compile)
@@ -46,7 +47,7 @@ class InputProcessor:
         if model_config.multimodal is not None:
             from pagellm.multimodal.processing import MultiModalProcessor
 
-            self.mm = MultiModalProcessor(model_config, tokenizer)
+            self.mm = MultiModalProcessor(model_config, tokenizer, max_num_batched_tokens)
 
     def process(self, prompt: PromptType, params: SamplingParams, logprobs_cap: bool = True) -> ProcessedInput:
         """`logprobs_cap=False` for internal candidates (beam search asks for 2 x beam_width of them)."""

@@ -58,7 +58,8 @@ class LLMEngine:
         m = config.model
         structured = make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids)  # grammars compiled once
         self.core = EngineCore(config, executor, structured)
-        self.input_processor = InputProcessor(config.model, self.tokenizer, structured)
+        self.input_processor = InputProcessor(config.model, self.tokenizer, structured,
+                                              config.scheduler.max_num_batched_tokens)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod

@@ -204,6 +204,13 @@ class VisionLanguageModel(CausalLM):
         return self.language_model.compute_logits(hidden)
 
 
+def images_attend_both_ways(cls, hf_config) -> bool:
+    """A multimodal class's `bidirectional_images`: a flag (Gemma 3) or a classmethod of the config (Gemma 4, whose
+    larger models only)."""
+    flag = getattr(cls, "bidirectional_images", False)
+    return bool(flag(hf_config) if callable(flag) else flag)
+
+
 def text_model_class(config) -> type[CausalLM]:
     """pagellm's native class for the language model of a multimodal config (ValueError when there is none, or when
     it cannot take image features in place of token embeddings)."""

@@ -1,4 +1,4 @@
-"""Gemma 4 (Gemma4ForCausalLM; Gemma4ForConditionalGeneration's language model, text prompts): Gemma 3's block with
+"""Gemma 4 (Gemma4ForCausalLM; Gemma4ForConditionalGeneration with images, at the end): Gemma 3's block with
 heads of two sizes, K/V shared between layers, per-layer input embeddings and, in the MoE models, experts beside the
 dense MLP.
 
@@ -29,12 +29,15 @@ and the router are replicated, the per-layer embedding table splits its vocabula
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
 from pagellm.config import ModelGeometry
 from pagellm.distributed.parallel import TPGroup
-from pagellm.models.base import CausalLM, LanguageModelOnly
+from pagellm.models.base import CausalLM, VisionLanguageModel
 from pagellm.models.layers import Attention, Fp32WeightRMSNorm, FusedMoE, GatedMLP, RotaryEmbedding, activation
 from pagellm.models.llama import LlamaForCausalLM
 from pagellm.models.mamba import WeightlessRMSNorm
@@ -237,9 +240,10 @@ class Gemma4ForCausalLM(_MoEWeights, CausalLM):
         tokens = tokens * torch.tensor(p ** 0.5, dtype=tokens.dtype)
         return (proj + tokens.reshape(shape)) * 2.0 ** -0.5
 
-    def forward(self, input_ids, positions, kv_caches, meta, backend, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta, backend, inputs_embeds=None,
+                per_layer_inputs=None) -> torch.Tensor:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        per_layer = self.per_layer_inputs(input_ids, x)
+        per_layer = self.per_layer_inputs(input_ids, x) if per_layer_inputs is None else per_layer_inputs
         shared: dict = {}
         rotaries = self.model.rotaries
         for i, layer in enumerate(self.model.layers):
@@ -255,9 +259,103 @@ class Gemma4ForCausalLM(_MoEWeights, CausalLM):
         return logits if cap is None or logits is None else torch.tanh(logits / cap) * cap
 
 
-class Gemma4ForConditionalGeneration(LanguageModelOnly):
-    """Gemma 4's language model from its multimodal checkpoint (model.language_model.*; the LM head is tied); the
-    vision and audio encoders are not implemented: text prompts only."""
+class Gemma4ForConditionalGeneration(VisionLanguageModel):
+    """Gemma 4 with images (Gemma4ForConditionalGeneration, every Gemma 4 checkpoint):
 
-    text_class = Gemma4ForCausalLM
-    prefixes = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
+        image -> Gemma 4's image processor: the image resized (aspect ratio kept) to at most max_soft_tokens x k^2
+            patches, padded to that count, with each patch's (x, y) -> the vision encoder (transformers' module:
+            2-D RoPE, k x k pooling, padding dropped) -> the multimodal embedder (weightless RMSNorm, a projection)
+            -> one feature per soft token
+        prompt: the image token where an image goes; it becomes <boi>, a soft token per feature, <eoi> (Gemma 4's
+            processor), the features filling the soft tokens
+
+    The per-layer inputs look the pad token up at image positions (their projection part reads the image
+    features), as transformers does. Where the text config says use_bidirectional_attention "vision" (the larger
+    models), an image's positions attend to each other both ways in the sliding layers only (the global layers stay
+    causal): such an image is computed in one step (`bidirectional_images`, as Gemma 3's). The audio encoder is not
+    implemented (its weights are skipped)."""
+
+    @classmethod
+    def bidirectional_images(cls, config) -> bool:
+        return getattr(config.text_config, "use_bidirectional_attention", None) == "vision"
+
+    @classmethod
+    def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
+        return Gemma4ForCausalLM.geometry(config.text_config, tp_size)
+
+    @classmethod
+    def placeholder_id(cls, config) -> int:
+        return config.image_token_id
+
+    @classmethod
+    def image_tokens(cls, config) -> int | None:
+        return None  # as many as the image processor gives the image (up to its max_soft_tokens)
+
+    @classmethod
+    def image_prompt(cls, config, tokenizer, size: int, data: Any) -> tuple[list[int], int, int]:
+        return [config.boi_token_id] + [config.image_token_id] * size + [config.eoi_token_id], 1, size
+
+    @classmethod
+    def image_input(cls, config, image_processor, image, **kwargs) -> tuple[int, Any]:
+        out = image_processor(images=[image], return_tensors="pt", **kwargs)
+        data = {"pixel_values": out["pixel_values"][0].float().numpy().copy(),
+                "image_position_ids": out["image_position_ids"][0].numpy().astype(np.int64)}
+        return int(out["num_soft_tokens_per_image"][0]), data
+
+    def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder
+
+        self.config = config
+        self.language_model = Gemma4ForCausalLM(config.text_config, max_model_len, tp)
+        for layer, kind in zip(self.language_model.model.layers, config.text_config.layer_types):
+            layer.self_attn.attn.image_blocks = kind == "sliding_attention"  # (only read with bidirectional images)
+        vision = config.vision_config
+        vision._attn_implementation = "sdpa"
+        self.vision_tower = AutoModel.from_config(vision)
+        for name in ("std_bias", "std_scale"):  # standardisation buffers: loaded as (frozen) parameters
+            buf = getattr(self.vision_tower, name, None)
+            if isinstance(buf, torch.Tensor):
+                delattr(self.vision_tower, name)
+                self.vision_tower.register_parameter(name, nn.Parameter(buf, requires_grad=False))
+        self.embed_vision = Gemma4MultimodalEmbedder(vision, config.text_config)
+        self.kernel = vision.pooling_kernel_size
+
+    def map_weight(self, name: str) -> tuple[str, Any] | None:
+        if name.startswith("model.language_model."):
+            return self._language("model." + name[len("model.language_model."):])
+        if name.startswith("lm_head."):
+            return self._language(name)
+        if name.startswith(("model.vision_tower.", "model.embed_vision.")):
+            return name[len("model."):], None
+        return None  # the audio encoder and its embedder
+
+    def encode_images(self, data: list, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Images padded to the same patch count go through the encoder together (the processor pads every image to
+        its max_soft_tokens x k^2 patches; a request's mm_processor_kwargs may choose another count)."""
+        out: list[torch.Tensor | None] = [None] * len(data)
+        groups: dict[int, list[int]] = {}
+        for i, d in enumerate(data):
+            groups.setdefault(d["pixel_values"].shape[0], []).append(i)
+        for idx in groups.values():
+            pixels = torch.from_numpy(np.stack([data[i]["pixel_values"] for i in idx])).to(device, dtype)
+            pos = torch.from_numpy(np.stack([data[i]["image_position_ids"] for i in idx])).to(device)
+            hidden = self.vision_tower(pixel_values=pixels, pixel_position_ids=pos).last_hidden_state
+            feats = self.embed_vision(hidden)  # the images' features one after another, padding dropped
+            sizes = ((pos != -1).all(-1).sum(-1) // self.kernel ** 2).tolist()
+            for i, f in zip(idx, torch.split(feats, sizes)):
+                out[i] = f
+        return out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        lm = self.language_model
+        x = lm.embed(input_ids)
+        per_layer = None
+        if mm_embeds is not None:
+            index, features = mm_embeds
+            x = x.index_copy(0, index, features.to(x.dtype))
+            ids = input_ids.index_fill(0, index, self.config.text_config.pad_token_id)
+            per_layer = lm.per_layer_inputs(ids, x)
+        return lm(input_ids, positions, kv_caches, meta, backend, inputs_embeds=x, per_layer_inputs=per_layer)

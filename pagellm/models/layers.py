@@ -407,6 +407,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.params = AttentionParams(scale, sliding_window, logits_soft_cap)
+        self.image_blocks = True  # False: a layer whose images stay causal (Gemma 4's global layers)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
@@ -416,6 +417,6 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.params)
-        if meta.image_blocks:  # Gemma 3's images attend to themselves both ways
+        if meta.image_blocks and self.image_blocks:  # Gemma 3's images attend to themselves both ways
             image_block_attention(out, q, kv_cache, meta, self.params)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -28,16 +28,18 @@ from pagellm.sampling_params import ParamError
 
 
 class MultiModalProcessor:
-    def __init__(self, model_config, tokenizer: Any = None) -> None:
+    def __init__(self, model_config, tokenizer: Any = None, max_num_batched_tokens: int | None = None) -> None:
         from transformers import AutoImageProcessor
 
+        from pagellm.models.base import images_attend_both_ways
         from pagellm.models.registry import get_model_class
 
         mm = model_config.multimodal
         self.model_cls = get_model_class(model_config.architecture)
         self.hf_config = model_config.hf_config
         self.placeholder_id = mm.placeholder_id
-        self.whole = bool(getattr(self.model_cls, "bidirectional_images", False))
+        self.whole = images_attend_both_ways(self.model_cls, model_config.hf_config)
+        self.max_whole = max_num_batched_tokens  # such an image is computed in one step: at most this many positions
         self.tokenizer = tokenizer
         self.limits = dict(mm.limit_per_prompt)
         self.allowed_local_media_path = mm.allowed_local_media_path
@@ -94,6 +96,11 @@ class MultiModalProcessor:
                              "where each image goes.", param="multi_modal_data")
         feats = []
         for (start, length), (_, data) in zip(spans, inputs):
+            if self.whole and self.max_whole is not None and length > self.max_whole:
+                raise ParamError(f"an image of {length} positions is computed in one step (its positions attend to "
+                                 f"each other both ways), more than max_num_batched_tokens ({self.max_whole}); "
+                                 "send a smaller image (mm_processor_kwargs) or raise max_num_batched_tokens.",
+                                 param="multi_modal_data")
             feats.append(MultiModalFeature("image", _digest(data), start, length, data, whole=self.whole))
         return ids, feats
 

@@ -9,7 +9,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from pagellm import LLM
 from tests.models.test_hybrid import GREEDY, assert_matches_hf, prefix_hits_and_preemption_match_hf, prompts
@@ -45,21 +44,6 @@ def test_each_cache_layer_has_its_own_shape_and_shared_layers_none(tiny_models):
 def test_prefix_hits_and_preemption_match_hf(tiny_models):
     """Cached prefixes (the blocks of every cache layer reused), then sequences preempted for lack of blocks."""
     prefix_hits_and_preemption_match_hf(tiny_models["gemma4"])
-
-
-def test_multimodal_checkpoint_serves_its_language_model(vlm_models):
-    """Gemma 4 ships as Gemma4ForConditionalGeneration: its language model's greedy tokens and logprobs equal
-    transformers' whole model on text prompts; the vision tower is not loaded; images are refused."""
-    import transformers as tf
-
-    from tests.hf_reference import assert_text_only_matches
-
-    path = vlm_models["gemma4"]
-    llm = LLM(path, block_size=8, num_gpu_blocks_override=256, max_num_batched_tokens=16)
-    assert not any("vision" in n for n, _ in llm.llm_engine.executor.runner.model.named_parameters())
-    hf = tf.Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    assert_text_only_matches(llm, hf, prompts(512, lengths=(3, 20, 37)), GREEDY)
 
 
 def test_an_encoder_configuration_is_refused(tiny_models, tmp_path):

@@ -41,6 +41,9 @@ def hf_vlm_greedy(path: str, prompt_ids: list[int], images: list, max_new_tokens
         if "image_grid_thw" in x:  # Qwen2-VL: the grids, and which tokens are image positions (for M-RoPE)
             kw["image_grid_thw"] = x["image_grid_thw"]
             kw["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+        if "image_position_ids" in x:  # Gemma 4: each patch's (x, y); the image positions, for its mask
+            kw["image_position_ids"] = x["image_position_ids"]
+            kw["mm_token_type_ids"] = (ids == model.config.image_token_id).long()
         if model.config.model_type == "gemma3":  # as its processor marks them: image positions attend both ways
             kw["token_type_ids"] = (ids == model.config.image_token_index).long()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
