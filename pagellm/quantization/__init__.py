@@ -6,6 +6,8 @@
                                  a 4-bit checkpoint, read as it is stored (quantization/int4.py)
     config.json quantization_config {"quant_method": "fp8", ...}
                                  an FP8 checkpoint (per-tensor or block-wise scales), read as stored (fp8.py)
+    config.json quantization_config {"quant_method": "compressed-tensors", ...}
+                                 llm-compressor's W4A16 / W8A16 / W8A8 / FP8 checkpoints (compressed_tensors.py)
 
 A method touches only the projection layers (ColumnParallelLinear, RowParallelLinear): embeddings,
 the LM head, norms, MoE routers and experts stay in the compute dtype. Each quantized layer gets a
@@ -22,8 +24,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_METHODS = ("int8", "fp8", "gptq", "awq")
-CHECKPOINT_METHODS = ("gptq", "awq", "fp8")  # read from config.json (fp8 also applies to any checkpoint at load time)
+QUANTIZATION_METHODS = ("int8", "fp8", "gptq", "awq", "compressed-tensors")
+# read from config.json (fp8 also applies to any checkpoint at load time)
+CHECKPOINT_METHODS = ("gptq", "awq", "fp8", "compressed-tensors")
 
 
 def checkpoint_quant_config(hf_config) -> dict[str, Any] | None:
@@ -66,6 +69,11 @@ def resolve_quantization(requested: str | None, hf_config) -> str | None:
 
         Fp8Method.check_config(qc)
         return method
+    if method == "compressed-tensors":
+        from pagellm.quantization.compressed_tensors import CompressedTensorsMethod
+
+        CompressedTensorsMethod.check_config(qc)  # every scheme one pagellm reads: a clear error before loading
+        return method
     from pagellm.quantization.int4 import Int4Config
 
     Int4Config.from_config(method, qc)  # validate bits, group size, format now: a clear error before loading
@@ -81,6 +89,10 @@ def get_method(name: str, hf_config):
         from pagellm.quantization.fp8 import Fp8Method
 
         return Fp8Method(checkpoint_quant_config(hf_config))
+    if name == "compressed-tensors":
+        from pagellm.quantization.compressed_tensors import CompressedTensorsMethod
+
+        return CompressedTensorsMethod(checkpoint_quant_config(hf_config))
     from pagellm.quantization.int4 import Int4Method
 
     return Int4Method(name, checkpoint_quant_config(hf_config))
@@ -106,8 +118,12 @@ def expert_layers(model):
 
 def prepare_model(model, method) -> None:
     """Before weights load: let the method replace the layers' parameters (int4 and fp8 checkpoints)."""
-    if method.name == "fp8":  # static activation scales of FP8 checkpoints are not used
-        model.skip_weights = (*model.skip_weights, ".input_scale", ".activation_scale")
+    extra = getattr(method, "skip_weights", ())  # checkpoint tensors the method does not use (activation scales)
+    for m in model.modules():  # (a multimodal model's language model maps its own names)
+        if extra and isinstance(getattr(m, "skip_weights", None), tuple):
+            m.skip_weights = (*m.skip_weights, *extra)
+    if hasattr(method, "bind_model"):
+        method.bind_model(model)
     for name, layer in quantized_layers(model):
         method.prepare(name, layer)
     for name, moe in expert_layers(model):

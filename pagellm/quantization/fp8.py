@@ -66,8 +66,12 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
 
 class Fp8Method:
     name = "fp8"
+    skip_weights = (".input_scale", ".activation_scale")  # static activation scales: not used (weight-only)
 
-    def __init__(self, qc: dict | None = None) -> None:
+    def __init__(self, qc: dict | None = None, block_scale_name: str = "weight_scale_inv",
+                 expert_row_scales: bool = False) -> None:
+        self.block_scale_name = block_scale_name  # compressed-tensors names the block scales weight_scale
+        self.expert_row_scales = expert_row_scales  # experts' scales per row (compressed-tensors' channel scheme)
         self.checkpoint = qc is not None  # weights stored in fp8 (else: quantized at load time)
         block = (qc or {}).get("weight_block_size")
         self.block: tuple[int, int] | None = tuple(block) if block else None
@@ -123,9 +127,10 @@ class Fp8Method:
             if not column and layer.tp.size > 1 and (layer.in_start % bk or k % bk):
                 raise ValueError(f"{name}: a tensor-parallel shard of its {k} columns (per rank) is not made of "
                                  f"{bk}-column blocks.")
-            layer.register_parameter("weight_scale_inv", torch.nn.Parameter(torch.ones(-(-n // bn), -(-k // bk)),
-                                                                            requires_grad=False))
-            set_weight_loader(layer.weight_scale_inv, self._block_scale_loader(layer, column), shard_ids)
+            layer.register_parameter(self.block_scale_name, torch.nn.Parameter(
+                torch.ones(-(-n // bn), -(-k // bk)), requires_grad=False))
+            set_weight_loader(getattr(layer, self.block_scale_name), self._block_scale_loader(layer, column),
+                              shard_ids)
         layer.fp8_checkpoint = True
 
     def _weight_loader(self, layer, column: bool):
@@ -186,7 +191,8 @@ class Fp8Method:
             moe.register_parameter(pname, torch.nn.Parameter(torch.zeros(old.shape, dtype=FP8), requires_grad=False))
             set_weight_loader(getattr(moe, pname), loader, ids)
         if self.block is None:
-            shapes = {"w13_scale": (e, 2), "w2_scale": (e, 1)}
+            shapes = {"w13_scale": (e, 2 * local, 1), "w2_scale": (e, h, 1)} if self.expert_row_scales else \
+                {"w13_scale": (e, 2), "w2_scale": (e, 1)}
         else:
             bn, bk = self.block
             if local % bn or local % bk or h % bn or h % bk or moe.i_start % bn or moe.i_start % bk:
@@ -210,6 +216,14 @@ class Fp8Method:
             e = moe.local_expert(e)
             if e is None:
                 return  # another rank's expert (expert parallel)
+            if block is None and self.expert_row_scales:  # (rows, 1): gate / up this rank's rows, down every row
+                if part is not None:
+                    n = param.shape[1] // 2
+                    copy_into(param[e, part * n:(part + 1) * n], ckpt_narrow(tensor, 0, moe.i_start, n).float()
+                              .reshape(n, 1))
+                else:
+                    copy_into(param[e], ckpt_full(tensor).float().reshape(-1, 1))
+                return
             if block is None:
                 with torch.no_grad():
                     param[e, part or 0] = float(ckpt_full(tensor).float().reshape(-1)[0])
@@ -234,6 +248,9 @@ class Fp8Method:
             e = moe.w13.shape[0]
             w13, w2 = q13.view(moe.w13.shape), q2.view(moe.w2.shape)
             s13, s2 = s13.view(e, -1, 1), s2.view(e, -1, 1)
+        elif self.block is None and self.expert_row_scales:  # stored per row already
+            w13, w2 = moe.w13.data, moe.w2.data
+            s13, s2 = moe.w13_scale.data.float(), moe.w2_scale.data.float()
         elif self.block is None:  # per-row scales (E, rows, 1): gate rows, up rows; down rows
             w13, w2 = moe.w13.data, moe.w2.data
             s13 = moe.w13_scale.data.float().repeat_interleave(local, dim=1)[..., None]
@@ -260,7 +277,7 @@ class Fp8Method:
     def finish(self, layer, dtype: torch.dtype, device: torch.device) -> bool:
         if getattr(layer, "fp8_checkpoint", False):
             q = layer.weight.data
-            scale = (layer.weight_scale_inv if self.block else layer.weight_scale).data.float()
+            scale = getattr(layer, self.block_scale_name if self.block else "weight_scale").data.float()
             del layer.weight
             for pname in ("weight_scale", "weight_scale_inv"):
                 if hasattr(layer, pname):

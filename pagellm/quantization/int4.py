@@ -85,8 +85,14 @@ def awq_columns(unpacked: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Method:
-    def __init__(self, method: str, qc: dict) -> None:
-        self.cfg = Int4Config.from_config(method, qc)
+    # our parameters' names (the checkpoint's): the 4-bit values, the zero points, the scales, the input groups
+    names = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales", "g_idx": "g_idx"}
+    bits = 4
+    stored_zeros = True  # the checkpoint stores zero points (else every zero is `fixed_zero`)
+    fixed_zero = 8
+
+    def __init__(self, method: str, qc: dict, cfg: Int4Config | None = None) -> None:
+        self.cfg = cfg or Int4Config.from_config(method, qc)
         self.name = method
         self.kernel_layers = 0
         self.dense_layers = 0
@@ -121,17 +127,19 @@ class Int4Method:
             raise ValueError(f"{name}: desc_act GPTQ checkpoints cannot be split over tensor_parallel_size > 1")
         shard_ids = frozenset(range(len(layer.parts))) if column else None
         del layer.weight
-        layer.register_parameter("qweight", torch.nn.Parameter(torch.zeros(n, k, dtype=torch.uint8),
-                                                               requires_grad=False))
-        layer.register_parameter("qzeros", torch.nn.Parameter(torch.zeros(n, k // g, dtype=torch.uint8),
-                                                              requires_grad=False))
-        layer.register_parameter("scales", torch.nn.Parameter(torch.zeros(n, k // g)))
+        nm = self.names
+        layer.register_parameter(nm["qweight"], torch.nn.Parameter(torch.zeros(n, k, dtype=torch.uint8),
+                                                                    requires_grad=False))
+        layer.register_parameter(nm["qzeros"], torch.nn.Parameter(
+            torch.full((n, k // g), self.fixed_zero, dtype=torch.uint8), requires_grad=False))
+        layer.register_parameter(nm["scales"], torch.nn.Parameter(torch.zeros(n, k // g)))
         for pname in ("qweight", "qzeros", "scales"):
-            set_weight_loader(getattr(layer, pname), self._loader(layer, pname, g, column), shard_ids)
-        if self.cfg.method == "gptq":  # optional in a checkpoint: the default is input k in group k // g
-            layer.register_parameter("g_idx", torch.nn.Parameter(torch.arange(k, dtype=torch.int32) // g,
-                                                                 requires_grad=False))
-            set_weight_loader(layer.g_idx, self._g_idx_loader(layer, column), frozenset())
+            ids = shard_ids if pname != "qzeros" or self.stored_zeros else frozenset()  # (frozenset: optional)
+            set_weight_loader(getattr(layer, nm[pname]), self._loader(layer, pname, g, column), ids)
+        if self.cfg.method != "awq":  # optional in a checkpoint: the default is input k in group k // g
+            layer.register_parameter(nm["g_idx"], torch.nn.Parameter(torch.arange(k, dtype=torch.int32) // g,
+                                                                      requires_grad=False))
+            set_weight_loader(getattr(layer, nm["g_idx"]), self._g_idx_loader(layer, column), frozenset())
         layer.int4_group = g
 
     def _group(self, layer) -> int:
@@ -187,21 +195,23 @@ class Int4Method:
     # -- after loading: the kernel layout, or a dequantized weight -----------------------------------
 
     def finish(self, layer, dtype: torch.dtype, device: torch.device) -> bool:
-        if not hasattr(layer, "qweight"):
+        nm = self.names
+        if not hasattr(layer, nm["qweight"]) or not hasattr(layer, "int4_group"):
             return False
         g = layer.int4_group
-        q = layer.qweight.data
+        q = getattr(layer, nm["qweight"]).data
         n, k = q.shape
         groups = torch.arange(k, dtype=torch.int32) // g
-        g_idx = layer.g_idx.data if hasattr(layer, "g_idx") else groups
+        g_idx = getattr(layer, nm["g_idx"]).data if hasattr(layer, nm["g_idx"]) else groups
         ordered = bool(torch.equal(g_idx, groups))
-        scale = layer.scales.data.float()  # (N, K/g)
-        zero = layer.qzeros.data.float()
-        for pname in ("qweight", "qzeros", "scales", "g_idx"):
+        scale = getattr(layer, nm["scales"]).data.float()  # (N, K/g)
+        zero = getattr(layer, nm["qzeros"]).data.float()
+        for pname in nm.values():
             if hasattr(layer, pname):
                 delattr(layer, pname)
         kernel_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else None
-        if device.type == "cpu" and ordered and g in CPU_KERNEL_GROUPS and n % 16 == 0 and kernel_dtype:
+        if (device.type == "cpu" and self.bits == 4 and ordered and g in CPU_KERNEL_GROUPS and n % 16 == 0
+                and kernel_dtype):
             layer.int4_packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
             # kernel: w = (q - 8) * scale + zero_f, so zero_f = (8 - zero) * scale
             layer.int4_scales_zeros = torch.stack([scale.t(), ((8.0 - zero) * scale).t()], dim=-1).to(
