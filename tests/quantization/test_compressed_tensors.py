@@ -135,3 +135,23 @@ def test_unsupported_schemes_are_refused(llama_path, tmp_path):
             json.dump(cfg, f)
         with pytest.raises(ValueError, match=match):
             LLM(dst, num_gpu_blocks_override=16)
+
+
+def test_fp8_block_scales(tmp_path):
+    """FP8_BLOCK: 128 x 128 blocks of scales (stored as weight_scale) on a model whose projections are made of whole
+    blocks."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.fixtures.make_models import make_tokenizer
+
+    src = str(tmp_path / "dense")
+    torch.manual_seed(11)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.1, tie_word_embeddings=False)).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    path, deq = build_compressed(src, str(tmp_path / "ct"), "fp8-block")
+    llm = check_against_hf(path, deq, 2e-3)
+    layers = [layer for _, layer in quantized_layers(llm.llm_engine.executor.runner.model)]
+    assert layers and all(layer.fp8_block == (128, 128) for layer in layers)
