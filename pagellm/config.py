@@ -133,12 +133,14 @@ class SpeculativeConfig:
     the model checks them all in one step."""
 
     method: str = "ngram"  # ngram | draft_model | mtp (the model's own multi-token-prediction layer: models/mtp.py)
+    # | eagle3 (an EAGLE-3 head in `model`, reading the model's hidden states: models/eagle3.py)
     num_speculative_tokens: int = 3  # draft tokens per sequence and step
     prompt_lookup_max: int = 5  # longest n-gram matched
     prompt_lookup_min: int = 5  # shortest n-gram matched
     model: str | None = None  # draft_model: the draft checkpoint's directory
     draft: ModelConfig | None = field(default=None, compare=False, repr=False)  # draft_model: how it runs
     disable_by_batch_size: int | None = None  # no drafts in a step while more requests than this are running
+    aux_layers: tuple[int, ...] = ()  # eagle3: the model layers whose input the head reads
 
 
 @dataclass(frozen=True)

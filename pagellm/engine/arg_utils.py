@@ -284,8 +284,13 @@ class EngineArgs:
                              f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
         mamba_block, checkpoints = self._state_checkpoints(model_cfg.stateful and prefix_caching)
+        if speculative is not None and speculative.method == "draft_model" and _is_eagle3(speculative.model):
+            speculative = dataclasses.replace(speculative, method="eagle3")  # vLLM infers it from the head too
         if speculative is not None and speculative.method == "draft_model":
             speculative = dataclasses.replace(speculative, draft=self._draft_model_config(speculative.model, model_cfg))
+        elif speculative is not None and speculative.method == "eagle3":
+            draft, aux = self._eagle3_config(speculative.model, model_cfg)
+            speculative = dataclasses.replace(speculative, draft=draft, aux_layers=aux)
         elif speculative is not None and speculative.method == "mtp":
             speculative = dataclasses.replace(speculative, draft=self._mtp_config(model_cfg))
         if model_cfg.pooler is not None:
@@ -413,6 +418,40 @@ class EngineArgs:
         shapes = target.layer_kv_shapes()[-1:]
         return dataclasses.replace(target, num_layers=1, kv_layer_shapes=tuple(shapes), sliding_window=None,
                                    num_state_layers=0, state_shapes=(), state_dtypes=())  # (the layer attends)
+
+    def _eagle3_config(self, path: str, target: ModelConfig) -> tuple[ModelConfig, tuple[int, ...]]:
+        """An EAGLE-3 head's ModelConfig (its one cache layer) and the model layers it reads; a ValueError naming
+        speculative_config where the pair cannot work."""
+        from transformers import AutoConfig
+
+        from pagellm.models.eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
+        from pagellm.models.llama import LlamaForCausalLM
+        from pagellm.models.registry import get_model_class
+
+        cls = get_model_class(target.architecture)
+        if not issubclass(cls, LlamaForCausalLM) or cls.forward is not LlamaForCausalLM.forward:
+            raise ValueError(f"speculative_config: an EAGLE-3 head reads the hidden states of LLaMA-family models "
+                             f"(LLaMA, Qwen, Mistral, GPT-OSS, DeepSeek, ...); {target.architecture} is not one.")
+        if self.num_scheduler_steps > 1:
+            raise ValueError("speculative_config: the EAGLE-3 head runs one step per round: num_scheduler_steps "
+                             f"must be 1, got {self.num_scheduler_steps}.")
+        if not os.path.isfile(os.path.join(path or "", "config.json")):
+            raise ValueError(f"speculative_config.model: {path!r} is not a checkpoint directory (config.json).")
+        hf = AutoConfig.from_pretrained(path)
+        if getattr(hf, "num_hidden_layers", 1) != 1:
+            raise ValueError(f"speculative_config.model: EAGLE-3 heads have one decoder layer; this one has "
+                             f"{hf.num_hidden_layers}.")
+        if hf.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config.model: the EAGLE-3 head's vocabulary ({hf.vocab_size}) is not the "
+                             f"model's ({target.vocab_size}).")
+        geo = Eagle3LlamaForCausalLM.geometry(hf)
+        aux = aux_layer_ids(hf, target.hf_config.num_hidden_layers)
+        draft = dataclasses.replace(target, model=path, architecture="Eagle3LlamaForCausalLM", hf_config=hf,
+                                    num_layers=1, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim,
+                                    kv_shared=False, kv_layer_shapes=((geo.num_kv_heads, geo.head_dim),),
+                                    num_state_layers=0, state_shapes=(), state_dtypes=(), sliding_window=None,
+                                    quantization=None)
+        return draft, aux
 
     def _draft_model_config(self, path: str, target: ModelConfig) -> ModelConfig:
         """The draft model of speculative decoding, run like the target (dtype, load format, device) at the
@@ -575,9 +614,9 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
         method = "ngram"
     if method in ("deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp", "qwen3_5_mtp"):  # vLLM's per-family names
         method = "mtp"
-    if method not in ("ngram", "draft_model", "mtp"):
-        raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model' or 'mtp' (pagellm has no "
-                         f"EAGLE or Medusa heads), got {method!r}.")
+    if method not in ("ngram", "draft_model", "mtp", "eagle3"):
+        raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model', 'mtp' or 'eagle3' (pagellm has "
+                         f"no EAGLE-1 or Medusa heads), got {method!r}.")
     k = spec.get("num_speculative_tokens")
     if k is None:
         raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
@@ -586,6 +625,15 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 2):
         raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 2 (the running requests "
                          f"above which steps go without drafts), got {off!r}.")
+    if method == "eagle3":
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"speculative_config.model must be the EAGLE-3 head's directory, got {model!r}.")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if name in spec:
+                raise ValueError(f"speculative_config.{name} applies to method 'ngram', not 'eagle3'.")
+        if spec.get("draft_tensor_parallel_size", 1) != 1:
+            raise ValueError("speculative_config.draft_tensor_parallel_size must be 1 (the head runs unsharded).")
+        return SpeculativeConfig("eagle3", k, model=model, disable_by_batch_size=off)
     if method == "draft_model":
         if not isinstance(model, str) or not model:
             raise ValueError("speculative_config.model must be the draft checkpoint's directory for method "
@@ -617,6 +665,19 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     if lo > hi:
         raise ValueError(f"speculative_config.prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi}).")
     return SpeculativeConfig("ngram", k, hi, lo, disable_by_batch_size=off)
+
+
+def _is_eagle3(path: str | None) -> bool:
+    """Whether a draft checkpoint is an EAGLE-3 head (its config's architectures)."""
+    import json
+
+    from pagellm.models.eagle3 import ARCHITECTURES
+
+    try:
+        with open(os.path.join(path or "", "config.json")) as f:
+            return bool(set(json.load(f).get("architectures") or ()) & set(ARCHITECTURES))
+    except (OSError, ValueError):
+        return False
 
 
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")

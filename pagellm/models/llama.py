@@ -124,6 +124,7 @@ class LlamaForCausalLM(CausalLM):
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
     attention_cls: type[nn.Module] = LlamaAttention  # (config, layer_idx, AttentionOptions, tp)
     norm_cls: type[nn.Module] = RMSNorm
+    aux_layers: tuple[int, ...] = ()  # layers whose input each forward keeps in aux_hidden[i] (an EAGLE-3 head's)
 
     @classmethod
     def attention_options(cls, config) -> AttentionOptions:
@@ -177,7 +178,12 @@ class LlamaForCausalLM(CausalLM):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """`inputs_embeds` (T, hidden) in place of the token embeddings: a multimodal model's, image features in."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
+        aux = self.aux_layers
+        if aux:  # an EAGLE-3 head reads the residual stream entering these layers (models/eagle3.py)
+            self.aux_hidden = {}
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            if aux and i in aux:
+                self.aux_hidden[i] = x
             x = layer(positions, x, self.model.rotary, kv_cache, meta, backend)
         return self.model.norm(x)
 

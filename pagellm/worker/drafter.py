@@ -48,10 +48,16 @@ class Drafter:
 
         spec = config.scheduler.speculative
         self.config = dataclasses.replace(config, model=spec.draft, lora=None)  # the draft's model and cache
-        self.mtp = spec.method == "mtp"
-        if self.mtp:
-            self.model = self._load_mtp(self.config, tp, load_model)
-            hf = config.model.hf_config
+        self.mtp = spec.method == "mtp"  # the model's own MTP layer, sharded as the model
+        self.eagle3 = spec.method == "eagle3"  # an EAGLE-3 head (unsharded), fed the model's aux hidden states
+        self.hidden = self.mtp or self.eagle3  # drafts from the model's hidden states (the entries lag by one)
+        if self.hidden:
+            if self.mtp:
+                self.model = self._load_mtp(self.config, tp, load_model)
+                hf = config.model.hf_config
+            else:
+                self.model = self._load_eagle3(self.config, config.model.model, load_model)
+                hf = spec.draft.hf_config
             k1, hidden = spec.num_speculative_tokens + 1, getattr(hf, "text_config", hf).hidden_size
             # each row's latest hidden states of the model: tail[row, i] is position tail_first[row] + i
             self.tail = torch.zeros(config.scheduler.max_num_seqs, k1, hidden, device=device)
@@ -93,9 +99,23 @@ class Drafter:
             raise ValueError(f"speculative_config.method 'mtp': {e} (the checkpoint's multi-token-prediction layer, "
                              f"{mtp_weights_at(family, config.model.hf_config)})") from None
 
+    @staticmethod
+    def _load_eagle3(config: EngineConfig, target_dir: str, load_model):
+        """The EAGLE-3 head from its directory, with the model's embedding when it stores none."""
+        import functools
+
+        from pagellm.models.eagle3 import Eagle3LlamaForCausalLM
+
+        cls = type("Eagle3Head", (Eagle3LlamaForCausalLM,), {
+            "__init__": functools.partialmethod(Eagle3LlamaForCausalLM.__init__, target_dir=target_dir)})
+        try:
+            return load_model(config, cls=cls)
+        except ValueError as e:
+            raise ValueError(f"speculative_config.model: {e}") from None
+
     def reset_row(self, row: int) -> None:
-        """A new sequence in `row`: no hidden states of its own there yet (MTP)."""
-        if self.mtp:
+        """A new sequence in `row`: no hidden states of its own there yet (MTP, EAGLE-3)."""
+        if self.hidden:
             self.tail_first[row], self.tail_len[row] = -1, 0
 
     def init_kv_cache(self, num_blocks: int) -> None:
@@ -108,7 +128,9 @@ class Drafter:
         """Compute the target's batch into the draft cache (a draft model: the same tokens at the same positions;
         MTP: the entries the step's hidden states allow, see _mirror_mtp; rows: the step's batch rows, block_table:
         the host's tables by row)."""
-        if self.mtp:
+        if self.hidden:
+            if self.eagle3:  # the model's aux hidden states (T, 3 x hidden) -> the head's g (T, hidden)
+                hidden = self.model.combine(hidden)
             self._mirror_mtp(input_ids, meta, hidden, rows, block_table)
         else:
             self.model(input_ids, positions, self.kv_caches, meta, self.backend)
@@ -191,7 +213,7 @@ class Drafter:
         ids[:b] = to_device(batch.token_ids[rows, n], dev)
         out = []
         h = None
-        if self.mtp:  # h_{n-1}: the model's hidden state at the last computed position (zeros where none is kept)
+        if self.hidden:  # h_{n-1}: the model's hidden state at the last computed position (zeros where none is kept)
             h = torch.zeros(pad, self.tail.shape[2], device=dev)
             idx = n - 1 - self.tail_first[rows]
             ok = np.flatnonzero((self.tail_first[rows] >= 0) & (idx >= 0) & (idx < self.tail_len[rows]))
@@ -214,7 +236,7 @@ class Drafter:
                 paged_seq_ids=to_device(paged, dev), query_start_loc_cpu=cu_list, seq_lens_cpu=lens.tolist(),
                 fresh_seqs=np.flatnonzero(fresh).tolist(), paged_seqs=paged.tolist(), max_seq_len=int(lens.max()),
                 block_size=bs, max_query_len=1)
-            extra = {"hidden_states": h} if self.mtp else {}
+            extra = {"hidden_states": h} if self.hidden else {}
             hidden = h = self.model(ids, self._rotary(rows, pos, pad - b), self.kv_caches, meta, self.backend,
                                     **extra)
             logits = self.model.compute_logits(hidden[:b])  # (an MTP layer sharded as the model: on rank 0 only)

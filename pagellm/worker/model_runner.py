@@ -177,6 +177,8 @@ class ModelRunner:
 
             self.drafter = Drafter(config, self.backend, self.device, tp)
             self.drafter.rope = self.rope
+            if spec.aux_layers:  # an EAGLE-3 head reads the residual stream entering these layers
+                self.model.aux_layers = spec.aux_layers
         self.graphs: CudaGraphRunner | None = None
         self._prev_tokens: torch.Tensor | None = None  # the last sampling step's tokens, on the device
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
@@ -255,8 +257,10 @@ class ModelRunner:
                                 mm_embeds=inputs.mm)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
-        if self.drafter is not None:
-            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, hidden, inputs.rows,
+        if self.drafter is not None:  # (an EAGLE-3 head reads the aux hidden states (T, 3 x hidden) instead)
+            seen = torch.cat([self.model.aux_hidden[i] for i in self.model.aux_layers], dim=-1) \
+                if self.drafter.eagle3 else hidden
+            self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, seen, inputs.rows,
                                 self.batch.block_table)
         driver = self.tp.is_driver
         if self.pooler is not None:

@@ -50,4 +50,4 @@ def test_bad_speculative_config_flag_is_a_clear_error():
                           '{"method": "eagle", "num_speculative_tokens": 2}'], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
-    assert "speculative_config.method must be 'ngram', 'draft_model' or 'mtp'" in out.stderr + out.stdout
+    assert "speculative_config.method must be 'ngram', 'draft_model', 'mtp' or 'eagle3'" in out.stderr + out.stdout
