@@ -97,6 +97,7 @@ class ModelConfig:
     default_sampling: dict[str, Any] = field(default_factory=dict, compare=False)
     pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
     multimodal: MultiModalConfig | None = None  # a model that takes images (LLaVA); None: text only
+    prompt_embeds: bool = False  # enable_prompt_embeds: prompts may come as embeddings (tokens, hidden)
 
     def layer_kv_shapes(self) -> list[tuple[int, int]]:
         """(K/V heads, head_dim) of each cache layer (this rank's heads)."""

@@ -137,6 +137,9 @@ class EngineArgs:
         None, "Multimodal models: settings for the checkpoint's image processor, a JSON object as in vLLM, e.g. "
               "'{\"max_pixels\": 1003520}' (Qwen2-VL: the most pixels an image keeps, so the most positions it "
               "fills); a request's own mm_processor_kwargs go on top.")
+    enable_prompt_embeds: bool = _f(
+        False, "Accept prompts given as embeddings (vLLM's flag): {'prompt_embeds': tensor (tokens, hidden)} offline, "
+               "'prompt_embeds' (base64 of torch.save) in /v1/completions. Text-only native models.")
     allowed_local_media_path: str = _f(
         "", "Multimodal models: a directory whose files requests may name as file:// image URLs (default: none; "
             "only for trusted clients).")
@@ -393,7 +396,24 @@ class EngineArgs:
             default_sampling=generation_defaults(path, self.generation_config, self.override_generation_config),
             pooler=pooler,
             multimodal=self._multimodal_config(cls, hf),
+            prompt_embeds=self._prompt_embeds(cls, pooler),
         )
+
+    def _prompt_embeds(self, cls, pooler) -> bool:
+        """enable_prompt_embeds, checked against the model: a text-only generative native model whose forward takes
+        inputs_embeds."""
+        import inspect
+
+        if not self.enable_prompt_embeds:
+            return False
+        if pooler is not None or getattr(cls, "modalities", ()) or not getattr(cls, "supports_tp", True):
+            raise ValueError(f"enable_prompt_embeds: {cls.__name__} does not take prompt embeddings (pagellm takes "
+                             "them for text-only generative native models).")
+        if "inputs_embeds" not in inspect.signature(cls.forward).parameters or not getattr(
+                cls, "embeds_prompt", True):
+            raise ValueError(f"enable_prompt_embeds: {cls.__name__} computes from token ids beyond their embeddings; "
+                             "it cannot take prompt embeddings.")
+        return True
 
     def _mtp_config(self, target: ModelConfig) -> ModelConfig:
         """The MTP drafter's model (models/mtp.py): the model's own config and checkpoint, one cache layer shaped as

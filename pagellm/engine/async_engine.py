@@ -185,7 +185,7 @@ class AsyncLLMEngine:
         m = config.model
         self.input_processor = InputProcessor(m, self.tokenizer,
                                               make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids),
-                                              config.scheduler.max_num_batched_tokens)
+                                              config.scheduler.max_num_batched_tokens, config.cache.block_size)
         self.max_waiting_requests = config.scheduler.max_waiting_requests
         self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()
@@ -323,7 +323,8 @@ class AsyncLLMEngine:
             self._streams[request_id] = stream
         arrival = time.monotonic()
         with replica.lock:
-            replica.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, arrival)
+            replica.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, arrival,
+                                                 embeds=inp.embeds_prompt)
         finished = False
         try:
             replica.send(AddRequest(request_id, inp, arrival))

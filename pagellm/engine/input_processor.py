@@ -34,10 +34,16 @@ class ProcessedInput:
     mm_features: list | None = None  # MultiModalFeature per image, in prompt order (multimodal models)
     mm_rope: Any = None  # multimodal RoPE (Qwen2-VL): (a, b, 3-D positions of prompt positions a..b-1, delta)
 
+    @property
+    def embeds_prompt(self) -> bool:
+        """The prompt came as embeddings (its token ids are placeholders)."""
+        return bool(self.mm_features) and self.mm_features[0].modality == "embeds"
+
 
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Any, structured: Any = None,
-                 max_num_batched_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, block_size: int = 16) -> None:
+        self.block_size = block_size  # prompt embeddings are keyed for the prefix cache a block at a time
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.structured = structured  # StructuredOutputManager: compiles grammars (a 400 if one does not compile)
@@ -57,7 +63,13 @@ class InputProcessor:
             raise ValueError("this model runs as a pooling model (runner pooling): it serves LLM.embed / classify / "
                              "score / encode, not generation.")
         text, ids, salt, mm = self._prompt_ids(prompt, params.truncate_prompt_tokens)
-        rope = self.mm.rope_positions(mm) if mm else None
+        rope = self.mm.rope_positions(mm) if mm and self.mm is not None else None
+        if mm and mm[0].modality == "embeds":
+            for name, bad in (("prompt_logprobs", params.prompt_logprobs is not None),
+                              ("repetition_penalty", params.repetition_penalty != 1.0)):
+                if bad:
+                    raise ParamError(f"{name} needs the prompt's token ids; a prompt given as prompt_embeds has none.",
+                                     param=name)
         n = len(ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
         if n + max_tokens > self.max_model_len:
@@ -84,6 +96,8 @@ class InputProcessor:
         """The prompt's token ids (the last `truncate` of them; a multimodal prompt's with its image placeholders
         expanded) and its images, checked against the vocabulary and max_model_len (a pooling request's prompt
         may fill it: nothing is generated after it)."""
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            return self._embeds(prompt, truncate, pooling)
         text, ids, salt = self._tokenize(prompt)
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         mm = None
@@ -114,6 +128,51 @@ class InputProcessor:
                              f"the prompt must be shorter than max_model_len to leave room for output.",
                              param="prompt", code="context_length_exceeded")
         return text, ids, salt, mm
+
+    def _embeds(self, prompt: dict, truncate: int | None,
+                pooling: bool) -> tuple[None, list[int], str | None, list]:
+        """A prompt given as embeddings (tokens, hidden): one placeholder token id (0) per embedding, and features
+        that hold them a cache block at a time (the worker puts them in place of the placeholders' embeddings; the
+        prefix cache keys each block by its own, chained as block hashes are)."""
+        import hashlib
+
+        import numpy as np
+
+        from pagellm.multimodal.inputs import MultiModalFeature
+
+        if not self.model_config.prompt_embeds or pooling:
+            raise ParamError("prompt_embeds need a generative model started with enable_prompt_embeds=True "
+                             "(--enable-prompt-embeds).", param="prompt_embeds")
+        for other in ("prompt", "prompt_token_ids", "multi_modal_data"):
+            if prompt.get(other) is not None:
+                raise ParamError(f"a prompt takes prompt_embeds or {other}, not both.", param="prompt_embeds")
+        e = prompt["prompt_embeds"]
+        try:
+            arr = (e.detach().to("cpu").float().numpy() if hasattr(e, "detach") else np.asarray(e, dtype=np.float32))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ParamError(f"prompt_embeds must be a tensor (tokens, hidden): {err}", param="prompt_embeds") from None
+        hf = self.model_config.hf_config
+        hidden = getattr(getattr(hf, "text_config", None) or hf, "hidden_size", None)
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != hidden:
+            raise ParamError(f"prompt_embeds must have shape (tokens > 0, {hidden}) (the model's hidden size), got "
+                             f"{tuple(arr.shape)}.", param="prompt_embeds")
+        if not np.isfinite(arr).all():
+            raise ParamError("prompt_embeds hold inf or NaN.", param="prompt_embeds")
+        if truncate is not None and arr.shape[0] > truncate:
+            arr = arr[-truncate:]
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        n = arr.shape[0]
+        if n >= self.max_model_len:
+            raise ParamError(f"the prompt has {n} embeddings, but max_model_len is {self.max_model_len}: the prompt "
+                             "must be shorter than max_model_len to leave room for output.", param="prompt_embeds",
+                             code="context_length_exceeded")
+        feats = []
+        for a in range(0, n, self.block_size):  # one feature per cache block: a prefix hit ends where they differ
+            part = arr[a:a + self.block_size]
+            feats.append(MultiModalFeature("embeds", hashlib.sha256(part.tobytes()).hexdigest(), a, len(part), part))
+        return None, [0] * n, prompt.get("cache_salt"), feats
 
     def process_pooling(self, prompt: PromptType, params: PoolingParams) -> ProcessedInput:
         """A pooling model's request: the prompt checked as for generation, the params against the model's task

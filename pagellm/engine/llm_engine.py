@@ -59,7 +59,7 @@ class LLMEngine:
         structured = make_manager(None, self.tokenizer, m.vocab_size, m.eos_token_ids)  # grammars compiled once
         self.core = EngineCore(config, executor, structured)
         self.input_processor = InputProcessor(config.model, self.tokenizer, structured,
-                                              config.scheduler.max_num_batched_tokens)
+                                              config.scheduler.max_num_batched_tokens, config.cache.block_size)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -108,7 +108,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         self.core.add_request(request_id, inp, arrival_time, policy)
         req = self.scheduler.requests[request_id]
-        self.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, req.arrival_time)
+        self.output_processor.add_request(request_id, inp.prompt, inp.prompt_token_ids, inp.params, req.arrival_time,
+                                          embeds=inp.embeds_prompt)
 
     def add_lora(self, lora_request) -> bool:
         """Load a LoRA adapter now (requests naming it load it on arrival otherwise); False if it was loaded."""

@@ -59,6 +59,7 @@ class _RequestState:
     first_token_time: float | None = None
     finished: bool = False
     final_only: bool = False  # one output when the request finishes (FINAL_ONLY, or best_of > n)
+    embeds: bool = False  # the prompt came as embeddings: its token ids are placeholders (no detokenizer context)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -72,8 +73,8 @@ class OutputProcessor:
         self._token_text: dict[int, str] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float) -> None:
-        st = _RequestState(request_id, prompt, prompt_token_ids, params, arrival_time)
+                    params: SamplingParams, arrival_time: float, embeds: bool = False) -> None:
+        st = _RequestState(request_id, prompt, prompt_token_ids, params, arrival_time, embeds=embeds)
         if params.prompt_logprobs is not None:
             st.prompt_logprobs = [None]
         self.states[request_id] = st
@@ -166,7 +167,8 @@ class OutputProcessor:
         seq = st.seqs.get(index)
         if seq is None:
             p = st.params
-            detok = (IncrementalDetokenizer(self.tokenizer, st.prompt_token_ids, p.skip_special_tokens,
+            detok = (IncrementalDetokenizer(self.tokenizer, [] if st.embeds else st.prompt_token_ids,
+                                            p.skip_special_tokens,
                                             p.spaces_between_special_tokens)
                      if p.detokenize and self.tokenizer is not None else None)
             seq = _SeqState(index, detok, logprobs=[] if p.logprobs is not None else None,

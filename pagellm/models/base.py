@@ -61,6 +61,11 @@ class CausalLM(nn.Module):
     def hf_name(self, name: str) -> str | None:
         return name
 
+    def prompt_embeds(self, x: torch.Tensor) -> torch.Tensor:
+        """A prompt's embeddings (enable_prompt_embeds) as they take the place of `embed`'s rows: what transformers'
+        forward does to inputs_embeds (nothing, unless a model scales them: Granite)."""
+        return x
+
     def map_weight(self, name: str) -> tuple[str, Any] | None:
         """Checkpoint tensor name -> (parameter name, shard id), or None to skip it."""
         if any(s in name for s in self.skip_weights):

@@ -180,6 +180,7 @@ class Gemma4Model(nn.Module):
 
 class Gemma4ForCausalLM(_MoEWeights, CausalLM):
     packed_modules = LlamaForCausalLM.packed_modules
+    embeds_prompt = False  # the per-layer inputs read the token ids too
 
     @classmethod
     def check(cls, config) -> None:

@@ -236,6 +236,9 @@ class GraniteMultipliers:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
 
+    def prompt_embeds(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.config.embedding_multiplier  # transformers scales inputs_embeds too
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden)
         return None if logits is None else logits / self.config.logits_scaling

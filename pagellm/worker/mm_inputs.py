@@ -81,9 +81,13 @@ class MultiModalInputs:
         unique: dict[str, object] = {}
         for _, f in todo:
             unique.setdefault(f.identifier, f)
-        out = self.model.encode_images([f.data for f in unique.values()], self.device, self.dtype)
-        self.num_encoded += len(unique)
-        by_id = {ident: out[i] for i, ident in enumerate(unique)}
+        by_id = {ident: torch.from_numpy(f.data).to(self.device, self.dtype)  # prompt embeddings: as given
+                 for ident, f in unique.items() if f.modality == "embeds"}
+        images = [f for ident, f in unique.items() if ident not in by_id]
+        if images:
+            out = self.model.encode_images([f.data for f in images], self.device, self.dtype)
+            self.num_encoded += len(images)
+            by_id.update((f.identifier, out[i]) for i, f in enumerate(images))
         for key, f in todo:
             self.cache[key] = by_id[f.identifier]
 

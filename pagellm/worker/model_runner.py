@@ -164,7 +164,7 @@ class ModelRunner:
             self.pooler = Pooler(self.model, config.model.pooler)
         self.mm = None  # MultiModalInputs: the images of the sequences held, encoded when their positions are computed
         self.rope = None  # multimodal RoPE (Qwen2-VL): each batch row's prompt image stretch and rotary offset
-        if config.model.multimodal is not None:
+        if config.model.multimodal is not None or config.model.prompt_embeds:  # (images, or prompt embeddings)
             from pagellm.worker.mm_inputs import MultiModalInputs, RopeRows
 
             self.mm = MultiModalInputs(self.model, self.device, torch_dtype(config.model.dtype))
@@ -252,6 +252,12 @@ class ModelRunner:
         inputs = self._prepare_inputs(sched, drafts)
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
+        elif inputs.mm is not None and self.config.model.multimodal is None:  # prompt embeddings, a text model
+            index, rows = inputs.mm
+            x = self.model.embed(inputs.input_ids)
+            rows = self.model.prompt_embeds(rows.to(x.dtype))
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
+                                inputs_embeds=x.index_copy(0, index, rows))
         elif inputs.mm is not None:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
                                 mm_embeds=inputs.mm)

@@ -230,7 +230,8 @@ class SamplingFields(OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    prompt_embeds: str | list[str] | None = None  # vLLM's: base64 of torch.save(tensor (tokens, hidden)), or a list
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None

@@ -48,6 +48,28 @@ def normalize_prompts(prompt: Any) -> list[Any]:
                    "of token ids.", param="prompt")
 
 
+def embeds_prompts(embeds: str | list[str] | None) -> list[dict]:
+    """vLLM's prompt_embeds: each a base64 string of torch.save(tensor (tokens, hidden)) -> {"prompt_embeds": tensor}
+    (loaded with weights_only: tensors only, no code)."""
+    import base64
+    import binascii
+    import io
+
+    import torch
+
+    out = []
+    for item in [embeds] if isinstance(embeds, str) else embeds or []:
+        try:
+            t = torch.load(io.BytesIO(base64.b64decode(item, validate=True)), weights_only=True, map_location="cpu")
+        except (binascii.Error, ValueError, RuntimeError, EOFError, TypeError) as e:
+            raise APIError(400, f"prompt_embeds must be base64 of a torch.save'd tensor: {e}",
+                           param="prompt_embeds") from None
+        if not isinstance(t, torch.Tensor):
+            raise APIError(400, f"prompt_embeds must hold a tensor, got {type(t).__name__}.", param="prompt_embeds")
+        out.append({"prompt_embeds": t})
+    return out
+
+
 def salted(prompts: list[Any], cache_salt: str | None) -> list[Any]:
     """The engine prompts with the request's cache_salt (its prefix-cache entries are shared only with requests
     giving the same salt)."""
@@ -95,7 +117,10 @@ async def create_completion(state: ServingState, req: CompletionRequest) -> Comp
     check_generative(state, "Completions")
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server.", param="suffix", code="unsupported_parameter")
-    prompts = salted(normalize_prompts(req.prompt), req.cache_salt)
+    prompts = salted(embeds_prompts(req.prompt_embeds) + (normalize_prompts(req.prompt) if req.prompt is not None
+                                                          or req.prompt_embeds is None else []), req.cache_salt)
+    if req.prompt_embeds is not None and req.echo:
+        raise APIError(400, "echo needs the prompt's text; a prompt given as prompt_embeds has none.", param="echo")
     params = req.sampling_params(req.max_tokens, req.logprobs, state.default_sampling)
     if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params.prompt_logprobs = req.logprobs
