@@ -101,6 +101,27 @@ def test_logprobs_both_formats(client):
     assert len(content) == c.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 
 
+def test_tokens_as_token_ids(client):
+    """return_tokens_as_token_ids (vLLM's request field; --return-tokens-as-token-ids for the server's default): each
+    logprobs token, chosen and candidates, written "token_id:N" with the ids the completion returns."""
+    extra = {"return_tokens_as_token_ids": True, "return_token_ids": True}
+    r = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body=extra)
+    ch = r.choices[0]
+    assert ch.logprobs.tokens == [f"token_id:{t}" for t in ch.token_ids]
+    assert all(ch.logprobs.tokens[i] in top and all(k.startswith("token_id:") for k in top)
+               for i, top in enumerate(ch.logprobs.top_logprobs))
+    assert ch.logprobs.text_offset[-1] < len(ch.text)  # offsets still count the text
+    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hail"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2, extra_body=extra)
+    content = c.choices[0].logprobs.content
+    assert [t.token for t in content] == [f"token_id:{i}" for i in c.choices[0].token_ids]
+    assert all(tp.token.startswith("token_id:") for t in content for tp in t.top_logprobs)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    plain = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=5, temperature=0, logprobs=0)
+    assert not plain.choices[0].logprobs.tokens[0].startswith("token_id:")
+
+
 def test_stop_strings(client):
     base = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=30, temperature=0).choices[0].text
     stop = base[8:12]

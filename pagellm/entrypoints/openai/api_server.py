@@ -391,6 +391,7 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          default_sampling=dict(cfg.model.default_sampling),
                          reasoning_parser=PARSERS[ns.reasoning_parser] if ns.reasoning_parser else None,
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                         return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
                          lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())},
                          allow_runtime_lora_updating=runtime_lora)
     if getattr(ns, "otlp_traces_endpoint", None):

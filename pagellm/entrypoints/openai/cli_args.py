@@ -31,6 +31,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="Add usage.prompt_tokens_details.cached_tokens (OpenAI's field: prompt tokens whose KV came "
                         "from the prefix cache) to every reply's usage.")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="Write each logprobs token as 'token_id:N' (vLLM's flag): tokens whose text is not valid "
+                        "UTF-8 on their own stay identifiable. A request's return_tokens_as_token_ids overrides it.")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="With --enable-lora: POST /v1/load_lora_adapter {lora_name, lora_path} and "
                         "/v1/unload_lora_adapter {lora_name} load and drop adapters while the server runs (vLLM's "

@@ -109,6 +109,7 @@ class SamplingFields(OpenAIBaseModel):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
+    return_tokens_as_token_ids: bool | None = None  # logprobs tokens as "token_id:N" (default: the server's flag)
     n: int = 1
     best_of: int | None = None
     temperature: float | None = None

@@ -33,6 +33,7 @@ from pagellm.entrypoints.openai.serving_common import (
     lora_for,
     run_all,
     sse,
+    tokens_as_ids,
     validate_inputs,
 )
 from pagellm.entrypoints.openai.serving_completion import prompt_logprobs_json, salted
@@ -67,17 +68,24 @@ def chat_request_prompt(state: ServingState, req: ChatCompletionRequest) -> dict
         raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from e
 
 
-def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> ChatLogprobs:
+def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], k: int,
+                  as_ids: bool = False) -> ChatLogprobs:
+    """`as_ids`: each token written "token_id:N" (return_tokens_as_token_ids)."""
+    def token(t: int, lp: Logprob) -> str:
+        return f"token_id:{t}" if as_ids else lp.decoded_token or ""
+
     content = []
     for entry, tok in zip(entries, token_ids):
         chosen = entry[tok]
-        text = chosen.decoded_token or ""
-        tops = sorted((lp for t, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda lp: lp.rank)
+        text = token(tok, chosen)
+        tops = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+                      key=lambda x: x[1].rank)
         content.append(ChatTokenLogprob(
             token=text, logprob=chosen.logprob, bytes=list(text.encode()),
-            top_logprobs=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
-                                     bytes=list((lp.decoded_token or "").encode())) for lp in tops]))
+            top_logprobs=[TopLogprob(token=token(t, lp), logprob=lp.logprob, bytes=list(token(t, lp).encode()))
+                          for t, lp in tops]))
     return ChatLogprobs(content=content)
+
 
 
 def tool_mode(state: ServingState, req: ChatCompletionRequest) -> str | None:
@@ -185,7 +193,8 @@ async def create_chat_completion(state: ServingState,
             prompt_lps = prompt_logprobs_json(out.prompt_logprobs)
         for c in out.outputs:
             usage.completion_tokens += len(c.token_ids)
-            lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0) if req.logprobs else None
+            lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0,
+                               tokens_as_ids(state, req)) if req.logprobs else None
             message, reason = choice_message(state, req, mode, c.text, c.finish_reason,
                                              reasoning_stream(state, inputs[0].params, prompt_text))
             if echoed(req):
@@ -234,7 +243,8 @@ async def _stream(state: ServingState, req: ChatCompletionRequest, inputs, rid: 
             generated[c.index] += len(c.token_ids)
             lp = None
             if req.logprobs:
-                lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0).model_dump()
+                lp = chat_logprobs(c.logprobs or [], c.token_ids, req.top_logprobs or 0,
+                                   tokens_as_ids(state, req)).model_dump()
             text, reasoning, ts = c.text, None, thinking[c.index]
             if ts is not None:  # the last piece also releases what the splitter held back
                 reasoning, text = ts.feed(text, final=c.finish_reason is not None)

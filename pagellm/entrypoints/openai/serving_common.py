@@ -80,6 +80,7 @@ class ServingState:
     reasoning_parser: Any = None  # splits a chat reply's thinking from its answer (--reasoning-parser)
     reasoning_tokens: tuple[int, int] | None = None  # its tags' token ids, when each is one token
     enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens in replies
+    return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N" (--return-tokens-as-token-ids)
     lora_modules: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoRARequest (--lora-modules)
     tracer: Any = None  # RequestTracer: a span per finished request (--otlp-traces-endpoint)
     allow_runtime_lora_updating: bool = False  # the load/unload routes (--allow-runtime-lora-updating)
@@ -284,3 +285,9 @@ async def guarded_stream(gen: AsyncIterator[str]) -> AsyncIterator[str]:
         logger.warning("stream failed: %s", err.message)
         yield sse(err.body())
     yield SSE_DONE
+
+
+def tokens_as_ids(state: ServingState, req) -> bool:
+    """A request's return_tokens_as_token_ids, else the server's --return-tokens-as-token-ids."""
+    flag = req.return_tokens_as_token_ids
+    return state.return_tokens_as_token_ids if flag is None else flag

@@ -26,6 +26,7 @@ from pagellm.entrypoints.openai.serving_common import (
     lora_for,
     run_all,
     sse,
+    tokens_as_ids,
     validate_inputs,
 )
 from pagellm.outputs import CompletionOutput, Logprob
@@ -82,14 +83,15 @@ def salted(prompts: list[Any], cache_salt: str | None) -> list[Any]:
 
 
 def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[int], k: int,
-                    text_start: int, tokenizer) -> CompletionLogprobs:
+                    text_start: int, tokenizer, as_ids: bool = False) -> CompletionLogprobs:
     """The completions API's logprobs: per token its text, offset in the choice text, logprob, and the
-    top-k candidates plus the sampled token itself (so logprobs=0 still reports the sampled token, as vLLM)."""
+    top-k candidates plus the sampled token itself (so logprobs=0 still reports the sampled token, as vLLM).
+    `as_ids`: tokens written "token_id:N" (the offsets still count the text)."""
     out = CompletionLogprobs()
     offset = text_start
     for entry, tok in zip(entries, token_ids):
         text = (entry[tok].decoded_token if entry and tok in entry else None) or tokenizer.decode([tok])
-        out.tokens.append(text)
+        out.tokens.append(f"token_id:{tok}" if as_ids else text)
         out.text_offset.append(offset)
         offset += len(text)
         if entry is None:
@@ -98,8 +100,8 @@ def legacy_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[in
             continue
         out.token_logprobs.append(entry[tok].logprob)
         top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
-        out.top_logprobs.append({(lp.decoded_token or str(t)): lp.logprob for t, lp in top
-                                 if t == tok or (lp.rank and lp.rank <= k)})
+        out.top_logprobs.append({(f"token_id:{t}" if as_ids else lp.decoded_token or str(t)): lp.logprob
+                                 for t, lp in top if t == tok or (lp.rank and lp.rank <= k)})
     return out
 
 
@@ -154,7 +156,7 @@ def _choice(state: ServingState, req: CompletionRequest, i: int, out, c: Complet
             entries = list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
             ids = list(out.prompt_token_ids) + ids
             start = 0
-        lp = legacy_logprobs(entries, ids, req.logprobs, start, state.tokenizer)
+        lp = legacy_logprobs(entries, ids, req.logprobs, start, state.tokenizer, tokens_as_ids(state, req))
     ids = dict(prompt_token_ids=list(out.prompt_token_ids), token_ids=list(c.token_ids)) if req.return_token_ids else {}
     return CompletionChoice(index=i * req.n + c.index, text=prompt_text + c.text, logprobs=lp,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
@@ -183,7 +185,8 @@ async def _stream(state: ServingState, req: CompletionRequest, inputs, rid: str)
             lp = None
             if req.logprobs is not None:
                 start = text_pos.get(index, len(prefix))
-                lp = legacy_logprobs(list(c.logprobs or []), list(c.token_ids), req.logprobs, start, state.tokenizer)
+                lp = legacy_logprobs(list(c.logprobs or []), list(c.token_ids), req.logprobs, start, state.tokenizer,
+                                     tokens_as_ids(state, req))
                 # offsets continue over the whole choice, token by token (as in the non-streaming response)
                 text_pos[index] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else start
             ids = {}
