@@ -50,7 +50,10 @@ class StructuredOutputsParams:
 
     json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex: the output
     fullmatches it; choice: the output is one of these strings; grammar: an EBNF grammar (GBNF
-    style, root rule `root`). JSON is generated compact (no free whitespace between tokens).
+    style, root rule `root`); structural_tag: xgrammar's structural tag as JSON text (vLLM's field), either
+    {"type": "structural_tag", "format": {...}} or the older {"structures": [{"begin", "schema", "end"}],
+    "triggers": [...]}: free text, with what follows a trigger held to its tag. JSON is generated compact (no
+    free whitespace between tokens).
     """
 
     json: dict | str | None = None
@@ -58,6 +61,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
     # A reasoning model's (start, end) tag tokens (set by the server's --reasoning-parser): the constraint
     # applies after the thinking. `thinking`: the output begins inside it (its template opened it); else the
     # first token may open it or start the constrained answer. The thinking itself is unconstrained.
@@ -65,17 +69,18 @@ class StructuredOutputsParams:
     thinking: bool = False
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None]
         if self.json_object:
             given.append("json_object")
         if len(given) != 1:
-            raise ParamError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
-                             f"got {given or 'none'}.", param="structured_outputs")
+            raise ParamError("structured_outputs must set exactly one of json, regex, choice, grammar, json_object, "
+                             f"structural_tag; got {given or 'none'}.", param="structured_outputs")
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or any(not isinstance(c, str) or not c for c in self.choice)):
             raise ParamError("structured_outputs.choice must be a non-empty list of non-empty strings.",
                              param="structured_outputs")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "structural_tag"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise ParamError(f"structured_outputs.{name} must be a non-empty string.", param="structured_outputs")
@@ -101,6 +106,8 @@ class StructuredOutputsParams:
             return "regex", self.regex
         if self.choice is not None:
             return "choice", _json.dumps(self.choice)
+        if self.structural_tag is not None:
+            return "structural_tag", self.structural_tag
         return "grammar", self.grammar
 
 

@@ -281,8 +281,8 @@ def main(ns: argparse.Namespace) -> dict:
         results.append(run_isolated(run_pagellm, ns.model, engine_kwargs(ns), reqs, ns.threads, ns.structured_fraction))
         print(format_table(results), flush=True)
     for variant in ns.variant:  # beside the main run: the same workload with some engine arguments changed
-        results.append(run_isolated(run_pagellm, ns.model, {**engine_kwargs(ns), **parse_variant(variant)}, reqs,
-                                    ns.threads, 0.0, variant))
+        kw = {**engine_kwargs(ns), **parse_variant(variant)}  # (model=DIR: another checkpoint of the model)
+        results.append(run_isolated(run_pagellm, kw.pop("model", ns.model), kw, reqs, ns.threads, 0.0, variant))
         print(format_table(results), flush=True)
     if ns.tensor_parallel_size > 1:  # beside TP=1, same workload, same total threads
         per_rank = max(1, (ns.threads or os.cpu_count() or 1) // ns.tensor_parallel_size)
@@ -398,5 +398,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Also run pagellm with this fraction of the requests constrained by a JSON schema (e.g. 0.5).")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="Also run pagellm with these engine arguments changed, beside the main run (repeatable), "
-                        "e.g. --variant quantization=int8 --variant kv_cache_dtype=fp8.")
+                        "e.g. --variant quantization=int8 --variant kv_cache_dtype=fp8 (model=DIR: another "
+                        "checkpoint of the model, e.g. a quantized one).")
     p.add_argument("--output-json", default=None)

@@ -61,6 +61,23 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def structural_tag(text: str) -> Any:
+    """xgrammar's StructuralTag from vLLM's structural_tag JSON: {"type": "structural_tag", "format": {...}}, or the
+    older {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (each structure a tag whose content
+    follows its JSON schema, entered when the text reaches one of the triggers)."""
+    xgr = _xgr()
+    obj = json.loads(text)
+    if not isinstance(obj, dict):
+        raise ValueError("a structural tag is a JSON object")
+    if "format" in obj:
+        return xgr.StructuralTag.from_json({**obj, "type": "structural_tag"})
+    items = [xgr.StructuralTagItem(begin=s["begin"], schema=s.get("schema") or {}, end=s["end"])
+             for s in obj.get("structures") or []]
+    if not items:
+        raise ValueError("a structural tag needs format, or structures with begin / schema / end")
+    return xgr.StructuralTag.from_legacy_structural_tag(items, list(obj.get("triggers") or []))
+
+
 class GrammarCompiler:
     """Compiles each distinct grammar once (cached by its kind and text) for one tokenizer."""
 
@@ -90,6 +107,8 @@ class GrammarCompiler:
                 grammar = self._compiler.compile_regex(text)
             elif kind == "choice":
                 grammar = self._compiler.compile_grammar(choice_grammar(spec.choice))
+            elif kind == "structural_tag":
+                grammar = self._compiler.compile_structural_tag(structural_tag(text))
             else:
                 grammar = self._compiler.compile_grammar(text)
         except Exception as e:  # noqa: BLE001 - the compiler's own message is the answer

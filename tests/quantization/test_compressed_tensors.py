@@ -67,7 +67,7 @@ def check_against_hf(path: str, deq: str, tol: float, **kw) -> LLM:
     return llm
 
 
-# w4a16*: the CPU int4 kernel (groups of 32, or one per row of 64 / 128 inputs); w8a16: dequantized at load;
+# w4a16*: the CPU int4 kernel in bf16 (groups of 32, or one per row of 64 / 128 inputs); w8a16: dequantized at load;
 # w8a8: int8 weights and (on CPUs with int8 dot products) per-token int8 activations, the reference's too (whose
 # rounding of x / s differs from the fused kernel's in a few elements: a looser bound)
 @pytest.mark.parametrize("scheme, layer_kind, tol", [
@@ -75,8 +75,12 @@ def check_against_hf(path: str, deq: str, tol: float, **kw) -> LLM:
     ("w8a16", "weight", 2e-3), ("w8a8", "qweight", 1e-2), ("fp8", "fp8_weight", 2e-3),
     ("fp8-tensor", "fp8_weight", 2e-3)])
 def test_checkpoint_matches_transformers_on_decompressed_weights(llama_path, scheme, layer_kind, tol):
+    from tests.quantization.test_int4 import check_bf16_kernel
+
     path, deq = ct_model(llama_path, scheme)
     llm = check_against_hf(path, deq, tol)
+    if layer_kind == "int4_packed":  # the int4 kernel runs bf16 models (float32 ones dequantize at load)
+        llm = check_bf16_kernel(path, deq, True)
     layers = [layer for _, layer in quantized_layers(llm.llm_engine.executor.runner.model)]
     assert layers and all(hasattr(layer, layer_kind) for layer in layers)
     assert llm.llm_engine.config.model.quantization == "compressed-tensors"
@@ -108,10 +112,12 @@ def test_fp8_experts(tiny_models):
 
 
 def test_ignored_modules_stay_dense(llama_path, tmp_path):
-    """Modules in `ignore` (here every MLP projection, by regex) load in full precision; the rest quantized."""
+    """Modules in `ignore` (here every MLP projection, by regex) load in full precision; the rest quantized (the int4
+    kernel of a bf16 model)."""
     path, deq = build_compressed(llama_path, str(tmp_path / "ct"), "w4a16",
                                  ignore=("lm_head", "re:.*mlp\\..*_proj$"))
-    llm = check_against_hf(path, deq, 2e-3)
+    check_against_hf(path, deq, 2e-3)
+    llm = LLM(path, num_gpu_blocks_override=16, dtype="bfloat16")
     kinds = {name.rsplit(".", 1)[-1]: hasattr(layer, "int4_packed")
              for name, layer in quantized_layers(llm.llm_engine.executor.runner.model)}
     assert kinds == {"qkv_proj": True, "o_proj": True, "gate_up_proj": False, "down_proj": False}

@@ -8,6 +8,7 @@ clients written for other servers keep working.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -91,8 +92,12 @@ class JsonSchemaFormat(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    # structural_tag (vLLM's): xgrammar's format, or the older structures + triggers
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
 
 class StructuredOutputsField(OpenAIBaseModel):
@@ -103,6 +108,7 @@ class StructuredOutputsField(OpenAIBaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -215,10 +221,15 @@ class SamplingFields(OpenAIBaseModel):
                 raise ParamError("response_format of type json_schema needs json_schema.schema.",
                                  param="response_format")
             found.append(("response_format", StructuredOutputsParams(json=rf.json_schema.schema_)))
+        elif rf is not None and rf.type == "structural_tag":
+            tag = {"type": "structural_tag", "format": rf.format} if rf.format is not None else \
+                {"structures": rf.structures or [], "triggers": rf.triggers or []}
+            found.append(("response_format", StructuredOutputsParams(structural_tag=json.dumps(tag))))
         so = self.structured_outputs
         if so is not None:
             found.append(("structured_outputs", StructuredOutputsParams(
-                json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object)))
+                json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar, json_object=so.json_object,
+                structural_tag=so.structural_tag)))
         for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                            ("guided_grammar", "grammar")):
             v = getattr(self, name)
