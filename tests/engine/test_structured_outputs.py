@@ -149,3 +149,54 @@ def test_bounded_strings_refuse_control_characters_and_take_escapes(schema):
         assert accepts('"abcdef"') and not accepts('"abcdefg"') and accepts('"\\"\\"\\"\\"\\"\\""')
     if schema.get("minLength") == 2:
         assert not accepts('"a"') and accepts('"ab"')
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+        "additionalProperties": False}
+
+
+def test_structural_tags_hold_the_text_after_a_trigger_to_its_tag(tiny_models):
+    """structural_tag (vLLM's field): xgrammar's format with at_least_one and stop_after_first is exactly one tag,
+    its JSON valid; the older structures + triggers leave the text free, but wherever the trigger appears (pushed
+    by logit_bias) the tag's begin follows it and its JSON after."""
+    from transformers import AutoTokenizer
+
+    path = tiny_models["llama"]
+    llm = LLM(path, num_gpu_blocks_override=64)
+    tag = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<f="], "at_least_one": True, "stop_after_first": True,
+        "tags": [{"type": "tag", "begin": "<f=w>", "content": {"type": "json_schema", "json_schema": CITY},
+                  "end": "</f>"}]}}
+    params = [SamplingParams(max_tokens=80, temperature=1.0, seed=s, structured_outputs=StructuredOutputsParams(
+        structural_tag=json.dumps(tag))) for s in range(4)]
+    for o in llm.generate(["hi"] * 4, params, use_tqdm=False):
+        m = re.fullmatch(r"<f=w>(.*)</f>", o.outputs[0].text, re.S)
+        assert m and o.outputs[0].finish_reason == "stop", o.outputs[0].text
+        jsonschema.validate(json.loads(m.group(1)), CITY)
+    legacy = {"structures": [{"begin": "<f=w>", "schema": CITY, "end": "</f>"}], "triggers": ["<f="]}
+    bias = {t: 8.0 for t in AutoTokenizer.from_pretrained(path).encode("<f=", add_special_tokens=False)}
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s, logit_bias=bias,
+                             structured_outputs=StructuredOutputsParams(structural_tag=json.dumps(legacy)))
+              for s in range(8)]
+    texts = [o.outputs[0].text for o in llm.generate(["hi"] * 8, params, use_tqdm=False)]
+    hits = [t[i:] for t in texts for i in range(len(t)) if t.startswith("<f=", i)]
+    assert hits and all(h.startswith("<f=w>{") or "<f=w>".startswith(h) or h.startswith("<f=w>") for h in hits)
+    assert any(not t.startswith("<f=") for t in texts)  # free text before a trigger
+    with pytest.raises(ValueError, match="structured_outputs.structural_tag does not compile"):
+        llm.generate("hi", SamplingParams(structured_outputs=StructuredOutputsParams(
+            structural_tag=json.dumps({"structures": []}))), use_tqdm=False)
+
+
+def test_structural_tag_response_format_and_field_map_to_the_same_params():
+    """The API's response_format {"type": "structural_tag", ...} (both forms) and structured_outputs.structural_tag
+    become StructuredOutputsParams(structural_tag=...)."""
+    from pagellm.entrypoints.openai.protocol import CompletionRequest
+
+    fmt = {"type": "const_string", "value": "yes"}
+    spec = CompletionRequest(prompt="x", response_format={"type": "structural_tag", "format": fmt}).structured_spec()
+    assert json.loads(spec.structural_tag) == {"type": "structural_tag", "format": fmt}
+    old = CompletionRequest(prompt="x", response_format={"type": "structural_tag", "triggers": ["<f="], "structures": [
+        {"begin": "<f=w>", "schema": CITY, "end": "</f>"}]}).structured_spec()
+    assert json.loads(old.structural_tag)["triggers"] == ["<f="]
+    field = CompletionRequest(prompt="x", structured_outputs={"structural_tag": json.dumps(fmt)}).structured_spec()
+    assert field.structural_tag == json.dumps(fmt)
