@@ -110,6 +110,22 @@ class Reference:
         return out
 
 
+def spy_proposals(monkeypatch) -> list:
+    """(the sequence's tokens up to its last, its drafts) of every proposal from now on."""
+    seen = []
+    propose = drafter_mod.Drafter.propose
+
+    def spy(self, batch, spec, scratch):
+        drafts = propose(self, batch, spec, scratch)
+        for s, d in drafts.items():
+            row = batch.row_of[s]
+            seen.append((batch.token_ids[row, :batch.num_computed[row] + 1].tolist(), d))
+        return drafts
+
+    monkeypatch.setattr(drafter_mod.Drafter, "propose", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def mtp_paths(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("mtp")
@@ -125,17 +141,7 @@ def mtp_paths(tiny_models, tmp_path_factory):
     ("glm4_moe_lite", 2048, 1), ("deepseek_v32", 13, 1)])
 def test_proposals_equal_transformers_modules_and_outputs_the_models(mtp_paths, monkeypatch, arch, batched, tp):
     mtp_path = mtp_paths[arch]
-    seen = []
-    propose = drafter_mod.Drafter.propose
-
-    def spy(self, batch, spec, scratch):
-        drafts = propose(self, batch, spec, scratch)
-        for s, d in drafts.items():
-            row = batch.row_of[s]
-            seen.append((batch.token_ids[row, :batch.num_computed[row] + 1].tolist(), d))
-        return drafts
-
-    monkeypatch.setattr(drafter_mod.Drafter, "propose", spy)
+    seen = spy_proposals(monkeypatch)
     ps = prompts(512, lengths=(1, 4, 13, 30))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     llm = LLM(mtp_path, block_size=4, num_gpu_blocks_override=256, max_num_batched_tokens=batched,
@@ -283,22 +289,6 @@ def qwen_mtp_paths(tiny_models, vlm_models, tmp_path_factory):
     return {"qwen3_next": with_qwen_mtp_layer(tiny_models["qwen3_next"], str(root / "qwen3_next")),
             "qwen3_5": with_qwen_mtp_layer(vlm_models["qwen3_5"], str(root / "qwen3_5")),
             "qwen3_5_moe": with_qwen_mtp_layer(vlm_models["qwen3_5_moe"], str(root / "qwen3_5_moe"))}
-
-
-def spy_proposals(monkeypatch) -> list:
-    """(the sequence's tokens up to its last, its drafts) of every proposal from now on."""
-    seen = []
-    propose = drafter_mod.Drafter.propose
-
-    def spy(self, batch, spec, scratch):
-        drafts = propose(self, batch, spec, scratch)
-        for s, d in drafts.items():
-            row = batch.row_of[s]
-            seen.append((batch.token_ids[row, :batch.num_computed[row] + 1].tolist(), d))
-        return drafts
-
-    monkeypatch.setattr(drafter_mod.Drafter, "propose", spy)
-    return seen
 
 
 # qwen3_next: experts with a shared one in the MTP layer, its state layers saved and rewound for rejected drafts;
