@@ -204,19 +204,30 @@ def check_bert(hf_device: str = "cuda") -> bool:
 @torch.no_grad()
 def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -> bool:
     """A tiny vision-language model (llava: CLIP + LLaMA; qwen2-vl: M-RoPE; gemma3: images attending to themselves
-    both ways) with prompts of zero to two images,
-    prompts whole and in 8-token chunks, against transformers on the same device: greedy tokens equal."""
-    from multimodal_models import build_gemma3, build_llava, build_llava_next, build_mistral3, build_qwen2_vl, images
+    both ways; qwen3_5: the hybrid decoder; gemma4: both ways in the sliding layers) with prompts of zero to two
+    images, prompts whole and in 8-token chunks (72 for gemma4, whose images go whole into a step), against
+    transformers on the same device: greedy tokens equal."""
+    from multimodal_models import (
+        build_gemma3,
+        build_gemma4,
+        build_llava,
+        build_llava_next,
+        build_mistral3,
+        build_qwen2_vl,
+        build_qwen3_5,
+        images,
+    )
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from pagellm import LLM, SamplingParams
 
     tmp = tempfile.mkdtemp(prefix=f"pagellm-{kind}-")
     build = {"llava": build_llava, "llava-next": build_llava_next, "qwen2-vl": build_qwen2_vl,
-             "gemma3": build_gemma3, "mistral3": build_mistral3}[kind]
+             "gemma3": build_gemma3, "mistral3": build_mistral3, "qwen3_5": build_qwen3_5, "gemma4": build_gemma4}[kind]
     path = build(os.path.join(tmp, kind))
-    ph = {"llava": "<image>", "llava-next": "<image>", "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>",
-          "gemma3": "<start_of_image>", "mistral3": "[IMG]"}[kind]
+    qwen = "<|vision_start|><|image_pad|><|vision_end|>"
+    ph = {"llava": "<image>", "llava-next": "<image>", "qwen2-vl": qwen, "gemma3": "<start_of_image>",
+          "mistral3": "[IMG]", "qwen3_5": qwen, "gemma4": "<image_soft_token>"}[kind]
     imgs = images(3)
     prompts = [{"prompt": f"The quick {ph} brown fox", "multi_modal_data": {"image": imgs[0]}},
                {"prompt": f"{ph}To be{ph}, or not", "multi_modal_data": {"image": imgs[1:]}},
@@ -227,8 +238,9 @@ def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -
     proc = AutoImageProcessor.from_pretrained(path, **side)
     sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     ok = True
-    for chunk in (None, 8):
-        llm = LLM(path, device="cuda", max_model_len=256, enforce_eager=enforce_eager, max_num_batched_tokens=chunk)
+    for chunk in (None, 72 if kind == "gemma4" else 8):
+        llm = LLM(path, device="cuda", max_model_len=512 if kind == "gemma4" else 256, enforce_eager=enforce_eager,
+                  max_num_batched_tokens=chunk)
         for p, out in zip(prompts, llm.generate(prompts, sp, use_tqdm=False)):
             ids = torch.tensor([out.prompt_token_ids], device=hf_device)
             kw = {}
@@ -243,6 +255,9 @@ def check_vlm(kind: str, hf_device: str = "cuda", enforce_eager: bool = False) -
                     kw["mm_token_type_ids"] = (ids == hf.config.image_token_id).int()
                 if kind == "gemma3":  # the processor's marks: image positions attend to each other both ways
                     kw["token_type_ids"] = (ids == hf.config.image_token_index).long()
+                if "image_position_ids" in x:  # Gemma 4: each patch's (x, y), and the image positions
+                    kw["image_position_ids"] = x["image_position_ids"].to(hf_device)
+                    kw["mm_token_type_ids"] = (ids == hf.config.image_token_id).long()
             ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                               eos_token_id=None, pad_token_id=0, **kw)[0, ids.shape[1]:].tolist()
             ok &= list(out.outputs[0].token_ids) == ref
@@ -270,7 +285,7 @@ def main() -> int:
         paths = list(build(os.path.join(ROOT, "tests", ".models")).values())
         paths.append(os.path.join(ROOT, "pagellm", "assets", "shakespeare-llama"))
     if "--images" in args:
-        kinds = ("llava", "llava-next", "qwen2-vl", "gemma3", "mistral3")
+        kinds = ("llava", "llava-next", "qwen2-vl", "gemma3", "mistral3", "qwen3_5", "gemma4")
         return 0 if all([check_vlm(k, hf_device, eager) for k in kinds]) else 1
     if "--pooling" in args:
         return 0 if all([check_pooling(p, hf_device) for p in paths] + [check_bert(hf_device)]) else 1
