@@ -173,9 +173,10 @@ class QwenNextMTP:
         pass
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, meta, backend,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: the tokens t_{p+1}; positions: p (or its 3-D rotary positions); hidden_states: h_p."""
-        e = self.pre_fc_norm_embedding(self.embed_tokens(input_ids))
+                hidden_states: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: the tokens t_{p+1}; positions: p (or its 3-D rotary positions); hidden_states: h_p;
+        inputs_embeds: their embeddings where they differ from the tokens' (image features)."""
+        e = self.pre_fc_norm_embedding(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         x = self.fc(torch.cat((e, self.pre_fc_norm_hidden(hidden_states.to(e.dtype))), dim=-1))
         return self.norm(self.layer(positions, x, self.rotary, kv_caches[0], meta, backend))
 

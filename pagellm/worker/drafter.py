@@ -124,19 +124,20 @@ class Drafter:
 
     def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                hidden: torch.Tensor | None = None, rows: np.ndarray | None = None,
-               block_table: np.ndarray | None = None) -> None:
+               block_table: np.ndarray | None = None, mm: tuple | None = None) -> None:
         """Compute the target's batch into the draft cache (a draft model: the same tokens at the same positions;
         MTP: the entries the step's hidden states allow, see _mirror_mtp; rows: the step's batch rows, block_table:
-        the host's tables by row)."""
+        the host's tables by row; mm: the step's image rows and features, which MTP entries read as the model's
+        embeddings there, as vLLM's drafters do)."""
         if self.hidden:
             if self.eagle3:  # the model's aux hidden states (T, 3 x hidden) -> the head's g (T, hidden)
                 hidden = self.model.combine(hidden)
-            self._mirror_mtp(input_ids, meta, hidden, rows, block_table)
+            self._mirror_mtp(input_ids, meta, hidden, rows, block_table, mm if self.mtp else None)
         else:
             self.model(input_ids, positions, self.kv_caches, meta, self.backend)
 
     def _mirror_mtp(self, input_ids: torch.Tensor, meta: AttentionMetadata, hidden: torch.Tensor,
-                    rows: np.ndarray, block_table: np.ndarray) -> None:
+                    rows: np.ndarray, block_table: np.ndarray, mm: tuple | None = None) -> None:
         """A sequence computed at positions a .. b this step: the MTP entries a - 1 .. b - 1, from the tokens
         t_a .. t_b and the hidden states h_{a-1} (kept from its earlier step) .. h_{b-1}; without h_{a-1} (a fresh
         prompt, a prefix hit, a fork) from a. Then its last hidden states are kept for the next proposal."""
@@ -181,8 +182,19 @@ class Drafter:
             if prev:
                 source = torch.cat((source, self.tail[[r for r, _ in prev], [j for _, j in prev]].to(hidden.dtype)))
             h = source[to_device(np.concatenate(hid_idx), dev)]
-            ids = input_ids[to_device(np.concatenate(tok_idx), dev)]
-            self.model(ids, self._rotary(slot_rows, pos), self.kv_caches, sub, self.backend, hidden_states=h)
+            tok = to_device(np.concatenate(tok_idx), dev)
+            ids = input_ids[tok]
+            extra = {}
+            if mm is not None and hasattr(self.model, "embed_tokens"):  # image rows: the features, not the placeholder
+                index, feats = mm
+                where = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=dev)
+                where[index] = torch.arange(index.shape[0], device=dev)
+                sel = where[tok]
+                e = self.model.embed_tokens(ids)
+                f = feats[sel.clamp(min=0), :e.shape[-1]].to(e.dtype)  # (deepstack models: the merger's part)
+                extra["inputs_embeds"] = torch.where((sel >= 0)[:, None], f, e)
+            self.model(ids, self._rotary(slot_rows, pos), self.kv_caches, sub, self.backend, hidden_states=h,
+                       **extra)
         # each sequence's last (up to k + 1) hidden states, for its next proposal: one indexed copy
         ends = np.asarray(qsl[1:], dtype=np.int64)
         m = np.minimum(np.diff(np.asarray(qsl, dtype=np.int64)), self.tail.shape[1])

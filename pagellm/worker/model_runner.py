@@ -267,7 +267,7 @@ class ModelRunner:
             seen = torch.cat([self.model.aux_hidden[i] for i in self.model.aux_layers], dim=-1) \
                 if self.drafter.eagle3 else hidden
             self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, seen, inputs.rows,
-                                self.batch.block_table)
+                                self.batch.block_table, inputs.mm)
         driver = self.tp.is_driver
         if self.pooler is not None:
             if driver:

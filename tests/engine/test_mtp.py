@@ -266,11 +266,18 @@ class QwenReference:
             pos3, _ = self.hf.model.get_rope_index(full, (full == self.hf.config.image_token_id).int(),
                                                    x["image_grid_thw"])
         h = self.hf.model(input_ids=ids, **kw).last_hidden_state[0]  # after the final norm
+        feats = None
+        if image is not None:  # the image positions' entries read the image's features (as the model does)
+            feats = torch.cat(self.hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"]).pooler_output)
         entries, hid, out = list(tokens[1:]), h, []
         for _ in range(k):
             n = len(entries)
             pos = torch.arange(n)[None] if pos3 is None else pos3[:, :, :n]
-            e = self.norms["pre_fc_norm_embedding"](self.lm.embed_tokens(torch.tensor(entries)))
+            emb = self.lm.embed_tokens(torch.tensor(entries))
+            if feats is not None:
+                at = (torch.tensor(entries) == self.hf.config.image_token_id).nonzero().flatten()
+                emb = emb.index_copy(0, at, feats[:len(at)])
+            e = self.norms["pre_fc_norm_embedding"](emb)
             x = torch.cat((e, self.norms["pre_fc_norm_hidden"](hid)), -1) @ self.fc.t()
             mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
             y = self.layer(x[None], attention_mask=mask, position_ids=pos,
@@ -320,7 +327,7 @@ def test_qwen_proposals_equal_transformers_modules(qwen_mtp_paths, monkeypatch, 
 
 def test_qwen3_5_proposals_with_an_image_turn_by_multimodal_positions(qwen_mtp_paths, monkeypatch):
     """A prompt with an image: the MTP entries after it turn by the rotary positions index + delta (and the image's
-    by its 3-D ones), as the model's; the output is transformers'."""
+    by its 3-D ones), and the image's entries read its features, as the model's; the output is transformers'."""
     from tests.multimodal import checks
     from tests.multimodal.conftest import hf_vlm_greedy
 
