@@ -145,5 +145,8 @@ class Eagle3LlamaForCausalLM(CausalLM):
         """(N, model vocabulary): the head's logits at their model tokens, -inf elsewhere."""
         logits = (self.norm(hidden) @ self.lm_head.weight.t()).float()
         out = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-        out[:, torch.arange(self.draft_vocab, device=logits.device) + self.d2t] = logits
+        out[:, self.targets] = logits
         return out
+
+    def after_load(self) -> None:
+        self.targets = torch.arange(self.draft_vocab, device=self.d2t.device) + self.d2t  # head token -> model token

@@ -199,35 +199,28 @@ class CompressedTensorsMethod:
                 if hf not in self.parts[ours]:
                     self.parts[ours] = (*self.parts[ours], hf)
 
-    def _names(self, name: str) -> list[str]:
-        """The checkpoint's module names for our module `name` (its parts for a packed one), in either of the
-        layouts of a multimodal checkpoint's language model."""
+    def _names(self, name: str) -> list[list[str]]:
+        """The checkpoint's module names for our module `name`: one list per part of a packed one, each with the
+        name in either layout of a multimodal checkpoint's language model."""
         head, _, last = name.rpartition(".")
-        names = [f"{head}.{p}" if head else p for p in self.parts.get(last, ())] or [name]
-        out = []
-        for n in names:
-            out.append(n)
-            if n.startswith("language_model.model."):
-                out.append("model.language_model." + n[len("language_model.model."):])
-        return out
+        parts = [f"{head}.{p}" if head else p for p in self.parts.get(last, ())] or [name]
+        return [[n, "model.language_model." + n[len("language_model.model."):]]
+                if n.startswith("language_model.model.") else [n] for n in parts]
+
+    def _part_method(self, names: list[str]) -> Any | None:
+        if any(_matches(p, n, "Linear") for p in self.ignore for n in names):
+            return None
+        return next((m for targets, m in self.groups for n in names if any(_matches(t, n, "Linear") for t in targets)),
+                    None)
 
     def method_for(self, name: str) -> Any | None:
-        names = self._names(name)
-        found = set()
-        for n in names:
-            if any(_matches(p, n, "Linear") for p in self.ignore):
-                continue
-            for targets, method in self.groups:
-                if any(_matches(t, n, "Linear") for t in targets):
-                    found.add(id(method))
-                    chosen = method
-                    break
-        if not found:
-            return None
-        if len(found) > 1:
-            raise ValueError(f"{name}: its parts are quantized with different compressed-tensors schemes; pagellm "
-                             "packs them into one layer.")
-        return chosen
+        """The method of our module `name`: its parts' one (None: kept in full precision); a ValueError when the
+        parts pagellm packs into it are stored differently."""
+        methods = [self._part_method(names) for names in self._names(name)]
+        if any(m is not methods[0] for m in methods):
+            raise ValueError(f"{name}: its parts are stored with different compressed-tensors schemes (or some "
+                             "ignored); pagellm packs them into one layer.")
+        return methods[0]
 
     def prepare(self, name: str, layer) -> None:
         method = self.method_for(name)

@@ -161,3 +161,10 @@ def test_fp8_block_scales(tmp_path):
     llm = check_against_hf(path, deq, 2e-3)
     layers = [layer for _, layer in quantized_layers(llm.llm_engine.executor.runner.model)]
     assert layers and all(layer.fp8_block == (128, 128) for layer in layers)
+
+
+def test_a_packed_layer_whose_parts_differ_is_refused(llama_path, tmp_path):
+    """q_proj ignored, k_proj / v_proj quantized: pagellm packs them into one layer, so it says so at load."""
+    path, _ = build_compressed(llama_path, str(tmp_path / "ct"), "w4a16", ignore=("lm_head", "re:.*q_proj$"))
+    with pytest.raises(ValueError, match="qkv_proj: its parts are stored with different"):
+        LLM(path, num_gpu_blocks_override=16)
