@@ -168,6 +168,7 @@ class ParallelConfig:
     data_parallel_size: int = 1  # engine replicas behind one server, each with its own KV cache
     distributed_timeout_s: float = 60.0  # a collective waiting longer on a peer fails (dead or stuck worker)
     enable_expert_parallel: bool = False  # MoE: each rank holds whole experts (E / tp of them), not I / tp of all
+    worker_extension_cls: str | None = None  # "module.Class" whose methods every rank's worker gains (collective_rpc)
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class DeviceConfig:
     num_threads: int | None = None  # torch intra-op threads on CPU; None = leave torch's default
     attention_backend: str = "auto"  # auto | torch_ref | cpu_paged (C++ kernel) | triton_paged (CUDA)
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    enable_sleep_mode: bool = False  # sleep() / wake_up() may free and take back the weights' and caches' memory
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,15 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (and recurrent-state checkpoint): their contents are stale once the weights
+        change or the cache is freed. False, and nothing forgotten, while a sequence holds blocks."""
+        if not self.kv.reset_prefix_cache():
+            return False
+        if self.checkpoints is not None:
+            self.checkpoints.reset()
+        return True
+
     def can_schedule_ahead(self) -> bool:
         """True when the next step may be scheduled before the results of the one in flight are back: no live
         request needs its sampled tokens on the host to build its next step."""

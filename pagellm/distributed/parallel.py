@@ -4,6 +4,7 @@
         .all_reduce(x)            sum over ranks, in place (after row-parallel layers, the embedding)
         .gather_to_driver(x)      concatenate the last dimension on rank 0 (vocab-parallel logits)
         .broadcast_object(obj)    rank 0's Python object on every rank (the step's SchedulerOutput)
+        .gather_objects(obj)      every rank's Python object on rank 0 (collective_rpc's results)
 
 A model is built with the TPGroup of its process: no process-wide state, and a TPGroup() of size 1
 (the default) makes every collective a no-op, so single-process code never touches
@@ -76,6 +77,14 @@ class TPGroup:
         torch.distributed.broadcast_object_list(box, src=0, group=self.cpu_group)
         self._count(start)
         return box[0]
+
+    def gather_objects(self, obj: Any) -> list | None:
+        """Every rank's Python object, in rank order, on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size if self.is_driver else None
+        torch.distributed.gather_object(obj, out, dst=0, group=self.cpu_group)
+        return out
 
     def _count(self, start: float) -> None:
         self.comm.seconds += time.perf_counter() - start

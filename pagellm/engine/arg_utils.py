@@ -79,6 +79,10 @@ class EngineArgs:
     num_threads: int | None = _f(None, "Torch threads on CPU (default: torch's choice, usually the core count).")
     enforce_eager: bool = _f(False, "CUDA: run every step eagerly instead of replaying the CUDA graphs captured "
                                     "at start-up for decode batches.")
+    enable_sleep_mode: bool = _f(False, "Allow sleep(level) / wake_up(tags) (LLM methods; the server's /sleep and "
+                                        "/wake_up with --server-dev-mode): free the device memory of the weights "
+                                        "(level 1 keeps a host copy, level 2 none) and of the KV cache between "
+                                        "rollouts, and take it back.")
     async_scheduling: bool | None = _f(
         None, "Schedule and prepare step N+1 while the device runs step N (the next step's input tokens come "
               "from step N's sampled tokens on the device). Default: on for one CUDA GPU, off on CPU, where "
@@ -181,6 +185,9 @@ class EngineArgs:
                                              "num_experts / tensor_parallel_size whole experts instead of a slice "
                                              "of every expert (vLLM's flag); attention and shared experts stay "
                                              "tensor-parallel.")
+    worker_extension_cls: str | None = _f(None, "A class (module.Class) whose methods every rank's worker gains, for "
+                                       "LLM.collective_rpc (vLLM's option): e.g. receiving new weights from a "
+                                       "trainer; the worker's model_runner.model is the model.")
     distributed_timeout: float = _f(60.0, "Seconds a worker may keep the others waiting before the engine "
                                           "reports it dead.")
     generation_config: str = _f(
@@ -323,8 +330,9 @@ class EngineArgs:
                                       speculative, chunked_prefill=not encoder),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout),
-                                    bool(self.enable_expert_parallel)),
-            device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager),
+                                    bool(self.enable_expert_parallel), self.worker_extension_cls or None),
+            device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager,
+                                bool(self.enable_sleep_mode)),
             lora=lora,
         )
 

@@ -19,6 +19,9 @@ tokens), steps run one at a time again.
     finish_sequence(id, index, stop)                 (a stop string matched by whoever detokenizes)
     abort_requests(ids), check_health(), shutdown()
 
+Between rollouts (RL post-training; idle engine only): sleep(level) / wake_up(tags), update_weights(named tensors),
+reload_weights(dir), reset_prefix_cache(), and collective_rpc(method) on every rank's worker (worker/worker.py).
+
 It runs where the model runs: inside LLMEngine for offline use, or alone in the engine-core process
 of `pagellm serve` (engine/core_proc.py), where its inputs and outputs are plain pickled messages.
 """
@@ -33,6 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pagellm.config import EngineConfig
 from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.core.request import Request
@@ -46,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine cannot run another step (a tensor-parallel worker died, or the engine shut down)."""
+
+
+class EngineSleepingError(RuntimeError):
+    """A request reached an engine put to sleep (sleep mode): wake_up() first."""
 
 
 @dataclass
@@ -103,11 +112,14 @@ class EngineCore:
         self.dead: str | None = None  # why the executor can run no more steps
         self.async_scheduling = config.scheduler.async_scheduling
         self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()  # launched steps, oldest first
+        self.asleep: set[str] = set()  # sleep mode: what is asleep ("weights", "kv_cache")
 
     def add_request(self, request_id: str, inp: ProcessedInput, arrival_time: float | None = None,
                     policy: Any = None) -> None:
         if self.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead}")
+        if self.asleep:
+            raise EngineSleepingError("the engine is asleep (sleep mode): wake_up() before sending requests.")
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         p = inp.params
@@ -259,9 +271,104 @@ class EngineCore:
     def get_stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    # ---- between rollouts: sleep mode, weights, worker calls --------------------------
+
+    def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
+        """A worker method (by name) or a function taking the worker first, on every rank; the results in rank
+        order. The method's own error is raised and the engine goes on; a lost worker makes the engine dead."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
+        try:
+            return self.executor.collective_rpc(method, args, kwargs)
+        except ExecutorDeadError as e:
+            self._die(str(e))
+            raise EngineDeadError(f"the engine is dead: {e}") from e
+
+    def _require_idle(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise ValueError(f"{what} needs an idle engine: {len(self.scheduler.requests)} request(s) are "
+                             "unfinished (let them finish or abort them).")
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes (vLLM's call, e.g. after new weights); False while requests hold blocks."""
+        return self.scheduler.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights (level 1: a host copy is kept; level 2: discarded) and of the KV
+        cache, whose contents (and the prefix cache) are forgotten."""
+        if not self.config.device.enable_sleep_mode:
+            raise ValueError("sleep mode needs enable_sleep_mode=True (--enable-sleep-mode).")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}.")
+        if self.asleep:
+            raise ValueError(f"the engine is asleep already ({', '.join(sorted(self.asleep))}); wake_up() first.")
+        self._require_idle("sleep()")
+        self.scheduler.reset_prefix_cache()
+        self.collective_rpc("sleep", (level,))
+        self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the memory of `tags` ("weights", "kv_cache"; default both). After level 2, update or reload the
+        weights before generating: their memory comes back uninitialized."""
+        from pagellm.worker.worker import SLEEP_TAGS
+
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        bad = [t for t in tags if t not in SLEEP_TAGS]
+        if bad:
+            raise ValueError(f"wake_up tags are {list(SLEEP_TAGS)}, got {bad}.")
+        if self.asleep:
+            self.collective_rpc("wake_up", (tags,))
+            self.asleep -= set(tags)
+
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def update_weights(self, weights) -> int:
+        """Checkpoint-named tensors (Hugging Face names) into the model's weights on every rank; the prefix cache is
+        forgotten (its K/V came from the old weights). Returns how many of the model's parameters were written (packed
+        projections take several checkpoint tensors)."""
+        self._require_idle("update_weights()")
+        written: set[str] = set()
+        try:
+            for chunk in _chunks(weights, UPDATE_CHUNK_BYTES):  # (tensor parallelism pickles each chunk to the ranks)
+                written.update(self.collective_rpc("update_weights", (chunk,))[0])
+        finally:
+            self.scheduler.reset_prefix_cache()
+        return len(written)
+
+    def reload_weights(self, model_dir: str | None = None) -> None:
+        """The weights again from a checkpoint directory (default: the model's), on every rank; the prefix cache is
+        forgotten."""
+        self._require_idle("reload_weights()")
+        try:
+            self.collective_rpc("reload_weights", (model_dir,))
+        finally:
+            self.scheduler.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the executor's workers (tensor parallelism); the core cannot step afterwards."""
         self._finalizer()
+
+
+UPDATE_CHUNK_BYTES = 256 << 20  # tensors per update_weights call on the workers
+
+
+def _chunks(weights, limit: int):
+    """(name, tensor) pairs in lists of up to `limit` bytes (one larger tensor alone)."""
+    items = weights.items() if hasattr(weights, "items") else weights
+    chunk, size = [], 0
+    for name, t in items:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise ValueError(f"update_weights takes (name, tensor) pairs, got ({type(name).__name__}, "
+                             f"{type(t).__name__}).")
+        nbytes = t.numel() * t.element_size()
+        if chunk and size + nbytes > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, t))
+        size += nbytes
+    if chunk:
+        yield chunk
 
 
 class _Done:

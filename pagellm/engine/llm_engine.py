@@ -20,7 +20,7 @@ from typing import Any
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerStats
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.core import CoreStep, EngineCore, EngineCounters, EngineDeadError  # noqa: F401
+from pagellm.engine.core import CoreStep, EngineCore, EngineCounters, EngineDeadError, EngineSleepingError  # noqa: F401
 from pagellm.engine.input_processor import InputProcessor, ProcessedInput, PromptType
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.executor.base import Executor
@@ -145,6 +145,29 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         return self.core.get_stats()
+
+    # ---- between rollouts (engine/core.py) ------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        self.core.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.core.is_sleeping()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.core.reset_prefix_cache()
+
+    def update_weights(self, weights) -> int:
+        return self.core.update_weights(weights)
+
+    def reload_weights(self, model_dir: str | None = None) -> None:
+        self.core.reload_weights(model_dir)
+
+    def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
+        return self.core.collective_rpc(method, args, kwargs)
 
     def shutdown(self) -> None:
         """Stop the executor's workers (tensor parallelism); the engine cannot step afterwards."""

@@ -78,6 +78,44 @@ class LLM:
         if self.tracer is not None:
             self.tracer.flush()
 
+    # ---- between rollouts (RL post-training; vLLM's calls) ----------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights and the KV cache (needs enable_sleep_mode=True and an idle
+        engine). level 1 keeps a host copy of the weights; level 2 discards them: update or reload them after
+        wake_up(). The prefix cache is forgotten."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the memory put to sleep: tags "weights" and / or "kv_cache" (default both), e.g. the weights
+        first to update them before the cache takes its memory."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing forgotten) while a request holds KV blocks."""
+        return self.llm_engine.reset_prefix_cache()
+
+    def update_weights(self, weights) -> int:
+        """New weights for the model, e.g. from a trainer: (name, tensor) pairs or a state dict, Hugging Face
+        checkpoint names, whole (unsharded) tensors; some or all of the model's weights. Every tensor-parallel rank
+        takes its slice. The prefix cache is forgotten. Returns how many of the model's parameters were written."""
+        return self.llm_engine.update_weights(weights)
+
+    def reload_weights(self, model_dir: str | None = None) -> None:
+        """The weights again from a checkpoint directory of the same model (default: the one it was loaded from)."""
+        self.llm_engine.reload_weights(model_dir)
+
+    def collective_rpc(self, method, timeout: float | None = None, args: tuple = (),
+                       kwargs: dict | None = None) -> list:
+        """Call a worker method (its name; worker_extension_cls adds methods) or a function taking the worker first,
+        on every rank; returns the results in rank order. `timeout` is accepted for vLLM's signature: in one process
+        the call runs to its end, and under tensor parallelism a rank that does not answer within
+        distributed_timeout makes the engine dead."""
+        return self.llm_engine.collective_rpc(method, tuple(args), kwargs)
+
     def __enter__(self) -> LLM:
         return self
 

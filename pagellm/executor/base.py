@@ -31,6 +31,11 @@ class Executor(Protocol):
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
 
+    def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
+        """A Worker method (by name) or a function taking the worker first, on every rank: the results in rank
+        order (worker/worker.py)."""
+        ...
+
     def check_health(self) -> None:
         """Raises ExecutorDeadError when a worker is gone."""
         ...
@@ -62,8 +67,11 @@ class UniProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
         from pagellm.worker.model_runner import ModelRunner
 
+        from pagellm.worker.worker import make_worker
+
         set_process_threads(config)
         self.runner = ModelRunner(config)
+        self.worker = make_worker(self.runner, 0, config.parallel.worker_extension_cls)
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -85,6 +93,11 @@ class UniProcExecutor:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self.runner.remove_lora(lora_int_id)
+
+    def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
+        from pagellm.executor.tp_worker import CollectiveRPC, raise_rpc_errors, run_rpc
+
+        return raise_rpc_errors([run_rpc(self.worker, 0, CollectiveRPC(method, args, kwargs or {}))])
 
     def check_health(self) -> None:
         pass

@@ -8,6 +8,8 @@
     broadcast(Execute(sched))  ------------------> execute_model(sched)         (all ranks, in lockstep:
     execute_model(sched) -> ModelRunnerOutput      (results dropped)            the collectives pair up)
     broadcast(AddLoRA(lora))   ------------------> load this rank's shard of the adapter
+    broadcast(CollectiveRPC)   ------------------> call the method on this rank's Worker
+    gather(results) <-----------------------------  its result, or its error                (collective_rpc)
     broadcast(Shutdown())      ------------------> return
 
 Commands are small dataclasses dispatched by type, pickled by torch.distributed's
@@ -55,6 +57,43 @@ class RemoveLoRA:
     lora_int_id: int
 
 
+@dataclass
+class CollectiveRPC:
+    method: object  # a Worker method's name, or a function taking the worker first
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class RPCError:
+    """A rank's failed collective_rpc call, as it crosses back to rank 0."""
+
+    rank: int
+    kind: str  # the exception's type name
+    message: str
+
+
+def run_rpc(worker, rank: int, cmd: CollectiveRPC):
+    """One rank's part of collective_rpc: its result, or an RPCError (the ranks stay in step either way)."""
+    from pagellm.worker.worker import call_worker
+
+    try:
+        return call_worker(worker, cmd.method, cmd.args, cmd.kwargs)
+    except Exception as e:  # noqa: BLE001 - reported to the caller on rank 0
+        logger.debug("collective_rpc on rank %d failed", rank, exc_info=e)
+        return RPCError(rank, type(e).__name__, str(e))
+
+
+def raise_rpc_errors(results: list) -> list:
+    """Rank 0's results, or the first rank's error raised (a ValueError stays one)."""
+    for r in results:
+        if isinstance(r, RPCError):
+            msg = r.message if r.rank == 0 else f"rank {r.rank}: {r.message}"
+            raise (ValueError if r.kind == "ValueError" else RuntimeError)(
+                msg if r.kind in ("ValueError", "RuntimeError") else f"{r.kind}: {msg}")
+    return results
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -65,16 +104,20 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     """Body of ranks 1..N-1: join the group, load this shard, follow rank 0's commands until Shutdown."""
     from pagellm.executor.base import set_process_threads
     from pagellm.worker.model_runner import ModelRunner
+    from pagellm.worker.worker import make_worker
 
     set_process_threads(config)
     p = config.parallel
     tp = init_tp_group(rank, p.tensor_parallel_size, init_method, config.device.device, p.distributed_timeout_s,
                        p.enable_expert_parallel)
     runner = ModelRunner(config, tp)
+    worker = make_worker(runner, rank, p.worker_extension_cls)
     while True:
         cmd = tp.broadcast_object(None)
         if isinstance(cmd, Execute):
             runner.execute_model(cmd.sched)
+        elif isinstance(cmd, CollectiveRPC):
+            tp.gather_objects(run_rpc(worker, rank, cmd))
         elif isinstance(cmd, InitKVCache):
             runner.init_kv_cache(cmd.num_blocks)
         elif isinstance(cmd, AddLoRA):
@@ -96,15 +139,22 @@ class DriverRank:
     def __init__(self, config: EngineConfig, init_method: str) -> None:
         from pagellm.executor.base import set_process_threads
         from pagellm.worker.model_runner import ModelRunner
+        from pagellm.worker.worker import make_worker
 
         set_process_threads(config)
         p = config.parallel
         self.tp: TPGroup = init_tp_group(0, p.tensor_parallel_size, init_method, config.device.device,
                                          p.distributed_timeout_s, p.enable_expert_parallel)
         self.runner = ModelRunner(config, self.tp)
+        self.worker = make_worker(self.runner, 0, p.worker_extension_cls)
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()  # rank 0 decides; every rank allocates the same count
+
+    def collective_rpc(self, method, args: tuple, kwargs: dict) -> list:
+        cmd = CollectiveRPC(method, args, kwargs)
+        self.tp.broadcast_object(cmd)
+        return self.tp.gather_objects(run_rpc(self.worker, 0, cmd))
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.tp.broadcast_object(InitKVCache(num_blocks))
@@ -201,6 +251,11 @@ class TPExecutorBase:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         return self._run(self.driver.remove_lora, lora_int_id)
+
+    def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
+        """The method on every rank's worker; the results in rank order. A method's error is raised here and leaves
+        the executor alive (every rank answered); a lost rank makes it dead."""
+        return raise_rpc_errors(self._run(self.driver.collective_rpc, method, args, kwargs or {}))
 
     def shutdown(self) -> None:
         if self.dead is None:

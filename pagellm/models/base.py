@@ -23,6 +23,7 @@ is the parameter's own `weight_loader` (layers.py).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class CausalLM(nn.Module):
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
     supports_tp = True  # built from the parallel layers: can be sharded over tensor_parallel_size ranks
     keep_float32: tuple[str, ...] = ()  # name suffixes of parameters kept in float32 (DeepSeek's routers)
+    # load_weights may write the live parameters (weight updates): after_load can run again on new weights
+    updatable_in_place: bool = True
 
     @classmethod
     def geometry(cls, config, tp_size: int = 1) -> ModelGeometry:
@@ -84,6 +87,18 @@ class CausalLM(nn.Module):
         from pagellm.models.loader import iterate_weights, load_weights
 
         load_weights(self, iterate_weights(model_dir, load_format))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """vLLM's model API for weight updates: checkpoint-named tensors (some or all of them) copied into the live
+        parameters through their weight loaders, each rank its slice. Returns the names of the parameters written.
+        The caller runs after_load() once the update is complete (ModelRunner.update_weights)."""
+        if not self.updatable_in_place:
+            raise ValueError(f"{type(self).__name__} derives its attention weights at load (absorbed into the latent "
+                             "attention); its weights are not updated in place: reload_weights(model_dir) reads a "
+                             "checkpoint.")
+        from pagellm.models.loader import update_weights
+
+        return update_weights(self, weights)
 
     def materialize(self) -> None:
         """Real tensors for load_format="dummy" (nothing to do unless the model was built on the meta device)."""
@@ -164,6 +179,10 @@ class LanguageModelOnly(CausalLM):
     def after_load(self) -> None:
         self.language_model.after_load()
 
+    @property
+    def updatable_in_place(self) -> bool:
+        return self.language_model.updatable_in_place
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed(input_ids)
 
@@ -192,6 +211,10 @@ class VisionLanguageModel(CausalLM):
 
     def after_load(self) -> None:
         self.language_model.after_load()
+
+    @property
+    def updatable_in_place(self) -> bool:
+        return self.language_model.updatable_in_place
 
     def bind_states(self, states: list[tuple[torch.Tensor, ...]]) -> None:
         self.language_model.bind_states(states)  # a hybrid decoder's recurrent states (Qwen3.5)

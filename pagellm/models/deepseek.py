@@ -231,6 +231,8 @@ def is_mtp_layer(config, name: str) -> bool:
 class DeepseekV2ForCausalLM(_MoEWeights, LlamaForCausalLM):
     """DeepSeek-V2 / V2-Lite: MLA (q_lora_rank None: one q_proj), softmax routing, shared experts."""
 
+    updatable_in_place = False  # after_load absorbs kv_b_proj into the attention and drops it
+
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     keep_float32 = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
     v3 = False

@@ -98,6 +98,7 @@ class KimiDeltaAttention(DeltaRuleLayer):
 
 class KimiLinearForCausalLM(_MoEWeights, HybridForCausalLM):
     mixer_name = "self_attn"  # KDA layers' checkpoint name, as the attention layers'
+    updatable_in_place = False  # after_load absorbs kv_b_proj into the latent attention and drops it
     packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
                       **{f"in_proj_{p}": ("in_proj", i) for i, p in enumerate("qkvb")},
                       **{f"{p}_conv1d": ("conv1d", i) for i, p in enumerate("qkv")}}

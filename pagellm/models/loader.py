@@ -104,6 +104,30 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         logger.warning("ignored %d checkpoint tensors with no matching parameter: %s", len(skipped), skipped[:5])
 
 
+def update_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Checkpoint tensors (some or all) into a loaded model's live parameters, through their weight loaders; the
+    names of the parameters written. A name that maps to no parameter is an error here (an update that would
+    silently miss a weight), unlike at load, where a checkpoint's extra tensors are skipped."""
+    params = dict(model.named_parameters())
+    written: set[str] = set()
+    for ckpt_name, tensor in weights:
+        target = model.map_weight(ckpt_name)
+        if target is None:
+            continue
+        name, shard = target
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"weight {ckpt_name!r}: the model has no parameter {name!r} to update")
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            with torch.no_grad():
+                loader(param, tensor, shard)
+        except ValueError as e:
+            raise ValueError(f"weight {ckpt_name}: {e}") from None
+        written.add(name)
+    return written
+
+
 def _covered(param: torch.Tensor, shards: set) -> bool:
     if None in shards:
         return True

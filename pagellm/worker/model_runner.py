@@ -115,6 +115,22 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE, cls: type | None = No
     return model
 
 
+def copy_module_tensors(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Every parameter, buffer and tensor attribute of `src` into the one of `dst` at the same name (built alike)."""
+    from pagellm.worker.worker import own_tensors
+
+    mods = dict(dst.named_modules())
+    with torch.no_grad():
+        for name, m in src.named_modules():
+            live = {n: t for n, t, _ in own_tensors(mods[name])} if name in mods else {}
+            for attr, t, _ in own_tensors(m):
+                u = live.get(attr)
+                if u is None or u.shape != t.shape:
+                    raise ValueError(f"the reloaded weight {name}.{attr} {tuple(t.shape)} has no match in the live "
+                                     f"model ({None if u is None else tuple(u.shape)})")
+                u.copy_(t)
+
+
 class ModelRunner:
     """Runs one rank's shard of the model; with tensor parallelism every rank runs every step in
     lockstep (the same SchedulerOutput), and only the driver (rank 0) samples and returns results."""
@@ -197,13 +213,74 @@ class ModelRunner:
         if self.drafter is not None:
             self.drafter.init_kv_cache(num_blocks + scratch)
         if why_not is None:
-            if self.lora is not None:  # the graphs hold the adapters' update: it runs in every step
-                self.lora.always = True
-            self.graphs = CudaGraphRunner(self, self.scratch_slot, emulate=self.device.type != "cuda")
-            self.graphs.capture()
+            self.capture_graphs()
         elif self.device.type == "cuda":
             logger.info("decode steps run eagerly: %s", why_not)
         freeze_startup_objects()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode CUDA graphs (at start-up, and again when sleep mode moved the weights and caches)."""
+        if self._why_no_graphs() is not None:
+            return
+        if self.lora is not None:  # the graphs hold the adapters' update: it runs in every step
+            self.lora.always = True
+        self.graphs = CudaGraphRunner(self, self.scratch_slot, emulate=self.device.type != "cuda")
+        self.graphs.capture()
+
+    def drop_graphs(self) -> None:
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- sleep mode and weight updates (worker/worker.py) ---------------------------
+
+    def weight_modules(self) -> list[torch.nn.Module]:
+        """The modules whose tensors are weights: the model's, and a draft model's."""
+        return [self.model] + ([self.drafter.model] if self.drafter is not None else [])
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """Per-request device memory: the KV caches (the draft model's too) and the recurrent states."""
+        from pagellm.worker.kv_cache import layer_tensors
+
+        caches = list(self.kv_caches) + (list(self.drafter.kv_caches) if self.drafter is not None else [])
+        out = [t for kv in caches for t in layer_tensors(kv)]
+        if self.states is not None:
+            out += [t for layer in self.states for t in layer]
+        return out
+
+    def update_weights(self, weights) -> set[str]:
+        """Checkpoint-named tensors into the target model's live parameters, through their weight loaders (each
+        rank takes its slice), then the model's after-load work again; the parameters written. The CUDA graphs
+        read the parameters where they are, so they need no new capture. A draft model keeps its weights."""
+        if self.config.model.quantization is not None:
+            raise ValueError(f"the weights of a quantized model ({self.config.model.quantization}) are not updated in "
+                             "place; reload_weights(model_dir) reads a checkpoint.")
+        with torch.no_grad():
+            written = self.model.load_weights(weights)
+            self.model.after_load()
+        return written
+
+    def reload_weights(self, model_dir: str | None = None) -> None:
+        """The weights again from a checkpoint directory (default: the model's): streamed into the live parameters
+        where a model can take them in place, else loaded beside them and copied over (quantized weights, DeepSeek's
+        absorbed attention)."""
+        import dataclasses
+
+        from pagellm.models.loader import iterate_weights
+
+        m = self.config.model
+        path = model_dir or m.model
+        if m.quantization is None and self.model.updatable_in_place:
+            with torch.no_grad():
+                self.model.load_weights(iterate_weights(path, m.load_format if model_dir is None else "auto"))
+                self.model.after_load()
+            return
+        config = dataclasses.replace(self.config, model=dataclasses.replace(m, model=path))
+        fresh = load_model(config, self.tp)
+        copy_module_tensors(fresh, self.model)
+        del fresh
+        if self.model.updatable_in_place:  # derived tensors outside the module tree (GPT-OSS's sinks)
+            self.model.after_load()
 
     def _why_no_graphs(self) -> str | None:
         if self.device.type != "cuda" and not self.emulate_graphs:

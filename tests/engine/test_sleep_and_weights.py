@@ -1,0 +1,218 @@
+"""Between rollouts (RL post-training, vLLM's calls): sleep mode frees the weights' and the KV cache's memory and
+takes it back; new weights from a trainer (update_weights, a worker extension's model.load_weights) or from disk
+(reload_weights); reset_prefix_cache; collective_rpc on every rank. Outputs are checked against transformers on the
+same weights; the memory freed is read from the storages themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.engine.core import EngineSleepingError
+from tests.hf_reference import hf_greedy, hf_greedy_with, hf_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+PROMPTS = [list(range(3, 43)), [7, 8, 9, 10, 11], list(range(100, 135))]  # 40 and 35 tokens: full blocks to cache
+EXT = "tests.engine.rl_worker_ext.Probe"
+
+
+def run(llm: LLM, prompts=PROMPTS):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+
+
+def assert_matches(outs, reference) -> None:
+    """Greedy tokens equal, logprobs close: reference(prompt) -> (tokens, logprobs)."""
+    for p, out in zip(PROMPTS, outs):
+        tokens, lps = reference(p)
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+
+
+def perturbed(path: str, seed: int = 1):
+    """transformers' model of the checkpoint with every weight moved (a trainer's next policy), and its state dict."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return hf, {k: v.clone() for k, v in hf.state_dict().items()}
+
+
+def storage_bytes(worker) -> tuple[int, int]:
+    """(bytes under the model's parameters, bytes under the KV cache) on this rank now."""
+    r = worker.model_runner
+    return (sum(p.untyped_storage().nbytes() for p in r.model.parameters()),
+            sum(t.untyped_storage().nbytes() for t in r.cache_tensors()))
+
+
+def host_copies(worker) -> int:
+    """Bytes of host copies sleep mode keeps (0 when awake)."""
+    m = worker.memory
+    return 0 if m is None else sum(c.numel() for _, _, c in m.weights if c is not None)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_sleep_frees_memory_and_wakes_to_the_same_outputs(llama_path, graphs, monkeypatch):
+    if graphs:  # the decode graphs are dropped at sleep and captured again at wake-up (emulated on CPU)
+        monkeypatch.setenv("PAGELLM_EMULATE_CUDA_GRAPHS", "1")
+    llm = LLM(llama_path, enable_sleep_mode=True, max_model_len=128, num_gpu_blocks_override=64)
+    assert_matches(run(llm), lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
+    weights, cache = llm.collective_rpc(storage_bytes)[0]
+    assert weights > 0 and cache > 0
+    if graphs:
+        assert llm.collective_rpc(lambda w: w.model_runner.graphs is not None) == [True]
+
+    llm.sleep(level=1)
+    assert llm.is_sleeping()
+    assert llm.collective_rpc(storage_bytes) == [(0, 0)]
+    assert llm.collective_rpc(host_copies)[0] >= weights  # level 1: the weights wait in host memory
+    with pytest.raises(EngineSleepingError, match="wake_up"):
+        run(llm)
+    with pytest.raises(ValueError, match="asleep already"):
+        llm.sleep(1)
+    llm.wake_up(tags=["kv_cache"])
+    assert llm.is_sleeping()
+    assert llm.collective_rpc(storage_bytes) == [(0, cache)]
+    llm.wake_up(tags=["weights"])
+    assert not llm.is_sleeping()
+    assert llm.collective_rpc(storage_bytes) == [(weights, cache)]
+    if graphs:
+        assert llm.collective_rpc(lambda w: w.model_runner.graphs is not None) == [True]
+    outs = run(llm)
+    assert all(o.num_cached_tokens == 0 for o in outs)  # the prefix cache was forgotten with the KV cache
+    assert_matches(outs, lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
+
+    llm.sleep(level=2)  # no host copy of the parameters: they come back uninitialized and are reloaded
+    assert llm.collective_rpc(host_copies)[0] < weights // 10
+    llm.wake_up(["weights"])
+    llm.reload_weights()
+    llm.wake_up(["kv_cache"])
+    assert_matches(run(llm), lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
+
+
+def test_sleep_refusals(llama_path, tiny_models):
+    llm = LLM(llama_path, max_model_len=128, num_gpu_blocks_override=64)
+    with pytest.raises(ValueError, match="enable_sleep_mode"):
+        llm.sleep()
+    llm = LLM(llama_path, enable_sleep_mode=True, max_model_len=128, num_gpu_blocks_override=64)
+    with pytest.raises(ValueError, match="level must be 1 or 2"):
+        llm.sleep(3)
+    with pytest.raises(ValueError, match="tags"):
+        llm.wake_up(["weight"])
+    engine = llm.llm_engine
+    engine.add_request("busy", {"prompt_token_ids": [1, 2, 3]}, GREEDY)
+    engine.step()
+    with pytest.raises(ValueError, match="idle engine: 1 request"):
+        llm.sleep()
+    with pytest.raises(ValueError, match="idle engine"):
+        llm.update_weights({})
+    assert not llm.reset_prefix_cache()  # a request holds blocks
+    engine.abort_request("busy")
+    assert llm.reset_prefix_cache()
+    llm.sleep()
+    with pytest.raises(ValueError, match="weights are asleep"):
+        llm.reload_weights()
+    llm.wake_up()
+    assert llm.llm_engine.scheduler.kv.num_free_blocks == llm.llm_engine.num_blocks
+
+
+def test_hybrid_model_sleeps_with_its_recurrent_states(tiny_models):
+    """A model with Mamba layers: the recurrent states (and their prefix-cache checkpoints) sleep with the cache."""
+    path = tiny_models["granitemoehybrid"]
+    llm = LLM(path, enable_sleep_mode=True, max_model_len=128, num_gpu_blocks_override=64, max_num_seqs=4)
+    before = [o.outputs[0].token_ids for o in run(llm)]
+    states = llm.collective_rpc(lambda w: sum(t.untyped_storage().nbytes() for layer in w.model_runner.states
+                                              for t in layer))[0]
+    assert states > 0
+    llm.sleep(1)
+    assert llm.collective_rpc(lambda w: sum(t.untyped_storage().nbytes() for layer in w.model_runner.states
+                                            for t in layer)) == [0]
+    llm.wake_up()
+    outs = run(llm)
+    assert [o.outputs[0].token_ids for o in outs] == before
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(path, p, GREEDY.max_tokens)[0] for p in PROMPTS]
+
+
+def test_update_weights_matches_transformers_on_the_new_weights(llama_path):
+    llm = LLM(llama_path, max_model_len=128, num_gpu_blocks_override=64)
+    run(llm)  # the prompts' blocks are now in the prefix cache, computed with the old weights
+    hf, state = perturbed(llama_path)
+    assert llm.update_weights(state) == 15  # q, k, v and gate, up land in packed parameters
+    outs = run(llm)
+    assert all(o.num_cached_tokens == 0 for o in outs)  # stale K/V is not served
+    assert_matches(outs, lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+    # a partial update (one layer's MLP back to the checkpoint's) and its reference
+    orig = hf_model(llama_path).state_dict()
+    part = {k: v for k, v in orig.items() if k.startswith("model.layers.1.mlp.")}
+    assert llm.update_weights(part.items()) == 2
+    hf.load_state_dict(part, strict=False)
+    assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+    with pytest.raises(ValueError, match="no parameter"):
+        llm.update_weights({"model.layers.7.mlp.up_proj.weight": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="shape"):
+        llm.update_weights({"model.norm.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="name, tensor"):
+        llm.update_weights([("model.norm.weight", [1.0])])
+    llm.reload_weights()  # back to the checkpoint on disk
+    assert_matches(run(llm), lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
+
+
+def test_tensor_parallel_updates_and_worker_extension(llama_path):
+    """TP=2: every rank takes its slice of a whole tensor (update_weights, and an extension's model.load_weights);
+    collective_rpc answers per rank; a method's error names the rank and leaves the engine working."""
+    llm = LLM(llama_path, tensor_parallel_size=2, max_model_len=128, num_gpu_blocks_override=64,
+              worker_extension_cls=EXT, enable_sleep_mode=True)
+    try:
+        assert llm.collective_rpc("where") == [(0, 64), (1, 64)]  # q 32 + k 16 + v 16 rows of 128 per rank
+        hf, state = perturbed(llama_path, seed=2)
+        qkv = [k for k in state if k.startswith("model.layers.0.self_attn.") and k.endswith("proj.weight")]
+        assert llm.collective_rpc("load_weight", args=(qkv[0], state[qkv[0]])) == \
+            [["model.layers.0.self_attn.qkv_proj.weight"]] * 2
+        llm.update_weights({k: v for k, v in state.items() if k != qkv[0]})
+        assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+        with pytest.raises(ValueError, match="refused on rank 0"):
+            llm.collective_rpc("fail")
+        with pytest.raises(ValueError, match="no method 'nope'"):
+            llm.collective_rpc("nope")
+        llm.sleep(1)
+        assert llm.collective_rpc("weight_bytes") == [0, 0]
+        llm.wake_up()
+        assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+    finally:
+        llm.shutdown()
+
+
+def test_worker_extension_refusals(llama_path):
+    with pytest.raises(ValueError, match="cannot be imported"):
+        LLM(llama_path, max_model_len=64, num_gpu_blocks_override=16, worker_extension_cls="tests.nowhere.Ext")
+    with pytest.raises(ValueError, match="redefines the worker's \\['sleep'\\]"):
+        LLM(llama_path, max_model_len=64, num_gpu_blocks_override=16,
+            worker_extension_cls="tests.engine.test_sleep_and_weights.Clash")
+
+
+class Clash:
+    def sleep(self, level):  # would hide the worker's own
+        pass
+
+
+@pytest.mark.parametrize("name,kwargs", [("llama", {"quantization": "int8"}), ("deepseek_v2", {})],
+                         ids=["int8", "deepseek-absorbed"])
+def test_weights_not_updatable_in_place_are_reloaded(tiny_models, name, kwargs):
+    """Quantized weights and DeepSeek's absorbed attention cannot take tensors in place (refused, naming reload);
+    reload_weights rebuilds them beside the live ones and copies every tensor over, after a level-2 sleep too."""
+    path = tiny_models[name]
+    llm = LLM(path, max_model_len=128, num_gpu_blocks_override=64, enable_sleep_mode=True, **kwargs)
+    before = [o.outputs[0].token_ids for o in run(llm)]
+    with pytest.raises(ValueError, match="reload_weights"):
+        llm.update_weights({"model.norm.weight": torch.ones(hf_model(path).config.hidden_size)})
+    llm.sleep(2)
+    llm.wake_up()
+    llm.reload_weights()
+    assert [o.outputs[0].token_ids for o in run(llm)] == before
+    if not kwargs:
+        assert before == [hf_greedy(path, p, GREEDY.max_tokens)[0] for p in PROMPTS]
