@@ -66,7 +66,6 @@ def set_process_threads(config: EngineConfig) -> None:
 class UniProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
         from pagellm.worker.model_runner import ModelRunner
-
         from pagellm.worker.worker import make_worker
 
         set_process_threads(config)
