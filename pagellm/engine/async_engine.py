@@ -41,10 +41,11 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerStats, check_request_fits
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.core import EngineCounters, EngineDeadError
+from pagellm.engine.core import EngineBusyError, EngineCounters, EngineDeadError, EngineSleepingError
 from pagellm.engine.core_proc import (
     AbortRequests,
     AddRequest,
+    CoreCall,
     CoreFailed,
     CoreOutput,
     CoreReady,
@@ -68,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0  # loading a large checkpoint can take minutes
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "QueueFullError", "RequestFailedError"]
+__all__ = ["AsyncLLMEngine", "EngineBusyError", "EngineDeadError", "EngineSleepingError", "QueueFullError",
+           "RequestFailedError"]
 
 
 class QueueFullError(RuntimeError):
@@ -190,6 +192,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}  # touched by the event loop and the reader threads under _lock
         self._lock = threading.Lock()
         self._accepting = True
+        self.sleeping = False  # sleep mode: requests are refused (503) until wake_up leaves nothing asleep
         self._tokens = itertools.count()
         self.replicas: list[EngineReplica] = []
         try:
@@ -308,6 +311,8 @@ class AsyncLLMEngine:
         """Outputs of one request (deltas if params.output_kind is DELTA). Cancelling aborts it."""
         if not self._accepting:
             raise EngineDeadError("the engine is shutting down")
+        if self.sleeping:
+            raise EngineSleepingError("the engine is asleep (sleep mode): POST /wake_up before sending requests.")
         inp = prompt if isinstance(prompt, ProcessedInput) else self.process_input(prompt, params or SamplingParams())
         if lora_request is not None:
             inp.lora = lora_request
@@ -431,6 +436,54 @@ class AsyncLLMEngine:
                 raise ValueError(reply.error)
         return [reply.value for reply in replies]
 
+    # ---- between rollouts (engine/core.py): every replica's core -----------------------
+
+    async def call_cores(self, method: str, *args, timeout: float = 600.0, **kwargs) -> list:
+        """An EngineCore call (core_proc.CORE_CALLS) on every replica; their answers. A ValueError (or the error's
+        type and message) from the first core that refused."""
+        replies = await self._ask_cores(lambda token: CoreCall(token, method, args, kwargs), timeout)
+        for reply in replies:
+            if reply is None:
+                raise RuntimeError(f"an engine replica did not answer {method}() (dead, or still busy after "
+                                   f"{timeout:.0f}s)")
+            if reply.error is not None:
+                if reply.error_type in ("ValueError", "EngineBusyError"):
+                    raise (EngineBusyError if reply.error_type == "EngineBusyError" else ValueError)(reply.error)
+                raise (EngineDeadError if reply.error_type == "EngineDeadError" else RuntimeError)(
+                    f"{reply.error_type}: {reply.error}")
+        return [reply.value for reply in replies]
+
+    async def sleep(self, level: int = 1) -> None:
+        """Sleep mode on every replica (needs enable_sleep_mode and no request in flight); new requests get 503."""
+        self.sleeping = True
+        try:
+            await self.call_cores("sleep", level)
+        finally:
+            self.sleeping = any(await self.call_cores("is_sleeping"))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        try:
+            await self.call_cores("wake_up", tags)
+        finally:
+            self.sleeping = any(await self.call_cores("is_sleeping"))
+
+    async def is_sleeping(self) -> bool:
+        return any(await self.call_cores("is_sleeping"))
+
+    async def reset_prefix_cache(self) -> bool:
+        """True when every replica forgot its cached prefixes (False: requests held blocks somewhere)."""
+        return all(await self.call_cores("reset_prefix_cache"))
+
+    async def reload_weights(self, model_dir: str | None = None) -> None:
+        await self.call_cores("reload_weights", model_dir)
+
+    async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
+                             kwargs: dict | None = None) -> list:
+        """A worker method on every rank of every replica: the results, replica after replica, in rank order."""
+        out = await self.call_cores("collective_rpc", method, tuple(args), kwargs or {},
+                                    timeout=timeout if timeout is not None else 600.0)
+        return [r for replica in out for r in replica]
+
     def _read(self, replica: EngineReplica) -> None:
         while True:
             try:
@@ -452,7 +505,8 @@ class AsyncLLMEngine:
         for rid, why in msg.rejected:
             with replica.lock:
                 replica.output_processor.abort([rid])
-            self._deliver(rid, EngineDeadError(why) if "EngineDeadError" in why else ValueError(why))
+            self._deliver(rid, EngineDeadError(why) if "EngineDeadError" in why else
+                          EngineSleepingError(why) if "EngineSleepingError" in why else ValueError(why))
 
         def on_stop(rid: str, index: int, stop: str) -> bool:
             replica.send(FinishSequence(rid, index, stop))

@@ -53,6 +53,10 @@ class EngineDeadError(RuntimeError):
     """The engine cannot run another step (a tensor-parallel worker died, or the engine shut down)."""
 
 
+class EngineBusyError(ValueError):
+    """A call that needs an idle engine came while requests run (the server answers 409)."""
+
+
 class EngineSleepingError(RuntimeError):
     """A request reached an engine put to sleep (sleep mode): wake_up() first."""
 
@@ -286,7 +290,7 @@ class EngineCore:
 
     def _require_idle(self, what: str) -> None:
         if self.has_unfinished_requests():
-            raise ValueError(f"{what} needs an idle engine: {len(self.scheduler.requests)} request(s) are "
+            raise EngineBusyError(f"{what} needs an idle engine: {len(self.scheduler.requests)} request(s) are "
                              "unfinished (let them finish or abort them).")
 
     def reset_prefix_cache(self) -> bool:

@@ -5,11 +5,14 @@
     AbortRequests(ids)                       ------>  EngineCore.abort_requests
     FinishSequence(id, index, stop)          ------>  EngineCore.finish_sequence   (a stop string matched)
     SnapshotRequest(token)                   ------>  (dashboard) block map and request table
+    CoreCall(token, method, args, kwargs)    ------>  EngineCore.sleep / wake_up / is_sleeping /
+                                                      reset_prefix_cache / reload_weights / collective_rpc
     Shutdown()                               ------>  stop the executor, exit
                                              <------  CoreReady(num_blocks)         (once, after loading)
                                              <------  CoreOutput(updates, failed, stats, counters, dead)
                                                       (after every step; once more when it goes idle)
                                              <------  CoreSnapshot(token, block_map, requests)
+                                             <------  CoreReply(token, error, value)   (LoRAUpdate, CoreCall)
 
 The connection is a multiprocessing Connection: pickled dataclasses over a local socket (the engine
 process of `pagellm serve`) or a pipe (the same loop on a thread). Per step, what crosses is each
@@ -76,10 +79,24 @@ class LoRAUpdate:
 
 
 @dataclass
+class CoreCall:
+    """One of the core's calls between rollouts (CORE_CALLS), answered by CoreReply."""
+
+    token: int
+    method: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "reload_weights", "collective_rpc"})
+
+
+@dataclass
 class CoreReply:
     token: int
     error: str | None = None  # why the call was refused (a ValueError's message), None when done
     value: object = None
+    error_type: str | None = None  # the exception's type name (CoreCall)
 
 
 @dataclass
@@ -176,6 +193,13 @@ def _apply_messages(core: EngineCore, conn: Connection, out: CoreOutput) -> bool
                 conn.send(CoreReply(msg.token, None, value))
             except Exception as e:  # noqa: BLE001 - refused: the caller reports it, the core goes on
                 conn.send(CoreReply(msg.token, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
+        elif isinstance(msg, CoreCall):
+            try:
+                if msg.method not in CORE_CALLS:
+                    raise ValueError(f"unknown engine-core call {msg.method!r}")
+                conn.send(CoreReply(msg.token, None, getattr(core, msg.method)(*msg.args, **msg.kwargs)))
+            except Exception as e:  # noqa: BLE001 - the caller reports it, the core goes on
+                conn.send(CoreReply(msg.token, str(e), None, type(e).__name__))
         elif isinstance(msg, SnapshotRequest):
             conn.send(CoreSnapshot(msg.token, core.scheduler.kv.block_map(), core.scheduler.request_table()))
         else:

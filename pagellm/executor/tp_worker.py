@@ -59,7 +59,7 @@ class RemoveLoRA:
 
 @dataclass
 class CollectiveRPC:
-    method: object  # a Worker method's name, or a function taking the worker first
+    method: object  # a Worker method's name, or a function taking the worker first (cloudpickled: bytes)
     args: tuple
     kwargs: dict
 
@@ -78,7 +78,12 @@ def run_rpc(worker, rank: int, cmd: CollectiveRPC):
     from pagellm.worker.worker import call_worker
 
     try:
-        return call_worker(worker, cmd.method, cmd.args, cmd.kwargs)
+        method = cmd.method
+        if isinstance(method, bytes):
+            import cloudpickle
+
+            method = cloudpickle.loads(method)
+        return call_worker(worker, method, cmd.args, cmd.kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the caller on rank 0
         logger.debug("collective_rpc on rank %d failed", rank, exc_info=e)
         return RPCError(rank, type(e).__name__, str(e))
@@ -152,6 +157,10 @@ class DriverRank:
         return self.runner.determine_num_blocks()  # rank 0 decides; every rank allocates the same count
 
     def collective_rpc(self, method, args: tuple, kwargs: dict) -> list:
+        if not isinstance(method, str):  # by value: lambdas and closures too, as vLLM sends them
+            import cloudpickle
+
+            method = cloudpickle.dumps(method)
         cmd = CollectiveRPC(method, args, kwargs)
         self.tp.broadcast_object(cmd)
         return self.tp.gather_objects(run_rpc(self.worker, 0, cmd))

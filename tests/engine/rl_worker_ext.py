@@ -3,6 +3,8 @@ trainer's weight-sync code adds to vLLM's workers, written the way they are writ
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -23,3 +25,7 @@ class Probe:
 
     def fail(self) -> None:
         raise ValueError(f"refused on rank {self.rank}")
+
+    def stall(self, seconds: float) -> None:
+        """Hold the engine core (its loop waits for this call): messages queue behind it."""
+        time.sleep(seconds)

@@ -5,6 +5,9 @@ same weights; the memory freed is read from the storages themselves."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -169,6 +172,9 @@ def test_tensor_parallel_updates_and_worker_extension(llama_path):
               worker_extension_cls=EXT, enable_sleep_mode=True)
     try:
         assert llm.collective_rpc("where") == [(0, 64), (1, 64)]  # q 32 + k 16 + v 16 rows of 128 per rank
+        vocab = 512  # a closure crosses to rank 1 too: each rank holds half the vocabulary's rows
+        assert llm.collective_rpc(lambda w, d: (w.rank, w.model_runner.model.lm_head.weight.shape[0] * 2 == vocab + d),
+                                  kwargs={"d": 0}) == [(0, True), (1, True)]
         hf, state = perturbed(llama_path, seed=2)
         qkv = [k for k in state if k.startswith("model.layers.0.self_attn.") and k.endswith("proj.weight")]
         assert llm.collective_rpc("load_weight", args=(qkv[0], state[qkv[0]])) == \
@@ -216,3 +222,71 @@ def test_weights_not_updatable_in_place_are_reloaded(tiny_models, name, kwargs):
     assert [o.outputs[0].token_ids for o in run(llm)] == before
     if not kwargs:
         assert before == [hf_greedy(path, p, GREEDY.max_tokens)[0] for p in PROMPTS]
+
+
+def test_server_dev_routes(llama_path):
+    """`pagellm serve --server-dev-mode` (vLLM's dev-mode routes): /sleep, /wake_up, /is_sleeping, /reset_prefix_cache
+    and /collective_rpc; requests get 503 while asleep, and a call that needs an idle engine 409 while one runs."""
+    import httpx
+
+    from tests.entrypoints.server_utils import RemoteServer
+
+    server = RemoteServer([llama_path, "--enable-sleep-mode", "--server-dev-mode", "--worker-extension-cls", EXT,
+                           "--max-model-len", "128", "--num-gpu-blocks-override", "64"])
+    url = server.url
+
+    def complete():
+        return httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "return_token_ids": True})
+
+    try:
+        first = complete().json()["choices"][0]["token_ids"]
+        assert first == hf_greedy(llama_path, PROMPTS[0], 8)[0]
+        assert httpx.post(url + "/collective_rpc", json={"method": "where"}).json() == {"results": [[0, 128]]}
+        assert httpx.post(url + "/sleep", params={"level": 1}).status_code == 200
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        asleep = complete()
+        assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
+        assert httpx.post(url + "/collective_rpc", json={"method": "weight_bytes"}).json() == {"results": [0]}
+        assert httpx.post(url + "/wake_up", params={"tags": ["weights"]}).status_code == 200
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        assert httpx.post(url + "/wake_up").status_code == 200
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert complete().json()["choices"][0]["token_ids"] == first
+        assert httpx.post(url + "/reset_prefix_cache").status_code == 200
+
+        bad = httpx.post(url + "/collective_rpc", json={"method": "fail"})
+        assert bad.status_code == 400 and bad.json()["error"]["message"] == "refused on rank 0"
+        assert httpx.post(url + "/wake_up", params={"tags": ["weight"]}).status_code == 400
+        assert httpx.post(url + "/sleep", params={"level": 5}).status_code == 400
+        with ThreadPoolExecutor(2) as pool:  # a request reaches the core just before /sleep does
+            stall = pool.submit(httpx.post, url + "/collective_rpc", json={"method": "stall", "args": [2.0]},
+                                timeout=60)
+            time.sleep(0.5)
+            running = pool.submit(complete)
+            time.sleep(0.5)
+            busy = httpx.post(url + "/sleep", timeout=60)
+            assert busy.status_code == 409 and "idle engine: 1 request" in busy.json()["error"]["message"]
+            assert stall.result().json() == {"results": [None]}
+            assert running.result().json()["choices"][0]["token_ids"] == first
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert server.wait_pool_free()
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device memory, real CUDA graphs)")
+def test_sleep_on_cuda_gives_the_memory_back_and_recaptures_the_graphs(llama_path):
+    llm = LLM(llama_path, device="cuda", enable_sleep_mode=True, max_model_len=128, num_gpu_blocks_override=64)
+    before = [o.outputs[0].token_ids for o in run(llm)]
+    assert llm.collective_rpc(lambda w: w.model_runner.graphs is not None) == [True]
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    weights, cache = llm.collective_rpc(storage_bytes)[0]
+    llm.sleep(1)
+    assert torch.cuda.memory_allocated() <= held - weights - cache
+    llm.wake_up()
+    assert [o.outputs[0].token_ids for o in run(llm)] == before
+    hf, state = perturbed(llama_path)
+    llm.update_weights(state)
+    assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))

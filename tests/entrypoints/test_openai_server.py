@@ -37,6 +37,9 @@ def test_models_health_version(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").status_code == 200
     assert "version" in httpx.get(server.url + "/version").json()
+    # the routes that change the running engine exist only with --server-dev-mode
+    assert httpx.post(server.url + "/sleep").status_code == 404
+    assert httpx.post(server.url + "/collective_rpc", json={"method": "sleep"}).status_code == 404
 
 
 def test_completion_and_its_stream_agree(client):

@@ -24,13 +24,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+from typing import Annotated
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagellm import __version__
@@ -260,6 +262,9 @@ def build_app(state: ServingState, api_key: str | None = None,
         async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest):
             return await respond(request, _unload_lora(state, body))
 
+    if state.server_dev_mode:
+        _add_dev_routes(app, state, respond, errors)
+
     @app.post("/tokenize", responses=errors)
     async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
         return await respond(request, serve_tokenize(state, body))
@@ -294,6 +299,58 @@ def build_app(state: ServingState, api_key: str | None = None,
     if cors and cors.get("allow_origins"):  # outermost: preflights are answered before the key is asked for
         app.add_middleware(CORSMiddleware, **cors)
     return app
+
+
+class CollectiveRPCRequest(BaseModel):
+    method: str
+    args: list = []
+    kwargs: dict = {}
+    timeout: float | None = None
+
+
+def _add_dev_routes(app: FastAPI, state: ServingState, respond, errors: dict) -> None:
+    """--server-dev-mode (vLLM's VLLM_SERVER_DEV_MODE routes): sleep mode, the prefix cache and worker calls for RL
+    post-training between rollouts. Not for a server open to clients."""
+    engine = state.engine
+    busy = {**errors, 409: {"model": ErrorResponse, "description": "Requests are running (the call needs an idle "
+                                                                     "engine)."}}
+
+    async def empty(coro) -> Response:
+        await coro
+        return Response(status_code=200)
+
+    @app.post("/sleep", responses=busy)
+    async def sleep(request: Request, level: int = 1) -> Response:
+        return await respond(request, empty(engine.sleep(level)))
+
+    @app.post("/wake_up", responses=errors)
+    async def wake_up(request: Request, tags: Annotated[list[str] | None, Query()] = None) -> Response:
+        return await respond(request, empty(engine.wake_up(tags)))
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict:
+        return {"is_sleeping": await engine.is_sleeping()}
+
+    @app.post("/reset_prefix_cache", responses=busy)
+    async def reset_prefix_cache(request: Request) -> Response:
+        async def reset() -> Response:
+            if not await engine.reset_prefix_cache():
+                raise APIError(409, "the prefix cache was not reset: requests hold KV blocks; retry when they end.",
+                               code="conflict")
+            return Response(status_code=200)
+
+        return await respond(request, reset())
+
+    @app.post("/collective_rpc", responses=errors)
+    async def collective_rpc(request: Request, body: CollectiveRPCRequest) -> JSONResponse:
+        async def call() -> JSONResponse:
+            results = await engine.collective_rpc(body.method, body.timeout, tuple(body.args), body.kwargs)
+            try:
+                return JSONResponse({"results": results})
+            except (TypeError, ValueError) as e:
+                raise APIError(500, f"the results of {body.method!r} are not JSON: {e}", type="server_error") from e
+
+        return await respond(request, call())
 
 
 async def _load_lora(state: ServingState, body: LoadLoRAAdapterRequest) -> Response:
@@ -393,7 +450,8 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
                          enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                          return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
                          lora_modules={m.lora_name: m for m in (cfg.lora.modules if cfg.lora is not None else ())},
-                         allow_runtime_lora_updating=runtime_lora)
+                         allow_runtime_lora_updating=runtime_lora,
+                         server_dev_mode=getattr(ns, "server_dev_mode", False))
     if getattr(ns, "otlp_traces_endpoint", None):
         state.tracer = init_tracer(ns.otlp_traces_endpoint)
     if state.reasoning_parser is not None:

@@ -38,6 +38,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="With --enable-lora: POST /v1/load_lora_adapter {lora_name, lora_path} and "
                         "/v1/unload_lora_adapter {lora_name} load and drop adapters while the server runs (vLLM's "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING); without it those routes do not exist.")
+    g.add_argument("--server-dev-mode", action="store_true",
+                   help="Add the routes RL post-training drives between rollouts (vLLM's VLLM_SERVER_DEV_MODE): POST "
+                        "/sleep?level=1|2 and /wake_up[?tags=weights&tags=kv_cache] (with --enable-sleep-mode), GET "
+                        "/is_sleeping, POST /reset_prefix_cache, POST /collective_rpc {method, args, kwargs} (a "
+                        "worker method, e.g. of --worker-extension-cls; JSON results). Not for a server open to "
+                        "clients: they change and call into the running engine.")
     g.add_argument("--allowed-origins", type=_json_list, default=["*"],
                    help='CORS: origins a browser may call from, a JSON list (default ["*"], as vLLM; [] turns '
                         "CORS off).")

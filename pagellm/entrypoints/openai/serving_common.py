@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagellm.core.scheduler import check_priority
-from pagellm.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
+from pagellm.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineBusyError,
+    EngineDeadError,
+    EngineSleepingError,
+    QueueFullError,
+    RequestFailedError,
+)
 from pagellm.engine.input_processor import ProcessedInput
 from pagellm.entrypoints.openai.metrics import ServerMetrics
 from pagellm.entrypoints.openai.protocol import OpenAIBaseModel
@@ -33,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 _DEFAULT_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 413: "request_too_large",
-                  429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
+                  409: "conflict", 429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -53,13 +60,15 @@ class APIError(Exception):
 def api_error_from(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, EngineBusyError):
+        return APIError(409, str(e), code="conflict")
     if isinstance(e, ParamError):
         return APIError(400, str(e), param=e.param, code=e.code or "invalid_value")
     if isinstance(e, ValueError):
         return APIError(400, str(e), code="invalid_value")
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
-    if isinstance(e, EngineDeadError):
+    if isinstance(e, (EngineDeadError, EngineSleepingError)):
         return APIError(503, str(e), type="server_error", code="service_unavailable")
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e), type="server_error", code="internal_error")
@@ -84,6 +93,7 @@ class ServingState:
     lora_modules: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoRARequest (--lora-modules)
     tracer: Any = None  # RequestTracer: a span per finished request (--otlp-traces-endpoint)
     allow_runtime_lora_updating: bool = False  # the load/unload routes (--allow-runtime-lora-updating)
+    server_dev_mode: bool = False  # /sleep, /wake_up, /is_sleeping, /reset_prefix_cache, /collective_rpc
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     @property
