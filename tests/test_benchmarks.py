@@ -158,6 +158,17 @@ def test_smoke_latency_kv_sharing_peak(llama_path, tmp_path):
     assert "workload bound" in bench("peak", "--model", llama_path)
 
 
+def test_smoke_sleep(llama_path, tmp_path):
+    out = tmp_path / "sleep.json"
+    text = bench("sleep", "--model", llama_path, "--rounds", "1", "--kv-cache-memory", str(4 << 20),
+                 "--output-json", str(out))
+    assert "faster than a cold start" in text
+    report = json.loads(out.read_text())
+    assert set(report["seconds"]) == {"one request", "cold start", "sleep 1 / wake", "sleep 2 / reload",
+                                      "update_weights"}
+    assert report["bytes_freed"]["level2"] > report["bytes_freed"]["level1"] > 0
+
+
 def test_nanovllm_workload_preset_is_uniform_in_its_range():
     from pagellm.benchmarks.workload import PRESETS
 

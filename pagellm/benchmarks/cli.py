@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "embed": ("embed", "Embedding throughput of the pooling runner against transformers on the same prompts."),
     "images": ("images", "Throughput on prompts with images (LLaVA) against transformers on the same requests."),
     "lora": ("lora", "What serving LoRA adapters costs: base model vs one adapter vs mixed adapters."),
+    "sleep": ("sleep", "Sleep mode, weight reloads and updates against starting the engine again."),
     "quality": ("quality", "Greedy agreement and perplexity of a quantized / 8-bit-cache run against float32."),
 }
 

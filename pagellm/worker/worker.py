@@ -15,7 +15,8 @@ Sleep mode frees memory without dropping a Python reference: each storage under 
 and tensor attributes is resized to zero bytes and back (`UntypedStorage.resize_`), so tied weights, views, the
 layers' own references and the recurrent states bound into a model all see the memory again at wake-up.
 
-    level 1   weights copied to host memory (pinned on CUDA), then freed; KV cache (and recurrent states) freed
+    level 1   weights copied to host memory (pinned on CUDA), then freed (on a CPU they stay: host memory is where
+              the copy would go); KV cache (and recurrent states) freed
     level 2   parameters freed without a copy (buffers and tensor attributes are copied: rotary tables,
               quantized weights' scales); the KV cache freed. Reload or update the weights after waking.
 
@@ -85,12 +86,14 @@ class DeviceMemory:
                 found[key] = [s, is_param]
         return found
 
-    def free(self, level: int, modules: list[nn.Module], caches: list[torch.Tensor]) -> None:
-        pin = any(c.device.type == "cuda" for c in caches) and torch.cuda.is_available()
+    def free(self, level: int, modules: list[nn.Module], caches: list[torch.Tensor], device: torch.device) -> None:
+        """Level 1 on a CPU keeps the weights where they are: host memory is where a copy would go."""
+        pin = device.type == "cuda"
         cache_storages = self._storages(((t, False) for t in caches), set())
         for s, _ in cache_storages.values():
             self.caches.append((s, s.nbytes()))
-        for s, only_params in self._storages(module_tensors(modules), set(cache_storages)).values():
+        weights = () if level == 1 and device.type == "cpu" else module_tensors(modules)
+        for s, only_params in self._storages(weights, set(cache_storages)).values():
             copy = None
             if level == 1 or not only_params:
                 copy = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin)
@@ -114,9 +117,13 @@ class DeviceMemory:
         self.weights = []
 
     def restore_caches(self) -> None:
+        from pagellm.worker.kv_cache import advise_huge_pages
+
         for s, n in self.caches:
             s.resize_(n)
-            as_bytes_of(s).zero_()  # (a CPU cache is touched at allocation too: kv_cache.allocate_kv_cache)
+            t = as_bytes_of(s)
+            advise_huge_pages(t)  # then touched, as at allocation (kv_cache.allocate_kv_cache)
+            t.zero_()
         self.caches = []
 
 
@@ -143,7 +150,7 @@ class Worker:
         r = self.model_runner
         r.drop_graphs()
         self.memory = DeviceMemory()
-        self.memory.free(level, r.weight_modules(), r.cache_tensors())
+        self.memory.free(level, r.weight_modules(), r.cache_tensors(), r.device)
         self.asleep = set(SLEEP_TAGS)
         logger.info("asleep (level %d): %.2f GiB freed", level, self.memory.bytes_freed / 2**30)
         return self.memory.bytes_freed

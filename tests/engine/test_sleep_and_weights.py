@@ -70,17 +70,17 @@ def test_sleep_frees_memory_and_wakes_to_the_same_outputs(llama_path, graphs, mo
     if graphs:
         assert llm.collective_rpc(lambda w: w.model_runner.graphs is not None) == [True]
 
-    llm.sleep(level=1)
+    llm.sleep(level=1)  # on a CPU the weights stay (they are in host memory), the cache is freed
     assert llm.is_sleeping()
-    assert llm.collective_rpc(storage_bytes) == [(0, 0)]
-    assert llm.collective_rpc(host_copies)[0] >= weights  # level 1: the weights wait in host memory
+    assert llm.collective_rpc(storage_bytes) == [(weights, 0)]
+    assert llm.collective_rpc(host_copies) == [0]
     with pytest.raises(EngineSleepingError, match="wake_up"):
         run(llm)
     with pytest.raises(ValueError, match="asleep already"):
         llm.sleep(1)
     llm.wake_up(tags=["kv_cache"])
     assert llm.is_sleeping()
-    assert llm.collective_rpc(storage_bytes) == [(0, cache)]
+    assert llm.collective_rpc(storage_bytes) == [(weights, cache)]
     llm.wake_up(tags=["weights"])
     assert not llm.is_sleeping()
     assert llm.collective_rpc(storage_bytes) == [(weights, cache)]
@@ -90,11 +90,14 @@ def test_sleep_frees_memory_and_wakes_to_the_same_outputs(llama_path, graphs, mo
     assert all(o.num_cached_tokens == 0 for o in outs)  # the prefix cache was forgotten with the KV cache
     assert_matches(outs, lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
 
-    llm.sleep(level=2)  # no host copy of the parameters: they come back uninitialized and are reloaded
-    assert llm.collective_rpc(host_copies)[0] < weights // 10
-    llm.wake_up(["weights"])
-    llm.reload_weights()
+    llm.sleep(level=2)  # the parameters freed without a copy: they come back uninitialized and are reloaded
+    assert llm.collective_rpc(storage_bytes) == [(0, 0)]
+    assert 0 < llm.collective_rpc(host_copies)[0] < weights // 10  # (the rotary tables and such are kept)
     llm.wake_up(["kv_cache"])
+    assert llm.collective_rpc(storage_bytes) == [(0, cache)]
+    llm.wake_up(["weights"])
+    assert llm.collective_rpc(storage_bytes) == [(weights, cache)]
+    llm.reload_weights()
     assert_matches(run(llm), lambda p: hf_greedy(llama_path, p, GREEDY.max_tokens))
 
 
@@ -185,9 +188,12 @@ def test_tensor_parallel_updates_and_worker_extension(llama_path):
             llm.collective_rpc("fail")
         with pytest.raises(ValueError, match="no method 'nope'"):
             llm.collective_rpc("nope")
-        llm.sleep(1)
+        held = llm.collective_rpc("weight_bytes")
+        llm.sleep(2)
         assert llm.collective_rpc("weight_bytes") == [0, 0]
         llm.wake_up()
+        assert llm.collective_rpc("weight_bytes") == held
+        llm.update_weights(state)  # every weight again, after a level-2 sleep
         assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
     finally:
         llm.shutdown()
@@ -243,13 +249,14 @@ def test_server_dev_routes(llama_path):
         first = complete().json()["choices"][0]["token_ids"]
         assert first == hf_greedy(llama_path, PROMPTS[0], 8)[0]
         assert httpx.post(url + "/collective_rpc", json={"method": "where"}).json() == {"results": [[0, 128]]}
-        assert httpx.post(url + "/sleep", params={"level": 1}).status_code == 200
+        assert httpx.post(url + "/sleep", params={"level": 2}).status_code == 200
         assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
         asleep = complete()
         assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
         assert httpx.post(url + "/collective_rpc", json={"method": "weight_bytes"}).json() == {"results": [0]}
         assert httpx.post(url + "/wake_up", params={"tags": ["weights"]}).status_code == 200
         assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        assert httpx.post(url + "/collective_rpc", json={"method": "reload_weights"}).json() == {"results": [None]}
         assert httpx.post(url + "/wake_up").status_code == 200
         assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
         assert complete().json()["choices"][0]["token_ids"] == first
@@ -290,3 +297,37 @@ def test_sleep_on_cuda_gives_the_memory_back_and_recaptures_the_graphs(llama_pat
     hf, state = perturbed(llama_path)
     llm.update_weights(state)
     assert_matches(run(llm), lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+
+
+def test_device_memory_keeps_ties_views_and_buffers():
+    """The level-1 path of a GPU (host copies of every weight) on CPU tensors: tied parameters stay tied, a view
+    held as an attribute sees the memory again, buffers and parameters get their bytes back; level 2 copies only
+    what a non-parameter (a buffer, an attribute) holds."""
+    from types import SimpleNamespace
+
+    from pagellm.worker.worker import DeviceMemory
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    b.weight = a.weight  # tied
+    a.register_buffer("table", torch.arange(5.0))
+    a.rows = a.weight.data[2:4]  # a view kept as a plain attribute
+    model = torch.nn.Sequential(a, b)
+    cache = torch.randn(4, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accel = SimpleNamespace(type="accelerator")  # not a CPU: weights are copied out and freed
+    for level in (1, 2):
+        mem = DeviceMemory()
+        mem.free(level, [model], [cache], accel)
+        assert all(t.untyped_storage().nbytes() == 0 for t in (a.weight, a.bias, b.bias, a.table, a.rows, cache))
+        copied = sum(c.numel() for _, _, c in mem.weights if c is not None)
+        # level 2: the buffer, and the tied weight because a plain attribute views it; not the biases
+        assert copied == (4 * (64 + 8 + 8) + 4 * 5 if level == 1 else 4 * 64 + 4 * 5)
+        mem.restore_weights()
+        mem.restore_caches()
+        assert b.weight is a.weight and a.rows.data_ptr() == a.weight.data_ptr() + 2 * 8 * 4
+        assert torch.equal(cache, torch.zeros(4, 4))
+        assert torch.equal(a.table, torch.arange(5.0))
+        if level == 1:
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+            assert torch.equal(a.rows, before["0.weight"][2:4])
