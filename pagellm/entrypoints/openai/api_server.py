@@ -438,7 +438,9 @@ def make_state(ns: argparse.Namespace, engine_args: EngineArgs) -> ServingState:
     parser = None
     if ns.enable_auto_tool_choice:
         if ns.tool_call_parser is None:
-            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, openai).")
+            from pagellm.entrypoints.openai.tool_calls import TOOL_PARSERS
+
+            raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_PARSERS)}).")
         from pagellm.entrypoints.openai.tool_calls import make_parser
 
         parser = make_parser(ns.tool_call_parser)

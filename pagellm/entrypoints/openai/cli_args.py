@@ -7,6 +7,7 @@ import json
 
 from pagellm.entrypoints.openai.middleware import DEFAULT_MAX_BODY_SIZE
 from pagellm.entrypoints.openai.reasoning import PARSERS
+from pagellm.entrypoints.openai.tool_calls import TOOL_PARSERS
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -22,9 +23,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="Serve /dashboard without the API key (by default it needs the key, like the API).")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='Let the model decide to call tools (tool_choice "auto"), parsing calls from its text.')
-    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "openai"],
+    g.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
                    help="How tool calls are written in the model's text (hermes: <tool_call>{json}</tool_call>; "
-                        "openai: GPT-OSS's harmony messages to functions.NAME).")
+                        "openai: GPT-OSS's harmony messages to functions.NAME; qwen3_coder: Qwen3-Coder's and "
+                        "Qwen3.5's <function=NAME><parameter=P>; llama3_json: Llama 3's {\"name\", \"parameters\"} "
+                        "objects; mistral: [TOOL_CALLS]; pythonic: [f(x=1), g()], Llama 3.2 / 4).")
     g.add_argument("--reasoning-parser", default=None, choices=sorted(PARSERS),
                    help="Return a reasoning model's thinking (<think>...</think>) apart from its answer: "
                         "message.reasoning (and reasoning_content) in chat replies and stream deltas.")

@@ -104,7 +104,10 @@ def tool_mode(state: ServingState, req: ChatCompletionRequest) -> str | None:
 
 def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> ToolStream:
     name = req.tool_choice.function.name if mode == "named" else None
-    return ToolStream(mode, name, state.tool_parser)
+    parser = state.tool_parser
+    if parser is not None and hasattr(parser, "for_request"):  # (qwen3_coder reads the tools' schemas)
+        parser = parser.for_request(req)
+    return ToolStream(mode, name, parser)
 
 
 def echoed(req: ChatCompletionRequest) -> str:
@@ -141,7 +144,7 @@ def choice_message(state: ServingState, req: ChatCompletionRequest, mode: str | 
     ts.feed(text)
     content, _ = ts.finish()
     if mode == "auto":
-        content, _ = state.tool_parser.parse(text)
+        content, _ = ts.parser.parse(text)
     calls = ts.calls
     reason = "tool_calls" if calls and finish_reason == "stop" else finish_reason
     return ChatResponseMessage(content=content, tool_calls=calls, **extra), reason

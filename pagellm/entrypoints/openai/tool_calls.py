@@ -2,8 +2,11 @@
 
     tool_choice "none"                 the model writes text (the template still sees the tools)
     tool_choice "auto"                 free text; a parser (--tool-call-parser, with --enable-auto-tool-choice)
-                                       finds calls in it: Hermes' <tool_call>{"name", "arguments"}</tool_call>, or
-                                       harmony messages to functions.NAME (GPT-OSS, "openai")
+                                       finds calls in it: Hermes' <tool_call>{"name", "arguments"}</tool_call>,
+                                       harmony messages to functions.NAME (GPT-OSS, "openai"), Qwen3-Coder's and
+                                       Qwen3.5's <function=NAME><parameter=P>...</parameter></function>
+                                       ("qwen3_coder"), Llama 3's JSON objects ("llama3_json"), Mistral's
+                                       [TOOL_CALLS] ("mistral") or Python call lists ("pythonic": Llama 3.2 / 4)
     tool_choice "required"             the output is constrained to a JSON array of calls,
                                        [{"name": <one of the tools>, "parameters": {<its schema>}}, ...]
                                        (one call unless parallel_tool_calls): a valid call by construction
@@ -33,7 +36,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.reasoning import safe_end
 from pagellm.sampling_params import ParamError, StructuredOutputsParams
 
-TOOL_PARSERS = ("hermes", "openai")
+TOOL_PARSERS = ("hermes", "openai", "qwen3_coder", "llama3_json", "mistral", "pythonic")
 
 
 def tool_constraint(req: ChatCompletionRequest) -> StructuredOutputsParams | None:
@@ -169,12 +172,231 @@ class HarmonyToolParser:
         return content or None, calls
 
 
-def make_parser(name: str) -> HermesToolParser | HarmonyToolParser:
-    if name == "hermes":
-        return HermesToolParser()
-    if name == "openai":
-        return HarmonyToolParser()
-    raise ValueError(f"--tool-call-parser must be one of {TOOL_PARSERS}, got {name!r}")
+class TailCallsParser:
+    """Formats whose calls follow the content: the content is the text before the first call's marker (its trailing
+    whitespace dropped when calls follow), the calls are read from the marker on (`_calls`), and text after them is
+    dropped (vLLM's parsers of these formats do the same). Streaming (ToolStream, through `split`) sends the content
+    as it settles and each call whole once complete. Calls that do not parse leave the whole text as content."""
+
+    markers: tuple[str, ...] = ()
+    keep_special_tokens = False
+
+    def for_request(self, req: ChatCompletionRequest) -> TailCallsParser:
+        return self
+
+    def _start(self, text: str) -> int:
+        found = [i for i in (text.find(m) for m in self.markers) if i != -1]
+        return min(found, default=-1)
+
+    def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
+        """The complete calls in `tail` (the text from the first marker); at the end, None when it is not calls."""
+        raise NotImplementedError
+
+    def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
+        at = self._start(text)
+        if at == -1:
+            if final:
+                return text, []
+            return text[:min((safe_end(text, m) for m in self.markers), default=len(text))].rstrip(), []
+        calls = self._calls(text[at:], final)
+        if calls is None or (final and not calls):
+            return (text, []) if final else (text[:at].rstrip(), [])
+        return text[:at].rstrip(), calls
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        content, calls = self.split(text)
+        return content or None, calls
+
+
+def _call(name: str, arguments: Any) -> ToolCall:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(function=FunctionCall(name=name, arguments=text))
+
+
+def _json_objects(text: str, final: bool, sep: str = ";") -> list[Any] | None:
+    """The JSON values written one after another in `text` (whitespace or `sep` between them): those complete so
+    far; at the end, None when anything else is there."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and (text[i].isspace() or text[i] == sep):
+            i += 1
+        if i == len(text):
+            return out
+        try:
+            value, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None if final else out
+        out.append(value)
+
+
+class Qwen3CoderToolParser(TailCallsParser):
+    """Qwen3-Coder and Qwen3.5 (vLLM's `qwen3_coder`): each call an XML-like block,
+
+        <tool_call>
+        <function=get_weather>
+        <parameter=city>
+        Paris
+        </parameter>
+        </function>
+        </tool_call>
+
+    Parameter values are text; each becomes the JSON type the tool's schema gives its parameter (integer, number,
+    boolean, object, array; null as null), strings otherwise and for parameters the schema does not name."""
+
+    markers = ("<tool_call>", "<function=")
+    _FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.DOTALL)
+    _PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+    def __init__(self, schemas: dict[str, dict] | None = None) -> None:
+        self.schemas = schemas or {}  # function name -> its parameters' properties
+
+    def for_request(self, req: ChatCompletionRequest) -> Qwen3CoderToolParser:
+        return Qwen3CoderToolParser({t.function.name: (t.function.parameters or {}).get("properties") or {}
+                                     for t in req.tools or []})
+
+    def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
+        calls = []
+        for m in self._FUNCTION.finditer(tail):
+            name = m.group(1).strip()
+            props = self.schemas.get(name, {})
+            args = {}
+            for p in self._PARAM.finditer(m.group(2)):
+                key = p.group(1).strip()
+                args[key] = self._value(p.group(2).removeprefix("\n").removesuffix("\n"), props.get(key))
+            calls.append(_call(name, args))
+        return calls
+
+    @staticmethod
+    def _value(text: str, schema: dict | None) -> Any:
+        kind = (schema or {}).get("type", "string")
+        kind = next((k for k in kind if k != "null"), "string") if isinstance(kind, list) else kind
+        if text.strip().lower() == "null":
+            return None
+        try:
+            if kind == "integer":
+                return int(text.strip())
+            if kind == "number":
+                v = float(text.strip())
+                return int(v) if v.is_integer() and "." not in text and "e" not in text.lower() else v
+            if kind == "boolean":
+                return {"true": True, "false": False}[text.strip().lower()]
+            if kind in ("object", "array"):
+                return json.loads(text)
+        except (ValueError, KeyError):
+            pass
+        return text
+
+
+class Llama3JsonToolParser(TailCallsParser):
+    """Llama 3.1 / 3.2 / 3.3's JSON calls (vLLM's `llama3_json`): a reply that starts with <|python_tag|> or "{" is
+    a run of {"name": ..., "parameters": {...}} objects (";" between them); any other reply is content."""
+
+    markers = ("<|python_tag|>", "{")
+
+    def _start(self, text: str) -> int:
+        stripped = text.lstrip()
+        at = len(text) - len(stripped)
+        return at if stripped.startswith(self.markers) else -1
+
+    def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
+        if not final and not text.strip():
+            return "", []  # whitespace so far: a call may still follow
+        if not final and self._start(text) == -1 and any(m.startswith(text.lstrip()) for m in self.markers):
+            return "", []  # a marker arriving
+        return super().split(text, final)
+
+    def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
+        objs = _json_objects(tail.removeprefix("<|python_tag|>"), final)
+        if objs is None:
+            return None
+        calls = []
+        for o in objs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                return None if final else calls
+            calls.append(_call(o["name"], o.get("parameters", o.get("arguments", {}))))
+        return calls
+
+
+class MistralToolParser(TailCallsParser):
+    """Mistral's calls after the [TOOL_CALLS] token (vLLM's `mistral`): a JSON array of {"name", "arguments"}
+    (tokenizers before v11), or NAME[ARGS]{...} after each [TOOL_CALLS] (v11 on; a [CALL_ID] part is skipped).
+    [TOOL_CALLS] is a special token: kept in the text for this parser."""
+
+    markers = ("[TOOL_CALLS]",)
+    keep_special_tokens = True
+
+    def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
+        calls = []
+        for part in tail.split("[TOOL_CALLS]")[1:]:
+            if part.lstrip().startswith("["):  # [{"name": ..., "arguments": {...}}, ...]
+                arrays = _json_objects(part, final)
+                if arrays is None or (final and len(arrays) != 1):
+                    return None
+                for o in [x for a in arrays if isinstance(a, list) for x in a]:
+                    if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                        return None
+                    calls.append(_call(o["name"], o.get("arguments", o.get("parameters", {}))))
+                continue
+            name, sep, args = part.partition("[ARGS]")
+            if not sep:
+                if final:
+                    return None
+                break
+            objs = _json_objects(args, final)
+            if objs is None or (final and len(objs) != 1):
+                return None
+            if objs:
+                calls.append(_call(name.split("[CALL_ID]")[0].strip(), objs[0]))
+        return calls
+
+
+class PythonicToolParser(TailCallsParser):
+    """Calls written as a Python list (vLLM's `pythonic`: Llama 3.2, Llama 4, ...):
+    [get_weather(city="Paris"), get_time()] (between <|python_start|> and <|python_end|> for Llama 4). Keyword
+    arguments whose values are Python literals; anything else is content."""
+
+    markers = ("<|python_start|>", "[")
+
+    def _start(self, text: str) -> int:
+        stripped = text.lstrip()
+        at = len(text) - len(stripped)
+        return at if stripped.startswith(self.markers) else -1
+
+    def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
+        if not final and (not text.strip() or any(m.startswith(text.lstrip()) for m in self.markers)):
+            return "", []
+        return super().split(text, final)
+
+    def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
+        import ast
+
+        body = tail.removeprefix("<|python_start|>").strip().removesuffix("<|python_end|>").strip()
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except SyntaxError:
+            return None if final else []
+        if not isinstance(tree, ast.List):
+            return None
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                return None
+            try:
+                args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except ValueError:
+                return None
+            if None in args:  # **kwargs
+                return None
+            calls.append(_call(node.func.id, args))
+        return calls
+
+
+def make_parser(name: str) -> HermesToolParser | HarmonyToolParser | TailCallsParser:
+    parsers = {"hermes": HermesToolParser, "openai": HarmonyToolParser, "qwen3_coder": Qwen3CoderToolParser,
+               "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser, "pythonic": PythonicToolParser}
+    if name not in parsers:
+        raise ValueError(f"--tool-call-parser must be one of {TOOL_PARSERS}, got {name!r}")
+    return parsers[name]()
 
 
 class CallScanner:
@@ -248,7 +470,7 @@ class ToolStream:
 
     mode: str  # "named" | "required" | "auto"
     name: str | None = None  # the named function
-    parser: HermesToolParser | None = None
+    parser: Any = None  # a tool parser (make_parser), bound to the request
     text: str = ""  # everything generated so far
     sent_content: int = 0  # chars of text already sent as content (auto)
     started: bool = False  # named: the first delta (id, name) has been sent
@@ -276,7 +498,7 @@ class ToolStream:
             return None, deltas
         if self.mode == "required":
             return None, self._scan_required()
-        if isinstance(self.parser, HarmonyToolParser):
+        if hasattr(self.parser, "split"):  # harmony and the formats whose calls are sent whole
             return self._scan_harmony()
         return self._scan_auto()
 
@@ -330,7 +552,7 @@ class ToolStream:
         return ("".join(content) or None), deltas
 
     def _scan_harmony(self, final: bool = False) -> tuple[str | None, list[DeltaToolCall]]:
-        """Harmony messages: content as its messages' bodies arrive, each call whole once its message has ended."""
+        """A parser with `split` (harmony, TailCallsParser): content as it settles, each call whole once complete."""
         content, calls = self.parser.split(self.text, final)
         piece = content[self.sent_content:]
         self.sent_content = len(content)
@@ -373,8 +595,8 @@ class ToolStream:
         every call, arguments as the non-streaming reply gives them."""
         if self.mode == "named":
             return None, []
-        if self.mode == "auto" and isinstance(self.parser, HarmonyToolParser):
-            return self._scan_harmony(final=True)  # the last call ends with the output (its <|call|> stops it)
+        if self.mode == "auto" and hasattr(self.parser, "split"):
+            return self._scan_harmony(final=True)  # the last call ends with the output (harmony: <|call|> stops it)
         if self.mode == "required":
             parsed = calls_from_required(self.text)
             content = None
