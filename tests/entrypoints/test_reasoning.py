@@ -42,6 +42,17 @@ CASES = [
     (GPTOSS, HARMONY, "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>commentary to=f",
      ("x", "<|start|>assistant<|channel|>commentary to=f")),  # another channel: left as text
     (GPTOSS, HARMONY, "plain text", (None, "plain text")),
+    # vLLM's other names: DeepSeek-V3.1 and GLM-4.5 read the prompt; MiniMax-M2 thinks first without the tag;
+    # Magistral's [THINK] tokens; Seed-OSS's tags; Granite's plain-text markers
+    (PARSERS["deepseek_v3"], "<｜Assistant｜><think>", "a</think>b", ("a", "b")),
+    (PARSERS["deepseek_v3"], "<｜Assistant｜></think>", "b", (None, "b")),
+    (PARSERS["glm45"], "<|assistant|>", "<think>a</think>b", ("a", "b")),
+    (PARSERS["minimax_m2"], "]~b]ai\n", "plan</think>answer", ("plan", "answer")),
+    (PARSERS["mistral"], "[/INST]", "[THINK]hm[/THINK]Yes.", ("hm", "Yes.")),
+    (PARSERS["mistral"], "[/INST]", "Yes.", (None, "Yes.")),
+    (PARSERS["seed_oss"], "", "<seed:think>x</seed:think>y", ("x", "y")),
+    (PARSERS["granite"], "<|start_of_role|>assistant<|end_of_role|>",
+     "Here is my thought process: think. Here is my response: done.", (" think. ", " done.")),
 ]
 
 

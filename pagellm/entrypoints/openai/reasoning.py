@@ -75,6 +75,18 @@ class ReasoningParser:
 PARSERS = {
     "deepseek_r1": ReasoningParser("deepseek_r1", implicit_start=True),
     "qwen3": ReasoningParser("qwen3"),
+    # vLLM's other names for <think> ... </think>: where the output starts is read from the prompt (DeepSeek-V3.1's
+    # and GLM-4.5's templates open the thinking, or close an empty block when it is off)
+    "deepseek_v3": ReasoningParser("deepseek_v3"),
+    "glm45": ReasoningParser("glm45"),
+    # MiniMax-M2 thinks first without writing the opening tag
+    "minimax_m2": ReasoningParser("minimax_m2", implicit_start=True),
+    # Magistral (Mistral): [THINK] ... [/THINK], special tokens of its tokenizer
+    "mistral": ReasoningParser("mistral", "[THINK]", "[/THINK]", keep_special_tokens=True),
+    # ByteDance Seed-OSS
+    "seed_oss": ReasoningParser("seed_oss", "<seed:think>", "</seed:think>"),
+    # Granite 3.x with thinking on: plain-text markers
+    "granite": ReasoningParser("granite", "Here is my thought process:", "Here is my response:"),
     "openai_gptoss": ReasoningParser("openai_gptoss", "<|channel|>analysis<|message|>", "<|end|>",
                                      content_headers=("<|start|>assistant<|channel|>final<|message|>",
                                                       "<|channel|>final<|message|>"),
