@@ -98,6 +98,7 @@ class ModelConfig:
     pooler: PoolerConfig | None = None  # a pooling model (embeddings, classification); None: generative
     multimodal: MultiModalConfig | None = None  # a model that takes images (LLaVA); None: text only
     prompt_embeds: bool = False  # enable_prompt_embeds: prompts may come as embeddings (tokens, hidden)
+    logits_processors: tuple = ()  # custom logits processors: "module:Class" names, or classes (offline)
 
     def layer_kv_shapes(self) -> list[tuple[int, int]]:
         """(K/V heads, head_dim) of each cache layer (this rank's heads)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy
 
@@ -143,6 +144,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logprobs_mode: LogprobsMode = LogprobsMode.RAW_LOGPROBS
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
+    extra_args: dict[str, Any] | None = None  # for custom logits processors (the server's vllm_xargs)
     # Filled from the bad_words strings by the input processor (token sequences, any prefix form).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 

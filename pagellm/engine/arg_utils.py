@@ -144,6 +144,10 @@ class EngineArgs:
     enable_prompt_embeds: bool = _f(
         False, "Accept prompts given as embeddings (vLLM's flag): {'prompt_embeds': tensor (tokens, hidden)} offline, "
                "'prompt_embeds' (base64 of torch.save) in /v1/completions. Text-only native models.")
+    logits_processors: list | None = _f(
+        None, "Custom logits processors (vLLM's option): classes, or module.Class names the engine imports, "
+              "each built once and applied to every step's logits (pagellm.sample.logits_processor). A request's "
+              "extra_args (the server: vllm_xargs) reach them through its SamplingParams.", nargs="+")
     allowed_local_media_path: str = _f(
         "", "Multimodal models: a directory whose files requests may name as file:// image URLs (default: none; "
             "only for trusted clients).")
@@ -303,6 +307,17 @@ class EngineArgs:
             speculative = dataclasses.replace(speculative, draft=draft, aux_layers=aux)
         elif speculative is not None and speculative.method == "mtp":
             speculative = dataclasses.replace(speculative, draft=self._mtp_config(model_cfg))
+        if model_cfg.logits_processors:
+            why = ("a pooling model samples nothing" if model_cfg.pooler is not None else
+                   "speculative decoding" if speculative is not None else
+                   "num_scheduler_steps > 1 (steps sampled on the device back to back)"
+                   if self.num_scheduler_steps > 1 else None)
+            if why:
+                raise ValueError(f"logits_processors cannot run with {why}.")
+            if async_scheduling and self.async_scheduling:
+                raise ValueError("logits_processors need async_scheduling off (they read each step's sampled tokens "
+                                 "on the host).")
+            async_scheduling = False
         if model_cfg.pooler is not None:
             if speculative is not None:
                 raise ValueError("speculative_config is for generative models; this one runs as a pooling model "
@@ -405,7 +420,21 @@ class EngineArgs:
             pooler=pooler,
             multimodal=self._multimodal_config(cls, hf),
             prompt_embeds=self._prompt_embeds(cls, pooler),
+            logits_processors=self._logits_processors(),
         )
+
+    def _logits_processors(self) -> tuple:
+        """Each processor as "module:Class" where it has an importable name, else the class cloudpickled (a class
+        of a script or a notebook): the config crosses to other processes. Each is checked to load."""
+        import cloudpickle
+
+        from pagellm.sample.logits_processor import load_logits_processors
+
+        specs = list(self.logits_processors or [])
+        load_logits_processors(specs)
+        return tuple(s if isinstance(s, str) else f"{s.__module__}:{s.__qualname__}"
+                     if s.__module__ != "__main__" and "<locals>" not in s.__qualname__ else cloudpickle.dumps(s)
+                     for s in specs)
 
     def _prompt_embeds(self, cls, pooler) -> bool:
         """enable_prompt_embeds, checked against the model: a text-only generative native model whose forward takes

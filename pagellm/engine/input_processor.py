@@ -49,6 +49,11 @@ class InputProcessor:
         self.structured = structured  # StructuredOutputManager: compiles grammars (a 400 if one does not compile)
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
+        self.logits_processors: list[type] = []  # custom logits processors: their validate_params see each request
+        if model_config.logits_processors:
+            from pagellm.sample.logits_processor import load_logits_processors
+
+            self.logits_processors = load_logits_processors(model_config.logits_processors)
         self.mm = None  # MultiModalProcessor: images -> pixel values and placeholder positions
         if model_config.multimodal is not None:
             from pagellm.multimodal.processing import MultiModalProcessor
@@ -80,6 +85,10 @@ class InputProcessor:
         if self.tokenizer is None and (params.stop or params.bad_words):
             raise ValueError("stop strings and bad_words need a tokenizer (the engine runs with skip_tokenizer_init).")
         params = params.clone(max_tokens=max_tokens, best_of=params.best_of)
+        if self.logits_processors:
+            from pagellm.sample.logits_processor import validate_request
+
+            validate_request(self.logits_processors, params)
         if self.tokenizer is None:
             params.detokenize = False
         if params.bad_words:

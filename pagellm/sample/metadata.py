@@ -7,6 +7,7 @@ pays for nothing it does not use.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,8 @@ class SamplingMetadata:
     max_num_logprobs: int | None  # max over rows, None if no row asked
     processed_logprobs: torch.Tensor | None  # (B,) bool, row reports the processed distribution
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # see above; set by the runner for this step
+    # Custom logits processors (sample/logits_processor.py): logits -> logits, set by the runner for this step.
+    custom: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def needs_sort(self) -> bool:

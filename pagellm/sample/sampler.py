@@ -27,7 +27,7 @@ class Sampler:
 
     1. keep the raw logits' log-softmax for rows reporting raw logprobs
     2. logit bias, allowed token ids, banned tokens (bad words; EOS and stop ids below min_tokens), then the
-       grammar bitmask of structured-output rows
+       grammar bitmask of structured-output rows, then custom logits processors (sample/logits_processor.py)
     3. penalties: repetition (over prompt and output tokens), frequency and presence (output tokens)
     4. greedy rows: argmax of the logits so far (ties go to the lowest id)
     5. temperature
@@ -40,7 +40,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         raw = logits.float()
         has_processors = (md.logit_bias is not None or md.allowed_mask is not None or md.banned is not None
-                          or md.grammar is not None)
+                          or md.grammar is not None or md.custom is not None)
         logits = apply_processors(raw.clone(), md) if has_processors else raw
         logits = apply_penalties(logits, md)
         log_total = None  # logsumexp of `final` rows, when sampling already computed it
@@ -69,6 +69,8 @@ def apply_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor
     if md.grammar is not None:
         bitmask, rows = md.grammar
         logits[rows] = logits[rows].masked_fill(~unpack_bitmask(bitmask, logits.shape[-1]), float("-inf"))
+    if md.custom is not None:
+        logits = md.custom(logits)
     return logits
 
 

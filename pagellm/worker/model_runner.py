@@ -151,6 +151,12 @@ class ModelRunner:
             self.model.bind_states(self.states)
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
+        self.logitsprocs = None  # custom logits processors, on the rank that samples
+        if config.model.logits_processors and tp.is_driver:
+            from pagellm.sample.logits_processor import BatchLogitsProcessors, load_logits_processors
+
+            self.logitsprocs = BatchLogitsProcessors(load_logits_processors(config.model.logits_processors), config,
+                                                     self.device)
         self.kv_caches: list = []
         self.batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len, self.block_size,
                                 config.model.vocab_size, config.model.eos_token_ids, self.device)
@@ -438,6 +444,9 @@ class ModelRunner:
                 row_of = dict(zip(inputs.sample_seq_ids, first))
                 rows = to_device([row_of[s] for s in grammar_seq_ids], self.device)
                 md.grammar = (to_device(grammar_bitmask, self.device), rows)
+            if self.logitsprocs is not None:  # (never with drafts: refused at start-up)
+                rows, greedy = inputs.sample_rows.tolist(), md.all_greedy
+                md.custom = lambda x: self.logitsprocs.apply(x, rows, greedy)
             so = self.sampler(logits, md)
             if spec is None:
                 res.add_samples(inputs.sample_seq_ids, so, md.num_logprobs)
@@ -451,7 +460,10 @@ class ModelRunner:
     def _update_state(self, sched: SchedulerOutput) -> None:
         if (sched.state_rewinds or sched.state_promotions) and self.states is not None:
             self._apply_verdicts(sched)  # before the rows of sequences that finished go
+        lp = self.logitsprocs
         for seq_id in sched.finished_seq_ids:
+            if lp is not None and seq_id in self.batch.row_of:
+                lp.remove(self.batch.row_of[seq_id])
             self.batch.remove(seq_id)
             if self.pooler is not None:
                 self.pooler.forget(seq_id)
@@ -480,7 +492,15 @@ class ModelRunner:
                 self.rope.set(self.batch.row_of[d.seq_id], d.mm_rope)
             if d.pooling_params is not None:
                 self.pooler.add(d.seq_id, d.pooling_params)
+            if lp is not None:
+                n = d.num_prompt_tokens
+                lp.add(self.batch.row_of[d.seq_id], d.sampling_params, list(d.token_ids[:n]), list(d.token_ids[n:]))
         self.batch.update(sched.cached_seqs)
+        if lp is not None:
+            c = sched.cached_seqs
+            for seq_id, new in zip(c.seq_ids, c.new_token_ids):
+                if new:
+                    lp.extend(self.batch.row_of[seq_id], new)
         if zeroed or copied:
             self._start_states(zeroed, copied)
 

@@ -156,6 +156,7 @@ class SamplingFields(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    vllm_xargs: dict[str, Any] | None = None  # vLLM's: SamplingParams.extra_args, for custom logits processors
 
     @field_validator("stop")
     @classmethod
@@ -208,7 +209,8 @@ class SamplingFields(OpenAIBaseModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-            truncate_prompt_tokens=self.truncate_prompt_tokens, structured_outputs=self.structured_spec(), **kw)
+            truncate_prompt_tokens=self.truncate_prompt_tokens, structured_outputs=self.structured_spec(),
+            extra_args=self.vllm_xargs, **kw)
 
     def structured_spec(self) -> StructuredOutputsParams | None:
         """The one output constraint this request asks for, from whichever field it used (400 if several)."""
