@@ -136,6 +136,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"  # ngram | draft_model | mtp (the model's own multi-token-prediction layer: models/mtp.py)
     # | eagle3 (an EAGLE-3 head in `model`, reading the model's hidden states: models/eagle3.py)
+    # | eagle (an EAGLE-1 head in `model`, reading the model's last hidden state: models/eagle.py)
     num_speculative_tokens: int = 3  # draft tokens per sequence and step
     prompt_lookup_max: int = 5  # longest n-gram matched
     prompt_lookup_min: int = 5  # shortest n-gram matched

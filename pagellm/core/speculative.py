@@ -95,4 +95,4 @@ class DraftModelSlots:
 
 
 def make_proposer(config: SpeculativeConfig) -> NgramProposer | DraftModelSlots:
-    return DraftModelSlots(config) if config.method in ("draft_model", "mtp", "eagle3") else NgramProposer(config)
+    return DraftModelSlots(config) if config.method in ("draft_model", "mtp", "eagle", "eagle3") else NgramProposer(config)

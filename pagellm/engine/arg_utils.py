@@ -305,6 +305,8 @@ class EngineArgs:
         elif speculative is not None and speculative.method == "eagle3":
             draft, aux = self._eagle3_config(speculative.model, model_cfg)
             speculative = dataclasses.replace(speculative, draft=draft, aux_layers=aux)
+        elif speculative is not None and speculative.method == "eagle":
+            speculative = dataclasses.replace(speculative, draft=self._eagle_config(speculative.model, model_cfg))
         elif speculative is not None and speculative.method == "mtp":
             speculative = dataclasses.replace(speculative, draft=self._mtp_config(model_cfg))
         if model_cfg.logits_processors:
@@ -476,25 +478,45 @@ class EngineArgs:
         return dataclasses.replace(target, num_layers=1, kv_layer_shapes=tuple(shapes), sliding_window=None,
                                    num_state_layers=0, state_shapes=(), state_dtypes=())  # (the layer attends)
 
-    def _eagle3_config(self, path: str, target: ModelConfig) -> tuple[ModelConfig, tuple[int, ...]]:
-        """An EAGLE-3 head's ModelConfig (its one cache layer) and the model layers it reads; a ValueError naming
-        speculative_config where the pair cannot work."""
+    def _eagle_head_config(self, path: str, target: ModelConfig, kind: str):
+        """An EAGLE head's transformers config, checked against the model (a ValueError naming speculative_config)."""
         from transformers import AutoConfig
 
-        from pagellm.models.eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
         from pagellm.models.llama import LlamaForCausalLM
         from pagellm.models.registry import get_model_class
 
         cls = get_model_class(target.architecture)
         if not issubclass(cls, LlamaForCausalLM) or cls.forward is not LlamaForCausalLM.forward:
-            raise ValueError(f"speculative_config: an EAGLE-3 head reads the hidden states of LLaMA-family models "
+            raise ValueError(f"speculative_config: an {kind} head reads the hidden states of LLaMA-family models "
                              f"(LLaMA, Qwen, Mistral, GPT-OSS, DeepSeek, ...); {target.architecture} is not one.")
         if self.num_scheduler_steps > 1:
-            raise ValueError("speculative_config: the EAGLE-3 head runs one step per round: num_scheduler_steps "
+            raise ValueError(f"speculative_config: the {kind} head runs one step per round: num_scheduler_steps "
                              f"must be 1, got {self.num_scheduler_steps}.")
         if not os.path.isfile(os.path.join(path or "", "config.json")):
             raise ValueError(f"speculative_config.model: {path!r} is not a checkpoint directory (config.json).")
-        hf = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
+
+    def _eagle_config(self, path: str, target: ModelConfig) -> ModelConfig:
+        """An EAGLE-1 head's ModelConfig (its cache layers)."""
+        from pagellm.models.eagle import EagleLlamaForCausalLM
+
+        hf = self._eagle_head_config(path, target, "EAGLE")
+        if hf.vocab_size != target.vocab_size or hf.hidden_size != target.hf_config.hidden_size:
+            raise ValueError(f"speculative_config.model: the EAGLE head (vocabulary {hf.vocab_size}, hidden size "
+                             f"{hf.hidden_size}) does not fit the model ({target.vocab_size}, "
+                             f"{target.hf_config.hidden_size}).")
+        geo = EagleLlamaForCausalLM.geometry(hf)
+        return dataclasses.replace(target, model=path, architecture="EagleLlamaForCausalLM", hf_config=hf,
+                                   num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim,
+                                   kv_shared=False, kv_layer_shapes=(), num_state_layers=0, state_shapes=(),
+                                   state_dtypes=(), sliding_window=None, quantization=None)
+
+    def _eagle3_config(self, path: str, target: ModelConfig) -> tuple[ModelConfig, tuple[int, ...]]:
+        """An EAGLE-3 head's ModelConfig (its one cache layer) and the model layers it reads; a ValueError naming
+        speculative_config where the pair cannot work."""
+        from pagellm.models.eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
+
+        hf = self._eagle_head_config(path, target, "EAGLE-3")
         if getattr(hf, "num_hidden_layers", 1) != 1:
             raise ValueError(f"speculative_config.model: EAGLE-3 heads have one decoder layer; this one has "
                              f"{hf.num_hidden_layers}.")
@@ -671,9 +693,9 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
         method = "ngram"
     if method in ("deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp", "qwen3_5_mtp"):  # vLLM's per-family names
         method = "mtp"
-    if method not in ("ngram", "draft_model", "mtp", "eagle3"):
-        raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model', 'mtp' or 'eagle3' (pagellm has "
-                         f"no EAGLE-1 or Medusa heads), got {method!r}.")
+    if method not in ("ngram", "draft_model", "mtp", "eagle", "eagle3"):
+        raise ValueError(f"speculative_config.method must be 'ngram', 'draft_model', 'mtp', 'eagle' or 'eagle3' "
+                         f"(pagellm has no Medusa heads), got {method!r}.")
     k = spec.get("num_speculative_tokens")
     if k is None:
         raise ValueError("speculative_config.num_speculative_tokens is required (draft tokens per step).")
@@ -682,15 +704,16 @@ def speculative_config(spec: dict | None) -> SpeculativeConfig | None:
     if off is not None and (not isinstance(off, int) or isinstance(off, bool) or off < 2):
         raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 2 (the running requests "
                          f"above which steps go without drafts), got {off!r}.")
-    if method == "eagle3":
+    if method in ("eagle", "eagle3"):
+        head = "EAGLE-3" if method == "eagle3" else "EAGLE"
         if not isinstance(model, str) or not model:
-            raise ValueError(f"speculative_config.model must be the EAGLE-3 head's directory, got {model!r}.")
+            raise ValueError(f"speculative_config.model must be the {head} head's directory, got {model!r}.")
         for name in ("prompt_lookup_max", "prompt_lookup_min"):
             if name in spec:
-                raise ValueError(f"speculative_config.{name} applies to method 'ngram', not 'eagle3'.")
+                raise ValueError(f"speculative_config.{name} applies to method 'ngram', not '{method}'.")
         if spec.get("draft_tensor_parallel_size", 1) != 1:
             raise ValueError("speculative_config.draft_tensor_parallel_size must be 1 (the head runs unsharded).")
-        return SpeculativeConfig("eagle3", k, model=model, disable_by_batch_size=off)
+        return SpeculativeConfig(method, k, model=model, disable_by_batch_size=off)
     if method == "draft_model":
         if not isinstance(model, str) or not model:
             raise ValueError("speculative_config.model must be the draft checkpoint's directory for method "

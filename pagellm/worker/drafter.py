@@ -50,13 +50,14 @@ class Drafter:
         self.config = dataclasses.replace(config, model=spec.draft, lora=None)  # the draft's model and cache
         self.mtp = spec.method == "mtp"  # the model's own MTP layer, sharded as the model
         self.eagle3 = spec.method == "eagle3"  # an EAGLE-3 head (unsharded), fed the model's aux hidden states
-        self.hidden = self.mtp or self.eagle3  # drafts from the model's hidden states (the entries lag by one)
+        self.eagle = spec.method == "eagle"  # an EAGLE-1 head (unsharded), fed the model's last hidden state
+        self.hidden = self.mtp or self.eagle3 or self.eagle  # drafts from hidden states (the entries lag by one)
         if self.hidden:
             if self.mtp:
                 self.model = self._load_mtp(self.config, tp, load_model)
                 hf = config.model.hf_config
             else:
-                self.model = self._load_eagle3(self.config, config.model.model, load_model)
+                self.model = self._load_head(self.config, config.model.model, load_model, spec.method)
                 hf = spec.draft.hf_config
             k1, hidden = spec.num_speculative_tokens + 1, getattr(hf, "text_config", hf).hidden_size
             # each row's latest hidden states of the model: tail[row, i] is position tail_first[row] + i
@@ -100,14 +101,16 @@ class Drafter:
                              f"{mtp_weights_at(family, config.model.hf_config)})") from None
 
     @staticmethod
-    def _load_eagle3(config: EngineConfig, target_dir: str, load_model):
-        """The EAGLE-3 head from its directory, with the model's embedding when it stores none."""
+    def _load_head(config: EngineConfig, target_dir: str, load_model, method: str):
+        """An EAGLE head from its directory, with what it shares of the model's checkpoint (the embedding where an
+        EAGLE-3 head stores none; an EAGLE-1 head's embedding and LM head)."""
         import functools
 
+        from pagellm.models.eagle import EagleLlamaForCausalLM
         from pagellm.models.eagle3 import Eagle3LlamaForCausalLM
 
-        cls = type("Eagle3Head", (Eagle3LlamaForCausalLM,), {
-            "__init__": functools.partialmethod(Eagle3LlamaForCausalLM.__init__, target_dir=target_dir)})
+        base = Eagle3LlamaForCausalLM if method == "eagle3" else EagleLlamaForCausalLM
+        cls = type("EagleHead", (base,), {"__init__": functools.partialmethod(base.__init__, target_dir=target_dir)})
         try:
             return load_model(config, cls=cls)
         except ValueError as e:

@@ -185,8 +185,8 @@ def test_refusals(tiny_models, heads, tmp_path):
         LLM(tiny_models["llama"], speculative_config={**spec, "model": far})
     with pytest.raises(ValueError, match="EAGLE-3 head's directory"):
         LLM(tiny_models["llama"], speculative_config={"method": "eagle3", "num_speculative_tokens": 2})
-    with pytest.raises(ValueError, match="no EAGLE-1"):
-        LLM(tiny_models["llama"], speculative_config={"method": "eagle", "model": heads["llama"],
+    with pytest.raises(ValueError, match="no Medusa"):
+        LLM(tiny_models["llama"], speculative_config={"method": "medusa", "model": heads["llama"],
                                                       "num_speculative_tokens": 2})
     broken = str(tmp_path / "broken")
     shutil.copytree(heads["llama"], broken)
