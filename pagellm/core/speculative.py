@@ -95,4 +95,6 @@ class DraftModelSlots:
 
 
 def make_proposer(config: SpeculativeConfig) -> NgramProposer | DraftModelSlots:
-    return DraftModelSlots(config) if config.method in ("draft_model", "mtp", "eagle", "eagle3") else NgramProposer(config)
+    if config.method in ("draft_model", "mtp", "eagle", "eagle3"):
+        return DraftModelSlots(config)
+    return NgramProposer(config)
