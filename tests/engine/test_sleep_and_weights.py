@@ -251,6 +251,7 @@ def test_server_dev_routes(llama_path):
         assert httpx.post(url + "/collective_rpc", json={"method": "where"}).json() == {"results": [[0, 128]]}
         assert httpx.post(url + "/sleep", params={"level": 2}).status_code == 200
         assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        assert server.metric("pagellm:engine_sleep_state") == 1
         asleep = complete()
         assert asleep.status_code == 503 and "wake_up" in asleep.json()["error"]["message"]
         assert httpx.post(url + "/collective_rpc", json={"method": "weight_bytes"}).json() == {"results": [0]}
@@ -259,6 +260,7 @@ def test_server_dev_routes(llama_path):
         assert httpx.post(url + "/collective_rpc", json={"method": "reload_weights"}).json() == {"results": [None]}
         assert httpx.post(url + "/wake_up").status_code == 200
         assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
+        assert server.metric("pagellm:engine_sleep_state") == 0
         assert complete().json()["choices"][0]["token_ids"] == first
         assert httpx.post(url + "/reset_prefix_cache").status_code == 200
 

@@ -57,6 +57,8 @@ class _EngineCollector:
         yield CounterMetricFamily("pagellm:engine_device_steps", "Forward passes since start: engine steps plus the "
                                   "extra decode steps of multi-step rounds (--num-scheduler-steps).",
                                   value=c.device_steps)
+        yield GaugeMetricFamily("pagellm:engine_sleep_state", "Sleep mode: 1 while the engine sleeps (requests get "
+                                "503), 0 awake.", value=int(bool(getattr(self.engine, "sleeping", False))))
         yield from self._per_replica()
 
     def _per_replica(self):
