@@ -96,9 +96,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"{type(self).__name__} derives its attention weights at load (absorbed into the latent "
                              "attention); its weights are not updated in place: reload_weights(model_dir) reads a "
                              "checkpoint.")
-        from pagellm.models.loader import update_weights
+        from pagellm.models.loader import load_weights
 
-        return update_weights(self, weights)
+        return load_weights(self, weights, update=True)
 
     def materialize(self) -> None:
         """Real tensors for load_format="dummy" (nothing to do unless the model was built on the meta device)."""

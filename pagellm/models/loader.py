@@ -1,7 +1,8 @@
 """Weights from a Hugging Face directory into a pagellm model.
 
     iterate_weights(dir, load_format) -> (name, tensor) ...     (safetensors, sharded or not, or .bin)
-    load_weights(model, weights)                                 (HF names, packed parts, Conv1D transposes)
+    load_weights(model, weights, update=False)                   (HF names, packed parts, Conv1D transposes; update:
+                                                                  some weights of a loaded model, RL weight sync)
     init_dummy_weights(model, seed)                              (load_format="dummy", for benchmarks)
     finish_loading(model, device, dtype)                         (the cast, float32 where a model keeps it,
                                                                   the model's own after_load())
@@ -74,10 +75,13 @@ def iterate_weights(model_dir: str, load_format: str = "auto",
             del state
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model through each parameter's weight loader.
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], update: bool = False) -> set[str]:
+    """Copy checkpoint tensors into the model through each parameter's weight loader; the names of the parameters
+    written.
 
-    Every parameter must be covered: by one whole tensor, or by every shard it lists in `shard_ids`.
+    At load, every parameter must be covered: by one whole tensor, or by every shard it lists in `shard_ids`, and a
+    checkpoint's tensors without a parameter are skipped. `update` (new weights for a loaded model): some or all of
+    them, and a name that maps to no parameter is an error (an update that would silently miss a weight).
     """
     params = dict(model.named_parameters())
     loaded: dict[str, set] = {}
@@ -89,43 +93,25 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         name, shard = target
         param = params.get(name)
         if param is None:
+            if update:
+                raise ValueError(f"weight {ckpt_name!r}: the model has no parameter {name!r} to update")
             skipped.append(ckpt_name)
             continue
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        try:
-            loader(param, tensor, shard)
-        except ValueError as e:
-            raise ValueError(f"weight {ckpt_name}: {e}") from None
-        loaded.setdefault(name, set()).add(shard)
-    missing = sorted(n for n, p in params.items() if not _covered(p, loaded.get(n, set())))
-    if missing:
-        raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if skipped:
-        logger.warning("ignored %d checkpoint tensors with no matching parameter: %s", len(skipped), skipped[:5])
-
-
-def update_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Checkpoint tensors (some or all) into a loaded model's live parameters, through their weight loaders; the
-    names of the parameters written. A name that maps to no parameter is an error here (an update that would
-    silently miss a weight), unlike at load, where a checkpoint's extra tensors are skipped."""
-    params = dict(model.named_parameters())
-    written: set[str] = set()
-    for ckpt_name, tensor in weights:
-        target = model.map_weight(ckpt_name)
-        if target is None:
-            continue
-        name, shard = target
-        param = params.get(name)
-        if param is None:
-            raise ValueError(f"weight {ckpt_name!r}: the model has no parameter {name!r} to update")
         loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             with torch.no_grad():
                 loader(param, tensor, shard)
         except ValueError as e:
             raise ValueError(f"weight {ckpt_name}: {e}") from None
-        written.add(name)
-    return written
+        loaded.setdefault(name, set()).add(shard)
+    if update:
+        return set(loaded)
+    missing = sorted(n for n, p in params.items() if not _covered(p, loaded.get(n, set())))
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if skipped:
+        logger.warning("ignored %d checkpoint tensors with no matching parameter: %s", len(skipped), skipped[:5])
+    return set(loaded)
 
 
 def _covered(param: torch.Tensor, shards: set) -> bool:

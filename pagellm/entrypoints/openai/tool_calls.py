@@ -287,11 +287,8 @@ class Qwen3CoderToolParser(TailCallsParser):
         return text
 
 
-class Llama3JsonToolParser(TailCallsParser):
-    """Llama 3.1 / 3.2 / 3.3's JSON calls (vLLM's `llama3_json`): a reply that starts with <|python_tag|> or "{" is
-    a run of {"name": ..., "parameters": {...}} objects (";" between them); any other reply is content."""
-
-    markers = ("<|python_tag|>", "{")
+class LeadingCallsParser(TailCallsParser):
+    """Formats where a reply is either all calls (it starts with a marker) or all content."""
 
     def _start(self, text: str) -> int:
         stripped = text.lstrip()
@@ -299,11 +296,16 @@ class Llama3JsonToolParser(TailCallsParser):
         return at if stripped.startswith(self.markers) else -1
 
     def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
-        if not final and not text.strip():
-            return "", []  # whitespace so far: a call may still follow
-        if not final and self._start(text) == -1 and any(m.startswith(text.lstrip()) for m in self.markers):
-            return "", []  # a marker arriving
+        if not final and (not text.strip() or any(m.startswith(text.lstrip()) for m in self.markers)):
+            return "", []  # whitespace so far, or a marker arriving: a call may still follow
         return super().split(text, final)
+
+
+class Llama3JsonToolParser(LeadingCallsParser):
+    """Llama 3.1 / 3.2 / 3.3's JSON calls (vLLM's `llama3_json`): a reply that starts with <|python_tag|> or "{" is
+    a run of {"name": ..., "parameters": {...}} objects (";" between them); any other reply is content."""
+
+    markers = ("<|python_tag|>", "{")
 
     def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         objs = _json_objects(tail.removeprefix("<|python_tag|>"), final)
@@ -350,22 +352,12 @@ class MistralToolParser(TailCallsParser):
         return calls
 
 
-class PythonicToolParser(TailCallsParser):
+class PythonicToolParser(LeadingCallsParser):
     """Calls written as a Python list (vLLM's `pythonic`: Llama 3.2, Llama 4, ...):
     [get_weather(city="Paris"), get_time()] (between <|python_start|> and <|python_end|> for Llama 4). Keyword
     arguments whose values are Python literals; anything else is content."""
 
     markers = ("<|python_start|>", "[")
-
-    def _start(self, text: str) -> int:
-        stripped = text.lstrip()
-        at = len(text) - len(stripped)
-        return at if stripped.startswith(self.markers) else -1
-
-    def split(self, text: str, final: bool = True) -> tuple[str, list[ToolCall]]:
-        if not final and (not text.strip() or any(m.startswith(text.lstrip()) for m in self.markers)):
-            return "", []
-        return super().split(text, final)
 
     def _calls(self, tail: str, final: bool) -> list[ToolCall] | None:
         import ast
