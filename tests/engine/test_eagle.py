@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagellm import LLM, SamplingParams
-from tests.engine.test_mtp import spy_proposals
-from tests.models.test_hybrid import assert_matches_hf, prompts
+from pagellm import LLM
+from tests.engine.test_eagle3 import check_head
 
 
 def make_head(target: str, dst: str, layers: int = 1, speculators: bool = False) -> str:
@@ -130,21 +129,8 @@ def heads(tiny_models, tmp_path_factory):
 def test_proposals_equal_transformers_modules_and_outputs_the_models(tiny_models, heads, monkeypatch, kind, batched,
                                                                       tp):
     target, head = tiny_models["llama"], heads[kind]
-    seen = spy_proposals(monkeypatch)
-    ps = prompts(512, lengths=(1, 4, 13, 30))
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    llm = LLM(target, block_size=4, num_gpu_blocks_override=256, max_num_batched_tokens=batched,
-              tensor_parallel_size=tp, speculative_config={"method": "eagle", "model": head,
-                                                           "num_speculative_tokens": 3})
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
-    assert_matches_hf(target, ps, outs, max_tokens=12)
-    assert len(seen) >= 4 * 3
-    ref = Reference(target, head)
-    for tokens, d in [x for x in seen if len(x[0]) > 1][:24]:
-        assert d == ref.drafts(tokens, len(d)), f"proposal after {len(tokens)} tokens"
-    stats = llm.llm_engine.get_stats()
-    assert stats.spec_num_draft_tokens > 0 and stats.num_free_blocks == stats.num_total_blocks
-    llm.shutdown()
+    check_head(monkeypatch, target, {"method": "eagle", "model": head, "num_speculative_tokens": 3}, batched, tp,
+               lambda: Reference(target, head))
 
 
 def test_refusals(tiny_models, heads, tmp_path):

@@ -135,20 +135,29 @@ def heads(tiny_models, tmp_path_factory):
 def test_proposals_equal_transformers_modules_and_outputs_the_models(tiny_models, heads, monkeypatch, batched, tp):
     """The head's own vocabulary (200 of 512 tokens, d2t), aux layers 0, 1, 1 of the 2-layer model; chunks of 5."""
     target, head = tiny_models["llama"], heads["llama"]
+    check_head(monkeypatch, target, {"method": "eagle3", "model": head, "num_speculative_tokens": K}, batched, tp,
+               lambda: Reference(target, head, (0, 1, 1)))
+
+
+def check_head(monkeypatch, target: str, spec: dict, batched: int, tp: int, reference) -> None:
+    """The model's greedy output with the head drafting (prompts of 1 to 30 tokens, blocks of 4, chunks of `batched`
+    tokens), and its first proposals equal to reference().drafts; every block free afterwards."""
     seen = spy_proposals(monkeypatch)
     ps = prompts(512, lengths=(1, 4, 13, 30))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     llm = LLM(target, block_size=4, num_gpu_blocks_override=256, max_num_batched_tokens=batched,
-              tensor_parallel_size=tp, speculative_config={"method": "eagle3", "model": head,
-                                                           "num_speculative_tokens": K})
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
-    assert_matches_hf(target, ps, outs, max_tokens=12)
-    assert len(seen) >= 4 * 3
-    ref = Reference(target, head, (0, 1, 1))
-    for tokens, d in [x for x in seen if len(x[0]) > 1][:24]:
-        assert d == ref.drafts(tokens, len(d)), f"proposal after {len(tokens)} tokens"
-    stats = llm.llm_engine.get_stats()
-    assert stats.spec_num_draft_tokens > 0 and stats.num_free_blocks == stats.num_total_blocks
+              tensor_parallel_size=tp, speculative_config=spec)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+        assert_matches_hf(target, ps, outs, max_tokens=12)
+        assert len(seen) >= 4 * 3
+        ref = reference()
+        for tokens, d in [x for x in seen if len(x[0]) > 1][:24]:
+            assert d == ref.drafts(tokens, len(d)), f"proposal after {len(tokens)} tokens"
+        stats = llm.llm_engine.get_stats()
+        assert stats.spec_num_draft_tokens > 0 and stats.num_free_blocks == stats.num_total_blocks
+    finally:
+        llm.shutdown()
 
 
 def test_default_aux_layers_own_embedding_and_method_inferred(heads, monkeypatch):
