@@ -31,7 +31,8 @@
 #               model as its own draft against HF; the demo model with its shipped 2-layer draft at batch 1)
 #   lora        a random LoRA adapter on every projection against HF with it merged, CUDA graphs then eager
 #   pooling     decoders as embedding models (mean / last-token pooling, chunked) and classifiers against HF
-#   sleep       sleep mode on the GPU: device memory given back, CUDA graphs captured again, weight updates against HF
+#   sleep       sleep mode on the GPU: device memory given back, CUDA graphs captured again, weight updates against HF;
+#               then pagellm bench sleep on a TinyLlama-shape checkpoint (sleep / reload / update vs a cold start)
 #   images      tiny LLaVA, LLaVA-NeXT, Qwen2-VL, Gemma 3 and Mistral 3 with image prompts (whole and chunked) against HF, graphs and eager
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -137,7 +138,13 @@ stage_images() {
     $PY scripts/check_cuda.py --images && $PY scripts/check_cuda.py --images --enforce-eager
 }
 stage_sleep() {
-    $PY -m pytest -q -p no:cacheprovider tests/engine/test_sleep_and_weights.py -k cuda -x
+    $PY -m pytest -q -p no:cacheprovider tests/engine/test_sleep_and_weights.py -k cuda -x || return 1
+    # a real checkpoint of the TinyLlama-1.1B shape (random bf16 weights) to reload: sleep, reload and weight
+    # updates against a cold start, on the GPU
+    $PY -c "import torch, transformers as t; c = t.AutoConfig.from_pretrained('$TINY'); \
+torch.manual_seed(0); t.AutoModelForCausalLM.from_config(c, dtype=torch.bfloat16).save_pretrained('$OUT/tiny-ckpt')" &&
+    $PY -m pagellm bench sleep --device cuda --model "$OUT/tiny-ckpt" --dtype bfloat16 --rounds 3 \
+        --output-json "$OUT/sleep.json"
 }
 stage_gpu_tests() {
     $PY -m pytest -q -p no:cacheprovider tests -m "not slow" -k "cuda or gpu" -x
@@ -146,7 +153,7 @@ stage_gpu_tests() {
 declare -A LIMIT=([info]=60 [quick]=180 [attention]=90 [greedy]=150 [profile]=200 [throughput]=360 [gpt2]=200
                   [nosync]=90 [gemma2]=90 [profile_sync]=120 [multistep]=300
                   [greedy_all]=400 [sweep]=200 [ablations]=200 [cases]=300 [gpu_tests]=400 [spec]=150 [lora]=150
-                  [pooling]=120 [images]=180 [sleep]=90)
+                  [pooling]=120 [images]=180 [sleep]=180)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(info quick attention profile multistep profile_sync throughput gpt2 greedy_all sweep
                                    ablations cases)
