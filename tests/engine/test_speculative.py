@@ -212,7 +212,7 @@ def test_steps_with_drafts_yield_several_tokens():
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"method": "eagle", "num_speculative_tokens": 2}, "method must be 'ngram'"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method must be 'ngram'"),
     ({"method": "ngram"}, "num_speculative_tokens is required"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min .4. must be"),

@@ -233,7 +233,7 @@ def test_a_draft_of_another_size_and_family(tiny_models):
     ({"model": "/no/such/dir"}, "speculative_config.model: model directory '/no/such/dir' does not exist"),
     ({"prompt_lookup_max": 3}, "prompt_lookup_max applies to method 'ngram'"),
     ({"draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size must be 1"),
-    ({"method": "eagle"}, "method must be 'ngram', 'draft_model', 'mtp' or 'eagle3'"),
+    ({"method": "medusa"}, "method must be 'ngram', 'draft_model', 'mtp', 'eagle' or 'eagle3'"),
 ])
 def test_bad_draft_config(extra, match):
     cfg = {"model": DEMO, "num_speculative_tokens": 2, **extra}

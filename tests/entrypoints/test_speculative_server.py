@@ -47,7 +47,8 @@ def test_bad_speculative_config_flag_is_a_clear_error():
     import sys
 
     out = subprocess.run([sys.executable, "-m", "pagellm.entrypoints.cli", "serve", DEMO, "--speculative-config",
-                          '{"method": "eagle", "num_speculative_tokens": 2}'], capture_output=True, text=True,
+                          '{"method": "medusa", "num_speculative_tokens": 2}'], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
-    assert "speculative_config.method must be 'ngram', 'draft_model', 'mtp' or 'eagle3'" in out.stderr + out.stdout
+    assert "speculative_config.method must be 'ngram', 'draft_model', 'mtp', 'eagle' or 'eagle3'" in \
+        out.stderr + out.stdout
