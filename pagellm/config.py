@@ -6,9 +6,18 @@ torch dtypes in the worker.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+
+def import_by_name(spec: str, what: str) -> Any:
+    """The object a "module.Name" (or "module:Name") names; a ValueError naming `what` when it cannot be imported."""
+    module, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from None
 
 @dataclass(frozen=True)
 class ModelGeometry:

@@ -73,6 +73,10 @@ __all__ = ["AsyncLLMEngine", "EngineBusyError", "EngineDeadError", "EngineSleepi
            "RequestFailedError"]
 
 
+# the errors of an engine-core call that keep their type across the connection (the server maps them: 400, 409, 503)
+_CALL_ERRORS = {e.__name__: e for e in (ValueError, EngineBusyError, EngineDeadError)}
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at max_waiting_requests (the server answers 429)."""
 
@@ -447,10 +451,8 @@ class AsyncLLMEngine:
                 raise RuntimeError(f"an engine replica did not answer {method}() (dead, or still busy after "
                                    f"{timeout:.0f}s)")
             if reply.error is not None:
-                if reply.error_type in ("ValueError", "EngineBusyError"):
-                    raise (EngineBusyError if reply.error_type == "EngineBusyError" else ValueError)(reply.error)
-                raise (EngineDeadError if reply.error_type == "EngineDeadError" else RuntimeError)(
-                    f"{reply.error_type}: {reply.error}")
+                kind = _CALL_ERRORS.get(reply.error_type)
+                raise kind(reply.error) if kind else RuntimeError(f"{reply.error_type}: {reply.error}")
         return [reply.value for reply in replies]
 
     async def sleep(self, level: int = 1) -> None:
@@ -473,9 +475,6 @@ class AsyncLLMEngine:
     async def reset_prefix_cache(self) -> bool:
         """True when every replica forgot its cached prefixes (False: requests held blocks somewhere)."""
         return all(await self.call_cores("reset_prefix_cache"))
-
-    async def reload_weights(self, model_dir: str | None = None) -> None:
-        await self.call_cores("reload_weights", model_dir)
 
     async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                              kwargs: dict | None = None) -> list:

@@ -6,7 +6,7 @@
     FinishSequence(id, index, stop)          ------>  EngineCore.finish_sequence   (a stop string matched)
     SnapshotRequest(token)                   ------>  (dashboard) block map and request table
     CoreCall(token, method, args, kwargs)    ------>  EngineCore.sleep / wake_up / is_sleeping /
-                                                      reset_prefix_cache / reload_weights / collective_rpc
+                                                      reset_prefix_cache / collective_rpc
     Shutdown()                               ------>  stop the executor, exit
                                              <------  CoreReady(num_blocks)         (once, after loading)
                                              <------  CoreOutput(updates, failed, stats, counters, dead)
@@ -88,7 +88,7 @@ class CoreCall:
     kwargs: dict = field(default_factory=dict)
 
 
-CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "reload_weights", "collective_rpc"})
+CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "collective_rpc"})
 
 
 @dataclass

@@ -94,9 +94,9 @@ class UniProcExecutor:
         return self.runner.remove_lora(lora_int_id)
 
     def collective_rpc(self, method, args: tuple = (), kwargs: dict | None = None) -> list:
-        from pagellm.executor.tp_worker import CollectiveRPC, raise_rpc_errors, run_rpc
+        from pagellm.worker.worker import call_worker
 
-        return raise_rpc_errors([run_rpc(self.worker, 0, CollectiveRPC(method, args, kwargs or {}))])
+        return [call_worker(self.worker, method, args, kwargs or {})]
 
     def check_health(self) -> None:
         pass

@@ -157,13 +157,13 @@ class DriverRank:
         return self.runner.determine_num_blocks()  # rank 0 decides; every rank allocates the same count
 
     def collective_rpc(self, method, args: tuple, kwargs: dict) -> list:
+        sent = method
         if not isinstance(method, str):  # by value: lambdas and closures too, as vLLM sends them
             import cloudpickle
 
-            method = cloudpickle.dumps(method)
-        cmd = CollectiveRPC(method, args, kwargs)
-        self.tp.broadcast_object(cmd)
-        return self.tp.gather_objects(run_rpc(self.worker, 0, cmd))
+            sent = cloudpickle.dumps(method)
+        self.tp.broadcast_object(CollectiveRPC(sent, args, kwargs))
+        return self.tp.gather_objects(run_rpc(self.worker, 0, CollectiveRPC(method, args, kwargs)))
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.tp.broadcast_object(InitKVCache(num_blocks))

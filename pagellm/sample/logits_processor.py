@@ -27,7 +27,6 @@ ones after everything, as in vLLM.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -35,8 +34,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 
+from pagellm.config import import_by_name
 from pagellm.sampling_params import SamplingParams
 
 
@@ -132,11 +133,7 @@ def load_logits_processors(specs: Sequence[Any]) -> list[type]:
 
             cls = spec = cloudpickle.loads(spec)
         if isinstance(spec, str):
-            module, sep, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
-            try:
-                cls = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError, ValueError) as e:
-                raise ValueError(f"logits processor {spec!r} cannot be imported: {e}") from None
+            cls = import_by_name(spec, "logits processor")
         if not inspect.isclass(cls) or not all(callable(getattr(cls, m, None))
                                                for m in ("apply", "update_state", "is_argmax_invariant")):
             raise ValueError(f"logits processor {spec!r} must be a class with apply, update_state and "
@@ -176,8 +173,8 @@ class BatchLogitsProcessors:
     def extend(self, row: int, tokens: list[int]) -> None:
         self.outputs[row].extend(tokens)
 
-    def apply(self, logits: torch.Tensor, rows: Sequence[int], all_greedy: bool) -> torch.Tensor:
-        """`logits` (len(rows), V) of the rows sampling now -> the processed rows."""
+    def apply(self, logits: torch.Tensor, rows: np.ndarray, all_greedy: bool) -> torch.Tensor:
+        """`logits` (len(rows), V) of the batch rows sampling now -> the processed rows."""
         size = max(self.outputs, default=-1) + 1
         update = BatchUpdate(size, self.removed, self.added, []) if self.removed or self.added else None
         self.removed, self.added = [], []
@@ -186,8 +183,13 @@ class BatchLogitsProcessors:
         active = [p for p in self.procs if not (all_greedy and p.is_argmax_invariant())]
         if not active:
             return logits
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)
-        batch = logits.new_zeros((max(size, int(index.max()) + 1), logits.shape[-1]))
+        rows = np.asarray(rows, dtype=np.int64)
+        if np.array_equal(rows, np.arange(size)):  # every row samples, in order: the batch as it is
+            for p in active:
+                logits = p.apply(logits)
+            return logits
+        index = torch.from_numpy(rows).to(logits.device)
+        batch = logits.new_zeros((max(size, int(rows.max()) + 1), logits.shape[-1]))
         batch[index] = logits
         for p in active:
             batch = p.apply(batch)

@@ -445,7 +445,7 @@ class ModelRunner:
                 rows = to_device([row_of[s] for s in grammar_seq_ids], self.device)
                 md.grammar = (to_device(grammar_bitmask, self.device), rows)
             if self.logitsprocs is not None:  # (never with drafts: refused at start-up)
-                rows, greedy = inputs.sample_rows.tolist(), md.all_greedy
+                rows, greedy = inputs.sample_rows, md.all_greedy
                 md.custom = lambda x: self.logitsprocs.apply(x, rows, greedy)
             so = self.sampler(logits, md)
             if spec is None:

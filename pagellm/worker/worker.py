@@ -25,7 +25,6 @@ After the weights wake, the decode CUDA graphs are captured again (their memory 
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterable
 
@@ -133,7 +132,6 @@ class Worker:
     def __init__(self, runner, rank: int = 0) -> None:
         self.model_runner = runner
         self.rank = rank
-        self.local_rank = rank
         self.device = runner.device
         self.config = runner.config
         self.memory: DeviceMemory | None = None  # while asleep
@@ -142,11 +140,8 @@ class Worker:
     # ---- sleep mode -----------------------------------------------------------------
 
     def sleep(self, level: int = 1) -> int:
-        """Free the weights' and the KV cache's device memory (module docstring); the bytes freed."""
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level!r}.")
-        if self.asleep:
-            raise ValueError("the engine is asleep already; wake_up() first.")
+        """Free the weights' and the KV cache's device memory (module docstring); the bytes freed. EngineCore.sleep
+        checks the level and that the engine is idle and awake."""
         r = self.model_runner
         r.drop_graphs()
         self.memory = DeviceMemory()
@@ -156,11 +151,8 @@ class Worker:
         return self.memory.bytes_freed
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Take back the memory of `tags` ("weights", "kv_cache"; default both)."""
-        tags = list(SLEEP_TAGS) if tags is None else list(tags)
-        for tag in tags:
-            if tag not in SLEEP_TAGS:
-                raise ValueError(f"wake_up tags are {list(SLEEP_TAGS)}, got {tag!r}.")
+        """Take back the memory of `tags` ("weights", "kv_cache"; default both; EngineCore.wake_up checks them)."""
+        tags = SLEEP_TAGS if tags is None else tags
         if self.memory is None:
             return
         if "weights" in tags and "weights" in self.asleep:
@@ -197,11 +189,9 @@ def make_worker(runner, rank: int, extension: str | None) -> Worker:
     """The Worker of a rank, with the methods of `extension` ("module.Class") added."""
     if not extension:
         return Worker(runner, rank)
-    module, _, name = extension.rpartition(".")
-    try:
-        ext = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"worker_extension_cls {extension!r} cannot be imported: {e}") from None
+    from pagellm.config import import_by_name
+
+    ext = import_by_name(extension, "worker_extension_cls")
     clash = sorted(n for n in vars(ext) if not n.startswith("__") and hasattr(Worker, n))
     if clash:
         raise ValueError(f"worker_extension_cls {extension!r} redefines the worker's {clash}.")

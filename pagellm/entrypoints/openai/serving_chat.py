@@ -104,9 +104,7 @@ def tool_mode(state: ServingState, req: ChatCompletionRequest) -> str | None:
 
 def tool_stream(state: ServingState, req: ChatCompletionRequest, mode: str) -> ToolStream:
     name = req.tool_choice.function.name if mode == "named" else None
-    parser = state.tool_parser
-    if parser is not None and hasattr(parser, "for_request"):  # (qwen3_coder reads the tools' schemas)
-        parser = parser.for_request(req)
+    parser = state.tool_parser.for_request(req) if state.tool_parser is not None else None  # (qwen3_coder: schemas)
     return ToolStream(mode, name, parser)
 
 

@@ -36,8 +36,6 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.reasoning import safe_end
 from pagellm.sampling_params import ParamError, StructuredOutputsParams
 
-TOOL_PARSERS = ("hermes", "openai", "qwen3_coder", "llama3_json", "mistral", "pythonic")
-
 
 def tool_constraint(req: ChatCompletionRequest) -> StructuredOutputsParams | None:
     """The output constraint that tool_choice implies (None for none/auto or without tools)."""
@@ -81,7 +79,17 @@ def calls_from_required(text: str) -> list[ToolCall]:
             for i in items]
 
 
-class HermesToolParser:
+class ToolParser:
+    """What every parser has: whether its tags are special tokens the reply must keep, and its form for one request
+    (a parser that reads the request's tools returns a bound copy)."""
+
+    keep_special_tokens = False
+
+    def for_request(self, req: ChatCompletionRequest) -> ToolParser:
+        return self
+
+
+class HermesToolParser(ToolParser):
     """Calls written as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (Hermes, Qwen2.5, ...)."""
 
     START, END = "<tool_call>", "</tool_call>"
@@ -106,7 +114,7 @@ class HermesToolParser:
         return (content or None), calls
 
 
-class HarmonyToolParser:
+class HarmonyToolParser(ToolParser):
     """OpenAI's harmony format (GPT-OSS; vLLM's `openai` parser). The reply is a run of messages,
 
         [<|start|>assistant[ to=RECIPIENT]]<|channel|>CHANNEL[ to=RECIPIENT][ json][<|constrain|>json]<|message|>BODY
@@ -172,17 +180,13 @@ class HarmonyToolParser:
         return content or None, calls
 
 
-class TailCallsParser:
+class TailCallsParser(ToolParser):
     """Formats whose calls follow the content: the content is the text before the first call's marker (its trailing
     whitespace dropped when calls follow), the calls are read from the marker on (`_calls`), and text after them is
     dropped (vLLM's parsers of these formats do the same). Streaming (ToolStream, through `split`) sends the content
     as it settles and each call whole once complete. Calls that do not parse leave the whole text as content."""
 
     markers: tuple[str, ...] = ()
-    keep_special_tokens = False
-
-    def for_request(self, req: ChatCompletionRequest) -> TailCallsParser:
-        return self
 
     def _start(self, text: str) -> int:
         found = [i for i in (text.find(m) for m in self.markers) if i != -1]
@@ -383,12 +387,16 @@ class PythonicToolParser(LeadingCallsParser):
         return calls
 
 
-def make_parser(name: str) -> HermesToolParser | HarmonyToolParser | TailCallsParser:
-    parsers = {"hermes": HermesToolParser, "openai": HarmonyToolParser, "qwen3_coder": Qwen3CoderToolParser,
-               "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser, "pythonic": PythonicToolParser}
-    if name not in parsers:
+TOOL_PARSER_CLASSES = {"hermes": HermesToolParser, "openai": HarmonyToolParser,
+                       "qwen3_coder": Qwen3CoderToolParser, "llama3_json": Llama3JsonToolParser,
+                       "mistral": MistralToolParser, "pythonic": PythonicToolParser}
+TOOL_PARSERS = tuple(TOOL_PARSER_CLASSES)  # --tool-call-parser's choices
+
+
+def make_parser(name: str) -> ToolParser:
+    if name not in TOOL_PARSER_CLASSES:
         raise ValueError(f"--tool-call-parser must be one of {TOOL_PARSERS}, got {name!r}")
-    return parsers[name]()
+    return TOOL_PARSER_CLASSES[name]()
 
 
 class CallScanner:
@@ -462,7 +470,7 @@ class ToolStream:
 
     mode: str  # "named" | "required" | "auto"
     name: str | None = None  # the named function
-    parser: Any = None  # a tool parser (make_parser), bound to the request
+    parser: ToolParser | None = None  # (make_parser), bound to the request
     text: str = ""  # everything generated so far
     sent_content: int = 0  # chars of text already sent as content (auto)
     started: bool = False  # named: the first delta (id, name) has been sent
