@@ -180,6 +180,12 @@ class ParallelConfig:
     distributed_timeout_s: float = 60.0  # a collective waiting longer on a peer fails (dead or stuck worker)
     enable_expert_parallel: bool = False  # MoE: each rank holds whole experts (E / tp of them), not I / tp of all
     worker_extension_cls: str | None = None  # "module.Class" whose methods every rank's worker gains (collective_rpc)
+    pipeline_parallel_size: int = 1  # stages the decoder layers are split over, each tensor_parallel_size ranks
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes of one engine (rank 0 is the engine's own)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

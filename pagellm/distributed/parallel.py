@@ -1,19 +1,26 @@
-"""Which tensor-parallel shard a process holds, and the collectives its layers call.
+"""Which shard of the model a process holds, and the collectives its layers call.
 
-    TPGroup(rank, size, device_group, cpu_group)
-        .all_reduce(x)            sum over ranks, in place (after row-parallel layers, the embedding)
-        .gather_to_driver(x)      concatenate the last dimension on rank 0 (vocab-parallel logits)
-        .broadcast_object(obj)    rank 0's Python object on every rank (the step's SchedulerOutput)
-        .gather_objects(obj)      every rank's Python object on rank 0 (collective_rpc's results)
+    TPGroup(rank, size, device_group, cpu_group, pp=PipelineStage(...))
+        .all_reduce(x)            sum over the stage's tensor-parallel ranks, in place (row-parallel layers)
+        .gather_to_driver(x)      concatenate the last dimension on the stage's tp rank 0 (vocab-parallel logits)
+        .broadcast_object(obj)    global rank 0's Python object on every rank (the step's SchedulerOutput)
+        .gather_objects(obj)      every rank's Python object on global rank 0 (collective_rpc's results)
+        .send_output(obj) / .recv_output()   the last stage's step result to global rank 0
+    PipelineStage(rank, size, tp_size, tp_rank)
+        .layers(num_layers)       the decoder layers this stage holds (vLLM's split: the remainder to the
+                                  stages before the last, which also holds the LM head)
+        .send(x) / .recv(...)     the hidden states at the stage boundary, to the same tp rank of the next stage
 
-A model is built with the TPGroup of its process: no process-wide state, and a TPGroup() of size 1
-(the default) makes every collective a no-op, so single-process code never touches
+Global ranks: rank g is tp rank g % tp of pipeline stage g // tp (vLLM's layout); tensor_parallel_size x
+pipeline_parallel_size processes in all. A model is built with the TPGroup of its process: no process-wide state,
+and a TPGroup() of size 1 (the default) makes every collective a no-op, so single-process code never touches
 torch.distributed.
 
-    init_tp_group(rank, size, init_method, backend) -> TPGroup      (once per process)
+    init_tp_group(rank, size, init_method, device, pp_size=...) -> TPGroup      (once per process)
 
-`device_group` carries tensors (gloo on CPU, NCCL on CUDA); `cpu_group` (always gloo) carries the
-pickled control messages, so they never cost a device copy.
+`device_group` carries the stage's tensors (gloo on CPU, NCCL on CUDA); the hidden states between stages go
+point to point over the default group; `cpu_group` (always gloo, every rank) carries the pickled control
+messages, so they never cost a device copy.
 """
 
 from __future__ import annotations
@@ -37,19 +44,79 @@ class CommStats:
     calls: int = 0
 
 
+def pp_layer_range(num_layers: int, rank: int, size: int) -> range:
+    """Stage `rank`'s decoder layers out of `num_layers` split over `size` stages: even shares, one more each for
+    the stages before the last while a remainder lasts (the last stage also runs the LM head)."""
+    if num_layers < size:
+        raise ValueError(f"{num_layers} decoder layers do not split over pipeline_parallel_size={size}")
+    parts = [num_layers // size] * size
+    for i in range(2, num_layers % size + 2):
+        parts[-i] += 1
+    start = sum(parts[:rank])
+    return range(start, start + parts[rank])
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """This process's pipeline stage: which layers it holds and its neighbours at the stage boundaries."""
+
+    rank: int = 0  # stage index
+    size: int = 1  # pipeline_parallel_size
+    tp_size: int = 1  # ranks per stage
+    tp_rank: int = 0  # this process's rank inside its stage
+
+    @property
+    def is_first(self) -> bool:
+        """Embeds the tokens."""
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Holds the final norm and the LM head, and samples."""
+        return self.rank == self.size - 1
+
+    def layers(self, num_layers: int) -> range:
+        return pp_layer_range(num_layers, self.rank, self.size)
+
+    def send(self, x: torch.Tensor) -> None:
+        """The hidden states leaving this stage, to the same tp rank of the next stage."""
+        torch.distributed.send(x.contiguous(), dst=(self.rank + 1) * self.tp_size + self.tp_rank)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The hidden states entering this stage, from the same tp rank of the stage before."""
+        x = torch.empty(shape, dtype=dtype, device=device)
+        torch.distributed.recv(x, src=(self.rank - 1) * self.tp_size + self.tp_rank)
+        return x
+
+
 @dataclass(frozen=True)
 class TPGroup:
-    rank: int = 0  # this process's shard index
+    rank: int = 0  # this process's shard index inside its pipeline stage
     size: int = 1  # tensor_parallel_size
-    device_group: Any = None  # torch.distributed group for tensors (None when size 1)
-    cpu_group: Any = None  # gloo group for Python objects (None when size 1)
+    device_group: Any = None  # torch.distributed group for the stage's tensors (None when size 1)
+    cpu_group: Any = None  # gloo group of every rank, for Python objects (None in one process)
     comm: CommStats = field(default_factory=CommStats, compare=False)  # this group's own counters
     expert_parallel: bool = False  # mixtures of experts split their experts over the ranks (FusedMoE)
+    pp: PipelineStage = field(default_factory=PipelineStage)  # this process's pipeline stage
 
     @property
     def is_driver(self) -> bool:
-        """Rank 0: samples, and talks to the scheduler."""
+        """Tensor-parallel rank 0 of the stage: the vocabulary-parallel logits are gathered here."""
         return self.rank == 0
+
+    @property
+    def samples(self) -> bool:
+        """Samples (and pools, and runs the logits processors): tp rank 0 of the last stage."""
+        return self.rank == 0 and self.pp.is_last
+
+    @property
+    def world_size(self) -> int:
+        return self.size * self.pp.size
+
+    @property
+    def sampler_rank(self) -> int:
+        """The global rank that samples."""
+        return (self.pp.size - 1) * self.size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -65,12 +132,12 @@ class TPGroup:
         start = time.perf_counter()
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
-        torch.distributed.gather(x, parts, dst=0, group=self.device_group)
+        torch.distributed.gather(x, parts, dst=self.pp.rank * self.size, group=self.device_group)
         self._count(start)
         return torch.cat(parts, dim=-1) if self.is_driver else None
 
     def broadcast_object(self, obj: Any = None) -> Any:
-        if self.size == 1:
+        if self.world_size == 1:
             return obj
         start = time.perf_counter()
         box = [obj]
@@ -79,12 +146,25 @@ class TPGroup:
         return box[0]
 
     def gather_objects(self, obj: Any) -> list | None:
-        """Every rank's Python object, in rank order, on rank 0 (None elsewhere)."""
-        if self.size == 1:
+        """Every rank's Python object, in global rank order, on global rank 0 (None elsewhere)."""
+        if self.world_size == 1:
             return [obj]
-        out = [None] * self.size if self.is_driver else None
+        out = [None] * self.world_size if self._global_rank == 0 else None
         torch.distributed.gather_object(obj, out, dst=0, group=self.cpu_group)
         return out
+
+    @property
+    def _global_rank(self) -> int:
+        return self.pp.rank * self.size + self.rank
+
+    def send_output(self, obj: Any) -> None:
+        """The sampling rank's step result to global rank 0 (pipeline parallelism: the driver is on stage 0)."""
+        torch.distributed.send_object_list([obj], dst=0, group=self.cpu_group)
+
+    def recv_output(self) -> Any:
+        box = [None]
+        torch.distributed.recv_object_list(box, src=self.sampler_rank, group=self.cpu_group)
+        return box[0]
 
     def _count(self, start: float) -> None:
         self.comm.seconds += time.perf_counter() - start
@@ -99,14 +179,25 @@ class TPGroup:
 
 
 def init_tp_group(rank: int, size: int, init_method: str, device: str = "cpu",
-                  timeout_s: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False) -> TPGroup:
-    """Join the process group of `size` ranks at `init_method` (tcp://host:port) and return this rank's TPGroup."""
-    if size == 1:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False, pp_size: int = 1) -> TPGroup:
+    """Join the process group of `size` x `pp_size` ranks at `init_method` (tcp://host:port) as global rank `rank`
+    and return its TPGroup (its stage's tensor-parallel group, its pipeline stage)."""
+    world = size * pp_size
+    if world == 1:
         return TPGroup()
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return TPGroup(rank, size, dist.group.WORLD, cpu_group, expert_parallel=expert_parallel)
+    device_group = dist.group.WORLD
+    if pp_size > 1:  # one group per stage (every rank creates every group, in the same order)
+        device_group = None
+        for stage in range(pp_size):
+            group = dist.new_group(list(range(stage * size, (stage + 1) * size)), timeout=timeout,
+                                   backend=backend) if size > 1 else None
+            if stage == rank // size:
+                device_group = group
+    return TPGroup(rank % size, size, device_group, cpu_group, expert_parallel=expert_parallel,
+                   pp=PipelineStage(rank // size, pp_size, size, rank % size))

@@ -179,12 +179,16 @@ class EngineArgs:
     max_logprobs: int = _f(20, "Largest logprobs / top_logprobs / prompt_logprobs a request may ask for "
                                "(-1: the vocabulary size).")
     tensor_parallel_size: int = _f(1, "Shard the model over this many worker processes (torch.distributed; "
-                                      "gloo on CPU, NCCL on CUDA).")
+                                      "gloo on CPU, NCCL on CUDA).", aliases=("-tp",))
+    pipeline_parallel_size: int = _f(1, "Split the decoder layers over this many stages, each of "
+                                        "tensor_parallel_size processes: the hidden states pass from stage to stage, "
+                                        "each stage holds only its layers' weights and KV cache (LLaMA's and GPT-2's "
+                                        "families). One step runs through the stages in turn.", aliases=("-pp",))
     distributed_executor_backend: str | None = _f(
         None, "Where tensor-parallel workers run: mp (local processes, the default) or ray (Ray actors, "
               "multi-node; pip install pagellm[ray]).", choices=("mp", "ray"))
     data_parallel_size: int = _f(1, "Engine replicas behind one server (pagellm serve), each with its own KV "
-                                    "cache; requests go to the least loaded.")
+                                    "cache; requests go to the least loaded.", aliases=("-dp",))
     enable_expert_parallel: bool = _f(False, "Mixture-of-experts models under tensor parallelism: each rank holds "
                                              "num_experts / tensor_parallel_size whole experts instead of a slice "
                                              "of every expert (vLLM's flag); attention and shared experts stay "
@@ -216,13 +220,13 @@ class EngineArgs:
             if meta.pop("positional", False):
                 parser.add_argument(f.name, nargs="?" if model_optional else None, default=None, help=help_text)
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *meta.pop("aliases", ())]
             if f.type in ("bool", bool, "bool | None"):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             else:
                 kind = {"int": int, "int | None": int, "float": float, "float | None": float,
                         "dict | None": _json_object}.get(str(f.type), str)
-                parser.add_argument(flag, type=kind, default=f.default, help=help_text, **meta)
+                parser.add_argument(*flags, type=kind, default=f.default, help=help_text, **meta)
         return parser
 
     @classmethod
@@ -277,9 +281,10 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}.")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("num_scheduler_steps", self.num_scheduler_steps)
-        if self.num_scheduler_steps > 1 and self.tensor_parallel_size > 1:
-            raise ValueError("num_scheduler_steps > 1 needs tensor_parallel_size=1 (the ranks would need the sampled "
-                             f"tokens between steps), got tensor_parallel_size={self.tensor_parallel_size}.")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if self.num_scheduler_steps > 1 and getattr(self, name) > 1:
+                raise ValueError(f"num_scheduler_steps > 1 needs {name}=1 (the ranks would need the sampled tokens "
+                                 f"between steps), got {name}={getattr(self, name)}.")
         _positive("data_parallel_size", self.data_parallel_size)
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}.")
@@ -291,12 +296,17 @@ class EngineArgs:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}.")
         async_scheduling = self.async_scheduling
+        single = self.tensor_parallel_size == 1 and self.pipeline_parallel_size == 1
         if async_scheduling is None:
-            async_scheduling = self.device != "cpu" and self.tensor_parallel_size == 1
-        elif async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling needs tensor_parallel_size=1 (the ranks would need the sampled "
-                             f"tokens), got tensor_parallel_size={self.tensor_parallel_size}.")
+            async_scheduling = self.device != "cpu" and single
+        elif async_scheduling and not single:
+            raise ValueError("async_scheduling needs tensor_parallel_size=1 and pipeline_parallel_size=1 (the ranks "
+                             f"would need the sampled tokens), got {self.tensor_parallel_size} and "
+                             f"{self.pipeline_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
+        if speculative is not None and self.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config needs pipeline_parallel_size=1 (the drafts and their checks would "
+                             "cross the stages).")
         mamba_block, checkpoints = self._state_checkpoints(model_cfg.stateful and prefix_caching)
         if speculative is not None and speculative.method == "draft_model" and _is_eagle3(speculative.model):
             speculative = dataclasses.replace(speculative, method="eagle3")  # vLLM infers it from the head too
@@ -347,7 +357,8 @@ class EngineArgs:
                                       speculative, chunked_prefill=not encoder),
             parallel=ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend or "mp",
                                     self.data_parallel_size, float(self.distributed_timeout),
-                                    bool(self.enable_expert_parallel), self.worker_extension_cls or None),
+                                    bool(self.enable_expert_parallel), self.worker_extension_cls or None,
+                                    self.pipeline_parallel_size),
             device=DeviceConfig(self.device, self.num_threads, self.attention_backend, self.enforce_eager,
                                 bool(self.enable_sleep_mode)),
             lora=lora,
@@ -388,7 +399,14 @@ class EngineArgs:
         if quantization is not None and not cls.supports_tp:
             raise ValueError(f"{arch} runs on the transformers fallback, which pagellm does not quantize: "
                              f"quantization={quantization!r} needs a natively supported architecture.")
+        _positive("pipeline_parallel_size", self.pipeline_parallel_size)
+        if self.pipeline_parallel_size > 1 and not cls.supports_pp:
+            raise ValueError(f"{arch} does not run in pipeline stages in pagellm (LLaMA's and GPT-2's families do): "
+                             "pipeline_parallel_size must be 1.")
         geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
+        if geometry.num_layers < self.pipeline_parallel_size:
+            raise ValueError(f"{arch} has {geometry.num_layers} decoder layers, fewer than pipeline_parallel_size="
+                             f"{self.pipeline_parallel_size} stages.")
         text = hf.get_text_config()  # a multimodal checkpoint's language model; the config itself otherwise
         derived = cls.max_positions(hf) if hasattr(cls, "max_positions") else _derived_max_len(text)
         max_len = self.max_model_len or derived

@@ -1,12 +1,13 @@
 """Executor: where the model runs. The engine talks to it through this small protocol only.
 
     UniProcExecutor     the model runner in this process (CPU or one GPU)
-    MultiprocExecutor   tensor parallel: rank 0 in this process, ranks 1.. in local worker processes
-    RayExecutor         tensor parallel: rank 0 in this process, ranks 1.. as Ray actors (any node)
+    MultiprocExecutor   tensor / pipeline parallel: rank 0 in this process, ranks 1.. in local worker processes
+    RayExecutor         tensor / pipeline parallel: rank 0 in this process, ranks 1.. as Ray actors (any node)
 
-The two tensor-parallel executors share the step protocol (executor/tp_worker.py): rank 0
+The two parallel executors share the step protocol (executor/tp_worker.py): rank 0
 broadcasts each command to the other ranks over a gloo group, every rank runs it on its shard,
-and rank 0 returns the result. They differ only in how worker processes are started and watched.
+and rank 0 returns the result (with pipeline stages: the one the last stage sends it). They differ
+only in how worker processes are started and watched.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def set_process_threads(config: EngineConfig) -> None:
     """Torch intra-op threads of the calling process: the configured count, or an even share of the
     cores when several tensor-parallel ranks share this machine."""
     n = config.device.num_threads
-    tp = config.parallel.tensor_parallel_size
-    if n is None and tp > 1 and config.device.device == "cpu":
-        n = max(1, (os.cpu_count() or 1) // tp)
+    world = config.parallel.world_size
+    if n is None and world > 1 and config.device.device == "cpu":
+        n = max(1, (os.cpu_count() or 1) // world)
     if n:
         torch.set_num_threads(n)
 
@@ -106,7 +107,7 @@ class UniProcExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    if config.parallel.tensor_parallel_size == 1:
+    if config.parallel.world_size == 1:
         return UniProcExecutor(config)
     if config.parallel.distributed_executor_backend == "ray":
         from pagellm.executor.ray_executor import RayExecutor

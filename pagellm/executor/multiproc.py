@@ -44,18 +44,18 @@ def _start_worker(config: EngineConfig, rank: int, init_method: str) -> subproce
 
 class MultiprocExecutor(TPExecutorBase):
     def __init__(self, config: EngineConfig) -> None:
-        tp = config.parallel.tensor_parallel_size
+        p = config.parallel
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.procs = [_start_worker(config, rank, init_method) for rank in range(1, tp)]
+        self.procs = [_start_worker(config, rank, init_method) for rank in range(1, p.world_size)]
         self._finalizer = weakref.finalize(self, _reap, self.procs)
         super().__init__(config, init_method)
-        logger.info("tensor parallel: %d ranks (rank 0 in pid %d, workers %s)", tp, os.getpid(),
-                    [p.pid for p in self.procs])
+        logger.info("%d ranks (tensor parallel %d x pipeline stages %d; rank 0 in pid %d, workers %s)", p.world_size,
+                    p.tensor_parallel_size, p.pipeline_parallel_size, os.getpid(), [w.pid for w in self.procs])
 
     def _gone(self) -> str | None:
         for rank, p in enumerate(self.procs, start=1):
             if p.poll() is not None:
-                return f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.returncode}"
+                return f"worker rank {rank} (pid {p.pid}) exited with code {p.returncode}"
         return None
 
     def _reap(self, kill: bool = False) -> None:

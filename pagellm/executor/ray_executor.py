@@ -31,7 +31,7 @@ class RayExecutor(TPExecutorBase):
         if not ray.is_initialized():
             ray.init(log_to_driver=True)
         self.ray = ray
-        tp = config.parallel.tensor_parallel_size
+        tp = config.parallel.world_size
         gpu = config.device.device.startswith("cuda")
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.pg = placement_group([bundle] * (tp - 1), strategy="PACK")
@@ -43,7 +43,7 @@ class RayExecutor(TPExecutorBase):
             placement_group=self.pg, placement_group_bundle_index=i)).remote() for i in range(tp - 1)]
         self.runs = [a.run.remote(config, rank, init_method) for rank, a in enumerate(self.actors, start=1)]
         super().__init__(config, init_method)
-        logger.info("tensor parallel over Ray: %d ranks, rendezvous %s", tp, init_method)
+        logger.info("%d ranks over Ray, rendezvous %s", tp, init_method)
 
     def _gone(self) -> str | None:
         done, _ = self.ray.wait(self.runs, timeout=0, num_returns=len(self.runs))

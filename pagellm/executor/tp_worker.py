@@ -1,12 +1,16 @@
-"""The tensor-parallel step protocol: rank 0 drives, ranks 1..N-1 follow.
+"""The tensor- and pipeline-parallel step protocol: rank 0 drives, ranks 1..N-1 follow.
 
     rank 0 (the engine's process)                 ranks 1..N-1 (worker processes or Ray actors)
     ---------------------------------             ---------------------------------------------
     init_tp_group(0)           <-- rendezvous -->  init_tp_group(r)
     ModelRunner(config, tp)                        ModelRunner(config, tp)     (each loads its shard)
+    broadcast(NumBlocks())     ------------------> the blocks its own layers fit
+    gather -> the smallest     <------------------
     broadcast(InitKVCache(n))  ------------------> allocate n blocks
     broadcast(Execute(sched))  ------------------> execute_model(sched)         (all ranks, in lockstep:
     execute_model(sched) -> ModelRunnerOutput      (results dropped)            the collectives pair up)
+    (pipeline stages: stage s receives the hidden states from stage s - 1 and sends its own to s + 1;
+     the last stage's tp rank 0 samples and sends the ModelRunnerOutput to rank 0)
     broadcast(AddLoRA(lora))   ------------------> load this rank's shard of the adapter
     broadcast(CollectiveRPC)   ------------------> call the method on this rank's Worker
     gather(results) <-----------------------------  its result, or its error                (collective_rpc)
@@ -15,7 +19,8 @@
 Commands are small dataclasses dispatched by type, pickled by torch.distributed's
 broadcast_object_list on a gloo group. Per step what crosses is the SchedulerOutput (new sequences
 in full, running ones as diffs: a few hundred bytes per sequence) one way, and nothing back: only
-rank 0 samples, and the other ranks learn the sampled tokens from the next SchedulerOutput.
+one rank samples (rank 0, or the last stage's first), and the others learn the sampled tokens from the next
+SchedulerOutput.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class Execute:
 @dataclass
 class Shutdown:
     pass
+
+
+@dataclass
+class NumBlocks:
+    """Each rank's count of KV blocks its own layers fit (pipeline stages hold different layers)."""
 
 
 @dataclass
@@ -114,13 +124,18 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     set_process_threads(config)
     p = config.parallel
     tp = init_tp_group(rank, p.tensor_parallel_size, init_method, config.device.device, p.distributed_timeout_s,
-                       p.enable_expert_parallel)
+                       p.enable_expert_parallel, p.pipeline_parallel_size)
     runner = ModelRunner(config, tp)
     worker = make_worker(runner, rank, p.worker_extension_cls)
+    sends_output = tp.pp.size > 1 and tp.samples  # the last stage's sampler, rank 0 being on the first stage
     while True:
         cmd = tp.broadcast_object(None)
         if isinstance(cmd, Execute):
-            runner.execute_model(cmd.sched)
+            out = runner.execute_model(cmd.sched)
+            if sends_output and not cmd.sched.is_empty:
+                tp.send_output(out)
+        elif isinstance(cmd, NumBlocks):
+            tp.gather_objects(runner.determine_num_blocks())
         elif isinstance(cmd, CollectiveRPC):
             tp.gather_objects(run_rpc(worker, rank, cmd))
         elif isinstance(cmd, InitKVCache):
@@ -149,12 +164,16 @@ class DriverRank:
         set_process_threads(config)
         p = config.parallel
         self.tp: TPGroup = init_tp_group(0, p.tensor_parallel_size, init_method, config.device.device,
-                                         p.distributed_timeout_s, p.enable_expert_parallel)
+                                         p.distributed_timeout_s, p.enable_expert_parallel, p.pipeline_parallel_size)
         self.runner = ModelRunner(config, self.tp)
         self.worker = make_worker(self.runner, 0, p.worker_extension_cls)
 
     def determine_num_blocks(self) -> int:
-        return self.runner.determine_num_blocks()  # rank 0 decides; every rank allocates the same count
+        """The fewest blocks any rank's layers fit; every rank allocates that many."""
+        if self.tp.pp.size == 1:
+            return self.runner.determine_num_blocks()  # every rank holds the same layers
+        self.tp.broadcast_object(NumBlocks())
+        return min(self.tp.gather_objects(self.runner.determine_num_blocks()))
 
     def collective_rpc(self, method, args: tuple, kwargs: dict) -> list:
         sent = method
@@ -171,7 +190,8 @@ class DriverRank:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.tp.broadcast_object(Execute(sched))
-        return self.runner.execute_model(sched)
+        out = self.runner.execute_model(sched)
+        return out if self.tp.samples or sched.is_empty else self.tp.recv_output()
 
     def add_lora(self, lora) -> bool:
         """Rank 0 loads (or refuses: a ValueError, nothing sent) first, then the others load their shards."""

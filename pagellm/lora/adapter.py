@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagellm.lora.request import LoRARequest
-from pagellm.models.parallel_layers import ColumnParallelLinear, Linear, RowParallelLinear
+from pagellm.models.parallel_layers import ColumnParallelLinear, Linear, RowParallelLinear, pp_missing_prefixes
 from pagellm.models.weight_utils import default_weight_loader
 
 
@@ -102,6 +102,7 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
     rslora = bool(cfg.get("use_rslora"))
     tensors = _adapter_tensors(path)
     modules = dict(model.named_modules())
+    elsewhere = pp_missing_prefixes(model)  # layers of other pipeline stages: their ranks load those parts
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name = key.removeprefix("base_model.model.")
@@ -125,6 +126,8 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
             raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}.")
         target = model.map_weight(module + ".weight")
+        if elsewhere and target and target[0].startswith(elsewhere):
+            continue
         layer = modules.get(target[0].removesuffix(".weight")) if target else None
         if not isinstance(layer, Linear) or getattr(layer, "lora_name", None) is None:
             raise ValueError(f"LoRA adapter {path!r} targets {module}, which is not a linear layer of the decoder "
@@ -136,7 +139,7 @@ def load_adapter(model: torch.nn.Module, request: LoRARequest, max_rank: int, de
             raise ValueError(f"LoRA adapter {path!r}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}: "
                              f"{e}.") from None
         parts.setdefault(layer.lora_name, []).append((a, b))
-    if not parts:
+    if not parts and not elsewhere:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights.")
     for name, ab in parts.items():
         adapter.weights[name] = (torch.cat([a for a, _ in ab]).to(device=device, dtype=dtype),

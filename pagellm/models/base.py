@@ -9,6 +9,8 @@
     keep_float32 = (".mlp.gate.weight", ...)      parameters the cast to the compute dtype leaves in float32
     model.map_weight(checkpoint name) -> (parameter name, shard id) | None
     model.forward(input_ids, positions, kv_caches, meta, backend) -> hidden (T, hidden)
+        (supports_pp: a pipeline stage after the first takes `intermediate=` hidden states in place of the
+        embeddings; one before the last returns its last layer's output)
     model.compute_logits(hidden (N, hidden)) -> (N, vocab) float32
 
 A model keeps Hugging Face's module names, so most checkpoint names are its own
@@ -38,6 +40,8 @@ class CausalLM(nn.Module):
     packed_modules: dict[str, tuple[str, Any]] = {}
     skip_weights: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
     supports_tp = True  # built from the parallel layers: can be sharded over tensor_parallel_size ranks
+    # builds only its pipeline stage's layers (tp.pp) and takes `intermediate` hidden states in forward
+    supports_pp = False
     keep_float32: tuple[str, ...] = ()  # name suffixes of parameters kept in float32 (DeepSeek's routers)
     # load_weights may write the live parameters (weight updates): after_load can run again on new weights
     updatable_in_place: bool = True

@@ -256,8 +256,9 @@ class DeepseekV2ForCausalLM(_MoEWeights, LlamaForCausalLM):
 
     def after_load(self) -> None:
         """Once the weights are in the compute dtype and on the device (models/loader.py: finish_loading)."""
-        w = self.model.embed_tokens.weight
-        for layer in self.model.layers:
+        layers = self.own_layers()
+        w = layers[0].input_layernorm.weight  # (in the compute dtype; routers may stay in float32)
+        for layer in layers:
             layer.self_attn.absorb(w.dtype, w.device)
 
 

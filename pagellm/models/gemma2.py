@@ -105,10 +105,15 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
         else:
             self.rotaries = None
 
-    def forward(self, input_ids, positions, kv_caches, meta, backend, inputs_embeds=None):
+    def forward(self, input_ids, positions, kv_caches, meta, backend, inputs_embeds=None, intermediate=None):
         if self.rotaries is None:
-            return super().forward(input_ids, positions, kv_caches, meta, backend, inputs_embeds=inputs_embeds)
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        for layer, kind, kv_cache in zip(self.model.layers, self.layer_rotary, kv_caches):
-            x = layer(positions, x, self.rotaries[kind], kv_cache, meta, backend)
-        return self.model.norm(x)
+            return super().forward(input_ids, positions, kv_caches, meta, backend, inputs_embeds=inputs_embeds,
+                                   intermediate=intermediate)
+        if intermediate is not None:
+            x = intermediate
+        else:
+            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        layers = self.model.layers
+        for i in self.model.held_layers:
+            x = layers[i](positions, x, self.rotaries[self.layer_rotary[i]], kv_caches[i], meta, backend)
+        return self.model.norm(x) if self.tp.pp.is_last else x

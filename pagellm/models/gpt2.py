@@ -6,7 +6,8 @@
 
 GPT-2 checkpoints store their projections as Conv1D, (in, out): the parallel
 linears load them `transposed`. GPT BigCode (gpt_bigcode.py) reuses this file
-with nn.Linear weights and multi-query attention.
+with nn.Linear weights and multi-query attention. Pipeline parallel: the first stage holds wte and wpe, the last
+ln_f and wte (the tied LM head), each stage its own blocks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pagellm.models.layers import Attention, activation
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
+    PPMissingLayer,
     RowParallelLinear,
     VocabParallelEmbedding,
+    held,
     kv_heads_per_rank,
     parallel_logits,
     qkv_parts,
@@ -77,14 +80,18 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config, num_kv_heads: int, transposed: bool, tp: TPGroup) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, tp)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # replicated
-        self.h = nn.ModuleList(GPT2Block(config, i, num_kv_heads, transposed, tp) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        pp = tp.pp
+        self.wte = held(lambda: VocabParallelEmbedding(config.vocab_size, config.n_embd, tp), pp.is_first or pp.is_last)
+        self.wpe = held(lambda: nn.Embedding(config.n_positions, config.n_embd), pp.is_first)  # replicated
+        self.held_layers = pp.layers(config.n_layer)
+        self.h = nn.ModuleList(GPT2Block(config, i, num_kv_heads, transposed, tp) if i in self.held_layers
+                               else PPMissingLayer() for i in range(config.n_layer))
+        self.ln_f = held(lambda: nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon), pp.is_last)
 
 
 class GPT2LMHeadModel(CausalLM):
     transposed = True  # Conv1D checkpoints: projection weights stored (in, out)
+    supports_pp = True
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -109,11 +116,15 @@ class GPT2LMHeadModel(CausalLM):
         return name if name.startswith("transformer.") else "transformer." + name
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (T, hidden)
-        for block, kv_cache in zip(self.transformer.h, kv_caches):
-            x = block(x, kv_cache, meta, backend)
-        return self.transformer.ln_f(x)
+                meta: AttentionMetadata, backend: AttentionBackend,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """`intermediate`: the hidden states entering a pipeline stage after the first (in place of the embeddings);
+        a stage before the last returns its last block's output."""
+        t = self.transformer
+        x = t.wte(input_ids) + t.wpe(positions) if intermediate is None else intermediate  # (T, hidden)
+        for i in t.held_layers:
+            x = t.h[i](x, kv_caches[i], meta, backend)
+        return t.ln_f(x) if self.tp.pp.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return parallel_logits(hidden, self.transformer.wte.weight, self.config.vocab_size, self.tp)  # tied to wte

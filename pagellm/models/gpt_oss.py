@@ -144,5 +144,5 @@ class GptOssForCausalLM(LlamaForCausalLM):
         return super().map_weight(name)
 
     def after_load(self) -> None:
-        for layer in self.model.layers:
+        for layer in self.own_layers():
             layer.self_attn.use_sinks()

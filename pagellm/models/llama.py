@@ -13,6 +13,9 @@ layer's sliding window comes from the config.
 Tensor parallel: embeddings and the LM head split the vocabulary, q/k/v and gate/up are
 column-parallel (heads split, K/V heads replicated when fewer than ranks), o_proj and down_proj
 row-parallel; norms are replicated.
+Pipeline parallel: a stage builds its own decoder layers (PPMissingLayer in the others' places), the first the
+embedding, the last the final norm and the LM head (and the embedding too when the head is tied to it); a stage
+after the first takes the hidden states entering its first layer as `intermediate`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from pagellm.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding,
 from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
+    PPMissingLayer,
     RowParallelLinear,
     VocabParallelEmbedding,
+    held,
     kv_heads_per_rank,
     parallel_logits,
     qkv_parts,
@@ -111,10 +116,14 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, max_model_len: int, family: type[LlamaForCausalLM], tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(family.decoder_layer(config, i, family, tp)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = family.norm_cls(config.hidden_size, family.norm_eps(config))
+        pp = tp.pp
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens = held(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp),
+                                 pp.is_first or tied and pp.is_last)
+        self.held_layers = pp.layers(config.num_hidden_layers)
+        self.layers = nn.ModuleList(family.decoder_layer(config, i, family, tp) if i in self.held_layers
+                                    else PPMissingLayer() for i in range(config.num_hidden_layers))
+        self.norm = held(lambda: family.norm_cls(config.hidden_size, family.norm_eps(config)), pp.is_last)
         self.rotary = RotaryEmbedding(config, max_model_len) if family.uses_rope(config) else None
 
 
@@ -125,6 +134,7 @@ class LlamaForCausalLM(CausalLM):
     attention_cls: type[nn.Module] = LlamaAttention  # (config, layer_idx, AttentionOptions, tp)
     norm_cls: type[nn.Module] = RMSNorm
     aux_layers: tuple[int, ...] = ()  # layers whose input each forward keeps in aux_hidden[i] (an EAGLE-3 head's)
+    supports_pp = True
 
     @classmethod
     def attention_options(cls, config) -> AttentionOptions:
@@ -161,8 +171,9 @@ class LlamaForCausalLM(CausalLM):
         self.tp = tp
         self.model = LlamaModel(config, max_model_len, type(self), tp)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)  # the LM head's rows
-        if self.tied:
+        # the LM head's rows
+        self.lm_head = held(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp), tp.pp.is_last)
+        if self.tied and tp.pp.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hf_name(self, name: str) -> str | None:
@@ -173,19 +184,29 @@ class LlamaForCausalLM(CausalLM):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)  # (T, hidden)
 
+    def own_layers(self) -> list[nn.Module]:
+        """The decoder layers this pipeline stage holds (all of them without pipeline parallelism)."""
+        return [self.model.layers[i] for i in self.model.held_layers]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`inputs_embeds` (T, hidden) in place of the token embeddings: a multimodal model's, image features in."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+                meta: AttentionMetadata, backend: AttentionBackend, inputs_embeds: torch.Tensor | None = None,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (T, hidden) in place of the token embeddings: a multimodal model's, image features in;
+        `intermediate`: the hidden states entering this pipeline stage's first layer (a stage after the first).
+        A stage before the last returns its last layer's output, unnormalised."""
+        if intermediate is not None:
+            x = intermediate
+        else:
+            x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         aux = self.aux_layers
         if aux:  # an EAGLE-3 head reads the residual stream entering these layers (models/eagle3.py)
             self.aux_hidden = {}
-        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+        layers = self.model.layers
+        for i in self.model.held_layers:
             if aux and i in aux:
                 self.aux_hidden[i] = x
-            x = layer(positions, x, self.model.rotary, kv_cache, meta, backend)
-        return self.model.norm(x)
+            x = layers[i](positions, x, self.model.rotary, kv_caches[i], meta, backend)
+        return self.model.norm(x) if self.tp.pp.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return parallel_logits(hidden, self.lm_head.weight, self.config.vocab_size, self.tp)  # (N, vocab) on rank 0

@@ -83,7 +83,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     checkpoint's tensors without a parameter are skipped. `update` (new weights for a loaded model): some or all of
     them, and a name that maps to no parameter is an error (an update that would silently miss a weight).
     """
+    from pagellm.models.parallel_layers import pp_missing_prefixes
+
     params = dict(model.named_parameters())
+    elsewhere = pp_missing_prefixes(model)  # modules another pipeline stage holds: their tensors are its own
     loaded: dict[str, set] = {}
     skipped = []
     for ckpt_name, tensor in weights:
@@ -93,6 +96,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         name, shard = target
         param = params.get(name)
         if param is None:
+            if elsewhere and name.startswith(elsewhere):
+                continue
             if update:
                 raise ValueError(f"weight {ckpt_name!r}: the model has no parameter {name!r} to update")
             skipped.append(ckpt_name)

@@ -227,3 +227,21 @@ def parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int,
     if full is None:
         return None
     return full[:, :vocab_size] if full.shape[1] != vocab_size else full
+
+
+class PPMissingLayer(nn.Module):
+    """The place of a module another pipeline stage holds (a decoder layer, the embedding, the final norm, the LM
+    head): no weights; the loader skips the checkpoint's tensors under it."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module is held by another pipeline stage")
+
+
+def pp_missing_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the modules a pipeline stage does not hold."""
+    return tuple(name + "." for name, m in model.named_modules() if isinstance(m, PPMissingLayer))
+
+
+def held(module_factory, keep: bool) -> nn.Module:
+    """`module_factory()` where this stage holds the module, else a PPMissingLayer."""
+    return module_factory() if keep else PPMissingLayer()

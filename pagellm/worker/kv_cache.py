@@ -48,23 +48,28 @@ def layer_tensors(kv: KVCache) -> tuple[torch.Tensor, ...]:
     return (k,) if v is k else (k, v)
 
 
-def bytes_per_block(config: EngineConfig) -> int:
-    """K and V of one block in every layer (one tensor where V is K: MLA); with a draft model (speculative
-    decoding), its layers too: both caches have the same number of blocks."""
-    models = [config.model]
+def held_layers(shapes: list, layers: range | None) -> list:
+    """The cache layers' shapes with None for the layers another pipeline stage holds (`layers`: this stage's)."""
+    return shapes if layers is None else [s if i in layers else None for i, s in enumerate(shapes)]
+
+
+def bytes_per_block(config: EngineConfig, layers: range | None = None) -> int:
+    """K and V of one block in every layer (one tensor where V is K: MLA), or in a pipeline stage's `layers`; with
+    a draft model (speculative decoding), its layers too: both caches have the same number of blocks."""
+    shapes = [(config.model, s) for s in held_layers(config.model.layer_kv_shapes(), layers) if s is not None]
     spec = config.scheduler.speculative
     if spec is not None and spec.draft is not None:
-        models.append(spec.draft)
+        shapes += [(spec.draft, s) for s in spec.draft.layer_kv_shapes()]
     elem = torch.empty((), dtype=kv_cache_dtype(config)).element_size()
-    return sum((1 if m.kv_shared else 2) * config.cache.block_size * heads * dim * elem
-               for m in models for heads, dim in m.layer_kv_shapes())
+    return sum((1 if m.kv_shared else 2) * config.cache.block_size * heads * dim * elem for m, (heads, dim) in shapes)
 
 
-def determine_num_blocks(config: EngineConfig) -> int:
-    """Blocks that fit the memory budget (explicit bytes, or a fraction of what is free now)."""
+def determine_num_blocks(config: EngineConfig, layers: range | None = None) -> int:
+    """Blocks that fit the memory budget (explicit bytes, or a fraction of what is free now), for every cache layer
+    or a pipeline stage's `layers`."""
     if config.cache.num_blocks is not None:
         return config.cache.num_blocks
-    per_block = bytes_per_block(config)
+    per_block = bytes_per_block(config, layers)
     if per_block == 0:  # no attention layer (a pure state-space model): the blocks are bookkeeping only
         return config.scheduler.max_num_seqs * -(-config.scheduler.max_model_len // config.cache.block_size)
     budget = config.cache.kv_cache_memory
@@ -103,17 +108,22 @@ def advise_huge_pages(t: torch.Tensor) -> None:
         pass
 
 
-def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
-    """The cache of config.model (a draft model's: an EngineConfig whose model is the draft, the same blocks)."""
+def allocate_kv_cache(config: EngineConfig, num_blocks: int, layers: range | None = None) -> list[KVCache | None]:
+    """The cache of config.model (a draft model's: an EngineConfig whose model is the draft, the same blocks); with
+    `layers` (a pipeline stage's), None in place of every other layer's."""
     m = config.model
     dtype, device = kv_cache_dtype(config), torch.device(config.device.device)
     t0 = time.perf_counter()
     caches = []
-    for heads, dim in m.layer_kv_shapes():
-        shape = (num_blocks, config.cache.block_size, heads, dim)
+    for layer in held_layers(m.layer_kv_shapes(), layers):
+        if layer is None:
+            caches.append(None)
+            continue
+        shape = (num_blocks, config.cache.block_size, *layer)
         k = torch.empty(shape, dtype=dtype, device=device)
         caches.append((k, k if m.kv_shared else torch.empty(shape, dtype=dtype, device=device)))
-    for kv in caches:
+    caches_held = [kv for kv in caches if kv is not None]
+    for kv in caches_held:
         for t in layer_tensors(kv):
             advise_huge_pages(t)
             if device.type == "cpu":
@@ -121,7 +131,7 @@ def allocate_kv_cache(config: EngineConfig, num_blocks: int) -> list[KVCache]:
                 # LRU order, so a lazily faulted cache takes its page faults (2 MiB zero-fills) inside decode
                 # steps until every block has been used once (measured: up to a third of a step's time).
                 as_bytes(t).zero_()
-    gib = sum(t.numel() * t.element_size() for kv in caches for t in layer_tensors(kv)) / 2**30
+    gib = sum(t.numel() * t.element_size() for kv in caches_held for t in layer_tensors(kv)) / 2**30
     logger.info("KV cache of %s: %d blocks of %d tokens (%d tokens, %.2f GiB, %s), allocated in %.1fs",
                 m.architecture, num_blocks, config.cache.block_size,
                 num_blocks * config.cache.block_size, gib, dtype, time.perf_counter() - t0)
@@ -156,8 +166,9 @@ def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
     return states
 
 
-def copy_blocks(kv_caches: list[KVCache], copies: list[tuple[int, int]]) -> None:
-    """Copy-on-write: copy each (src, dst) block in every layer, before the forward pass."""
+def copy_blocks(kv_caches: list[KVCache | None], copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: copy each (src, dst) block in every layer this process holds, before the forward pass."""
+    kv_caches = [kv for kv in kv_caches if kv is not None]
     if not copies or not kv_caches:
         return
     device = kv_caches[0][0].device

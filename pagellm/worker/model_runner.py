@@ -110,8 +110,10 @@ def load_model(config: EngineConfig, tp: TPGroup = SINGLE, cls: type | None = No
         finish_model(model, method, dtype, device)
     model = finish_loading(model, device, dtype)
     n = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s (%.1fM parameters%s, %s) in %.1fs", m.architecture, n / 1e6,
-                f" on rank {tp.rank} of {tp.size}" if tp.size > 1 else "", m.dtype, time.perf_counter() - t0)
+    where = (f" on rank {tp.rank} of {tp.size}" if tp.size > 1 else "") + (
+        f" in stage {tp.pp.rank} of {tp.pp.size}" if tp.pp.size > 1 else "")
+    logger.info("loaded %s (%.1fM parameters%s, %s) in %.1fs", m.architecture, n / 1e6, where, m.dtype,
+                time.perf_counter() - t0)
     return model
 
 
@@ -152,12 +154,15 @@ class ModelRunner:
         self.backend = get_attention_backend(config.device.attention_backend, config.device.device)
         self.sampler = Sampler()
         self.logitsprocs = None  # custom logits processors, on the rank that samples
-        if config.model.logits_processors and tp.is_driver:
+        if config.model.logits_processors and tp.samples:
             from pagellm.sample.logits_processor import BatchLogitsProcessors, load_logits_processors
 
             self.logitsprocs = BatchLogitsProcessors(load_logits_processors(config.model.logits_processors), config,
                                                      self.device)
-        self.kv_caches: list = []
+        self.kv_caches: list = []  # per cache layer (None for a layer of another pipeline stage)
+        # pipeline parallelism: the cache layers this stage holds, and the hidden states crossing stage boundaries
+        self.cache_layers = tp.pp.layers(config.model.num_layers) if tp.pp.size > 1 else None
+        self.hidden_size = config.model.hf_config.get_text_config().hidden_size
         self.batch = InputBatch(config.scheduler.max_num_seqs, config.scheduler.max_model_len, self.block_size,
                                 config.model.vocab_size, config.model.eos_token_ids, self.device)
         # CUDA: a step's inputs go through one pinned buffer and one copy; decode batches replay CUDA graphs.
@@ -206,7 +211,7 @@ class ModelRunner:
         self.scratch_slot = -1  # a KV slot past the cache's last block (graph padding, multi-step decode)
 
     def determine_num_blocks(self) -> int:
-        return determine_num_blocks(self.config)
+        return determine_num_blocks(self.config, self.cache_layers)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         why_not = self._why_no_graphs()
@@ -214,7 +219,7 @@ class ModelRunner:
         # decode sends the steps past a sequence's last token there, and a draft model its passes past a sequence's
         # drafts.
         scratch = why_not is None or self.config.scheduler.num_scheduler_steps > 1 or self.drafter is not None
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks + scratch)
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks + scratch, self.cache_layers)
         self.scratch_slot = num_blocks * self.block_size
         if self.drafter is not None:
             self.drafter.init_kv_cache(num_blocks + scratch)
@@ -249,7 +254,7 @@ class ModelRunner:
         from pagellm.worker.kv_cache import layer_tensors
 
         caches = list(self.kv_caches) + (list(self.drafter.kv_caches) if self.drafter is not None else [])
-        out = [t for kv in caches for t in layer_tensors(kv)]
+        out = [t for kv in caches if kv is not None for t in layer_tensors(kv)]
         if self.states is not None:
             out += [t for layer in self.states for t in layer]
         return out
@@ -295,8 +300,8 @@ class ModelRunner:
             return "enforce_eager"
         if self.pooler is not None:
             return "a pooling model computes prompts only (the graphs serve decode steps)"
-        if self.tp.size > 1:
-            return "tensor parallelism"
+        if self.tp.world_size > 1:
+            return "tensor or pipeline parallelism"
         if self.drafter is not None:
             return "speculative decoding with a draft model (its passes and the checks run eagerly)"
         if self.states is not None:
@@ -335,23 +340,25 @@ class ModelRunner:
         inputs = self._prepare_inputs(sched, drafts)
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
-        elif inputs.mm is not None and self.config.model.multimodal is None:  # prompt embeddings, a text model
-            index, rows = inputs.mm
+        elif inputs.mm is not None and self.config.model.multimodal is None and self.tp.pp.is_first:
+            index, rows = inputs.mm  # prompt embeddings, a text model
             x = self.model.embed(inputs.input_ids)
             rows = self.model.prompt_embeds(rows.to(x.dtype))
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
-                                inputs_embeds=x.index_copy(0, index, rows))
-        elif inputs.mm is not None:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend,
-                                mm_embeds=inputs.mm)
+            hidden = self._forward(inputs, inputs_embeds=x.index_copy(0, index, rows))
+        elif inputs.mm is not None and self.tp.pp.is_first:
+            hidden = self._forward(inputs, mm_embeds=inputs.mm)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend)
+            hidden = self._forward(inputs)
+        if hidden is None:  # a pipeline stage before the last: its hidden states went on to the next stage
+            if self.pooler is None:
+                self._sample(res, None, inputs, (), None)  # (the placeholders of the tokens sampled downstream)
+            return res
         if self.drafter is not None:  # (an EAGLE-3 head reads the aux hidden states (T, 3 x hidden) instead)
             seen = torch.cat([self.model.aux_hidden[i] for i in self.model.aux_layers], dim=-1) \
                 if self.drafter.eagle3 else hidden
             self.drafter.mirror(inputs.input_ids, inputs.positions, inputs.meta, seen, inputs.rows,
                                 self.batch.block_table, inputs.mm)
-        driver = self.tp.is_driver
+        driver = self.tp.samples
         if self.pooler is not None:
             if driver:
                 res.pooled = self.pooler.step(hidden, inputs.pool)
@@ -372,6 +379,19 @@ class ModelRunner:
         else:
             self._sample(res, logits, inputs, sched.grammar_seq_ids, sched.grammar_bitmask)
         return res
+
+    def _forward(self, inputs: _StepInputs, **kw) -> torch.Tensor | None:
+        """The model over this step's tokens. A pipeline stage after the first takes its input hidden states from the
+        stage before (in place of the embeddings); one before the last sends its output on and returns None."""
+        pp = self.tp.pp
+        if pp.size > 1 and not pp.is_first:
+            dtype = torch_dtype(self.config.model.dtype)
+            kw["intermediate"] = pp.recv((len(inputs.input_ids), self.hidden_size), dtype, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend, **kw)
+        if pp.size > 1 and not pp.is_last:
+            pp.send(hidden)
+            return None
+        return hidden
 
     def _run_more_steps(self, res: StepResult, logits: torch.Tensor, inputs: _StepInputs) -> None:
         """Multi-step decode: sample the first step, then run and sample the others, each fed the tokens the
@@ -431,7 +451,7 @@ class ModelRunner:
     def _sample(self, res: StepResult, logits, inputs: _StepInputs, grammar_seq_ids: list[int],
                 grammar_bitmask) -> None:
         tokens = None
-        if logits is not None and self.tp.is_driver:
+        if logits is not None and self.tp.samples:
             spec = inputs.spec
             if spec is None:
                 md = self.batch.sampling_metadata(inputs.sample_rows)
