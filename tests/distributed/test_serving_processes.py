@@ -1,5 +1,5 @@
-"""`pagellm serve` process layout: the engine core in its own process, data-parallel replicas, tensor-parallel
-workers under the server, and what happens when a worker dies."""
+"""`pagellm serve` process layout: the engine core in its own process, data-parallel replicas, tensor-parallel and
+pipeline-stage workers under the server, and what happens when a worker dies."""
 
 import os
 import signal
@@ -116,3 +116,27 @@ def test_tensor_parallel_server_and_a_killed_worker():
         server.stop()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children(os.getpid())
                    if "pagellm" in " ".join(p.cmdline()))
+
+
+def test_pipeline_parallel_server_equals_one_process():
+    """`pagellm serve -pp 2`: the demo model's two stages (one worker process beside the engine core) answer a
+    completion and a streamed chat as one process does offline."""
+    from pagellm import LLM, SamplingParams
+    from tests.conftest import DEMO_MODEL
+
+    server = RemoteServer(["--served-model-name", MODEL, "--num-gpu-blocks-override", "256", "-pp", "2"])
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        text = client.completions.create(model=MODEL, prompt="ROMEO.", max_tokens=16, temperature=0).choices[0].text
+        workers = [p for p in children(server.proc.pid) if "pagellm.executor.worker_main" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JULIET."}],
+                                                max_tokens=12, temperature=0, stream=True)
+        chat = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        server.stop()
+    with LLM(DEMO_MODEL, num_gpu_blocks_override=256) as llm:
+        ref = llm.generate("ROMEO.", SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text
+        ref_chat = llm.chat([{"role": "user", "content": "JULIET."}], SamplingParams(temperature=0, max_tokens=12),
+                            use_tqdm=False)[0].outputs[0].text
+    assert text == ref and chat == ref_chat and len(text) > 0

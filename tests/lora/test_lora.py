@@ -185,14 +185,17 @@ def test_bad_adapters_are_clear_errors_and_the_engine_goes_on(tiny_models, adapt
     assert stats.num_free_blocks == stats.num_total_blocks and not llm.llm_engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("arch, names", [("llama", ["llama_all", "llama_rs"]), ("gpt2", ["gpt2"]),
-                                         ("gpt_neox", ["gpt_neox"])])
-def test_tensor_parallel_adapters_equal_peft(tiny_models, adapters, arch, names):
+@pytest.mark.parametrize("arch, names, pp", [("llama", ["llama_all", "llama_rs"], 1), ("gpt2", ["gpt2"], 1),
+                                             ("gpt_neox", ["gpt_neox"], 1), ("llama", ["llama_all", "llama_rs"], 2),
+                                             ("gpt2", ["gpt2"], 2)])
+def test_parallel_adapters_equal_peft(tiny_models, adapters, arch, names, pp):
     """TP=2: each rank keeps its slice of every adapter (B's rows of column-parallel layers, packed parts one by one;
-    A's inputs of row-parallel layers, whose partial updates the all-reduce sums with the base's)."""
+    A's inputs of row-parallel layers, whose partial updates the all-reduce sums with the base's). PP=2: each stage
+    keeps its own layers' A and B."""
     loras = [LoRARequest(n, i + 1, adapters[n][1]) for i, n in enumerate(names)]
     jobs = [(p, lr) for p in PROMPTS[:3] for lr in [*loras, None]]
-    with LLM(tiny_models[arch], tensor_parallel_size=2, enable_lora=True, max_loras=len(names), max_lora_rank=8,
+    parallel = {"tensor_parallel_size": 2} if pp == 1 else {"pipeline_parallel_size": pp}
+    with LLM(tiny_models[arch], **parallel, enable_lora=True, max_loras=len(names), max_lora_rank=8,
              num_gpu_blocks_override=128, block_size=8) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY, lora_request=[lr for _, lr in jobs],
                             use_tqdm=False)

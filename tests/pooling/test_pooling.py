@@ -244,11 +244,13 @@ def test_abort_and_async_scheduling_free_every_block(pooling_models):
         assert kv.num_free_blocks == kv.num_total_blocks
 
 
-def test_pooling_under_tensor_parallelism(pooling_models):
-    """Two ranks: each holds half of every layer; the driver pools (mean) and applies the classification head."""
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_pooling_under_tensor_and_pipeline_parallelism(pooling_models, parallel):
+    """Two ranks: each holds half of every layer (tensor parallel), or half the layers (pipeline stages); the rank
+    that samples (the last stage's) pools (mean) and applies the classification head."""
     for name, task in (("llama-st-mean", "embed"), ("qwen2-cls", "classify")):
         one = LLM(pooling_models[name], max_model_len=128).encode(TEXTS[:2], pooling_task=task, use_tqdm=False)
-        with LLM(pooling_models[name], max_model_len=128, tensor_parallel_size=2) as llm:
+        with LLM(pooling_models[name], max_model_len=128, **parallel) as llm:
             two = llm.encode(TEXTS[:2], pooling_task=task, use_tqdm=False)
         for a, b in zip(one, two):
             torch.testing.assert_close(b.outputs.data, a.outputs.data, atol=2e-5, rtol=1e-4)

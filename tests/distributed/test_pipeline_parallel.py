@@ -1,0 +1,221 @@
+"""Pipeline parallelism (pipeline_parallel_size): the decoder layers split over stages of worker processes. Greedy
+outputs and logprobs are checked against transformers on the same checkpoint; what each stage holds (weights, KV
+cache layers) is read from the stages themselves through collective_rpc."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.distributed.parallel import pp_layer_range
+from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.llm_engine import EngineDeadError
+from pagellm.worker.kv_cache import bytes_per_block
+from tests.hf_reference import hf_greedy, hf_greedy_with, hf_prompt_logprobs
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+
+
+def prompts_for(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 500) for _ in range(n)] for n in (1, 7, 40, 75)]  # 75 > one 32-token chunk
+
+
+def generate(path: str, prompts, params=GREEDY, **kw):
+    kw = {"block_size": 8, "num_gpu_blocks_override": 256, "max_num_batched_tokens": 32, **kw}
+    with LLM(path, **kw) as llm:
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def assert_equals_transformers(path: str, prompts, outs, reference=None) -> None:
+    for p, out in zip(prompts, outs):
+        tokens, lps = (reference or (lambda q: hf_greedy(path, q, GREEDY.max_tokens)))(p)
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)] == pytest.approx(lps, abs=2e-4)
+        if reference is None and len(p) > 1:
+            mine = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], p[1:])]
+            assert mine == pytest.approx(hf_prompt_logprobs(path, p), abs=2e-4)
+
+
+def test_layers_split_as_vllm_splits_them():
+    """Even shares, the remainder to the stages before the last (which also runs the LM head)."""
+    assert [len(pp_layer_range(22, r, 4)) for r in range(4)] == [5, 6, 6, 5]
+    assert [len(pp_layer_range(32, r, 4)) for r in range(4)] == [8, 8, 8, 8]
+    assert [list(pp_layer_range(3, r, 2)) for r in range(2)] == [[0, 1], [2]]
+    assert [list(pp_layer_range(5, r, 3)) for r in range(3)] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="2 decoder layers do not split over pipeline_parallel_size=3"):
+        pp_layer_range(2, 0, 3)
+
+
+# gpt2 / gpt_bigcode: the tied LM head (wte on the first and the last stage), learned positions on the first only;
+# llama_tied_rope: a tied LLaMA head; deepseek_v2: latent attention absorbed per stage, 3 stages of one layer each;
+# gemma3: a RoPE table per kind of layer, 4 stages (1 + 2 + 2 + 1 layers); gpt_oss: sinks, experts; llama and
+# mixtral: 2 stages of 2 tensor-parallel ranks each (4 processes).
+@pytest.mark.parametrize("arch, pp, tp", [("gpt2", 2, 1), ("gpt_bigcode", 2, 1), ("llama_tied_rope", 2, 1),
+                                          ("deepseek_v2", 3, 1), ("gemma3", 4, 1), ("gpt_oss", 2, 1),
+                                          ("qwen3_moe", 2, 1), ("llama", 2, 2), ("mixtral", 2, 2)])
+def test_pipeline_stages_equal_transformers(tiny_models, arch, pp, tp):
+    path = tiny_models[arch]
+    prompts = prompts_for()
+    outs = generate(path, prompts, pipeline_parallel_size=pp, tensor_parallel_size=tp)
+    assert_equals_transformers(path, prompts, outs)
+
+
+def _held(worker):
+    """(parameter names, indices of the cache layers held, KV cache bytes) on this rank."""
+    r = worker.model_runner
+    return (sorted(n for n, _ in r.model.named_parameters()),
+            [i for i, kv in enumerate(r.kv_caches) if kv is not None],
+            sum(t.numel() * t.element_size() for t in r.cache_tensors()))
+
+
+def test_each_stage_holds_only_its_layers_and_their_cache(tiny_models):
+    """deepseek_v2 (3 layers, untied head) over 2 stages: stage 0 the embedding and layers 0-1, stage 1 layer 2, the
+    final norm and the LM head; each caches only its layers; together they hold every weight exactly once."""
+    path = tiny_models["deepseek_v2"]
+    with LLM(path, num_gpu_blocks_override=64, block_size=8) as llm:
+        (whole, layers, _), = llm.collective_rpc(_held)
+    with LLM(path, pipeline_parallel_size=2, num_gpu_blocks_override=64, block_size=8) as llm:
+        (names0, layers0, bytes0), (names1, layers1, bytes1) = llm.collective_rpc(_held)
+        per_layer = bytes_per_block(llm.llm_engine.config) // 3
+        prompts = prompts_for(1)[:2]
+        assert_equals_transformers(path, prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,
+                                                               use_tqdm=False))
+    assert layers == [0, 1, 2] and layers0 == [0, 1] and layers1 == [2]
+    assert (bytes0, bytes1) == (2 * 64 * per_layer, 64 * per_layer)
+    assert sorted(names0 + names1) == whole
+    assert "model.embed_tokens.weight" in names0 and {"model.norm.weight", "lm_head.weight"} <= set(names1)
+    assert all(n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens.")) for n in names0)
+    assert all(n.startswith(("model.layers.2.", "model.norm.", "lm_head.")) for n in names1)
+
+
+def test_the_kv_pool_is_what_the_fullest_stage_fits(tiny_models):
+    """Under one memory budget per process, a stage fits more blocks than a process holding every layer; the
+    engine's pool is the fewest any stage fits. gemma3's 6 layers over 4 stages: 1 + 2 + 2 + 1, so the middle
+    stages (not rank 0, which holds one layer) bound the pool at budget / (2 layers' block bytes)."""
+    path = tiny_models["gemma3"]
+    budget = 1 << 20
+    with LLM(path, kv_cache_memory=budget, block_size=8) as llm:
+        blocks_1 = llm.llm_engine.get_stats().num_total_blocks
+        per_layer = bytes_per_block(llm.llm_engine.config) // 6
+    with LLM(path, pipeline_parallel_size=4, kv_cache_memory=budget, block_size=8) as llm:
+        blocks_4 = llm.llm_engine.get_stats().num_total_blocks
+        layers = [held for _, held, _ in llm.collective_rpc(_held)]
+        prompts = prompts_for(2)[:2]
+        assert_equals_transformers(path, prompts, llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,
+                                                               use_tqdm=False))
+    assert layers == [[0], [1, 2], [3, 4], [5]]
+    assert blocks_1 == budget // (6 * per_layer) and blocks_4 == budget // (2 * per_layer)
+
+
+def test_preemption_and_seeded_sampling_across_stages(tiny_models):
+    """A pool too small for every sequence: preempted sequences are recomputed through both stages and still give
+    transformers' greedy tokens; seeded random sampling (n=2) draws the same tokens as one process."""
+    path = tiny_models["llama"]
+    prompts = [list(range(5, 45)), list(range(60, 100)), list(range(200, 230)), list(range(300, 335))]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    kw = {"num_gpu_blocks_override": 14, "block_size": 8, "max_num_batched_tokens": 64}
+    with LLM(path, pipeline_parallel_size=2, **kw) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        assert llm.llm_engine.get_stats().num_preemptions > 0
+        seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, n=2, seed=7, ignore_eos=True)
+        sampled_pp = [[c.token_ids for c in o.outputs] for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts[:2]], seeded, use_tqdm=False)]
+        stats = llm.llm_engine.get_stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, p, greedy.max_tokens)[0]
+    sampled_1 = [[c.token_ids for c in o.outputs] for o in generate(path, prompts[:2], seeded, **kw)]
+    assert sampled_pp == sampled_1
+
+
+def test_weight_updates_reach_every_stage(tiny_models):
+    """update_weights with the whole state dict: each stage takes its layers' tensors (and skips the others'); the
+    outputs then equal transformers on the new weights. Sleep frees every stage's weights and cache."""
+    from tests.engine.test_sleep_and_weights import perturbed
+
+    path = tiny_models["llama"]
+    hf, state = perturbed(path, seed=5)
+    with LLM(path, pipeline_parallel_size=2, num_gpu_blocks_override=64, block_size=8, enable_sleep_mode=True) as llm:
+        llm.update_weights(state)
+        prompts = prompts_for(2)[:3]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        assert_equals_transformers(path, prompts, outs, lambda p: hf_greedy_with(hf, p, GREEDY.max_tokens))
+        llm.sleep(1)
+        assert llm.collective_rpc(lambda w: sum(t.untyped_storage().nbytes()
+                                                for t in w.model_runner.cache_tensors())) == [0, 0]
+        llm.wake_up()
+        again = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+        with pytest.raises(ValueError, match="no parameter"):  # a name no stage holds is still an error
+            llm.update_weights({"model.layers.0.self_attn.nope.weight": torch.zeros(2)})
+
+
+def test_what_pipeline_stages_refuse(tiny_models):
+    with pytest.raises(ValueError, match="does not run in pipeline stages"):
+        EngineArgs(model=tiny_models["granitemoehybrid"], pipeline_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="does not run in pipeline stages"):
+        EngineArgs(model=tiny_models["stablelm"], pipeline_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="2 decoder layers, fewer than pipeline_parallel_size=3"):
+        EngineArgs(model=tiny_models["llama"], pipeline_parallel_size=3).create_engine_config()
+    with pytest.raises(ValueError, match="speculative_config needs pipeline_parallel_size=1"):
+        EngineArgs(model=tiny_models["llama"], pipeline_parallel_size=2,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 2}).create_engine_config()
+    with pytest.raises(ValueError, match="num_scheduler_steps > 1 needs pipeline_parallel_size=1"):
+        EngineArgs(model=tiny_models["llama"], pipeline_parallel_size=2, num_scheduler_steps=4).create_engine_config()
+    with pytest.raises(ValueError, match="async_scheduling needs"):
+        EngineArgs(model=tiny_models["llama"], pipeline_parallel_size=2, async_scheduling=True).create_engine_config()
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be a positive integer"):
+        EngineArgs(model=tiny_models["llama"], pipeline_parallel_size=0).create_engine_config()
+
+
+def test_vllm_flags_and_their_short_forms():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["m", "-pp", "2", "-tp", "2", "-dp", "3"])
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.pipeline_parallel_size, args.tensor_parallel_size, args.data_parallel_size) == (2, 2, 3)
+    ns = parser.parse_args(["m", "--pipeline-parallel-size", "4"])
+    assert EngineArgs.from_cli_args(ns).pipeline_parallel_size == 4
+
+
+def test_a_killed_last_stage_is_a_clear_error(tiny_models):
+    """The last stage samples: killing it fails the requests in flight with the rank named, frees their blocks, and
+    the engine refuses new work (no hang on the stage-to-stage receive)."""
+    llm = LLM(tiny_models["llama"], pipeline_parallel_size=2, num_gpu_blocks_override=64, distributed_timeout=20)
+    engine = llm.llm_engine
+    worker = engine.executor.procs[0]
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.step()
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+    start = time.monotonic()
+    outs = []
+    while engine.has_unfinished_requests() and time.monotonic() - start < 30:
+        outs += engine.step()
+    assert time.monotonic() - start < 25
+    assert engine.dead is not None and "rank 1" in engine.dead, engine.dead
+    assert [o for o in outs if o.request_id == "a"][-1].error.startswith("engine dead:")
+    assert engine.scheduler.kv.num_free_blocks == 64
+    with pytest.raises(EngineDeadError, match="the engine is dead"):
+        llm.generate("x", SamplingParams(max_tokens=1))
+    llm.shutdown()
+
+
+def test_ray_places_the_stages(tiny_models):
+    """The same stages with ranks placed as Ray actors (a local Ray instance the test starts and stops)."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install pagellm[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        path, prompts = tiny_models["llama"], prompts_for(3)
+        assert_equals_transformers(path, prompts, generate(path, prompts, pipeline_parallel_size=2,
+                                                           distributed_executor_backend="ray"))
+    finally:
+        ray.shutdown()
