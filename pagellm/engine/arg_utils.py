@@ -404,7 +404,7 @@ class EngineArgs:
             raise ValueError(f"{arch} does not run in pipeline stages in pagellm (LLaMA's and GPT-2's families do): "
                              "pipeline_parallel_size must be 1.")
         geometry = cls.geometry(hf, self.tensor_parallel_size)  # the model owns its (per-rank) KV-cache shape
-        if geometry.num_layers < self.pipeline_parallel_size:
+        if 1 < self.pipeline_parallel_size > geometry.num_layers:
             raise ValueError(f"{arch} has {geometry.num_layers} decoder layers, fewer than pipeline_parallel_size="
                              f"{self.pipeline_parallel_size} stages.")
         text = hf.get_text_config()  # a multimodal checkpoint's language model; the config itself otherwise

@@ -23,8 +23,10 @@ from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
     Linear,
+    PPMissingLayer,
     RowParallelLinear,
     VocabParallelEmbedding,
+    held,
     parallel_logits,
 )
 from pagellm.models.weight_utils import CheckpointTensor, ckpt_full, copy_into
@@ -90,14 +92,19 @@ class GPTNeoXLayer(nn.Module):
 class GPTNeoXModel(nn.Module):
     def __init__(self, config, max_model_len: int, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(GPTNeoXLayer(config, tp) for _ in range(config.num_hidden_layers))
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        pp, tied = tp.pp, bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_in = held(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp),
+                             pp.is_first or tied and pp.is_last)
+        self.held_layers = pp.layers(config.num_hidden_layers)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config, tp) if i in self.held_layers else PPMissingLayer()
+                                    for i in range(config.num_hidden_layers))
+        self.final_layer_norm = held(lambda: nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps), pp.is_last)
         self.rotary = RotaryEmbedding(config, max_model_len)
 
 
 class GPTNeoXForCausalLM(CausalLM):
     skip_weights = CausalLM.skip_weights + (".attention.bias", ".attention.masked_bias")
+    supports_pp = True
 
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
@@ -105,19 +112,22 @@ class GPTNeoXForCausalLM(CausalLM):
         self.tp = tp
         self.gpt_neox = GPTNeoXModel(config, max_model_len, tp)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_out = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)  # the LM head's rows
-        if self.tied:
+        # the LM head's rows
+        self.embed_out = held(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp), tp.pp.is_last)
+        if self.tied and tp.pp.is_last:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
     def hf_name(self, name: str) -> str | None:
         return None if self.tied and name == "embed_out.weight" else name
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = self.gpt_neox.embed_in(input_ids)  # (T, hidden)
-        for layer, kv_cache in zip(self.gpt_neox.layers, kv_caches):
-            x = layer(positions, x, self.gpt_neox.rotary, kv_cache, meta, backend)
-        return self.gpt_neox.final_layer_norm(x)
+                meta: AttentionMetadata, backend: AttentionBackend,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.gpt_neox
+        x = m.embed_in(input_ids) if intermediate is None else intermediate  # (T, hidden)
+        for i in m.held_layers:
+            x = m.layers[i](positions, x, m.rotary, kv_caches[i], meta, backend)
+        return m.final_layer_norm(x) if self.tp.pp.is_last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return parallel_logits(hidden, self.embed_out.weight, self.config.vocab_size, self.tp)

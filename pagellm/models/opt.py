@@ -21,8 +21,10 @@ from pagellm.models.parallel_layers import (
     SINGLE,
     ColumnParallelLinear,
     Linear,
+    PPMissingLayer,
     RowParallelLinear,
     VocabParallelEmbedding,
+    held,
     parallel_logits,
 )
 
@@ -74,17 +76,22 @@ class OPTDecoder(nn.Module):
     def __init__(self, config, tp: TPGroup) -> None:
         super().__init__()
         proj, e = config.word_embed_proj_dim, config.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj, tp)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, e)
-        self.project_in = Linear(proj, e, bias=False) if proj != e else None
-        self.project_out = Linear(e, proj, bias=False) if proj != e else None
+        first, last = tp.pp.is_first, tp.pp.is_last  # (pipeline stages: the LM head is tied to embed_tokens)
+        self.embed_tokens = held(lambda: VocabParallelEmbedding(config.vocab_size, proj, tp), first or last)
+        self.embed_positions = held(lambda: nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, e), first)
+        self.project_in = Linear(proj, e, bias=False) if proj != e and first else None
+        self.project_out = Linear(e, proj, bias=False) if proj != e and last else None
         keep_final = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         affine = bool(getattr(config, "layer_norm_elementwise_affine", True))
-        self.final_layer_norm = nn.LayerNorm(e, elementwise_affine=affine) if keep_final else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(e, elementwise_affine=affine) if keep_final and last else None
+        self.held_layers = tp.pp.layers(config.num_hidden_layers)
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, tp) if i in self.held_layers else PPMissingLayer()
+                                    for i in range(config.num_hidden_layers))
 
 
 class OPTForCausalLM(CausalLM):
+    supports_pp = True
+
     def __init__(self, config, max_model_len: int, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         self.config = config
@@ -98,14 +105,20 @@ class OPTForCausalLM(CausalLM):
         return name if name.startswith("model.") else "model." + name  # some checkpoints drop the prefix
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+                meta: AttentionMetadata, backend: AttentionBackend,
+                intermediate: torch.Tensor | None = None) -> torch.Tensor:
         dec = self.model.decoder
-        x = dec.embed_tokens(input_ids)
-        if dec.project_in is not None:
-            x = dec.project_in(x)
-        x = x + dec.embed_positions(positions + POSITION_OFFSET)  # (T, hidden)
-        for layer, kv_cache in zip(dec.layers, kv_caches):
-            x = layer(x, kv_cache, meta, backend)
+        if intermediate is None:
+            x = dec.embed_tokens(input_ids)
+            if dec.project_in is not None:
+                x = dec.project_in(x)
+            x = x + dec.embed_positions(positions + POSITION_OFFSET)  # (T, hidden)
+        else:
+            x = intermediate
+        for i in dec.held_layers:
+            x = dec.layers[i](x, kv_caches[i], meta, backend)
+        if not self.tp.pp.is_last:
+            return x
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)
         if dec.project_out is not None:

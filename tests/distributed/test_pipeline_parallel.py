@@ -57,11 +57,13 @@ def test_layers_split_as_vllm_splits_them():
 
 # gpt2 / gpt_bigcode: the tied LM head (wte on the first and the last stage), learned positions on the first only;
 # llama_tied_rope: a tied LLaMA head; deepseek_v2: latent attention absorbed per stage, 3 stages of one layer each;
-# gemma3: a RoPE table per kind of layer, 4 stages (1 + 2 + 2 + 1 layers); gpt_oss: sinks, experts; llama and
-# mixtral: 2 stages of 2 tensor-parallel ranks each (4 processes).
+# gemma3: a RoPE table per kind of layer, 4 stages (1 + 2 + 2 + 1 layers); gpt_oss: sinks, experts; gpt_neox: an
+# untied head; opt: project_in on the first stage, project_out and the tied head on the last; opt_post_ln: no final
+# norm; llama and mixtral: 2 stages of 2 tensor-parallel ranks each (4 processes).
 @pytest.mark.parametrize("arch, pp, tp", [("gpt2", 2, 1), ("gpt_bigcode", 2, 1), ("llama_tied_rope", 2, 1),
                                           ("deepseek_v2", 3, 1), ("gemma3", 4, 1), ("gpt_oss", 2, 1),
-                                          ("qwen3_moe", 2, 1), ("llama", 2, 2), ("mixtral", 2, 2)])
+                                          ("qwen3_moe", 2, 1), ("gpt_neox", 2, 1), ("opt", 2, 1),
+                                          ("opt_post_ln", 2, 1), ("llama", 2, 2), ("mixtral", 2, 2)])
 def test_pipeline_stages_equal_transformers(tiny_models, arch, pp, tp):
     path = tiny_models[arch]
     prompts = prompts_for()
@@ -135,6 +137,30 @@ def test_preemption_and_seeded_sampling_across_stages(tiny_models):
         assert out.outputs[0].token_ids == hf_greedy(path, p, greedy.max_tokens)[0]
     sampled_1 = [[c.token_ids for c in o.outputs] for o in generate(path, prompts[:2], seeded, **kw)]
     assert sampled_pp == sampled_1
+
+
+def test_structured_output_and_logits_processors_on_the_last_stage(tiny_models):
+    """The grammar bitmask rides in every rank's SchedulerOutput; the last stage, which samples, applies it and a
+    custom logits processor: the outputs equal one process's."""
+    import re
+
+    from pagellm.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(regex="[a-z]{2,6}( [a-z]{2,6}){1,3}")
+    prompts = ["The quick", "Paged attention"]
+    outs = {}
+    for pp in (1, 2):
+        with LLM(tiny_models["llama"], pipeline_parallel_size=pp, num_gpu_blocks_override=64,
+                 logits_processors=["tests.engine.lp_ext:NoRepeat"]) as llm:
+            constrained = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, structured_outputs=spec),
+                                       use_tqdm=False)
+            distinct = llm.generate({"prompt_token_ids": [5, 6, 7]},
+                                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                   extra_args={"no_repeat": True}), use_tqdm=False)
+            outs[pp] = ([o.outputs[0].text for o in constrained], distinct[0].outputs[0].token_ids)
+    assert outs[1] == outs[2]
+    assert all(re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", t) for t in outs[2][0])
+    assert len(set(outs[2][1])) == 24
 
 
 def test_weight_updates_reach_every_stage(tiny_models):
