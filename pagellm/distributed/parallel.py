@@ -189,6 +189,9 @@ def init_tp_group(rank: int, size: int, init_method: str, device: str = "cpu",
 
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        # one GPU per local rank ("cuda" means the current device); a Ray actor sees only its own GPU
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     device_group = dist.group.WORLD

@@ -118,8 +118,11 @@ def test_transformers_fallback_refuses_tensor_parallel(tiny_models):
         LLM(tiny_models["stablelm"], tensor_parallel_size=2)
 
 
-def test_a_killed_worker_is_a_clear_error_within_a_bounded_time(llama_path):
-    llm = LLM(llama_path, tensor_parallel_size=2, num_gpu_blocks_override=64, distributed_timeout=20)
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_a_killed_worker_is_a_clear_error_within_a_bounded_time(llama_path, parallel):
+    """Rank 1 killed (a tensor-parallel shard, or the last pipeline stage, which samples): the requests in flight
+    fail with the rank named and their blocks freed, new work is refused, and nothing hangs."""
+    llm = LLM(llama_path, **parallel, num_gpu_blocks_override=64, distributed_timeout=20)
     engine = llm.llm_engine
     worker = engine.executor.procs[0]
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=200, ignore_eos=True))
