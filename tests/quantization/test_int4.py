@@ -81,6 +81,13 @@ def test_int4_checkpoint_shards_over_two_ranks(llama_path):
     assert got == want
 
 
+def test_int4_checkpoint_in_pipeline_stages(llama_path):
+    """Two pipeline stages, each reading only its layers' packed weights, scales and zeros: transformers' greedy
+    tokens on the dequantized weights."""
+    path, deq = build_int4(llama_path, os.path.join(MODELS_DIR, "llama-gptq-g32"), "gptq", 32)
+    _check_against_hf(path, deq, pipeline_parallel_size=2)
+
+
 def test_int4_config_errors(llama_path, tmp_path):
     import json
     import shutil
