@@ -80,10 +80,13 @@ def test_prefix_cache_keys_the_embeddings_and_preemption_recomputes(tiny_models)
     check(path, outs, es * 2)
 
 
-def test_tensor_parallel(tiny_models):
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_tensor_and_pipeline_parallel(tiny_models, parallel):
+    """Every tensor-parallel rank takes the embeddings; with stages only the first does (the others take its hidden
+    states)."""
     path = tiny_models["llama"]
     es = embeds(path)
-    with LLM(path, enable_prompt_embeds=True, tensor_parallel_size=2, num_gpu_blocks_override=64) as llm:
+    with LLM(path, enable_prompt_embeds=True, **parallel, num_gpu_blocks_override=64) as llm:
         outs = llm.generate([{"prompt_embeds": e} for e in es], GREEDY, use_tqdm=False)
     check(path, outs, es)
 
