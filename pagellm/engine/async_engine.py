@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
 import secrets
 import socket
@@ -92,6 +93,23 @@ class _Stream:
     replica: EngineReplica
 
 
+def replica_gpus(index: int, world: int, visible: list[str]) -> str | None:
+    """CUDA_VISIBLE_DEVICES for data-parallel replica `index` of engines of `world` ranks each (tensor x pipeline):
+    its own `world` GPUs out of the `visible` ones, or None (every replica sees them all) when there are too few."""
+    if len(visible) < (index + 1) * world:
+        return None
+    return ",".join(visible[index * world:(index + 1) * world])
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 class EngineReplica:
     """One engine core and the API side's state for it: the connection, the detokenizer, the latest stats."""
 
@@ -109,6 +127,19 @@ class EngineReplica:
         self.snapshots: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}  # token -> waiter
         self.num_blocks = self._wait_ready()
 
+    def _env(self, config: EngineConfig) -> dict | None:
+        """The core process's environment: with data parallelism on CUDA, each replica its own GPUs (its ranks take
+        them in order, distributed/parallel.py)."""
+        p = config.parallel
+        if p.data_parallel_size == 1 or config.device.device != "cuda":
+            return None
+        gpus = replica_gpus(self.index, p.world_size, _visible_gpus())
+        if gpus is None:
+            logger.warning("data parallelism: fewer GPUs than %d replicas x %d ranks; the replicas share them",
+                           p.data_parallel_size, p.world_size)
+            return None
+        return {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+
     def _start_process(self, config: EngineConfig) -> Connection:
         authkey = secrets.token_bytes(32)
         with socket.socket() as server:
@@ -117,7 +148,7 @@ class EngineReplica:
             server.settimeout(1.0)
             host, port = server.getsockname()
             self.proc = subprocess.Popen([sys.executable, "-m", "pagellm.engine.core_main", host, str(port)],
-                                         stdin=subprocess.PIPE)
+                                         stdin=subprocess.PIPE, env=self._env(config))
             self.proc.stdin.write(pickle.dumps((authkey, config, logging.getLogger("pagellm").getEffectiveLevel())))
             self.proc.stdin.close()
             deadline = time.monotonic() + STARTUP_TIMEOUT_S

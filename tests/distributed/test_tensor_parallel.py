@@ -159,6 +159,17 @@ def test_ray_backend_equals_tp1(llama_path):
         ray.shutdown()
 
 
+def test_data_parallel_replicas_take_their_own_gpus():
+    """On CUDA each replica's core process sees only its own world-size slice of the visible GPUs (its ranks then
+    take them in order); with too few GPUs the replicas share them all."""
+    from pagellm.engine.async_engine import replica_gpus
+
+    visible = ["0", "1", "2", "3", "4", "5", "6", "7"]
+    assert [replica_gpus(i, 4, visible) for i in range(2)] == ["0,1,2,3", "4,5,6,7"]
+    assert [replica_gpus(i, 2, ["3", "5", "6", "7"]) for i in range(2)] == ["3,5", "6,7"]
+    assert replica_gpus(2, 4, visible) is None and replica_gpus(0, 1, []) is None
+
+
 def test_data_parallel_is_a_server_option(llama_path):
     with pytest.raises(ValueError, match="data_parallel_size is for `pagellm serve`"):
         LLM(llama_path, data_parallel_size=2)
