@@ -6,10 +6,10 @@
         .broadcast_object(obj)    global rank 0's Python object on every rank (the step's SchedulerOutput)
         .gather_objects(obj)      every rank's Python object on global rank 0 (collective_rpc's results)
         .send_output(obj) / .recv_output()   the last stage's step result to global rank 0
-    PipelineStage(rank, size, tp_size, tp_rank)
+        .send_hidden(x) / .recv_hidden(...)  the hidden states at a stage boundary, between the same tp ranks
+    PipelineStage(rank, size)
         .layers(num_layers)       the decoder layers this stage holds (vLLM's split: the remainder to the
                                   stages before the last, which also holds the LM head)
-        .send(x) / .recv(...)     the hidden states at the stage boundary, to the same tp rank of the next stage
 
 Global ranks: rank g is tp rank g % tp of pipeline stage g // tp (vLLM's layout); tensor_parallel_size x
 pipeline_parallel_size processes in all. A model is built with the TPGroup of its process: no process-wide state,
@@ -62,8 +62,6 @@ class PipelineStage:
 
     rank: int = 0  # stage index
     size: int = 1  # pipeline_parallel_size
-    tp_size: int = 1  # ranks per stage
-    tp_rank: int = 0  # this process's rank inside its stage
 
     @property
     def is_first(self) -> bool:
@@ -77,16 +75,6 @@ class PipelineStage:
 
     def layers(self, num_layers: int) -> range:
         return pp_layer_range(num_layers, self.rank, self.size)
-
-    def send(self, x: torch.Tensor) -> None:
-        """The hidden states leaving this stage, to the same tp rank of the next stage."""
-        torch.distributed.send(x.contiguous(), dst=(self.rank + 1) * self.tp_size + self.tp_rank)
-
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The hidden states entering this stage, from the same tp rank of the stage before."""
-        x = torch.empty(shape, dtype=dtype, device=device)
-        torch.distributed.recv(x, src=(self.rank - 1) * self.tp_size + self.tp_rank)
-        return x
 
 
 @dataclass(frozen=True)
@@ -112,6 +100,10 @@ class TPGroup:
     @property
     def world_size(self) -> int:
         return self.size * self.pp.size
+
+    @property
+    def global_rank(self) -> int:
+        return self.pp.rank * self.size + self.rank
 
     @property
     def sampler_rank(self) -> int:
@@ -149,13 +141,19 @@ class TPGroup:
         """Every rank's Python object, in global rank order, on global rank 0 (None elsewhere)."""
         if self.world_size == 1:
             return [obj]
-        out = [None] * self.world_size if self._global_rank == 0 else None
+        out = [None] * self.world_size if self.global_rank == 0 else None
         torch.distributed.gather_object(obj, out, dst=0, group=self.cpu_group)
         return out
 
-    @property
-    def _global_rank(self) -> int:
-        return self.pp.rank * self.size + self.rank
+    def send_hidden(self, x: torch.Tensor) -> None:
+        """The hidden states leaving this pipeline stage, to the same tp rank of the next stage."""
+        torch.distributed.send(x.contiguous(), dst=self.global_rank + self.size)
+
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The hidden states entering this pipeline stage, from the same tp rank of the stage before."""
+        x = torch.empty(shape, dtype=dtype, device=device)
+        torch.distributed.recv(x, src=self.global_rank - self.size)
+        return x
 
     def send_output(self, obj: Any) -> None:
         """The sampling rank's step result to global rank 0 (pipeline parallelism: the driver is on stage 0)."""
@@ -203,4 +201,4 @@ def init_tp_group(rank: int, size: int, init_method: str, device: str = "cpu",
             if stage == rank // size:
                 device_group = group
     return TPGroup(rank % size, size, device_group, cpu_group, expert_parallel=expert_parallel,
-                   pp=PipelineStage(rank // size, pp_size, size, rank % size))
+                   pp=PipelineStage(rank // size, pp_size))

@@ -54,7 +54,7 @@ class Shutdown:
 
 @dataclass
 class NumBlocks:
-    """Each rank's count of KV blocks its own layers fit (pipeline stages hold different layers)."""
+    """Each rank's count of KV blocks its own layers fit in its own memory."""
 
 
 @dataclass
@@ -169,9 +169,8 @@ class DriverRank:
         self.worker = make_worker(self.runner, 0, p.worker_extension_cls)
 
     def determine_num_blocks(self) -> int:
-        """The fewest blocks any rank's layers fit; every rank allocates that many."""
-        if self.tp.pp.size == 1:
-            return self.runner.determine_num_blocks()  # every rank holds the same layers
+        """The fewest blocks any rank fits (pipeline stages hold different layers, GPUs differ in free memory);
+        every rank allocates that many."""
         self.tp.broadcast_object(NumBlocks())
         return min(self.tp.gather_objects(self.runner.determine_num_blocks()))
 

@@ -168,8 +168,10 @@ def allocate_states(config: EngineConfig) -> list[tuple[torch.Tensor, ...]]:
 
 def copy_blocks(kv_caches: list[KVCache | None], copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: copy each (src, dst) block in every layer this process holds, before the forward pass."""
+    if not copies:
+        return
     kv_caches = [kv for kv in kv_caches if kv is not None]
-    if not copies or not kv_caches:
+    if not kv_caches:
         return
     device = kv_caches[0][0].device
     src = to_device([s for s, _ in copies], device, torch.long)

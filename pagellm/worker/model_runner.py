@@ -386,10 +386,10 @@ class ModelRunner:
         pp = self.tp.pp
         if pp.size > 1 and not pp.is_first:
             dtype = torch_dtype(self.config.model.dtype)
-            kw["intermediate"] = pp.recv((len(inputs.input_ids), self.hidden_size), dtype, self.device)
+            kw["intermediate"] = self.tp.recv_hidden((len(inputs.input_ids), self.hidden_size), dtype, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.backend, **kw)
         if pp.size > 1 and not pp.is_last:
-            pp.send(hidden)
+            self.tp.send_hidden(hidden)
             return None
         return hidden
 
