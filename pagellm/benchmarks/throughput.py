@@ -107,6 +107,8 @@ def run_pagellm(model: str, engine_kwargs: dict, reqs: list[BenchRequest], threa
     counters = llm.llm_engine.stats
     if llm.llm_engine.config.scheduler.async_scheduling:
         note += f"; {counters.overlapped_steps} of {counters.num_steps} steps overlapped (async scheduling)"
+    elif llm.llm_engine.config.parallel.pipeline_parallel_size > 1:
+        note += f"; {counters.overlapped_steps} of {counters.num_steps} steps launched behind another (pipeline)"
     if counters.device_steps > counters.num_steps:
         note += f"; {counters.device_steps} device steps in {counters.num_steps} scheduling rounds (multi-step decode)"
     tp = engine_kwargs.get("tensor_parallel_size", 1)

@@ -42,6 +42,13 @@ slots are written again by later steps. Blocks are entered in the prefix cache o
 so a draft's K/V is never shared. Drafts come from the tokens on the host (n-grams, and the draft model's
 first input), so such requests, like the ones above, keep the engine at one step at a time while they live.
 
+Pipeline stages (`micro_batches` P > 1): the engine keeps up to P steps in flight, one per stage, so their
+sequences must differ: a request with a token in flight is skipped (the first stage needs that token, which is
+on the host only once the step is back), and a step takes at most 1/P of the live sequences, so the P
+micro-batches stay about even instead of the first taking everything. Nothing is ever scheduled on a placeholder
+then, so the requests that need their tokens on the host (beam search, bad words) and grammar masks need no
+special case.
+
 LoRA (`max_loras` > 0): the running requests use at most max_loras distinct adapters (the worker has that many
 slots); a waiting request of another adapter is passed over, keeping its place in the queue, until one of
 them frees up.
@@ -132,6 +139,11 @@ class _StepPlan:
     budget: int = 0  # tokens left
     steps: int = 1  # > 1: multi-step decode (every entry a decoding sequence, its tokens one per device step)
     drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # speculative decoding: tokens after the last
+    max_seqs: int = 1 << 62  # sequences this step may take (pipeline micro-batches: a share of the live ones)
+
+    @property
+    def full(self) -> bool:
+        return self.budget <= 0 or len(self.entries) >= self.max_seqs
 
     def add(self, seq: Sequence, num_tokens: int, alloc: SlotAllocation) -> None:
         self.entries[seq] = (num_tokens, alloc)
@@ -169,8 +181,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_size: int, num_blocks: int,
                  enable_prefix_caching: bool, sliding_window: int | None = None,
                  grammar: GrammarHook | None = None, max_loras: int = 0, stateful: bool = False,
-                 state_checkpoints: tuple[int, int] = (0, 0)) -> None:
+                 state_checkpoints: tuple[int, int] = (0, 0), micro_batches: int = 1) -> None:
         self.config = config
+        self.micro_batches = micro_batches  # steps in flight at once (pipeline stages), each of other sequences
         # The model keeps a recurrent state per sequence (Mamba layers): a sequence forked from a computed one (n /
         # best_of samples, beams) starts from a copy of its parent's state (scheduled before its parent, which moves
         # on only once the copy is made), and a cached prefix is reused only up to a checkpoint of that state
@@ -290,7 +303,7 @@ class Scheduler:
     def can_schedule_ahead(self) -> bool:
         """True when the next step may be scheduled before the results of the one in flight are back: no live
         request needs its sampled tokens on the host to build its next step."""
-        return not self._host_token_reqs
+        return self.micro_batches > 1 or not self._host_token_reqs
 
     @property
     def num_running_seqs(self) -> int:
@@ -352,6 +365,9 @@ class Scheduler:
         # prompt, a chunk of a long prompt, one decode token and the recompute of
         # a preempted sequence are all the same thing.
         plan = _StepPlan(budget=self.config.max_num_batched_tokens)
+        if self.micro_batches > 1:
+            live = self.num_running_seqs + sum(r.policy.max_seqs for r in self.waiting)
+            plan.max_seqs = max(1, -(-min(live, self.config.max_num_seqs) // self.micro_batches))
         preempted = self._schedule_running(plan)
         if not preempted:
             self._admit_waiting(plan)
@@ -389,7 +405,7 @@ class Scheduler:
     def _schedule_running(self, plan: _StepPlan) -> bool:
         preempted = False
         i = 0
-        while i < len(self.running) and plan.budget > 0:
+        while i < len(self.running) and not plan.full:
             req = self.running[i]
             if self._schedule_request(req, plan):
                 i += 1
@@ -409,7 +425,7 @@ class Scheduler:
         num_seqs = self.num_running_seqs
         loras = {r.lora_id for r in self.running if r.lora_id} if self.max_loras else set()
         skipped: list[Request] = []  # requests of another adapter while max_loras are running: they wait
-        while self.waiting and plan.budget > 0:
+        while self.waiting and not plan.full:
             req = self.waiting[0]
             if req.lora_id and req.lora_id not in loras and len(loras) >= self.max_loras:
                 skipped.append(self.waiting.popleft())
@@ -453,13 +469,15 @@ class Scheduler:
 
     def _schedule_request(self, req: Request, plan: _StepPlan) -> bool:
         """Schedule the request's live sequences. False when the pool ran dry."""
+        if self.micro_batches > 1 and any(s.num_output_placeholders for s in req.live_seqs()):
+            return True  # in flight in another micro-batch: its next step waits for that one's tokens
         req.policy.before_schedule(req, self)
         entries = plan.entries
         seqs = req.live_seqs()
         if self._state_parents:  # forks first: a parent must not move on before its forks have copied its state
             seqs = sorted(seqs, key=lambda s: s.seq_id not in self._state_parents)
         for seq in seqs:
-            if plan.budget <= 0:
+            if plan.full:
                 return True
             if seq in entries:
                 continue

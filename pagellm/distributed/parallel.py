@@ -3,7 +3,8 @@
     TPGroup(rank, size, device_group, cpu_group, pp=PipelineStage(...))
         .all_reduce(x)            sum over the stage's tensor-parallel ranks, in place (row-parallel layers)
         .gather_to_driver(x)      concatenate the last dimension on the stage's tp rank 0 (vocab-parallel logits)
-        .broadcast_object(obj)    global rank 0's Python object on every rank (the step's SchedulerOutput)
+        .post_object(obj) / .recv_object()   global rank 0's commands to every other rank, in order
+        .broadcast_object(obj)    global rank 0's Python object on every rank, in lockstep (a draft model's tokens)
         .gather_objects(obj)      every rank's Python object on global rank 0 (collective_rpc's results)
         .send_output(obj) / .recv_output()   the last stage's step result to global rank 0
         .send_hidden(x) / .recv_hidden(...)  the hidden states at a stage boundary, between the same tp ranks
@@ -21,12 +22,20 @@ torch.distributed.
 `device_group` carries the stage's tensors (gloo on CPU, NCCL on CUDA); the hidden states between stages go
 point to point over the default group; `cpu_group` (always gloo, every rank) carries the pickled control
 messages, so they never cost a device copy.
+
+Everything sent downstream (commands, hidden states, step results) goes without waiting for the receiver: a
+gloo send returns only once its peer has posted the matching receive, so a rank that waited there would stall
+behind a busy peer, and pipeline stages could not work on different micro-batches at once. Sends are
+queued (`_Outbox`) and a rank waits only where it needs what it receives; each kind of message has its own
+tag, so each arrives in the order it was sent.
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +43,39 @@ import torch
 
 # How long a collective may wait for a peer before it fails (a dead or stuck worker becomes an error).
 DEFAULT_TIMEOUT_S = 60.0
+
+
+# point-to-point tags: each stream of messages keeps its own order
+TAG_HIDDEN, TAG_COMMAND, TAG_OUTPUT = 0, 1, 2
+
+
+class _Outbox:
+    """Sends in flight: each work with the tensors it reads, kept alive until the peer has taken them."""
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[Any, tuple]] = deque()
+
+    def add(self, works: list, keep: tuple) -> None:
+        self.pending.extend((w, keep) for w in works)
+        while self.pending and self.pending[0][0].is_completed():
+            self.pending.popleft()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every send to be taken; False if some were not (a peer gone)."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending:
+            if self.pending[0][0].is_completed():
+                self.pending.popleft()
+            elif time.monotonic() > deadline:
+                return False
+            else:
+                time.sleep(0.001)
+        return True
+
+
+def _pack(obj: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return torch.tensor([len(data)], dtype=torch.int64), torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 @dataclass
@@ -86,6 +128,7 @@ class TPGroup:
     comm: CommStats = field(default_factory=CommStats, compare=False)  # this group's own counters
     expert_parallel: bool = False  # mixtures of experts split their experts over the ranks (FusedMoE)
     pp: PipelineStage = field(default_factory=PipelineStage)  # this process's pipeline stage
+    outbox: _Outbox = field(default_factory=_Outbox, compare=False)  # sends not yet taken by their peers
 
     @property
     def is_driver(self) -> bool:
@@ -129,6 +172,7 @@ class TPGroup:
         return torch.cat(parts, dim=-1) if self.is_driver else None
 
     def broadcast_object(self, obj: Any = None) -> Any:
+        """Global rank 0's Python object on every rank, all of them waiting for it (inside a step)."""
         if self.world_size == 1:
             return obj
         start = time.perf_counter()
@@ -136,6 +180,33 @@ class TPGroup:
         torch.distributed.broadcast_object_list(box, src=0, group=self.cpu_group)
         self._count(start)
         return box[0]
+
+    def post_object(self, obj: Any) -> None:
+        """Global rank 0: `obj` to every other rank (which takes it with recv_object), without waiting for them."""
+        if self.world_size == 1:
+            return
+        start = time.perf_counter()
+        size, data = _pack(obj)
+        self._isend_object(size, data, range(1, self.world_size), TAG_COMMAND)
+        self._count(start)
+
+    def recv_object(self) -> Any:
+        """The next object global rank 0 posted."""
+        return self._recv_object(0, TAG_COMMAND)
+
+    def _isend_object(self, size: torch.Tensor, data: torch.Tensor, dsts, tag: int) -> None:
+        works = []
+        for dst in dsts:
+            works.append(torch.distributed.isend(size, dst, group=self.cpu_group, tag=tag))
+            works.append(torch.distributed.isend(data, dst, group=self.cpu_group, tag=tag))
+        self.outbox.add(works, (size, data))
+
+    def _recv_object(self, src: int, tag: int) -> Any:
+        size = torch.empty(1, dtype=torch.int64)
+        torch.distributed.recv(size, src, group=self.cpu_group, tag=tag)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        torch.distributed.recv(data, src, group=self.cpu_group, tag=tag)
+        return pickle.loads(data.numpy().tobytes())
 
     def gather_objects(self, obj: Any) -> list | None:
         """Every rank's Python object, in global rank order, on global rank 0 (None elsewhere)."""
@@ -146,23 +217,24 @@ class TPGroup:
         return out
 
     def send_hidden(self, x: torch.Tensor) -> None:
-        """The hidden states leaving this pipeline stage, to the same tp rank of the next stage."""
-        torch.distributed.send(x.contiguous(), dst=self.global_rank + self.size)
+        """The hidden states leaving this pipeline stage, to the same tp rank of the next stage (not waiting for it)."""
+        x = x.contiguous()
+        self.outbox.add([torch.distributed.isend(x, self.global_rank + self.size, tag=TAG_HIDDEN)], (x,))
 
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The hidden states entering this pipeline stage, from the same tp rank of the stage before."""
         x = torch.empty(shape, dtype=dtype, device=device)
-        torch.distributed.recv(x, src=self.global_rank - self.size)
+        torch.distributed.recv(x, src=self.global_rank - self.size, tag=TAG_HIDDEN)
         return x
 
     def send_output(self, obj: Any) -> None:
         """The sampling rank's step result to global rank 0 (pipeline parallelism: the driver is on stage 0)."""
-        torch.distributed.send_object_list([obj], dst=0, group=self.cpu_group)
+        size, data = _pack(obj)
+        self._isend_object(size, data, (0,), TAG_OUTPUT)
 
     def recv_output(self) -> Any:
-        box = [None]
-        torch.distributed.recv_object_list(box, src=self.sampler_rank, group=self.cpu_group)
-        return box[0]
+        """The oldest step result the sampling rank sent that rank 0 has not taken yet."""
+        return self._recv_object(self.sampler_rank, TAG_OUTPUT)
 
     def _count(self, start: float) -> None:
         self.comm.seconds += time.perf_counter() - start

@@ -301,8 +301,8 @@ class EngineArgs:
             async_scheduling = self.device != "cpu" and single
         elif async_scheduling and not single:
             raise ValueError("async_scheduling needs tensor_parallel_size=1 and pipeline_parallel_size=1 (the ranks "
-                             f"would need the sampled tokens), got {self.tensor_parallel_size} and "
-                             f"{self.pipeline_parallel_size}.")
+                             f"would need the sampled tokens; pipeline stages overlap micro-batches of other "
+                             f"sequences instead), got {self.tensor_parallel_size} and {self.pipeline_parallel_size}.")
         speculative = speculative_config(self.speculative_config)
         if speculative is not None and self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config needs pipeline_parallel_size=1 (the drafts and their checks would "

@@ -12,6 +12,13 @@ for N (updating requests, detokenizing) overlaps the device's work:
     call k:    schedule N+1, launch N+1 | wait for N, update_from_output(N) -> CoreStep of N
     call k+1:  schedule N+2, launch N+2 | wait for N+1, ...
 
+With pipeline stages (pipeline_parallel_size P > 1) a step call keeps up to P steps in flight, each of
+sequences the others do not hold (the scheduler skips a request whose token is in flight, and splits the
+running requests over the P micro-batches), so every stage works on one of them at a time, as vLLM's batch queue
+does:
+
+    call k:    launch steps until P are in flight | wait for the oldest, update_from_output -> its CoreStep
+
 A step whose grammar masks depend on the step before it (a constrained sequence with a token in flight) is
 launched without sampling; its masks follow once that step is applied (`finish_sampling`). While a request
 lives that needs its sampled tokens on the host before its next step (beam search, bad words of several
@@ -44,7 +51,7 @@ from pagellm.core.request import Request
 from pagellm.core.sched_output import ModelRunnerOutput, RequestUpdate, SchedulerOutput
 from pagellm.core.scheduler import Scheduler, SchedulerStats
 from pagellm.engine.input_processor import ProcessedInput
-from pagellm.executor.base import Executor, ExecutorDeadError, make_executor
+from pagellm.executor.base import DoneStep, Executor, ExecutorDeadError, make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class EngineCounters:
     num_steps: int = 0
     tokens_computed: int = 0  # tokens run through the model (prompts, recomputes, decodes)
     generation_tokens: int = 0  # sampled tokens
-    overlapped_steps: int = 0  # steps launched while the previous one was still running (async scheduling)
+    overlapped_steps: int = 0  # steps launched while another was still in flight (async scheduling, pipeline)
     device_steps: int = 0  # forward passes: num_steps plus the extra steps of multi-step decodes
 
     def record(self, sched, updates) -> None:
@@ -103,10 +110,12 @@ class EngineCore:
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.num_blocks = self.executor.determine_num_blocks()
         self.executor.init_kv_cache(self.num_blocks)
+        stages = config.parallel.pipeline_parallel_size
         self.scheduler = Scheduler(config.scheduler, config.cache.block_size, self.num_blocks,
                                    config.cache.enable_prefix_caching, config.model.sliding_window, structured,
                                    config.lora.max_loras if config.lora is not None else 0, config.model.stateful,
-                                   (config.cache.mamba_block_size, config.cache.num_state_checkpoints))
+                                   (config.cache.mamba_block_size, config.cache.num_state_checkpoints),
+                                   micro_batches=stages)
         self._rng = random.Random(config.model.seed)
         self._loaded_loras: dict[int, None] = {}  # adapter ids loaded in the worker, least recently requested first
         self.lora_evictions = 0  # adapters dropped for max_cpu_loras
@@ -115,6 +124,8 @@ class EngineCore:
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
         self.async_scheduling = config.scheduler.async_scheduling
+        # steps a call may keep in flight: one per pipeline stage, two with async scheduling, else one
+        self.depth = stages if stages > 1 else 2 if self.async_scheduling else 1
         self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()  # launched steps, oldest first
         self.asleep: set[str] = set()  # sleep mode: what is asleep ("weights", "kv_cache")
 
@@ -198,11 +209,14 @@ class EngineCore:
             failed = self._launch()
             if failed is not None or not self._in_flight:
                 return failed or CoreStep()
-        if self.async_scheduling and len(self._in_flight) < 2 and self.scheduler.can_schedule_ahead():
+        while len(self._in_flight) < self.depth and self.scheduler.can_schedule_ahead():
+            before = len(self._in_flight)
             failed = self._launch()
             if failed is not None:
                 return self._merge(failed, self._collect())
-            self.counters.overlapped_steps += len(self._in_flight) - 1
+            if len(self._in_flight) == before:
+                break  # nothing more to schedule until a step comes back
+            self.counters.overlapped_steps += 1
         return self._collect()
 
     def _launch(self) -> CoreStep | None:
@@ -211,10 +225,10 @@ class EngineCore:
         if not sched.has_work:
             return None
         try:
-            if self.async_scheduling:
+            if self.depth > 1:
                 pending = self.executor.execute_model_async(sched)
             else:
-                pending = _Done(self.executor.execute_model(sched))
+                pending = DoneStep(self.executor.execute_model(sched))
         except ExecutorDeadError as e:  # no more steps: every request fails, new ones are refused
             return self._die(str(e))
         except Exception as e:  # a failing batch fails its requests, not the engine
@@ -373,15 +387,3 @@ def _chunks(weights, limit: int):
         size += nbytes
     if chunk:
         yield chunk
-
-
-class _Done:
-    """A step that ran to completion: its result is already here."""
-
-    __slots__ = ("out",)
-
-    def __init__(self, out: ModelRunnerOutput) -> None:
-        self.out = out
-
-    def result(self) -> ModelRunnerOutput:
-        return self.out

@@ -53,6 +53,18 @@ class AsyncExecutor(Executor, Protocol):
     def finish_sampling(self, pending: Any, grammar_bitmask: Any) -> None: ...
 
 
+class DoneStep:
+    """A step that ran to completion: its result is already here (the handle execute_model_async may return)."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: ModelRunnerOutput) -> None:
+        self.out = out
+
+    def result(self) -> ModelRunnerOutput:
+        return self.out
+
+
 def set_process_threads(config: EngineConfig) -> None:
     """Torch intra-op threads of the calling process: the configured count, or an even share of the
     cores when several tensor-parallel ranks share this machine."""

@@ -4,23 +4,25 @@
     ---------------------------------             ---------------------------------------------
     init_tp_group(0)           <-- rendezvous -->  init_tp_group(r)
     ModelRunner(config, tp)                        ModelRunner(config, tp)     (each loads its shard)
-    broadcast(NumBlocks())     ------------------> the blocks its own layers fit
+    post(NumBlocks())          ------------------> the blocks its own layers fit
     gather -> the smallest     <------------------
-    broadcast(InitKVCache(n))  ------------------> allocate n blocks
-    broadcast(Execute(sched))  ------------------> execute_model(sched)         (all ranks, in lockstep:
-    execute_model(sched) -> ModelRunnerOutput      (results dropped)            the collectives pair up)
+    post(InitKVCache(n))       ------------------> allocate n blocks
+    post(Execute(sched))       ------------------> execute_model(sched)         (every rank, in order: the
+    execute_model(sched) -> ModelRunnerOutput      (results dropped)            collectives pair up)
     (pipeline stages: stage s receives the hidden states from stage s - 1 and sends its own to s + 1;
      the last stage's tp rank 0 samples and sends the ModelRunnerOutput to rank 0)
-    broadcast(AddLoRA(lora))   ------------------> load this rank's shard of the adapter
-    broadcast(CollectiveRPC)   ------------------> call the method on this rank's Worker
+    post(AddLoRA(lora))        ------------------> load this rank's shard of the adapter
+    post(CollectiveRPC)        ------------------> call the method on this rank's Worker
     gather(results) <-----------------------------  its result, or its error                (collective_rpc)
-    broadcast(Shutdown())      ------------------> return
+    post(Shutdown())           ------------------> return
 
-Commands are small dataclasses dispatched by type, pickled by torch.distributed's
-broadcast_object_list on a gloo group. Per step what crosses is the SchedulerOutput (new sequences
-in full, running ones as diffs: a few hundred bytes per sequence) one way, and nothing back: only
-one rank samples (rank 0, or the last stage's first), and the others learn the sampled tokens from the next
-SchedulerOutput.
+Commands are small dataclasses dispatched by type, pickled and sent point to point on a gloo group
+(`TPGroup.post_object`): rank 0 does not wait for the others to take them, so with pipeline stages it can
+launch the next micro-batch (`execute_model_async`) while the later stages still work on earlier ones; the
+step's result comes back from the last stage when the engine asks for it, oldest first. Per step what crosses
+is the SchedulerOutput (new sequences in full, running ones as diffs: a few hundred bytes per sequence) one way,
+and nothing back but the sampler's result: only one rank samples (rank 0, or the last stage's first), and the
+others learn the sampled tokens from the next SchedulerOutput.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from pagellm.distributed.parallel import TPGroup, init_tp_group
+from pagellm.executor.base import DoneStep
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
     worker = make_worker(runner, rank, p.worker_extension_cls)
     sends_output = tp.pp.size > 1 and tp.samples  # the last stage's sampler, rank 0 being on the first stage
     while True:
-        cmd = tp.broadcast_object(None)
+        cmd = tp.recv_object()
         if isinstance(cmd, Execute):
             out = runner.execute_model(cmd.sched)
             if sends_output and not cmd.sched.is_empty:
@@ -150,7 +153,28 @@ def run_worker(config: EngineConfig, rank: int, init_method: str) -> None:
             raise TypeError(f"unknown worker command {type(cmd).__name__}")
     import torch.distributed as dist
 
+    tp.outbox.drain(SHUTDOWN_DRAIN_S)
     dist.destroy_process_group()
+
+
+SHUTDOWN_DRAIN_S = 5.0  # at shutdown, how long a rank waits for its last sends to be taken
+
+
+class _FromLastStage:
+    """A step whose result the last stage's sampler sends (pipeline stages): result() waits for it. The results
+    come in the order the steps were launched, and the engine takes them in that order."""
+
+    __slots__ = ("driver", "out")
+
+    def __init__(self, driver: DriverRank) -> None:
+        self.driver = driver
+        self.out: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.out is None:
+            self.out = self.driver.tp.recv_output()
+            self.driver.unreceived -= 1
+        return self.out
 
 
 class DriverRank:
@@ -167,11 +191,12 @@ class DriverRank:
                                          p.distributed_timeout_s, p.enable_expert_parallel, p.pipeline_parallel_size)
         self.runner = ModelRunner(config, self.tp)
         self.worker = make_worker(self.runner, 0, p.worker_extension_cls)
+        self.unreceived = 0  # launched steps whose result the last stage has not handed over yet
 
     def determine_num_blocks(self) -> int:
         """The fewest blocks any rank fits (pipeline stages hold different layers, GPUs differ in free memory);
         every rank allocates that many."""
-        self.tp.broadcast_object(NumBlocks())
+        self.tp.post_object(NumBlocks())
         return min(self.tp.gather_objects(self.runner.determine_num_blocks()))
 
     def collective_rpc(self, method, args: tuple, kwargs: dict) -> list:
@@ -180,33 +205,43 @@ class DriverRank:
             import cloudpickle
 
             sent = cloudpickle.dumps(method)
-        self.tp.broadcast_object(CollectiveRPC(sent, args, kwargs))
+        self.tp.post_object(CollectiveRPC(sent, args, kwargs))
         return self.tp.gather_objects(run_rpc(self.worker, 0, CollectiveRPC(method, args, kwargs)))
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.tp.broadcast_object(InitKVCache(num_blocks))
+        self.tp.post_object(InitKVCache(num_blocks))
         self.runner.init_kv_cache(num_blocks)
 
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.tp.broadcast_object(Execute(sched))
+    def execute_model_async(self, sched: SchedulerOutput) -> DoneStep | _FromLastStage:
+        """Run rank 0's part of the step (with stages: the first stage's layers, whose output goes on without
+        waiting) and return a handle to its result."""
+        self.tp.post_object(Execute(sched))
         out = self.runner.execute_model(sched)
-        return out if self.tp.samples or sched.is_empty else self.tp.recv_output()
+        if self.tp.samples or sched.is_empty:
+            return DoneStep(out)
+        self.unreceived += 1
+        return _FromLastStage(self)
 
     def add_lora(self, lora) -> bool:
         """Rank 0 loads (or refuses: a ValueError, nothing sent) first, then the others load their shards."""
         loaded = self.runner.add_lora(lora)
         if loaded:
-            self.tp.broadcast_object(AddLoRA(lora))
+            self.tp.post_object(AddLoRA(lora))
         return loaded
 
     def remove_lora(self, lora_int_id: int) -> bool:
         removed = self.runner.remove_lora(lora_int_id)
         if removed:
-            self.tp.broadcast_object(RemoveLoRA(lora_int_id))
+            self.tp.post_object(RemoveLoRA(lora_int_id))
         return removed
 
     def shutdown(self) -> None:
-        self.tp.broadcast_object(Shutdown())
+        """Take the results of steps still in flight (so the last stage's sends complete), then stop the ranks."""
+        while self.unreceived:
+            self.tp.recv_output()
+            self.unreceived -= 1
+        self.tp.post_object(Shutdown())
+        self.tp.outbox.drain(SHUTDOWN_DRAIN_S)
 
     def close(self) -> None:
         """Leave the process group (torch.distributed holds one per process: the next engine makes its own)."""
@@ -271,7 +306,12 @@ class TPExecutorBase:
         self._run(self.driver.init_kv_cache, num_blocks)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self._run(self.driver.execute_model, sched)
+        return self.execute_model_async(sched).result()
+
+    def execute_model_async(self, sched: SchedulerOutput) -> _Checked:
+        """Launch a step; the handle's result() waits for it. With pipeline stages the engine keeps one step in
+        flight per stage (disjoint sequences), each stage working on a different one."""
+        return _Checked(self, self._run(self.driver.execute_model_async, sched))
 
     def add_lora(self, lora) -> bool:
         self.check_health()
@@ -294,3 +334,15 @@ class TPExecutorBase:
         self.dead = self.dead or "shut down"
         self._reap(kill=self.dead != "shut down")
         self.driver.close()
+
+
+class _Checked:
+    """A launched step whose wait, like every call to the ranks, turns a lost rank into ExecutorDeadError."""
+
+    __slots__ = ("executor", "pending")
+
+    def __init__(self, executor: TPExecutorBase, pending) -> None:
+        self.executor, self.pending = executor, pending
+
+    def result(self) -> ModelRunnerOutput:
+        return self.executor._run(self.pending.result)

@@ -182,3 +182,44 @@ def test_abort_of_a_forked_request_leaks_nothing():
     assert s.kv.num_free_blocks == 32 and not s.kv.tables
     out = s.schedule()
     assert {q.seq_id for q in a.seqs} <= out.finished_seq_ids
+
+
+def test_pipeline_micro_batches_hold_disjoint_sequences():
+    """micro_batches=2 (two pipeline stages): two steps in flight hold different sequences, about half the live ones
+    each; a request whose token is in flight waits for it (nothing to schedule while both steps are out); a prompt
+    chunk that samples nothing may go on in the next micro-batch."""
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128)
+    s = Scheduler(cfg, 4, 64, False, micro_batches=2)
+    reqs = [make_request([1, 2, 3, 4, 5], max_tokens=3) for _ in range(5)]
+    for r in reqs:
+        s.add_request(r)
+    assert s.can_schedule_ahead()
+    known = {}
+
+    def ids(out):
+        return set(out.num_scheduled_tokens)
+
+    a, b = s.schedule(), s.schedule()
+    assert (len(ids(a)), len(ids(b))) == (3, 2) and not ids(a) & ids(b)
+    assert not s.schedule().has_work  # every request has its token in flight
+    s.update_from_output(a, fake_output(a, tables=known))
+    c = s.schedule()
+    assert ids(c) == ids(a) and all(n == 1 for n in c.num_scheduled_tokens.values())
+    s.update_from_output(b, fake_output(b, tables=known))
+    d = s.schedule()
+    assert ids(d) == ids(b)
+    for out in (c, d):
+        s.update_from_output(out, fake_output(out, tables=known))
+    check_block_invariants(s.kv)
+
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, max_model_len=128), 4, 64, False,
+                  micro_batches=2)
+    long = make_request(list(range(1, 21)), max_tokens=2)
+    s.add_request(long)
+    first, second = s.schedule(), s.schedule()
+    sid = long.seqs[0].seq_id
+    assert first.num_scheduled_tokens == {sid: 8} and second.num_scheduled_tokens == {sid: 8}
+    assert not first.sampling_seq_ids and not second.sampling_seq_ids
+    third = s.schedule()  # the last chunk samples: nothing more until it is back
+    assert third.num_scheduled_tokens == {sid: 4} and third.sampling_seq_ids == [sid]
+    assert not s.schedule().has_work

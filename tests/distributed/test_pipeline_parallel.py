@@ -135,6 +135,69 @@ def test_preemption_and_seeded_sampling_across_stages(tiny_models):
     assert sampled_pp == sampled_1
 
 
+def _mixed_params():
+    """Greedy, seeded sampling (n=2, best_of), penalties, logprobs and stop tokens: what a step's tokens feed."""
+    return [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+            SamplingParams(temperature=0.8, top_k=20, seed=3, n=2, max_tokens=18, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3, presence_penalty=0.4,
+                           ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=11, best_of=3, n=1, max_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=0, min_tokens=4, max_tokens=22, stop_token_ids=[7, 9, 11]),
+            SamplingParams(temperature=0.7, seed=5, frequency_penalty=0.5, max_tokens=25, ignore_eos=True)] * 2
+
+
+def _watch_micro_batches(llm) -> dict:
+    """Wrap the executor: record how many steps were in flight at once, and any sequence launched while a step that
+    samples its next token was still out (never allowed: the first stage needs that token)."""
+    ex = llm.llm_engine.executor
+    launch = ex.execute_model_async
+    seen = {"max_in_flight": 0, "clashes": 0, "in_flight": []}
+
+    def watched(sched):
+        out_now = {s for pending in seen["in_flight"] for s in pending}
+        seen["clashes"] += len(out_now & set(sched.num_scheduled_tokens))
+        handle = launch(sched)
+        sampling = set(sched.sampling_seq_ids)
+        seen["in_flight"].append(sampling)
+        seen["max_in_flight"] = max(seen["max_in_flight"], len(seen["in_flight"]))
+
+        class Watched:
+            def result(self):
+                seen["in_flight"].remove(sampling)
+                return handle.result()
+        return Watched()
+    ex.execute_model_async = watched
+    return seen
+
+
+def test_stages_work_on_micro_batches_of_other_sequences(tiny_models):
+    """Two stages keep two steps in flight, each of sequences the other does not hold, so both stages work at once;
+    the outputs (greedy, seeded sampling with n and best_of, penalties, stop tokens, logprobs) equal one process's,
+    every block comes back, and two stages of two tensor-parallel ranks do the same."""
+    path = tiny_models["llama"]
+    rng = random.Random(4)
+    prompts = [[rng.randrange(4, 500) for _ in range(rng.randint(3, 50))] for _ in range(12)]
+    params = _mixed_params()
+
+    def run(**kw):
+        with LLM(path, num_gpu_blocks_override=128, block_size=8, max_num_batched_tokens=64, **kw) as llm:
+            seen = _watch_micro_batches(llm) if kw else None
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            stats, counters = llm.llm_engine.get_stats(), llm.llm_engine.stats
+            assert stats.num_free_blocks == stats.num_total_blocks
+            got = [[(c.token_ids, c.finish_reason, c.cumulative_logprob) for c in o.outputs] for o in outs]
+            return got, seen, counters
+
+    one, _, _ = run()
+    for kw in ({"pipeline_parallel_size": 2}, {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}):
+        got, seen, counters = run(**kw)
+        assert seen["max_in_flight"] == 2 and seen["clashes"] == 0
+        assert counters.overlapped_steps > counters.num_steps // 2
+        for mine, ref in zip(got, one):
+            assert [(t, f) for t, f, _ in mine] == [(t, f) for t, f, _ in ref]
+            assert [lp for _, _, lp in mine] == pytest.approx([lp for _, _, lp in ref], abs=1e-4)
+
+
 def test_structured_output_and_logits_processors_on_the_last_stage(tiny_models):
     """The grammar bitmask rides in every rank's SchedulerOutput; the last stage, which samples, applies it and a
     custom logits processor: the outputs equal one process's."""
