@@ -48,7 +48,7 @@ import torch
 from pagellm.config import EngineConfig
 from pagellm.core.beam_search import BeamSearchPolicy
 from pagellm.core.request import Request
-from pagellm.core.sched_output import ModelRunnerOutput, RequestUpdate, SchedulerOutput
+from pagellm.core.sched_output import RequestUpdate, SchedulerOutput
 from pagellm.core.scheduler import Scheduler, SchedulerStats
 from pagellm.engine.input_processor import ProcessedInput
 from pagellm.executor.base import DoneStep, Executor, ExecutorDeadError, make_executor
