@@ -33,13 +33,17 @@ tag, so each arrives in the order it was sent.
 from __future__ import annotations
 
 import datetime
+import logging
 import pickle
+import queue
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # How long a collective may wait for a peer before it fails (a dead or stuck worker becomes an error).
 DEFAULT_TIMEOUT_S = 60.0
@@ -50,26 +54,41 @@ TAG_HIDDEN, TAG_COMMAND, TAG_OUTPUT = 0, 1, 2
 
 
 class _Outbox:
-    """Sends in flight: each work with the tensors it reads, kept alive until the peer has taken them."""
+    """Sends in flight, each with the tensors it reads, kept alive until its peer has taken it. A gloo send's work
+    reports completion only once waited on, so a daemon thread waits on each in turn (wait releases the GIL)."""
 
     def __init__(self) -> None:
-        self.pending: deque[tuple[Any, tuple]] = deque()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
 
     def add(self, works: list, keep: tuple) -> None:
-        self.pending.extend((w, keep) for w in works)
-        while self.pending and self.pending[0][0].is_completed():
-            self.pending.popleft()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._reap, name="pagellm-outbox", daemon=True)
+            self._thread.start()
+        for w in works:
+            self._queue.put((w, keep))
+
+    def _reap(self) -> None:
+        while True:
+            work, _keep = self._queue.get()
+            try:
+                work.wait()
+            except Exception as e:  # noqa: BLE001 - a peer gone: the rank waiting on it reports the failure
+                logger.debug("a send was not taken: %s", e)
+            finally:
+                self._queue.task_done()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
 
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every send to be taken; False if some were not (a peer gone)."""
         deadline = time.monotonic() + timeout_s
-        while self.pending:
-            if self.pending[0][0].is_completed():
-                self.pending.popleft()
-            elif time.monotonic() > deadline:
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
                 return False
-            else:
-                time.sleep(0.001)
+            time.sleep(0.001)
         return True
 
 
