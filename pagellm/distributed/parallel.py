@@ -238,7 +238,9 @@ class TPGroup:
     def send_hidden(self, x: torch.Tensor) -> None:
         """The hidden states leaving this pipeline stage, to the same tp rank of the next stage (not waiting for it)."""
         x = x.contiguous()
-        self.outbox.add([torch.distributed.isend(x, self.global_rank + self.size, tag=TAG_HIDDEN)], (x,))
+        work = torch.distributed.isend(x, self.global_rank + self.size, tag=TAG_HIDDEN)
+        if not x.is_cuda:  # (NCCL keeps the tensor until the send is done; waiting would stall this rank's stream)
+            self.outbox.add([work], (x,))
 
     def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The hidden states entering this pipeline stage, from the same tp rank of the stage before."""
