@@ -178,7 +178,7 @@ class _FromLastStage:
 
 
 class DriverRank:
-    """Rank 0's side of the protocol: the model runner of this process plus the broadcast to the others."""
+    """Rank 0's side of the protocol: the model runner of this process plus the commands to the others."""
 
     def __init__(self, config: EngineConfig, init_method: str) -> None:
         from pagellm.executor.base import set_process_threads
