@@ -259,6 +259,7 @@ class TPExecutorBase:
 
     def __init__(self, config: EngineConfig, init_method: str) -> None:
         self.dead: str | None = None
+        self.timeout_s = config.parallel.distributed_timeout_s
         try:
             self.driver = DriverRank(config, init_method)
         except BaseException:
@@ -286,8 +287,16 @@ class TPExecutorBase:
         try:
             return fn(*args)
         except Exception as e:
-            self.dead = self._gone_after_failure() or f"a tensor-parallel step failed ({type(e).__name__}: {e})"
+            self.dead = self._gone_after_failure() or self._failure(e)
             raise ExecutorDeadError(self.dead) from e
+
+    def _failure(self, e: Exception) -> str:
+        """Why a call to the ranks failed with every worker still alive: a hung rank times out (in a collective,
+        or in a send it never took: gloo then closes the pair, and the other calls fail with that)."""
+        what = f"{type(e).__name__}: {e}"
+        if any(w in what.lower() for w in ("timed out", "timeout")):
+            return f"a rank did not answer within the distributed timeout ({self.timeout_s:g} s; {what})"
+        return f"a tensor-parallel step failed ({what})"
 
     def _gone_after_failure(self, wait_s: float = 2.0) -> str | None:
         """Which worker is gone, after a step failed. A collective fails as soon as a dead peer's sockets close,
