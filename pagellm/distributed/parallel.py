@@ -78,10 +78,6 @@ class _Outbox:
             finally:
                 self._queue.task_done()
 
-    @property
-    def pending(self) -> int:
-        return self._queue.unfinished_tasks
-
     def drain(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for every send to be taken; False if some were not (a peer gone)."""
         deadline = time.monotonic() + timeout_s

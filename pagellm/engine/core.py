@@ -123,9 +123,8 @@ class EngineCore:
             self.add_lora(lora)
         self.counters = EngineCounters()
         self.dead: str | None = None  # why the executor can run no more steps
-        self.async_scheduling = config.scheduler.async_scheduling
         # steps a call may keep in flight: one per pipeline stage, two with async scheduling, else one
-        self.depth = stages if stages > 1 else 2 if self.async_scheduling else 1
+        self.depth = stages if stages > 1 else 2 if config.scheduler.async_scheduling else 1
         self._in_flight: deque[tuple[SchedulerOutput, Any]] = deque()  # launched steps, oldest first
         self.asleep: set[str] = set()  # sleep mode: what is asleep ("weights", "kv_cache")
 
